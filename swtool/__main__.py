@@ -1,0 +1,3 @@
+from swtool.cli import main
+
+main()

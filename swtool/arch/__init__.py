@@ -1,0 +1,41 @@
+"""Architectures: which tensors a model has and how one decoder block computes.
+
+Each family is one module defining a subclass of `Architecture` with the
+`model_type` values of config.json it handles. Adding a family = adding a module
+and its name to FAMILY_MODULES.
+"""
+
+import importlib
+
+from swtool.arch.base import Architecture
+from swtool.errors import SwtoolError
+
+FAMILY_MODULES = ["swtool.arch.llama"]
+
+
+def _registry():
+    table = {}
+    for module_name in FAMILY_MODULES:
+        module = importlib.import_module(module_name)
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, Architecture) and cls is not Architecture:
+                for model_type in cls.model_types:
+                    table[model_type] = cls
+    return table
+
+
+def supported_model_types():
+    return sorted(_registry())
+
+
+def architecture_for(config):
+    """The Architecture instance for a config.json dict; a one-line error for unknown families."""
+    model_type = config.get("model_type")
+    cls = _registry().get(model_type)
+    if cls is None:
+        raise SwtoolError(f"unsupported model_type {model_type!r}; "
+                          f"supported: {', '.join(supported_model_types())}")
+    return cls(config)
+
+
+__all__ = ["Architecture", "architecture_for", "supported_model_types"]

@@ -1,0 +1,56 @@
+"""What every architecture module provides to the streaming forward pass.
+
+An architecture reads config.json once and then answers two kinds of question:
+names (which tensor is layer i's down projection, what llama.cpp calls it) and
+math (embed tokens, run block i, produce logits) through a `ctx` that reads
+weights and applies edits and observers (see forward.py).
+"""
+
+from swtool.errors import SwtoolError
+
+
+class Architecture:
+    model_types = ()  # config.json `model_type` values this class handles
+
+    def __init__(self, config):
+        self.config = config
+        self.model_type = config.get("model_type")
+        self.n_layers = self.require("num_hidden_layers", int)
+        self.hidden_size = self.require("hidden_size", int)
+        self.vocab_size = self.require("vocab_size", int)
+
+    def require(self, key, kind):
+        """A config value that must be present, converted to `kind`, or a clear error."""
+        value = self.config.get(key)
+        if value is None:
+            raise SwtoolError(f"config.json ({self.model_type}): missing {key!r}")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise SwtoolError(f"config.json ({self.model_type}): {key!r} = {value!r} is not {kind.__name__}") from None
+
+    # --- names ---------------------------------------------------------------------
+    def down_proj_name(self, layer):
+        """Hugging Face name of layer `layer`'s down projection (the MLP's second matrix)."""
+        raise NotImplementedError
+
+    def gguf_name(self, hf_name):
+        """llama.cpp's name for a Hugging Face tensor name."""
+        raise NotImplementedError
+
+    def layer_tensor_names(self, layer):
+        """Every tensor block `layer` reads (used to check a checkpoint is complete)."""
+        raise NotImplementedError
+
+    # --- math ------------------------------------------------------------------------
+    def embed(self, ctx, tokens):
+        """Token ids [T] -> residual stream [T, hidden]."""
+        raise NotImplementedError
+
+    def block(self, ctx, layer, x):
+        """Residual stream [W, T, hidden] in, residual stream out, after decoder block `layer`."""
+        raise NotImplementedError
+
+    def head(self, ctx, x):
+        """Final norm and LM head: residual [W, T, hidden] -> logits [W, T, vocab]."""
+        raise NotImplementedError

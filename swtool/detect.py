@@ -1,0 +1,229 @@
+"""Data-free super-weight detection from one prompt (Yu et al. 2024, section 3).
+
+A super weight W[j, m] of some layer's down projection turns a large
+intermediate activation (input channel m) into a massive output in channel j
+that persists down the residual stream: a super activation. So, per pass:
+
+  1. record every layer's down_proj input and output and the residual stream;
+  2. a layer spikes when its largest |output| stands out against the other
+     layers' (a ratio to their median, not a fixed threshold);
+  3. keep spikes that *create* a massive residual value which then persists,
+     dropping late-layer spikes that cancel an existing one;
+  4. the columns are chosen by contribution |x[t, m] * W[j, m]| to the spike,
+     so two weights feeding one spike are both found;
+  5. zero what was found and run again until no spike remains (max_iter).
+
+Every pass runs several worlds side by side (intact, all found removed, each
+found weight removed alone), so the last pass also yields the verification:
+the prompt's mean NLL and the super activation with each weight zeroed vs intact.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from swtool.forward import Edit, World, forward, mean_nll
+
+
+@dataclass
+class Settings:
+    prompt: str
+    max_iter: int = 8
+    spike_ratio: float = 10.0  # a layer's max |down_proj output| over the median layer's
+    min_contribution: float = 0.2  # a column must supply this share of the spike
+    persist_layers: int = 2  # the super activation must survive this many later layers ...
+    persist_fraction: float = 0.5  # ... at this fraction of its size
+    verify_activation_drop: float = 0.5  # verified if zeroing leaves < this share of the super activation
+    verify_nll_rise: float = 0.1  # ... or raises the prompt's mean NLL by this many nats
+
+
+@dataclass
+class SuperWeight:
+    layer: int
+    row: int
+    col: int
+    tensor: str
+    gguf_tensor: str
+    value: float
+    dtype: str
+    rank: int  # 1 = largest |value| in its tensor
+    token: int  # position of the spike in the prompt
+    input_activation: float  # down_proj input x[token, col]
+    output_activation: float  # down_proj output y[token, row]
+    contribution: float  # x[token, col] * W[row, col]
+    super_activation: float  # residual stream [token, row] after the layer, intact model
+    iteration: int
+    verification: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return asdict(self)
+
+
+class Recorder:
+    """Observer keeping each layer's down_proj input/output and residual stream, all worlds."""
+
+    POINTS = ("down_in", "down_out", "resid_mid", "resid")
+
+    def __init__(self):
+        self.data = {point: {} for point in self.POINTS}
+
+    def observe(self, point, layer, x):
+        if point in self.data:
+            self.data[point][layer] = x.copy()
+
+    def world(self, point, w):
+        """[layers, tokens, channels] for world w."""
+        layers = self.data[point]
+        return np.stack([layers[i][w] for i in sorted(layers)])
+
+
+@dataclass
+class Spike:
+    layer: int
+    token: int
+    row: int
+    output: float
+
+
+def find_spikes(profile_out, ratio):
+    """Layers whose max |down_proj output| is `ratio` times the median layer's: [Spike]."""
+    peak = np.abs(profile_out).reshape(len(profile_out), -1).max(axis=1)
+    baseline = float(np.median(peak))
+    spikes = []
+    for layer in np.flatnonzero(peak >= ratio * max(baseline, np.finfo(np.float32).tiny)):
+        token, row = np.unravel_index(np.argmax(np.abs(profile_out[layer])), profile_out[layer].shape)
+        spikes.append(Spike(int(layer), int(token), int(row), float(profile_out[layer, token, row])))
+    return spikes
+
+
+def creates_persistent_activation(spike, resid_mid, resid, settings):
+    """Does the spike create a massive residual value (not cancel one) that later layers keep?"""
+    before = abs(float(resid_mid[spike.layer, spike.token, spike.row]))
+    after = abs(float(resid[spike.layer, spike.token, spike.row]))
+    if after <= before:
+        return False  # the layer shrinks an activation that already existed
+    typical = float(np.median(np.abs(resid[spike.layer, spike.token])))
+    if after < settings.spike_ratio * typical:
+        return False  # not massive next to the other channels of its token
+    later = resid[spike.layer + 1: spike.layer + 1 + settings.persist_layers, spike.token, spike.row]
+    if len(later) == 0:
+        return False  # the last layer: nothing can persist
+    return bool(np.all(np.abs(later) >= settings.persist_fraction * after))
+
+
+def contributing_columns(spike, down_in, weight_row, settings):
+    """Columns m whose x[t, m] * W[j, m] supplies at least min_contribution of the spike, largest first."""
+    contribution = down_in[spike.layer, spike.token] * weight_row
+    aligned = contribution * np.sign(spike.output)
+    order = np.argsort(-aligned)
+    return [int(m) for m in order if aligned[m] >= settings.min_contribution * abs(spike.output)]
+
+
+def scan(model, tokens, settings, progress=False):
+    """Find the super weights of `model` with prompt `tokens`: (list[SuperWeight], report dict)."""
+    found = []  # SuperWeight, in the order found
+    passes = 0
+    while True:
+        worlds = _worlds(model, found)
+        recorder = Recorder()
+        logits = forward(model, tokens, worlds, observers=[recorder], progress=progress)
+        passes += 1
+        probe = 1 if found else 0  # look for spikes in the world with everything found so far removed
+        new = []
+        if passes <= settings.max_iter:
+            new = _candidates(model, recorder, probe, found, settings, iteration=passes)
+        if not new:
+            break
+        found.extend(new)
+    _verify(found, recorder, logits, tokens, settings)
+    report = {
+        "passes": passes,
+        "nll_intact": float(mean_nll(logits[:1], tokens)[0]),
+        "nll_all_removed": float(mean_nll(logits[1:2], tokens)[0]) if found else None,
+        "profile": layer_profile(recorder, 0),
+    }
+    return found, report
+
+
+def _worlds(model, found):
+    """[intact] or [intact, all found removed, each found removed alone]."""
+    def without(sws):
+        return tuple(Edit(sw.tensor, sw.row, sw.col, 0.0) for sw in sws)
+
+    if not found:
+        return [World("intact")]
+    worlds = [World("intact"), World("all removed", without(found))]
+    if len(found) > 1:
+        worlds += [World(f"without {sw.layer}:{sw.row}:{sw.col}", without([sw])) for sw in found]
+    return worlds
+
+
+def _candidates(model, recorder, world, found, settings, iteration):
+    down_in, down_out = recorder.world("down_in", world), recorder.world("down_out", world)
+    resid_mid, resid = recorder.world("resid_mid", world), recorder.world("resid", world)
+    intact_resid = recorder.world("resid", 0)
+    known = {(sw.layer, sw.row, sw.col) for sw in found}
+    new = []
+    for spike in find_spikes(down_out, settings.spike_ratio):
+        if not creates_persistent_activation(spike, resid_mid, resid, settings):
+            continue
+        tensor = model.checkpoint.tensor(model.arch.down_proj_name(spike.layer))
+        weight_row = tensor.read(rows=[spike.row])[0]
+        for col in contributing_columns(spike, down_in, weight_row, settings):
+            if (spike.layer, spike.row, col) in known:
+                continue
+            known.add((spike.layer, spike.row, col))
+            new.append(SuperWeight(
+                layer=spike.layer, row=spike.row, col=col, tensor=tensor.name,
+                gguf_tensor=model.arch.gguf_name(tensor.name), value=float(weight_row[col]),
+                dtype=tensor.dtype, rank=_rank(tensor, weight_row[col]), token=spike.token,
+                input_activation=float(down_in[spike.layer, spike.token, col]),
+                output_activation=spike.output,
+                contribution=float(down_in[spike.layer, spike.token, col] * weight_row[col]),
+                super_activation=float(intact_resid[spike.layer, spike.token, spike.row]),
+                iteration=iteration))
+    return new
+
+
+def _rank(tensor, value):
+    """1 + how many elements of the tensor are larger in magnitude than `value`."""
+    return 1 + int(np.count_nonzero(np.abs(tensor.read()) > abs(np.float32(value))))
+
+
+def _verify(found, recorder, logits, tokens, settings):
+    """Fill each SuperWeight's verification from the worlds of the last pass."""
+    if not found:
+        return
+    nll = mean_nll(logits, tokens)
+    resid = recorder.data["resid"]
+
+    def matters(sw, w):
+        """Does world w (sw removed, maybe with others) lose the super activation or the prompt?"""
+        intact = abs(float(resid[sw.layer][0, sw.token, sw.row]))
+        removed = abs(float(resid[sw.layer][w, sw.token, sw.row]))
+        return removed < settings.verify_activation_drop * intact or nll[w] - nll[0] > settings.verify_nll_rise
+
+    for i, sw in enumerate(found):
+        alone = 1 if len(found) == 1 else 2 + i  # the world with only this weight removed
+        sw.verification = {
+            "nll_intact": float(nll[0]),
+            "nll_removed": float(nll[alone]),
+            "nll_all_removed": float(nll[1]),
+            "super_activation_intact": abs(float(resid[sw.layer][0, sw.token, sw.row])),
+            "super_activation_removed": abs(float(resid[sw.layer][alone, sw.token, sw.row])),
+            # alone, or as one of a set that feeds the same activation (two weights in one row)
+            "verified": bool(matters(sw, alone) or matters(sw, 1)),
+        }
+
+
+def layer_profile(recorder, world):
+    """Per layer: the largest |down_proj input|, |output| and |residual| with channel and token."""
+    rows = []
+    for layer in sorted(recorder.data["down_out"]):
+        entry = {"layer": layer}
+        for point, key in (("down_in", "down_proj_input"), ("down_out", "down_proj_output"), ("resid", "residual")):
+            x = recorder.data[point][layer][world]
+            token, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
+            entry[key] = {"value": float(x[token, channel]), "channel": int(channel), "token": int(token)}
+        rows.append(entry)
+    return rows

@@ -1,0 +1,170 @@
+"""The streaming forward pass: one decoder layer's weights in memory at a time.
+
+    x = embed(tokens)
+    for layer in layers:              # weights read, decoded, used and dropped here
+        x = block(layer, x)           # observers see activations as they flow
+    logits = head(x)
+
+Two kinds of plug-in, as in DESIGN.md:
+  - weight transforms change a tensor as it is read, for every world
+    (`ScaleElements` zeroes or scales chosen elements);
+  - observers receive activations at named points ("down_in", "down_out",
+    "resid_mid", "resid") with shape [worlds, tokens, channels].
+
+Worlds are extra batch rows: the same prompt through models that differ by a few
+edited weights (the intact model, the model without candidate A, ...). An edit
+of W[j, m] changes only output channel j of that linear by (f - 1)·W[j, m]·x[m],
+so all worlds share one read of each weight.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swtool.errors import SwtoolError
+
+LINEAR_CHUNK_BYTES = 256 * 1024 * 1024  # decode larger matrices (e.g. a 128k-vocab head) in row chunks
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Multiply one element W[row, col] of a 2-D weight by `factor` (0 removes it)."""
+
+    tensor: str
+    row: int
+    col: int
+    factor: float = 0.0
+
+
+@dataclass(frozen=True)
+class World:
+    """One version of the model in a batched pass: the intact weights plus `edits`."""
+
+    name: str
+    edits: tuple = ()
+
+
+@dataclass
+class ScaleElements:
+    """Weight transform: multiply chosen elements as their tensor is read (every world)."""
+
+    edits: list = field(default_factory=list)
+
+    def __call__(self, name, weight, rows=None):
+        for edit in self.edits:
+            if edit.tensor != name:
+                continue
+            local_row = _local_row(edit.row, rows, weight.shape[0])
+            if local_row is not None:
+                weight[local_row, edit.col] *= np.float32(edit.factor)
+        return weight
+
+
+def _local_row(row, rows, n_rows):
+    """Where global row `row` sits in an array holding `rows` (None = all rows), or None."""
+    if rows is None:
+        return row if row < n_rows else None
+    if isinstance(rows, slice):
+        start = rows.start or 0
+        return row - start if start <= row < start + n_rows else None
+    hits = np.flatnonzero(np.asarray(rows) == row)
+    return hits if hits.size else None
+
+
+class Pass:
+    """What a block sees during one forward pass: weights, edits, observers, per-pass cache."""
+
+    def __init__(self, checkpoint, worlds, n_tokens, transforms=(), observers=()):
+        self.checkpoint = checkpoint
+        self.worlds = list(worlds)
+        self.n_tokens = n_tokens
+        self.transforms = list(transforms)
+        self.observers = list(observers)
+        self.cache = {}
+        # per tensor: [(world index, edit)], so a linear finds its edits at once
+        self.edits = {}
+        for w, world in enumerate(self.worlds):
+            for edit in world.edits:
+                self.edits.setdefault(edit.tensor, []).append((w, edit))
+
+    def _transformed(self, name, weight, rows=None):
+        for transform in self.transforms:
+            weight = transform(name, weight, rows)
+        return weight
+
+    def weight(self, name):
+        """A whole tensor as float32, transforms applied."""
+        return self._transformed(name, self.checkpoint.tensor(name).read())
+
+    def embedding(self, name, tokens):
+        """Rows `tokens` of an embedding matrix, broadcast to every world: [W, T, hidden]."""
+        info = self.checkpoint.tensor(name)
+        if len(info.shape) != 2 or int(np.max(tokens)) >= info.shape[0]:
+            raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
+                              f"too small for token id {int(np.max(tokens))}")
+        rows = self._transformed(name, info.read(rows=tokens), rows=tokens)
+        return np.repeat(rows[None], len(self.worlds), axis=0)
+
+    def linear(self, x, name, bias=False):
+        """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied."""
+        info = self.checkpoint.tensor(name)
+        if len(info.shape) != 2 or info.shape[1] != x.shape[-1]:
+            raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
+                              f"expected [*, {x.shape[-1]}]")
+        n_out = info.shape[0]
+        out = np.empty(x.shape[:-1] + (n_out,), dtype=np.float32)
+        chunk = max(1, LINEAR_CHUNK_BYTES // (4 * info.shape[1]))
+        for start in range(0, n_out, chunk):
+            rows = slice(start, min(n_out, start + chunk))
+            weight = self._transformed(name, info.read(rows=rows), rows)
+            np.matmul(x, weight.T, out=out[..., rows])
+            self._apply_edits(out, x, name, weight, rows)
+            del weight
+        if bias:
+            out += self.weight(name[: -len("weight")] + "bias")
+        return out
+
+    def _apply_edits(self, out, x, name, weight, rows):
+        for w, edit in self.edits.get(name, ()):
+            local = _local_row(edit.row, rows, weight.shape[0])
+            if local is not None:
+                delta = (np.float32(edit.factor) - 1) * weight[local, edit.col]
+                out[w, :, edit.row] += delta * x[w, :, edit.col]
+
+    def observe(self, point, layer, x):
+        for observer in self.observers:
+            observer.observe(point, layer, x)
+
+
+def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=False):
+    """Logits [worlds, tokens, vocab] of `tokens` through `model`, one layer at a time."""
+    from tqdm import tqdm
+
+    tokens = np.asarray(tokens, dtype=np.int64)
+    ctx = Pass(model.checkpoint, worlds or [World("intact")], len(tokens), transforms, observers)
+    arch = model.arch
+    x = arch.embed(ctx, tokens)
+    for layer in tqdm(range(arch.n_layers), desc="layers", unit="layer", disable=not progress, leave=False):
+        x = arch.block(ctx, layer, x)
+    return arch.head(ctx, x)
+
+
+def mean_nll(logits, tokens):
+    """Mean negative log-likelihood of tokens[1:] given the prefix, per world: [W]."""
+    tokens = np.asarray(tokens)
+    if len(tokens) < 2:
+        raise SwtoolError("the prompt must have at least 2 tokens to score its likelihood")
+    from swtool.ops import log_softmax
+
+    logp = log_softmax(logits[:, :-1, :])
+    picked = np.take_along_axis(logp, tokens[None, 1:, None], axis=-1)[..., 0]
+    return -picked.mean(axis=1)
+
+
+def greedy(model, tokens, n_new, transforms=()):
+    """Greedy continuation: recompute the whole sequence per new token (a scan-sized tool, not a server)."""
+    tokens = list(tokens)
+    for _ in range(n_new):
+        logits = forward(model, tokens, transforms=transforms)
+        tokens.append(int(np.argmax(logits[0, -1])))
+    return tokens

@@ -1,0 +1,29 @@
+"""A model = a checkpoint (where the bytes are) + an architecture (what they mean)."""
+
+from dataclasses import dataclass
+
+from swtool.arch import Architecture, architecture_for
+from swtool.checkpoint import Checkpoint, open_checkpoint
+from swtool.errors import CheckpointError
+
+
+@dataclass
+class Model:
+    path: str
+    checkpoint: Checkpoint
+    arch: Architecture
+
+    @property
+    def directory(self):
+        return self.checkpoint.directory
+
+
+def load_model(path):
+    """Open a checkpoint, pick its architecture and check every tensor a pass needs is there."""
+    checkpoint = open_checkpoint(path)
+    arch = architecture_for(checkpoint.config)
+    for layer in range(arch.n_layers):
+        for name in arch.layer_tensor_names(layer):
+            if name not in checkpoint:
+                raise CheckpointError(checkpoint.directory, f"missing tensor {name!r}")
+    return Model(str(path), checkpoint, arch)

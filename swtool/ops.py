@@ -1,0 +1,98 @@
+"""The numerical building blocks of a decoder block, in float32 NumPy.
+
+Activations have shape [worlds, tokens, channels]: `worlds` are copies of the
+same prompt run through differently edited models in one pass (see forward.py).
+"""
+
+import math
+
+import numpy as np
+
+
+def rms_norm(x, weight, eps):
+    """x / rms(x) * weight, per token (Llama's RMSNorm)."""
+    variance = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + np.float32(eps))) * weight
+
+
+def silu(x):
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def gelu_tanh(x):
+    inner = np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+
+
+# NumPy has no erf ufunc; exact GELU (torch's default) is rare in decoders, so a vectorised math.erf will do
+_erf = np.vectorize(math.erf, otypes=[np.float32])
+
+
+def gelu_erf(x):
+    return np.float32(0.5) * x * (np.float32(1.0) + _erf(x / np.float32(math.sqrt(2.0))))
+
+ACTIVATIONS = {
+    "silu": silu,
+    "swish": silu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "gelu": gelu_erf,
+}
+
+
+def softmax(scores, axis=-1):
+    shifted = scores - np.max(scores, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(logits, axis=-1):
+    shifted = logits - np.max(logits, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+# --- rotary position embedding (Hugging Face "rotate half" layout) ---------------------
+
+def rope_cos_sin(inv_freq, positions):
+    """cos and sin tables [tokens, rotary_dim] for the given positions."""
+    freqs = np.outer(positions.astype(np.float32), inv_freq.astype(np.float32))
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate [.., tokens, head_dim] by position; only the first cos.shape[-1] dims rotate (partial rotary)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated_half = np.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated_half * sin
+    return np.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# --- attention ------------------------------------------------------------------------
+
+def causal_mask(n_tokens, window=None):
+    """Additive mask [tokens, tokens]: 0 where query i may see key j (j <= i, i - j < window), -inf elsewhere."""
+    i = np.arange(n_tokens)[:, None]
+    j = np.arange(n_tokens)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    return np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+
+
+def attention(q, k, v, mask, scale, softcap=None):
+    """Scaled dot-product attention with grouped KV heads.
+
+    q [W, H, T, d], k and v [W, Hkv, T, d]; each KV head serves H/Hkv query heads.
+    """
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    if n_heads != n_kv:
+        k = np.repeat(k, n_heads // n_kv, axis=1)
+        v = np.repeat(v, n_heads // n_kv, axis=1)
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)
+    if softcap is not None:
+        scores = np.tanh(scores / np.float32(softcap)) * np.float32(softcap)
+    probs = softmax(scores + mask)
+    return np.matmul(probs, v)

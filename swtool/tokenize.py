@@ -1,0 +1,56 @@
+"""Prompt -> token ids with the checkpoint's own tokenizer.json (the `tokenizers` package).
+
+BOS follows the tokenizer: its post-processor adds it where the model was
+trained with it (Llama 2/3); tokenizer_config.json's `add_bos_token` adds it
+where the post-processor does not (some older exports).
+"""
+
+import json
+
+from swtool.errors import SwtoolError
+
+DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
+
+
+def load_tokenizer(directory):
+    from tokenizers import Tokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise SwtoolError(f"{directory}: no tokenizer.json (needed to tokenize the prompt)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library reports any parse failure as a plain Exception
+        raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def encode(directory, text):
+    """Token ids for `text`, with BOS where the model expects it."""
+    tokenizer = load_tokenizer(directory)
+    ids = tokenizer.encode(text, add_special_tokens=True).ids
+    bos = _bos_to_add(directory, tokenizer)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if not ids:
+        raise SwtoolError("the prompt tokenizes to no tokens")
+    return ids
+
+
+def _bos_to_add(directory, tokenizer):
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SwtoolError(f"{path}: not valid JSON ({e})") from None
+    if not config.get("add_bos_token"):
+        return None
+    bos = config.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    return tokenizer.token_to_id(bos) if isinstance(bos, str) else None
+
+
+def decode(directory, ids):
+    return load_tokenizer(directory).decode(ids, skip_special_tokens=False)
