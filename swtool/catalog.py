@@ -1,0 +1,94 @@
+"""The catalog: a versioned JSON record of a model's super weights and how they were found.
+
+Schema `swtool.catalog/1` lives in swtool/schema/catalog.schema.json; every
+catalog is validated against it when read, so ablate/audit/export never act on
+a malformed one.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict
+from importlib import resources
+
+from swtool import __version__
+from swtool.atomic import write_text_atomic
+from swtool.errors import SwtoolError
+
+SCHEMA_ID = "swtool.catalog/1"
+
+
+def schema():
+    return json.loads(resources.files("swtool").joinpath("schema/catalog.schema.json").read_text())
+
+
+def sha256_file(path, chunk=16 * 1024 * 1024):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_catalog(model, prompt, tokens, settings, super_weights, report, with_hashes=False):
+    """The catalog dict of one scan."""
+    config_bytes = json.dumps(model.checkpoint.config, sort_keys=True).encode()
+    files = []
+    for path in model.checkpoint.files:
+        entry = {"name": path.name, "size": path.stat().st_size}
+        if with_hashes:
+            entry["sha256"] = sha256_file(path)
+        files.append(entry)
+    architectures = model.checkpoint.config.get("architectures") or [model.arch.model_type]
+    return {
+        "schema": SCHEMA_ID,
+        "tool": {"name": "swtool", "version": __version__},
+        "model": {
+            "path": str(model.path),
+            "architecture": architectures[0],
+            "model_type": model.arch.model_type,
+            "num_layers": model.arch.n_layers,
+            "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+            "files": files,
+        },
+        "detection": {
+            "prompt": prompt,
+            "tokens": [int(t) for t in tokens],
+            "settings": {k: v for k, v in asdict(settings).items() if k != "prompt"},
+            "passes": report["passes"],
+            "nll_intact": report["nll_intact"],
+            "nll_all_removed": report["nll_all_removed"],
+        },
+        "super_weights": [sw.to_json() for sw in super_weights],
+        "profile": report["profile"],
+    }
+
+
+def validate(catalog, source="catalog"):
+    """Raise SwtoolError with the first schema violation, naming where it is."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    error = next(iter(sorted(validator.iter_errors(catalog), key=lambda e: list(e.path))), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise SwtoolError(f"{source}: invalid catalog at {where}: {error.message}")
+
+
+def write_catalog(catalog, path):
+    validate(catalog, str(path))
+    write_text_atomic(path, to_json(catalog))
+
+
+def to_json(catalog):
+    return json.dumps(catalog, indent=2) + "\n"
+
+
+def read_catalog(path):
+    try:
+        catalog = json.loads(open(path, encoding="utf-8").read())
+    except FileNotFoundError:
+        raise SwtoolError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SwtoolError(f"{path}: not valid JSON ({e})") from None
+    validate(catalog, str(path))
+    return catalog

@@ -1,0 +1,95 @@
+"""Command line: parse options, call the library, print. Heavy imports happen inside commands.
+
+Exit codes: 0 success, 2 bad input (one `error: ...` line on stderr).
+"""
+
+import sys
+
+import click
+
+from swtool import __version__
+
+PROMPT_HELP = 'Detection prompt (default: the paper\'s "Apple Inc. is a worldwide tech company.").'
+
+
+class SwtoolGroup(click.Group):
+    """Turns SwtoolError (bad input) into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        from swtool.errors import SwtoolError
+
+        try:
+            return super().invoke(ctx)
+        except SwtoolError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # unreadable or unwritable paths, full disks
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=SwtoolGroup)
+@click.version_option(__version__, prog_name="swtool")
+def main():
+    """Find, catalog and handle the super weights of LLM checkpoints, on a CPU."""
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--prompt", default=None, help=PROMPT_HELP)
+@click.option("--max-iter", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Zero what was found and rescan at most this many times.")
+@click.option("--spike-ratio", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="A layer spikes when its max |down_proj output| is this many times the median layer's.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog JSON on stdout instead of a table.")
+@click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress):
+    """Locate the super weights of MODEL (a Hugging Face checkpoint directory)."""
+    from swtool.catalog import build_catalog, to_json, write_catalog
+    from swtool.detect import Settings, scan as run_scan
+    from swtool.model import load_model
+    from swtool.tokenize import DEFAULT_PROMPT, encode
+
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    loaded = load_model(model)
+    tokens = encode(loaded.directory, prompt)
+    settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
+    found, report = run_scan(loaded, tokens, settings, progress=not no_progress)
+    catalog = build_catalog(loaded, prompt, tokens, settings, found, report, with_hashes)
+    if output:
+        write_catalog(catalog, output)
+    if as_json:
+        click.echo(to_json(catalog), nl=False)
+    else:
+        click.echo(format_scan(catalog))
+        if output:
+            click.echo(f"catalog written to {output}")
+
+
+def format_scan(catalog):
+    """The human table of a scan."""
+    from swtool.table import format_table
+
+    model, detection = catalog["model"], catalog["detection"]
+    lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
+             f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} passes"]
+    sws = catalog["super_weights"]
+    if not sws:
+        lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
+        return "\n".join(lines)
+    header = ["layer", "row", "col", "tensor", "value", "dtype", "rank", "token",
+              "input act", "output act", "super act: intact -> zeroed", "prompt NLL: intact -> zeroed", "verified"]
+    rows = []
+    for sw in sws:
+        v = sw["verification"]
+        rows.append([sw["layer"], sw["row"], sw["col"], sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
+                     sw["rank"], sw["token"], f"{sw['input_activation']:.4g}", f"{sw['output_activation']:.4g}",
+                     f"{v['super_activation_intact']:.4g} -> {v['super_activation_removed']:.4g}",
+                     f"{v['nll_intact']:.3f} -> {v['nll_removed']:.3f}", "yes" if v["verified"] else "weak"])
+    lines.append(format_table(header, rows))
+    lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
+                 f"{detection['nll_all_removed']:.3f}")
+    return "\n".join(lines)
