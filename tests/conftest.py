@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "fixtures"))
+
+SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as a bf16 HF directory (built by `make fixtures` if missing)."""
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        import smollm2 as builder
+
+        builder.build(SMOLLM2_DIR)
+    return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """Build (once per argument set) a tiny transformers model; returns (directory, torch model)."""
+    from tiny import build_tiny
+
+    built = {}
+
+    def make(family="llama", dtype="float32", plants=(), max_shard_size=None, **overrides):
+        key = (family, dtype, tuple(plants), max_shard_size, tuple(sorted(overrides.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{family}-{dtype}")
+            model = build_tiny(out, family, dtype, plants=plants, max_shard_size=max_shard_size, **overrides)
+            built[key] = (out, model)
+        return built[key]
+
+    return make

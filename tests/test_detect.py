@@ -1,0 +1,94 @@
+"""Detection finds exactly the super weights planted in tiny models, and nothing that only looks like one."""
+
+import numpy as np
+import pytest
+
+from swtool.detect import Settings, contributing_columns, find_spikes, scan, Spike
+from swtool.model import load_model
+from swtool.tokenize import DEFAULT_PROMPT, encode
+from tiny import Plant
+
+
+def run_scan(directory, **settings):
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    return scan(model, tokens, Settings(DEFAULT_PROMPT, **settings))
+
+
+def coordinates(found):
+    return sorted((sw.layer, sw.row, sw.col) for sw in found)
+
+
+@pytest.mark.parametrize("family, dtype", [("llama", "bfloat16"), ("mistral", "float16"), ("qwen2", "float32"),
+                                           ("llama3", "bfloat16")])
+def test_finds_the_planted_super_weight(tiny_factory, family, dtype):
+    directory, _ = tiny_factory(family, dtype, plants=(Plant(2, 41, 101),))
+    found, report = run_scan(directory)
+    assert coordinates(found) == [(2, 41, 101)]
+    sw = found[0]
+    assert sw.tensor == "model.layers.2.mlp.down_proj.weight"
+    assert sw.gguf_tensor == "blk.2.ffn_down.weight"
+    assert sw.value == pytest.approx(4.0, rel=1e-2) and sw.rank == 1
+    assert sw.dtype == {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+    v = sw.verification
+    assert v["verified"] and v["super_activation_removed"] < 0.01 * v["super_activation_intact"]
+    assert report["profile"][2]["down_proj_output"]["channel"] == 41
+    assert report["profile"][2]["down_proj_input"]["channel"] == 101
+
+
+def test_two_weights_in_one_row_feeding_one_spike_are_both_found(tiny_factory):
+    plants = (Plant(1, 20, 33, value=4.0), Plant(1, 20, 90, value=3.0))
+    directory, _ = tiny_factory("llama", "bfloat16", plants=plants)
+    found, _ = run_scan(directory)
+    assert coordinates(found) == [(1, 20, 33), (1, 20, 90)]
+    assert [sw.col for sw in found] == [33, 90]  # the larger contribution first
+    assert all(sw.verification["verified"] for sw in found)  # together they carry the activation
+
+
+def test_super_weights_in_two_layers(tiny_factory):
+    """A second super weight in a later layer, fed by the first one's super activation (as in Llama-30B)."""
+    plants = (Plant(1, 20, 33), Plant(3, 50, 120, channel=20, from_embedding=False))
+    directory, _ = tiny_factory("llama", "float32", plants=plants, num_hidden_layers=6)
+    found, _ = run_scan(directory)
+    assert coordinates(found) == [(1, 20, 33), (3, 50, 120)]
+
+
+def test_late_spike_that_cancels_the_super_activation_is_not_a_super_weight(tiny_factory):
+    plants = (Plant(1, 20, 33), Plant(4, 20, 50, value=-3.0, channel=20, from_embedding=False))
+    directory, _ = tiny_factory("llama", "float32", plants=plants, num_hidden_layers=6)
+    found, report = run_scan(directory)
+    assert report["profile"][4]["down_proj_output"]["value"] < -100  # the late spike is there ...
+    assert coordinates(found) == [(1, 20, 33)]  # ... and rejected
+
+
+def test_spike_that_does_not_persist_is_not_a_super_weight(tiny_factory):
+    plants = (Plant(2, 20, 33), Plant(3, 20, 50, value=-3.0, channel=20, from_embedding=False))
+    directory, _ = tiny_factory("llama", "float32", plants=plants, num_hidden_layers=6)
+    found, report = run_scan(directory)
+    assert abs(report["profile"][2]["down_proj_output"]["value"]) > 100
+    assert found == []
+
+
+def test_random_model_has_no_super_weight(tiny_factory):
+    directory, _ = tiny_factory("llama", "float32")
+    found, report = run_scan(directory)
+    assert found == [] and report["passes"] == 1
+
+
+def test_spikes_are_relative_to_other_layers_not_a_fixed_threshold():
+    quiet = np.full((6, 3, 8), 0.5, np.float32)
+    quiet[2, 1, 4] = 4.0  # 8x the median layer: not a spike at ratio 10, a spike at ratio 5
+    assert find_spikes(quiet, 10.0) == []
+    assert [(s.layer, s.token, s.row) for s in find_spikes(quiet, 5.0)] == [(2, 1, 4)]
+    loud = quiet * 1000  # the same shape at any scale gives the same answer
+    assert [(s.layer, s.token, s.row) for s in find_spikes(loud, 5.0)] == [(2, 1, 4)]
+
+
+def test_columns_are_chosen_by_contribution_not_by_largest_input():
+    down_in = np.zeros((1, 1, 6), np.float32)
+    down_in[0, 0] = [100.0, 5.0, 4.0, 0.1, -3.0, 1.0]  # channel 0 has the largest input ...
+    weight_row = np.array([0.001, 10.0, 9.0, 1.0, -8.0, 0.01], np.float32)  # ... but a tiny weight
+    output = float(down_in[0, 0] @ weight_row)
+    spike = Spike(layer=0, token=0, row=0, output=output)
+    settings = Settings("p", min_contribution=0.2)
+    assert contributing_columns(spike, down_in, weight_row, settings) == [1, 2, 4]
