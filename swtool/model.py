@@ -19,11 +19,14 @@ class Model:
 
 
 def load_model(path):
-    """Open a checkpoint, pick its architecture and check every tensor a pass needs is there."""
+    """Open a checkpoint, pick its architecture and check every tensor a pass needs is there, in shape."""
     checkpoint = open_checkpoint(path)
     arch = architecture_for(checkpoint.config)
-    for layer in range(arch.n_layers):
-        for name in arch.layer_tensor_names(layer):
-            if name not in checkpoint:
-                raise CheckpointError(checkpoint.directory, f"missing tensor {name!r}")
+    for name, shape in arch.tensor_shapes().items():
+        if name not in checkpoint:
+            raise CheckpointError(checkpoint.directory, f"missing tensor {name!r}")
+        info = checkpoint.tensor(name)
+        if info.shape != shape:
+            raise CheckpointError(info.path, f"tensor {name!r} has shape {list(info.shape)}, "
+                                             f"config.json implies {list(shape)}")
     return Model(str(path), checkpoint, arch)

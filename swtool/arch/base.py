@@ -38,8 +38,8 @@ class Architecture:
         """llama.cpp's name for a Hugging Face tensor name."""
         raise NotImplementedError
 
-    def layer_tensor_names(self, layer):
-        """Every tensor block `layer` reads (used to check a checkpoint is complete)."""
+    def tensor_shapes(self):
+        """{Hugging Face name: shape} of every tensor a forward pass reads, as config.json implies."""
         raise NotImplementedError
 
     # --- math ------------------------------------------------------------------------

@@ -62,18 +62,24 @@ class Llama(Architecture):
             return f"blk.{layer}.{GGUF_LAYER_NAMES[inner]}.{kind}"
         return f"{GGUF_TOP_NAMES[stem]}.{kind}"
 
-    def layer_tensor_names(self, layer):
-        p = f"model.layers.{layer}."
-        names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        for proj in ("q", "k", "v", "o"):
-            names.append(f"{p}self_attn.{proj}_proj.weight")
-            if (proj == "o" and self.o_bias) or (proj != "o" and self.qkv_bias):
-                names.append(f"{p}self_attn.{proj}_proj.bias")
-        for proj in ("gate", "up", "down"):
-            names.append(f"{p}mlp.{proj}_proj.weight")
-            if self.mlp_bias:
-                names.append(f"{p}mlp.{proj}_proj.bias")
-        return names
+    def tensor_shapes(self):
+        d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        ff = self.require("intermediate_size", int)
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
+        if not self.tied:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        linears = {"self_attn.q_proj": (q, d, self.qkv_bias), "self_attn.k_proj": (kv, d, self.qkv_bias),
+                   "self_attn.v_proj": (kv, d, self.qkv_bias), "self_attn.o_proj": (d, q, self.o_bias),
+                   "mlp.gate_proj": (ff, d, self.mlp_bias), "mlp.up_proj": (ff, d, self.mlp_bias),
+                   "mlp.down_proj": (d, ff, self.mlp_bias)}
+        for layer in range(self.n_layers):
+            p = f"model.layers.{layer}."
+            shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (d,)
+            for name, (n_out, n_in, has_bias) in linears.items():
+                shapes[f"{p}{name}.weight"] = (n_out, n_in)
+                if has_bias:
+                    shapes[f"{p}{name}.bias"] = (n_out,)
+        return shapes
 
     def sliding_window(self, layer):
         """Attention window of a layer in tokens, or None for full causal attention."""

@@ -1,0 +1,140 @@
+"""`swtool scan` end to end through the real entry point, and its one-line errors on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from swtool.catalog import read_catalog, validate
+from swtool.errors import SwtoolError
+from tiny import Plant
+
+PLANT = (Plant(1, 41, 101),)
+
+
+def swtool(*args):
+    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def planted(tiny_factory, tmp_path):
+    source, _ = tiny_factory("llama", "bfloat16", plants=PLANT)
+    copy = tmp_path / "model"
+    shutil.copytree(source, copy)
+    return copy
+
+
+def test_scan_prints_a_table_and_writes_a_valid_catalog(planted, tmp_path):
+    out = tmp_path / "catalog.json"
+    result = swtool("scan", planted, "-o", out)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:5] == ["layer", "row", "col", "tensor", "value"]
+    assert lines[3].split()[:4] == ["1", "41", "101", "blk.1.ffn_down.weight"]
+    assert "layers" in result.stderr  # the progress bar goes to stderr
+    catalog = read_catalog(out)
+    assert catalog["schema"] == "swtool.catalog/1"
+    (sw,) = catalog["super_weights"]
+    assert (sw["layer"], sw["row"], sw["col"]) == (1, 41, 101)
+    assert sw["tensor"] == "model.layers.1.mlp.down_proj.weight"
+    assert catalog["detection"]["prompt"] == "Apple Inc. is a worldwide tech company."
+    assert catalog["detection"]["tokens"][0] == 256  # BOS from the tokenizer's post-processor
+    assert len(catalog["profile"]) == 4
+    assert not list(tmp_path.glob(".catalog.json.*"))  # no temporary left behind
+
+
+def test_scan_json_goes_to_stdout_and_hashes_on_request(planted):
+    result = swtool("scan", planted, "--json", "--hash", "--no-progress", "--prompt", "Hello there, world")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    catalog = json.loads(result.stdout)
+    validate(catalog)
+    assert catalog["detection"]["prompt"] == "Hello there, world"
+    import hashlib
+
+    expected = hashlib.sha256((planted / "model.safetensors").read_bytes()).hexdigest()
+    assert catalog["model"]["files"] == [{"name": "model.safetensors",
+                                          "size": (planted / "model.safetensors").stat().st_size,
+                                          "sha256": expected}]
+
+
+def one_line_error(result):
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_truncated_shard(planted):
+    shard = planted / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    line = one_line_error(swtool("scan", planted, "--no-progress"))
+    assert "model.safetensors: truncated" in line
+
+
+def test_corrupt_header(planted):
+    shard = planted / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"#!?x"
+    shard.write_bytes(bytes(data))
+    line = one_line_error(swtool("scan", planted, "--no-progress"))
+    assert "corrupt header" in line
+
+
+def test_missing_shard(tiny_factory, tmp_path):
+    source, _ = tiny_factory("llama", "bfloat16", plants=PLANT, max_shard_size="40KB")
+    shutil.copytree(source, tmp_path / "m")
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    line = one_line_error(swtool("scan", tmp_path / "m", "--no-progress"))
+    assert f"missing shard {shards[1].name}" in line
+
+
+def test_unknown_model_type_names_the_supported_families(planted):
+    config = json.loads((planted / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (planted / "config.json").write_text(json.dumps(config))
+    line = one_line_error(swtool("scan", planted, "--no-progress"))
+    assert "unsupported model_type 'mamba'" in line
+    assert "llama" in line and "mistral" in line and "qwen2" in line
+
+
+def test_missing_tensor_and_wrong_shape(planted):
+    config = json.loads((planted / "config.json").read_text())
+    config["num_hidden_layers"] = 5  # the checkpoint has 4
+    (planted / "config.json").write_text(json.dumps(config))
+    assert "missing tensor 'model.layers.4.input_layernorm.weight'" in one_line_error(
+        swtool("scan", planted, "--no-progress"))
+    config["num_hidden_layers"], config["hidden_size"] = 4, 32
+    (planted / "config.json").write_text(json.dumps(config))
+    assert "config.json implies" in one_line_error(swtool("scan", planted, "--no-progress"))
+
+
+def test_not_a_model(tmp_path):
+    assert "no such file" in one_line_error(swtool("scan", tmp_path / "nothing", "--no-progress"))
+    assert "no model.safetensors" in one_line_error(swtool("scan", tmp_path, "--no-progress"))
+
+
+def test_source_files_are_not_modified_by_a_scan(planted, tmp_path):
+    before = {p.name: p.read_bytes() for p in planted.iterdir()}
+    assert swtool("scan", planted, "--no-progress", "-o", tmp_path / "c.json").returncode == 0
+    assert {p.name: p.read_bytes() for p in planted.iterdir()} == before
+
+
+def test_invalid_catalog_is_rejected_with_its_location(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"schema": "swtool.catalog/1", "tool": {"name": "swtool", "version": "0"},
+                               "model": {}, "detection": {}, "super_weights": [{"layer": -1}], "profile": []}))
+    with pytest.raises(SwtoolError, match="invalid catalog"):
+        read_catalog(bad)
+
+
+def test_help_is_fast_and_does_not_import_numpy():
+    code = "import sys; from swtool.cli import main; print('numpy' in sys.modules, 'numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"]
