@@ -80,16 +80,19 @@ def format_scan(catalog):
     if not sws:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
         return "\n".join(lines)
-    header = ["layer", "row", "col", "tensor", "value", "dtype", "rank", "token",
-              "input act", "output act", "super act: intact -> zeroed", "prompt NLL: intact -> zeroed", "verified"]
+    header = ["layer", "row", "col", "tensor", "value", "dtype", "rank", "token", "input act", "output act",
+              "super act: intact -> zeroed / row zeroed", "prompt NLL: intact -> zeroed / row zeroed", "verified"]
     rows = []
     for sw in sws:
         v = sw["verification"]
         rows.append([sw["layer"], sw["row"], sw["col"], sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
                      sw["rank"], sw["token"], f"{sw['input_activation']:.4g}", f"{sw['output_activation']:.4g}",
-                     f"{v['super_activation_intact']:.4g} -> {v['super_activation_removed']:.4g}",
-                     f"{v['nll_intact']:.3f} -> {v['nll_removed']:.3f}", "yes" if v["verified"] else "weak"])
+                     f"{v['super_activation_intact']:.4g} -> {v['super_activation_removed']:.4g}"
+                     f" / {v['super_activation_set_removed']:.4g}",
+                     f"{v['nll_intact']:.3f} -> {v['nll_removed']:.3f} / {v['nll_set_removed']:.3f}",
+                     "yes" if v["verified"] else "weak"])
     lines.append(format_table(header, rows))
+    lines.append("zeroed: this weight alone; row zeroed: with the other super weights feeding the same spike")
     lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
                  f"{detection['nll_all_removed']:.3f}")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ class Settings:
     max_iter: int = 8
     spike_ratio: float = 10.0  # a layer's max |down_proj output| over the median layer's
     min_contribution: float = 0.2  # a column must supply this share of the spike
+    min_weight_sigma: float = 6.0  # and its weight be an outlier: |W[j, m]| >= this many RMS of the tensor
     persist_layers: int = 2  # the super activation must survive this many later layers ...
     persist_fraction: float = 0.5  # ... at this fraction of its size
     verify_activation_drop: float = 0.5  # verified if zeroing leaves < this share of the super activation
@@ -101,7 +102,7 @@ def creates_persistent_activation(spike, resid_mid, resid, settings):
     before = abs(float(resid_mid[spike.layer, spike.token, spike.row]))
     after = abs(float(resid[spike.layer, spike.token, spike.row]))
     if after <= before:
-        return False  # the layer shrinks an activation that already existed
+        return False  # the layer shrinks an activation that already existed: a late-layer canceller
     typical = float(np.median(np.abs(resid[spike.layer, spike.token])))
     if after < settings.spike_ratio * typical:
         return False  # not massive next to the other channels of its token
@@ -124,95 +125,115 @@ def scan(model, tokens, settings, progress=False):
     found = []  # SuperWeight, in the order found
     passes = 0
     while True:
-        worlds = _worlds(model, found)
+        worlds = Worlds(found)
         recorder = Recorder()
-        logits = forward(model, tokens, worlds, observers=[recorder], progress=progress)
+        logits = forward(model, tokens, worlds.list, observers=[recorder], progress=progress)
         passes += 1
-        probe = 1 if found else 0  # look for spikes in the world with everything found so far removed
         new = []
         if passes <= settings.max_iter:
-            new = _candidates(model, recorder, probe, found, settings, iteration=passes)
+            # look for spikes in the world with everything found so far removed
+            new = _candidates(model, recorder, worlds.all_removed, found, settings, iteration=passes)
         if not new:
             break
         found.extend(new)
-    _verify(found, recorder, logits, tokens, settings)
+    _verify(found, worlds, recorder, mean_nll(logits, tokens), settings)
     report = {
         "passes": passes,
         "nll_intact": float(mean_nll(logits[:1], tokens)[0]),
-        "nll_all_removed": float(mean_nll(logits[1:2], tokens)[0]) if found else None,
+        "nll_all_removed": float(mean_nll(logits[worlds.all_removed][None], tokens)[0]) if found else None,
         "profile": layer_profile(recorder, 0),
     }
     return found, report
 
 
-def _worlds(model, found):
-    """[intact] or [intact, all found removed, each found removed alone]."""
-    def without(sws):
-        return tuple(Edit(sw.tensor, sw.row, sw.col, 0.0) for sw in sws)
+class Worlds:
+    """The worlds of one pass and where each is: intact (0), all found removed, each alone, each spike's set."""
 
-    if not found:
-        return [World("intact")]
-    worlds = [World("intact"), World("all removed", without(found))]
-    if len(found) > 1:
-        worlds += [World(f"without {sw.layer}:{sw.row}:{sw.col}", without([sw])) for sw in found]
-    return worlds
+    def __init__(self, found):
+        self.list = [World("intact")]
+        self.index = {}
+        self.all_removed = self._add("all", found)
+        groups = {}
+        for sw in found:
+            groups.setdefault((sw.layer, sw.row), []).append(sw)
+        for sw in found:
+            self.index[("alone", _key(sw))] = self._add(("alone", _key(sw)), [sw])
+        for spike, members in groups.items():
+            self.index[("set", spike)] = self._add(("set", spike), members)
+
+    def _add(self, name, removed):
+        """Index of a world without `removed`, reusing an existing world with the same edits."""
+        edits = tuple(Edit(sw.tensor, sw.row, sw.col, 0.0) for sw in removed)
+        for i, world in enumerate(self.list):
+            if set(world.edits) == set(edits):
+                return i
+        self.list.append(World(str(name), edits))
+        return len(self.list) - 1
+
+
+def _key(sw):
+    return (sw.layer, sw.row, sw.col)
 
 
 def _candidates(model, recorder, world, found, settings, iteration):
     down_in, down_out = recorder.world("down_in", world), recorder.world("down_out", world)
     resid_mid, resid = recorder.world("resid_mid", world), recorder.world("resid", world)
-    intact_resid = recorder.world("resid", 0)
-    known = {(sw.layer, sw.row, sw.col) for sw in found}
+    intact_mid, intact_resid = recorder.world("resid_mid", 0), recorder.world("resid", 0)
+    known = {_key(sw) for sw in found}
     new = []
     for spike in find_spikes(down_out, settings.spike_ratio):
         if not creates_persistent_activation(spike, resid_mid, resid, settings):
             continue
+        if cancels(spike, intact_mid, intact_resid):
+            continue  # in the real model this layer shrinks an activation; it only looks creative once others are gone
         tensor = model.checkpoint.tensor(model.arch.down_proj_name(spike.layer))
-        weight_row = tensor.read(rows=[spike.row])[0]
-        for col in contributing_columns(spike, down_in, weight_row, settings):
-            if (spike.layer, spike.row, col) in known:
-                continue
+        weights = tensor.read()
+        sigma = float(np.sqrt(np.mean(np.square(weights, dtype=np.float64))))
+        for col in contributing_columns(spike, down_in, weights[spike.row], settings):
+            value = weights[spike.row, col]
+            if (spike.layer, spike.row, col) in known or abs(value) < settings.min_weight_sigma * sigma:
+                continue  # a large input through an ordinary weight: the input is super, not the weight
             known.add((spike.layer, spike.row, col))
+            x = float(down_in[spike.layer, spike.token, col])
             new.append(SuperWeight(
                 layer=spike.layer, row=spike.row, col=col, tensor=tensor.name,
-                gguf_tensor=model.arch.gguf_name(tensor.name), value=float(weight_row[col]),
-                dtype=tensor.dtype, rank=_rank(tensor, weight_row[col]), token=spike.token,
-                input_activation=float(down_in[spike.layer, spike.token, col]),
-                output_activation=spike.output,
-                contribution=float(down_in[spike.layer, spike.token, col] * weight_row[col]),
-                super_activation=float(intact_resid[spike.layer, spike.token, spike.row]),
-                iteration=iteration))
+                gguf_tensor=model.arch.gguf_name(tensor.name), value=float(value), dtype=tensor.dtype,
+                rank=1 + int(np.count_nonzero(np.abs(weights) > abs(value))), token=spike.token,
+                input_activation=x, output_activation=spike.output, contribution=x * float(value),
+                super_activation=float(intact_resid[spike.layer, spike.token, spike.row]), iteration=iteration))
+        del weights
     return new
 
 
-def _rank(tensor, value):
-    """1 + how many elements of the tensor are larger in magnitude than `value`."""
-    return 1 + int(np.count_nonzero(np.abs(tensor.read()) > abs(np.float32(value))))
+def cancels(spike, resid_mid, resid):
+    """Does the layer make |residual| at the spike's position smaller?"""
+    before = abs(float(resid_mid[spike.layer, spike.token, spike.row]))
+    return abs(float(resid[spike.layer, spike.token, spike.row])) < before
 
 
-def _verify(found, recorder, logits, tokens, settings):
+def _verify(found, worlds, recorder, nll, settings):
     """Fill each SuperWeight's verification from the worlds of the last pass."""
-    if not found:
-        return
-    nll = mean_nll(logits, tokens)
     resid = recorder.data["resid"]
 
-    def matters(sw, w):
-        """Does world w (sw removed, maybe with others) lose the super activation or the prompt?"""
-        intact = abs(float(resid[sw.layer][0, sw.token, sw.row]))
-        removed = abs(float(resid[sw.layer][w, sw.token, sw.row]))
-        return removed < settings.verify_activation_drop * intact or nll[w] - nll[0] > settings.verify_nll_rise
+    def activation(sw, w):
+        return abs(float(resid[sw.layer][w, sw.token, sw.row]))
 
-    for i, sw in enumerate(found):
-        alone = 1 if len(found) == 1 else 2 + i  # the world with only this weight removed
+    def matters(sw, w):
+        """Does world w lose the super activation or the prompt's likelihood?"""
+        return (activation(sw, w) < settings.verify_activation_drop * activation(sw, 0)
+                or nll[w] - nll[0] > settings.verify_nll_rise)
+
+    for sw in found:
+        alone, together = worlds.index[("alone", _key(sw))], worlds.index[("set", (sw.layer, sw.row))]
         sw.verification = {
             "nll_intact": float(nll[0]),
             "nll_removed": float(nll[alone]),
-            "nll_all_removed": float(nll[1]),
-            "super_activation_intact": abs(float(resid[sw.layer][0, sw.token, sw.row])),
-            "super_activation_removed": abs(float(resid[sw.layer][alone, sw.token, sw.row])),
-            # alone, or as one of a set that feeds the same activation (two weights in one row)
-            "verified": bool(matters(sw, alone) or matters(sw, 1)),
+            "nll_set_removed": float(nll[together]),
+            "super_activation_intact": activation(sw, 0),
+            "super_activation_removed": activation(sw, alone),
+            "super_activation_set_removed": activation(sw, together),
+            # alone, or with the other weights that feed the same spike (two weights in one row)
+            "verified": bool(matters(sw, alone) or matters(sw, together)),
         }
 
 
