@@ -7,13 +7,20 @@ mechanism that makes one weight a super weight, so a scan has a known answer.
 
     python bench/synth.py bench/build/llama-1b --shape llama-1b [--shard-gb 2.0] [--seed 0]
 
-The planted mechanism, in layer L (see `plant_for`):
-  - embedding column c is EMBED_SPIKE for every token, so residual channel c
-    stands out of the ~0.02 noise and dominates the normalized MLP input of L;
-  - gate_proj[m, c] = up_proj[m, c] = GATE_UP_SPIKE, so the intermediate
-    activation silu(gate) * up at channel m is in the hundreds for every token;
-  - down_proj[j, m] = SUPER_WEIGHT, the super weight: it turns that activation
-    into a down_proj output at row j far above any other layer's outputs.
+The planted mechanism, in layer L, with residual channel c, intermediate channel m
+and output row j drawn from the seed (see `plant_for`):
+  - embedding column c is EMBED_SPIKE for every token. The random layers add noise
+    of order 1 to every residual channel (a std-0.02 matrix with fan-in 2048 has a
+    gain of ~0.9), so c must be far above 1 to still stand out after layer 0:
+    in the RMS-normalized MLP input of layer L it is ~10-20 (others ~1);
+  - gate_proj[m, c] = up_proj[m, c] = GATE_UP_SPIKE, so gate and up at m are ~20-40
+    and the intermediate activation silu(gate) * up at m is in the hundreds for every
+    token, where the random channels stay below ~20;
+  - down_proj[j, m] = SUPER_WEIGHT, the super weight: down_proj output row j is then
+    in the thousands; the other rows of layer L get ~1/50 of that through their
+    random weights at column m, and the outputs of the other layers stay below ~10.
+After L the residual is dominated by channel j, so later layers see one channel,
+like layer 0 does, and their outputs stay of order 1: the spike stays unique.
 """
 
 import argparse
@@ -27,9 +34,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
-from swtool.atomic import write_text_atomic  # noqa: E402
-from swtool.checkpoint import DeferredTensor, write_safetensors  # noqa: E402
+from swtool.atomic import write_text_atomic
+from swtool.checkpoint import DeferredTensor, write_safetensors
+from swtool.checkpoint.safetensors import DTYPES
 
 # Hyper-parameters of the real models (config.json names), plus a tiny one for smoke tests.
 SHAPES = {
@@ -56,10 +63,10 @@ SHAPES = {
 }
 
 WEIGHT_STD = 0.02  # the initializer_range of Llama; trained weights are of the same order
-DTYPE = "BF16"
-# The planted values, all exact in bf16 (the reasoning is in the module docstring and plant_for).
-EMBED_SPIKE = 1.0
-GATE_UP_SPIKE = 3.0
+DTYPE = "BF16"  # as the real checkpoints are stored
+# The planted values, exact in bf16; why these sizes is in the module docstring.
+EMBED_SPIKE = 32.0
+GATE_UP_SPIKE = 2.0
 SUPER_WEIGHT = 4.0
 PLANTED_LAYER = 1  # early, like real super weights (Llama-2-7B's is in layer 1)
 
@@ -97,18 +104,15 @@ def plant_for(shape, seed):
 
 
 def tensor_specs(config, plant):
-    """[(name, shape, edit)] in the order transformers saves a state dict.
+    """[(name, shape, spike)] in the order transformers saves a state dict.
 
-    `edit` is None for a norm weight (all ones), else a function that plants
-    values into the freshly drawn random matrix, or does nothing.
+    `spike` is None, or a function that writes planted values into the tensor once
+    its random values are drawn.
     """
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     q_rows = config["num_attention_heads"] * config["head_dim"]
     kv_rows = config["num_key_value_heads"] * config["head_dim"]
     c, m, j = plant["residual_channel"], plant["col"], plant["row"]
-
-    def keep(w):
-        pass
 
     def spike_embedding(w):
         w[:, c] = EMBED_SPIKE
@@ -124,32 +128,33 @@ def tensor_specs(config, plant):
         planted = n == plant["layer"]
         prefix = f"model.layers.{n}."
         specs += [
-            (prefix + "self_attn.q_proj.weight", (q_rows, hidden), keep),
-            (prefix + "self_attn.k_proj.weight", (kv_rows, hidden), keep),
-            (prefix + "self_attn.v_proj.weight", (kv_rows, hidden), keep),
-            (prefix + "self_attn.o_proj.weight", (hidden, q_rows), keep),
-            (prefix + "mlp.gate_proj.weight", (inter, hidden), spike_gate_up if planted else keep),
-            (prefix + "mlp.up_proj.weight", (inter, hidden), spike_gate_up if planted else keep),
-            (prefix + "mlp.down_proj.weight", (hidden, inter), spike_down if planted else keep),
+            (prefix + "self_attn.q_proj.weight", (q_rows, hidden), None),
+            (prefix + "self_attn.k_proj.weight", (kv_rows, hidden), None),
+            (prefix + "self_attn.v_proj.weight", (kv_rows, hidden), None),
+            (prefix + "self_attn.o_proj.weight", (hidden, q_rows), None),
+            (prefix + "mlp.gate_proj.weight", (inter, hidden), spike_gate_up if planted else None),
+            (prefix + "mlp.up_proj.weight", (inter, hidden), spike_gate_up if planted else None),
+            (prefix + "mlp.down_proj.weight", (hidden, inter), spike_down if planted else None),
             (prefix + "input_layernorm.weight", (hidden,), None),
             (prefix + "post_attention_layernorm.weight", (hidden,), None),
         ]
     specs.append(("model.norm.weight", (hidden,), None))
     if not config["tie_word_embeddings"]:
-        specs.append(("lm_head.weight", (config["vocab_size"], hidden), keep))
+        specs.append(("lm_head.weight", (config["vocab_size"], hidden), None))
     return specs
 
 
-def deferred(shape, edit, seed, number):
+def deferred(shape, spike, seed, number):
     """A DeferredTensor drawn when written. Each tensor has its own stream, [seed, number],
     so its values do not depend on which tensors were drawn before it."""
     def make():
-        if edit is None:
+        if len(shape) == 1:  # the RMSNorm weights, the only 1-D tensors of Llama
             return np.ones(shape, dtype=np.float32)
         values = np.empty(shape, dtype=np.float32)
         np.random.default_rng([seed, number]).standard_normal(dtype=np.float32, out=values)
         values *= WEIGHT_STD  # in place: one float32 copy of the tensor is all this holds
-        edit(values)
+        if spike is not None:
+            spike(values)
         return values
     return DeferredTensor(shape, make)
 
@@ -169,7 +174,7 @@ def plan_shards(specs, shard_bytes):
 
 
 def tensor_bytes(shape):
-    return prod(shape) * 2  # bf16
+    return prod(shape) * DTYPES[DTYPE][0]
 
 
 def config_json(shape):
@@ -230,7 +235,8 @@ def generate(out_dir, shape, shard_bytes=2 * 10**9, seed=0):
     check_free_space(out_dir, total_size)
     weight_map = write_shards(out_dir, plan_shards(specs, shard_bytes), seed)
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    write_text_atomic(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+    index_text = json.dumps(index, indent=2, sort_keys=True)  # sorted, as transformers writes it
+    write_text_atomic(out_dir / "model.safetensors.index.json", index_text + "\n")
     write_text_atomic(out_dir / "config.json", json.dumps(config_json(shape), indent=2) + "\n")
     write_text_atomic(out_dir / "tokenizer.json", build_tokenizer(SHAPES[shape]["vocab_size"]).to_str())
     write_text_atomic(planted_path, json.dumps(planted, indent=2) + "\n")
@@ -243,9 +249,9 @@ def write_shards(out_dir, shards, seed):
     for shard_number, shard in enumerate(shards, 1):
         file_name = f"model-{shard_number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
-        for name, shape, edit in shard:
+        for name, shape, spike in shard:
             number += 1  # the tensor's position in the whole checkpoint seeds its stream
-            tensors[name] = (DTYPE, deferred(shape, edit, seed, number))
+            tensors[name] = (DTYPE, deferred(shape, spike, seed, number))
             weight_map[name] = file_name
         started = time.perf_counter()
         write_safetensors(out_dir / file_name, tensors, metadata={"format": "pt"})

@@ -27,11 +27,14 @@ def test_decodes_exactly_what_torch_stores(tmp_path, dtype):
 
 def test_writer_rounds_bf16_like_torch_and_safetensors_reads_it(tmp_path):
     values = torch.randn(64, 33, generator=torch.Generator().manual_seed(1)).numpy()
+    edge = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4028235e38, np.inf, -np.inf, 1e-40, -0.0],
+                    dtype=np.float32)  # ties to even, overflow to inf, infinities, a denormal, -0
+    values[0, : len(edge)] = edge
     write_safetensors(tmp_path / "w.safetensors", {"a": ("BF16", values), "b": ("F16", values)}, {"format": "pt"})
     from safetensors.torch import load_file
 
     loaded = load_file(tmp_path / "w.safetensors")
-    assert torch.equal(loaded["a"], torch.from_numpy(values).to(torch.bfloat16))
+    assert torch.equal(loaded["a"].view(torch.int16), torch.from_numpy(values).to(torch.bfloat16).view(torch.int16))
     assert torch.equal(loaded["b"], torch.from_numpy(values).to(torch.float16))
 
 

@@ -108,12 +108,17 @@ def encode_float32(values, dtype):
     """float32 array -> stored bits for `dtype`; bf16 rounds to nearest even like torch."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == "BF16":
-        bits = values.view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = values.view(np.uint32)
+        # round to nearest even on the 16 bits dropped; uint32 wraps only for NaNs, fixed below
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype("<u2")
         nan = np.isnan(values)
-        rounded[nan] = (bits[nan] >> 16) | 0x40  # keep NaN a NaN
-        return rounded.astype("<u2")
+        if nan.any():
+            rounded[nan] = (bits[nan] >> 16).astype("<u2") | 0x40  # keep NaN a NaN
+        return rounded
     return values.astype(DTYPES[dtype][1])
+
+
+ENCODE_CHUNK_ELEMENTS = 4 * 1024 * 1024  # encode and write big tensors in pieces: bounded temporaries
 
 
 class SafetensorsFile:
@@ -234,4 +239,6 @@ def write_safetensors(path, tensors, metadata=None):
             array = value() if callable(value) else value
             if tuple(array.shape) != shapes[name]:
                 raise ValueError(f"{name}: produced shape {array.shape}, declared {shapes[name]}")
-            f.write(encode_float32(array, dtype).tobytes())
+            flat = array.reshape(-1)
+            for start in range(0, flat.size, ENCODE_CHUNK_ELEMENTS):
+                f.write(encode_float32(flat[start:start + ENCODE_CHUNK_ELEMENTS], dtype).tobytes())
