@@ -115,7 +115,8 @@ def encode_float32(values, dtype):
         if nan.any():
             rounded[nan] = (bits[nan] >> 16).astype("<u2") | 0x40  # keep NaN a NaN
         return rounded
-    return values.astype(DTYPES[dtype][1])
+    with np.errstate(over="ignore"):  # beyond f16's range becomes inf, as in torch
+        return values.astype(DTYPES[dtype][1])
 
 
 ENCODE_CHUNK_ELEMENTS = 4 * 1024 * 1024  # encode and write big tensors in pieces: bounded temporaries
