@@ -7,7 +7,9 @@
 
 Two kinds of plug-in, as in DESIGN.md:
   - weight transforms change a tensor as it is read, for every world
-    (`ScaleElements` zeroes or scales chosen elements);
+    (`ScaleElements` zeroes or scales chosen elements); a transform is a callable
+    (name, float32 weight, rows) -> weight with a `touches(name)` method, so
+    tensors no transform touches can skip decoding (kernels.py);
   - observers receive activations at named points ("down_in", "down_out",
     "resid_mid", "resid") with shape [worlds, tokens, channels].
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from swtool import kernels
 from swtool.errors import SwtoolError
 
 LINEAR_CHUNK_BYTES = 256 * 1024 * 1024  # decode larger matrices (e.g. a 128k-vocab head) in row chunks
@@ -49,6 +52,9 @@ class ScaleElements:
     """Weight transform: multiply chosen elements as their tensor is read (every world)."""
 
     edits: list = field(default_factory=list)
+
+    def touches(self, name):
+        return any(edit.tensor == name for edit in self.edits)
 
     def __call__(self, name, weight, rows=None):
         for edit in self.edits:
@@ -111,25 +117,32 @@ class Pass:
         if len(info.shape) != 2 or info.shape[1] != x.shape[-1]:
             raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
                               f"expected [*, {x.shape[-1]}]")
-        n_out = info.shape[0]
-        out = np.empty(x.shape[:-1] + (n_out,), dtype=np.float32)
-        chunk = max(1, LINEAR_CHUNK_BYTES // (4 * info.shape[1]))
+        n_out, n_in = info.shape
+        x2 = np.ascontiguousarray(x.reshape(-1, n_in), dtype=np.float32)
+        out = np.empty((x2.shape[0], n_out), dtype=np.float32)
+        # few rows and an untouched weight: multiply straight from the stored bits (kernels.py)
+        fused = kernels.fused_pays_off(x2.shape[0]) and not any(t.touches(name) for t in self.transforms)
+        chunk = max(1, LINEAR_CHUNK_BYTES // (4 * n_in))
         for start in range(0, n_out, chunk):
             rows = slice(start, min(n_out, start + chunk))
-            weight = self._transformed(name, info.read(rows=rows), rows)
-            np.matmul(x, weight.T, out=out[..., rows])
-            self._apply_edits(out, x, name, weight, rows)
-            del weight
+            if fused:
+                out[:, rows] = info.with_stored(lambda w: kernels.matmul_stored(x2, w, info.dtype), rows)
+            else:
+                weight = self._transformed(name, info.read(rows=rows), rows)
+                np.matmul(x2, weight.T, out=out[:, rows])
+                del weight
+        out = out.reshape(x.shape[:-1] + (n_out,))
+        self._apply_edits(out, x, name, info)
         if bias:
             out += self.weight(name[: -len("weight")] + "bias")
         return out
 
-    def _apply_edits(self, out, x, name, weight, rows):
+    def _apply_edits(self, out, x, name, info):
+        """World edits of W[j, m] change output j by (f - 1) * W[j, m] * x[m], world by world."""
         for w, edit in self.edits.get(name, ()):
-            local = _local_row(edit.row, rows, weight.shape[0])
-            if local is not None:
-                delta = (np.float32(edit.factor) - 1) * weight[local, edit.col]
-                out[w, :, edit.row] += delta * x[w, :, edit.col]
+            rows = [edit.row]
+            value = self._transformed(name, info.read(rows=rows), rows)[0, edit.col]
+            out[w, :, edit.row] += (np.float32(edit.factor) - 1) * value * x[w, :, edit.col]
 
     def observe(self, point, layer, x):
         for observer in self.observers:

@@ -13,6 +13,7 @@ Tensor data is memory-mapped only while it is decoded and unmapped right after,
 so the resident pages of a scan stay near one tensor, not the whole file.
 """
 
+import contextlib
 import json
 import mmap
 import os
@@ -73,17 +74,29 @@ class TensorInfo:
         if self.dtype not in FLOAT_DTYPES:
             raise CheckpointError(self.path, f"tensor {self.name!r} has dtype {self.dtype}; "
                                              f"swtool reads {', '.join(FLOAT_DTYPES)}")
+        return self.with_stored(lambda stored: decode_float32(stored, self.dtype), rows)
+
+    def with_stored(self, use, rows=None):
+        """use(stored) on the memory-mapped bits (or `rows` of them); the mapping is closed after.
+
+        `use` must not keep a reference to its argument: the map is released on return,
+        which is what keeps a scan's resident memory near one tensor.
+        """
         mapping, skip = _map_bytes(self.path, self.offset, self.nbytes)
+        stored = np.frombuffer(mapping, dtype=DTYPES[self.dtype][1], count=prod(self.shape),
+                               offset=skip).reshape(self.shape)
+        if rows is not None:
+            stored = stored[rows if isinstance(rows, slice) else np.asarray(rows)]
         try:
-            stored = np.frombuffer(mapping, dtype=DTYPES[self.dtype][1], count=prod(self.shape),
-                                   offset=skip).reshape(self.shape)
-            if rows is not None:
-                stored = stored[rows if isinstance(rows, slice) else np.asarray(rows)]
-            values = decode_float32(stored, self.dtype)
-            del stored  # the mmap cannot close while a NumPy view of it exists
-        finally:
-            mapping.close()
-        return values
+            result = use(stored)
+        except BaseException:
+            del stored
+            with contextlib.suppress(BufferError):  # the traceback may still hold a view; GC unmaps it
+                mapping.close()
+            raise
+        del stored  # the mmap cannot close while a NumPy view of it exists
+        mapping.close()
+        return result
 
 
 def _map_bytes(path, offset, nbytes):
