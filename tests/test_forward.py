@@ -104,3 +104,15 @@ def test_observers_see_down_proj_input_and_output(tiny_factory):
         h.remove()
     np.testing.assert_allclose(seen[("down_in", 1)][0], captured["x"], atol=1e-5)
     np.testing.assert_allclose(seen[("down_out", 1)][0], captured["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_long_input_through_decode_and_blas_matches_transformers(tiny_factory, family):
+    """Past kernels.FUSED_MAX_ROWS token rows the pass decodes weights and calls BLAS instead."""
+    from swtool import kernels
+
+    directory, _ = tiny_factory(family, "bfloat16")
+    tokens = random_tokens(kernels.FUSED_MAX_ROWS + 30, seed=5)
+    expected = reference_logits(directory, tokens)
+    got = forward(load_model(directory), tokens)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
