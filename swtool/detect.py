@@ -127,7 +127,8 @@ def scan(model, tokens, settings, progress=False):
     while True:
         worlds = Worlds(found)
         recorder = Recorder()
-        logits = forward(model, tokens, worlds.list, observers=[recorder], progress=progress)
+        label = f"scan pass {passes + 1} ({len(worlds.list)} worlds)" if progress else None
+        logits = forward(model, tokens, worlds.list, observers=[recorder], progress=label)
         passes += 1
         new = []
         if passes <= settings.max_iter:

@@ -149,15 +149,18 @@ class Pass:
             observer.observe(point, layer, x)
 
 
-def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=False):
-    """Logits [worlds, tokens, vocab] of `tokens` through `model`, one layer at a time."""
+def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=None):
+    """Logits [worlds, tokens, vocab] of `tokens` through `model`, one layer at a time.
+
+    `progress`: None, or a label for a per-layer progress bar on stderr.
+    """
     from tqdm import tqdm
 
     tokens = np.asarray(tokens, dtype=np.int64)
     ctx = Pass(model.checkpoint, worlds or [World("intact")], len(tokens), transforms, observers)
     arch = model.arch
     x = arch.embed(ctx, tokens)
-    for layer in tqdm(range(arch.n_layers), desc="layers", unit="layer", disable=not progress, leave=False):
+    for layer in tqdm(range(arch.n_layers), desc=progress, unit="layer", disable=progress is None, leave=False):
         x = arch.block(ctx, layer, x)
     return arch.head(ctx, x)
 
