@@ -12,7 +12,7 @@ from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
 from tiny import random_tokens
 
-FAMILIES = ["llama", "llama3", "llama-bias", "mistral", "qwen2"]
+FAMILIES = ["llama", "llama3", "llama-bias", "llama-linear", "llama-dynamic", "mistral", "qwen2"]
 
 
 def reference_logits(directory, tokens):
@@ -26,7 +26,7 @@ def reference_logits(directory, tokens):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(tiny_factory, family, dtype):
     directory, _ = tiny_factory(family, dtype)
-    tokens = random_tokens(19, seed=3)  # longer than mistral's window of 5
+    tokens = random_tokens(19, seed=3)  # longer than mistral's window of 5 and the 16-position contexts
     expected = reference_logits(directory, tokens)
     got = forward(load_model(directory), tokens)[0]
     assert got.shape == expected.shape
