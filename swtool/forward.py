@@ -111,8 +111,12 @@ class Pass:
         rows = self._transformed(name, info.read(rows=tokens), rows=tokens)
         return np.repeat(rows[None], len(self.worlds), axis=0)
 
-    def linear(self, x, name, bias=False):
-        """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied."""
+    def linear(self, x, name, bias=False, world=None):
+        """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied.
+
+        With `world=w`, x is [1, T', in]: rows of world w only (e.g. the tokens one
+        expert of a mixture receives), and only world w's edits apply.
+        """
         info = self.checkpoint.tensor(name)
         if len(info.shape) != 2 or info.shape[1] != x.shape[-1]:
             raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
@@ -132,17 +136,20 @@ class Pass:
                 np.matmul(x2, weight.T, out=out[:, rows])
                 del weight
         out = out.reshape(x.shape[:-1] + (n_out,))
-        self._apply_edits(out, x, name, info)
+        self._apply_edits(out, x, name, info, world)
         if bias:
             out += self.weight(name[: -len("weight")] + "bias")
         return out
 
-    def _apply_edits(self, out, x, name, info):
+    def _apply_edits(self, out, x, name, info, world=None):
         """World edits of W[j, m] change output j by (f - 1) * W[j, m] * x[m], world by world."""
         for w, edit in self.edits.get(name, ()):
+            if world is not None and w != world:
+                continue
+            at = 0 if world is not None else w
             rows = [edit.row]
             value = self._transformed(name, info.read(rows=rows), rows)[0, edit.col]
-            out[w, :, edit.row] += (np.float32(edit.factor) - 1) * value * x[w, :, edit.col]
+            out[at, :, edit.row] += (np.float32(edit.factor) - 1) * value * x[at, :, edit.col]
 
     def observe(self, point, layer, x):
         for observer in self.observers:

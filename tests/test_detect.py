@@ -19,23 +19,6 @@ def coordinates(found):
     return sorted((sw.layer, sw.row, sw.col) for sw in found)
 
 
-@pytest.mark.parametrize("family, dtype", [("llama", "bfloat16"), ("mistral", "float16"), ("qwen2", "float32"),
-                                           ("llama3", "bfloat16")])
-def test_finds_the_planted_super_weight(tiny_factory, family, dtype):
-    directory, _ = tiny_factory(family, dtype, plants=(Plant(2, 41, 101),))
-    found, report = run_scan(directory)
-    assert coordinates(found) == [(2, 41, 101)]
-    sw = found[0]
-    assert sw.tensor == "model.layers.2.mlp.down_proj.weight"
-    assert sw.gguf_tensor == "blk.2.ffn_down.weight"
-    assert sw.value == pytest.approx(4.0, rel=1e-2) and sw.rank == 1
-    assert sw.dtype == {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
-    v = sw.verification
-    assert v["verified"] and v["super_activation_removed"] < 0.01 * v["super_activation_intact"]
-    assert report["profile"][2]["down_proj_output"]["channel"] == 41
-    assert report["profile"][2]["down_proj_input"]["channel"] == 101
-
-
 def test_two_weights_in_one_row_feeding_one_spike_are_both_found(tiny_factory):
     plants = (Plant(1, 20, 33, value=4.0), Plant(1, 20, 90, value=3.0))
     directory, _ = tiny_factory("llama", "bfloat16", plants=plants)

@@ -1,22 +1,25 @@
 """Architectures: which tensors a model has and how one decoder block computes.
 
-Each family is one module defining a subclass of `Architecture` with the
-`model_type` values of config.json it handles. Adding a family = adding a module
-and its name to FAMILY_MODULES.
+Each family is one module in this package defining a subclass of
+`Architecture` with the `model_type` values of config.json it handles.
+Adding a family = adding a module; the registry finds it.
 """
 
 import importlib
+import pkgutil
 
 from swtool.arch.base import Architecture
 from swtool.errors import SwtoolError
 
-FAMILY_MODULES = ["swtool.arch.llama"]
+NOT_FAMILIES = {"base", "rope"}  # helper modules of this package
 
 
 def _registry():
     table = {}
-    for module_name in FAMILY_MODULES:
-        module = importlib.import_module(module_name)
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in NOT_FAMILIES or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
         for cls in vars(module).values():
             if isinstance(cls, type) and issubclass(cls, Architecture) and cls is not Architecture:
                 for model_type in cls.model_types:

@@ -1,0 +1,67 @@
+"""Every supported architecture family against transformers: logits, and a planted super weight found.
+
+Each case is a tiny random model that transformers itself builds and saves
+(fixtures/tiny.py). Adding a family is adding a case here and an entry in
+tiny.FAMILIES.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from swtool.detect import Settings, scan
+from swtool.forward import forward
+from swtool.model import load_model
+from swtool.tokenize import DEFAULT_PROMPT, encode
+from test_forward import reference_logits
+from tiny import Plant, random_tokens
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # key of tiny.FAMILIES
+    down_proj: str  # the Hugging Face name of layer 2's down projection
+    gguf_down_proj: str = "blk.2.ffn_down.weight"
+    plant: Plant = Plant(2, 41, 101)
+
+
+CASES = [
+    Case("llama", "model.layers.2.mlp.down_proj.weight"),
+    Case("llama3", "model.layers.2.mlp.down_proj.weight"),
+    Case("llama-bias", "model.layers.2.mlp.down_proj.weight"),
+    Case("llama-linear", "model.layers.2.mlp.down_proj.weight"),
+    Case("llama-dynamic", "model.layers.2.mlp.down_proj.weight"),
+    Case("mistral", "model.layers.2.mlp.down_proj.weight"),
+    Case("qwen2", "model.layers.2.mlp.down_proj.weight"),
+]
+IDS = [case.family for case in CASES]
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_logits_match_transformers(tiny_factory, case, dtype):
+    directory, _ = tiny_factory(case.family, dtype)
+    tokens = random_tokens(19, seed=3)  # longer than the sliding windows and short contexts of the cases
+    expected = reference_logits(directory, tokens)
+    got = forward(load_model(directory), tokens)[0]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_planted_super_weight_is_found(tiny_factory, case, dtype):
+    directory, _ = tiny_factory(case.family, dtype, plants=(case.plant,))
+    model = load_model(directory)
+    found, report = scan(model, encode(model.directory, DEFAULT_PROMPT), Settings(DEFAULT_PROMPT))
+    assert [(sw.layer, sw.row, sw.col) for sw in found] == [(case.plant.layer, case.plant.row, case.plant.col)]
+    sw = found[0]
+    assert (sw.tensor, sw.gguf_tensor) == (case.down_proj, case.gguf_down_proj)
+    assert sw.value == pytest.approx(case.plant.value, rel=1e-2) and sw.rank == 1
+    assert sw.dtype == DTYPE_NAMES[dtype]
+    v = sw.verification
+    assert v["verified"] and v["super_activation_removed"] < 0.01 * v["super_activation_intact"]
+    assert report["profile"][case.plant.layer]["down_proj_output"]["channel"] == case.plant.row
+    assert report["profile"][case.plant.layer]["down_proj_input"]["channel"] == case.plant.col
