@@ -34,9 +34,21 @@ class Architecture:
         """Hugging Face name of layer `layer`'s down projection (the MLP's second matrix)."""
         raise NotImplementedError
 
-    def gguf_name(self, hf_name):
-        """llama.cpp's name for a Hugging Face tensor name."""
+    def gguf_arch(self):
+        """gguf.MODEL_ARCH member name llama.cpp uses for this model (e.g. "LLAMA")."""
         raise NotImplementedError
+
+    def gguf_name(self, hf_name):
+        """llama.cpp's name for a Hugging Face tensor name, from gguf-py's own name map."""
+        import gguf
+
+        if "gguf_names" not in self.__dict__:
+            arch = getattr(gguf.MODEL_ARCH, self.gguf_arch())
+            self.gguf_names = gguf.get_tensor_name_map(arch, self.n_layers)
+        name = self.gguf_names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SwtoolError(f"no llama.cpp name for tensor {hf_name!r} ({self.model_type})")
+        return name
 
     def tensor_shapes(self):
         """{Hugging Face name: shape} of every tensor a forward pass reads, as config.json implies."""

@@ -16,21 +16,6 @@ from swtool.arch.base import Architecture
 from swtool.arch.rope import inv_freq
 from swtool.errors import SwtoolError
 
-# Hugging Face name (inside model.layers.N.) -> llama.cpp name (inside blk.N.)
-GGUF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
 class Llama(Architecture):
     model_types = ("llama", "mistral", "qwen2")
 
@@ -55,12 +40,8 @@ class Llama(Architecture):
     def down_proj_name(self, layer):
         return f"model.layers.{layer}.mlp.down_proj.weight"
 
-    def gguf_name(self, hf_name):
-        stem, _, kind = hf_name.rpartition(".")
-        if stem.startswith("model.layers."):
-            layer, _, inner = stem[len("model.layers."):].partition(".")
-            return f"blk.{layer}.{GGUF_LAYER_NAMES[inner]}.{kind}"
-        return f"{GGUF_TOP_NAMES[stem]}.{kind}"
+    def gguf_arch(self):
+        return "QWEN2" if self.model_type == "qwen2" else "LLAMA"  # llama.cpp converts Mistral as llama
 
     def tensor_shapes(self):
         d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
