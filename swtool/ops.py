@@ -15,6 +15,18 @@ def rms_norm(x, weight, eps):
     return (x / np.sqrt(variance + np.float32(eps))) * weight
 
 
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) per token, then * weight + bias if given (OLMo's LayerNorm has neither)."""
+    centered = x - np.mean(x, axis=-1, keepdims=True, dtype=np.float32)
+    variance = np.mean(np.square(centered), axis=-1, keepdims=True)
+    out = centered / np.sqrt(variance + np.float32(eps))
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
 def silu(x):
     return x / (np.float32(1.0) + np.exp(-x))
 
