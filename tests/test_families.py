@@ -34,6 +34,13 @@ CASES = [
     Case("llama-dynamic", "model.layers.2.mlp.down_proj.weight"),
     Case("mistral", "model.layers.2.mlp.down_proj.weight"),
     Case("qwen2", "model.layers.2.mlp.down_proj.weight"),
+    Case("phi3", "model.layers.2.mlp.down_proj.weight"),
+    Case("phi3-longrope", "model.layers.2.mlp.down_proj.weight"),
+    Case("phi3-partial-longrope", "model.layers.2.mlp.down_proj.weight"),
+    Case("stablelm", "model.layers.2.mlp.down_proj.weight"),
+    Case("stablelm-parallel", "model.layers.2.mlp.down_proj.weight"),
+    Case("granite", "model.layers.2.mlp.down_proj.weight"),
+    Case("starcoder2", "model.layers.2.mlp.c_proj.weight"),
 ]
 IDS = [case.family for case in CASES]
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

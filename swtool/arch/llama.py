@@ -13,7 +13,7 @@ import numpy as np
 
 from swtool import ops
 from swtool.arch.base import Architecture
-from swtool.arch.rope import inv_freq
+from swtool.arch.rope import attention_factor, inv_freq, rotary_dim
 from swtool.errors import SwtoolError
 
 class Llama(Architecture):
@@ -111,16 +111,26 @@ class Llama(Architecture):
         cos, sin = self.rope_tables(ctx)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         mask = ops.causal_mask(n_tokens, self.sliding_window(layer))
-        out = ops.attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        out = ops.attention(q, k, v, mask, scale=self.attention_scale())
         out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
         return ctx.linear(out, p + "o_proj.weight", self.o_bias)
 
+    def attention_scale(self):
+        """What q.k is multiplied by before the softmax (Granite sets its own)."""
+        return self.head_dim ** -0.5
+
     def rope_tables(self, ctx):
-        """cos/sin for the prompt's positions, computed once per pass."""
+        """cos/sin for the prompt's positions, computed once per pass.
+
+        Only the first rotary_dim dims of a head rotate (partial_rotary_factor, e.g. Phi-4-mini);
+        longrope also scales cos and sin (its attention factor), as transformers does.
+        """
         key = "llama.rope"
         if key not in ctx.cache:
-            frequencies = inv_freq(self.config, self.head_dim, ctx.n_tokens)
-            ctx.cache[key] = ops.rope_cos_sin(frequencies, np.arange(ctx.n_tokens))
+            frequencies = inv_freq(self.config, rotary_dim(self.config, self.head_dim), ctx.n_tokens)
+            cos, sin = ops.rope_cos_sin(frequencies, np.arange(ctx.n_tokens))
+            scale = np.float32(attention_factor(self.config))
+            ctx.cache[key] = (cos * scale, sin * scale)
         return ctx.cache[key]
 
     def head(self, ctx, x):

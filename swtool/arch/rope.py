@@ -34,7 +34,34 @@ def inv_freq(config, rotary_dim, n_tokens=0):
         return (base / np.float32(scaling["factor"])).astype(np.float32)
     if rope_type == "llama3":
         return _llama3(base, scaling)
-    raise SwtoolError(f"rope_type {rope_type!r} is not supported (supported: default, linear, dynamic, llama3)")
+    if rope_type in ("longrope", "su"):  # "su" is longrope's old name (Phi-3 checkpoints)
+        return _longrope(config, scaling, theta, exponents, n_tokens)
+    raise SwtoolError(f"rope_type {rope_type!r} is not supported "
+                      f"(supported: default, linear, dynamic, llama3, longrope)")
+
+
+def rotary_dim(config, head_dim, default=1.0):
+    """How many of a head's dims rotate: head_dim x partial_rotary_factor (GPT-NeoX calls it rotary_pct).
+
+    `default` is the family's factor when the config names none (0.25 for GPT-NeoX and StableLM).
+    """
+    _, scaling = rope_settings(config)
+    factor = scaling.get("partial_rotary_factor",
+                         config.get("partial_rotary_factor", config.get("rotary_pct", default)))
+    return int(head_dim * float(factor))
+
+
+def attention_factor(config):
+    """What cos and sin are multiplied by: 1, except longrope's sqrt(1 + ln(factor) / ln(trained context))."""
+    _, scaling = rope_settings(config)
+    if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _longrope_factor(config, scaling)
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(_original_context(config, scaling)))
 
 
 def _llama3(base, scaling):
@@ -57,3 +84,30 @@ def _dynamic_ntk_theta(config, scaling, theta, rotary_dim, n_tokens):
         return theta
     factor = float(scaling["factor"])
     return theta * ((factor * n_tokens / max_positions) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+
+
+def _original_context(config, scaling):
+    """The trained context; Phi-3's top-level original_max_position_embeddings wins, as in transformers."""
+    value = (config.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+             or config.get("max_position_embeddings"))
+    if value is None:
+        raise SwtoolError("config.json: longrope needs original_max_position_embeddings")
+    return float(value)
+
+
+def _longrope_factor(config, scaling):
+    """The context extension factor: `factor`, else max_position_embeddings / the trained context."""
+    if scaling.get("factor") is not None:
+        return float(scaling["factor"])
+    return float(config.get("max_position_embeddings", 0)) / _original_context(config, scaling)
+
+
+def _longrope(config, scaling, theta, exponents, n_tokens):
+    """LongRoPE (Phi-3): per-frequency divisors, `long_factor` once the prompt outgrows the trained context."""
+    use_long = n_tokens > _original_context(config, scaling)
+    divisors = scaling.get("long_factor" if use_long else "short_factor")
+    if not isinstance(divisors, list) or len(divisors) != len(exponents):
+        raise SwtoolError(f"config.json: longrope needs {'long' if use_long else 'short'}_factor "
+                          f"as a list of {len(exponents)} numbers")
+    divisors = np.asarray(divisors, dtype=np.float32)
+    return (np.float32(1.0) / (divisors * (np.float32(theta) ** exponents))).astype(np.float32)
