@@ -41,6 +41,8 @@ CASES = [
     Case("stablelm-parallel", "model.layers.2.mlp.down_proj.weight"),
     Case("granite", "model.layers.2.mlp.down_proj.weight"),
     Case("starcoder2", "model.layers.2.mlp.c_proj.weight"),
+    Case("gpt-neox", "gpt_neox.layers.2.mlp.dense_4h_to_h.weight"),
+    Case("gpt-neox-sequential", "gpt_neox.layers.2.mlp.dense_4h_to_h.weight"),
 ]
 IDS = [case.family for case in CASES]
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
