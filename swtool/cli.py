@@ -80,17 +80,22 @@ def format_scan(catalog):
     if not sws:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
         return "\n".join(lines)
-    header = ["layer", "row", "col", "tensor", "value", "dtype", "rank", "token", "input", "output",
-              "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row", "verified"]
+    mixture = any(sw.get("expert") is not None for sw in sws)  # name the expert only where there are experts
+    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value", "dtype", "rank", "token", "input",
+              "output", "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row", "verified"]
     rows = []
     for sw in sws:
         v = sw["verification"]
-        rows.append([sw["layer"], sw["row"], sw["col"], sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
+        rows.append([sw["layer"], sw["row"], sw["col"]] + [sw.get("expert")] * mixture + [
+                     sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
                      sw["rank"], sw["token"], f"{sw['input_activation']:.4g}", f"{sw['output_activation']:.4g}",
                      f"{v['super_activation_intact']:.4g}", f"{v['super_activation_removed']:.4g}",
                      f"{v['super_activation_set_removed']:.4g}", f"{v['nll_intact']:.3f}",
                      f"{v['nll_removed']:.3f}", f"{v['nll_set_removed']:.3f}", "yes" if v["verified"] else "weak"])
     lines.append(format_table(header, rows))
+    if mixture:
+        lines.append("expert: the mixture expert holding the weight; ffn_down_exps stacks experts, "
+                     "the weight is its element [expert, row, col]")
     lines.append("input/output: down_proj activations at [token, col] / [token, row]; SA: super activation "
                  "|residual[token, row]| after the layer;\nNLL: the prompt's mean negative log-likelihood; "
                  "-w: with this weight zeroed; -row: with every super weight of this row and layer zeroed")

@@ -16,6 +16,13 @@ that persists down the residual stream: a super activation. So, per pass:
 Every pass runs several worlds side by side (intact, all found removed, each
 found weight removed alone), so the last pass also yields the verification:
 the prompt's mean NLL and the super activation with each weight zeroed vs intact.
+
+Mixtures of experts (Mixtral): a layer has one down projection per expert, and
+each sees only the tokens routed to it. The layer's output is then the
+router-weighted sum of its experts' down projections; a spike in it is traced to
+columns of every expert its token was routed to, by contribution
+router weight * x[t, m] * W[j, m], so a super weight is found inside one expert
+and the catalog names that expert.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -43,17 +50,19 @@ class SuperWeight:
     layer: int
     row: int
     col: int
-    tensor: str
-    gguf_tensor: str
+    expert: int | None  # the mixture expert whose down projection holds it; None for a dense MLP
+    tensor: str  # Hugging Face name; a stacked-experts tensor holds it at [expert, row, col]
+    gguf_tensor: str  # llama.cpp name; ffn_down_exps stacks experts: element [expert, row, col]
     value: float
     dtype: str
     rank: int  # 1 = largest |value| in its tensor
     token: int  # position of the spike in the prompt
-    input_activation: float  # down_proj input x[token, col]
-    output_activation: float  # down_proj output y[token, row]
-    contribution: float  # x[token, col] * W[row, col]
+    input_activation: float  # down_proj input x[token, col] (the expert's, for a mixture)
+    output_activation: float  # down_proj output y[token, row] (for a mixture: the experts' weighted sum)
+    contribution: float  # x[token, col] * W[row, col], times router_weight for an expert
     super_activation: float  # residual stream [token, row] after the layer, intact model
     iteration: int
+    router_weight: float | None = None  # the expert's routing weight at `token`; None for a dense MLP
     verification: dict = field(default_factory=dict)
 
     def to_json(self):
@@ -61,21 +70,43 @@ class SuperWeight:
 
 
 class Recorder:
-    """Observer keeping each layer's down_proj input/output and residual stream, all worlds."""
+    """Observer keeping each layer's down_proj input/output and residual stream, all worlds.
+
+    A mixture layer has no single down_proj input: its experts' inputs and outputs
+    are kept per (layer, expert), for the rows routed to each (`experts`).
+    """
 
     POINTS = ("down_in", "down_out", "resid_mid", "resid")
 
     def __init__(self):
         self.data = {point: {} for point in self.POINTS}
+        self.experts = {}  # layer -> expert -> {"routed": Routed, "down_in": [N, ff], "down_out": [N, hidden]}
 
     def observe(self, point, layer, x):
         if point in self.data:
             self.data[point][layer] = x.copy()
 
+    def observe_expert(self, point, layer, expert, routed, x):
+        entry = self.experts.setdefault(layer, {}).setdefault(expert, {"routed": routed})
+        entry[point] = x.copy()
+
     def world(self, point, w):
         """[layers, tokens, channels] for world w."""
         layers = self.data[point]
         return np.stack([layers[i][w] for i in sorted(layers)])
+
+    def down_inputs(self, layer, world, token):
+        """[(expert, router weight, input vector)] of each down projection that saw `token` of `world`
+        in `layer`: the dense MLP's (expert None, weight 1), or each expert the token was routed to."""
+        if layer in self.data["down_in"]:
+            return [(None, 1.0, self.data["down_in"][layer][world, token])]
+        sources = []
+        for expert, entry in sorted(self.experts.get(layer, {}).items()):
+            routed = entry["routed"]
+            hit = np.flatnonzero((routed.world == world) & (routed.token == token))
+            if hit.size:
+                sources.append((expert, float(routed.weight[hit[0]]), entry["down_in"][hit[0]]))
+        return sources
 
 
 @dataclass
@@ -114,10 +145,14 @@ def creates_persistent_activation(spike, resid_mid, resid, settings):
 
 def contributing_columns(spike, down_in, weight_row, settings):
     """Columns m whose x[t, m] * W[j, m] supplies at least min_contribution of the spike, largest first."""
-    contribution = down_in[spike.layer, spike.token] * weight_row
-    aligned = contribution * np.sign(spike.output)
+    return [m for m, _ in _contributors(spike, down_in[spike.layer, spike.token], weight_row, settings)]
+
+
+def _contributors(spike, x, weight_row, settings):
+    """[(column m, its share x[m] * W[j, m] in the spike's direction)] at or above min_contribution, largest first."""
+    aligned = x * weight_row * np.sign(spike.output)
     order = np.argsort(-aligned)
-    return [int(m) for m in order if aligned[m] >= settings.min_contribution * abs(spike.output)]
+    return [(int(m), float(aligned[m])) for m in order if aligned[m] >= settings.min_contribution * abs(spike.output)]
 
 
 def scan(model, tokens, settings, progress=False):
@@ -156,7 +191,7 @@ class Worlds:
         self.all_removed = self._add("all", found)
         groups = {}
         for sw in found:
-            groups.setdefault((sw.layer, sw.row), []).append(sw)
+            groups.setdefault((sw.layer, sw.row), []).append(sw)  # one spike: possibly several experts
         for sw in found:
             self.index[("alone", _key(sw))] = self._add(("alone", _key(sw)), [sw])
         for spike, members in groups.items():
@@ -164,7 +199,7 @@ class Worlds:
 
     def _add(self, name, removed):
         """Index of a world without `removed`, reusing an existing world with the same edits."""
-        edits = tuple(Edit(sw.tensor, sw.row, sw.col, 0.0) for sw in removed)
+        edits = tuple(Edit(sw.tensor, sw.row, sw.col, 0.0, sw.expert) for sw in removed)
         for i, world in enumerate(self.list):
             if set(world.edits) == set(edits):
                 return i
@@ -173,11 +208,11 @@ class Worlds:
 
 
 def _key(sw):
-    return (sw.layer, sw.row, sw.col)
+    return (sw.layer, sw.expert, sw.row, sw.col)
 
 
 def _candidates(model, recorder, world, found, settings, iteration):
-    down_in, down_out = recorder.world("down_in", world), recorder.world("down_out", world)
+    down_out = recorder.world("down_out", world)
     resid_mid, resid = recorder.world("resid_mid", world), recorder.world("resid", world)
     intact_mid, intact_resid = recorder.world("resid_mid", 0), recorder.world("resid", 0)
     known = {_key(sw) for sw in found}
@@ -187,23 +222,40 @@ def _candidates(model, recorder, world, found, settings, iteration):
             continue
         if cancels(spike, intact_mid, intact_resid):
             continue  # in the real model this layer shrinks an activation; it only looks creative once others are gone
-        tensor = model.checkpoint.tensor(model.arch.down_proj_name(spike.layer))
-        weights = tensor.read()
-        sigma = float(np.sqrt(np.mean(np.square(weights, dtype=np.float64))))
-        for col in contributing_columns(spike, down_in, weights[spike.row], settings):
-            value = weights[spike.row, col]
-            if (spike.layer, spike.row, col) in known or abs(value) < settings.min_weight_sigma * sigma:
-                continue  # a large input through an ordinary weight: the input is super, not the weight
-            known.add((spike.layer, spike.row, col))
-            x = float(down_in[spike.layer, spike.token, col])
-            new.append(SuperWeight(
-                layer=spike.layer, row=spike.row, col=col, tensor=tensor.name,
-                gguf_tensor=model.arch.gguf_name(tensor.name), value=float(value), dtype=tensor.dtype,
-                rank=1 + int(np.count_nonzero(np.abs(weights) > abs(value))), token=spike.token,
-                input_activation=x, output_activation=spike.output, contribution=x * float(value),
-                super_activation=float(intact_resid[spike.layer, spike.token, spike.row]), iteration=iteration))
-        del weights
+        # every down projection that fed the spike's token: the dense MLP's, or each routed expert's
+        picks = []
+        for expert, gate, x in recorder.down_inputs(spike.layer, world, spike.token):
+            tensor = down_proj_matrix(model, spike.layer, expert)
+            weights = tensor.read()
+            sigma = float(np.sqrt(np.mean(np.square(weights, dtype=np.float64))))
+            for col, share in _contributors(spike, gate * x, weights[spike.row], settings):
+                value = float(weights[spike.row, col])
+                if (spike.layer, expert, spike.row, col) in known or abs(value) < settings.min_weight_sigma * sigma:
+                    continue  # a large input through an ordinary weight: the input is super, not the weight
+                known.add((spike.layer, expert, spike.row, col))
+                picks.append((share, SuperWeight(
+                    layer=spike.layer, row=spike.row, col=col, expert=expert, tensor=tensor.name,
+                    gguf_tensor=model.arch.gguf_name(tensor.name), value=value, dtype=tensor.dtype,
+                    rank=1 + int(np.count_nonzero(np.abs(weights) > abs(value))), token=spike.token,
+                    input_activation=float(x[col]), output_activation=spike.output,
+                    contribution=gate * float(x[col]) * value,
+                    super_activation=float(intact_resid[spike.layer, spike.token, spike.row]), iteration=iteration,
+                    router_weight=None if expert is None else gate)))
+            del weights
+        new.extend(sw for _, sw in sorted(picks, key=lambda pick: -pick[0]))  # largest contribution first
     return new
+
+
+def down_proj_matrix(model, layer, expert=None):
+    """TensorInfo of the 2-D down projection of `layer` (of one expert, for a mixture).
+
+    Its `name` is the real tensor's: a per-expert tensor, or the stacked
+    [experts, out, in] tensor of which this is slice `expert`.
+    """
+    if expert is None:
+        return model.checkpoint.tensor(model.arch.down_proj_name(layer))
+    tensor = model.checkpoint.tensor(model.arch.down_proj_name(layer, expert))
+    return tensor.sub(expert) if len(tensor.shape) == 3 else tensor
 
 
 def cancels(spike, resid_mid, resid):
@@ -239,13 +291,35 @@ def _verify(found, worlds, recorder, nll, settings):
 
 
 def layer_profile(recorder, world):
-    """Per layer: the largest |down_proj input|, |output| and |residual| with channel and token."""
+    """Per layer: the largest |down_proj input|, |output| and |residual| with channel and token.
+
+    A mixture layer's input is the largest over its experts (the entry names the
+    expert); its output is the router-weighted sum of the experts' down projections.
+    """
     rows = []
     for layer in sorted(recorder.data["down_out"]):
         entry = {"layer": layer}
         for point, key in (("down_in", "down_proj_input"), ("down_out", "down_proj_output"), ("resid", "residual")):
+            if point == "down_in" and layer not in recorder.data["down_in"]:
+                entry[key] = _expert_input_peak(recorder.experts.get(layer, {}), world)
+                continue
             x = recorder.data[point][layer][world]
             token, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
             entry[key] = {"value": float(x[token, channel]), "channel": int(channel), "token": int(token)}
         rows.append(entry)
     return rows
+
+
+def _expert_input_peak(experts, world):
+    """The largest |down_proj input| over a mixture layer's experts, in one world, naming the expert."""
+    best = None
+    for expert, entry in sorted(experts.items()):
+        mine = np.flatnonzero(entry["routed"].world == world)  # the rows of this world routed here
+        if mine.size == 0:
+            continue
+        x = entry["down_in"][mine]
+        row, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
+        if best is None or abs(float(x[row, channel])) > abs(best["value"]):
+            best = {"value": float(x[row, channel]), "channel": int(channel),
+                    "token": int(entry["routed"].token[mine[row]]), "expert": int(expert)}
+    return best

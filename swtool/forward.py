@@ -8,10 +8,15 @@
 Two kinds of plug-in, as in DESIGN.md:
   - weight transforms change a tensor as it is read, for every world
     (`ScaleElements` zeroes or scales chosen elements); a transform is a callable
-    (name, float32 weight, rows) -> weight with a `touches(name)` method, so
-    tensors no transform touches can skip decoding (kernels.py);
+    (name, float32 weight, rows, expert=None) -> weight with a `touches(name)`
+    method, so tensors no transform touches can skip decoding (kernels.py);
   - observers receive activations at named points ("down_in", "down_out",
-    "resid_mid", "resid") with shape [worlds, tokens, channels].
+    "resid_mid", "resid") with shape [worlds, tokens, channels]; an observer with
+    an `observe_expert` method also sees each expert of a mixture (see below).
+
+Mixtures of experts: a stacked tensor [experts, out, in] (transformers 5's fused
+`mlp.experts.down_proj`) is used one expert at a time, `linear(x, name, expert=e)`
+reading only the 2-D slice e; `rows`, `Edit.row/col` then address that slice.
 
 Worlds are extra batch rows: the same prompt through models that differ by a few
 edited weights (the intact model, the model without candidate A, ...). An edit
@@ -31,12 +36,23 @@ LINEAR_CHUNK_BYTES = 256 * 1024 * 1024  # decode larger matrices (e.g. a 128k-vo
 
 @dataclass(frozen=True)
 class Edit:
-    """Multiply one element W[row, col] of a 2-D weight by `factor` (0 removes it)."""
+    """Multiply one element W[row, col] of a 2-D weight by `factor` (0 removes it).
+
+    `expert`: the mixture expert the element belongs to. For a stacked tensor
+    [experts, out, in] it selects the slice, so the element is W[expert, row, col];
+    for a per-expert 2-D tensor (`...experts.3.w2.weight`) the name already says
+    which expert, and `expert` is only a label.
+    """
 
     tensor: str
     row: int
     col: int
     factor: float = 0.0
+    expert: int | None = None
+
+    def applies(self, expert):
+        """Does this edit hit the matrix that linear(..., expert=expert) multiplies by?"""
+        return expert is None or self.expert == expert
 
 
 @dataclass(frozen=True)
@@ -56,9 +72,9 @@ class ScaleElements:
     def touches(self, name):
         return any(edit.tensor == name for edit in self.edits)
 
-    def __call__(self, name, weight, rows=None):
+    def __call__(self, name, weight, rows=None, expert=None):
         for edit in self.edits:
-            if edit.tensor != name:
+            if edit.tensor != name or not edit.applies(expert):
                 continue
             local_row = _local_row(edit.row, rows, weight.shape[0])
             if local_row is not None:
@@ -93,9 +109,9 @@ class Pass:
             for edit in world.edits:
                 self.edits.setdefault(edit.tensor, []).append((w, edit))
 
-    def _transformed(self, name, weight, rows=None):
+    def _transformed(self, name, weight, rows=None, expert=None):
         for transform in self.transforms:
-            weight = transform(name, weight, rows)
+            weight = transform(name, weight, rows, expert=expert)
         return weight
 
     def weight(self, name):
@@ -111,13 +127,18 @@ class Pass:
         rows = self._transformed(name, info.read(rows=tokens), rows=tokens)
         return np.repeat(rows[None], len(self.worlds), axis=0)
 
-    def linear(self, x, name, bias=False, world=None):
+    def linear(self, x, name, bias=False, world=None, expert=None):
         """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied.
 
         With `world=w`, x is [1, T', in]: rows of world w only (e.g. the tokens one
-        expert of a mixture receives), and only world w's edits apply.
+        expert of a mixture receives), and only world w's edits apply. `world` may
+        also be an int array [T'] naming each row's world: rows of several worlds
+        gathered into one product, so the weight is still read once.
+        With `expert=e`, W is slice e of the stacked tensor `name` [experts, out, in].
         """
         info = self.checkpoint.tensor(name)
+        if expert is not None:
+            info = info.sub(expert)
         if len(info.shape) != 2 or info.shape[1] != x.shape[-1]:
             raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
                               f"expected [*, {x.shape[-1]}]")
@@ -132,28 +153,38 @@ class Pass:
             if fused:
                 out[:, rows] = info.with_stored(lambda w: kernels.matmul_stored(x2, w, info.dtype), rows)
             else:
-                weight = self._transformed(name, info.read(rows=rows), rows)
+                weight = self._transformed(name, info.read(rows=rows), rows, expert)
                 np.matmul(x2, weight.T, out=out[:, rows])
                 del weight
         out = out.reshape(x.shape[:-1] + (n_out,))
-        self._apply_edits(out, x, name, info, world)
+        self._apply_edits(out, x, name, info, world, expert)
         if bias:
             out += self.weight(name[: -len("weight")] + "bias")
         return out
 
-    def _apply_edits(self, out, x, name, info, world=None):
+    def _apply_edits(self, out, x, name, info, world=None, expert=None):
         """World edits of W[j, m] change output j by (f - 1) * W[j, m] * x[m], world by world."""
         for w, edit in self.edits.get(name, ()):
-            if world is not None and w != world:
-                continue
-            at = 0 if world is not None else w
+            if not edit.applies(expert):
+                continue  # an edit of another expert's slice of this stacked tensor
+            if world is None:
+                at = (w, slice(None))  # x's first axis is the world
+            else:
+                at = (0, np.broadcast_to(np.asarray(world) == w, x.shape[1]))  # the rows of world w
             rows = [edit.row]
-            value = self._transformed(name, info.read(rows=rows), rows)[0, edit.col]
-            out[at, :, edit.row] += (np.float32(edit.factor) - 1) * value * x[at, :, edit.col]
+            value = self._transformed(name, info.read(rows=rows), rows, expert)[0, edit.col]
+            out[at + (edit.row,)] += (np.float32(edit.factor) - 1) * value * x[at + (edit.col,)]
 
     def observe(self, point, layer, x):
         for observer in self.observers:
             observer.observe(point, layer, x)
+
+    def observe_expert(self, point, layer, expert, routed, x):
+        """Expert `expert` of layer `layer` at `point` ("down_in", "down_out"): x [N, channels]
+        holds only the rows routed to it, row n being token routed.token[n] of world routed.world[n]."""
+        for observer in self.observers:
+            if hasattr(observer, "observe_expert"):
+                observer.observe_expert(point, layer, expert, routed, x)
 
 
 def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=None):

@@ -22,6 +22,7 @@ def load_model(path):
     """Open a checkpoint, pick its architecture and check every tensor a pass needs is there, in shape."""
     checkpoint = open_checkpoint(path)
     arch = architecture_for(checkpoint.config, checkpoint.directory / "config.json")
+    arch.adapt(set(checkpoint.names()))
     for name, shape in arch.tensor_shapes().items():
         if name not in checkpoint:
             raise CheckpointError(checkpoint.directory, f"missing tensor {name!r}")

@@ -24,6 +24,7 @@ class Case:
     down_proj: str  # the Hugging Face name of layer 2's down projection
     gguf_down_proj: str = "blk.2.ffn_down.weight"
     plant: Plant = Plant(2, 41, 101)
+    expert: int | None = None  # mixtures: the expert the catalog must name (None: a dense MLP)
 
 
 CASES = [
@@ -34,6 +35,9 @@ CASES = [
     Case("llama-dynamic", "model.layers.2.mlp.down_proj.weight"),
     Case("mistral", "model.layers.2.mlp.down_proj.weight"),
     Case("qwen2", "model.layers.2.mlp.down_proj.weight"),
+    # the planted weight sits in expert 2's w2 only; llama.cpp stacks the experts in one tensor
+    Case("mixtral", "model.layers.2.block_sparse_moe.experts.2.w2.weight", "blk.2.ffn_down_exps.weight",
+         Plant(2, 41, 101, expert=2), expert=2),
     Case("phi3", "model.layers.2.mlp.down_proj.weight"),
     Case("phi3-longrope", "model.layers.2.mlp.down_proj.weight"),
     Case("phi3-partial-longrope", "model.layers.2.mlp.down_proj.weight"),
@@ -68,6 +72,7 @@ def test_planted_super_weight_is_found(tiny_factory, case, dtype):
     assert [(sw.layer, sw.row, sw.col) for sw in found] == [(case.plant.layer, case.plant.row, case.plant.col)]
     sw = found[0]
     assert (sw.tensor, sw.gguf_tensor) == (case.down_proj, case.gguf_down_proj)
+    assert sw.expert == case.expert
     assert sw.value == pytest.approx(case.plant.value, rel=1e-2) and sw.rank == 1
     assert sw.dtype == DTYPE_NAMES[dtype]
     v = sw.verification

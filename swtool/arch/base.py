@@ -29,9 +29,17 @@ class Architecture:
         except (TypeError, ValueError):
             raise SwtoolError(f"config.json ({self.model_type}): {key!r} = {value!r} is not {kind.__name__}") from None
 
+    def adapt(self, names):
+        """Called once with the checkpoint's tensor names, before tensor_shapes(). Families whose
+        checkpoints come in several layouts (per-expert or stacked mixture experts) pick theirs here."""
+
     # --- names ---------------------------------------------------------------------
     def down_proj_name(self, layer):
-        """Hugging Face name of layer `layer`'s down projection (the MLP's second matrix)."""
+        """Hugging Face name of layer `layer`'s down projection (the MLP's second matrix).
+
+        Mixtures take `down_proj_name(layer, expert)`: the tensor holding that expert's
+        down projection, either its own 2-D tensor or a stacked [experts, out, in] one.
+        """
         raise NotImplementedError
 
     def gguf_arch(self):

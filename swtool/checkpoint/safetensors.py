@@ -18,7 +18,7 @@ import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 
@@ -68,6 +68,15 @@ class TensorInfo:
         """Absolute file offset of one element, `index` a tuple in the tensor's shape."""
         flat = int(np.ravel_multi_index(index, self.shape))
         return self.offset + flat * self.itemsize
+
+    def sub(self, index):
+        """Entry `index` of the first axis as a tensor of its own, e.g. expert e of stacked experts
+        [experts, out, in] -> its 2-D [out, in] matrix. Row-major, so its bytes are one contiguous run."""
+        if len(self.shape) < 2 or not 0 <= index < self.shape[0]:
+            raise CheckpointError(self.path, f"tensor {self.name!r} of shape {list(self.shape)} "
+                                             f"has no entry {index} along its first axis")
+        size = self.nbytes // self.shape[0]
+        return replace(self, shape=self.shape[1:], offset=self.offset + index * size, nbytes=size)
 
     def read(self, rows=None):
         """Decode the tensor (or only `rows` of its first axis) to a new float32 array."""

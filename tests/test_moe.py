@@ -1,0 +1,183 @@
+"""Mixtures of experts (Mixtral) beyond the family cases: both checkpoint layouts, edits of one
+expert's weights, routing recomputed per world, and the catalog naming the expert.
+
+The two layouts are both written by transformers itself: save_pretrained's default
+(the Hub's per-expert `block_sparse_moe.experts.E.w2.weight`) and
+save_pretrained(save_original_format=False) (transformers 5's stacked
+`mlp.experts.down_proj` [experts, hidden, ff]).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from swtool.catalog import build_catalog, validate
+from swtool.detect import Settings, scan
+from swtool.errors import CheckpointError
+from swtool.forward import Edit, ScaleElements, World, forward
+from swtool.model import load_model
+from swtool.tokenize import DEFAULT_PROMPT, encode
+from test_forward import reference_logits
+from tiny import Plant, random_tokens
+
+PLANT = Plant(2, 41, 101, expert=2)
+STACKED_DOWN = "model.layers.{layer}.mlp.experts.down_proj"
+PER_EXPERT_DOWN = "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight"
+
+
+def stacked_copy(per_expert_dir, out_dir):
+    """The same model re-saved by transformers in its stacked-experts layout."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(per_expert_dir, dtype="auto")
+    model.save_pretrained(out_dir, save_original_format=False)
+    shutil.copy(per_expert_dir / "tokenizer.json", out_dir / "tokenizer.json")
+    return out_dir
+
+
+def tensor_names(directory):
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+@pytest.fixture(params=["per_expert", "stacked"])
+def layout(request):
+    return request.param
+
+
+def mixtral_dir(tiny_factory, tmp_path, layout, dtype="float32", plants=()):
+    directory, _ = tiny_factory("mixtral", dtype, plants=plants)
+    return directory if layout == "per_expert" else stacked_copy(directory, tmp_path / "stacked")
+
+
+def expert_element(layout, layer, expert, row, col):
+    """(tensor name, Edit) for W2[row, col] of one expert in this layout."""
+    if layout == "per_expert":
+        name = PER_EXPERT_DOWN.format(layer=layer, expert=expert)
+    else:
+        name = STACKED_DOWN.format(layer=layer)
+    return name, Edit(name, row, col, 0.0, expert)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_per_expert_and_stacked_layouts_give_identical_logits(tiny_factory, tmp_path, dtype):
+    per_expert, _ = tiny_factory("mixtral", dtype)
+    stacked = stacked_copy(per_expert, tmp_path / "stacked")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in tensor_names(per_expert)
+    assert {"model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj",
+            "model.layers.0.mlp.gate.weight"} <= tensor_names(stacked)
+    assert not any("block_sparse_moe" in name for name in tensor_names(stacked))
+    tokens = random_tokens(19, seed=4)
+    got_stacked = forward(load_model(stacked), tokens)
+    np.testing.assert_array_equal(got_stacked, forward(load_model(per_expert), tokens))
+    expected = reference_logits(stacked, tokens)  # transformers reading the stacked layout
+    np.testing.assert_allclose(got_stacked[0], expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+def test_edits_hit_one_experts_weight_as_transform_and_as_world(tiny_factory, tmp_path, layout):
+    """Scale W2[row, col] of expert 1 in layer 1 (x1000) against transformers doing the same; the
+    same element of expert 0 gives other logits, so the edit addresses the expert, not just [row, col]."""
+    directory = mixtral_dir(tiny_factory, tmp_path, layout)
+    tokens = random_tokens(11, seed=6)
+    layer, row, col, factor = 1, 5, 17, 1000.0
+
+    def transformers_scaled(expert):
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            model.model.layers[layer].mlp.experts.down_proj[expert, row, col] *= factor
+            return model(torch.tensor([list(tokens)])).logits[0].numpy()
+
+    expected, other_expert = transformers_scaled(1), transformers_scaled(0)
+    name, edit = expert_element(layout, layer, 1, row, col)
+    edit = Edit(edit.tensor, row, col, factor, edit.expert)
+    loaded = load_model(directory)
+    tolerance = 2e-5 * max(1.0, np.abs(expected).max())
+    by_transform = forward(loaded, tokens, transforms=[ScaleElements([edit])])[0]
+    np.testing.assert_allclose(by_transform, expected, rtol=0, atol=tolerance)
+    by_world = forward(loaded, tokens, worlds=[World("intact"), World("scaled", (edit,))])
+    np.testing.assert_allclose(by_world[1], expected, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(by_world[0], forward(loaded, tokens)[0], rtol=0, atol=1e-6)
+    assert np.abs(expected - other_expert).max() > 100 * tolerance  # expert 0's element is another weight
+
+
+def test_each_world_routes_its_own_tokens(tiny_factory, tmp_path, layout):
+    """Zeroing the planted super weight reroutes layer 3 in transformers; the world without it matches."""
+    directory = mixtral_dir(tiny_factory, tmp_path, layout, plants=(PLANT,))
+    tokens = random_tokens(13, seed=8)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor([list(tokens)])
+    with torch.no_grad():
+        intact = model(ids, output_router_logits=True)
+        model.model.layers[PLANT.layer].mlp.experts.down_proj[PLANT.expert, PLANT.row, PLANT.col] = 0.0
+        ablated = model(ids, output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    routes = [set(map(tuple, out.router_logits[3].topk(k, dim=-1).indices.sort(dim=-1).values.tolist()))
+              for out in (intact, ablated)]
+    assert routes[0] != routes[1]  # the removed weight changes which experts layer 3 uses
+
+    _, edit = expert_element(layout, PLANT.layer, PLANT.expert, PLANT.row, PLANT.col)
+    got = forward(load_model(directory), tokens, worlds=[World("intact"), World("removed", (edit,))])
+    for world, expected in enumerate((intact.logits[0].numpy(), ablated.logits[0].numpy())):
+        np.testing.assert_allclose(got[world], expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+def test_scan_of_stacked_layout_names_the_expert_and_the_stacked_tensor(tiny_factory, tmp_path):
+    directory = mixtral_dir(tiny_factory, tmp_path, "stacked", dtype="bfloat16", plants=(PLANT,))
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, report = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    assert [(sw.layer, sw.expert, sw.row, sw.col) for sw in found] == [(2, 2, 41, 101)]
+    (sw,) = found
+    assert (sw.tensor, sw.gguf_tensor) == ("model.layers.2.mlp.experts.down_proj", "blk.2.ffn_down_exps.weight")
+    with safe_open(directory / "model.safetensors", "pt") as f:  # the element [expert, row, col] of that tensor
+        assert sw.value == f.get_tensor(sw.tensor)[2, 41, 101].float().item() == pytest.approx(PLANT.value, rel=1e-2)
+    assert sw.rank == 1 and 0.5 < sw.router_weight <= 1.0
+    assert sw.verification["verified"]
+    assert report["profile"][2]["down_proj_input"] | {"value": 0} == {"value": 0, "channel": 101, "expert": 2,
+                                                                       "token": sw.token}
+    catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found, report)
+    validate(catalog)
+    entry = catalog["super_weights"][0]
+    assert (entry["expert"], entry["tensor"], entry["row"], entry["col"]) == (2, sw.tensor, 41, 101)
+
+
+def test_gguf_names_follow_llama_cpp_stacking(tiny_factory):
+    """llama.cpp's converter stacks expert E's w1/w2/w3 into blk.N.ffn_{gate,down,up}_exps (gguf-py's name map)."""
+    directory, _ = tiny_factory("mixtral", "float32")
+    arch = load_model(directory).arch
+    assert arch.gguf_name("model.layers.3.block_sparse_moe.experts.1.w2.weight") == "blk.3.ffn_down_exps.weight"
+    assert arch.gguf_name("model.layers.3.block_sparse_moe.experts.0.w1.weight") == "blk.3.ffn_gate_exps.weight"
+    assert arch.gguf_name("model.layers.3.block_sparse_moe.experts.2.w3.weight") == "blk.3.ffn_up_exps.weight"
+    assert arch.gguf_name("model.layers.3.mlp.experts.down_proj") == "blk.3.ffn_down_exps.weight"
+    assert arch.gguf_name("model.layers.3.block_sparse_moe.gate.weight") == "blk.3.ffn_gate_inp.weight"
+
+
+def test_cli_table_names_the_expert(tiny_factory, tmp_path):
+    directory, _ = tiny_factory("mixtral", "bfloat16", plants=(PLANT,))
+    result = subprocess.run([sys.executable, "-m", "swtool", "scan", directory, "--no-progress", "-o",
+                             tmp_path / "catalog.json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:5] == ["layer", "row", "col", "expert", "tensor"]
+    assert lines[3].split()[:5] == ["2", "41", "101", "2", "blk.2.ffn_down_exps.weight"]
+    (entry,) = json.loads((tmp_path / "catalog.json").read_text())["super_weights"]
+    assert entry["expert"] == 2 and entry["tensor"] == "model.layers.2.block_sparse_moe.experts.2.w2.weight"
+
+
+def test_missing_expert_tensor_is_a_clear_error(tiny_factory, tmp_path):
+    directory, _ = tiny_factory("mixtral", "float32")
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        kept = {name: f.get_tensor(name) for name in f.keys() if name != PER_EXPERT_DOWN.format(layer=1, expert=3)}
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    save_file(kept, broken / "model.safetensors")
+    shutil.copy(directory / "config.json", broken / "config.json")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.3\.w2"):
+        load_model(broken)
