@@ -25,6 +25,10 @@ class Case:
     gguf_down_proj: str = "blk.2.ffn_down.weight"
     plant: Plant = Plant(2, 41, 101)
     expert: int | None = None  # mixtures: the expert the catalog must name (None: a dense MLP)
+    # share of the super activation that may survive zeroing the weight. After a post-MLP norm
+    # (Gemma 2/3, OLMo 2) the intact row is ~sqrt(hidden) * gain, and without the weight the row's
+    # ordinary output z (~1 once normalised) still passes the gain: ~|z| / sqrt(64) = |z| / 8 is left
+    sa_left: float = 0.01
 
 
 CASES = [
@@ -47,6 +51,12 @@ CASES = [
     Case("starcoder2", "model.layers.2.mlp.c_proj.weight"),
     Case("gpt-neox", "gpt_neox.layers.2.mlp.dense_4h_to_h.weight"),
     Case("gpt-neox-sequential", "gpt_neox.layers.2.mlp.dense_4h_to_h.weight"),
+    Case("qwen3", "model.layers.2.mlp.down_proj.weight"),
+    Case("olmo", "model.layers.2.mlp.down_proj.weight"),
+    Case("olmo2", "model.layers.2.mlp.down_proj.weight", sa_left=0.1),
+    Case("gemma", "model.layers.2.mlp.down_proj.weight"),
+    Case("gemma2", "model.layers.2.mlp.down_proj.weight", sa_left=0.1),
+    Case("gemma3", "model.layers.2.mlp.down_proj.weight", sa_left=0.1),
 ]
 IDS = [case.family for case in CASES]
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -76,6 +86,6 @@ def test_planted_super_weight_is_found(tiny_factory, case, dtype):
     assert sw.value == pytest.approx(case.plant.value, rel=1e-2) and sw.rank == 1
     assert sw.dtype == DTYPE_NAMES[dtype]
     v = sw.verification
-    assert v["verified"] and v["super_activation_removed"] < 0.01 * v["super_activation_intact"]
+    assert v["verified"] and v["super_activation_removed"] < case.sa_left * v["super_activation_intact"]
     assert report["profile"][case.plant.layer]["down_proj_output"]["channel"] == case.plant.row
     assert report["profile"][case.plant.layer]["down_proj_input"]["channel"] == case.plant.col
