@@ -1,0 +1,432 @@
+"""The K-quants: super-blocks of 256 values, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+
+Ports of ggml's `quantize_row_q*_K_ref` and `dequantize_row_q*_K`
+(ggml/src/ggml-quants.c); byte layouts from ggml-common.h:
+
+  type  bytes  layout                                          sub-blocks          value
+  Q2_K   84    scales[16], qs[64], d, dmin                     16 x 16, 2-bit      d*sc*q - dmin*m   (sc, m: 4 bits each)
+  Q3_K  110    hmask[32], qs[64], scales[12], d                16 x 16, 3-bit      d*(sc-32)*(q-4)   (sc: 6 bits)
+  Q4_K  144    d, dmin, scales[12], qs[128]                    8 x 32, 4-bit       d*sc*q - dmin*m   (sc, m: 6 bits)
+  Q5_K  176    d, dmin, scales[12], qh[32], qs[128]            8 x 32, 5-bit       d*sc*q - dmin*m   (sc, m: 6 bits)
+  Q6_K  210    ql[128], qh[64], scales[16] int8, d             16 x 16, 6-bit      d*sc*(q-32)       (sc: int8)
+
+Every type works in three steps per super-block:
+  1. a float scale (and min) per sub-block, from a search in search.py;
+  2. those scales quantized to small integers against a half-precision d (and dmin);
+  3. every value re-quantized against its sub-block's *stored* scale (d rounded
+     to half times the integer scale), which is what a reader will multiply by.
+
+The `quantize_*` row drivers run in parallel over rows; each row gets its own
+scratch arrays. They set bad[row] for rows holding NaN/Inf (left unwritten).
+"""
+
+import numba
+import numpy as np
+
+from swtool.quant.bits import JIT, get_fp16, has_nonfinite, nearest_int, put_fp16, to_int8
+from swtool.quant.search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants
+
+QK_K = 256
+
+
+@numba.njit(**JIT)
+def _clamp(value, lo, hi):
+    return max(lo, min(hi, value))
+
+
+@numba.njit(**JIT)
+def _pack_2bit(L, out, at):
+    """Codes 0..3 -> qs: for each half of 128, byte l holds codes l, l+32, l+64, l+96 (2 bits each)."""
+    for half in range(0, QK_K, 128):
+        for l in range(32):
+            out[at + half // 4 + l] = (L[half + l] | (L[half + l + 32] << 2)
+                                       | (L[half + l + 64] << 4) | (L[half + l + 96] << 6)) & 0xFF
+
+
+# ---------------------------------------------------------------------------
+# the 6-bit scale/min packing of Q4_K and Q5_K (12 bytes for 8 pairs)
+
+@numba.njit(**JIT)
+def _put_scale_min_k4(out, at, j, scale, the_min):
+    """Pairs 0-3 take bytes j and j+4 whole; pairs 4-7 put their low nibbles in byte j+4
+    and their top 2 bits in the spare top bits of bytes j-4 (scale) and j (min)."""
+    if j < 4:
+        out[at + j] = scale
+        out[at + j + 4] = the_min
+    else:
+        out[at + j + 4] = (scale & 0xF) | ((the_min & 0xF) << 4)
+        out[at + j - 4] |= (scale >> 4) << 6
+        out[at + j] |= (the_min >> 4) << 6
+
+
+@numba.njit(**JIT)
+def _scale_min_k4(data, at, j):
+    """ggml get_scale_min_k4: the 6-bit (scale, min) of sub-block j."""
+    if j < 4:
+        return np.int64(data[at + j] & 63), np.int64(data[at + j + 4] & 63)
+    scale = (data[at + j + 4] & 0xF) | ((data[at + j - 4] >> 6) << 4)
+    the_min = (data[at + j + 4] >> 4) | ((data[at + j] >> 6) << 4)
+    return np.int64(scale), np.int64(the_min)
+
+
+# ---------------------------------------------------------------------------
+# Q2_K
+
+@numba.njit(**JIT)
+def block_q2_k(x, out, L, Laux, weights, scales, mins):
+    # 1. scale and min per 16, weighted by |x|, absolute error
+    max_scale = np.float32(0.0)
+    max_min = np.float32(0.0)
+    for j in range(16):
+        xs = x[16 * j:16 * j + 16]
+        for l in range(16):
+            weights[l] = abs(xs[l])
+        scales[j], mins[j] = make_qkx2_quants(xs, weights[:16], 3, np.float32(-0.5), np.float32(0.1), 15, True,
+                                              L[16 * j:16 * j + 16], Laux[:16])
+        if scales[j] > max_scale:  # ggml's strict compares: a -0.0 never replaces the +0.0 start
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    # 2. 4-bit scales (low nibbles) and mins (high nibbles) against d = max/15, dmin = max_min/15
+    if max_scale > 0:
+        iscale = np.float32(15.0) / max_scale
+        for j in range(16):
+            out[j] = nearest_int(iscale * scales[j]) & 0xFF
+        d = put_fp16(out, 80, max_scale / np.float32(15.0))
+    else:
+        for j in range(16):
+            out[j] = 0
+        d = put_fp16(out, 80, np.float32(0.0))
+    if max_min > 0:
+        iscale = np.float32(15.0) / max_min
+        for j in range(16):
+            out[j] = (out[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+        dmin = put_fp16(out, 82, max_min / np.float32(15.0))
+    else:
+        dmin = put_fp16(out, 82, np.float32(0.0))
+    # 3. codes against the stored scales
+    for j in range(16):
+        dj = d * np.float32(out[j] & 0xF)
+        if dj == 0:
+            continue
+        dm = dmin * np.float32(out[j] >> 4)
+        for i in range(16):
+            L[16 * j + i] = _clamp(nearest_int((x[16 * j + i] + dm) / dj), 0, 3)
+    _pack_2bit(L, out, 16)
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q2_k(values, out, bad):
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        L, Laux = np.empty(QK_K, np.int32), np.empty(32, np.int32)
+        weights, scales, mins = np.empty(32, np.float32), np.empty(16, np.float32), np.empty(16, np.float32)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK_K):
+                block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * 84:(b + 1) * 84], L, Laux, weights, scales, mins)
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q2_k(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            block, y = data[r, b * 84:(b + 1) * 84], out[r, b * QK_K:(b + 1) * QK_K]
+            d, dmin = get_fp16(block, 80), get_fp16(block, 82)
+            for half in range(2):
+                for shift in range(0, 8, 2):
+                    for k in range(2):  # two sub-blocks of 16 per shift: bytes 0-15 and 16-31
+                        sub = half * 8 + shift + k
+                        sc = block[sub]
+                        dl, ml = d * np.float32(sc & 0xF), dmin * np.float32(sc >> 4)
+                        for l in range(16):
+                            q = (block[16 + half * 32 + 16 * k + l] >> shift) & 3
+                            y[16 * sub + l] = dl * np.float32(q) - ml
+
+
+# ---------------------------------------------------------------------------
+# Q3_K
+
+@numba.njit(**JIT)
+def _q3_k_scale(out, j):
+    """The signed 6-bit scale of sub-block j: low nibble in bytes 96..103, top 2 bits in 104..107."""
+    low = np.int64(out[96 + j] & 0xF) if j < 8 else np.int64(out[96 + j - 8] >> 4)
+    return (low | ((np.int64(out[104 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+
+
+@numba.njit(**JIT)
+def block_q3_k(x, out, L, scales):
+    # 1. a signed scale per 16
+    max_scale = np.float32(0.0)
+    amax = np.float32(0.0)
+    for j in range(16):
+        scales[j] = make_q3_quants(x[16 * j:16 * j + 16], 4, L[16 * j:16 * j + 16])
+        if abs(scales[j]) > amax:
+            amax = abs(scales[j])
+            max_scale = scales[j]
+    # 2. 6-bit scales against d = max_scale / -32
+    for k in range(12):
+        out[96 + k] = 0
+    if max_scale != 0:
+        iscale = np.float32(-32.0) / max_scale
+        for j in range(16):
+            l = _clamp(to_int8(nearest_int(iscale * scales[j])), -32, 31) + 32
+            if j < 8:
+                out[96 + j] = l & 0xF
+            else:
+                out[96 + j - 8] |= (l & 0xF) << 4
+            out[104 + j % 4] |= (l >> 4) << (2 * (j // 4))
+        d = put_fp16(out, 108, np.float32(1.0) / iscale)
+    else:
+        d = put_fp16(out, 108, np.float32(0.0))
+    # 3. codes -4..3 against the stored scales
+    for j in range(16):
+        dj = d * np.float32(_q3_k_scale(out, j))
+        if dj == 0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(nearest_int(x[16 * j + i] / dj), -4, 3) + 4
+    # high bit of code j -> bit j // 32 of hmask[j % 32]; low 2 bits -> qs
+    for k in range(32):
+        out[k] = 0
+    for j in range(QK_K):
+        if L[j] > 3:
+            out[j % 32] |= 1 << (j // 32)
+            L[j] -= 4
+    _pack_2bit(L, out, 32)
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q3_k(values, out, bad):
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        L, scales = np.empty(QK_K, np.int32), np.empty(16, np.float32)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK_K):
+                block_q3_k(x[b * QK_K:(b + 1) * QK_K], y[b * 110:(b + 1) * 110], L, scales)
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q3_k(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            block, y = data[r, b * 110:(b + 1) * 110], out[r, b * QK_K:(b + 1) * QK_K]
+            d = get_fp16(block, 108)
+            for half in range(2):
+                for step in range(4):  # step = which 2-bit field of qs, and which hmask bit
+                    for k in range(2):
+                        sub = half * 8 + step * 2 + k
+                        dl = d * np.float32(_q3_k_scale(block, sub))
+                        for l in range(16):
+                            at = 16 * k + l
+                            q = np.int64((block[32 + half * 32 + at] >> (2 * step)) & 3)
+                            high = block[at] & (1 << (half * 4 + step))
+                            y[16 * sub + l] = dl * np.float32(q - (0 if high else 4))
+
+
+# ---------------------------------------------------------------------------
+# Q4_K and Q5_K share step 1 and 2: (scale, min) per 32, weighted by rms + |x|
+
+@numba.njit(**JIT)
+def _scales_mins_k4(x, out, nmax, rmin, nstep, L, Laux, weights, scales, mins):
+    """Steps 1-2 of Q4_K/Q5_K: per-32 scale/min searches, 6-bit packing at out[4:16];
+    returns (d, dmin) as stored (half precision, read back)."""
+    max_scale = np.float32(0.0)
+    max_min = np.float32(0.0)
+    for j in range(8):
+        xs = x[32 * j:32 * j + 32]
+        sum_x2 = np.float32(0.0)
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        scales[j], mins[j] = make_qkx2_quants(xs, weights, nmax, rmin, np.float32(0.1), nstep, False,
+                                              L[32 * j:32 * j + 32], Laux)
+        if scales[j] > max_scale:  # ggml's strict compares: a -0.0 never replaces the +0.0 start
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
+    inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
+    for j in range(8):
+        scale = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # ggml stores into uint8_t, then MIN(63, .)
+        the_min = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        _put_scale_min_k4(out, 4, j, scale, the_min)
+    d = put_fp16(out, 0, max_scale / np.float32(63.0))
+    dmin = put_fp16(out, 2, max_min / np.float32(63.0))
+    return d, dmin
+
+
+@numba.njit(**JIT)
+def _codes_k4(x, out, d, dmin, nmax, L):
+    """Step 3 of Q4_K/Q5_K: codes 0..nmax against each sub-block's stored scale and min."""
+    for j in range(8):
+        scale, the_min = _scale_min_k4(out, 4, j)
+        dj = d * np.float32(scale)
+        if dj == 0:
+            continue
+        dm = dmin * np.float32(the_min)
+        for i in range(32):
+            L[32 * j + i] = _clamp(nearest_int((x[32 * j + i] + dm) / dj), 0, nmax)
+
+
+@numba.njit(**JIT)
+def block_q4_k(x, out, L, Laux, weights, scales, mins):
+    d, dmin = _scales_mins_k4(x, out, 15, np.float32(-1.0), 20, L, Laux, weights, scales, mins)
+    _codes_k4(x, out, d, dmin, 15, L)
+    # byte l of each 32-byte group: code l (low nibble) and code l + 32 (high) of a 64-value stretch
+    for group in range(4):
+        for l in range(32):
+            out[16 + 32 * group + l] = L[64 * group + l] | (L[64 * group + l + 32] << 4)
+
+
+@numba.njit(**JIT)
+def block_q5_k(x, out, L, Laux, weights, scales, mins):
+    d, dmin = _scales_mins_k4(x, out, 31, np.float32(-0.5), 15, L, Laux, weights, scales, mins)
+    _codes_k4(x, out, d, dmin, 31, L)
+    # as Q4_K for the low 4 bits (at 48); bit 4 of code 64g + l -> bit 2g of qh[l], of 64g + 32 + l -> bit 2g + 1
+    for l in range(32):
+        out[16 + l] = 0
+    for group in range(4):
+        for l in range(32):
+            low, high = L[64 * group + l], L[64 * group + l + 32]
+            if low > 15:
+                low -= 16
+                out[16 + l] |= 1 << (2 * group)
+            if high > 15:
+                high -= 16
+                out[16 + l] |= 2 << (2 * group)
+            out[48 + 32 * group + l] = low | (high << 4)
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q4_k(values, out, bad):
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        L, Laux = np.empty(QK_K, np.int32), np.empty(32, np.int32)
+        weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK_K):
+                block_q4_k(x[b * QK_K:(b + 1) * QK_K], y[b * 144:(b + 1) * 144], L, Laux, weights, scales, mins)
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q5_k(values, out, bad):
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        L, Laux = np.empty(QK_K, np.int32), np.empty(32, np.int32)
+        weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK_K):
+                block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * 176:(b + 1) * 176], L, Laux, weights, scales, mins)
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q4_k(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            block, y = data[r, b * 144:(b + 1) * 144], out[r, b * QK_K:(b + 1) * QK_K]
+            d, dmin = get_fp16(block, 0), get_fp16(block, 2)
+            for group in range(4):
+                scale, the_min = _scale_min_k4(block, 4, 2 * group)
+                d1, m1 = d * np.float32(scale), dmin * np.float32(the_min)
+                scale, the_min = _scale_min_k4(block, 4, 2 * group + 1)
+                d2, m2 = d * np.float32(scale), dmin * np.float32(the_min)
+                for l in range(32):
+                    q = block[16 + 32 * group + l]
+                    y[64 * group + l] = d1 * np.float32(q & 0xF) - m1
+                    y[64 * group + 32 + l] = d2 * np.float32(q >> 4) - m2
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q5_k(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            block, y = data[r, b * 176:(b + 1) * 176], out[r, b * QK_K:(b + 1) * QK_K]
+            d, dmin = get_fp16(block, 0), get_fp16(block, 2)
+            for group in range(4):
+                scale, the_min = _scale_min_k4(block, 4, 2 * group)
+                d1, m1 = d * np.float32(scale), dmin * np.float32(the_min)
+                scale, the_min = _scale_min_k4(block, 4, 2 * group + 1)
+                d2, m2 = d * np.float32(scale), dmin * np.float32(the_min)
+                for l in range(32):
+                    q, qh = np.int64(block[48 + 32 * group + l]), block[16 + l]
+                    low = (q & 0xF) + (16 if qh & (1 << (2 * group)) else 0)
+                    high = (q >> 4) + (16 if qh & (2 << (2 * group)) else 0)
+                    y[64 * group + l] = d1 * np.float32(low) - m1
+                    y[64 * group + 32 + l] = d2 * np.float32(high) - m2
+
+
+# ---------------------------------------------------------------------------
+# Q6_K
+
+@numba.njit(**JIT)
+def block_q6_k(x, out, L, scales):
+    # 1. a signed scale per 16 (codes -32..31, weights x**2)
+    max_scale = np.float32(0.0)
+    max_abs_scale = np.float32(0.0)
+    for j in range(16):
+        scales[j] = make_qx_quants(x[16 * j:16 * j + 16], 32, L[16 * j:16 * j + 16])
+        if abs(scales[j]) > max_abs_scale:
+            max_abs_scale = abs(scales[j])
+            max_scale = scales[j]
+    if max_abs_scale < GROUP_MAX_EPS:  # an all-zero block is all-zero bytes
+        for k in range(210):
+            out[k] = 0
+        return
+    # 2. int8 scales against d = max_scale / -128
+    iscale = np.float32(-128.0) / max_scale
+    d = put_fp16(out, 208, np.float32(1.0) / iscale)
+    for j in range(16):
+        out[192 + j] = to_int8(min(127, nearest_int(iscale * scales[j]))) & 0xFF
+    # 3. codes against the stored scales
+    for j in range(16):
+        dj = d * np.float32(to_int8(np.int64(out[192 + j])))
+        if dj == 0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(nearest_int(x[16 * j + i] / dj), -32, 31) + 32
+    # per 128 values: ql[l] = low nibbles of codes l and l+64, ql[l+32] of l+32 and l+96; qh[l] their top 2 bits
+    for half in range(2):
+        c, ql, qh = 128 * half, 64 * half, 128 + 32 * half
+        for l in range(32):
+            q1, q2, q3, q4 = L[c + l], L[c + l + 32], L[c + l + 64], L[c + l + 96]
+            out[ql + l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            out[ql + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+            out[qh + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q6_k(values, out, bad):
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        L, scales = np.empty(QK_K, np.int32), np.empty(16, np.float32)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK_K):
+                block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * 210:(b + 1) * 210], L, scales)
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q6_k(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            block, y = data[r, b * 210:(b + 1) * 210], out[r, b * QK_K:(b + 1) * QK_K]
+            d = get_fp16(block, 208)
+            for half in range(2):
+                c, ql, qh, sc = 128 * half, 64 * half, 128 + 32 * half, 192 + 8 * half
+                for l in range(32):
+                    s = l // 16
+                    low, high, bits = np.int64(block[ql + l]), np.int64(block[ql + l + 32]), np.int64(block[qh + l])
+                    q1 = ((low & 0xF) | (((bits >> 0) & 3) << 4)) - 32
+                    q2 = ((high & 0xF) | (((bits >> 2) & 3) << 4)) - 32
+                    q3 = ((low >> 4) | (((bits >> 4) & 3) << 4)) - 32
+                    q4 = ((high >> 4) | (((bits >> 6) & 3) << 4)) - 32
+                    y[c + l] = d * np.float32(to_int8(np.int64(block[sc + s]))) * np.float32(q1)
+                    y[c + l + 32] = d * np.float32(to_int8(np.int64(block[sc + s + 2]))) * np.float32(q2)
+                    y[c + l + 64] = d * np.float32(to_int8(np.int64(block[sc + s + 4]))) * np.float32(q3)
+                    y[c + l + 96] = d * np.float32(to_int8(np.int64(block[sc + s + 6]))) * np.float32(q4)

@@ -1,0 +1,278 @@
+"""The 32-element block types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+Each block stores one half-precision scale d (and for the _1 types a half
+minimum m) followed by the packed integers. Ports of ggml's
+`quantize_row_q*_ref` (ggml/src/ggml-quants.c) and `dequantize_row_q*`:
+
+  type   bytes  layout                       value
+  Q8_0   34     d, qs[32] int8               q * d,          q = roundf(x / d), d = amax / 127
+  Q4_0   18     d, qs[16]                    (q - 8) * d,    d = max / -8  (max: the signed value of largest |x|)
+  Q4_1   20     d, m, qs[16]                 q * d + m,      d = (max - min) / 15, m = min
+  Q5_0   22     d, qh[4], qs[16]             (q - 16) * d,   d = max / -16
+  Q5_1   24     d, m, qh[4], qs[16]          q * d + m,      d = (max - min) / 31
+
+4-bit codes: element j in the low nibble of qs[j], element j + 16 in the high
+nibble. The 5-bit types keep bit 4 of element j in bit j of the 32-bit qh.
+
+`quantize_*` fill out[rows, row_bytes] from values[rows, cols] in parallel over
+rows and set bad[row] for rows holding NaN/Inf (left unwritten);
+`dequantize_*` do the reverse into out[rows, cols].
+"""
+
+import numba
+import numpy as np
+
+from swtool.quant.bits import JIT, as_bits, from_bits, get_fp16, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
+
+QK = 32
+
+
+# ---------------------------------------------------------------------------
+# block statistics
+
+@numba.njit(**JIT)
+def _signed_absmax(x):
+    """The value of largest |x| (the first one on ties), +0.0 for an all-zero block.
+
+    ggml scans with `if (amax < fabsf(v))`. |x| of finite floats orders like
+    their bits with the sign cleared, so an integer max finds amax (and vectorises).
+    """
+    bits = x.view(np.uint32)
+    top = np.uint32(0)
+    for j in range(QK):
+        top = max(top, bits[j] & np.uint32(0x7FFFFFFF))
+    if top == 0:
+        return np.float32(0.0)  # ggml's max starts at +0.0 and stays there, even for -0.0 inputs
+    for j in range(QK):
+        if bits[j] & np.uint32(0x7FFFFFFF) == top:
+            return x[j]
+    return np.float32(0.0)
+
+
+@numba.njit(**JIT)
+def _absmax(x):
+    bits = x.view(np.uint32)
+    top = np.uint32(0)
+    for j in range(QK):
+        top = max(top, bits[j] & np.uint32(0x7FFFFFFF))
+    return from_bits(np.int64(top))
+
+
+@numba.njit(**JIT)
+def _min_max(x):
+    """min and max as ggml's Q4_1/Q5_1 loops find them (from FLT_MAX / -FLT_MAX, strict compares)."""
+    lo = np.float32(np.finfo(np.float32).max)
+    hi = -lo
+    for j in range(QK):
+        v = x[j]
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    return lo, hi
+
+
+@numba.njit(**JIT)
+def _inverse(d):
+    return np.float32(1.0) / d if d != 0 else np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------
+# one block each
+
+@numba.njit(**JIT)
+def block_q8_0(x, out):
+    d = _absmax(x) / np.float32(127.0)
+    inv = _inverse(d)
+    put_fp16(out, 0, d)
+    for j in range(QK):
+        out[2 + j] = roundf_int(x[j] * inv) & 0xFF
+
+
+@numba.njit(**JIT)
+def block_q4_0(x, out):
+    d = _signed_absmax(x) / np.float32(-8.0)
+    inv = _inverse(d)
+    put_fp16(out, 0, d)
+    for j in range(QK // 2):
+        low = min(15, to_int8(trunc_int(x[j] * inv + np.float32(8.5))))
+        high = min(15, to_int8(trunc_int(x[j + 16] * inv + np.float32(8.5))))
+        out[2 + j] = (low & 0xFF) | ((high << 4) & 0xFF)
+
+
+@numba.njit(**JIT)
+def block_q4_1(x, out):
+    lo, hi = _min_max(x)
+    d = (hi - lo) / np.float32(15.0)
+    inv = _inverse(d)
+    put_fp16(out, 0, d)
+    put_fp16(out, 2, lo)
+    for j in range(QK // 2):
+        low = min(15, to_int8(trunc_int((x[j] - lo) * inv + np.float32(0.5))))
+        high = min(15, to_int8(trunc_int((x[j + 16] - lo) * inv + np.float32(0.5))))
+        out[4 + j] = (low & 0xFF) | ((high << 4) & 0xFF)
+
+
+@numba.njit(**JIT)
+def _pack_5bit(codes, out, qh_at):
+    """codes[32] (0..31) -> 4-bit nibbles after qh, bit 4 of code j into bit j of the 32-bit qh."""
+    qh = 0
+    for j in range(QK // 2):
+        low, high = codes[j], codes[j + 16]
+        out[qh_at + 4 + j] = (low & 0x0F) | ((high & 0x0F) << 4)
+        qh |= ((low & 0x10) >> 4) << j
+        qh |= ((high & 0x10) >> 4) << (j + 16)
+    for k in range(4):
+        out[qh_at + k] = (qh >> (8 * k)) & 0xFF
+
+
+@numba.njit(**JIT)
+def block_q5_0(x, out, codes):
+    d = _signed_absmax(x) / np.float32(-16.0)
+    inv = _inverse(d)
+    put_fp16(out, 0, d)
+    for j in range(QK):
+        codes[j] = min(31, to_int8(trunc_int(x[j] * inv + np.float32(16.5)))) & 0xFF
+    _pack_5bit(codes, out, 2)
+
+
+@numba.njit(**JIT)
+def block_q5_1(x, out, codes):
+    lo, hi = _min_max(x)
+    d = (hi - lo) / np.float32(31.0)
+    inv = _inverse(d)
+    put_fp16(out, 0, d)
+    put_fp16(out, 2, lo)
+    for j in range(QK):
+        codes[j] = trunc_int((x[j] - lo) * inv + np.float32(0.5)) & 0xFF  # (uint8_t), no clamp in ggml
+    _pack_5bit(codes, out, 4)
+
+
+# ---------------------------------------------------------------------------
+# rows, in parallel
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q8_0(values, out, bad):
+    bytes_per_block = 34
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK):
+                block_q8_0(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block])
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q4_0(values, out, bad):
+    bytes_per_block = 18
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK):
+                block_q4_0(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block])
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q4_1(values, out, bad):
+    bytes_per_block = 20
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK):
+                block_q4_1(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block])
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q5_0(values, out, bad):
+    bytes_per_block = 22
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        codes = np.empty(QK, dtype=np.int64)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK):
+                block_q5_0(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block], codes)
+
+
+@numba.njit(parallel=True, **JIT)
+def quantize_q5_1(values, out, bad):
+    bytes_per_block = 24
+    for r in numba.prange(values.shape[0]):
+        x, y = values[r], out[r]
+        bad[r] = has_nonfinite(x)
+        codes = np.empty(QK, dtype=np.int64)
+        if not bad[r]:
+            for b in range(x.shape[0] // QK):
+                block_q5_1(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block], codes)
+
+
+# ---------------------------------------------------------------------------
+# dequantizers (ggml's dequantize_row_*: int code times float scale, plus the min)
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q8_0(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK):
+            block, y = data[r, b * 34:(b + 1) * 34], out[r, b * QK:(b + 1) * QK]
+            d = get_fp16(block, 0)
+            for j in range(QK):
+                y[j] = np.float32(to_int8(np.int64(block[2 + j]))) * d
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q4_0(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK):
+            block, y = data[r, b * 18:(b + 1) * 18], out[r, b * QK:(b + 1) * QK]
+            d = get_fp16(block, 0)
+            for j in range(QK // 2):
+                y[j] = np.float32(np.int64(block[2 + j] & 0x0F) - 8) * d
+                y[j + 16] = np.float32(np.int64(block[2 + j] >> 4) - 8) * d
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q4_1(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK):
+            block, y = data[r, b * 20:(b + 1) * 20], out[r, b * QK:(b + 1) * QK]
+            d, m = get_fp16(block, 0), get_fp16(block, 2)
+            for j in range(QK // 2):
+                y[j] = np.float32(block[4 + j] & 0x0F) * d + m
+                y[j + 16] = np.float32(block[4 + j] >> 4) * d + m
+
+
+@numba.njit(**JIT)
+def _unpack_5bit(block, qh_at, j):
+    """The two 5-bit codes of byte j: elements j and j + 16."""
+    qh = np.int64(0)
+    for k in range(4):
+        qh |= np.int64(block[qh_at + k]) << (8 * k)
+    low = np.int64(block[qh_at + 4 + j] & 0x0F) | (((qh >> j) << 4) & 0x10)
+    high = np.int64(block[qh_at + 4 + j] >> 4) | ((qh >> (j + 12)) & 0x10)
+    return low, high
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q5_0(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK):
+            block, y = data[r, b * 22:(b + 1) * 22], out[r, b * QK:(b + 1) * QK]
+            d = get_fp16(block, 0)
+            for j in range(QK // 2):
+                low, high = _unpack_5bit(block, 2, j)
+                y[j] = np.float32(low - 16) * d
+                y[j + 16] = np.float32(high - 16) * d
+
+
+@numba.njit(parallel=True, **JIT)
+def dequantize_q5_1(data, out):
+    for r in numba.prange(data.shape[0]):
+        for b in range(out.shape[1] // QK):
+            block, y = data[r, b * 24:(b + 1) * 24], out[r, b * QK:(b + 1) * QK]
+            d, m = get_fp16(block, 0), get_fp16(block, 2)
+            for j in range(QK // 2):
+                low, high = _unpack_5bit(block, 4, j)
+                y[j] = np.float32(low) * d + m
+                y[j + 16] = np.float32(high) * d + m
