@@ -52,7 +52,12 @@ class Edit:
 
     def applies(self, expert):
         """Does this edit hit the matrix that linear(..., expert=expert) multiplies by?"""
-        return expert is None or self.expert == expert
+        if expert is None:
+            return True  # a 2-D tensor: the name alone says which matrix
+        if self.expert is None:
+            raise SwtoolError(f"edit of {self.tensor}[{self.row}, {self.col}]: that tensor stacks "
+                              f"experts [experts, out, in], so the edit must name its expert")
+        return self.expert == expert
 
 
 @dataclass(frozen=True)

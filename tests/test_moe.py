@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from swtool.catalog import build_catalog, validate
 from swtool.detect import Settings, scan
-from swtool.errors import CheckpointError
+from swtool.errors import CheckpointError, SwtoolError
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
 from swtool.tokenize import DEFAULT_PROMPT, encode
@@ -103,6 +103,17 @@ def test_edits_hit_one_experts_weight_as_transform_and_as_world(tiny_factory, tm
     np.testing.assert_allclose(by_world[1], expected, rtol=0, atol=tolerance)
     np.testing.assert_allclose(by_world[0], forward(loaded, tokens)[0], rtol=0, atol=1e-6)
     assert np.abs(expected - other_expert).max() > 100 * tolerance  # expert 0's element is another weight
+
+
+def test_edit_of_a_stacked_tensor_without_its_expert_is_an_error(tiny_factory, tmp_path):
+    """Silently editing no expert (or every expert) would be a wrong experiment; say so instead."""
+    directory = mixtral_dir(tiny_factory, tmp_path, "stacked")
+    edit = Edit(STACKED_DOWN.format(layer=1), 5, 17, 0.0)  # expert missing
+    loaded = load_model(directory)
+    with pytest.raises(SwtoolError, match="must name its expert"):
+        forward(loaded, random_tokens(5), worlds=[World("intact"), World("zeroed", (edit,))])
+    with pytest.raises(SwtoolError, match="must name its expert"):
+        forward(loaded, random_tokens(5), transforms=[ScaleElements([edit])])
 
 
 def test_each_world_routes_its_own_tokens(tiny_factory, tmp_path, layout):
