@@ -8,9 +8,12 @@ SMOL   := fixtures/build/smollm2
 
 install: $(VENV)/.installed
 
-# pinned versions (requirements-lock.txt), then swtool itself, editable, with its test extra
+# pinned versions (requirements-lock.txt), then swtool itself, editable, with its test extra.
+# llama-cpp-python builds llama.cpp from source (~12 min on 2 cores, once: pip caches the wheel);
+# a portable build (no -march=native), without the multimodal library the tests do not use.
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-lock.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e '.[test]'
 	touch $@
