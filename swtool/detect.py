@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from swtool.checkpoint.transposed import TransposedTensor
 from swtool.forward import Edit, World, forward, mean_nll
 
 
@@ -63,6 +64,9 @@ class SuperWeight:
     super_activation: float  # residual stream [token, row] after the layer, intact model
     iteration: int
     router_weight: float | None = None  # the expert's routing weight at `token`; None for a dense MLP
+    # the element's index in `tensor` as stored: [row, col]; [col, row] for a Conv1D weight
+    # stored [in, out] (GPT-2); [expert, row, col] in a stacked-experts tensor
+    tensor_index: list | None = None
     verification: dict = field(default_factory=dict)
 
     def to_json(self):
@@ -240,7 +244,8 @@ def _candidates(model, recorder, world, found, settings, iteration):
                     input_activation=float(x[col]), output_activation=spike.output,
                     contribution=gate * float(x[col]) * value,
                     super_activation=float(intact_resid[spike.layer, spike.token, spike.row]), iteration=iteration,
-                    router_weight=None if expert is None else gate)))
+                    router_weight=None if expert is None else gate,
+                    tensor_index=stored_index(model, tensor, expert, spike.row, col))))
             del weights
         new.extend(sw for _, sw in sorted(picks, key=lambda pick: -pick[0]))  # largest contribution first
     return new
@@ -253,9 +258,20 @@ def down_proj_matrix(model, layer, expert=None):
     [experts, out, in] tensor of which this is slice `expert`.
     """
     if expert is None:
-        return model.checkpoint.tensor(model.arch.down_proj_name(layer))
+        tensor = model.checkpoint.tensor(model.arch.down_proj_name(layer))
+        # a Conv1D weight stored [in, out] is read as its [out, in] transpose (checkpoint/transposed.py)
+        return TransposedTensor(tensor) if model.arch.stored_transposed(tensor.name) else tensor
     tensor = model.checkpoint.tensor(model.arch.down_proj_name(layer, expert))
     return tensor.sub(expert) if len(tensor.shape) == 3 else tensor
+
+
+def stored_index(model, tensor, expert, row, col):
+    """Where W[row, col] of `tensor` (from down_proj_matrix) is in the tensor as the file stores it."""
+    if isinstance(tensor, TransposedTensor):
+        return list(tensor.stored_index((row, col)))
+    if expert is not None and len(model.checkpoint.tensor(tensor.name).shape) == 3:
+        return [expert, row, col]
+    return [row, col]
 
 
 def cancels(spike, resid_mid, resid):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from swtool import kernels
+from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 
 LINEAR_CHUNK_BYTES = 256 * 1024 * 1024  # decode larger matrices (e.g. a 128k-vocab head) in row chunks
@@ -132,7 +133,7 @@ class Pass:
         rows = self._transformed(name, info.read(rows=tokens), rows=tokens)
         return np.repeat(rows[None], len(self.worlds), axis=0)
 
-    def linear(self, x, name, bias=False, world=None, expert=None):
+    def linear(self, x, name, bias=False, world=None, expert=None, transposed=False):
         """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied.
 
         With `world=w`, x is [1, T', in]: rows of world w only (e.g. the tokens one
@@ -140,10 +141,14 @@ class Pass:
         also be an int array [T'] naming each row's world: rows of several worlds
         gathered into one product, so the weight is still read once.
         With `expert=e`, W is slice e of the stacked tensor `name` [experts, out, in].
+        With `transposed=True`, `name` is stored [in, out] (GPT-2's Conv1D) and W is its
+        transpose: edits and transforms still address W[row = output, col = input].
         """
         info = self.checkpoint.tensor(name)
         if expert is not None:
             info = info.sub(expert)
+        if transposed:
+            info = TransposedTensor(info)  # reads W's rows from the stored columns
         if len(info.shape) != 2 or info.shape[1] != x.shape[-1]:
             raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
                               f"expected [*, {x.shape[-1]}]")

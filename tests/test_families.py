@@ -51,6 +51,9 @@ CASES = [
     Case("starcoder2", "model.layers.2.mlp.c_proj.weight"),
     Case("gpt-neox", "gpt_neox.layers.2.mlp.dense_4h_to_h.weight"),
     Case("gpt-neox-sequential", "gpt_neox.layers.2.mlp.dense_4h_to_h.weight"),
+    # Conv1D: the tensor is stored [in, out]; row/col still mean output/input channel
+    Case("gpt2", "transformer.h.2.mlp.c_proj.weight"),
+    Case("gpt2-untied", "transformer.h.2.mlp.c_proj.weight"),
     Case("qwen3", "model.layers.2.mlp.down_proj.weight"),
     Case("olmo", "model.layers.2.mlp.down_proj.weight"),
     Case("olmo2", "model.layers.2.mlp.down_proj.weight", sa_left=0.1),
@@ -73,6 +76,17 @@ def test_logits_match_transformers(tiny_factory, case, dtype):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
 
 
+def stored_element(directory, name, index):
+    """One element of a tensor as stored in the checkpoint, read with the safetensors library (torch)."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)[tuple(index)].float().item()
+    raise KeyError(name)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_planted_super_weight_is_found(tiny_factory, case, dtype):
@@ -84,6 +98,8 @@ def test_planted_super_weight_is_found(tiny_factory, case, dtype):
     assert (sw.tensor, sw.gguf_tensor) == (case.down_proj, case.gguf_down_proj)
     assert sw.expert == case.expert
     assert sw.value == pytest.approx(case.plant.value, rel=1e-2) and sw.rank == 1
+    # the catalog's tensor_index finds the same element in the file through safetensors' own reader
+    assert stored_element(directory, sw.tensor, sw.tensor_index) == sw.value
     assert sw.dtype == DTYPE_NAMES[dtype]
     v = sw.verification
     assert v["verified"] and v["super_activation_removed"] < case.sa_left * v["super_activation_intact"]

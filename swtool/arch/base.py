@@ -62,6 +62,14 @@ class Architecture:
         """{Hugging Face name: shape} of every tensor a forward pass reads, as config.json implies."""
         raise NotImplementedError
 
+    def stored_transposed(self, hf_name):
+        """Is this 2-D weight stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]?
+
+        Such weights are used through ctx.linear(..., transposed=True); coordinates
+        (edits, the catalog's row/col) still mean row = output, col = input.
+        """
+        return False
+
     # --- math ------------------------------------------------------------------------
     def embed(self, ctx, tokens):
         """Token ids [T] -> residual stream [T, hidden]."""
