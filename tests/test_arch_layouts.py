@@ -114,6 +114,31 @@ def test_pythia_hub_config_and_lm_head_name(tiny_factory, tmp_path):
     np.testing.assert_allclose(forward(load_model(hub), tokens)[0], expected, rtol=0, atol=tolerance(expected))
 
 
+# --- Phi-3 as the Hub has it -------------------------------------------------------------------
+
+@pytest.mark.parametrize("rope_type", ["su", "longrope"])
+def test_phi3_hub_rope_scaling_spelling(tiny_factory, tmp_path, rope_type):
+    """Phi-3-mini-128k's config.json: rope_theta + rope_scaling {type, short/long_factor}, the trained
+    context only at top level, no factor: it is max_position_embeddings / original_max_position_embeddings."""
+    directory, _ = tiny_factory("phi3-longrope", "float32")
+
+    def hub_config(config):
+        params = config.pop("rope_parameters")
+        config["rope_theta"] = params["rope_theta"]
+        config["rope_scaling"] = {"type": rope_type, "short_factor": params["short_factor"],
+                                  "long_factor": params["long_factor"]}
+        return config
+
+    hub = rewrite(directory, tmp_path / "hub", config=hub_config)
+    for n_tokens in (12, 19):  # within the 16-token trained context (short factors) and past it (long)
+        tokens = random_tokens(n_tokens, seed=3)
+        expected = reference_logits(directory, tokens)
+        if rope_type == "longrope":  # transformers 5.24 itself rejects "su" here (it renames su only after
+            # copying original_max_position_embeddings into the rope parameters, which it does for longrope)
+            np.testing.assert_allclose(reference_logits(hub, tokens), expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(forward(load_model(hub), tokens)[0], expected, rtol=0, atol=tolerance(expected))
+
+
 # --- observation points, against transformers' own modules ------------------------------------
 
 # family -> (path to layer i's down projection module, number of final hidden states that are pre-norm)
