@@ -1,0 +1,45 @@
+"""What a MODEL argument names, opened as a checkpoint.
+
+  - a directory with safetensors weights and config.json (directory.py);
+  - a single .safetensors file with a config.json beside it;
+  - a .gguf file, or a directory whose only weights are one .gguf file (gguf_model.py);
+  - a Hugging Face id `org/name[@revision]`, looked up in the local hub cache (hub.py).
+
+A path that exists always wins over the id reading of the same text.
+"""
+
+from pathlib import Path
+
+from swtool.errors import CheckpointError
+
+
+def open_source(spec, download=False):
+    """The checkpoint MODEL names (see the module docstring); `download` lets a Hub id be fetched."""
+    from swtool.checkpoint import hub
+    from swtool.checkpoint.directory import open_checkpoint
+    from swtool.checkpoint.gguf_file import is_gguf
+    from swtool.checkpoint.gguf_model import open_gguf
+
+    path = Path(spec)
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
+        return open_gguf(path)
+    if path.is_dir():
+        lone = _lone_gguf(path)
+        return open_gguf(lone) if lone is not None else open_checkpoint(path)
+    if path.exists():
+        return open_checkpoint(path)
+    if hub.parse_hub_id(spec) is not None:
+        return open_source(hub.resolve(spec, download), download=False)
+    raise CheckpointError(path, "no such file or directory")
+
+
+def _lone_gguf(directory):
+    """The one .gguf file of a directory that holds no safetensors weights, else None."""
+    if any(directory.glob("*.safetensors")):
+        return None
+    found = sorted(directory.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise CheckpointError(directory, f"{len(found)} .gguf files ({names}) and no safetensors; "
+                                         f"name the file to use")
+    return found[0] if found else None

