@@ -10,6 +10,8 @@ import click
 from swtool import __version__
 
 PROMPT_HELP = 'Detection prompt (default: the paper\'s "Apple Inc. is a worldwide tech company.").'
+DOWNLOAD_HELP = ("A Hugging Face id missing from the local cache: download its config, tokenizer and "
+                 "safetensors (only those).")
 
 
 class SwtoolGroup(click.Group):
@@ -46,15 +48,19 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the catalog JSON on stdout instead of a table.")
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress):
-    """Locate the super weights of MODEL (a Hugging Face checkpoint directory)."""
+@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download):
+    """Locate the super weights of MODEL.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.catalog import build_catalog, to_json, write_catalog
     from swtool.detect import Settings, scan as run_scan
     from swtool.model import load_model
     from swtool.tokenize import DEFAULT_PROMPT, encode
 
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    loaded = load_model(model)
+    loaded = load_model(model, download=download)
     tokens = encode(loaded.directory, prompt)
     settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
     found, report = run_scan(loaded, tokens, settings, progress=not no_progress)
@@ -102,3 +108,84 @@ def format_scan(catalog):
     lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
                  f"{detection['nll_all_removed']:.3f}")
     return "\n".join(lines)
+
+
+@main.command("audit")
+@click.argument("model", type=click.Path())
+@click.option("--catalog", type=click.Path(dir_okay=False), help="The super weights to check: a scan catalog.")
+@click.option("--known", is_flag=True, help="Check the published super weights of the model (matched by id or config).")
+@click.option("--known-id", metavar="ID", help="Check the published super weights of this model (see: swtool catalog known).")
+@click.option("--reference", metavar="REF_MODEL",
+              help="Compare with another checkpoint of the same model (e.g. the base of a fine-tune).")
+@click.option("--tolerance", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
+              help="Largest relative change that still counts as intact.")
+@click.option("--prompt", default=None, help=PROMPT_HELP + " Used when a scan is needed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON on stdout.")
+@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr (when a scan runs).")
+def audit_command(model, catalog, known, known_id, reference, tolerance, prompt, as_json, download, no_progress):
+    """Check that MODEL kept its super weights, reading only their bytes.
+
+    Exit code 0: all intact within the tolerance; 1: any missing or damaged; 2: bad input.
+    Without --catalog or --known, a GGUF's swtool.* metadata is used if present, else a scan runs.
+    """
+    import json
+
+    from swtool.audit import audit as run_audit, format_report
+    from swtool.errors import SwtoolError
+
+    if catalog and (known or known_id):
+        raise SwtoolError("give --catalog or --known/--known-id, not both")
+    report = run_audit(model, catalog=catalog, known=known, known_id=known_id, reference=reference,
+                       tolerance=tolerance, download=download, prompt=prompt, progress=not no_progress)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(format_report(report))
+    sys.exit(0 if report.findings and not report.failed else 1)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
+@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+def inspect_command(model, as_json, download):
+    """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights."""
+    import json
+
+    from swtool.describe import describe, format_description
+
+    info = describe(model, download=download)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@main.group("catalog")
+def catalog_group():
+    """Super-weight catalogs."""
+
+
+@catalog_group.command("known")
+@click.option("--json", "as_json", is_flag=True, help="Print the data file (coordinates, sources, notes) as JSON.")
+def catalog_known(as_json):
+    """The super weights published for public models, with their sources."""
+    import json
+
+    from swtool.known import load
+    from swtool.table import format_table
+
+    data, models = load()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = []
+    for model in models:
+        for sw in model.super_weights:
+            flag = " (disputed)" if sw.get("disputed") else ""
+            rows.append([model.name, model.id, sw["layer"], sw["row"], sw["col"], "+".join(sw["sources"]) + flag])
+    click.echo(format_table(["model", "id", "layer", "row", "col", "sources"], rows))
+    click.echo("coordinates: model.layers[layer].mlp.down_proj.weight[row, col], 0-based; sources:")
+    for key, text in data["sources"].items():
+        click.echo(f"  {key}: {text}")
+    for model in models:
+        if model.notes:
+            click.echo(f"{model.name}: {model.notes}")

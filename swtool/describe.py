@@ -1,0 +1,132 @@
+"""`swtool inspect`: what a checkpoint is, from its headers alone (no tensor data is read).
+
+Architecture and shape, tensor count and parameters, bytes per dtype, files and
+shards, and what is known about its super weights: a swtool catalog beside it,
+published coordinates that match it (known.py), `swtool.*` metadata in a GGUF
+(gguf_keys.py) or in a safetensors header.
+"""
+
+import json
+from collections import Counter
+from math import prod
+from pathlib import Path
+
+from swtool.errors import SwtoolError
+
+
+def describe(spec, download=False):
+    """A dict describing MODEL `spec` (JSON-ready)."""
+    from swtool import gguf_keys, known
+    from swtool.audit import model_id
+    from swtool.model import load_model
+
+    model = load_model(spec, download=download)
+    checkpoint, config = model.checkpoint, model.checkpoint.config
+    is_gguf = getattr(checkpoint, "format", None) == "gguf"
+    counts, sizes, params = Counter(), Counter(), 0
+    for name in checkpoint.names():
+        info = checkpoint.tensor(name)
+        counts[info.dtype] += 1
+        sizes[info.dtype] += info.nbytes
+        params += prod(info.shape)
+    info = {
+        "path": str(spec),
+        "format": "gguf" if is_gguf else "safetensors",
+        "architecture": (config.get("architectures") or [model.arch.model_type])[0],
+        "model_type": model.arch.model_type,
+        "layers": model.arch.n_layers,
+        "hidden_size": model.arch.hidden_size,
+        "intermediate_size": config.get("intermediate_size"),
+        "attention_heads": config.get("num_attention_heads"),
+        "kv_heads": config.get("num_key_value_heads", config.get("num_attention_heads")),
+        "vocab_size": model.arch.vocab_size,
+        "tensors": len(checkpoint.names()),
+        "parameters": params,
+        "dtypes": {dtype: {"tensors": counts[dtype], "bytes": sizes[dtype]} for dtype in sorted(counts)},
+        "files": [{"name": path.name, "bytes": path.stat().st_size} for path in checkpoint.files],
+        "directory": None if is_gguf else str(checkpoint.directory),
+    }
+    if is_gguf:
+        meta = checkpoint.metadata
+        info["gguf"] = {"version": checkpoint.gguf.version, "metadata_keys": len(meta),
+                        "llama_cpp_architecture": meta.get("general.architecture"),
+                        "name": meta.get("general.name"), "file_type": meta.get("general.file_type"),
+                        "tokenizer": meta.get("tokenizer.ggml.model"), "pre_tokenizer": meta.get("tokenizer.ggml.pre")}
+        recorded = gguf_keys.read_super_weights(meta, checkpoint.path)
+        info["swtool_metadata"] = {key: value for key, value in meta.items() if key.startswith(gguf_keys.PREFIX)}
+        info["recorded_super_weights"] = recorded
+    else:
+        header = {}
+        for file in checkpoint.files.values():
+            header.update({k: v for k, v in file.metadata.items() if k.startswith(gguf_keys.PREFIX)})
+        info["swtool_metadata"] = header
+        info["recorded_super_weights"] = None
+    info["catalogs"] = catalogs_beside(checkpoint.path if is_gguf else checkpoint.directory)
+    try:
+        match = known.identify(config, model_id(spec, model))
+    except SwtoolError as e:
+        info["known"] = {"error": str(e)}
+    else:
+        info["known"] = None if match is None else {
+            "id": match.model.id, "name": match.model.name, "matched_by": match.how,
+            "differences": {k: list(v) for k, v in match.differences.items()},
+            "super_weights": [[sw["layer"], sw["row"], sw["col"]] for sw in match.model.super_weights]}
+    return info
+
+
+def catalogs_beside(path):
+    """swtool catalogs (*.json with schema swtool.catalog/1) in the model's directory."""
+    directory = path if path.is_dir() else path.parent
+    found = []
+    for candidate in sorted(directory.glob("*.json")):
+        if candidate.stat().st_size > 64 * 1024 * 1024:
+            continue
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("schema") == "swtool.catalog/1":
+            found.append({"file": candidate.name, "super_weights": len(data.get("super_weights", []))})
+    return found
+
+
+def format_description(info):
+    """The human summary of `describe`."""
+    lines = [f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}"]
+    lines.append(f"  shape       {info['layers']} layers, hidden {info['hidden_size']}, intermediate "
+                 f"{info['intermediate_size']}, heads {info['attention_heads']}/{info['kv_heads']}, "
+                 f"vocabulary {info['vocab_size']}")
+    lines.append(f"  tensors     {info['tensors']}, {info['parameters'] / 1e6:.1f}M parameters")
+    dtypes = ", ".join(f"{d} {v['tensors']} ({_size(v['bytes'])})" for d, v in info["dtypes"].items())
+    lines.append(f"  dtypes      {dtypes}")
+    files = ", ".join(f"{f['name']} {_size(f['bytes'])}" for f in info["files"])
+    lines.append(f"  files       {len(info['files'])}: {files}")
+    if "gguf" in info:
+        g = info["gguf"]
+        lines.append(f"  gguf        version {g['version']}, {g['metadata_keys']} metadata keys, llama.cpp arch "
+                     f"{g['llama_cpp_architecture']}, tokenizer {g['tokenizer']}/{g['pre_tokenizer']}")
+    recorded = info["recorded_super_weights"]
+    if recorded:
+        shown = ", ".join(f"{sw['layer']} [{sw['row']}, {sw['col']}]" for sw in recorded)
+        lines.append(f"  swtool.*    {len(info['swtool_metadata'])} keys; super weights {shown}")
+    else:
+        lines.append(f"  swtool.*    {len(info['swtool_metadata']) or 'no'} metadata keys")
+    catalogs = ", ".join(f"{c['file']} ({c['super_weights']} super weights)" for c in info["catalogs"])
+    lines.append(f"  catalog     {catalogs or 'none beside it'}")
+    known = info["known"]
+    if known is None:
+        lines.append("  known       no model in swtool catalog known matches (by id or config fingerprint)")
+    elif "error" in known:
+        lines.append(f"  known       {known['error']}")
+    else:
+        coords = ", ".join(f"{l} [{r}, {c}]" for l, r, c in known["super_weights"])
+        lines.append(f"  known       {known['name']} ({known['id']}, matched by {known['matched_by']}): {coords}")
+    return "\n".join(lines)
+
+
+def _size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -1,0 +1,77 @@
+"""The `swtool.*` metadata keys of a GGUF file, defined once: the exporter writes them, audit and inspect read them.
+
+llama.cpp loads files with unknown metadata keys (and llama-quantize copies them),
+but rejects unknown tensors, so the super weights travel as flat metadata arrays,
+one entry per super weight, in the catalog's order (anchors.md §3.5-3.6):
+
+  swtool.format_version          UINT32          FORMAT_VERSION
+  swtool.super_weights.layer     ARRAY[UINT32]   decoder layer
+  swtool.super_weights.row       ARRAY[UINT32]   output channel j of down_proj (HF layout [out, in])
+  swtool.super_weights.col       ARRAY[UINT32]   input channel m
+  swtool.super_weights.value     ARRAY[FLOAT32]  the weight in the source checkpoint, exactly (bf16/f16 fit a float32)
+  swtool.super_weights.tensor    ARRAY[STRING]   llama.cpp name of the tensor (blk.2.ffn_down.weight)
+  swtool.detection.prompt        STRING          the prompt the scan used (optional)
+
+Arrays are flat because whether llama.cpp reads nested arrays is unverified.
+"""
+
+from swtool.errors import SwtoolError
+
+PREFIX = "swtool."
+FORMAT_VERSION_KEY = "swtool.format_version"
+FORMAT_VERSION = 1
+LAYER = "swtool.super_weights.layer"
+ROW = "swtool.super_weights.row"
+COL = "swtool.super_weights.col"
+VALUE = "swtool.super_weights.value"
+TENSOR = "swtool.super_weights.tensor"
+PROMPT = "swtool.detection.prompt"
+PER_WEIGHT = (LAYER, ROW, COL, VALUE, TENSOR)
+
+
+def metadata_fields(super_weights, prompt=None):
+    """[(key, value, GGUFValueType, element type)] for GGUFWriter.add_key_value, from catalog entries.
+
+    Explicit types: GGUFWriter would store Python ints as INT32 and fail on NumPy scalars.
+    """
+    import gguf
+
+    T = gguf.GGUFValueType
+    fields = [
+        (FORMAT_VERSION_KEY, FORMAT_VERSION, T.UINT32, None),
+        (LAYER, [int(sw["layer"]) for sw in super_weights], T.ARRAY, T.UINT32),
+        (ROW, [int(sw["row"]) for sw in super_weights], T.ARRAY, T.UINT32),
+        (COL, [int(sw["col"]) for sw in super_weights], T.ARRAY, T.UINT32),
+        (VALUE, [float(sw["value"]) for sw in super_weights], T.ARRAY, T.FLOAT32),
+        (TENSOR, [str(sw["gguf_tensor"]) for sw in super_weights], T.ARRAY, T.STRING),
+    ]
+    if prompt:
+        fields.append((PROMPT, prompt, T.STRING, None))
+    return fields
+
+
+def has_swtool_metadata(metadata):
+    return any(key.startswith(PREFIX) for key in metadata)
+
+
+def read_super_weights(metadata, source):
+    """The super weights a GGUF's metadata records, [{layer, row, col, value, gguf_tensor}], or None.
+
+    Inconsistent keys (arrays of different lengths, an unknown format version) are an error, not ignored.
+    """
+    if LAYER not in metadata:
+        return None
+    version = metadata.get(FORMAT_VERSION_KEY)
+    if version != FORMAT_VERSION:
+        raise SwtoolError(f"{source}: {FORMAT_VERSION_KEY} is {version!r}; this swtool reads version {FORMAT_VERSION}")
+    columns = []
+    for key in PER_WEIGHT:
+        value = metadata.get(key)
+        if not isinstance(value, list):
+            raise SwtoolError(f"{source}: metadata {key} is missing or not an array")
+        columns.append(value)
+    if len({len(column) for column in columns}) != 1:
+        lengths = ", ".join(f"{key}: {len(column)}" for key, column in zip(PER_WEIGHT, columns))
+        raise SwtoolError(f"{source}: the swtool.super_weights arrays differ in length ({lengths})")
+    return [{"layer": layer, "row": row, "col": col, "value": value, "gguf_tensor": tensor}
+            for layer, row, col, value, tensor in zip(*columns)]
