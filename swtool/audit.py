@@ -2,7 +2,7 @@
 
 Where the coordinates come from, first that applies:
   1. --catalog: a scan catalog (expected values included);
-  2. --known / --known-id: the published coordinates (known.py; no values);
+  2. --known / --known-id: the coordinates of `swtool catalog known` (known.py; no values);
   3. a GGUF's `swtool.*` metadata (gguf_keys.py; the exporter records exact values);
   4. otherwise a scan of the reference (with --reference) or of the model itself.
 
@@ -63,6 +63,11 @@ class Finding:
     disputed: bool = False
     note: str = ""
 
+    @property
+    def present(self):
+        """The tensor exists and holds the coordinate (its value may still be damaged)."""
+        return self.status != "missing"
+
 
 @dataclass
 class Report:
@@ -83,8 +88,9 @@ class Report:
         return [f for f in self.findings if f.status != "intact" and not f.disputed]
 
     def to_json(self):
-        data = asdict(self)
-        data = {"schema": SCHEMA_ID, **{k: v for k, v in data.items() if k != "scan"}}
+        data = {"schema": SCHEMA_ID, **{k: v for k, v in asdict(self).items() if k != "scan"}}
+        for finding, entry in zip(self.findings, data["findings"]):
+            entry["present"] = finding.present
         data["ok"] = not self.failed and bool(self.findings)
         return data
 

@@ -11,9 +11,17 @@ one entry per super weight, in the catalog's order (anchors.md §3.5-3.6):
   swtool.super_weights.value     ARRAY[FLOAT32]  the weight in the source checkpoint, exactly (bf16/f16 fit a float32)
   swtool.super_weights.tensor    ARRAY[STRING]   llama.cpp name of the tensor (blk.2.ffn_down.weight)
   swtool.detection.prompt        STRING          the prompt the scan used (optional)
+  swtool.export.handling         STRING          what `swtool export`/`quantize` did with them: "keep:F16", "isolate", "none"
+  swtool.ffn_order.{L}           ARRAY[UINT32]   after "isolate" (quant/isolate.py): the source intermediate channel of
+                                                 each stored one of layer L (rows of ffn_gate/ffn_up, columns of ffn_down)
+
+Coordinates are those of the tensor in the file that holds the keys: after
+"isolate", `col` is the stored column, and swtool.ffn_order.{L}[col] the source one.
 
 Arrays are flat because whether llama.cpp reads nested arrays is unverified.
 """
+
+from collections.abc import Sequence
 
 from swtool.errors import SwtoolError
 
@@ -27,6 +35,21 @@ VALUE = "swtool.super_weights.value"
 TENSOR = "swtool.super_weights.tensor"
 PROMPT = "swtool.detection.prompt"
 PER_WEIGHT = (LAYER, ROW, COL, VALUE, TENSOR)
+HANDLING = "swtool.export.handling"
+FFN_ORDER_PREFIX = "swtool.ffn_order."
+
+
+def ffn_order_key(layer):
+    return f"{FFN_ORDER_PREFIX}{int(layer)}"
+
+
+def read_ffn_orders(metadata):
+    """{layer: [source channel of each stored channel]} of the layers an export reordered."""
+    orders = {}
+    for key, value in metadata.items():
+        if key.startswith(FFN_ORDER_PREFIX) and key[len(FFN_ORDER_PREFIX):].isdigit():
+            orders[int(key[len(FFN_ORDER_PREFIX):])] = list(value)
+    return orders
 
 
 def metadata_fields(super_weights, prompt=None):
@@ -67,9 +90,9 @@ def read_super_weights(metadata, source):
     columns = []
     for key in PER_WEIGHT:
         value = metadata.get(key)
-        if not isinstance(value, list):
+        if not isinstance(value, Sequence) or isinstance(value, str):
             raise SwtoolError(f"{source}: metadata {key} is missing or not an array")
-        columns.append(value)
+        columns.append(list(value))
     if len({len(column) for column in columns}) != 1:
         lengths = ", ".join(f"{key}: {len(column)}" for key, column in zip(PER_WEIGHT, columns))
         raise SwtoolError(f"{source}: the swtool.super_weights arrays differ in length ({lengths})")

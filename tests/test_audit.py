@@ -123,6 +123,18 @@ def test_ablated_copy_is_caught(smollm2, catalog, damaged):
     assert "read 8 bytes of weights in" in table.stdout
 
 
+def test_a_catalog_of_another_model_reports_missing_weights(smollm2, catalog, tmp_path):
+    data = json.loads(catalog.read_text())
+    data["super_weights"][0].update(layer=31, tensor=down_proj(31))  # SmolLM2 has 30 layers
+    data["super_weights"][1].update(row=9999)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    found = by_coordinate(audit_json(smollm2, "--catalog", other, code=1))
+    assert found[(31, 507, 90)]["status"] == "missing" and not found[(31, 507, 90)]["present"]
+    assert found[(2, 9999, 430)]["status"] == "missing" and "outside" in found[(2, 9999, 430)]["note"]
+    assert found[(11, 507, 1229)]["present"] and found[(11, 507, 1229)]["status"] == "intact"
+
+
 def test_tolerance_decides_what_changed_means(damaged, catalog):
     report = audit_json(damaged, "--catalog", catalog, "--tolerance", "0.8", code=1)  # the zeroed one still fails
     assert by_coordinate(report)[(11, 507, 1229)]["status"] == "intact"

@@ -8,9 +8,10 @@ A GGUF file (ggml docs/gguf.md) is
 
 Why not gguf-py's GGUFReader: it builds one NumPy view per string of the vocabulary
 (2.4 s for SmolLM2's 49k tokens and 49k merges), which would make an audit of a
-few scalars take seconds. This parser walks the same bytes with `struct` in
-about 0.08 s, checks every length and offset against the file size, and keeps
-nothing mapped. tests/test_gguf_input.py holds it to GGUFReader's answers.
+few scalars take seconds. This parser walks the same bytes with `struct`, checks
+every length and offset against the file size, decodes the vocabulary only when
+a tokenizer is built (`LazyStrings`), and keeps nothing mapped: about 0.02 s for
+SmolLM2's header. tests/test_gguf_input.py holds it to GGUFReader's answers.
 gguf-py still provides the tables (types, block sizes) and the dequantizers.
 
 Tensor bytes are memory-mapped only while they are used, as for safetensors.
@@ -22,6 +23,7 @@ columns, so one weight can be recovered by decoding its block alone.
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -44,6 +46,7 @@ ARRAY_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f
                 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
 LENGTH = struct.Struct("<Q")  # a string's byte length
+LAZY_STRINGS = 1024  # string arrays at least this long (vocabularies) are decoded on first use
 
 # ggml types whose stored elements are plain numbers: (NumPy dtype of the stored bits, swtool's decode name)
 PLAIN_TYPES = {"F32": ("<f4", "F32"), "F16": ("<f2", "F16"), "BF16": ("<u2", "BF16")}
@@ -215,28 +218,71 @@ class _Cursor:
         if count > len(self.buffer) - self.pos:  # every element takes at least one byte
             raise CheckpointError(self.path, f"corrupt header: an array claims {count} elements at byte {self.pos}")
         if element == STRING:
-            return self.strings(count), (ARRAY, element)
+            start = self.pos
+            self.pos = _walk_strings(self.path, self.buffer, start, count)
+            if count >= LAZY_STRINGS:  # a vocabulary: decoded only if a tokenizer is built
+                return LazyStrings(self.path, bytes(self.buffer[start:self.pos]), count), (ARRAY, element)
+            return _decode_strings(self.path, self.buffer[start:self.pos], count), (ARRAY, element)
         return [self.value(element)[0] for _ in range(count)], (ARRAY, element)
 
-    def strings(self, count):
-        """`count` strings in a row: the vocabulary's tokens and merges, so the loop is kept tight."""
-        buffer, pos, end, length_at = self.buffer, self.pos, len(self.buffer), LENGTH.unpack_from
-        out = []
+
+def _walk_strings(path, buffer, pos, count):
+    """The end of `count` length-prefixed strings starting at `pos`, each checked to lie inside the buffer."""
+    end, length_at = len(buffer), LENGTH.unpack_from
+    for _ in range(count):
+        if pos + 8 > end:
+            raise CheckpointError(path, f"truncated: the header ends inside a string at byte {pos}")
+        (length,) = length_at(buffer, pos)
+        pos += 8 + length
+        if pos > end:
+            raise CheckpointError(path, f"truncated: a {length}-byte string at byte {pos - length} "
+                                        f"runs past the end of the file")
+    return pos
+
+
+def _decode_strings(path, raw, count):
+    """[str] of `count` length-prefixed UTF-8 strings in `raw` (already walked, so in bounds)."""
+    out, pos, length_at = [], 0, LENGTH.unpack_from
+    for _ in range(count):
+        (length,) = length_at(raw, pos)
+        pos += 8
         try:
-            for _ in range(count):
-                if pos + 8 > end:
-                    raise CheckpointError(self.path, f"truncated: the header ends inside a string at byte {pos}")
-                (length,) = length_at(buffer, pos)
-                pos += 8
-                if pos + length > end:
-                    raise CheckpointError(self.path, f"truncated: a {length}-byte string at byte {pos} "
-                                                     f"runs past the end of the file")
-                out.append(str(buffer[pos:pos + length], "utf-8"))
-                pos += length
+            out.append(str(raw[pos:pos + length], "utf-8"))
         except UnicodeDecodeError:
-            raise CheckpointError(self.path, f"corrupt header: a string at byte {pos} is not UTF-8") from None
-        self.pos = pos
-        return out
+            raise CheckpointError(path, f"corrupt header: a string of the vocabulary is not UTF-8") from None
+        pos += length
+    return out
+
+
+class LazyStrings(Sequence):
+    """A long string array of the metadata (tokens, merges), decoded on first use.
+
+    Walking 100k strings to find where the array ends is cheap; decoding them is
+    most of a header's parse, and an audit or inspect never needs the vocabulary.
+    """
+
+    def __init__(self, path, raw, count):
+        self._path, self._raw, self._count, self._items = path, raw, count, None
+
+    def _decoded(self):
+        if self._items is None:
+            self._items, self._raw = _decode_strings(self._path, self._raw, self._count), None
+        return self._items
+
+    def __len__(self):
+        return self._count
+
+    def __getitem__(self, index):
+        return self._decoded()[index]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __eq__(self, other):
+        return list(self) == list(other) if isinstance(other, Sequence) and not isinstance(other, str) else NotImplemented
+
+    def __repr__(self):
+        return f"LazyStrings({self._count} strings)"
 
 
 def read_gguf(path):
