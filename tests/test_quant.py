@@ -91,8 +91,16 @@ def with_outliers(values, seed):
 
 
 def special_blocks():
-    """All-zero (+0/-0), constant, one non-zero, below ggml's GROUP_MAX_EPS, denormal, two-valued blocks."""
+    """All-zero (+0/-0), constant, one non-zero, below ggml's GROUP_MAX_EPS, denormal, two-valued blocks,
+    and ties whose sign ggml's first-wins scans decide (a signed zero as min or max, +-amax)."""
+    j = np.arange(512) % 32
+    ramp = 0.1 + (j % 7) * 0.01
     rows = [
+        np.where(j == 2, 0.0, np.where(j == 5, -0.0, ramp)),  # min is a zero: +0.0 comes first
+        np.where(j == 1, -0.0, np.where(j == 6, 0.0, ramp)),  # min is a zero: -0.0 comes first
+        np.where(j == 3, 0.0, np.where(j == 4, -0.0, -ramp)),  # max is a zero
+        np.where(j == 1, -0.5, np.where(j == 3, 0.5, ramp / 10)),  # |max| tie: -0.5 first
+        np.where(j == 1, 0.5, np.where(j == 30, -0.5, ramp / 10)),  # |max| tie: +0.5 first
         np.zeros(512),
         np.full(512, -0.0),
         np.where(np.arange(512) % 3 == 0, -0.0, 0.0),

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from swtool.quant.bits import JIT, get_fp16, has_nonfinite, nearest_int, put_fp16, to_int8
-from swtool.quant.search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants
+from swtool.quant.search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants, new_lanes
 
 QK_K = 256
 
@@ -73,7 +73,7 @@ def _scale_min_k4(data, at, j):
 # Q2_K
 
 @numba.njit(**JIT)
-def block_q2_k(x, out, L, Laux, weights, scales, mins):
+def block_q2_k(x, out, L, lanes, weights, scales, mins):
     # 1. scale and min per 16, weighted by |x|, absolute error
     max_scale = np.float32(0.0)
     max_min = np.float32(0.0)
@@ -82,7 +82,7 @@ def block_q2_k(x, out, L, Laux, weights, scales, mins):
         for l in range(16):
             weights[l] = abs(xs[l])
         scales[j], mins[j] = make_qkx2_quants(xs, weights[:16], 3, np.float32(-0.5), np.float32(0.1), 15, True,
-                                              L[16 * j:16 * j + 16], Laux[:16])
+                                              L[16 * j:16 * j + 16], lanes)
         if scales[j] > max_scale:  # ggml's strict compares: a -0.0 never replaces the +0.0 start
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -120,11 +120,11 @@ def quantize_q2_k(values, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, Laux = np.empty(QK_K, np.int32), np.empty(32, np.int32)
+        L, lanes = np.empty(QK_K, np.int32), new_lanes()
         weights, scales, mins = np.empty(32, np.float32), np.empty(16, np.float32), np.empty(16, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * 84:(b + 1) * 84], L, Laux, weights, scales, mins)
+                block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * 84:(b + 1) * 84], L, lanes, weights, scales, mins)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -229,7 +229,7 @@ def dequantize_q3_k(data, out):
 # Q4_K and Q5_K share step 1 and 2: (scale, min) per 32, weighted by rms + |x|
 
 @numba.njit(**JIT)
-def _scales_mins_k4(x, out, nmax, rmin, nstep, L, Laux, weights, scales, mins):
+def _scales_mins_k4(x, out, nmax, rmin, nstep, L, lanes, weights, scales, mins):
     """Steps 1-2 of Q4_K/Q5_K: per-32 scale/min searches, 6-bit packing at out[4:16];
     returns (d, dmin) as stored (half precision, read back)."""
     max_scale = np.float32(0.0)
@@ -243,7 +243,7 @@ def _scales_mins_k4(x, out, nmax, rmin, nstep, L, Laux, weights, scales, mins):
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
         scales[j], mins[j] = make_qkx2_quants(xs, weights, nmax, rmin, np.float32(0.1), nstep, False,
-                                              L[32 * j:32 * j + 32], Laux)
+                                              L[32 * j:32 * j + 32], lanes)
         if scales[j] > max_scale:  # ggml's strict compares: a -0.0 never replaces the +0.0 start
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -273,8 +273,8 @@ def _codes_k4(x, out, d, dmin, nmax, L):
 
 
 @numba.njit(**JIT)
-def block_q4_k(x, out, L, Laux, weights, scales, mins):
-    d, dmin = _scales_mins_k4(x, out, 15, np.float32(-1.0), 20, L, Laux, weights, scales, mins)
+def block_q4_k(x, out, L, lanes, weights, scales, mins):
+    d, dmin = _scales_mins_k4(x, out, 15, np.float32(-1.0), 20, L, lanes, weights, scales, mins)
     _codes_k4(x, out, d, dmin, 15, L)
     # byte l of each 32-byte group: code l (low nibble) and code l + 32 (high) of a 64-value stretch
     for group in range(4):
@@ -283,8 +283,8 @@ def block_q4_k(x, out, L, Laux, weights, scales, mins):
 
 
 @numba.njit(**JIT)
-def block_q5_k(x, out, L, Laux, weights, scales, mins):
-    d, dmin = _scales_mins_k4(x, out, 31, np.float32(-0.5), 15, L, Laux, weights, scales, mins)
+def block_q5_k(x, out, L, lanes, weights, scales, mins):
+    d, dmin = _scales_mins_k4(x, out, 31, np.float32(-0.5), 15, L, lanes, weights, scales, mins)
     _codes_k4(x, out, d, dmin, 31, L)
     # as Q4_K for the low 4 bits (at 48); bit 4 of code 64g + l -> bit 2g of qh[l], of 64g + 32 + l -> bit 2g + 1
     for l in range(32):
@@ -306,11 +306,11 @@ def quantize_q4_k(values, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, Laux = np.empty(QK_K, np.int32), np.empty(32, np.int32)
+        L, lanes = np.empty(QK_K, np.int32), new_lanes()
         weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q4_k(x[b * QK_K:(b + 1) * QK_K], y[b * 144:(b + 1) * 144], L, Laux, weights, scales, mins)
+                block_q4_k(x[b * QK_K:(b + 1) * QK_K], y[b * 144:(b + 1) * 144], L, lanes, weights, scales, mins)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -318,11 +318,11 @@ def quantize_q5_k(values, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, Laux = np.empty(QK_K, np.int32), np.empty(32, np.int32)
+        L, lanes = np.empty(QK_K, np.int32), new_lanes()
         weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * 176:(b + 1) * 176], L, Laux, weights, scales, mins)
+                block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * 176:(b + 1) * 176], L, lanes, weights, scales, mins)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -365,12 +365,12 @@ def dequantize_q5_k(data, out):
 # Q6_K
 
 @numba.njit(**JIT)
-def block_q6_k(x, out, L, scales):
+def block_q6_k(x, out, L, lanes, scales):
     # 1. a signed scale per 16 (codes -32..31, weights x**2)
     max_scale = np.float32(0.0)
     max_abs_scale = np.float32(0.0)
     for j in range(16):
-        scales[j] = make_qx_quants(x[16 * j:16 * j + 16], 32, L[16 * j:16 * j + 16])
+        scales[j] = make_qx_quants(x[16 * j:16 * j + 16], 32, L[16 * j:16 * j + 16], lanes)
         if abs(scales[j]) > max_abs_scale:
             max_abs_scale = abs(scales[j])
             max_scale = scales[j]
@@ -405,10 +405,10 @@ def quantize_q6_k(values, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, scales = np.empty(QK_K, np.int32), np.empty(16, np.float32)
+        L, lanes, scales = np.empty(QK_K, np.int32), new_lanes(), np.empty(16, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * 210:(b + 1) * 210], L, scales)
+                block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * 210:(b + 1) * 210], L, lanes, scales)
 
 
 @numba.njit(parallel=True, **JIT)

@@ -11,6 +11,15 @@ returns what ggml's function returns:
   make_qkx2_quants  asymmetric (scale and min), weighted least squares over trial scales (Q2_K, Q4_K, Q5_K)
 
 Float operations follow the C expressions term by term (see bits.py for why).
+
+Trials side by side. ggml tries its trial scales one after another, each with a
+loop over the sub-block that sums in element order. Those sums cannot be
+vectorised along the elements without changing their rounding, but the trials
+are independent: here the loop over elements is outside and the loop over
+trials inside, so every trial still adds its terms in element order (the same
+float32 sums, bit for bit) while LLVM vectorises across trials. The choice of
+the best trial is then replayed in ggml's order. `lanes` is a per-row float32
+scratch array [LANE_ROWS, TRIALS]; unused lanes repeat a real trial and are ignored.
 """
 
 import numba
@@ -19,11 +28,30 @@ import numpy as np
 from swtool.quant.bits import JIT, nearest_int
 
 GROUP_MAX_EPS = np.float32(1e-15)
+TRIALS = 24  # >= the most trials of any search (1 + 21 for Q4_K); 24 vectorised best here (16 + 8 lanes)
+LANE_ROWS = 7
+MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
+@numba.njit(**JIT)
+def new_lanes():
+    """Scratch for one thread's searches."""
+    return np.empty((LANE_ROWS, TRIALS), dtype=np.float32)
 
 
 @numba.njit(**JIT)
 def _clamp(value, lo, hi):
     return max(lo, min(hi, value))
+
+
+@numba.njit(**JIT)
+def _rint(value):
+    """nearest_int(value) as a float32, for |value| < 2**22: the same half-to-even rounding.
+
+    Trial scales keep |iscale * x| <= nmax + 1, far inside that range, and staying
+    in float32 (no int round trip) is what lets the trial loop vectorise well.
+    """
+    return (value + MAGIC) - MAGIC
 
 
 @numba.njit(**JIT)
@@ -40,11 +68,12 @@ def _signed_absmax(x):
 
 
 @numba.njit(**JIT)
-def make_qx_quants(x, nmax, L):
+def make_qx_quants(x, nmax, L, lanes):
     """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): codes L in 0..2*nmax-1, returns the scale.
 
-    Weights are x**2 (rmse_type 1). Tries iscale = -(nmax + 0.1*k)/max for k = -9..9
-    and keeps the one with the best sum(w*x*l)**2 / sum(w*l*l).
+    Weights are x**2 (rmse_type 1). Trial 0 is iscale = -nmax/max; then
+    -(nmax + 0.1*k)/max for k = -9..9 (k = 0 is trial 0 again, skipped). The
+    winner has the largest sum(w*x*l)**2 / sum(w*l*l), compared in ggml's order.
     """
     n = x.shape[0]
     amax, biggest = _signed_absmax(x)
@@ -53,34 +82,32 @@ def make_qx_quants(x, nmax, L):
             L[i] = 0
         return np.float32(0.0)
     fmax = np.float32(nmax)
-    iscale = -fmax / biggest
-    sumlx = np.float32(0.0)
-    suml2 = np.float32(0.0)
-    for i in range(n):
-        l = _clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-        L[i] = l + nmax
-        w = x[i] * x[i]
-        fl = np.float32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != 0 else np.float32(0.0)
-    best = scale * sumlx
+    iscale, sumlx, suml2 = lanes[0], lanes[1], lanes[2]
+    iscale[:] = -fmax / biggest
+    t = 1
     for k in range(-9, 10):
-        if k == 0:
-            continue
-        iscale = -(fmax + np.float32(0.1) * np.float32(k)) / biggest
-        sumlx = np.float32(0.0)
-        suml2 = np.float32(0.0)
-        for i in range(n):
-            fl = np.float32(_clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1))
-            w = x[i] * x[i]
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > 0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = nmax + _clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-            scale = sumlx / suml2
-            best = scale * sumlx
+        if k != 0:
+            iscale[t] = -(fmax + np.float32(0.1) * np.float32(k)) / biggest
+            t += 1
+    sumlx[:] = 0
+    suml2[:] = 0
+    for i in range(n):
+        w = x[i] * x[i]
+        wx = w * x[i]
+        for t in range(TRIALS):
+            l = min(max(_rint(iscale[t] * x[i]), -fmax), fmax - np.float32(1.0))
+            sumlx[t] += wx * l  # ggml: w*x[i]*l
+            suml2[t] += w * l * l
+    scale = sumlx[0] / suml2[0] if suml2[0] != 0 else np.float32(0.0)
+    best = scale * sumlx[0]
+    winner = 0
+    for t in range(1, 19):
+        if suml2[t] > 0 and sumlx[t] * sumlx[t] > best * suml2[t]:
+            scale = sumlx[t] / suml2[t]
+            best = scale * sumlx[t]
+            winner = t
+    for i in range(n):
+        L[i] = nmax + _clamp(nearest_int(iscale[winner] * x[i]), -nmax, nmax - 1)
     return scale
 
 
@@ -132,13 +159,69 @@ def make_q3_quants(x, nmax, L):
 
 
 @numba.njit(**JIT)
-def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
+def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, width, sum_w, sum_x, use_mad, lanes):
+    """Trials k = first..nstep of make_qkx2_quants, side by side, all with ggml's current `min` = shift.
+
+    Lane t holds trial first + t: its iscale, the least-squares (scale, min) refit
+    (scale NaN where ggml skips the trial, D <= 0) and the refit's weighted error.
+    """
+    fmax = np.float32(nmax)
+    iscale, scale, the_min, error = lanes[0], lanes[1], lanes[2], lanes[3]
+    sum_l, sum_l2, sum_xl = lanes[4], lanes[5], lanes[6]
+    n_trials = nstep + 1 - first
+    n_lanes = min(TRIALS, (n_trials + 7) // 8 * 8)  # whole vectors of 8
+    for t in range(n_lanes):
+        k = first + min(t, n_trials - 1)  # spare lanes repeat the last trial
+        iscale[t] = (rmin + rdelta * np.float32(k) + fmax) / width
+    sum_l[:] = 0
+    sum_l2[:] = 0
+    sum_xl[:] = 0
+    for i in range(x.shape[0]):  # sums in element order, each lane on its own
+        w = weights[i]
+        shifted = x[i] - shift
+        for t in range(n_lanes):
+            l = min(max(_rint(iscale[t] * shifted), np.float32(0.0)), fmax)
+            sum_l[t] += w * l
+            sum_l2[t] += w * l * l
+            sum_xl[t] += w * l * x[i]
+    for t in range(n_trials):
+        D = sum_w * sum_l2[t] - sum_l[t] * sum_l[t]
+        if D > 0:
+            scale[t] = (sum_w * sum_xl[t] - sum_x * sum_l[t]) / D
+            the_min[t] = (sum_l2[t] * sum_x - sum_l[t] * sum_xl[t]) / D
+            if the_min[t] > 0:
+                the_min[t] = np.float32(0.0)
+                scale[t] = sum_xl[t] / sum_l2[t]
+        else:
+            scale[t] = np.float32(np.nan)
+            the_min[t] = np.float32(0.0)
+    for t in range(n_trials, n_lanes):
+        scale[t] = np.float32(np.nan)
+        the_min[t] = np.float32(0.0)
+    error[:] = 0
+    for i in range(x.shape[0]):  # errors in element order
+        w = weights[i]
+        shifted = x[i] - shift
+        for t in range(n_lanes):
+            l = min(max(_rint(iscale[t] * shifted), np.float32(0.0)), fmax)
+            diff = scale[t] * l + the_min[t] - x[i]
+            error[t] += w * (abs(diff) if use_mad else diff * diff)
+
+
+@numba.njit(**JIT)
+def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, L, lanes):
     """ggml make_qkx2_quants: codes L in 0..nmax for x ~ scale * L - min; returns (scale, min).
 
-    The min is returned as ggml's `*the_min` (>= 0, subtracted). Trial inverse
-    scales (rmin + rdelta*k + nmax) / (max - min), k = 0..nstep, each refit by
-    weighted least squares for scale and min; the lowest weighted error
-    (absolute if use_mad, else squared) wins.
+    The min is returned as ggml's `*the_min` (>= 0, subtracted). The first fit
+    spans [min(x, 0), max(x)] with iscale = nmax / (max - min); trials
+    k = 0..nstep take iscale = (rmin + rdelta*k + nmax) / (max - min), refit
+    scale and min by weighted least squares, and replace the fit when their
+    weighted error (absolute if use_mad, else squared) is lower.
+
+    A winning trial also replaces `min`, which the later trials subtract before
+    rounding. So trials run side by side on the current min, the winners are
+    replayed in ggml's order, and from the first win that moves min the
+    remaining trials run again (about 3 times per search on weight-like data).
     """
     n = x.shape[0]
     lo = x[0]
@@ -159,45 +242,35 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
         for i in range(n):
             L[i] = 0
         return np.float32(0.0), -lo
-    fmax = np.float32(nmax)
-    iscale = fmax / (hi - lo)
-    scale = np.float32(1.0) / iscale
+    # the first fit
+    the_min = lo
+    best_iscale = np.float32(nmax) / (hi - lo)
+    best_shift = lo
+    scale = np.float32(1.0) / best_iscale
     best_error = np.float32(0.0)
     for i in range(n):
-        l = _clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax)
-        L[i] = l
-        diff = scale * np.float32(l) + lo - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    for k in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(k) + fmax) / (hi - lo)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            l = _clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax)
-            Laux[i] = l
-            w = weights[i]
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > 0:
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur_error = np.float32(0.0)
-            for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                lo = this_min
-    return scale, -lo
+        l = np.float32(_clamp(nearest_int(best_iscale * (x[i] - lo)), 0, nmax))
+        diff = scale * l + lo - x[i]
+        best_error += weights[i] * (abs(diff) if use_mad else diff * diff)
+    # the trials, replayed in order
+    iscales, scales, mins, errors = lanes[0], lanes[1], lanes[2], lanes[3]
+    first = 0
+    while first <= nstep:
+        shift = the_min
+        _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, hi - shift, sum_w, sum_x, use_mad, lanes)
+        moved = False
+        for t in range(nstep + 1 - first):
+            if scales[t] == scales[t] and errors[t] < best_error:  # NaN scale: ggml skipped it
+                best_error = errors[t]
+                scale = scales[t]
+                the_min = mins[t]
+                best_iscale, best_shift = iscales[t], shift
+                if the_min != shift:
+                    first += t + 1
+                    moved = True
+                    break
+        if not moved:
+            break
+    for i in range(n):
+        L[i] = _clamp(nearest_int(best_iscale * (x[i] - best_shift)), 0, nmax)
+    return scale, -the_min

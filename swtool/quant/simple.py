@@ -22,7 +22,7 @@ rows and set bad[row] for rows holding NaN/Inf (left unwritten);
 import numba
 import numpy as np
 
-from swtool.quant.bits import JIT, as_bits, from_bits, get_fp16, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
+from swtool.quant.bits import JIT, get_fp16, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
 
 QK = 32
 
@@ -31,50 +31,107 @@ QK = 32
 # block statistics
 
 @numba.njit(**JIT)
-def _signed_absmax(x):
-    """The value of largest |x| (the first one on ties), +0.0 for an all-zero block.
-
-    ggml scans with `if (amax < fabsf(v))`. |x| of finite floats orders like
-    their bits with the sign cleared, so an integer max finds amax (and vectorises).
-    """
-    bits = x.view(np.uint32)
-    top = np.uint32(0)
-    for j in range(QK):
-        top = max(top, bits[j] & np.uint32(0x7FFFFFFF))
-    if top == 0:
-        return np.float32(0.0)  # ggml's max starts at +0.0 and stays there, even for -0.0 inputs
-    for j in range(QK):
-        if bits[j] & np.uint32(0x7FFFFFFF) == top:
-            return x[j]
-    return np.float32(0.0)
+def _larger(a, b):
+    return b if b > a else a
 
 
 @numba.njit(**JIT)
+def _smaller(a, b):
+    return b if b < a else a
+
+
+# Four running maxima instead of ggml's one break the chain of dependent compares
+# (4x shorter); the result is the same value. Which element holds it matters
+# only for its sign, handled where it does.
+
+@numba.njit(**JIT)
 def _absmax(x):
-    bits = x.view(np.uint32)
-    top = np.uint32(0)
+    """max |x| of the block (ggml: amax = MAX(amax, fabsf(v)) from 0)."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for j in range(0, QK, 4):
+        a0 = _larger(a0, abs(x[j]))
+        a1 = _larger(a1, abs(x[j + 1]))
+        a2 = _larger(a2, abs(x[j + 2]))
+        a3 = _larger(a3, abs(x[j + 3]))
+    return _larger(_larger(a0, a1), _larger(a2, a3))
+
+
+@numba.njit(**JIT)
+def _signed_absmax(x):
+    """The value of largest |x|, the first one on ties; +0.0 for an all-zero block.
+
+    ggml: `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from max = +0.0,
+    so the first element reaching amax wins, with its sign.
+    """
+    amax = _absmax(x)
+    if amax == 0:
+        return np.float32(0.0)  # stays +0.0 even for -0.0 inputs
     for j in range(QK):
-        top = max(top, bits[j] & np.uint32(0x7FFFFFFF))
-    return from_bits(np.int64(top))
+        if abs(x[j]) == amax:
+            return x[j]
+    return amax
+
+
+@numba.njit(**JIT)
+def _first_zero(x, zero):
+    """The first element equal to 0 (it may be -0.0): ggml's strict compares keep the first of equals."""
+    for j in range(QK):
+        if x[j] == 0:
+            return x[j]
+    return zero
 
 
 @numba.njit(**JIT)
 def _min_max(x):
     """min and max as ggml's Q4_1/Q5_1 loops find them (from FLT_MAX / -FLT_MAX, strict compares)."""
-    lo = np.float32(np.finfo(np.float32).max)
-    hi = -lo
-    for j in range(QK):
-        v = x[j]
-        if v < lo:
-            lo = v
-        if v > hi:
-            hi = v
+    big = np.float32(np.finfo(np.float32).max)
+    l0 = l1 = l2 = l3 = big
+    h0 = h1 = h2 = h3 = -big
+    for j in range(0, QK, 4):
+        l0, h0 = _smaller(l0, x[j]), _larger(h0, x[j])
+        l1, h1 = _smaller(l1, x[j + 1]), _larger(h1, x[j + 1])
+        l2, h2 = _smaller(l2, x[j + 2]), _larger(h2, x[j + 2])
+        l3, h3 = _smaller(l3, x[j + 3]), _larger(h3, x[j + 3])
+    lo = _smaller(_smaller(l0, l1), _smaller(l2, l3))
+    hi = _larger(_larger(h0, h1), _larger(h2, h3))
+    if lo == 0:
+        lo = _first_zero(x, lo)
+    if hi == 0:
+        hi = _first_zero(x, hi)
     return lo, hi
 
 
 @numba.njit(**JIT)
 def _inverse(d):
     return np.float32(1.0) / d if d != 0 else np.float32(0.0)
+
+
+@numba.njit(**JIT)
+def _ordinary(d, inv):
+    """d and 1/d finite: then every x/d of the block is a small number (|x/d| <= 2**5 or so).
+
+    Otherwise (d a denormal whose inverse is inf, or a range overflowing to inf)
+    ggml's float->int conversions see inf or NaN, which trunc_int reproduces.
+    """
+    return abs(d) < np.float32(np.inf) and abs(inv) < np.float32(np.inf)
+
+
+@numba.njit(**JIT)
+def _to_int(value, ordinary):
+    """C's (int)value; plain truncation when the caller knows the value is in range (it vectorises)."""
+    if ordinary:
+        return np.int64(np.int32(value))
+    return trunc_int(value)
+
+
+@numba.njit(**JIT)
+def _round_to_int(value, ordinary):
+    """C's (int)roundf(value), half away from zero."""
+    if ordinary:
+        whole = np.int32(value)
+        rest = value - np.float32(whole)
+        return np.int64(whole) + (rest >= np.float32(0.5)) - (rest <= np.float32(-0.5))
+    return roundf_int(value)
 
 
 # ---------------------------------------------------------------------------
@@ -84,19 +141,21 @@ def _inverse(d):
 def block_q8_0(x, out):
     d = _absmax(x) / np.float32(127.0)
     inv = _inverse(d)
+    ordinary = _ordinary(d, inv)
     put_fp16(out, 0, d)
     for j in range(QK):
-        out[2 + j] = roundf_int(x[j] * inv) & 0xFF
+        out[2 + j] = _round_to_int(x[j] * inv, ordinary) & 0xFF
 
 
 @numba.njit(**JIT)
 def block_q4_0(x, out):
     d = _signed_absmax(x) / np.float32(-8.0)
     inv = _inverse(d)
+    ordinary = _ordinary(d, inv)
     put_fp16(out, 0, d)
     for j in range(QK // 2):
-        low = min(15, to_int8(trunc_int(x[j] * inv + np.float32(8.5))))
-        high = min(15, to_int8(trunc_int(x[j + 16] * inv + np.float32(8.5))))
+        low = min(15, to_int8(_to_int(x[j] * inv + np.float32(8.5), ordinary)))
+        high = min(15, to_int8(_to_int(x[j + 16] * inv + np.float32(8.5), ordinary)))
         out[2 + j] = (low & 0xFF) | ((high << 4) & 0xFF)
 
 
@@ -105,11 +164,12 @@ def block_q4_1(x, out):
     lo, hi = _min_max(x)
     d = (hi - lo) / np.float32(15.0)
     inv = _inverse(d)
+    ordinary = _ordinary(d, inv)
     put_fp16(out, 0, d)
     put_fp16(out, 2, lo)
     for j in range(QK // 2):
-        low = min(15, to_int8(trunc_int((x[j] - lo) * inv + np.float32(0.5))))
-        high = min(15, to_int8(trunc_int((x[j + 16] - lo) * inv + np.float32(0.5))))
+        low = min(15, to_int8(_to_int((x[j] - lo) * inv + np.float32(0.5), ordinary)))
+        high = min(15, to_int8(_to_int((x[j + 16] - lo) * inv + np.float32(0.5), ordinary)))
         out[4 + j] = (low & 0xFF) | ((high << 4) & 0xFF)
 
 
@@ -130,9 +190,10 @@ def _pack_5bit(codes, out, qh_at):
 def block_q5_0(x, out, codes):
     d = _signed_absmax(x) / np.float32(-16.0)
     inv = _inverse(d)
+    ordinary = _ordinary(d, inv)
     put_fp16(out, 0, d)
     for j in range(QK):
-        codes[j] = min(31, to_int8(trunc_int(x[j] * inv + np.float32(16.5)))) & 0xFF
+        codes[j] = min(31, to_int8(_to_int(x[j] * inv + np.float32(16.5), ordinary))) & 0xFF
     _pack_5bit(codes, out, 2)
 
 
@@ -141,10 +202,11 @@ def block_q5_1(x, out, codes):
     lo, hi = _min_max(x)
     d = (hi - lo) / np.float32(31.0)
     inv = _inverse(d)
+    ordinary = _ordinary(d, inv)
     put_fp16(out, 0, d)
     put_fp16(out, 2, lo)
     for j in range(QK):
-        codes[j] = trunc_int((x[j] - lo) * inv + np.float32(0.5)) & 0xFF  # (uint8_t), no clamp in ggml
+        codes[j] = _to_int((x[j] - lo) * inv + np.float32(0.5), ordinary) & 0xFF  # (uint8_t), no clamp in ggml
     _pack_5bit(codes, out, 4)
 
 
