@@ -11,8 +11,12 @@ Two kinds of plug-in, as in DESIGN.md:
     (name, float32 weight, rows, expert=None) -> weight with a `touches(name)`
     method, so tensors no transform touches can skip decoding (kernels.py);
   - observers receive activations at named points ("down_in", "down_out",
-    "resid_mid", "resid") with shape [worlds, tokens, channels]; an observer with
-    an `observe_expert` method also sees each expert of a mixture (see below).
+    "resid_mid", "resid") with shape [rows, tokens, channels]; an observer with
+    an `observe_expert` method also sees each expert of a mixture (see below);
+  - activation transforms change an activation as it flows: callables
+    (point, layer, x, ctx) -> replacement or None, run before the observers at
+    the same points. A replacement is written into x in place, so the block
+    goes on with it (experiments.RestoreActivation writes a super activation back).
 
 Mixtures of experts: a stacked tensor [experts, out, in] (transformers 5's fused
 `mlp.experts.down_proj`) is used one expert at a time, `linear(x, name, expert=e)`
@@ -22,6 +26,15 @@ Worlds are extra batch rows: the same prompt through models that differ by a few
 edited weights (the intact model, the model without candidate A, ...). An edit
 of W[j, m] changes only output channel j of that linear by (f - 1)·W[j, m]·x[m],
 so all worlds share one read of each weight.
+
+Batch rows: tokens [T] is one sequence, tokens [B, T] are B sequences of equal
+length (the chunks of a text, for perplexity). Every world runs every sequence:
+row r = world r // B, sequence r % B, so the activations are [W·B, T, channels]
+(with one sequence, row = world, as a scan has it). `Pass.rows_of_world(w)`
+gives a world's rows; `Pass.world_of_row` maps rows back.
+
+`run_layers` stops before the LM head; `head_logits` then yields the logits a
+few rows at a time, so a long text never holds [rows, T, vocab] floats at once.
 """
 
 from dataclasses import dataclass, field
@@ -103,13 +116,18 @@ def _local_row(row, rows, n_rows):
 class Pass:
     """What a block sees during one forward pass: weights, edits, observers, per-pass cache."""
 
-    def __init__(self, checkpoint, worlds, n_tokens, transforms=(), observers=()):
+    def __init__(self, checkpoint, worlds, n_tokens, transforms=(), observers=(), activation_transforms=(),
+                 n_sequences=1):
         self.checkpoint = checkpoint
         self.worlds = list(worlds)
         self.n_tokens = n_tokens
+        self.n_sequences = n_sequences
         self.transforms = list(transforms)
         self.observers = list(observers)
+        self.activation_transforms = list(activation_transforms)
         self.cache = {}
+        # batch row r runs sequence r % B through world r // B
+        self.world_of_row = np.repeat(np.arange(len(self.worlds)), n_sequences)
         # per tensor: [(world index, edit)], so a linear finds its edits at once
         self.edits = {}
         for w, world in enumerate(self.worlds):
@@ -125,22 +143,28 @@ class Pass:
         """A whole tensor as float32, transforms applied."""
         return self._transformed(name, self.checkpoint.tensor(name).read())
 
+    def rows_of_world(self, w):
+        """The batch rows of world w: its B sequences."""
+        return slice(w * self.n_sequences, (w + 1) * self.n_sequences)
+
     def embedding(self, name, tokens):
-        """Rows `tokens` of an embedding matrix, broadcast to every world: [W, T, hidden]."""
+        """Rows `tokens` ([T] or [B, T]) of an embedding matrix, for every world: [W·B, T, hidden]."""
         info = self.checkpoint.tensor(name)
         if len(info.shape) != 2 or int(np.max(tokens)) >= info.shape[0]:
             raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
                               f"too small for token id {int(np.max(tokens))}")
-        rows = self._transformed(name, info.read(rows=tokens), rows=tokens)
-        return np.repeat(rows[None], len(self.worlds), axis=0)
+        sequences = np.asarray(tokens).reshape(-1, self.n_tokens)  # [B, T]
+        flat = sequences.reshape(-1)
+        rows = self._transformed(name, info.read(rows=flat), rows=flat).reshape(sequences.shape + (-1,))
+        return np.tile(rows, (len(self.worlds), 1, 1))
 
     def linear(self, x, name, bias=False, world=None, expert=None, transposed=False):
         """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied.
 
         With `world=w`, x is [1, T', in]: rows of world w only (e.g. the tokens one
         expert of a mixture receives), and only world w's edits apply. `world` may
-        also be an int array [T'] naming each row's world: rows of several worlds
-        gathered into one product, so the weight is still read once.
+        also be an int array [T'] naming each row's batch row (its world when B = 1):
+        rows of several worlds gathered into one product, so the weight is still read once.
         With `expert=e`, W is slice e of the stacked tensor `name` [experts, out, in].
         With `transposed=True`, `name` is stored [in, out] (GPT-2's Conv1D) and W is its
         transpose: edits and transforms still address W[row = output, col = input].
@@ -181,16 +205,23 @@ class Pass:
             if not edit.applies(expert):
                 continue  # an edit of another expert's slice of this stacked tensor
             if world is None:
-                at = (w, slice(None))  # x's first axis is the world
+                at = (self.world_of_row == w, slice(None))  # x's first axis is the batch row
             else:
-                at = (0, np.broadcast_to(np.asarray(world) == w, x.shape[1]))  # the rows of world w
+                # `world` names the batch row of each of x's rows (= the world when B = 1)
+                at = (0, np.broadcast_to(self.world_of_row[np.asarray(world)] == w, x.shape[1]))
             rows = [edit.row]
             value = self._transformed(name, info.read(rows=rows), rows, expert)[0, edit.col]
             out[at + (edit.row,)] += (np.float32(edit.factor) - 1) * value * x[at + (edit.col,)]
 
     def observe(self, point, layer, x):
+        """Activation transforms may replace x (in place, so the caller's array changes), then observers look."""
+        for transform in self.activation_transforms:
+            replacement = transform(point, layer, x, self)
+            if replacement is not None and replacement is not x:
+                x[...] = replacement
         for observer in self.observers:
             observer.observe(point, layer, x)
+        return x
 
     def observe_expert(self, point, layer, expert, routed, x):
         """Expert `expert` of layer `layer` at `point` ("down_in", "down_out"): x [N, channels]
@@ -200,20 +231,46 @@ class Pass:
                 observer.observe_expert(point, layer, expert, routed, x)
 
 
-def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=None):
+def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=None, activation_transforms=()):
     """Logits [worlds, tokens, vocab] of `tokens` through `model`, one layer at a time.
 
+    tokens [B, T] gives [worlds·B, T, vocab] (see "Batch rows" above).
     `progress`: None, or a label for a per-layer progress bar on stderr.
     """
+    ctx, x = run_layers(model, tokens, worlds, transforms, observers, progress, activation_transforms)
+    return model.arch.head(ctx, x)
+
+
+def run_layers(model, tokens, worlds=None, transforms=(), observers=(), progress=None, activation_transforms=()):
+    """Every decoder layer, not the head: (the pass's ctx, final residual stream [rows, T, hidden])."""
     from tqdm import tqdm
 
     tokens = np.asarray(tokens, dtype=np.int64)
-    ctx = Pass(model.checkpoint, worlds or [World("intact")], len(tokens), transforms, observers)
+    if tokens.ndim not in (1, 2) or tokens.shape[-1] == 0:
+        raise SwtoolError(f"tokens must be [T] or [B, T] with T >= 1, got shape {list(tokens.shape)}")
+    n_sequences = 1 if tokens.ndim == 1 else tokens.shape[0]
+    ctx = Pass(model.checkpoint, worlds or [World("intact")], tokens.shape[-1], transforms, observers,
+               activation_transforms, n_sequences)
     arch = model.arch
     x = arch.embed(ctx, tokens)
     for layer in tqdm(range(arch.n_layers), desc=progress, unit="layer", disable=progress is None, leave=False):
         x = arch.block(ctx, layer, x)
-    return arch.head(ctx, x)
+    return ctx, x
+
+
+def head_logits(model, ctx, x, max_bytes=256 * 1024 * 1024):
+    """Yield (rows slice, logits [rows, T, vocab]) over x's rows, at most `max_bytes` of logits at a time."""
+    per_row = x.shape[1] * model.arch.vocab_size * 4
+    step = max(1, max_bytes // per_row)
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, min(x.shape[0], start + step))
+        # the head sees a sub-batch: its world edits (if any) must follow those rows
+        whole = ctx.world_of_row
+        ctx.world_of_row = whole[rows]
+        try:
+            yield rows, model.arch.head(ctx, x[rows])
+        finally:
+            ctx.world_of_row = whole
 
 
 def mean_nll(logits, tokens):
