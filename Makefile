@@ -32,6 +32,7 @@ demo: install fixtures
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/eval.py
 
 clean:
 	rm -rf $(VENV) fixtures/build bench/build

@@ -92,3 +92,11 @@ def read_catalog(path):
         raise SwtoolError(f"{path}: not valid JSON ({e})") from None
     validate(catalog, str(path))
     return catalog
+
+
+def parse_coordinate(text, option="--zero"):
+    """'L:ROW:COL' (0-based layer, down_proj row = output channel, col = input channel) -> (L, ROW, COL)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise SwtoolError(f"{option} {text!r}: expected LAYER:ROW:COL, three non-negative integers like 2:507:90")
+    return tuple(int(p) for p in parts)

@@ -25,6 +25,9 @@ class SwtoolGroup(click.Group):
         except SwtoolError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a missing or malformed option: one line too, not click's usage block
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
         except OSError as e:  # unreadable or unwritable paths, full disks
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
@@ -49,7 +52,10 @@ def main():
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
-def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download):
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
+                   "needs matplotlib).")
+def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download, plot):
     """Locate the super weights of MODEL.
 
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
@@ -59,6 +65,10 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
     from swtool.model import load_model
     from swtool.tokenize import DEFAULT_PROMPT, encode
 
+    if plot:
+        from swtool.plot import require_matplotlib
+
+        require_matplotlib(plot)  # before the scan, not after it
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     loaded = load_model(model, download=download)
     tokens = encode(loaded.directory, prompt)
@@ -67,12 +77,26 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
     catalog = build_catalog(loaded, prompt, tokens, settings, found, report, with_hashes)
     if output:
         write_catalog(catalog, output)
+    if plot:
+        plot_scan(plot, loaded, report)
     if as_json:
         click.echo(to_json(catalog), nl=False)
     else:
         click.echo(format_scan(catalog))
         if output:
             click.echo(f"catalog written to {output}")
+        if plot:
+            click.echo(f"plot written to {plot}")
+
+
+def plot_scan(path, model, report):
+    """The paper's Figure 4 for one prompt: max |down_proj output| per layer, intact and without the found weights."""
+    from swtool.plot import plot_profiles
+
+    profiles = {"original": [abs(e["down_proj_output"]["value"]) for e in report["profile"]]}
+    if report.get("profile_removed"):
+        profiles["super weights removed"] = [abs(e["down_proj_output"]["value"]) for e in report["profile_removed"]]
+    plot_profiles(path, profiles, f"{model.path}: max |down_proj output| per layer (scan prompt)")
 
 
 def format_scan(catalog):
@@ -108,6 +132,177 @@ def format_scan(catalog):
     lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
                  f"{detection['nll_all_removed']:.3f}")
     return "\n".join(lines)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@click.option("--ctx", default=512, show_default=True, type=int,
+              help="Tokens per chunk; each chunk is an independent sequence and every prediction in it is scored.")
+@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
+@click.option("--score-second-half", is_flag=True,
+              help="Score only predictions from position ctx/2 on in each chunk (as llama-perplexity).")
+@click.option("--zero", multiple=True, metavar="L:ROW:COL",
+              help="Zero layer L's down_proj[ROW, COL] on the fly, in every world (repeatable).")
+@click.option("--catalog", type=click.Path(),
+              help="A scan catalog. Alone: compare the model with and without its super weights.")
+@click.option("--ablate", is_flag=True, help="Evaluate with the catalog's super weights zeroed.")
+@click.option("--scale-super", type=float, metavar="S", help="Evaluate with the catalog's super weights times S.")
+@click.option("--control-top", type=int, metavar="N",
+              help="Compare: the N largest-|w| weights other than the super weights zeroed (the paper's control).")
+@click.option("--restore-activation", is_flag=True,
+              help="Compare: super weights zeroed, the super activation written back (the paper's restore).")
+@click.option("--sweep", metavar="S,S,..", help="Compare: super weights scaled by each factor, e.g. 0,0.5,1,1.5,2,3.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write each world's max |down_proj output| per layer as .png/.svg/.pdf (needs matplotlib).")
+@click.option("--batch-tokens", default=8192, show_default=True, type=int,
+              help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
+                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress):
+    """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
+    import json
+
+    from swtool.catalog import parse_coordinate, read_catalog
+    from swtool.evaluate import evaluate, make_chunks
+    from swtool.experiments import Options, build_plan, describe, parse_scales, stop_word_ids
+    from swtool.model import load_model
+    from swtool.tokenize import encode, load_tokenizer
+
+    if plot:
+        from swtool.plot import require_matplotlib
+
+        require_matplotlib(plot)  # before the pass, not after it
+    if max_tokens is not None and max_tokens < 2:
+        raise click.UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if batch_tokens < 1:
+        raise click.UsageError(f"--batch-tokens must be positive, got {batch_tokens}")
+    options = Options(zero=tuple(parse_coordinate(z) for z in zero),
+                      super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
+                      ablate=ablate, scale_super=scale_super, control_top=control_top,
+                      restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
+    loaded = load_model(model)
+    text = read_text(text_path)
+    ids = encode(loaded.directory, text)[:max_tokens]
+    chunks = make_chunks(ids, ctx, score_second_half)
+    plan, report = build_plan(loaded, options, progress=not no_progress)
+    scores = evaluate(loaded, chunks, plan, progress=not no_progress, batch_tokens=batch_tokens)
+    tokenizer = load_tokenizer(loaded.directory)
+    result = describe(loaded, text_path, len(ids), chunks, plan, report, scores, tokenizer,
+                      stop_word_ids(tokenizer), options)
+    if plot:
+        from swtool.plot import plot_profiles
+
+        profiles = {w["name"]: w["peak_down_proj_output"] for w in result["worlds"] if not w["name"].startswith("scale")}
+        plot_profiles(plot, profiles, f"{loaded.path}: max |down_proj output| per layer over {text_path}")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(format_eval(result))
+        if plot:
+            click.echo(f"plot written to {plot}")
+
+
+def read_text(path):
+    from swtool.errors import SwtoolError
+
+    try:
+        return open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise SwtoolError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SwtoolError(f"{path}: is a directory, expected a text file") from None
+    except UnicodeDecodeError as e:
+        raise SwtoolError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def format_eval(result):
+    """The human table of an evaluation."""
+    from swtool.table import format_table
+
+    lines = [f"{result['model']}: {result['text']}, {result['tokens']} tokens in {result['chunks']} chunks of "
+             f"{result['ctx']}; {result['worlds'][0]['predictions']} predictions scored ({result['scored']})"]
+    if result["zeroed"]:
+        lines.append("zeroed in every world: " + ", ".join(":".join(map(str, c)) for c in result["zeroed"]))
+    if "super_weights_scaled_by" in result:
+        lines.append(f"the catalog's super weights multiplied by {result['super_weights_scaled_by']:g}")
+    compare = "perplexity_ratio" in result["worlds"][0]
+    header = ["world", "weights", "perplexity", "NLL"] + (["x original"] if compare else []) + [
+        "stop words", "top next token"]
+    rows = []
+    for w in result["worlds"]:
+        top = w["top_tokens"][0]
+        rows.append([w["name"], w["weights_edited"], f"{w['perplexity']:.6g}", f"{w['nll']:.4f}"]
+                    + ([f"{w['perplexity_ratio']:.4g}"] if compare else [])
+                    + [f"{w['stop_word_probability']:.4f}", f"{top['text']!r} {top['probability']:.3f}"])
+    lines.append(format_table(header, rows))
+    lines.append("weights: elements edited in that world; stop words: mean next-token probability of "
+                 f"{len(result['stop_words'])} stop-word tokens ({', '.join(repr(t) for t in list(result['stop_words'])[:6])}, ...)")
+    if compare:
+        by_name = {w["name"]: w for w in result["worlds"]}
+        original, removed = by_name["original"], by_name["removed"]
+        lines.append(f"stop-word shift, super weights removed: {original['stop_word_probability']:.4f} -> "
+                     f"{removed['stop_word_probability']:.4f} (x{removed['stop_word_probability'] / original['stop_word_probability']:.3g})")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--catalog", type=click.Path(), help="The catalog whose super weights to change (swtool scan -o).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the ablated copy to this new directory.")
+@click.option("--scale", default=0.0, show_default=True, type=float, help="Multiply the super weights by this (0 removes them).")
+@click.option("--only", multiple=True, metavar="L:ROW:COL", help="Only this catalog entry (repeatable).")
+@click.option("--copy", is_flag=True, help="Copy unchanged files byte for byte instead of hard-linking them.")
+@click.option("--in-place", is_flag=True, help="Patch MODEL itself (atomically, with a journal for --restore).")
+@click.option("--restore", is_flag=True, help="Undo an --in-place ablation of MODEL from its journal.")
+@click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON on stdout.")
+def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json):
+    """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ."""
+    import json
+
+    from swtool import ablate as ab
+    from swtool.catalog import parse_coordinate, read_catalog
+    from swtool.checkpoint import open_checkpoint
+
+    if restore:
+        if catalog or output or in_place or only:
+            raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
+        journal = ab.restore_in_place(model)
+        click.echo(json.dumps(journal, indent=2) if as_json else
+                   f"{model}: restored {len(journal['changes'])} element(s) from {ab.JOURNAL_NAME}")
+        return
+    if not catalog:
+        raise click.UsageError("--catalog is required (or --restore)")
+    if bool(output) == in_place:
+        raise click.UsageError("give exactly one of -o OUTDIR and --in-place")
+    cat = read_catalog(catalog)
+    chosen = ab.select(cat["super_weights"], [parse_coordinate(o, "--only") for o in only])
+    checkpoint = open_checkpoint(model)
+    patches = ab.plan_patches(checkpoint, chosen, scale)
+    if in_place:
+        ab.ablate_in_place(checkpoint, patches, scale, catalog)
+        where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
+    else:
+        done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy)
+        where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
+                 f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
+    if as_json:
+        click.echo(json.dumps([p.to_json() for p in patches], indent=2))
+        return
+    click.echo(format_patches(patches))
+    click.echo(where)
+
+
+def format_patches(patches):
+    from swtool.table import format_table
+
+    rows = []
+    for p in patches:
+        j = p.to_json()
+        rows.append([j["layer"], j["row"], j["col"], j["tensor"], j["file"], j["offset"], j["dtype"],
+                     f"{j['old_value']:.6g}", f"{j['new_value']:.6g}", f"{j['old_bytes']}->{j['new_bytes']}"])
+    return format_table(["layer", "row", "col", "tensor", "file", "byte offset", "dtype", "old", "new", "bytes"], rows)
 
 
 @main.command("audit")
@@ -157,6 +352,57 @@ def inspect_command(model, as_json, download):
 
     info = describe(model, download=download)
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+def gguf_options(command):
+    """The options `export` and `quantize` share (applied bottom-up, so listed in reverse)."""
+    options = [
+        click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
+        click.option("--sw-handling", type=click.Choice(["keep", "isolate", "none"]), default="keep",
+                     show_default=True,
+                     help="keep: tensors holding a super weight in --keep-type; isolate: same type as the rest, "
+                          "MLP channels reordered so each super weight has a block of near-zero neighbours; "
+                          "none: plain quantization (the super weights are still recorded)."),
+        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                     help="Type of the tensors whose llama.cpp name REGEX matches (re.search, first match wins; "
+                          "repeatable), e.g. 'blk\\.2\\.ffn_down=q8_0'. Overrides --keep-type."),
+        click.option("--keep-type", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="f16",
+                     show_default=True, help="Type of each tensor that holds a super weight (--sw-handling keep)."),
+        click.option("--catalog", type=click.Path(dir_okay=False),
+                     help="A scan catalog (swtool scan -o): its super weights are recorded and protected."),
+        click.option("--type", "qtype", required=True, metavar="TYPE",
+                     help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, or a llama-quantize mix: "
+                          "q3_k_s/m/l, q4_k_s/m, q5_k_s/m."),
+        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write."),
+    ]
+    for option in options:
+        command = option(command)
+    return command
+
+
+@main.command("export")
+@click.argument("model", type=click.Path())
+@gguf_options
+def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress):
+    """Write MODEL (a Hugging Face checkpoint: llama, mistral, qwen2) as a GGUF file for llama.cpp."""
+    from swtool.gguf_export import Options, export, format_report
+
+    options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
+    click.echo(format_report(export(model, output, options)))
+
+
+@main.command("quantize")
+@click.argument("gguf_file", metavar="IN.GGUF", type=click.Path(dir_okay=False))
+@gguf_options
+def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress):
+    """Requantize an F32/F16/BF16 GGUF file; all its metadata and vocabulary are copied.
+
+    Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
+    """
+    from swtool.gguf_export import Options, format_report, quantize_gguf
+
+    options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
+    click.echo(format_report(quantize_gguf(gguf_file, output, options)))
 
 
 @main.group("catalog")

@@ -182,6 +182,8 @@ def scan(model, tokens, settings, progress=False):
         "nll_intact": float(mean_nll(logits[:1], tokens)[0]),
         "nll_all_removed": float(mean_nll(logits[worlds.all_removed][None], tokens)[0]) if found else None,
         "profile": layer_profile(recorder, 0),
+        # the same with every found weight zeroed (scan --plot draws both)
+        "profile_removed": layer_profile(recorder, worlds.all_removed) if found else None,
     }
     return found, report
 

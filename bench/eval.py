@@ -1,0 +1,127 @@
+"""Eval benchmark: `swtool eval` tokens per second against transformers, same model, text and chunks.
+
+    python bench/eval.py [--ctx 512] [--runs 2] [--text fixtures/prose.txt]
+
+On the SmolLM2 fixture (bf16 on disk, float32 arithmetic in both):
+  - swtool, end to end: `swtool eval MODEL --text TEXT --ctx N --json` under /usr/bin/time -v
+    (wall time including start-up, tokenizing and scoring; peak RSS), best of --runs;
+  - swtool, the pass alone: evaluate() in this process, the model opened, the text tokenized;
+  - transformers: the model loaded once as float32 (not timed), then the same chunks, all the
+    full ones as one batch and the last partial one alone, forward + loss; torch uses every core.
+Tokens per second = text tokens / seconds. Both perplexities are printed: they must agree.
+Results go to bench/results/eval.json with a description of the machine.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "fixtures"))
+SWTOOL = Path(sys.executable).parent / "swtool"
+MODEL = ROOT / "fixtures" / "build" / "smollm2"
+
+
+def swtool_cli(text, ctx):
+    """(wall seconds, peak RSS bytes, result JSON) of one `swtool eval --json` run."""
+    result = subprocess.run(["/usr/bin/time", "-v", str(SWTOOL), "eval", str(MODEL), "--text", str(text),
+                             "--ctx", str(ctx), "--json", "--no-progress"], capture_output=True, text=True, check=True)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
+    seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return seconds, rss_kb * 1024, json.loads(result.stdout)
+
+
+def swtool_pass(ids, ctx):
+    """(seconds, perplexity) of evaluate() alone: one streaming pass over the chunks."""
+    from swtool.evaluate import Plan, evaluate, make_chunks
+    from swtool.forward import World
+    from swtool.model import load_model
+
+    model = load_model(MODEL)
+    chunks = make_chunks(ids, ctx)
+    start = time.perf_counter()
+    (score,) = evaluate(model, chunks, Plan([World("model")]), progress=False)
+    return time.perf_counter() - start, score.perplexity
+
+
+def transformers_pass(ids, ctx):
+    """(seconds, perplexity, load seconds): transformers float32 on the same chunks."""
+    import torch
+    import transformers
+
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    load = time.perf_counter() - start
+    n_full = len(ids) // ctx
+    batches = []
+    if n_full:
+        batches.append(torch.tensor(ids[:n_full * ctx]).reshape(n_full, ctx))
+    if len(ids) % ctx > 1:
+        batches.append(torch.tensor([ids[n_full * ctx:]]))
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                     reduction="sum")
+            nll += loss.item()
+            count += batch[:, 1:].numel()
+    seconds = time.perf_counter() - start
+    return seconds, float(torch.exp(torch.tensor(nll / count))), load
+
+
+def machine():
+    import os
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_average": os.getloadavg()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--text", type=Path, default=ROOT / "fixtures" / "prose.txt")
+    args = parser.parse_args()
+    import smollm2
+
+    smollm2.build(MODEL)
+    from swtool.tokenize import encode
+
+    ids = encode(MODEL, args.text.read_text())
+    n = len(ids)
+    cli = min((swtool_cli(args.text, args.ctx) for _ in range(args.runs)), key=lambda r: r[0])
+    in_process = min((swtool_pass(ids, args.ctx) for _ in range(args.runs)), key=lambda r: r[0])
+    reference = min((transformers_pass(ids, args.ctx) for _ in range(args.runs)), key=lambda r: r[0])
+    rows = [
+        {"what": "swtool eval (CLI, end to end)", "seconds": cli[0], "tokens_per_s": n / cli[0],
+         "perplexity": cli[2]["worlds"][0]["perplexity"], "peak_rss_bytes": cli[1]},
+        {"what": "swtool evaluate() (the pass)", "seconds": in_process[0], "tokens_per_s": n / in_process[0],
+         "perplexity": in_process[1]},
+        {"what": "transformers float32 (forward)", "seconds": reference[0], "tokens_per_s": n / reference[0],
+         "perplexity": reference[1], "load_seconds": reference[2]},
+    ]
+    print(f"SmolLM2-135M, {args.text.name}: {n} tokens, ctx {args.ctx}, best of {args.runs}")
+    print(f"{'':34} {'seconds':>8} {'tokens/s':>9} {'perplexity':>11}")
+    for r in rows:
+        print(f"{r['what']:34} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} {r['perplexity']:>11.4f}")
+    print(f"swtool / transformers speed: {rows[1]['tokens_per_s'] / rows[2]['tokens_per_s']:.2f}x (pass vs forward); "
+          f"swtool CLI peak RSS {cli[1] / 2**20:.0f} MiB")
+    out = ROOT / "bench" / "results" / "eval.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "command": " ".join(["bench/eval.py"] + sys.argv[1:]),
+                               "tokens": n, "ctx": args.ctx, "results": rows}, indent=2) + "\n")
+    print(f"results written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

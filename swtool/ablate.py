@@ -1,0 +1,277 @@
+"""Ablated copies of a checkpoint: chosen super weights multiplied by a scale, no other byte changed.
+
+    swtool ablate MODEL --catalog C -o OUTDIR [--scale 0] [--only L:ROW:COL ...]
+
+  - each patched element is overwritten in place in a copy of its shard, at its
+    byte offset (TensorInfo.element_offset), in its stored dtype: the new value
+    is the stored value times the scale, rounded to bf16/f16 as torch rounds;
+  - every other file of MODEL's directory (shards without a patched element,
+    index, config, tokenizer) is hard-linked into OUTDIR, or copied byte for byte
+    where a link is impossible or --copy asks for it;
+  - OUTDIR is built under a temporary name beside it and renamed at the end, so
+    it is either complete or absent; MODEL is only read;
+  - OUTDIR/swtool-ablation.json is the catalog of what changed: the input
+    catalog's patched super weights (`value` = the new stored value) and an
+    `ablation` record of every element's file, byte offset, old and new bytes.
+
+    swtool ablate MODEL --catalog C --in-place [--scale 0] [--only ...]
+    swtool ablate MODEL --restore
+
+--in-place first writes MODEL/swtool-ablation-journal.json (the original bytes),
+then replaces each affected shard by a patched copy renamed over it (atomic per
+shard; hard links to the old file keep the old bytes). --restore puts the
+journalled bytes back the same way and deletes the journal.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from swtool.atomic import write_text_atomic
+from swtool.checkpoint.safetensors import FLOAT_DTYPES, decode_float32, encode_float32, DTYPES
+from swtool.errors import SwtoolError
+
+CATALOG_NAME = "swtool-ablation.json"
+JOURNAL_NAME = "swtool-ablation-journal.json"
+JOURNAL_SCHEMA = "swtool.ablation-journal/1"
+VALUE_RTOL = 1e-2  # a catalog value may come from another float dtype of the same model
+
+
+@dataclass
+class Patch:
+    """One element to overwrite: where its bytes are and what they become."""
+
+    super_weight: dict  # the catalog entry
+    file: Path
+    offset: int  # absolute byte offset in `file`
+    dtype: str
+    old: bytes
+    new: bytes
+
+    def to_json(self):
+        sw = self.super_weight
+        return {"layer": sw["layer"], "row": sw["row"], "col": sw["col"], "expert": sw.get("expert"),
+                "tensor": sw["tensor"], "file": self.file.name, "offset": self.offset, "dtype": self.dtype,
+                "old_bytes": self.old.hex(), "new_bytes": self.new.hex(),
+                "old_value": decode_bytes(self.old, self.dtype), "new_value": decode_bytes(self.new, self.dtype)}
+
+
+def coordinate(sw):
+    return f"{sw['layer']}:{sw['row']}:{sw['col']}"
+
+
+def decode_bytes(raw, dtype):
+    """The float value of one stored element."""
+    stored = np.frombuffer(raw, dtype=DTYPES[dtype][1])
+    return float(decode_float32(stored, dtype)[0])
+
+
+def read_element(path, offset, itemsize):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(itemsize)
+
+
+def locate(checkpoint, sw):
+    """(TensorInfo, stored index) of a catalog super weight, checked against this checkpoint.
+
+    The stored index is the catalog's `tensor_index` when present ([col, row] for a
+    weight stored transposed, [expert, row, col] in a stacked-experts tensor),
+    else [row, col]. The element must hold the catalog's value: a catalog of
+    another model, or of an already ablated copy, is refused.
+    """
+    name = sw["tensor"]
+    if name not in checkpoint:
+        raise SwtoolError(f"catalog super weight {coordinate(sw)}: tensor {name!r} is not in {checkpoint.directory}")
+    info = checkpoint.tensor(name)
+    index = sw.get("tensor_index")
+    if index is None:
+        index = [sw["expert"], sw["row"], sw["col"]] if sw.get("expert") is not None else [sw["row"], sw["col"]]
+    if len(index) != len(info.shape) or any(i >= n for i, n in zip(index, info.shape)):
+        raise SwtoolError(f"catalog super weight {coordinate(sw)}: index {list(index)} is outside "
+                          f"{name} of shape {list(info.shape)}")
+    if info.dtype not in FLOAT_DTYPES:
+        raise SwtoolError(f"{info.path}: {name} is {info.dtype}; swtool patches {', '.join(FLOAT_DTYPES)}")
+    stored = decode_bytes(read_element(info.path, info.element_offset(tuple(index)), info.itemsize), info.dtype)
+    if not np.isclose(stored, sw["value"], rtol=VALUE_RTOL, atol=1e-6):
+        raise SwtoolError(f"catalog super weight {coordinate(sw)}: {name}{list(index)} holds {stored:.6g} in "
+                          f"{info.path}, the catalog says {sw['value']:.6g} (a catalog of another model, "
+                          f"or an already ablated one?)")
+    return info, tuple(index)
+
+
+def select(super_weights, only):
+    """The catalog entries to patch: all, or those named by --only (layer, row, col) tuples."""
+    if not super_weights:
+        raise SwtoolError("the catalog lists no super weights")
+    if not only:
+        return list(super_weights)
+    by_coordinate = {(sw["layer"], sw["row"], sw["col"]): sw for sw in super_weights}
+    chosen = []
+    for key in only:
+        if key not in by_coordinate:
+            listed = ", ".join(coordinate(sw) for sw in super_weights)
+            raise SwtoolError(f"--only {':'.join(map(str, key))} is not in the catalog (it lists {listed})")
+        chosen.append(by_coordinate[key])
+    return chosen
+
+
+def plan_patches(checkpoint, super_weights, scale):
+    """[Patch] for multiplying each super weight by `scale`."""
+    if not np.isfinite(scale):
+        raise SwtoolError(f"--scale must be a finite number, got {scale}")
+    patches = []
+    for sw in super_weights:
+        info, index = locate(checkpoint, sw)
+        offset = info.element_offset(index)
+        old = read_element(info.path, offset, info.itemsize)
+        new_value = np.float32(decode_bytes(old, info.dtype)) * np.float32(scale)
+        new_value = new_value if new_value != 0 else np.float32(0.0)  # +0.0, not -0.0 from a negative weight
+        new = encode_float32(np.array([new_value], dtype=np.float32), info.dtype).tobytes()
+        patches.append(Patch(sw, info.path, offset, info.dtype, old, new))
+    return patches
+
+
+def write_bytes_at(path, edits):
+    """Overwrite (offset, bytes) pairs in an existing file, then flush it to disk."""
+    with open(path, "r+b") as f:
+        for offset, raw in edits:
+            f.seek(offset)
+            f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False):
+    """Write OUTDIR (see the module docstring); returns {"linked": [...], "copied": [...], "patched": [...]}."""
+    source_dir = checkpoint.directory
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        raise SwtoolError(f"{out_dir}: already exists; swtool ablate writes a new directory")
+    if out_dir.resolve().is_relative_to(source_dir.resolve()):
+        raise SwtoolError(f"{out_dir}: inside the input model's directory {source_dir}; choose another place")
+    if (source_dir / JOURNAL_NAME).exists():
+        raise SwtoolError(f"{source_dir}: was ablated in place ({JOURNAL_NAME}); run `swtool ablate "
+                          f"{source_dir} --restore` first")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    by_file = {}
+    for patch in patches:
+        by_file.setdefault(patch.file.name, []).append(patch)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    done = {"linked": [], "copied": [], "patched": []}
+    try:
+        for source in sorted(p for p in source_dir.iterdir() if p.is_file()):
+            target = tmp / source.name
+            if source.name in by_file:
+                shutil.copyfile(source, target)  # a new file: the input's bytes are never written
+                write_bytes_at(target, [(p.offset, p.new) for p in by_file[source.name]])
+                done["patched"].append(source.name)
+            elif not copy and _try_link(source, target):
+                done["linked"].append(source.name)
+            else:
+                shutil.copyfile(source, target)
+                done["copied"].append(source.name)
+        record = changes_catalog(catalog, patches, scale, source_dir, out_dir, tmp)
+        write_text_atomic(tmp / CATALOG_NAME, json.dumps(record, indent=2) + "\n")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return done
+
+
+def _try_link(source, target):
+    try:
+        os.link(source, target)  # follows a symlinked source (Hugging Face cache snapshots) to its file
+        return True
+    except OSError:
+        return False  # another file system, or links not allowed: copy instead
+
+
+def changes_catalog(catalog, patches, scale, source_dir, out_dir, written_dir):
+    """The input catalog narrowed to the patched super weights, describing the files in out_dir."""
+    record = json.loads(json.dumps(catalog))  # a deep copy
+    record["model"]["path"] = str(out_dir)
+    record["model"]["files"] = [{"name": entry["name"], "size": (written_dir / entry["name"]).stat().st_size}
+                                for entry in catalog["model"]["files"] if (written_dir / entry["name"]).is_file()]
+    changed = []
+    for patch in patches:
+        sw = dict(patch.super_weight)
+        sw["value"] = decode_bytes(patch.new, patch.dtype)  # what the files beside this catalog hold
+        changed.append(sw)
+    record["super_weights"] = changed
+    record["ablation"] = {"source": str(source_dir), "scale": scale, "changes": [p.to_json() for p in patches]}
+    from swtool.catalog import validate
+
+    validate(record, str(out_dir / CATALOG_NAME))
+    return record
+
+
+def ablate_in_place(checkpoint, patches, scale, catalog_path):
+    """Journal the original bytes, then patch each affected shard atomically."""
+    journal_path = checkpoint.directory / JOURNAL_NAME
+    if journal_path.exists():
+        raise SwtoolError(f"{checkpoint.directory}: already ablated in place ({JOURNAL_NAME}); "
+                          f"run `swtool ablate {checkpoint.directory} --restore` first")
+    journal = {"schema": JOURNAL_SCHEMA, "catalog": str(catalog_path), "scale": scale,
+               "changes": [p.to_json() for p in patches]}
+    write_text_atomic(journal_path, json.dumps(journal, indent=2) + "\n")  # first: a crash leaves it restorable
+    for name, edits in _by_file([(p.file.name, p.offset, p.new) for p in patches]).items():
+        replace_patched(checkpoint.directory / name, edits)
+    return journal
+
+
+def restore_in_place(directory):
+    """Undo `ablate --in-place` from its journal; returns the journal."""
+    directory = Path(directory)
+    journal_path = (directory if directory.is_dir() else directory.parent) / JOURNAL_NAME
+    if not journal_path.is_file():
+        raise SwtoolError(f"{journal_path.parent}: no {JOURNAL_NAME}; nothing was ablated in place here")
+    try:
+        journal = json.loads(journal_path.read_text())
+        changes = journal["changes"]
+        assert journal["schema"] == JOURNAL_SCHEMA
+        edits = []
+        for change in changes:
+            file = journal_path.parent / change["file"]
+            old, new = bytes.fromhex(change["old_bytes"]), bytes.fromhex(change["new_bytes"])
+            edits.append((file, int(change["offset"]), old, new))
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise SwtoolError(f"{journal_path}: not a valid swtool ablation journal") from None
+    pending = []
+    for file, offset, old, new in edits:
+        current = read_element(file, offset, len(old))
+        if current == new:
+            pending.append((file.name, offset, old))
+        elif current != old:  # already restored bytes are fine (a crash between shards)
+            raise SwtoolError(f"{file}: byte {offset} holds {current.hex()}, neither the ablated "
+                              f"{new.hex()} nor the original {old.hex()}; changed since the ablation, not restoring")
+    for name, file_edits in _by_file(pending).items():
+        replace_patched(journal_path.parent / name, file_edits)
+    journal_path.unlink()
+    return journal
+
+
+def _by_file(edits):
+    grouped = {}
+    for name, offset, raw in edits:
+        grouped.setdefault(name, []).append((offset, raw))
+    return grouped
+
+
+def replace_patched(path, edits):
+    """Replace `path` by a patched copy renamed over it: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(path, tmp)  # bytes, mode and times
+        write_bytes_at(tmp, edits)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

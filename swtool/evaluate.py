@@ -1,0 +1,195 @@
+"""Perplexity of a text through the streaming forward pass, for one or more worlds.
+
+What is scored (the convention `swtool eval` prints):
+  - the text is tokenized once, with the tokenizer's special tokens (BOS where
+    the model expects one), and cut into consecutive chunks of `ctx` tokens; the
+    last chunk may be shorter;
+  - each chunk is an independent sequence (no context carried over) and every
+    prediction inside it is scored: the logits at position p against token p+1,
+    for p = 0 .. len-2, as transformers' `labels=input_ids` loss on that chunk;
+  - `score_second_half` scores only p >= ctx // 2, as llama.cpp's llama-perplexity
+    does, so every scored token has at least ctx/2 tokens of context;
+  - NLL = the mean over all scored predictions of all chunks (token-weighted),
+    perplexity = exp(NLL).
+
+All chunks of all worlds go through each layer together as one batch (rows =
+worlds x chunks, see forward.py), so each layer's weights are read once per
+pass. `batch_tokens` caps the rows x ctx of one pass: a longer text takes
+several passes, and memory stays near one layer plus those activations. The
+head's logits are produced a few rows at a time and reduced at once to the
+scored log-likelihoods and stop-word probabilities: [rows, ctx, vocab] floats
+never exist for the whole text.
+
+The last chunk is padded to `ctx` with copies of its last token. Attention is
+causal, so the padding cannot change any real position; padded positions are
+not scored, not profiled and never chosen by an activation transform.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swtool.errors import SwtoolError
+from swtool.forward import World, head_logits, run_layers
+
+DEFAULT_BATCH_TOKENS = 8192  # rows x ctx of one pass: ~100 KiB of activations per row-token on SmolLM2
+
+
+@dataclass
+class Chunks:
+    """A tokenized text cut into equal-length rows for one batched pass."""
+
+    tokens: np.ndarray  # [B, ctx] int64, the last row padded
+    lengths: np.ndarray  # [B] real tokens per row
+    first_scored: int  # first position p whose prediction (of token p+1) is scored
+
+    @property
+    def ctx(self):
+        return self.tokens.shape[1]
+
+    def scored(self):
+        """[B, ctx-1] bool: is the prediction at position p (of token p+1) scored?"""
+        p = np.arange(self.ctx - 1)[None, :]
+        return (p >= self.first_scored) & (p + 1 < self.lengths[:, None])
+
+    def valid(self):
+        """[B, ctx] bool: real (not padding) positions."""
+        return np.arange(self.ctx)[None, :] < self.lengths[:, None]
+
+    def n_scored(self):
+        return int(self.scored().sum())
+
+
+def make_chunks(ids, ctx, score_second_half=False):
+    """Cut token ids into chunks of `ctx` (see the module docstring for what is scored)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ctx < 2:
+        raise SwtoolError(f"--ctx must be at least 2 tokens, got {ctx}")
+    if len(ids) < 2:
+        raise SwtoolError(f"the text has {len(ids)} token(s); at least 2 are needed to score a prediction")
+    n_chunks = -(-len(ids) // ctx)
+    tokens = np.empty((n_chunks, ctx), dtype=np.int64)
+    lengths = np.empty(n_chunks, dtype=np.int64)
+    for b in range(n_chunks):
+        piece = ids[b * ctx:(b + 1) * ctx]
+        tokens[b, :len(piece)] = piece
+        tokens[b, len(piece):] = piece[-1]  # padding after the real tokens: invisible to them (causal)
+        lengths[b] = len(piece)
+    chunks = Chunks(tokens, lengths, ctx // 2 if score_second_half else 0)
+    if chunks.n_scored() == 0:
+        raise SwtoolError(f"nothing to score: {len(ids)} tokens with --ctx {ctx}"
+                          f"{' and --score-second-half' if score_second_half else ''}")
+    return chunks
+
+
+@dataclass
+class WorldScore:
+    """What one world scored over the text."""
+
+    name: str
+    nll_sum: float = 0.0
+    count: int = 0
+    probability_sum: np.ndarray = None  # [vocab] next-token probabilities summed over scored predictions
+    peak_down_out: np.ndarray = None  # [layers] max |down_proj output| over the text
+
+    @property
+    def nll(self):
+        return self.nll_sum / self.count
+
+    @property
+    def perplexity(self):
+        return float(np.exp(self.nll))
+
+    def mean_probability(self, ids):
+        """Mean next-token probability of each token id in `ids`, over the scored predictions."""
+        return self.probability_sum[np.asarray(ids, dtype=np.int64)] / self.count
+
+    def top_tokens(self, k):
+        """The k token ids with the largest mean next-token probability."""
+        return np.argsort(-self.probability_sum, kind="stable")[:k]
+
+
+class PeakProfile:
+    """Observer: per world and layer, the largest |down_proj output| over real positions."""
+
+    def __init__(self, n_worlds, n_layers, valid):
+        self.n_worlds = n_worlds
+        self.valid = valid  # [B, ctx] real positions of this pass's chunks
+        self.peak = np.zeros((n_worlds, n_layers), dtype=np.float64)
+
+    def observe(self, point, layer, x):
+        if point != "down_out":
+            return
+        per_world = x.reshape((self.n_worlds,) + self.valid.shape + (x.shape[-1],))[:, self.valid]
+        self.peak[:, layer] = np.abs(per_world).max(axis=(1, 2))
+
+
+@dataclass
+class Plan:
+    """What one evaluation runs: the worlds side by side and what applies to all of them."""
+
+    worlds: list  # World per result row
+    transforms: list = field(default_factory=list)  # weight transforms for every world (--zero ...)
+    # activation transforms: callables (chunks of this pass) -> [hooks] (RestoreActivation ...)
+    hook_factories: list = field(default_factory=list)
+
+
+def evaluate(model, chunks, plan, progress=True, batch_tokens=DEFAULT_BATCH_TOKENS):
+    """Score `chunks` in every world of `plan`: [WorldScore], in plan.worlds order."""
+    n_worlds, n_layers = len(plan.worlds), model.arch.n_layers
+    scores = [WorldScore(w.name, probability_sum=np.zeros(model.arch.vocab_size), peak_down_out=np.zeros(n_layers))
+              for w in plan.worlds]
+    per_pass = max(1, batch_tokens // (chunks.ctx * n_worlds))  # chunks per pass
+    n_passes = -(-len(chunks.tokens) // per_pass)
+    for i, start in enumerate(range(0, len(chunks.tokens), per_pass)):
+        part = Chunks(chunks.tokens[start:start + per_pass], chunks.lengths[start:start + per_pass],
+                      chunks.first_scored)
+        label = f"eval pass {i + 1}/{n_passes} ({n_worlds} worlds x {len(part.tokens)} chunks)" if progress else None
+        _one_pass(model, part, plan, scores, label)
+    return scores
+
+
+def _one_pass(model, part, plan, scores, label):
+    """One streaming pass over the weights for these chunks in every world; adds to `scores`."""
+    n_worlds, n_chunks = len(plan.worlds), len(part.tokens)
+    profile = PeakProfile(n_worlds, model.arch.n_layers, part.valid())
+    hooks = [hook for make in plan.hook_factories for hook in make(part)]
+    ctx, x = run_layers(model, part.tokens, plan.worlds, plan.transforms, [profile], label, hooks)
+    targets, scored = part.tokens[:, 1:], part.scored()
+    for rows, logits in head_logits(model, ctx, x):
+        for local, row in enumerate(range(rows.start, rows.stop)):
+            w, b = divmod(row, n_chunks)
+            nll, probabilities = score_predictions(logits[local, :-1], targets[b], scored[b])
+            scores[w].nll_sum += nll
+            scores[w].count += int(scored[b].sum())
+            scores[w].probability_sum += probabilities
+        del logits
+    for w, score in enumerate(scores):
+        score.peak_down_out = np.maximum(score.peak_down_out, profile.peak[w])
+
+
+def score_predictions(logits, targets, scored):
+    """Over the scored positions of one row: the sum of -log p(target), and the next-token
+    probabilities summed over positions [vocab] (for stop words and the average distribution).
+
+    logits [P, vocab], targets [P], scored [P] bool.
+    """
+    probabilities = logits[scored]  # a copy of the scored positions, turned into probabilities in place
+    picked = probabilities[np.arange(len(probabilities)), targets[scored]]
+    # softmax per position in float32 (as transformers' float32 loss), the normaliser summed in float64
+    peak = probabilities.max(axis=1, keepdims=True)
+    np.subtract(probabilities, peak, out=probabilities)
+    np.exp(probabilities, out=probabilities)
+    total = probabilities.sum(axis=1, dtype=np.float64)
+    nll = float(np.sum(peak[:, 0] + np.log(total) - picked, dtype=np.float64))
+    probabilities /= total[:, None].astype(np.float32)
+    return nll, probabilities.sum(axis=0, dtype=np.float64)
+
+
+def perplexity(model, ids, ctx=512, transforms=(), score_second_half=False, progress=False,
+               batch_tokens=DEFAULT_BATCH_TOKENS):
+    """Perplexity of token ids through `model` with weight `transforms`: (perplexity, scored predictions)."""
+    chunks = make_chunks(ids, ctx, score_second_half)
+    (score,) = evaluate(model, chunks, Plan([World("model")], list(transforms)), progress=progress,
+                        batch_tokens=batch_tokens)
+    return score.perplexity, score.count

@@ -1,0 +1,231 @@
+"""`swtool ablate`: patched copies that differ from the input only in the super weights' bytes,
+loaded by transformers; in-place ablation that restores to identical files; one-line errors."""
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tiny import Plant
+
+ROOT = Path(__file__).resolve().parents[1]
+PROSE = ROOT / "fixtures" / "prose.txt"
+PLANTS = (Plant(1, 20, 33), Plant(3, 50, 120, channel=20, from_embedding=False))
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+def swtool(*args):
+    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
+
+
+def one_line_error(result):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def sha256s(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir())}
+
+
+def header_offset(shard, tensor, index):
+    """Byte offset of tensor[index] in a safetensors file, read from its header here, not by swtool."""
+    raw = Path(shard).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    entry = json.loads(raw[8:8 + n])[tensor]
+    flat = int(np.ravel_multi_index(index, entry["shape"]))
+    return 8 + n + entry["data_offsets"][0] + flat * DTYPE_BYTES[entry["dtype"]], DTYPE_BYTES[entry["dtype"]]
+
+
+def cmp_bytes(a, b):
+    """0-based positions where two equal-length files differ, from `cmp -l` (1-based byte numbers)."""
+    result = subprocess.run(["cmp", "-l", str(a), str(b)], capture_output=True, text=True)
+    assert result.returncode in (0, 1), result.stderr
+    return {int(line.split()[0]) - 1 for line in result.stdout.splitlines()}
+
+
+def scan_catalog(model_dir, out):
+    result = swtool("scan", model_dir, "-o", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return json.loads(Path(out).read_text())
+
+
+# --- SmolLM2: the real model ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_catalog(smollm2, tmp_path_factory):
+    return tmp_path_factory.mktemp("smol") / "catalog.json"
+
+
+@pytest.mark.real
+def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transformers(smollm2, smol_catalog,
+                                                                                       tmp_path):
+    catalog = scan_catalog(smollm2, smol_catalog)
+    sws = catalog["super_weights"]
+    assert len(sws) == 4
+    before = sha256s(smollm2)
+    out = tmp_path / "ablated"
+    result = swtool("ablate", smollm2, "--catalog", smol_catalog, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert sha256s(smollm2) == before  # the input is never written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    # every file is there; only model.safetensors differs, and only in the super weights' bytes
+    assert {p.name for p in out.iterdir()} == set(before) | {"swtool-ablation.json"}
+    for name in before:
+        if name != "model.safetensors":
+            assert (out / name).read_bytes() == (smollm2 / name).read_bytes()
+    expected = set()
+    for sw in sws:
+        offset, size = header_offset(smollm2 / "model.safetensors", sw["tensor"], (sw["row"], sw["col"]))
+        expected |= set(range(offset, offset + size))
+        assert (out / "model.safetensors").read_bytes()[offset:offset + size] == b"\0\0"  # bf16 +0.0
+    differing = cmp_bytes(smollm2 / "model.safetensors", out / "model.safetensors")
+    assert differing and differing <= expected
+    record = json.loads((out / "swtool-ablation.json").read_text())
+    assert [(c["layer"], c["row"], c["col"]) for c in record["ablation"]["changes"]] == \
+        [(sw["layer"], sw["row"], sw["col"]) for sw in sws]
+    assert all(sw["value"] == 0.0 for sw in record["super_weights"])
+    # transformers loads the copy: the super weights are zero, and its perplexity is swtool's --zero's
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for sw in sws:
+        assert reference.get_parameter(sw["tensor"])[sw["row"], sw["col"]].item() == 0.0
+    zero = [arg for sw in sws for arg in ("--zero", f"{sw['layer']}:{sw['row']}:{sw['col']}")]
+    on_the_fly = eval_json(smollm2, *zero)
+    of_the_copy = eval_json(out)
+    assert of_the_copy["worlds"][0]["perplexity"] == pytest.approx(on_the_fly["worlds"][0]["perplexity"], rel=1e-6)
+    ids = transformers.AutoTokenizer.from_pretrained(out)(PROSE.read_text())["input_ids"][:768]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 256):
+            chunk = torch.tensor([ids[start:start + 256]])
+            nll += reference(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    assert on_the_fly["worlds"][0]["predictions"] == count
+    assert on_the_fly["worlds"][0]["perplexity"] == pytest.approx(np.exp(nll / count), rel=5e-3)
+    assert on_the_fly["worlds"][0]["perplexity"] > 1000  # the model is wrecked
+
+
+def eval_json(model, *args):
+    result = swtool("eval", model, "--text", PROSE, "--ctx", 256, "--max-tokens", 768, "--json", "--no-progress", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- tiny sharded models: dtypes, scales, links, in place -------------------------------------------
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16", "float32"])
+def planted(request, tiny_factory, tmp_path_factory):
+    """A sharded tiny model with two planted super weights, and the catalog its scan writes."""
+    source, _ = tiny_factory("llama", request.param, plants=PLANTS, max_shard_size="40KB", num_hidden_layers=6)
+    catalog_path = tmp_path_factory.mktemp("catalog") / "catalog.json"
+    catalog = scan_catalog(source, catalog_path)
+    assert {(sw["layer"], sw["row"], sw["col"]) for sw in catalog["super_weights"]} == \
+        {(p.layer, p.row, p.col) for p in PLANTS}
+    return source, catalog_path, getattr(torch, request.param)
+
+
+@pytest.fixture
+def sharded(planted, tmp_path):
+    """A private copy of the planted model (tests patch it in place)."""
+    source, catalog, dtype = planted
+    shutil.copytree(source, tmp_path / "model")
+    return tmp_path / "model", catalog, dtype
+
+
+def test_scaled_copy_of_a_sharded_checkpoint(sharded, tmp_path):
+    model, catalog, dtype = sharded
+    out = tmp_path / "half"
+    result = swtool("ablate", model, "--catalog", catalog, "-o", out, "--scale", "0.5", "--only", "3:50:120")
+    assert result.returncode == 0, result.stderr
+    assert "hard-linked" in result.stdout
+    original = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    patched = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    name = "model.layers.3.mlp.down_proj.weight"
+    old = original.get_parameter(name)[50, 120]
+    # the stored value is torch's own rounding of value x 0.5 to the checkpoint's dtype
+    assert patched.get_parameter(name)[50, 120].item() == (old.float() * 0.5).to(dtype).item() != old.item()
+    changed = [n for n, p in patched.named_parameters() if not torch.equal(p, original.get_parameter(n))]
+    assert changed == [name]
+    # unchanged shards are hard links, the one holding the element a patched copy; the rest byte for byte
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    for path in model.iterdir():
+        copy = out / path.name
+        assert copy.read_bytes() == path.read_bytes() or path.name == index[name]
+        if path.name.endswith(".safetensors"):
+            assert (copy.stat().st_ino == path.stat().st_ino) == (path.name != index[name])
+    offset, size = header_offset(model / index[name], name, (50, 120))
+    assert cmp_bytes(model / index[name], out / index[name]) <= set(range(offset, offset + size))
+    # --copy: no links at all
+    copied = tmp_path / "copied"
+    assert swtool("ablate", model, "--catalog", catalog, "-o", copied, "--copy").returncode == 0
+    assert all((copied / p.name).stat().st_ino != p.stat().st_ino for p in model.iterdir())
+
+
+def test_in_place_and_restore_round_trip(sharded):
+    model, catalog, _ = sharded
+    before = sha256s(model)
+    result = swtool("ablate", model, "--catalog", catalog, "--in-place")
+    assert result.returncode == 0, result.stderr
+    assert (model / "swtool-ablation-journal.json").is_file()
+    after = sha256s(model)
+    changed = {name for name in before if before[name] != after.get(name)}
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    assert changed == {index[f"model.layers.{p.layer}.mlp.down_proj.weight"] for p in PLANTS}
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    for p in PLANTS:
+        assert reference.get_parameter(f"model.layers.{p.layer}.mlp.down_proj.weight")[p.row, p.col].item() == 0.0
+    # ablating again is refused (the values no longer match the catalog, and a journal exists)
+    assert "already" in one_line_error(swtool("ablate", model, "--catalog", catalog, "--in-place"))
+    result = swtool("ablate", model, "--restore")
+    assert result.returncode == 0, result.stderr
+    assert sha256s(model) == before  # identical bytes, journal gone
+    assert "nothing was ablated in place" in one_line_error(swtool("ablate", model, "--restore"))
+
+
+def test_restore_refuses_bytes_changed_since(sharded):
+    model, catalog, _ = sharded
+    assert swtool("ablate", model, "--catalog", catalog, "--in-place", "--only", "1:20:33").returncode == 0
+    change = json.loads((model / "swtool-ablation-journal.json").read_text())["changes"][0]
+    shard = model / change["file"]
+    data = bytearray(shard.read_bytes())
+    data[change["offset"]] ^= 0x55
+    shard.write_bytes(bytes(data))
+    assert "changed since the ablation" in one_line_error(swtool("ablate", model, "--restore"))
+
+
+def test_bad_input_is_one_line_and_touches_nothing(tiny_factory, tmp_path):
+    source, _ = tiny_factory("llama", "bfloat16", plants=PLANTS[:1], num_hidden_layers=6)
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    catalog = tmp_path / "catalog.json"
+    scan_catalog(model, catalog)
+    other, _ = tiny_factory("llama", "bfloat16", plants=PLANTS[1:], num_hidden_layers=6)
+    before = sha256s(model)
+    (tmp_path / "exists").mkdir()
+    cases = [
+        (("-o", tmp_path / "exists"), "already exists"),
+        (("-o", model / "sub"), "inside the input model's directory"),
+        ((), "exactly one of -o OUTDIR and --in-place"),
+        (("-o", tmp_path / "a", "--in-place"), "exactly one of -o OUTDIR and --in-place"),
+        (("-o", tmp_path / "b", "--only", "3:4:5"), "--only 3:4:5 is not in the catalog"),
+        (("-o", tmp_path / "c", "--only", "1-20-33"), "expected LAYER:ROW:COL"),
+        (("-o", tmp_path / "d", "--scale", "nan"), "--scale must be a finite number"),
+    ]
+    for args, message in cases:
+        assert message in one_line_error(swtool("ablate", model, "--catalog", catalog, *args))
+    assert "--catalog is required" in one_line_error(swtool("ablate", model, "-o", tmp_path / "e"))
+    assert "no such file" in one_line_error(swtool("ablate", model, "--catalog", tmp_path / "none.json",
+                                                   "-o", tmp_path / "f"))
+    # the catalog of another model: the element does not hold the catalog's value
+    assert "the catalog says" in one_line_error(swtool("ablate", other, "--catalog", catalog, "-o", tmp_path / "g"))
+    assert sha256s(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "exists", "model"]

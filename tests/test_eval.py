@@ -1,0 +1,412 @@
+"""`swtool eval`: batched sequences, activation transforms, perplexity and the paper's experiments,
+each checked against transformers computing the same thing on its own."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from swtool.evaluate import Plan, evaluate, make_chunks, perplexity
+from swtool.experiments import stop_word_ids
+from swtool.forward import Edit, World, forward, head_logits, run_layers
+from swtool.model import load_model
+from swtool.tokenize import encode, load_tokenizer
+from tiny import Plant, random_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+PROSE = ROOT / "fixtures" / "prose.txt"
+
+
+def swtool(*args):
+    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def torch_model(directory):
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def reference_scores(model, ids, ctx, first_scored=0, stop=(), restore=None):
+    """transformers on each chunk of `ids` alone (the last one unpadded): the sum of -log p, the count,
+    the summed stop-word probability, and the max |down_proj output| per layer.
+
+    restore: (rows {layer: [row]}, intact outputs per chunk from intact_down_out): the paper's
+    removeSW_restoreSA, the down_proj output of those layers set back to the intact value in each
+    row at the token where the intact |value| is largest.
+    """
+    nll, count, stop_sum = 0.0, 0, 0.0
+    peaks = np.zeros(len(model.model.layers))
+    seen, chunk_index = {}, [0]
+
+    def hook(module, inputs, output, layer):
+        if restore is not None and layer in restore[0]:
+            output = output.clone()
+            intact = restore[1][chunk_index[0]][layer]
+            for row in restore[0][layer]:
+                token = int(intact[:, row].abs().argmax())
+                output[0, token, row] = intact[token, row]
+        seen[layer] = output.detach().abs().max().item()
+        return output
+
+    handles = [layer.mlp.down_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: hook(mod, inp, out, i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            for chunk_index[0], start in enumerate(range(0, len(ids), ctx)):
+                chunk = torch.tensor([ids[start:start + ctx]])
+                logits = model(chunk).logits[0, :-1].double()
+                logp = torch.log_softmax(logits, dim=-1)[first_scored:]
+                targets = chunk[0, 1 + first_scored:]
+                if len(targets) == 0:
+                    continue
+                nll -= logp[torch.arange(len(targets)), targets].sum().item()
+                count += len(targets)
+                stop_sum += logp[:, list(stop)].exp().sum().item() if len(stop) else 0.0
+                peaks = np.maximum(peaks, [seen[i] for i in range(len(peaks))])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return nll, count, stop_sum, peaks
+
+
+def intact_down_out(model, layers, ids, ctx):
+    """Per chunk, {layer: down_proj output [T, hidden]} of the model as it is now."""
+    outputs = []
+    for start in range(0, len(ids), ctx):
+        seen = {}
+        handles = [model.model.layers[layer].mlp.down_proj.register_forward_hook(
+            lambda mod, inp, out, layer=layer: seen.__setitem__(layer, out[0].detach().clone())) for layer in layers]
+        with torch.no_grad():
+            model(torch.tensor([ids[start:start + ctx]]))
+        for handle in handles:
+            handle.remove()
+        outputs.append(seen)
+    return outputs
+
+
+# --- the forward pass generalised: [B, T] token batches, worlds x sequences, activation transforms ----
+
+def test_batch_of_sequences_matches_transformers(tiny_factory):
+    directory, _ = tiny_factory("llama", "bfloat16")
+    tokens = np.stack([random_tokens(20, seed=s) for s in range(3)])
+    with torch.no_grad():
+        expected = torch_model(directory)(torch.tensor(tokens)).logits.numpy()
+    got = forward(load_model(directory), tokens)
+    assert got.shape == expected.shape == (3, 20, 300)
+    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+
+
+def test_worlds_times_sequences(tiny_factory):
+    """Rows are world-major: world w holds rows w*B .. w*B+B-1, each world's edits apply to its rows only."""
+    directory, _ = tiny_factory("qwen2", "float32")
+    tokens = np.stack([random_tokens(12, seed=s) for s in range(2)])
+    name, row, col = "model.layers.1.mlp.down_proj.weight", 5, 33
+    reference = torch_model(directory)
+    with torch.no_grad():
+        intact = reference(torch.tensor(tokens)).logits.numpy()
+        reference.model.layers[1].mlp.down_proj.weight[row, col] = 0.0
+        zeroed = reference(torch.tensor(tokens)).logits.numpy()
+    got = forward(load_model(directory), tokens, worlds=[World("intact"), World("zeroed", (Edit(name, row, col),))])
+    assert got.shape[0] == 4
+    np.testing.assert_allclose(got[:2], intact, atol=2e-5)
+    np.testing.assert_allclose(got[2:], zeroed, atol=2e-5)
+    assert not np.allclose(got[:2], got[2:], atol=1e-5)
+
+
+def test_head_logits_a_few_rows_at_a_time(tiny_factory):
+    directory, _ = tiny_factory("llama3", "bfloat16")  # tied embeddings: the head reads embed_tokens
+    model = load_model(directory)
+    tokens = np.stack([random_tokens(9, seed=s) for s in range(3)])
+    worlds = [World("intact"), World("zeroed", (Edit("model.layers.0.mlp.down_proj.weight", 1, 2),))]
+    whole = forward(model, tokens, worlds)
+    ctx, x = run_layers(model, tokens, worlds)
+    pieces = list(head_logits(model, ctx, x, max_bytes=2 * 9 * 300 * 4))  # two rows per piece
+    assert [rows for rows, _ in pieces] == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    np.testing.assert_array_equal(np.concatenate([logits for _, logits in pieces]), whole)
+
+
+def test_activation_transform_replaces_what_flows_on(tiny_factory):
+    """A hook replacing down_proj output [token 3, channel 11] of layer 1 gives transformers' logits
+    with the same replacement made by a forward hook; observers see the replaced value."""
+    directory, _ = tiny_factory("llama", "float32")
+    tokens = random_tokens(8, seed=2)
+    value = 37.5
+
+    def replace(point, layer, x, ctx):
+        if point == "down_out" and layer == 1:
+            new = x.copy()
+            new[:, 3, 11] = value
+            return new
+        return None
+
+    seen = {}
+
+    class Keep:
+        def observe(self, point, layer, x):
+            if point in ("down_out", "resid") and layer == 1:
+                seen[point] = x.copy()
+
+    got = forward(load_model(directory), tokens, observers=[Keep()], activation_transforms=[replace])
+    reference = torch_model(directory)
+
+    def torch_hook(module, inputs, output):
+        output = output.clone()
+        output[0, 3, 11] = value
+        return output
+
+    handle = reference.model.layers[1].mlp.down_proj.register_forward_hook(torch_hook)
+    with torch.no_grad():
+        expected = reference(torch.tensor([list(tokens)]), output_hidden_states=True)
+    handle.remove()
+    np.testing.assert_allclose(got[0], expected.logits[0].numpy(), atol=2e-5)
+    assert seen["down_out"][0, 3, 11] == value
+    np.testing.assert_allclose(seen["resid"][0], expected.hidden_states[2][0].numpy(), atol=2e-5)
+
+
+def test_chunked_perplexity_matches_transformers_on_a_tiny_model(tiny_factory):
+    """A last chunk shorter than ctx (padded inside one batch) scores as transformers scores it alone."""
+    directory, _ = tiny_factory("mistral", "bfloat16")  # sliding window 5 < ctx
+    ids = list(random_tokens(47, seed=9))
+    model, reference = load_model(directory), torch_model(directory)
+    for first, second_half in ((0, False), (8, True)):
+        nll, count, _, _ = reference_scores(reference, ids, 16, first)
+        got, scored = perplexity(model, ids, ctx=16, score_second_half=second_half)
+        assert scored == count == (15 + 15 + 14 if first == 0 else 7 + 7 + 6)
+        assert got == pytest.approx(np.exp(nll / count), rel=1e-5)
+
+
+def test_chunks_cover_the_text():
+    chunks = make_chunks(list(range(10)), 4)
+    assert chunks.tokens.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]
+    assert chunks.lengths.tolist() == [4, 4, 2]
+    assert chunks.n_scored() == 3 + 3 + 1
+    assert make_chunks(list(range(10)), 4, score_second_half=True).n_scored() == 1 + 1 + 0
+
+
+# --- SmolLM2: agreement with transformers and the paper's findings ---------------------------------------
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    return load_model(smollm2)
+
+
+@pytest.fixture(scope="module")
+def smol_torch(smollm2):
+    return torch_model(smollm2)
+
+
+@pytest.fixture(scope="module")
+def prose_ids(smol):
+    return encode(smol.directory, PROSE.read_text())
+
+
+@pytest.mark.real
+def test_perplexity_agrees_with_transformers(smol, smol_torch, prose_ids):
+    """Every prediction of every 512-token chunk, and llama-perplexity's second half: within 0.5 %."""
+    assert len(prose_ids) > 1024  # three chunks, the last one partial
+    for first, second_half in ((0, False), (256, True)):
+        nll, count, _, _ = reference_scores(smol_torch, prose_ids, 512, first)
+        got, scored = perplexity(smol, prose_ids, ctx=512, score_second_half=second_half)
+        assert scored == count
+        assert got == pytest.approx(np.exp(nll / count), rel=5e-3)
+
+
+@pytest.fixture(scope="module")
+def smol_catalog(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("catalog") / "catalog.json"
+    result = swtool("scan", smollm2, "-o", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def zeroed_in_torch(model, elements, factor=0.0):
+    """Context: torch weights {(module, row, col)} multiplied by factor, put back afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        saved = [(w, r, c, w[r, c].item()) for w, r, c in elements]
+        with torch.no_grad():
+            for w, r, c, value in saved:
+                w[r, c] = value * factor
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, r, c, value in saved:
+                    w[r, c] = value
+    return scope()
+
+
+def torch_weight(model, name):
+    return model.get_parameter(name)
+
+
+@pytest.mark.real
+def test_paper_findings_on_smollm2(smollm2, smol_torch, smol_catalog, prose_ids, tmp_path):
+    """`swtool eval --catalog --control-top --restore-activation --sweep` on SmolLM2, every number
+    recomputed in transformers: removing the super weights raises perplexity more than 10x, zeroing
+    100 larger other weights (the control) far less, and restoring the super activation brings most back."""
+    ctx, n_tokens, control_n = 256, 1024, 100
+    result = swtool("eval", smollm2, "--text", PROSE, "--ctx", ctx, "--max-tokens", n_tokens,
+                    "--catalog", smol_catalog, "--control-top", control_n, "--restore-activation",
+                    "--sweep", "0,1,2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "eval pass 1/1" in result.stderr  # the progress bar, on stderr
+    report = json.loads(result.stdout)
+    worlds = {w["name"]: w for w in report["worlds"]}
+    assert list(worlds) == ["original", "removed", "control", "restored", "scale 2"]
+    assert report["compare"]["scale 0"] == report["compare"]["removed"]
+    assert report["compare"]["scale 1"] == report["compare"]["original"]
+    sws = json.loads(Path(smol_catalog).read_text())["super_weights"]
+    assert len(sws) == 4
+    ids = prose_ids[:n_tokens]
+    tokenizer = load_tokenizer(Path(smollm2))
+    stop = list(stop_word_ids(tokenizer).values())
+    assert sorted(report["stop_words"].values()) == sorted(stop)
+    model = smol_torch
+    super_elements = [(torch_weight(model, sw["tensor"]), sw["row"], sw["col"]) for sw in sws]
+
+    def check(name, **kwargs):
+        nll, count, stop_sum, peaks = reference_scores(model, ids, ctx, stop=stop, **kwargs)
+        world = worlds[name]
+        assert world["predictions"] == count
+        assert world["perplexity"] == pytest.approx(np.exp(nll / count), rel=5e-3), name
+        assert world["stop_word_probability"] == pytest.approx(stop_sum / count, rel=1e-2, abs=1e-4), name
+        return peaks
+
+    peaks = check("original")
+    np.testing.assert_allclose(worlds["original"]["peak_down_proj_output"], peaks, rtol=1e-3)
+    rows = {}
+    for sw in sws:
+        rows.setdefault(sw["layer"], []).append(sw["row"])
+    intact = intact_down_out(model, rows, ids, ctx)
+    with zeroed_in_torch(model, super_elements):
+        peaks_removed = check("removed")
+        check("restored", restore=(rows, intact))
+    np.testing.assert_allclose(worlds["removed"]["peak_down_proj_output"], peaks_removed, rtol=1e-3)
+    with zeroed_in_torch(model, super_elements, factor=2.0):
+        check("scale 2")
+    # the control: the 100 largest |w| of every non-norm, non-embedding matrix, found by torch
+    control = independent_top(model, sws, control_n)
+    assert {(c["tensor"], c["row"], c["col"]) for c in report["control"]} == control
+    with zeroed_in_torch(model, [(torch_weight(model, t), r, c) for t, r, c in control]):
+        check("control")
+    # the paper's qualitative findings
+    ratio = {name: w["perplexity_ratio"] for name, w in worlds.items()}
+    assert ratio["removed"] > 10
+    assert ratio["control"] < 2 and ratio["control"] < ratio["removed"] / 100
+    assert ratio["restored"] < ratio["removed"] / 100
+    assert ratio["scale 2"] > 1
+
+
+def independent_top(model, sws, n):
+    """The n largest-|w| elements over every 2-D weight except norms, embeddings and the LM head,
+    the super weights excluded: {(name, row, col)}."""
+    exclude = {(sw["tensor"], sw["row"], sw["col"]) for sw in sws}
+    candidates = []
+    for name, param in model.named_parameters():
+        if param.dim() != 2 or "embed" in name or "lm_head" in name or "norm" in name:
+            continue
+        magnitude = param.detach().abs().flatten().clone()
+        for tensor, row, col in exclude:
+            if tensor == name:
+                magnitude[row * param.shape[1] + col] = -1
+        values, flat = torch.topk(magnitude, n)
+        candidates += [(v, name, divmod(int(f), param.shape[1])) for v, f in zip(values.tolist(), flat.tolist())]
+    candidates.sort(key=lambda c: -c[0])
+    threshold = candidates[n - 1][0]
+    assert candidates[n][0] < threshold, "a tie at the n-th magnitude: the control set is not unique"
+    return {(name, row, col) for _, name, (row, col) in candidates[:n]}
+
+
+# --- the command line: table, consistency between ways of zeroing, one-line errors ----------------------
+
+@pytest.fixture(scope="module")
+def tiny_planted(tiny_factory, tmp_path_factory):
+    directory, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
+    catalog = tmp_path_factory.mktemp("tiny-catalog") / "catalog.json"
+    assert swtool("scan", directory, "-o", catalog, "--no-progress").returncode == 0
+    text = tmp_path_factory.mktemp("text") / "text.txt"
+    text.write_text("The super weight is one scalar. Zeroing it wrecks the model, the paper says, and a "
+                    "control of larger weights does not. " * 3)
+    return directory, catalog, text
+
+
+def test_eval_table_and_ways_of_zeroing_agree(tiny_planted):
+    directory, catalog, text = tiny_planted
+    result = swtool("eval", directory, "--text", text, "--ctx", 64, "--catalog", catalog, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:6] == ["world", "weights", "perplexity", "NLL", "x", "original"]
+    assert [line.split()[0] for line in lines[3:5]] == ["original", "removed"]
+    assert lines[-1].startswith("stop-word shift, super weights removed: ")
+
+    def ppl(*args):
+        out = swtool("eval", directory, "--text", text, "--ctx", 64, "--json", "--no-progress", *args)
+        assert out.returncode == 0, out.stderr
+        return [w["perplexity"] for w in json.loads(out.stdout)["worlds"]]
+
+    removed_world = ppl("--catalog", catalog)[1]
+    by_zero = ppl("--zero", "1:41:101")[0]
+    by_ablate = ppl("--catalog", catalog, "--ablate")[0]
+    by_scale = ppl("--catalog", catalog, "--scale-super", "0")[0]
+    assert by_zero == by_ablate == by_scale  # the same weight transform
+    assert removed_world == pytest.approx(by_zero, rel=1e-5)  # a world edit instead of a transform
+    assert by_zero != ppl()[0]  # the zeroing did apply (a random model barely cares, so no size is asserted)
+
+
+def test_eval_bad_input_is_one_line(tiny_planted, tmp_path):
+    directory, catalog, text = tiny_planted
+    short = tmp_path / "short.txt"
+    short.write_text("")
+    cases = [
+        (("--ablate",), "need --catalog"),
+        (("--sweep", "0,1"), "need --catalog"),
+        (("--catalog", catalog, "--ablate", "--scale-super", "2"), "--ablate is --scale-super 0"),
+        (("--catalog", catalog, "--ablate", "--control-top", "3"), "use one or the other"),
+        (("--catalog", catalog, "--control-top", "0"), "--control-top must be at least 1"),
+        (("--catalog", catalog, "--sweep", "a,b"), "--sweep 'a,b'"),
+        (("--zero", "1-41-101"), "expected LAYER:ROW:COL"),
+        (("--zero", "9:0:0"), "the model has 4 layers"),
+        (("--zero", "1:999:0"), "[out, in]"),
+        (("--ctx", "1"), "--ctx must be at least 2"),
+        (("--ctx", "abc"), "Invalid value for '--ctx'"),
+        (("--max-tokens", "1"), "--max-tokens must be at least 2"),
+        (("--plot", tmp_path / "p.gif"), "name the file .png, .svg or .pdf"),
+        (("--catalog", tmp_path / "none.json"), "no such file"),
+    ]
+    for args, message in cases:
+        assert message in one_line_error(swtool("eval", directory, "--text", text, "--no-progress", *args)), args
+    assert "no such file" in one_line_error(swtool("eval", directory, "--text", tmp_path / "none.txt"))
+    assert "at least 2 are needed" in one_line_error(swtool("eval", directory, "--text", short))
+    assert "Missing option '--text'" in one_line_error(swtool("eval", directory))
+
+
+def test_catalog_of_another_model_is_refused(tiny_planted, tiny_factory):
+    _, catalog, text = tiny_planted
+    other, _ = tiny_factory("llama", "bfloat16")
+    line = one_line_error(swtool("eval", other, "--text", text, "--catalog", catalog, "--no-progress"))
+    assert "the catalog says" in line
+
+
+def test_plot_without_matplotlib_is_one_line(tiny_planted, tmp_path):
+    """matplotlib is an optional extra: hidden from the import system here, whether installed or not."""
+    directory, catalog, text = tiny_planted
+    hide = "import sys; sys.modules['matplotlib'] = None; from swtool.cli import main; main()"
+    for args in (("eval", directory, "--text", text, "--plot", tmp_path / "p.png"),
+                 ("scan", directory, "--plot", tmp_path / "p.png")):
+        result = subprocess.run([sys.executable, "-c", hide, *map(str, args)], capture_output=True, text=True)
+        assert "pip install 'swtool[plot]'" in one_line_error(result)
+    assert not list(tmp_path.iterdir())
