@@ -15,7 +15,8 @@ Float operations follow the C expressions term by term (see bits.py for why).
 Trials side by side. ggml tries its trial scales one after another, each with a
 loop over the sub-block that sums in element order. Those sums cannot be
 vectorised along the elements without changing their rounding, but the trials
-are independent: here the loop over elements is outside and the loop over
+are independent (in make_qkx2_quants until one moves the min, see there):
+here the loop over elements is outside and the loop over
 trials inside, so every trial still adds its terms in element order (the same
 float32 sums, bit for bit) while LLVM vectorises across trials. The choice of
 the best trial is then replayed in ggml's order. `lanes` is a per-row float32
@@ -28,7 +29,7 @@ import numpy as np
 from swtool.quant.bits import JIT, nearest_int
 
 GROUP_MAX_EPS = np.float32(1e-15)
-TRIALS = 24  # >= the most trials of any search (1 + 21 for Q4_K); 24 vectorised best here (16 + 8 lanes)
+TRIALS = 24  # >= the most trials of any search (19 for Q6_K, 22 for Q4_K): 3 vectors of 8, fastest measured
 LANE_ROWS = 7
 MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 
@@ -46,12 +47,27 @@ def _clamp(value, lo, hi):
 
 @numba.njit(**JIT)
 def _rint(value):
-    """nearest_int(value) as a float32, for |value| < 2**22: the same half-to-even rounding.
+    """nearest_int(value) as a float32, for |value| < 4194303: the same half-to-even rounding.
 
-    Trial scales keep |iscale * x| <= nmax + 1, far inside that range, and staying
-    in float32 (no int round trip) is what lets the trial loop vectorise well.
+    Staying in float32 (no int round trip) is what lets the trial loops vectorise well.
     """
     return (value + MAGIC) - MAGIC
+
+
+SAFE = np.float32(4.0e6)  # below nearest_int's limit of 4194303 with room for rounding
+
+
+@numba.njit(**JIT)
+def _code(value, lo, hi, exact):
+    """clamp(nearest_int(value), lo, hi) as a float32.
+
+    ggml asserts |value| <= 4194303 but compiles the assert out: beyond it
+    nearest_int returns wrapped bits. `exact` keeps that; otherwise `value` is
+    known to be in range and the float path is used.
+    """
+    if exact:
+        return min(max(np.float32(nearest_int(value)), lo), hi)
+    return min(max(_rint(value), lo), hi)
 
 
 @numba.njit(**JIT)
@@ -94,7 +110,7 @@ def make_qx_quants(x, nmax, L, lanes):
     for i in range(n):
         w = x[i] * x[i]
         wx = w * x[i]
-        for t in range(TRIALS):
+        for t in range(TRIALS):  # |iscale * x| <= nmax + 0.9 as |x| <= |max|: in _rint's range
             l = min(max(_rint(iscale[t] * x[i]), -fmax), fmax - np.float32(1.0))
             sumlx[t] += wx * l  # ggml: w*x[i]*l
             suml2[t] += w * l * l
@@ -159,20 +175,29 @@ def make_q3_quants(x, nmax, L):
 
 
 @numba.njit(**JIT)
-def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, width, sum_w, sum_x, use_mad, lanes):
+def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, lo, hi, sum_w, sum_x, use_mad, lanes):
     """Trials k = first..nstep of make_qkx2_quants, side by side, all with ggml's current `min` = shift.
 
     Lane t holds trial first + t: its iscale, the least-squares (scale, min) refit
     (scale NaN where ggml skips the trial, D <= 0) and the refit's weighted error.
+    lo..hi bounds the block (lo = min(x, 0), hi = max(x)).
     """
     fmax = np.float32(nmax)
     iscale, scale, the_min, error = lanes[0], lanes[1], lanes[2], lanes[3]
     sum_l, sum_l2, sum_xl = lanes[4], lanes[5], lanes[6]
+    width = hi - shift  # ggml: max - min
     n_trials = nstep + 1 - first
     n_lanes = min(TRIALS, (n_trials + 7) // 8 * 8)  # whole vectors of 8
     for t in range(n_lanes):
         k = first + min(t, n_trials - 1)  # spare lanes repeat the last trial
         iscale[t] = (rmin + rdelta * np.float32(k) + fmax) / width
+    # |iscale * (x - shift)| is about nmax when shift is the block's min; a refit's
+    # min could in principle put it out of nearest_int's range, then do as ggml does
+    largest = np.float32(0.0)
+    for t in range(n_lanes):
+        largest = max(largest, abs(iscale[t]))
+    exact = not largest * max(abs(hi - shift), abs(lo - shift)) < SAFE  # lo <= every x <= hi
+    zero = np.float32(0.0)
     sum_l[:] = 0
     sum_l2[:] = 0
     sum_xl[:] = 0
@@ -180,7 +205,7 @@ def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, width, su
         w = weights[i]
         shifted = x[i] - shift
         for t in range(n_lanes):
-            l = min(max(_rint(iscale[t] * shifted), np.float32(0.0)), fmax)
+            l = _code(iscale[t] * shifted, zero, fmax, exact)
             sum_l[t] += w * l
             sum_l2[t] += w * l * l
             sum_xl[t] += w * l * x[i]
@@ -203,7 +228,7 @@ def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, width, su
         w = weights[i]
         shifted = x[i] - shift
         for t in range(n_lanes):
-            l = min(max(_rint(iscale[t] * shifted), np.float32(0.0)), fmax)
+            l = _code(iscale[t] * shifted, zero, fmax, exact)
             diff = scale[t] * l + the_min[t] - x[i]
             error[t] += w * (abs(diff) if use_mad else diff * diff)
 
@@ -257,7 +282,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, L, lanes):
     first = 0
     while first <= nstep:
         shift = the_min
-        _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, hi - shift, sum_w, sum_x, use_mad, lanes)
+        _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, lo, hi, sum_w, sum_x, use_mad, lanes)
         moved = False
         for t in range(nstep + 1 - first):
             if scales[t] == scales[t] and errors[t] < best_error:  # NaN scale: ggml skipped it
