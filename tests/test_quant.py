@@ -230,6 +230,15 @@ def test_shapes_dtypes_and_names():
     assert quantize(np.zeros((0, 64), np.float32), T.Q8_0).shape == (0, 68)
 
 
+def test_dequantize_takes_any_view_of_the_bytes():
+    values = random_values("normal", (3, 64), seed=1).astype(np.float32)
+    half = values.astype(np.float16)  # what gguf's reader returns for an F16 tensor
+    np.testing.assert_array_equal(dequantize(half, T.F16, values.shape), half.astype(np.float32))
+    data = quantize(values, T.Q8_0)
+    np.testing.assert_array_equal(dequantize(data.tobytes(), T.Q8_0, values.shape),
+                                  dequantize(data, T.Q8_0, values.shape))
+
+
 def test_row_length_must_fit_the_block():
     with pytest.raises(SwtoolError, match="Q4_K needs rows whose length is a multiple of 256; got rows of 576"):
         quantize(np.zeros((4, 576), np.float32), T.Q4_K)

@@ -130,7 +130,9 @@ def dequantize(data, qtype, shape):
     cols = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64))
     expected = n_rows * row_bytes(qtype, cols)
-    data = np.ascontiguousarray(data).view(np.uint8)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(data, dtype=np.uint8)
+    data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # any dtype: its bytes (gguf reads F16 as float16)
     if data.size != expected:
         raise SwtoolError(f"{qtype.name} data of shape {shape} should be {expected} bytes; got {data.size}")
     out = np.empty((n_rows, cols), dtype=np.float32)
