@@ -14,8 +14,10 @@ that type: hand them to gguf's writer with `raw_dtype=qtype`.
 
 Blocks run along the last axis (ggml's ne[0], a Hugging Face weight's columns),
 so cols must be a multiple of the type's block size (32, or 256 for K-quants).
-Rows are quantized in parallel (Numba prange); kernels compile on first use and
-are cached on disk.
+Rows are quantized in parallel (Numba prange); kernels compile on first use
+(about 5 s per type) and are cached on disk. Numba keys that cache on each
+kernel's own source file only: after editing bits.py or search.py, delete
+swtool/quant/__pycache__/*.nb* or the kernels that call them stay stale.
 
 Modules: bits.py (float/half/int helpers), floats.py (F32/F16/BF16),
 simple.py (32-blocks), search.py (the K-quant scale searches), kquants.py (K-quants).
