@@ -1,0 +1,34 @@
+"""Numba set-up shared by the kernel modules: import this before numba compiles anything.
+
+LLVM vectorises for 256-bit registers on Intel CPUs with AVX-512, a guard against
+the clock drop wide instructions once caused. swtool's kernels are bound by
+float32 multiply-adds, and on the machine the benchmarks run on 512-bit vectors
+make the fused bf16 product 1.2-1.4x faster (bench/run.py, kernels.py). So the
+"prefer 256-bit" tuning is switched off, for this process, through numba's own
+setting for CPU features (NUMBA_CPU_FEATURES, as numba's test suite does to get
+512-bit code).
+
+This only changes which registers LLVM picks, never the results of code without
+fastmath (no reordering is allowed there), and the compiled-code cache keys on the
+feature string, so cached kernels stay consistent. An explicit NUMBA_CPU_FEATURES
+or NUMBA_CPU_NAME from the user wins, and nothing changes once numba's code
+generator exists (then its features are fixed for the process).
+"""
+
+from numba.core import config
+from numba.core.registry import cpu_target
+
+
+def _prefer_wide_vectors():
+    if config.CPU_FEATURES is not None or config.CPU_NAME is not None:
+        return  # the user chose
+    if "_toplevel_target_context" in cpu_target.__dict__:
+        return  # numba's code generator already exists, with its features fixed
+    from numba.core.codegen import get_host_cpu_features
+
+    features = get_host_cpu_features()
+    if "+avx512f" in features.split(","):
+        config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
+_prefer_wide_vectors()
