@@ -8,7 +8,8 @@ On the SmolLM2 fixture (bf16 on disk, float32 arithmetic in both):
   - swtool, the pass alone: evaluate() in this process, the model opened, the text tokenized;
   - transformers: the model loaded once as float32 (not timed), then the same chunks, all the
     full ones as one batch and the last partial one alone, forward + loss; torch uses every core.
-Tokens per second = text tokens / seconds. Both perplexities are printed: they must agree.
+Tokens per second = text tokens / wall seconds. CPU seconds (all threads) are printed too: on a
+shared machine they move less than wall time. Both perplexities are printed: they must agree.
 Results go to bench/results/eval.json with a description of the machine.
 """
 
@@ -28,30 +29,32 @@ MODEL = ROOT / "fixtures" / "build" / "smollm2"
 
 
 def swtool_cli(text, ctx):
-    """(wall seconds, peak RSS bytes, result JSON) of one `swtool eval --json` run."""
+    """(wall seconds, peak RSS bytes, result JSON, CPU seconds) of one `swtool eval --json` run."""
     result = subprocess.run(["/usr/bin/time", "-v", str(SWTOOL), "eval", str(MODEL), "--text", str(text),
                              "--ctx", str(ctx), "--json", "--no-progress"], capture_output=True, text=True, check=True)
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
     seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return seconds, rss_kb * 1024, json.loads(result.stdout)
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", result.stderr).group(1))
+              for kind in ("User", "System"))
+    return seconds, rss_kb * 1024, json.loads(result.stdout), cpu
 
 
 def swtool_pass(ids, ctx):
-    """(seconds, perplexity) of evaluate() alone: one streaming pass over the chunks."""
+    """(seconds, perplexity, CPU seconds) of evaluate() alone: one streaming pass over the chunks."""
     from swtool.evaluate import Plan, evaluate, make_chunks
     from swtool.forward import World
     from swtool.model import load_model
 
     model = load_model(MODEL)
     chunks = make_chunks(ids, ctx)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     (score,) = evaluate(model, chunks, Plan([World("model")]), progress=False)
-    return time.perf_counter() - start, score.perplexity
+    return time.perf_counter() - start, score.perplexity, time.process_time() - cpu
 
 
 def transformers_pass(ids, ctx):
-    """(seconds, perplexity, load seconds): transformers float32 on the same chunks."""
+    """(seconds, perplexity, load seconds, CPU seconds): transformers float32 on the same chunks."""
     import torch
     import transformers
 
@@ -65,7 +68,7 @@ def transformers_pass(ids, ctx):
     if len(ids) % ctx > 1:
         batches.append(torch.tensor([ids[n_full * ctx:]]))
     nll, count = 0.0, 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for batch in batches:
             logits = model(batch).logits[:, :-1].float()
@@ -73,8 +76,8 @@ def transformers_pass(ids, ctx):
                                                      reduction="sum")
             nll += loss.item()
             count += batch[:, 1:].numel()
-    seconds = time.perf_counter() - start
-    return seconds, float(torch.exp(torch.tensor(nll / count))), load
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, float(torch.exp(torch.tensor(nll / count))), load, cpu
 
 
 def machine():
@@ -104,17 +107,19 @@ def main():
     reference = min((transformers_pass(ids, args.ctx) for _ in range(args.runs)), key=lambda r: r[0])
     rows = [
         {"what": "swtool eval (CLI, end to end)", "seconds": cli[0], "tokens_per_s": n / cli[0],
-         "perplexity": cli[2]["worlds"][0]["perplexity"], "peak_rss_bytes": cli[1]},
+         "perplexity": cli[2]["worlds"][0]["perplexity"], "peak_rss_bytes": cli[1], "cpu_seconds": cli[3]},
         {"what": "swtool evaluate() (the pass)", "seconds": in_process[0], "tokens_per_s": n / in_process[0],
-         "perplexity": in_process[1]},
+         "perplexity": in_process[1], "cpu_seconds": in_process[2]},
         {"what": "transformers float32 (forward)", "seconds": reference[0], "tokens_per_s": n / reference[0],
-         "perplexity": reference[1], "load_seconds": reference[2]},
+         "perplexity": reference[1], "load_seconds": reference[2], "cpu_seconds": reference[3]},
     ]
     print(f"SmolLM2-135M, {args.text.name}: {n} tokens, ctx {args.ctx}, best of {args.runs}")
-    print(f"{'':34} {'seconds':>8} {'tokens/s':>9} {'perplexity':>11}")
+    print(f"{'':34} {'seconds':>8} {'tokens/s':>9} {'CPU s':>7} {'perplexity':>11}")
     for r in rows:
-        print(f"{r['what']:34} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} {r['perplexity']:>11.4f}")
-    print(f"swtool / transformers speed: {rows[1]['tokens_per_s'] / rows[2]['tokens_per_s']:.2f}x (pass vs forward); "
+        print(f"{r['what']:34} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} {r['cpu_seconds']:>7.2f} "
+              f"{r['perplexity']:>11.4f}")
+    print(f"swtool / transformers speed: {rows[1]['tokens_per_s'] / rows[2]['tokens_per_s']:.2f}x (pass vs forward, "
+          f"wall), {rows[2]['cpu_seconds'] / rows[1]['cpu_seconds']:.2f}x (CPU time); "
           f"swtool CLI peak RSS {cli[1] / 2**20:.0f} MiB")
     out = ROOT / "bench" / "results" / "eval.json"
     out.parent.mkdir(exist_ok=True)

@@ -168,21 +168,30 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False):
         for source in sorted(p for p in source_dir.iterdir() if p.is_file()):
             target = tmp / source.name
             if source.name in by_file:
-                shutil.copyfile(source, target)  # a new file: the input's bytes are never written
+                shutil.copy(source, target)  # a new file (bytes and mode): the input's bytes are never written
                 write_bytes_at(target, [(p.offset, p.new) for p in by_file[source.name]])
                 done["patched"].append(source.name)
             elif not copy and _try_link(source, target):
                 done["linked"].append(source.name)
             else:
-                shutil.copyfile(source, target)
+                shutil.copy(source, target)
                 done["copied"].append(source.name)
         record = changes_catalog(catalog, patches, scale, source_dir, out_dir, tmp)
         write_text_atomic(tmp / CATALOG_NAME, json.dumps(record, indent=2) + "\n")
+        # mkdtemp/mkstemp made these owner-only; give them the modes a plain mkdir/open would
+        os.chmod(tmp / CATALOG_NAME, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return done
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _try_link(source, target):

@@ -250,9 +250,10 @@ def describe(model, text_path, n_tokens, chunks, plan, report, scores, tokenizer
     """The JSON-ready result of `swtool eval`: one entry per world, plus what was scored and changed."""
     stop = np.array(list(stop_ids.values()), dtype=np.int64)
     original = scores[0].perplexity if report is not None else None
+    everywhere = sum(len(t.edits) for t in plan.transforms)  # --zero, --ablate, --scale-super: in every world
     worlds = []
     for world, score in zip(plan.worlds, scores):
-        entry = {"name": world.name, "weights_edited": len(world.edits), "nll": score.nll,
+        entry = {"name": world.name, "weights_edited": everywhere + len(world.edits), "nll": score.nll,
                  "perplexity": score.perplexity, "predictions": score.count,
                  "stop_word_probability": float(score.mean_probability(stop).sum()),
                  "top_tokens": [{"id": int(t), "text": tokenizer.decode([int(t)], skip_special_tokens=False),
