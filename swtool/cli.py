@@ -105,7 +105,7 @@ def format_scan(catalog):
 
     model, detection = catalog["model"], catalog["detection"]
     lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
-             f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} passes"]
+             f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} pass{'es' if detection['passes'] != 1 else ''} over the weights"]
     sws = catalog["super_weights"]
     if not sws:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")

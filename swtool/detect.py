@@ -13,9 +13,16 @@ that persists down the residual stream: a super activation. So, per pass:
      so two weights feeding one spike are both found;
   5. zero what was found and run again until no spike remains (max_iter).
 
-Every pass runs several worlds side by side (intact, all found removed, each
-found weight removed alone), so the last pass also yields the verification:
-the prompt's mean NLL and the super activation with each weight zeroed vs intact.
+The worlds those steps look at (intact, all found removed, each found weight
+removed alone) run side by side as extra batch rows, and all in ONE read of the
+checkpoint (forking.py): a world forks at the layer of its first zeroed weight,
+while the pass is there. Which worlds to fork is decided online, as the pass
+goes (`OnlineSearch`); the decisions that count are then made once more on the
+recorded activations of whole worlds, exactly as passes 1, 2, ... of step 5
+would make them (`_decide`), and a world the online guess missed is computed
+then, from the layer where it departs from one the pass has. The last worlds
+also yield the verification: the prompt's mean NLL and the super activation
+with each weight zeroed vs intact.
 
 Mixtures of experts (Mixtral): a layer has one down projection per expert, and
 each sees only the tokens routed to it. The layer's output is then the
@@ -29,8 +36,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from swtool import kernels
 from swtool.checkpoint.transposed import TransposedTensor
-from swtool.forward import Edit, World, forward, mean_nll
+from swtool.errors import SwtoolError
+from swtool.forking import ForkingPass, prefix
+from swtool.forward import Edit, mean_nll
 
 
 @dataclass
@@ -73,43 +83,56 @@ class SuperWeight:
         return asdict(self)
 
 
-class Recorder:
-    """Observer keeping each layer's down_proj input/output and residual stream, all worlds.
+def world_key(removed):
+    """The key of the world with these SuperWeights zeroed (forking.py): {(layer, Edit)}."""
+    return frozenset((sw.layer, Edit(sw.tensor, sw.row, sw.col, 0.0, sw.expert)) for sw in removed)
 
-    A mixture layer has no single down_proj input: its experts' inputs and outputs
-    are kept per (layer, expert), for the rows routed to each (`experts`).
+
+INTACT = frozenset()
+
+
+class Recorder:
+    """Observer keeping each layer's down_proj input/output and residual stream, per world prefix.
+
+    A world's activations at layer l are stored under its prefix at l (forking.py),
+    so worlds that agree up to l share them. A mixture layer has no single
+    down_proj input: its experts' inputs are kept per (layer, expert), for the
+    tokens routed to each (`experts`).
     """
 
     POINTS = ("down_in", "down_out", "resid_mid", "resid")
 
     def __init__(self):
-        self.data = {point: {} for point in self.POINTS}
-        self.experts = {}  # layer -> expert -> {"routed": Routed, "down_in": [N, ff], "down_out": [N, hidden]}
+        self.data = {point: {} for point in self.POINTS}  # point -> layer -> {prefix: [T, channels]}
+        self.experts = {}  # layer -> {prefix: {expert: (tokens, router weights, down_in [n, ff])}}
 
-    def observe(self, point, layer, x):
+    def observe(self, point, layer, key, x):
         if point in self.data:
-            self.data[point][layer] = x.copy()
+            self.data[point].setdefault(layer, {})[key] = x.copy()
 
-    def observe_expert(self, point, layer, expert, routed, x):
-        entry = self.experts.setdefault(layer, {}).setdefault(expert, {"routed": routed})
-        entry[point] = x.copy()
+    def observe_expert(self, point, layer, expert, key, tokens, weights, x):
+        if point == "down_in":
+            self.experts.setdefault(layer, {}).setdefault(key, {})[expert] = (tokens, weights, x.copy())
 
-    def world(self, point, w):
-        """[layers, tokens, channels] for world w."""
-        layers = self.data[point]
-        return np.stack([layers[i][w] for i in sorted(layers)])
+    def at(self, point, layer, key):
+        """World `key`'s activation at `point` of `layer`: [T, channels]."""
+        return self.data[point][layer][prefix(key, layer)]
 
-    def down_inputs(self, layer, world, token):
-        """[(expert, router weight, input vector)] of each down projection that saw `token` of `world`
-        in `layer`: the dense MLP's (expert None, weight 1), or each expert the token was routed to."""
+    def world(self, point, key, upto=None):
+        """[layers, tokens, channels] of world `key`, layers 0..upto (all recorded when None)."""
+        last = max(self.data[point]) if upto is None else upto
+        return np.stack([self.at(point, layer, key) for layer in range(last + 1)])
+
+    def down_inputs(self, layer, key, token):
+        """[(expert, router weight, input vector)] of each down projection that saw `token` of world
+        `key` in `layer`: the dense MLP's (expert None, weight 1), or each expert the token was routed to."""
         if layer in self.data["down_in"]:
-            return [(None, 1.0, self.data["down_in"][layer][world, token])]
+            return [(None, 1.0, self.at("down_in", layer, key)[token])]
         sources = []
-        for expert, entry in sorted(self.experts.get(layer, {}).items()):
-            routed = entry["routed"]
-            hit = np.flatnonzero((routed.world == world) & (routed.token == token))
+        for expert, (tokens, weights, x) in sorted(self.experts.get(layer, {}).get(prefix(key, layer), {}).items()):
+            hit = np.flatnonzero(tokens == token)
             if hit.size:
-                sources.append((expert, float(routed.weight[hit[0]]), entry["down_in"][hit[0]]))
+                sources.append((expert, float(weights[hit[0]]), x[hit[0]]))
         return sources
 
 
@@ -127,24 +150,64 @@ def find_spikes(profile_out, ratio):
     baseline = float(np.median(peak))
     spikes = []
     for layer in np.flatnonzero(peak >= ratio * max(baseline, np.finfo(np.float32).tiny)):
-        token, row = np.unravel_index(np.argmax(np.abs(profile_out[layer])), profile_out[layer].shape)
-        spikes.append(Spike(int(layer), int(token), int(row), float(profile_out[layer, token, row])))
+        spikes.append(_spike_at(profile_out, int(layer)))
     return spikes
 
 
-def creates_persistent_activation(spike, resid_mid, resid, settings):
-    """Does the spike create a massive residual value (not cancel one) that later layers keep?"""
+def _spike_at(profile_out, layer):
+    """The largest |down_proj output| of `layer` as a Spike."""
+    token, row = np.unravel_index(np.argmax(np.abs(profile_out[layer])), profile_out[layer].shape)
+    return Spike(layer, int(token), int(row), float(profile_out[layer, token, row]))
+
+
+def provisional_spike(profile_out, ratio):
+    """The online guess of find_spikes for the newest layer, profile_out [layers so far, T, C].
+
+    find_spikes compares a layer with the median of ALL layers, which a pass knows
+    only at its end. While it runs, the newest layer is compared with the layers
+    before it: their median, or, with fewer than EARLY_LAYERS of them, their
+    smallest peak. Early layers often build an activation up (SmolLM2's layer 1
+    makes a quarter of its super activation), so their median overestimates the
+    median of all layers and would hide a real spike in layer 2. Layer 0, with
+    nothing before it, is never a guess. A guess only decides which worlds the pass
+    forks: a wrong one costs time (a world computed later, `_decide`), not results.
+    """
+    layer = len(profile_out) - 1
+    if layer == 0:
+        return None
+    peak = np.abs(profile_out).reshape(len(profile_out), -1).max(axis=1)
+    earlier = peak[:layer]
+    baseline = float(np.min(earlier) if layer < EARLY_LAYERS else np.median(earlier))
+    if peak[layer] < ratio * max(baseline, np.finfo(np.float32).tiny):
+        return None
+    return _spike_at(profile_out, layer)
+
+
+EARLY_LAYERS = 3
+
+
+def creates_massive_activation(spike, resid_mid, resid, settings):
+    """Does the spike's layer make a massive residual value (not shrink an existing one)?"""
     before = abs(float(resid_mid[spike.layer, spike.token, spike.row]))
     after = abs(float(resid[spike.layer, spike.token, spike.row]))
     if after <= before:
         return False  # the layer shrinks an activation that already existed: a late-layer canceller
     typical = float(np.median(np.abs(resid[spike.layer, spike.token])))
-    if after < settings.spike_ratio * typical:
-        return False  # not massive next to the other channels of its token
+    return after >= settings.spike_ratio * typical  # massive next to the other channels of its token
+
+
+def persists(spike, resid, settings):
+    """Do the next persist_layers layers keep the spike's residual value at persist_fraction of its size?"""
+    after = abs(float(resid[spike.layer, spike.token, spike.row]))
     later = resid[spike.layer + 1: spike.layer + 1 + settings.persist_layers, spike.token, spike.row]
     if len(later) == 0:
         return False  # the last layer: nothing can persist
     return bool(np.all(np.abs(later) >= settings.persist_fraction * after))
+
+
+def creates_persistent_activation(spike, resid_mid, resid, settings):
+    """Does the spike create a massive residual value (not cancel one) that later layers keep?"""
+    return creates_massive_activation(spike, resid_mid, resid, settings) and persists(spike, resid, settings)
 
 
 def contributing_columns(spike, down_in, weight_row, settings):
@@ -159,68 +222,244 @@ def _contributors(spike, x, weight_row, settings):
     return [(int(m), float(aligned[m])) for m in order if aligned[m] >= settings.min_contribution * abs(spike.output)]
 
 
-def scan(model, tokens, settings, progress=False):
-    """Find the super weights of `model` with prompt `tokens`: (list[SuperWeight], report dict)."""
-    found = []  # SuperWeight, in the order found
-    passes = 0
-    while True:
-        worlds = Worlds(found)
-        recorder = Recorder()
-        label = f"scan pass {passes + 1} ({len(worlds.list)} worlds)" if progress else None
-        logits = forward(model, tokens, worlds.list, observers=[recorder], progress=label)
-        passes += 1
-        new = []
-        if passes <= settings.max_iter:
-            # look for spikes in the world with everything found so far removed
-            new = _candidates(model, recorder, worlds.all_removed, found, settings, iteration=passes)
-        if not new:
-            break
-        found.extend(new)
-    _verify(found, worlds, recorder, mean_nll(logits, tokens), settings)
+def scan(model, tokens, settings, progress=False, fork_online=True):
+    """Find the super weights of `model` with prompt `tokens`: (list[SuperWeight], report dict).
+
+    One streaming pass (forking.py) carries every world the decisions need, when the
+    online search guesses them right; `_decide` then makes the decisions of the
+    pass-by-pass algorithm on the recorded worlds and computes any world the pass
+    lacks. `fork_online=False` skips the online search: every world but the intact
+    one is then computed by `_decide`, pass by pass, as the multi-pass scan did
+    (the tests check both ways give the same result).
+    """
+    if len(tokens) < 2:
+        raise SwtoolError("the prompt must have at least 2 tokens to score its likelihood")
+    recorder = Recorder()
+    stream = ForkingPass(model, tokens, recorder)
+    weights = WeightStats(model)
+    online = OnlineSearch(model, stream, recorder, weights, settings)
+    _stream_once(stream, online if fork_online else None, "scan pass 1" if progress else None)
+    found, worlds, decision_passes = _decide(model, stream, recorder, weights, settings, progress)
+    nll = _nll(stream, worlds, tokens)
+    _verify(found, worlds, recorder, nll, settings)
+    removed = world_key(found)
     report = {
-        "passes": passes,
-        "nll_intact": float(mean_nll(logits[:1], tokens)[0]),
-        "nll_all_removed": float(mean_nll(logits[worlds.all_removed][None], tokens)[0]) if found else None,
-        "profile": layer_profile(recorder, 0),
-        # the same with every found weight zeroed (scan --plot draws both)
-        "profile_removed": layer_profile(recorder, worlds.all_removed) if found else None,
+        "passes": 1 + stream.rounds,  # reads of the checkpoint; `complete` rounds re-read from some layer on
+        "weight_reads": stream.blocks_run / model.arch.n_layers,  # layers computed / layers: 1.0 = each once
+        "decision_passes": decision_passes,  # passes the pass-by-pass algorithm makes (iterations + 1)
+        "nll_intact": float(nll[INTACT]),
+        "nll_all_removed": float(nll[removed]) if found else None,
+        "profile": layer_profile(recorder, INTACT),
+        "profile_removed": layer_profile(recorder, removed) if found else None,
     }
     return found, report
 
 
-class Worlds:
-    """The worlds of one pass and where each is: intact (0), all found removed, each alone, each spike's set."""
+def _stream_once(stream, online, progress):
+    """The single pass: every layer for the live worlds, then the online search may fork new ones there."""
+    from tqdm import tqdm
 
-    def __init__(self, found):
-        self.list = [World("intact")]
-        self.index = {}
-        self.all_removed = self._add("all", found)
-        groups = {}
-        for sw in found:
-            groups.setdefault((sw.layer, sw.row), []).append(sw)  # one spike: possibly several experts
-        for sw in found:
-            self.index[("alone", _key(sw))] = self._add(("alone", _key(sw)), [sw])
-        for spike, members in groups.items():
-            self.index[("set", spike)] = self._add(("set", spike), members)
+    live = {INTACT}
+    for layer in tqdm(range(stream.arch.n_layers), desc=progress, unit="layer", disable=progress is None,
+                      leave=False):
+        stream.compute(layer, live)
+        if online is not None:
+            live = online.after_layer(layer, live)
 
-    def _add(self, name, removed):
-        """Index of a world without `removed`, reusing an existing world with the same edits."""
-        edits = tuple(Edit(sw.tensor, sw.row, sw.col, 0.0, sw.expert) for sw in removed)
-        for i, world in enumerate(self.list):
-            if set(world.edits) == set(edits):
-                return i
-        self.list.append(World(str(name), edits))
-        return len(self.list) - 1
+
+def _decide(model, stream, recorder, weights, settings, progress):
+    """The decisions of passes 1, 2, ... (module docstring, steps 2-5) on whole recorded worlds.
+
+    Pass p looks for spikes in the world with everything found by passes 1..p-1
+    zeroed, over all its layers. Each world it needs was usually carried by the
+    single pass; one that was not is computed now, from the layer where it departs
+    from one that was. Returns (found, the verification worlds, number of passes).
+    """
+    found, passes = [], 0
+    while True:
+        key = world_key(found)
+        # with the worlds that verify what is found so far: the pass-by-pass scan ran them together
+        label = f"scan pass {stream.rounds + 2} (worlds pass 1 lacked)" if progress else None
+        stream.complete([key, *verification_worlds(found).values()], progress=label)
+        passes += 1
+        new = []
+        if passes <= settings.max_iter:
+            new = _candidates(model, recorder, weights, key, found, settings, iteration=passes)
+        if not new:
+            break
+        found.extend(new)
+    return found, verification_worlds(found), passes
+
+
+def verification_worlds(found):
+    """{name: world key}: intact, all found removed, each alone, each spike's set removed."""
+    worlds = {"intact": INTACT, "all": world_key(found)}
+    groups = {}
+    for sw in found:
+        groups.setdefault((sw.layer, sw.row), []).append(sw)  # one spike: possibly several experts
+        worlds[("alone", _key(sw))] = world_key([sw])
+    for spike, members in groups.items():
+        worlds[("set", spike)] = world_key(members)
+    return worlds
+
+
+def _nll(stream, worlds, tokens):
+    """{world key: the prompt's mean NLL} of the verification worlds, through the head in one batch."""
+    keys = sorted(set(worlds.values()), key=len)
+    logits = stream.logits(keys)
+    values = mean_nll(np.stack([logits[key] for key in keys]), tokens)
+    return {key: float(value) for key, value in zip(keys, values)}
 
 
 def _key(sw):
     return (sw.layer, sw.expert, sw.row, sw.col)
 
 
-def _candidates(model, recorder, world, found, settings, iteration):
+class OnlineSearch:
+    """Guesses, layer by layer during the pass, which worlds the decisions will need, and forks them there.
+
+    It runs the steps of the module docstring on the layers computed so far, in
+    the world of every detection pass at once: pass 1 looks in the intact world,
+    pass 2 in the world without pass 1's finds, and so on. A spike is judged by
+    `provisional_spike`, and its persistence only once the next persist_layers
+    layers are computed; until then its worlds are kept alongside the ones it
+    would replace, so dropping it costs nothing.
+    """
+
+    def __init__(self, model, stream, recorder, weights, settings):
+        self.model = model
+        self.stream = stream
+        self.recorder = recorder
+        self.weights = weights
+        self.settings = settings
+        self.found = [[]]  # found[p]: the weights detection pass p + 1 found so far, in order
+        self.pending = []  # (spike, pass index): spikes whose persistence is not known yet
+
+    def found_before(self, p):
+        return [sw for earlier in self.found[:p] for sw in earlier]
+
+    def needed(self):
+        """The world keys the decisions need, if the guesses so far are right."""
+        every = self.found_before(len(self.found))
+        keys = {world_key(self.found_before(p)) for p in range(len(self.found) + 1)}  # detection worlds, all
+        return keys | set(verification_worlds(every).values())
+
+    def after_layer(self, layer, live):
+        """Search `layer` (just computed for `live`), fork what the finds need; return the live worlds."""
+        dropped = self._resolve(layer)
+        for p in range(min(len(self.found), self.settings.max_iter)):
+            world = world_key(self.found_before(p))
+            if not self._computable(world, layer):
+                continue  # a world lost to a dropped guess: `_decide` computes it if it matters
+            self.stream.compute(layer, [world])  # forks it if pass p - 1 found a weight in this layer
+            known = {_key(sw) for sw in self.found_before(p + 1)}
+            new = self._search(layer, world, known, iteration=p + 1)
+            if new:
+                self.found[p].extend(new)
+                self.pending.append((new[0].layer, new[0].row, new[0].token, p))
+                if p + 1 == len(self.found):
+                    self.found.append([])
+                # fork every world the finds add, the next pass's included, in one run of this layer
+                needed = self.needed()
+                self.stream.compute(layer, [key for key in needed if self._computable(key, layer)])
+        needed = self.needed()
+        # keep what a pending guess would replace, so that dropping the guess needs no recomputation
+        keep = live if self.pending or dropped else set()
+        return {key for key in needed | keep if self.stream.computed(key, layer)}
+
+    def _computable(self, key, layer):
+        """Is the input of world `key` to `layer` there (the embedding, or its prefix's output of layer - 1)?"""
+        return layer == 0 or self.stream.computed(key, layer - 1)
+
+    def _search(self, layer, world, known, iteration):
+        """The new weights of a spike at `layer` in `world` (persistence pending), largest contribution first."""
+        recorder = self.recorder
+        down_out = recorder.world("down_out", world, upto=layer)
+        spike = provisional_spike(down_out, self.settings.spike_ratio)
+        if spike is None:
+            return []
+        resid_mid = recorder.world("resid_mid", world, upto=layer)
+        resid = recorder.world("resid", world, upto=layer)
+        if not creates_massive_activation(spike, resid_mid, resid, self.settings):
+            return []
+        if cancels(spike, recorder.world("resid_mid", INTACT, upto=layer), recorder.world("resid", INTACT, upto=layer)):
+            return []
+        return _spike_weights(self.model, recorder, self.weights, world, spike, known, self.settings, iteration,
+                              super_activation=float(recorder.at("resid", layer, INTACT)[spike.token, spike.row]))
+
+    def _resolve(self, layer):
+        """Drop the guesses whose spike did not persist, now that its later layers are computed; True if any."""
+        last = self.stream.arch.n_layers - 1
+        dropped = False
+        for entry in list(self.pending):
+            spike_layer, row, token, p = entry
+            if layer < min(spike_layer + self.settings.persist_layers, last):
+                continue
+            self.pending.remove(entry)
+            world = world_key(self.found_before(p))
+            spike = Spike(spike_layer, token, row, 0.0)
+            if not self.stream.computed(world, layer) or not persists(
+                    spike, self.recorder.world("resid", world, upto=layer), self.settings):
+                self.found[p] = [sw for sw in self.found[p] if (sw.layer, sw.row) != (spike_layer, row)]
+                dropped = True
+        return dropped
+
+
+class WeightStats:
+    """RMS, ranks and rows of down projections, read from the stored bits and kept for the scan.
+
+    The outlier test needs the RMS of the whole tensor and the catalog the rank of
+    each weight in it: both are one pass over the tensor's bits (kernels.py), not a
+    float32 copy of it.
+    """
+
+    FROM_BITS = ("BF16", "F16", "F32")  # dtypes kernels.py reads; GGUF block types are decoded in row chunks
+    CHUNK_ROWS = 1024
+
+    def __init__(self, model):
+        self.model = model
+        self.rms = {}  # (tensor name, offset) -> RMS
+        self.ranks = {}  # (tensor name, offset, value) -> rank
+
+    def matrix(self, layer, expert):
+        return down_proj_matrix(self.model, layer, expert)
+
+    def sigma(self, tensor):
+        key = _tensor_key(tensor)
+        if key not in self.rms:
+            total = self._fold(tensor, kernels.sum_of_squares,
+                               lambda values: float(np.sum(np.square(values, dtype=np.float64))))
+            self.rms[key] = float(np.sqrt(total / np.prod(tensor.shape)))
+        return self.rms[key]
+
+    def rank(self, tensor, value):
+        """1 + how many weights of `tensor` have a larger magnitude than `value`."""
+        key = (*_tensor_key(tensor), value)
+        if key not in self.ranks:
+            magnitude = np.float32(abs(value))
+            self.ranks[key] = 1 + self._fold(
+                tensor, lambda stored, dtype: kernels.count_larger(stored, dtype, magnitude),
+                lambda values: int(np.count_nonzero(np.abs(values) > magnitude)))
+        return self.ranks[key]
+
+    def _fold(self, tensor, from_bits, from_values):
+        """Sum a statistic over the tensor: from its stored bits, or over decoded row chunks."""
+        if tensor.dtype in self.FROM_BITS:
+            return tensor.with_stored(lambda stored: from_bits(stored, tensor.dtype))
+        return sum(from_values(tensor.read(rows=slice(start, start + self.CHUNK_ROWS)))
+                   for start in range(0, tensor.shape[0], self.CHUNK_ROWS))
+
+
+def _tensor_key(tensor):
+    """A tensor's identity: its name, and its offset, which tells the experts of a stacked tensor apart."""
+    return (tensor.name, getattr(tensor, "offset", None))
+
+
+def _candidates(model, recorder, weights, world, found, settings, iteration):
+    """New super weights in world `world` (all layers recorded): pass `iteration` of the module docstring."""
     down_out = recorder.world("down_out", world)
     resid_mid, resid = recorder.world("resid_mid", world), recorder.world("resid", world)
-    intact_mid, intact_resid = recorder.world("resid_mid", 0), recorder.world("resid", 0)
+    intact_mid, intact_resid = recorder.world("resid_mid", INTACT), recorder.world("resid", INTACT)
     known = {_key(sw) for sw in found}
     new = []
     for spike in find_spikes(down_out, settings.spike_ratio):
@@ -228,29 +467,33 @@ def _candidates(model, recorder, world, found, settings, iteration):
             continue
         if cancels(spike, intact_mid, intact_resid):
             continue  # in the real model this layer shrinks an activation; it only looks creative once others are gone
-        # every down projection that fed the spike's token: the dense MLP's, or each routed expert's
-        picks = []
-        for expert, gate, x in recorder.down_inputs(spike.layer, world, spike.token):
-            tensor = down_proj_matrix(model, spike.layer, expert)
-            weights = tensor.read()
-            sigma = float(np.sqrt(np.mean(np.square(weights, dtype=np.float64))))
-            for col, share in _contributors(spike, gate * x, weights[spike.row], settings):
-                value = float(weights[spike.row, col])
-                if (spike.layer, expert, spike.row, col) in known or abs(value) < settings.min_weight_sigma * sigma:
-                    continue  # a large input through an ordinary weight: the input is super, not the weight
-                known.add((spike.layer, expert, spike.row, col))
-                picks.append((share, SuperWeight(
-                    layer=spike.layer, row=spike.row, col=col, expert=expert, tensor=tensor.name,
-                    gguf_tensor=model.arch.gguf_name(tensor.name), value=value, dtype=tensor.dtype,
-                    rank=1 + int(np.count_nonzero(np.abs(weights) > abs(value))), token=spike.token,
-                    input_activation=float(x[col]), output_activation=spike.output,
-                    contribution=gate * float(x[col]) * value,
-                    super_activation=float(intact_resid[spike.layer, spike.token, spike.row]), iteration=iteration,
-                    router_weight=None if expert is None else gate,
-                    tensor_index=stored_index(model, tensor, expert, spike.row, col))))
-            del weights
-        new.extend(sw for _, sw in sorted(picks, key=lambda pick: -pick[0]))  # largest contribution first
+        new.extend(_spike_weights(model, recorder, weights, world, spike, known, settings, iteration,
+                                  super_activation=float(intact_resid[spike.layer, spike.token, spike.row])))
     return new
+
+
+def _spike_weights(model, recorder, weights, world, spike, known, settings, iteration, super_activation):
+    """The outlier weights that feed `spike` (in `world`), largest contribution first; adds them to `known`."""
+    picks = []
+    # every down projection that fed the spike's token: the dense MLP's, or each routed expert's
+    for expert, gate, x in recorder.down_inputs(spike.layer, world, spike.token):
+        tensor = weights.matrix(spike.layer, expert)
+        row = tensor.read(rows=[spike.row])[0]
+        sigma = weights.sigma(tensor)
+        for col, share in _contributors(spike, gate * x, row, settings):
+            value = float(row[col])
+            if (spike.layer, expert, spike.row, col) in known or abs(value) < settings.min_weight_sigma * sigma:
+                continue  # a large input through an ordinary weight: the input is super, not the weight
+            known.add((spike.layer, expert, spike.row, col))
+            picks.append((share, SuperWeight(
+                layer=spike.layer, row=spike.row, col=col, expert=expert, tensor=tensor.name,
+                gguf_tensor=model.arch.gguf_name(tensor.name), value=value, dtype=tensor.dtype,
+                rank=weights.rank(tensor, value), token=spike.token,
+                input_activation=float(x[col]), output_activation=spike.output,
+                contribution=gate * float(x[col]) * value, super_activation=super_activation,
+                iteration=iteration, router_weight=None if expert is None else gate,
+                tensor_index=stored_index(model, tensor, expert, spike.row, col))))
+    return [sw for _, sw in sorted(picks, key=lambda pick: -pick[0])]  # largest contribution first
 
 
 def down_proj_matrix(model, layer, expert=None):
@@ -283,24 +526,23 @@ def cancels(spike, resid_mid, resid):
 
 
 def _verify(found, worlds, recorder, nll, settings):
-    """Fill each SuperWeight's verification from the worlds of the last pass."""
-    resid = recorder.data["resid"]
+    """Fill each SuperWeight's verification from the verification worlds."""
 
-    def activation(sw, w):
-        return abs(float(resid[sw.layer][w, sw.token, sw.row]))
+    def activation(sw, key):
+        return abs(float(recorder.at("resid", sw.layer, key)[sw.token, sw.row]))
 
-    def matters(sw, w):
-        """Does world w lose the super activation or the prompt's likelihood?"""
-        return (activation(sw, w) < settings.verify_activation_drop * activation(sw, 0)
-                or nll[w] - nll[0] > settings.verify_nll_rise)
+    def matters(sw, key):
+        """Does world `key` lose the super activation or the prompt's likelihood?"""
+        return (activation(sw, key) < settings.verify_activation_drop * activation(sw, INTACT)
+                or nll[key] - nll[INTACT] > settings.verify_nll_rise)
 
     for sw in found:
-        alone, together = worlds.index[("alone", _key(sw))], worlds.index[("set", (sw.layer, sw.row))]
+        alone, together = worlds[("alone", _key(sw))], worlds[("set", (sw.layer, sw.row))]
         sw.verification = {
-            "nll_intact": float(nll[0]),
-            "nll_removed": float(nll[alone]),
-            "nll_set_removed": float(nll[together]),
-            "super_activation_intact": activation(sw, 0),
+            "nll_intact": nll[INTACT],
+            "nll_removed": nll[alone],
+            "nll_set_removed": nll[together],
+            "super_activation_intact": activation(sw, INTACT),
             "super_activation_removed": activation(sw, alone),
             "super_activation_set_removed": activation(sw, together),
             # alone, or with the other weights that feed the same spike (two weights in one row)
@@ -319,25 +561,21 @@ def layer_profile(recorder, world):
         entry = {"layer": layer}
         for point, key in (("down_in", "down_proj_input"), ("down_out", "down_proj_output"), ("resid", "residual")):
             if point == "down_in" and layer not in recorder.data["down_in"]:
-                entry[key] = _expert_input_peak(recorder.experts.get(layer, {}), world)
+                entry[key] = _expert_input_peak(recorder.experts.get(layer, {}).get(prefix(world, layer), {}))
                 continue
-            x = recorder.data[point][layer][world]
+            x = recorder.at(point, layer, world)
             token, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
             entry[key] = {"value": float(x[token, channel]), "channel": int(channel), "token": int(token)}
         rows.append(entry)
     return rows
 
 
-def _expert_input_peak(experts, world):
-    """The largest |down_proj input| over a mixture layer's experts, in one world, naming the expert."""
+def _expert_input_peak(experts):
+    """The largest |down_proj input| over a mixture layer's experts (in one world), naming the expert."""
     best = None
-    for expert, entry in sorted(experts.items()):
-        mine = np.flatnonzero(entry["routed"].world == world)  # the rows of this world routed here
-        if mine.size == 0:
-            continue
-        x = entry["down_in"][mine]
+    for expert, (tokens, _, x) in sorted(experts.items()):
         row, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
         if best is None or abs(float(x[row, channel])) > abs(best["value"]):
-            best = {"value": float(x[row, channel]), "channel": int(channel),
-                    "token": int(entry["routed"].token[mine[row]]), "expert": int(expert)}
+            best = {"value": float(x[row, channel]), "channel": int(channel), "token": int(tokens[row]),
+                    "expert": int(expert)}
     return best

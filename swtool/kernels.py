@@ -162,13 +162,54 @@ def matmul_stored(x, stored, dtype):
     `stored` may be a transposed view of a row-major [K, M] array (a weight kept [in, out],
     see checkpoint/transposed.py): then the column-block kernels above read it row by row.
     """
-    # the bits as the dtype `_weight` decodes them by: uint16 bf16, int16 half, float32
-    bits = {"BF16": np.uint16, "F16": np.int16, "F32": np.float32}[dtype]
     if is_transposed_view(stored):
         out = np.empty((x.shape[0], stored.shape[0]), dtype=np.float32)
-        matmul_columns(np.ascontiguousarray(x, dtype=np.float32), stored.T.view(bits), out)  # S [K, M], rows contiguous
+        # S = stored.T [K, M], rows contiguous
+        matmul_columns(np.ascontiguousarray(x, dtype=np.float32), stored_bits(stored.T, dtype), out)
         return out
     padded = padded_rows(x)
     out = np.empty((padded.shape[0], stored.shape[0]), dtype=np.float32)
-    matmul_rows(padded, stored.view(bits), out)
+    matmul_rows(padded, stored_bits(stored, dtype), out)
     return out[:x.shape[0]]
+
+
+def stored_bits(stored, dtype):
+    """The stored array viewed as the dtype `_weight` decodes by: uint16 for bf16, int16 for half, float32."""
+    return stored.view({"BF16": np.uint16, "F16": np.int16, "F32": np.float32}[dtype])
+
+
+# --- whole-tensor statistics from the stored bits (detect.py's outlier test and ranks) ----
+
+@numba.njit(parallel=True, fastmath=FAST, cache=True)
+def _sum_of_squares(w):
+    total = 0.0
+    for o in numba.prange(w.shape[0]):
+        row = w[o]
+        acc = 0.0  # float64: a sum over hundreds of millions of squares
+        for k in range(w.shape[1]):
+            value = np.float64(_weight(row[k]))
+            acc += value * value
+        total += acc
+    return total
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_larger(w, magnitude):
+    count = 0
+    for o in numba.prange(w.shape[0]):
+        row = w[o]
+        mine = 0
+        for k in range(w.shape[1]):
+            mine += abs(_weight(row[k])) > magnitude
+        count += mine
+    return count
+
+
+def sum_of_squares(stored, dtype):
+    """Sum of the squared weights of a 2-D stored array, in float64, read once from its bits."""
+    return float(_sum_of_squares(stored_bits(stored, dtype)))
+
+
+def count_larger(stored, dtype, magnitude):
+    """How many weights of a 2-D stored array have |w| > magnitude (compared in float32)."""
+    return int(_count_larger(stored_bits(stored, dtype), np.float32(magnitude)))

@@ -75,3 +75,57 @@ def test_columns_are_chosen_by_contribution_not_by_largest_input():
     spike = Spike(layer=0, token=0, row=0, output=output)
     settings = Settings("p", min_contribution=0.2)
     assert contributing_columns(spike, down_in, weight_row, settings) == [1, 2, 4]
+
+
+PLANTINGS = {
+    "one": (Plant(1, 20, 33),),
+    "two in one row": (Plant(1, 20, 33, value=4.0), Plant(1, 20, 90, value=3.0)),
+    "two layers": (Plant(1, 20, 33), Plant(3, 50, 120, channel=20, from_embedding=False)),
+    "a late canceller": (Plant(1, 20, 33), Plant(4, 20, 50, value=-3.0, channel=20, from_embedding=False)),
+    "not persistent": (Plant(2, 20, 33), Plant(3, 20, 50, value=-3.0, channel=20, from_embedding=False)),
+}
+
+
+def decision(sw):
+    """What a scan decides about a weight: which it is and whether zeroing it matters."""
+    return (sw.layer, sw.row, sw.col, sw.value, sw.rank, sw.token, sw.iteration, sw.verification["verified"])
+
+
+def measurements(sw):
+    """What a scan measures about it."""
+    return [sw.input_activation, sw.output_activation, sw.contribution, sw.super_activation,
+            *(value for key, value in sorted(sw.verification.items()) if key != "verified")]
+
+
+@pytest.mark.parametrize("planting", PLANTINGS, ids=list(PLANTINGS))
+def test_one_pass_decides_as_pass_by_pass(tiny_factory, planting):
+    """The single pass with worlds forked online gives exactly what the pass-by-pass scan gives
+    (every world computed once the previous pass's finds are known), and reads the weights once."""
+    directory, _ = tiny_factory("llama", "float32", plants=PLANTINGS[planting], num_hidden_layers=6)
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    settings = Settings(DEFAULT_PROMPT)
+    one, one_report = scan(model, tokens, settings)
+    by_pass, by_pass_report = scan(model, tokens, settings, fork_online=False)
+    # the same decisions; activations equal up to float32 rounding (other worlds share the batches),
+    # relative to the super activation (a removed one is what is left after cancelling it)
+    assert [decision(sw) for sw in one] == [decision(sw) for sw in by_pass]
+    for a, b in zip(one, by_pass):
+        assert measurements(a) == pytest.approx(measurements(b), rel=1e-5, abs=1e-5 * abs(b.super_activation))
+    assert one_report["nll_intact"] == pytest.approx(by_pass_report["nll_intact"], rel=1e-6)
+    assert one_report["decision_passes"] == by_pass_report["decision_passes"]
+    assert one_report["passes"] == 1
+    # a fork re-runs only the layer of its spike: at most one extra layer per planted spike
+    assert one_report["weight_reads"] <= 1 + len(PLANTINGS[planting]) / 6
+    if one:  # pass by pass, the worlds without the finds are computed again from their layer on
+        assert by_pass_report["passes"] == 2
+
+
+def test_a_super_weight_in_layer_0_is_found_in_a_second_read(tiny_factory):
+    """Layer 0 has no earlier layers to compare with while the pass runs, so the online search
+    never forks there; the decision at the end still finds it, computing its worlds afterwards."""
+    directory, _ = tiny_factory("llama", "float32", plants=(Plant(0, 20, 33),))
+    found, report = run_scan(directory)
+    assert coordinates(found) == [(0, 20, 33)]
+    assert found[0].verification["verified"]
+    assert report["passes"] == 2
