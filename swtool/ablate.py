@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from swtool.atomic import write_text_atomic
+from swtool.atomic import (FULL_DISK_ERRNOS, atomic_path, ensure_free_space, full_disk_error,
+                           move_directory_into_place, write_text_atomic)
 from swtool.checkpoint.safetensors import FLOAT_DTYPES, decode_float32, encode_float32, DTYPES
 from swtool.errors import SwtoolError
 
@@ -147,12 +148,22 @@ def write_bytes_at(path, edits):
         os.fsync(f.fileno())
 
 
-def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False):
-    """Write OUTDIR (see the module docstring); returns {"linked": [...], "copied": [...], "patched": [...]}."""
+def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force=False):
+    """Write OUTDIR (see the module docstring); returns {"linked": [...], "copied": [...], "patched": [...]}.
+
+    `force` replaces an existing OUTDIR, but only one an earlier ablate wrote (it holds
+    swtool-ablation.json) and that does not contain MODEL.
+    """
     source_dir = checkpoint.directory
     out_dir = Path(out_dir)
     if out_dir.exists() or out_dir.is_symlink():
-        raise SwtoolError(f"{out_dir}: already exists; swtool ablate writes a new directory")
+        if not force:
+            raise SwtoolError(f"{out_dir}: already exists; pass --force to replace an earlier ablate output")
+        if out_dir.is_symlink() or not (out_dir / CATALOG_NAME).is_file():
+            raise SwtoolError(f"{out_dir}: not an earlier `swtool ablate -o` output (no {CATALOG_NAME}); "
+                              f"--force replaces only those")
+        if source_dir.resolve().is_relative_to(out_dir.resolve()):
+            raise SwtoolError(f"{out_dir}: holds the input model {source_dir}; choose another place")
     if out_dir.resolve().is_relative_to(source_dir.resolve()):
         raise SwtoolError(f"{out_dir}: inside the input model's directory {source_dir}; choose another place")
     if (source_dir / JOURNAL_NAME).exists():
@@ -162,6 +173,7 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False):
     by_file = {}
     for patch in patches:
         by_file.setdefault(patch.file.name, []).append(patch)
+    ensure_free_space(out_dir, _bytes_to_copy(source_dir, out_dir.parent, set(by_file), copy))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     done = {"linked": [], "copied": [], "patched": []}
     try:
@@ -181,9 +193,11 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False):
         # mkdtemp/mkstemp made these owner-only; give them the modes a plain mkdir/open would
         os.chmod(tmp / CATALOG_NAME, 0o666 & ~_umask())
         os.chmod(tmp, 0o777 & ~_umask())
-        os.rename(tmp, out_dir)
-    except BaseException:
+        move_directory_into_place(tmp, out_dir, force)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+            raise full_disk_error(out_dir, e) from e
         raise
     return done
 
@@ -192,6 +206,13 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _bytes_to_copy(source_dir, out_parent, patched, copy):
+    """What an ablated copy writes: the patched shards, plus every other file unless they can be hard-linked."""
+    same_device = source_dir.stat().st_dev == out_parent.stat().st_dev
+    return sum(p.stat().st_size for p in source_dir.iterdir()
+               if p.is_file() and (p.name in patched or copy or not same_device))
 
 
 def _try_link(source, target):
@@ -275,12 +296,6 @@ def _by_file(edits):
 
 def replace_patched(path, edits):
     """Replace `path` by a patched copy renamed over it: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, nbytes=path.stat().st_size) as tmp:  # the copy sits beside the original until the rename
         shutil.copy2(path, tmp)  # bytes, mode and times
         write_bytes_at(tmp, edits)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

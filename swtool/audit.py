@@ -14,11 +14,12 @@ What is read per super weight, and nothing more:
 
 Verdict per weight: `missing` (no such tensor, or outside it), `zeroed` (exactly 0),
 `changed` (off by more than the tolerance, relative), `not outlier` (a published
-coordinate whose weight is no longer |w| >= OUTLIER_RATIO x its row's RMS), or
-`intact`. With --reference the expected value is the reference checkpoint's.
+coordinate whose weight is no longer |w| >= OUTLIER_RATIO x its row's RMS), `not finite`
+(NaN or Inf), or `intact`. With --reference the expected value is the reference checkpoint's.
 Disputed published coordinates are shown but do not decide the exit code.
 """
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -139,6 +140,9 @@ def judge(target, checkpoint, tolerance, recorded=None):
         return Finding(gguf_tensor=gguf_name, status="missing", dtype=info.dtype, **base), 0
     value, nbytes, block = read_weight(info, target.row, target.col)
     finding = Finding(gguf_tensor=gguf_name, status="intact", value=value, dtype=info.dtype, block=block, **base)
+    if not math.isfinite(value):  # NaN compares as "within tolerance" of anything: never intact
+        finding.status = "not finite"
+        return finding, nbytes
     if target.expected is not None:
         change = _relative_change(value, target.expected)
         finding.relative_change = change

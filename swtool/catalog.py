@@ -7,6 +7,7 @@ a malformed one.
 
 import hashlib
 import json
+import math
 from dataclasses import asdict
 from importlib import resources
 
@@ -75,21 +76,31 @@ def validate(catalog, source="catalog"):
 
 
 def write_catalog(catalog, path):
-    validate(catalog, str(path))
-    write_text_atomic(path, to_json(catalog))
+    text = to_json(catalog)
+    validate(json.loads(text), str(path))  # what is written, as a reader will see it
+    write_text_atomic(path, text)
 
 
 def to_json(catalog):
-    return json.dumps(catalog, indent=2) + "\n"
+    """The catalog as standard JSON: activations that were NaN or Inf (a model with non-finite
+    weights, see finite.py) are written as null, since JSON has no NaN."""
+    return json.dumps(_finite_or_null(catalog), indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def read_catalog(path):
-    try:
-        catalog = json.loads(open(path, encoding="utf-8").read())
-    except FileNotFoundError:
-        raise SwtoolError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SwtoolError(f"{path}: not valid JSON ({e})") from None
+    from swtool.jsonfile import read_json
+
+    catalog = read_json(path)
     validate(catalog, str(path))
     return catalog
 

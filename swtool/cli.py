@@ -10,33 +10,52 @@ import click
 from swtool import __version__
 
 PROMPT_HELP = 'Detection prompt (default: the paper\'s "Apple Inc. is a worldwide tech company.").'
+FORCE_HELP = "Replace output files that already exist (without it, an existing output is an error)."
 DOWNLOAD_HELP = ("A Hugging Face id missing from the local cache: download its config, tokenizer and "
                  "safetensors (only those).")
 
 
 class SwtoolGroup(click.Group):
-    """Turns SwtoolError (bad input) into one line and exit code 2."""
+    """Turns SwtoolError (bad input) into one line and exit code 2; --debug adds the traceback.
+
+    SIGINT, SIGTERM and SIGHUP unwind as exceptions, so every output being written
+    is removed (swtool/atomic.py) before the one line and exit code 128 + signal.
+    """
 
     def invoke(self, ctx):
+        from swtool.atomic import Terminated, install_signal_handlers
         from swtool.errors import SwtoolError
 
+        install_signal_handlers()
         try:
             return super().invoke(ctx)
         except SwtoolError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            fail(ctx, str(e), 2)
         except click.UsageError as e:  # a missing or malformed option: one line too, not click's usage block
-            click.echo(f"error: {e.format_message()}", err=True)
-            sys.exit(2)
+            fail(ctx, e.format_message(), 2)
         except OSError as e:  # unreadable or unwritable paths, full disks
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            click.echo(f"error: {where}{e.strerror or e}", err=True)
-            sys.exit(2)
+            fail(ctx, f"{where}{e.strerror or e}", 2)
+        except KeyboardInterrupt:
+            fail(ctx, "interrupted (SIGINT); outputs in progress were removed", 130)
+        except Terminated as e:
+            fail(ctx, f"terminated ({e.name}); outputs in progress were removed", 128 + e.signum)
+
+
+def fail(ctx, message, code):
+    """One `error: ...` line on stderr (after the traceback with --debug), then exit `code`."""
+    if ctx.params.get("debug"):
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=SwtoolGroup)
 @click.version_option(__version__, prog_name="swtool")
-def main():
+@click.option("--debug", is_flag=True, help="On an error, print the Python traceback before the one-line message.")
+def main(debug):
     """Find, catalog and handle the super weights of LLM checkpoints, on a CPU."""
 
 
@@ -55,13 +74,22 @@ def main():
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
                    "needs matplotlib).")
-def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download, plot):
+@click.option("--check-finite", is_flag=True,
+              help="Read every weight once more and report tensors holding NaN or Inf (done anyway when the "
+                   "scan's activations are not finite).")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download, plot, check_finite,
+         force):
     """Locate the super weights of MODEL.
 
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
+    import numpy as np
+
+    from swtool.atomic import check_destination
     from swtool.catalog import build_catalog, to_json, write_catalog
     from swtool.detect import Settings, scan as run_scan
+    from swtool.finite import describe as describe_nonfinite, nonfinite_weights, report_is_finite
     from swtool.model import load_model
     from swtool.tokenize import DEFAULT_PROMPT, encode
 
@@ -69,12 +97,20 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
         from swtool.plot import require_matplotlib
 
         require_matplotlib(plot)  # before the scan, not after it
+    for path in (output, plot):  # before the scan too: never replace a file unasked
+        if path:
+            check_destination(path, force)
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     loaded = load_model(model, download=download)
     tokens = encode(loaded.directory, prompt)
     settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
-    found, report = run_scan(loaded, tokens, settings, progress=not no_progress)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
+        found, report = run_scan(loaded, tokens, settings, progress=not no_progress)
     catalog = build_catalog(loaded, prompt, tokens, settings, found, report, with_hashes)
+    if check_finite or not report_is_finite(report):  # NaN/Inf weights: flagged, the scan still completes
+        catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
+        if catalog["nonfinite_weights"]:
+            click.echo(f"warning: {model}: {describe_nonfinite(catalog['nonfinite_weights'])}", err=True)
     if output:
         write_catalog(catalog, output)
     if plot:
@@ -106,6 +142,11 @@ def format_scan(catalog):
     model, detection = catalog["model"], catalog["detection"]
     lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
              f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} pass{'es' if detection['passes'] != 1 else ''} over the weights"]
+    if catalog.get("nonfinite_weights"):
+        from swtool.finite import describe
+
+        lines.append(f"WARNING: {describe(catalog['nonfinite_weights'])}; activations after them are not "
+                     f"finite, so what follows is not a verdict on this model")
     sws = catalog["super_weights"]
     if not sws:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
@@ -159,8 +200,9 @@ def format_scan(catalog):
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
-                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress):
+                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force):
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
     import json
 
@@ -174,6 +216,9 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
         from swtool.plot import require_matplotlib
 
         require_matplotlib(plot)  # before the pass, not after it
+        from swtool.atomic import check_destination
+
+        check_destination(plot, force)
     if max_tokens is not None and max_tokens < 2:
         raise click.UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
     if batch_tokens < 1:
@@ -257,7 +302,8 @@ def format_eval(result):
 @click.option("--in-place", is_flag=True, help="Patch MODEL itself (atomically, with a journal for --restore).")
 @click.option("--restore", is_flag=True, help="Undo an --in-place ablation of MODEL from its journal.")
 @click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON on stdout.")
-def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json):
+@click.option("--force", is_flag=True, help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
+def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force):
     """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ."""
     import json
 
@@ -284,7 +330,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         ab.ablate_in_place(checkpoint, patches, scale, catalog)
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
     else:
-        done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy)
+        done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy, force)
         where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
@@ -357,6 +403,7 @@ def inspect_command(model, as_json, download):
 def gguf_options(command):
     """The options `export` and `quantize` share (applied bottom-up, so listed in reverse)."""
     options = [
+        click.option("--force", is_flag=True, help=FORCE_HELP),
         click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
         click.option("--sw-handling", type=click.Choice(["keep", "isolate", "none"]), default="keep",
                      show_default=True,
@@ -383,9 +430,12 @@ def gguf_options(command):
 @main.command("export")
 @click.argument("model", type=click.Path())
 @gguf_options
-def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress):
+def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
     """Write MODEL (a Hugging Face checkpoint: llama, mistral, qwen2) as a GGUF file for llama.cpp."""
+    from swtool.atomic import check_destination
     from swtool.gguf_export import Options, export, format_report
+
+    check_destination(output, force)
 
     options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
     click.echo(format_report(export(model, output, options)))
@@ -394,12 +444,15 @@ def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_ha
 @main.command("quantize")
 @click.argument("gguf_file", metavar="IN.GGUF", type=click.Path(dir_okay=False))
 @gguf_options
-def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress):
+def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
     """Requantize an F32/F16/BF16 GGUF file; all its metadata and vocabulary are copied.
 
     Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
     """
+    from swtool.atomic import check_destination
     from swtool.gguf_export import Options, format_report, quantize_gguf
+
+    check_destination(output, force)
 
     options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
     click.echo(format_report(quantize_gguf(gguf_file, output, options)))

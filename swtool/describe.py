@@ -6,12 +6,12 @@ published coordinates that match it (known.py), `swtool.*` metadata in a GGUF
 (gguf_keys.py) or in a safetensors header.
 """
 
-import json
 from collections import Counter
 from math import prod
 from pathlib import Path
 
 from swtool.errors import SwtoolError
+from swtool.jsonfile import read_json
 
 
 def describe(spec, download=False):
@@ -82,11 +82,12 @@ def catalogs_beside(path):
         if candidate.stat().st_size > 64 * 1024 * 1024:
             continue
         try:
-            data = json.loads(candidate.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = read_json(candidate)
+        except (OSError, SwtoolError):
             continue
         if isinstance(data, dict) and data.get("schema") == "swtool.catalog/1":
-            found.append({"file": candidate.name, "super_weights": len(data.get("super_weights", []))})
+            listed = data.get("super_weights")
+            found.append({"file": candidate.name, "super_weights": len(listed) if isinstance(listed, list) else 0})
     return found
 
 

@@ -43,13 +43,19 @@ def ffn_order_key(layer):
     return f"{FFN_ORDER_PREFIX}{int(layer)}"
 
 
-def read_ffn_orders(metadata):
+def read_ffn_orders(metadata, source="GGUF file"):
     """{layer: [source channel of each stored channel]} of the layers an export reordered."""
     orders = {}
     for key, value in metadata.items():
         if key.startswith(FFN_ORDER_PREFIX) and key[len(FFN_ORDER_PREFIX):].isdigit():
+            if not _is_array(value) or sorted(value) != list(range(len(value))):
+                raise SwtoolError(f"{source}: metadata {key} is not a permutation of the channels")
             orders[int(key[len(FFN_ORDER_PREFIX):])] = list(value)
     return orders
+
+
+def _is_array(value):
+    return isinstance(value, Sequence) and not isinstance(value, str)
 
 
 def metadata_fields(super_weights, prompt=None):
@@ -90,11 +96,26 @@ def read_super_weights(metadata, source):
     columns = []
     for key in PER_WEIGHT:
         value = metadata.get(key)
-        if not isinstance(value, Sequence) or isinstance(value, str):
+        if not _is_array(value):
             raise SwtoolError(f"{source}: metadata {key} is missing or not an array")
+        if not all(_element_ok(key, v) for v in value):
+            raise SwtoolError(f"{source}: metadata {key} holds an element of the wrong type or out of range")
         columns.append(list(value))
     if len({len(column) for column in columns}) != 1:
         lengths = ", ".join(f"{key}: {len(column)}" for key, column in zip(PER_WEIGHT, columns))
         raise SwtoolError(f"{source}: the swtool.super_weights arrays differ in length ({lengths})")
     return [{"layer": layer, "row": row, "col": col, "value": value, "gguf_tensor": tensor}
             for layer, row, col, value, tensor in zip(*columns)]
+
+
+def _element_ok(key, value):
+    """Coordinates are non-negative ints, values finite numbers, tensors names."""
+    import math
+
+    if key == TENSOR:
+        return isinstance(value, str)
+    if type(value) is bool:
+        return False
+    if key == VALUE:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, int) and value >= 0

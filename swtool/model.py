@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from swtool.arch import Architecture, architecture_for
 from swtool.checkpoint import Checkpoint
 from swtool.checkpoint.source import open_source
+from swtool.config_check import check_config
 from swtool.errors import CheckpointError
 
 
@@ -27,9 +28,9 @@ def load_model(path, download=False):
     """
     checkpoint = open_source(path, download)
     config_source, where = _sources(checkpoint)
-    arch = architecture_for(checkpoint.config, config_source)
-    arch.adapt(set(checkpoint.names()))
-    for name, shape in arch.tensor_shapes().items():
+    check_config(checkpoint.config, config_source)  # types and ranges, before a family reads them
+    arch, shapes = _interpret(checkpoint, config_source)
+    for name, shape in shapes.items():
         if name not in checkpoint:
             raise CheckpointError(where, f"missing tensor {name!r}")
         info = checkpoint.tensor(name)
@@ -37,6 +38,26 @@ def load_model(path, download=False):
             raise CheckpointError(info.path, f"tensor {name!r} has shape {list(info.shape)}, "
                                              f"config.json implies {list(shape)}")
     return Model(str(path), checkpoint, arch)
+
+
+def _interpret(checkpoint, config_source):
+    """(Architecture, {name: shape}) the config implies; a config no family can make sense of is a one-line error.
+
+    check_config has already refused values of the wrong type; what is left to fail
+    here is a combination (heads that do not divide the hidden size, a rope_scaling
+    object without its factor ...), reported with the family's own message.
+    """
+    names = checkpoint.names()
+    try:
+        arch = architecture_for(checkpoint.config, config_source)
+        if arch.n_layers > len(names):  # every layer has tensors: this bounds tensor_shapes() below
+            raise CheckpointError(config_source, f"num_hidden_layers = {arch.n_layers}, but the checkpoint "
+                                                 f"holds only {len(names)} tensors")
+        arch.adapt(set(names))
+        return arch, arch.tensor_shapes()
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, AttributeError) as e:
+        raise CheckpointError(config_source, f"inconsistent {checkpoint.config.get('model_type')} config "
+                                             f"({type(e).__name__}: {e})") from None
 
 
 def _sources(checkpoint):

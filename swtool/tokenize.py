@@ -5,9 +5,8 @@ trained with it (Llama 2/3); tokenizer_config.json's `add_bos_token` adds it
 where the post-processor does not (some older exports).
 """
 
-import json
-
 from swtool.errors import SwtoolError
+from swtool.jsonfile import read_json
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
 
@@ -40,10 +39,9 @@ def _bos_to_add(directory, tokenizer):
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SwtoolError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise SwtoolError(f"{path}: not a JSON object")
     if not config.get("add_bos_token"):
         return None
     bos = config.get("bos_token")

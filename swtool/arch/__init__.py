@@ -34,7 +34,7 @@ def supported_model_types():
 def architecture_for(config, source="config.json"):
     """The Architecture instance for a config.json dict; a one-line error for unknown families."""
     model_type = config.get("model_type")
-    cls = _registry().get(model_type)
+    cls = _registry().get(model_type) if isinstance(model_type, str) else None
     if cls is None:
         raise SwtoolError(f"{source}: unsupported model_type {model_type!r}; "
                           f"supported: {', '.join(supported_model_types())}")

@@ -20,10 +20,19 @@ class Architecture:
         self.vocab_size = self.require("vocab_size", int)
 
     def require(self, key, kind):
-        """A config value that must be present, converted to `kind`, or a clear error."""
+        """A config value that must be present, converted to `kind`, or a clear error.
+
+        Every int a family requires is a size or a count, so it must be a positive integer
+        (4096 or 4096.0, not "4096", true or 0).
+        """
         value = self.config.get(key)
         if value is None:
             raise SwtoolError(f"config.json ({self.model_type}): missing {key!r}")
+        if kind is int:
+            integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+            if type(value) is bool or not integral or value <= 0:
+                raise SwtoolError(f"config.json ({self.model_type}): {key!r} = {value!r} is not a positive integer")
+            return int(value)
         try:
             return kind(value)
         except (TypeError, ValueError):

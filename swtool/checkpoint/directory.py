@@ -6,11 +6,11 @@ Three layouts are accepted, as transformers writes them:
   - a path to a single `.safetensors` file with a `config.json` beside it.
 """
 
-import json
 from pathlib import Path
 
 from swtool.checkpoint.safetensors import SafetensorsFile
 from swtool.errors import CheckpointError
+from swtool.jsonfile import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -95,10 +95,7 @@ def _shards_of(directory):
 
 
 def _read_index(index):
-    try:
-        data = json.loads(index.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(index, f"not valid JSON ({e})") from None
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(index, "no weight_map object")
@@ -124,10 +121,7 @@ def read_config(directory):
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(directory, "no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"not valid JSON ({e})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise CheckpointError(path, "not a JSON object")
     return config

@@ -207,6 +207,9 @@ class _Cursor:
             raise CheckpointError(self.path, f"corrupt header: unknown metadata value type {kind} "
                                              f"at byte {self.pos - 4}")
         element, count = self.take("<I"), self.take("<Q")
+        if element == ARRAY:  # llama.cpp refuses these too; refusing also bounds the recursion
+            raise CheckpointError(self.path, f"corrupt header: an array of arrays at byte {self.pos - 12} "
+                                             f"(GGUF readers do not support nested arrays)")
         if element in ARRAY_DTYPES:  # numbers: one NumPy read for the whole array
             dtype = np.dtype(ARRAY_DTYPES[element])
             if self.pos + count * dtype.itemsize > len(self.buffer):
@@ -329,7 +332,7 @@ def _parse(path, buffer, size):
             metadata[key], value_types[key] = value, kind
         table = [_tensor_entry(path, cursor) for _ in range(n_tensors)]
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise CheckpointError(path, f"corrupt header: general.alignment {alignment!r} is not a power of two")
         data_offset = cursor.pos + (-cursor.pos % alignment)
         tensors = _tensors(path, table, data_offset, alignment, size)

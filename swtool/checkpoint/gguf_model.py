@@ -21,9 +21,11 @@ first use, because the tokenizer code reads a directory.
 """
 
 import json
+import math
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,17 +52,23 @@ def float32_value(value):
 def hf_config(meta, gguf_names, source):
     """config.json for the model in a GGUF file, from its `{arch}.*` metadata and tensor names."""
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
         raise CheckpointError(source, f"GGUF architecture {arch!r} is not supported for reading "
                                       f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
     family = GGUF_ARCHITECTURES[arch]
 
-    def hparam(key, default=None, required=True):
+    def hparam(key, default=None, required=True, kind=int):
+        """A positive count (kind int) or a positive finite number (kind float), or a one-line error."""
         value = meta.get(f"{arch}.{key}", default)
-        if value is None and required:
-            raise CheckpointError(source, f"missing metadata key {arch}.{key}")
-        if isinstance(value, list):
+        if value is None:
+            if required:
+                raise CheckpointError(source, f"missing metadata key {arch}.{key}")
+            return None
+        if isinstance(value, Sequence) and not isinstance(value, str):
             raise CheckpointError(source, f"{arch}.{key} varies per layer, which swtool does not support")
+        if not metadata_number(value, kind):
+            raise CheckpointError(source, f"metadata {arch}.{key} = {value!r} is not a positive "
+                                          f"{'integer' if kind is int else 'number'}")
         return value
 
     hidden, n_head = hparam("embedding_length"), hparam("attention.head_count")
@@ -75,8 +83,9 @@ def hf_config(meta, gguf_names, source):
                                       "are not supported for GGUF input")
     vocab_size = hparam("vocab_size", None, required=False)
     if vocab_size is None:  # older converters leave it out; the vocabulary says it
-        vocab_size = len(meta.get("tokenizer.ggml.tokens", ())) or None
-    if vocab_size is None:
+        tokens = meta.get("tokenizer.ggml.tokens", ())
+        vocab_size = len(tokens) if isinstance(tokens, Sequence) and not isinstance(tokens, str) else 0
+    if not vocab_size:
         raise CheckpointError(source, f"missing metadata key {arch}.vocab_size and no tokenizer.ggml.tokens")
     config = {
         "architectures": list(family["architectures"]),
@@ -88,8 +97,8 @@ def hf_config(meta, gguf_names, source):
         "num_key_value_heads": n_kv_head,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float32_value(hparam("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float32_value(hparam("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float32_value(hparam("attention.layer_norm_rms_epsilon", kind=float)),
+        "rope_theta": float32_value(hparam("rope.freq_base", 10000.0, kind=float)),
         "rope_scaling": rope_scaling(meta, arch, source),
         "max_position_embeddings": hparam("context_length"),
         "vocab_size": vocab_size,
@@ -100,12 +109,23 @@ def hf_config(meta, gguf_names, source):
         config["attention_dropout"] = 0.0
         config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf_names
     config["use_cache"] = True
-    for key in ("bos", "eos"):  # pad and unk belong to the tokenizer files
-        if f"tokenizer.ggml.{key}_token_id" in meta:
-            config[f"{key}_token_id"] = meta[f"tokenizer.ggml.{key}_token_id"]
-    if "tokenizer.ggml.padding_token_id" in meta:
-        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):  # unk belongs to the tokenizer files
+        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if token_id is not None:
+            if type(token_id) is not int or not 0 <= token_id < vocab_size:
+                raise CheckpointError(source, f"metadata tokenizer.ggml.{name}_token_id = {token_id!r} is not "
+                                              f"a token id below the vocabulary size {vocab_size}")
+            config[f"{key}_token_id"] = token_id
     return config
+
+
+def metadata_number(value, kind):
+    """Is a metadata value a positive int (kind int) or a positive finite int/float (kind float)?"""
+    if type(value) is bool or not isinstance(value, (int, float)):
+        return False
+    if kind is int and not isinstance(value, int):
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def rope_scaling(meta, arch, source):
@@ -114,7 +134,11 @@ def rope_scaling(meta, arch, source):
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float32_value(meta[f"{arch}.rope.scaling.factor"])}
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        if not metadata_number(factor, float):
+            raise CheckpointError(source, f"metadata {arch}.rope.scaling.factor = {factor!r}: linear RoPE "
+                                          f"scaling needs a positive factor")
+        return {"rope_type": "linear", "factor": float32_value(factor)}
     raise CheckpointError(source, f"RoPE scaling {kind!r} is not supported for GGUF input (supported: none, linear)")
 
 

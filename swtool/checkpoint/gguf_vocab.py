@@ -9,6 +9,8 @@ checks every one against llama.cpp's own tokenizer. Other names are refused with
 a one-line error rather than tokenized differently from llama.cpp.
 """
 
+from collections.abc import Sequence
+
 from swtool.errors import CheckpointError
 
 # llama.cpp's token types (gguf.TokenType)
@@ -52,12 +54,56 @@ def build_tokenizer(meta, source):
     model = meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in meta:
         raise CheckpointError(source, "no vocabulary in the GGUF metadata (tokenizer.ggml.tokens)")
-    if model == "gpt2":
-        tokenizer = _byte_level_bpe(meta, source)
-    elif model == "llama":
-        tokenizer = _sentencepiece_bpe(meta)
-    else:
+    if model not in ("gpt2", "llama"):
         raise CheckpointError(source, f"tokenizer model {model!r} is not supported; supported: {supported()}")
+    check_vocabulary(meta, source)
+    try:  # the Rust library reports any inconsistency (a merge of unknown tokens ...) as a plain Exception
+        return _build(meta, source, model)
+    except Exception as e:
+        if type(e) is not Exception:  # swtool's own errors, and bugs, as they are
+            raise
+        raise CheckpointError(source, f"the GGUF vocabulary does not make a tokenizer "
+                                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _is_array(value):
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def check_vocabulary(meta, source):
+    """The tokenizer.ggml.* keys have the types and lengths llama.cpp expects, before anything is built."""
+    def bad(key, what):
+        return CheckpointError(source, f"metadata {key}: {what}")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not _is_array(tokens) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise bad("tokenizer.ggml.tokens", "not a non-empty array of strings")
+    n = len(tokens)
+    for key, kinds in (("tokenizer.ggml.token_type", (int,)), ("tokenizer.ggml.scores", (int, float))):
+        values = meta.get(key)
+        if values is None:
+            continue
+        if not _is_array(values) or len(values) != n:
+            raise bad(key, f"not an array of {n} values, one per token")
+        if not all(isinstance(v, kinds) and type(v) is not bool for v in values):
+            raise bad(key, "holds values of the wrong type")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None and (not _is_array(merges) or not all(isinstance(m, str) for m in merges)):
+        raise bad("tokenizer.ggml.merges", "not an array of strings")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre is not None and not isinstance(pre, str):
+        raise bad("tokenizer.ggml.pre", f"{pre!r} is not a string")
+    for name in SPECIAL_KEYS.values():
+        token_id = meta.get(f"tokenizer.ggml.{name}")
+        if token_id is not None and (type(token_id) is not int or not 0 <= token_id < n):
+            raise bad(f"tokenizer.ggml.{name}", f"{token_id!r} is not a token id below {n}")
+    for flag, name in ((adds_bos(meta), "bos_token_id"), (meta.get("tokenizer.ggml.add_eos_token"), "eos_token_id")):
+        if flag and f"tokenizer.ggml.{name}" not in meta:
+            raise bad(f"tokenizer.ggml.{name}", "missing, but the vocabulary adds that token")
+
+
+def _build(meta, source, model):
+    tokenizer = _byte_level_bpe(meta, source) if model == "gpt2" else _sentencepiece_bpe(meta)
     tokenizer.post_processor = _post_processor(meta)
     tokens, kinds = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
     if kinds is not None:  # already in the vocabulary, so they keep their ids

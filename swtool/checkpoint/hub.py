@@ -10,11 +10,11 @@ shards the index names (or model.safetensors), never the other files of the
 repository (consolidated.safetensors, *.bin, *.gguf ...). HF_HUB_OFFLINE=1 forbids it.
 """
 
-import json
 import re
 from pathlib import Path
 
 from swtool.errors import SwtoolError
+from swtool.jsonfile import read_json
 
 # org/name, optionally @revision; the same characters huggingface_hub accepts in repo ids
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
@@ -110,9 +110,9 @@ def weight_files(snapshot):
     if not index.is_file():
         return [SINGLE_WEIGHTS]
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         return sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (SwtoolError, KeyError, TypeError, AttributeError):
         raise SwtoolError(f"{index}: not a valid safetensors index (no weight_map object)") from None
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from swtool.atomic import atomic_path
 from swtool.errors import CheckpointError
+from swtool.jsonfile import parse_json
 
 # safetensors dtype -> (bytes per element, NumPy dtype of the stored bits)
 DTYPES = {
@@ -108,8 +109,17 @@ class TensorInfo:
         return result
 
 
+class _NoBytes(bytes):
+    """What _map_bytes gives for an empty range: mmap cannot map 0 bytes (length 0 means "all")."""
+
+    def close(self):
+        pass
+
+
 def _map_bytes(path, offset, nbytes):
     """A read-only mmap covering [offset, offset + nbytes) and where that range starts in it."""
+    if nbytes == 0:
+        return _NoBytes(), 0
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
@@ -176,13 +186,11 @@ def _read_header(path):
         raise CheckpointError(path, "is a directory, expected a .safetensors file") from None
     except FileNotFoundError:
         raise CheckpointError(path, "no such file") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"corrupt header: not valid JSON ({e})") from None
+    header = parse_json(raw, path, "corrupt header")
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt header: JSON is not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(path, "corrupt header: __metadata__ must map strings to strings")
     data_start = 8 + header_len
@@ -199,7 +207,7 @@ def _tensor_info(path, name, entry, data_start):
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -256,7 +264,7 @@ def write_safetensors(path, tensors, metadata=None):
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the library writes it
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, nbytes=8 + len(blob) + offset) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, (dtype, value) in tensors.items():
             array = value() if callable(value) else value

@@ -1,0 +1,60 @@
+"""JSON from files swtool did not write (config.json, indexes, headers, catalogs), parsed defensively.
+
+Python's json module accepts things a hostile or broken file can use against a reader:
+  - nesting deep enough to raise RecursionError (`[[[[...` in a 100 MB header);
+  - the same key twice, where json keeps the last value but other tools may keep the
+    first: two readers would disagree about one file, so it is refused;
+  - a file of gigabytes named config.json, read whole into memory.
+Each of these, and every decoding error, becomes one CheckpointError naming the file.
+"""
+
+import json
+
+from swtool.errors import CheckpointError
+
+MAX_JSON_BYTES = 256 << 20  # config, index, catalog, tokenizer files are far smaller
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    """object_pairs_hook: a dict, unless a key repeats."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def parse_json(raw, source, what=None):
+    """bytes or str -> the parsed value; a CheckpointError(source, ...) for anything but plain JSON.
+
+    `what`, if given, starts the message ("corrupt header: not valid JSON ...").
+    """
+    prefix = f"{what}: " if what else ""
+    try:
+        text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CheckpointError(source, f"{prefix}key {e.args[0]!r} appears twice in one object") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(source, f"{prefix}not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(source, f"{prefix}not valid JSON (nested too deeply)") from None
+
+
+def read_json(path, what=None, max_bytes=MAX_JSON_BYTES):
+    """Parse the JSON file at `path` (read-only, at most `max_bytes`); errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, "is a directory, expected a JSON file") from None
+    if len(raw) > max_bytes:
+        raise CheckpointError(path, f"larger than {max_bytes >> 20} MiB, not a JSON file swtool reads")
+    return parse_json(raw, path, what)
