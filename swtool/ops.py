@@ -54,7 +54,7 @@ ACTIVATIONS = {
 
 def softmax(scores, axis=-1):
     """exp(x - max) / sum in one new array: the steps run in place, as fresh temporaries the
-    size of an attention matrix cost 10x the arithmetic (measured in bench/eval.py's pass)."""
+    size of an attention matrix cost 10x the arithmetic (measured on [3, 9, 512, 512] scores)."""
     out = scores - np.max(scores, axis=axis, keepdims=True)
     np.exp(out, out=out)
     out /= np.sum(out, axis=axis, keepdims=True)
