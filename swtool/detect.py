@@ -39,7 +39,7 @@ import numpy as np
 from swtool import kernels
 from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
-from swtool.forking import ForkingPass, prefix
+from swtool.forking import ForkingPass, prefix, world_order
 from swtool.forward import Edit, mean_nll
 
 
@@ -262,6 +262,7 @@ def _stream_once(stream, online, progress):
     live = {INTACT}
     for layer in tqdm(range(stream.arch.n_layers), desc=progress, unit="layer", disable=progress is None,
                       leave=False):
+        stream.read_ahead(layer + 1)  # the next layer's bytes come from disk while this one is computed
         stream.compute(layer, live)
         if online is not None:
             live = online.after_layer(layer, live)
@@ -305,7 +306,7 @@ def verification_worlds(found):
 
 def _nll(stream, worlds, tokens):
     """{world key: the prompt's mean NLL} of the verification worlds, through the head in one batch."""
-    keys = sorted(set(worlds.values()), key=len)
+    keys = sorted(set(worlds.values()), key=world_order)
     logits = stream.logits(keys)
     values = mean_nll(np.stack([logits[key] for key in keys]), tokens)
     return {key: float(value) for key, value in zip(keys, values)}
@@ -353,10 +354,10 @@ class OnlineSearch:
                 continue  # a world lost to a dropped guess: `_decide` computes it if it matters
             self.stream.compute(layer, [world])  # forks it if pass p - 1 found a weight in this layer
             known = {_key(sw) for sw in self.found_before(p + 1)}
-            new = self._search(layer, world, known, iteration=p + 1)
+            spike, new = self._search(layer, world, known, iteration=p + 1)
             if new:
                 self.found[p].extend(new)
-                self.pending.append((new[0].layer, new[0].row, new[0].token, p))
+                self.pending.append((spike, p))
                 if p + 1 == len(self.found):
                     self.found.append([])
                 # fork every world the finds add, the next pass's included, in one run of this layer
@@ -372,35 +373,33 @@ class OnlineSearch:
         return layer == 0 or self.stream.computed(key, layer - 1)
 
     def _search(self, layer, world, known, iteration):
-        """The new weights of a spike at `layer` in `world` (persistence pending), largest contribution first."""
+        """(spike, its new weights) at `layer` in `world`, persistence pending; (None, []) if none."""
         recorder = self.recorder
-        down_out = recorder.world("down_out", world, upto=layer)
-        spike = provisional_spike(down_out, self.settings.spike_ratio)
+        spike = provisional_spike(recorder.world("down_out", world, upto=layer), self.settings.spike_ratio)
         if spike is None:
-            return []
+            return None, []
         resid_mid = recorder.world("resid_mid", world, upto=layer)
         resid = recorder.world("resid", world, upto=layer)
         if not creates_massive_activation(spike, resid_mid, resid, self.settings):
-            return []
-        if cancels(spike, recorder.world("resid_mid", INTACT, upto=layer), recorder.world("resid", INTACT, upto=layer)):
-            return []
-        return _spike_weights(self.model, recorder, self.weights, world, spike, known, self.settings, iteration,
-                              super_activation=float(recorder.at("resid", layer, INTACT)[spike.token, spike.row]))
+            return None, []
+        intact_mid, intact = recorder.world("resid_mid", INTACT, upto=layer), recorder.world("resid", INTACT, upto=layer)
+        if cancels(spike, intact_mid, intact):
+            return None, []
+        return spike, _spike_weights(self.model, recorder, self.weights, world, spike, known, self.settings,
+                                     iteration, super_activation=float(intact[layer, spike.token, spike.row]))
 
     def _resolve(self, layer):
         """Drop the guesses whose spike did not persist, now that its later layers are computed; True if any."""
         last = self.stream.arch.n_layers - 1
         dropped = False
-        for entry in list(self.pending):
-            spike_layer, row, token, p = entry
-            if layer < min(spike_layer + self.settings.persist_layers, last):
+        for spike, p in list(self.pending):
+            if layer < min(spike.layer + self.settings.persist_layers, last):
                 continue
-            self.pending.remove(entry)
+            self.pending.remove((spike, p))
             world = world_key(self.found_before(p))
-            spike = Spike(spike_layer, token, row, 0.0)
             if not self.stream.computed(world, layer) or not persists(
                     spike, self.recorder.world("resid", world, upto=layer), self.settings):
-                self.found[p] = [sw for sw in self.found[p] if (sw.layer, sw.row) != (spike_layer, row)]
+                self.found[p] = [sw for sw in self.found[p] if (sw.layer, sw.row) != (spike.layer, spike.row)]
                 dropped = True
         return dropped
 

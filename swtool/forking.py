@@ -19,7 +19,15 @@ layer where its prefix exists, so it re-reads only the layers after that.
 
 All the rows of a layer go through one block call (`compute`), as extra batch
 rows of the same weights (forward.py's worlds).
+
+While a layer is computed, the kernel is asked to read the next layer's bytes
+from disk (`read_ahead`, posix_fadvise WILLNEED): on a cold page cache the disk
+then works while the CPU multiplies. On a warm one it costs a few system calls.
 """
+
+import os
+import re
+from collections import defaultdict
 
 import numpy as np
 
@@ -48,7 +56,20 @@ class ForkingPass:
         self.outputs = [{} for _ in range(self.arch.n_layers)]  # layer -> {prefix: residual [T, hidden]}
         self.blocks_run = 0  # layer computations, forks included: n_layers x (weight reads)
         self.rounds = 0  # calls of `complete` that had to compute something
+        self.byte_ranges = _byte_ranges(model)
         self.embedded = self._embed()
+
+    def read_ahead(self, layer):
+        """Start reading layer `layer`'s weights (or the head's, for layer n_layers) into the page cache."""
+        for path, start, end in self.byte_ranges.get(layer, ()):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return  # a hint only: the pass reads the bytes anyway
+            try:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def _context(self, worlds, observers=()):
         ctx = Pass(self.model.checkpoint, worlds, len(self.tokens), observers=observers)
@@ -72,7 +93,7 @@ class ForkingPass:
         Their input, the prefix at layer - 1, must be computed (true for worlds that
         existed at the layer before, and for any world once `complete` reaches here).
         """
-        todo = sorted({prefix(key, layer) for key in keys} - set(self.outputs[layer]), key=_order)
+        todo = sorted({prefix(key, layer) for key in keys} - set(self.outputs[layer]), key=world_order)
         if not todo:
             return
         inputs = np.stack([self.embedded if layer == 0 else self.outputs[layer - 1][prefix(key, layer - 1)]
@@ -112,7 +133,38 @@ class ForkingPass:
         return dict(zip(keys, logits))
 
 
-def _order(key):
+LAYER_NUMBER = re.compile(r"\.(\d+)\.")  # model.layers.7.mlp..., transformer.h.7.attn..., gpt_neox.layers.7...
+
+
+def _byte_ranges(model):
+    """{layer: [(file, start, end)]} of the weights a pass reads per layer, adjacent tensors merged;
+    the tensors outside the layers (final norm, LM head) under n_layers. The embedding is read a few
+    rows at a time, so it is read ahead only as a tied LM head, with the head."""
+    if not hasattr(os, "posix_fadvise"):
+        return {}
+    ranges = defaultdict(list)
+    for name in model.arch.tensor_shapes():
+        info = model.checkpoint.tensor(name)
+        embedding = "embed" in name or name.endswith("wte.weight")
+        if not hasattr(info, "offset") or (embedding and not getattr(model.arch, "tied", False)):
+            continue
+        number = LAYER_NUMBER.search(name)
+        layer = int(number.group(1)) if number and not embedding else model.arch.n_layers
+        ranges[layer].append((str(info.path), info.offset, info.offset + info.nbytes))
+    merged = {}
+    for layer, spans in ranges.items():
+        spans.sort()
+        out = [spans[0]]
+        for path, start, end in spans[1:]:
+            if path == out[-1][0] and start <= out[-1][2] + (1 << 20):
+                out[-1] = (path, out[-1][1], max(end, out[-1][2]))
+            else:
+                out.append((path, start, end))
+        merged[layer] = out
+    return merged
+
+
+def world_order(key):
     """A stable order of world keys in a batch: fewer edits first, then by position."""
     return (len(key), sorted((at, edit.tensor, edit.row, edit.col, edit.expert or -1) for at, edit in key))
 
