@@ -258,7 +258,7 @@ def test_paper_findings_on_smollm2(smollm2, smol_torch, smol_catalog, prose_ids,
     """`swtool eval --catalog --control-top --restore-activation --sweep` on SmolLM2, every number
     recomputed in transformers: removing the super weights raises perplexity more than 10x, zeroing
     100 larger other weights (the control) far less, and restoring the super activation brings most back."""
-    ctx, n_tokens, control_n = 256, 1024, 100
+    ctx, n_tokens, control_n = 256, 768, 100
     result = swtool("eval", smollm2, "--text", PROSE, "--ctx", ctx, "--max-tokens", n_tokens,
                     "--catalog", smol_catalog, "--control-top", control_n, "--restore-activation",
                     "--sweep", "0,1,2", "--json")
