@@ -16,9 +16,9 @@ All chunks of all worlds go through each layer together as one batch (rows =
 worlds x chunks, see forward.py), so each layer's weights are read once per
 pass. `batch_tokens` caps the rows x ctx of one pass: a longer text takes
 several passes, and memory stays near one layer plus those activations. The
-head's logits are produced a few rows at a time and reduced at once to the
-scored log-likelihoods and stop-word probabilities: [rows, ctx, vocab] floats
-never exist for the whole text.
+head's logits are produced a block of rows or positions at a time (forward.head_logits,
+128 MiB) and reduced at once to the scored log-likelihoods and the mean next-token distribution: [rows, ctx, vocab]
+floats never exist for the whole text.
 
 The last chunk is padded to `ctx` with copies of its last token. Attention is
 causal, so the padding cannot change any real position; padded positions are
@@ -32,7 +32,8 @@ import numpy as np
 from swtool.errors import SwtoolError
 from swtool.forward import World, head_logits, run_layers
 
-DEFAULT_BATCH_TOKENS = 8192  # rows x ctx of one pass: ~100 KiB of activations per row-token on SmolLM2
+DEFAULT_BATCH_TOKENS = 8192  # rows x ctx of one pass (SmolLM2 at ctx 512: ~50 KiB of activations per row-token)
+HEAD_BLOCK_BYTES = 128 * 1024 * 1024  # logits made at once by the head
 
 
 @dataclass
@@ -155,13 +156,17 @@ def _one_pass(model, part, plan, scores, label):
     profile = PeakProfile(n_worlds, model.arch.n_layers, part.valid())
     hooks = [hook for make in plan.hook_factories for hook in make(part)]
     ctx, x = run_layers(model, part.tokens, plan.worlds, plan.transforms, [profile], label, hooks)
-    targets, scored = part.tokens[:, 1:], part.scored()
-    for rows, logits in head_logits(model, ctx, x):
+    # per position p: the token it predicts and whether it is scored (the last position predicts nothing)
+    targets = np.concatenate([part.tokens[:, 1:], np.zeros((n_chunks, 1), dtype=np.int64)], axis=1)
+    scored = np.concatenate([part.scored(), np.zeros((n_chunks, 1), dtype=bool)], axis=1)
+    for rows, tokens, logits in head_logits(model, ctx, x, max_bytes=HEAD_BLOCK_BYTES):
         for local, row in enumerate(range(rows.start, rows.stop)):
             w, b = divmod(row, n_chunks)
-            nll, probabilities = score_predictions(logits[local, :-1], targets[b], scored[b])
+            if not scored[b, tokens].any():
+                continue
+            nll, probabilities = score_predictions(logits[local], targets[b, tokens], scored[b, tokens])
             scores[w].nll_sum += nll
-            scores[w].count += int(scored[b].sum())
+            scores[w].count += int(scored[b, tokens].sum())
             scores[w].probability_sum += probabilities
         del logits
     for w, score in enumerate(scores):
@@ -172,9 +177,10 @@ def score_predictions(logits, targets, scored):
     """Over the scored positions of one row: the sum of -log p(target), and the next-token
     probabilities summed over positions [vocab] (for stop words and the average distribution).
 
-    logits [P, vocab], targets [P], scored [P] bool.
+    logits [P, vocab] (overwritten when every position is scored), targets [P], scored [P] bool.
     """
-    probabilities = logits[scored]  # a copy of the scored positions, turned into probabilities in place
+    # the scored positions, turned into probabilities in place (a copy only if some are not scored)
+    probabilities = logits if scored.all() else logits[scored]
     picked = probabilities[np.arange(len(probabilities)), targets[scored]]
     # softmax per position in float32 (as transformers' float32 loss), the normaliser summed in float64
     peak = probabilities.max(axis=1, keepdims=True)

@@ -34,7 +34,7 @@ row r = world r // B, sequence r % B, so the activations are [W·B, T, channels]
 gives a world's rows; `Pass.world_of_row` maps rows back.
 
 `run_layers` stops before the LM head; `head_logits` then yields the logits a
-few rows at a time, so a long text never holds [rows, T, vocab] floats at once.
+block of rows or positions at a time, so a long text never holds [rows, T, vocab] floats at once.
 """
 
 from dataclasses import dataclass, field
@@ -259,18 +259,27 @@ def run_layers(model, tokens, worlds=None, transforms=(), observers=(), progress
 
 
 def head_logits(model, ctx, x, max_bytes=256 * 1024 * 1024):
-    """Yield (rows slice, logits [rows, T, vocab]) over x's rows, at most `max_bytes` of logits at a time."""
-    per_row = x.shape[1] * model.arch.vocab_size * 4
-    step = max(1, max_bytes // per_row)
-    for start in range(0, x.shape[0], step):
-        rows = slice(start, min(x.shape[0], start + step))
-        # the head sees a sub-batch: its world edits (if any) must follow those rows
-        whole = ctx.world_of_row
-        ctx.world_of_row = whole[rows]
-        try:
-            yield rows, model.arch.head(ctx, x[rows])
-        finally:
-            ctx.world_of_row = whole
+    """Yield (rows, tokens, logits [rows, tokens, vocab]) over x: at most `max_bytes` of logits at a time.
+
+    Whole rows when several fit in max_bytes, else slices of one row's positions: the head
+    (final norm, LM head) works position by position, so a slice gives the same numbers.
+    """
+    n_rows, n_tokens = x.shape[:2]
+    per_token = model.arch.vocab_size * 4
+    budget = max(1, max_bytes // per_token)  # positions per block
+    rows_per_block = max(1, budget // n_tokens)
+    tokens_per_block = min(n_tokens, budget)
+    whole = ctx.world_of_row
+    for start in range(0, n_rows, rows_per_block):
+        rows = slice(start, min(n_rows, start + rows_per_block))
+        for first in range(0, n_tokens, tokens_per_block):
+            tokens = slice(first, min(n_tokens, first + tokens_per_block))
+            # the head sees a sub-batch: its world edits (if any) must follow those rows
+            ctx.world_of_row = whole[rows]
+            try:
+                yield rows, tokens, model.arch.head(ctx, x[rows, tokens])
+            finally:
+                ctx.world_of_row = whole
 
 
 def mean_nll(logits, tokens):

@@ -124,16 +124,23 @@ def test_worlds_times_sequences(tiny_factory):
     assert not np.allclose(got[:2], got[2:], atol=1e-5)
 
 
-def test_head_logits_a_few_rows_at_a_time(tiny_factory):
+def test_head_logits_in_blocks_of_rows_or_positions(tiny_factory):
     directory, _ = tiny_factory("llama3", "bfloat16")  # tied embeddings: the head reads embed_tokens
     model = load_model(directory)
     tokens = np.stack([random_tokens(9, seed=s) for s in range(3)])
     worlds = [World("intact"), World("zeroed", (Edit("model.layers.0.mlp.down_proj.weight", 1, 2),))]
     whole = forward(model, tokens, worlds)
     ctx, x = run_layers(model, tokens, worlds)
-    pieces = list(head_logits(model, ctx, x, max_bytes=2 * 9 * 300 * 4))  # two rows per piece
-    assert [rows for rows, _ in pieces] == [slice(0, 2), slice(2, 4), slice(4, 6)]
-    np.testing.assert_array_equal(np.concatenate([logits for _, logits in pieces]), whole)
+    by_rows = list(head_logits(model, ctx, x, max_bytes=2 * 9 * 300 * 4))  # two whole rows per block
+    assert [(rows, tokens) for rows, tokens, _ in by_rows] == [(slice(r, r + 2), slice(0, 9)) for r in (0, 2, 4)]
+    np.testing.assert_array_equal(np.concatenate([logits for _, _, logits in by_rows]), whole)
+    by_positions = list(head_logits(model, ctx, x, max_bytes=4 * 300 * 4))  # four positions of one row
+    assert [(rows.start, tokens.start, tokens.stop) for rows, tokens, _ in by_positions][:3] == \
+        [(0, 0, 4), (0, 4, 8), (0, 8, 9)]
+    assembled = np.empty_like(whole)
+    for rows, tokens, logits in by_positions:
+        assembled[rows, tokens] = logits
+    np.testing.assert_allclose(assembled, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
 
 
 def test_activation_transform_replaces_what_flows_on(tiny_factory):
@@ -174,8 +181,12 @@ def test_activation_transform_replaces_what_flows_on(tiny_factory):
     np.testing.assert_allclose(seen["resid"][0], expected.hidden_states[2][0].numpy(), atol=2e-5)
 
 
-def test_chunked_perplexity_matches_transformers_on_a_tiny_model(tiny_factory):
-    """A last chunk shorter than ctx (padded inside one batch) scores as transformers scores it alone."""
+@pytest.mark.parametrize("head_block", [None, 5 * 300 * 4])
+def test_chunked_perplexity_matches_transformers_on_a_tiny_model(tiny_factory, monkeypatch, head_block):
+    """A last chunk shorter than ctx (padded inside one batch) scores as transformers scores it alone;
+    also when the head makes its logits five positions at a time."""
+    if head_block:
+        monkeypatch.setattr("swtool.evaluate.HEAD_BLOCK_BYTES", head_block)
     directory, _ = tiny_factory("mistral", "bfloat16")  # sliding window 5 < ctx
     ids = list(random_tokens(47, seed=9))
     model, reference = load_model(directory), torch_model(directory)
