@@ -105,10 +105,13 @@ class Recorder:
     def __init__(self):
         self.data = {point: {} for point in self.POINTS}  # point -> layer -> {prefix: [T, channels]}
         self.experts = {}  # layer -> {prefix: {expert: (tokens, router weights, down_in [n, ff])}}
+        self.peaks = {}  # layer -> {prefix: max |down_proj output|}
 
     def observe(self, point, layer, key, x):
         if point in self.data:
             self.data[point].setdefault(layer, {})[key] = x.copy()
+        if point == "down_out":
+            self.peaks.setdefault(layer, {})[key] = float(np.max(np.abs(x)))
 
     def observe_expert(self, point, layer, expert, key, tokens, weights, x):
         if point == "down_in":
@@ -119,9 +122,13 @@ class Recorder:
         return self.data[point][layer][prefix(key, layer)]
 
     def world(self, point, key, upto=None):
-        """[layers, tokens, channels] of world `key`, layers 0..upto (all recorded when None)."""
-        last = max(self.data[point]) if upto is None else upto
-        return np.stack([self.at(point, layer, key) for layer in range(last + 1)])
+        """World `key`'s activations at `point` as [layers, tokens, channels], layers 0..upto (all
+        recorded when None): a view that looks each indexed layer up, so nothing is stacked."""
+        return Layers(self, point, key, (max(self.data[point]) if upto is None else upto) + 1)
+
+    def peak(self, layer, key):
+        """World `key`'s max |down_proj output| in `layer`."""
+        return self.peaks[layer][prefix(key, layer)]
 
     def down_inputs(self, layer, key, token):
         """[(expert, router weight, input vector)] of each down projection that saw `token` of world
@@ -134,6 +141,29 @@ class Recorder:
             if hit.size:
                 sources.append((expert, float(weights[hit[0]]), x[hit[0]]))
         return sources
+
+
+class Layers:
+    """One world's activations at one point, indexed [layer, token, channel] like a stacked
+    array; a layer index or slice looks the layers up in the recorder (`np.asarray` stacks all)."""
+
+    def __init__(self, recorder, point, key, count):
+        self.recorder, self.point, self.key, self.count = recorder, point, key, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if isinstance(first, slice):
+            layers = range(*first.indices(self.count))
+            return np.array([self.recorder.at(self.point, layer, self.key)[rest] for layer in layers])
+        if not 0 <= first < self.count:
+            raise IndexError(f"layer {first} of {self.count}")
+        return self.recorder.at(self.point, first, self.key)[rest]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.stack([self.recorder.at(self.point, layer, self.key) for layer in range(self.count)])
 
 
 @dataclass
@@ -150,18 +180,19 @@ def find_spikes(profile_out, ratio):
     baseline = float(np.median(peak))
     spikes = []
     for layer in np.flatnonzero(peak >= ratio * max(baseline, np.finfo(np.float32).tiny)):
-        spikes.append(_spike_at(profile_out, int(layer)))
+        spikes.append(_spike_at(profile_out[layer], int(layer)))
     return spikes
 
 
-def _spike_at(profile_out, layer):
-    """The largest |down_proj output| of `layer` as a Spike."""
-    token, row = np.unravel_index(np.argmax(np.abs(profile_out[layer])), profile_out[layer].shape)
-    return Spike(layer, int(token), int(row), float(profile_out[layer, token, row]))
+def _spike_at(out, layer):
+    """The largest |down_proj output| of `layer`, out [T, C], as a Spike."""
+    token, row = np.unravel_index(np.argmax(np.abs(out)), out.shape)
+    return Spike(layer, int(token), int(row), float(out[token, row]))
 
 
-def provisional_spike(profile_out, ratio):
-    """The online guess of find_spikes for the newest layer, profile_out [layers so far, T, C].
+def provisional_spike(peaks, down_out, ratio):
+    """The online guess of find_spikes for the newest layer l: peaks [l + 1], the max |down_proj
+    output| of layers 0..l; down_out [T, C], layer l's output.
 
     find_spikes compares a layer with the median of ALL layers, which a pass knows
     only at its end. While it runs, the newest layer is compared with the layers
@@ -172,15 +203,14 @@ def provisional_spike(profile_out, ratio):
     nothing before it, is never a guess. A guess only decides which worlds the pass
     forks: a wrong one costs time (a world computed later, `_decide`), not results.
     """
-    layer = len(profile_out) - 1
+    layer = len(peaks) - 1
     if layer == 0:
         return None
-    peak = np.abs(profile_out).reshape(len(profile_out), -1).max(axis=1)
-    earlier = peak[:layer]
+    earlier = peaks[:layer]
     baseline = float(np.min(earlier) if layer < EARLY_LAYERS else np.median(earlier))
-    if peak[layer] < ratio * max(baseline, np.finfo(np.float32).tiny):
+    if peaks[layer] < ratio * max(baseline, np.finfo(np.float32).tiny):
         return None
-    return _spike_at(profile_out, layer)
+    return _spike_at(down_out, layer)
 
 
 EARLY_LAYERS = 3
@@ -375,7 +405,8 @@ class OnlineSearch:
     def _search(self, layer, world, known, iteration):
         """(spike, its new weights) at `layer` in `world`, persistence pending; (None, []) if none."""
         recorder = self.recorder
-        spike = provisional_spike(recorder.world("down_out", world, upto=layer), self.settings.spike_ratio)
+        peaks = [recorder.peak(earlier, world) for earlier in range(layer + 1)]
+        spike = provisional_spike(peaks, recorder.at("down_out", layer, world), self.settings.spike_ratio)
         if spike is None:
             return None, []
         resid_mid = recorder.world("resid_mid", world, upto=layer)
@@ -456,7 +487,7 @@ def _tensor_key(tensor):
 
 def _candidates(model, recorder, weights, world, found, settings, iteration):
     """New super weights in world `world` (all layers recorded): pass `iteration` of the module docstring."""
-    down_out = recorder.world("down_out", world)
+    down_out = np.asarray(recorder.world("down_out", world))
     resid_mid, resid = recorder.world("resid_mid", world), recorder.world("resid", world)
     intact_mid, intact_resid = recorder.world("resid_mid", INTACT), recorder.world("resid", INTACT)
     known = {_key(sw) for sw in found}
