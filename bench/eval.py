@@ -1,13 +1,14 @@
 """Eval benchmark: `swtool eval` tokens per second against transformers, same model, text and chunks.
 
-    python bench/eval.py [--ctx 512] [--runs 2] [--text fixtures/prose.txt]
+    python bench/eval.py [--ctx 512] [--runs 2] [--text fixtures/prose.txt] [--threads N]
 
 On the SmolLM2 fixture (bf16 on disk, float32 arithmetic in both):
   - swtool, end to end: `swtool eval MODEL --text TEXT --ctx N --json` under /usr/bin/time -v
     (wall time including start-up, tokenizing and scoring; peak RSS), best of --runs;
   - swtool, the pass alone: evaluate() in this process, the model opened, the text tokenized;
   - transformers: the model loaded once as float32 (not timed), then the same chunks, all the
-    full ones as one batch and the last partial one alone, forward + loss; torch uses every core.
+    full ones as one batch and the last partial one alone, forward + loss.
+Both use every core, or --threads N (OpenBLAS, Numba and torch alike).
 Tokens per second = text tokens / wall seconds. CPU seconds (all threads) are printed too: on a
 shared machine they move less than wall time. Both perplexities are printed: they must agree.
 Results go to bench/results/eval.json with a description of the machine.
@@ -15,6 +16,7 @@ Results go to bench/results/eval.json with a description of the machine.
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -58,6 +60,8 @@ def transformers_pass(ids, ctx):
     import torch
     import transformers
 
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     load = time.perf_counter() - start
@@ -81,7 +85,6 @@ def transformers_pass(ids, ctx):
 
 
 def machine():
-    import os
     import platform
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
@@ -94,7 +97,11 @@ def main():
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--text", type=Path, default=ROOT / "fixtures" / "prose.txt")
+    parser.add_argument("--threads", type=int, help="threads for BLAS, Numba and torch (default: all cores)")
     args = parser.parse_args()
+    if args.threads:  # before NumPy, Numba or torch load; the swtool subprocess inherits it
+        for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[variable] = str(args.threads)
     import smollm2
 
     smollm2.build(MODEL)
@@ -113,7 +120,8 @@ def main():
         {"what": "transformers float32 (forward)", "seconds": reference[0], "tokens_per_s": n / reference[0],
          "perplexity": reference[1], "load_seconds": reference[2], "cpu_seconds": reference[3]},
     ]
-    print(f"SmolLM2-135M, {args.text.name}: {n} tokens, ctx {args.ctx}, best of {args.runs}")
+    print(f"SmolLM2-135M, {args.text.name}: {n} tokens, ctx {args.ctx}, best of {args.runs}, "
+          f"{args.threads or 'all'} thread(s), load average {os.getloadavg()[0]:.1f}")
     print(f"{'':34} {'seconds':>8} {'tokens/s':>9} {'CPU s':>7} {'perplexity':>11}")
     for r in rows:
         print(f"{r['what']:34} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} {r['cpu_seconds']:>7.2f} "
@@ -124,7 +132,8 @@ def main():
     out = ROOT / "bench" / "results" / "eval.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "command": " ".join(["bench/eval.py"] + sys.argv[1:]),
-                               "tokens": n, "ctx": args.ctx, "results": rows}, indent=2) + "\n")
+                               "tokens": n, "ctx": args.ctx, "threads": args.threads, "results": rows},
+                              indent=2) + "\n")
     print(f"results written to {out.relative_to(ROOT)}")
 
 
