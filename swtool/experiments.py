@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 from swtool.forward import Edit, ScaleElements, World
 
@@ -72,6 +73,8 @@ def control_edits(model, super_weights, n, progress=False):
     for t, name in enumerate(tqdm(names, desc=f"control: top {n} weights", unit="tensor",
                                   disable=not progress, leave=False)):
         info = model.checkpoint.tensor(name)
+        if model.arch.stored_transposed(name):
+            info = TransposedTensor(info)  # GPT-2's Conv1D: read as W [out, in], so rows/cols mean what edits mean
         n_rows, n_cols = info.shape
         step = max(1, CONTROL_CHUNK_BYTES // (4 * n_cols))
         for start in range(0, n_rows, step):
@@ -91,7 +94,9 @@ def control_edits(model, super_weights, n, progress=False):
         raise SwtoolError(f"--control-top {n}: the model has fewer other weights than that")
     edits = []
     for t, flat in zip(best_tensor, best_flat):
-        row, col = divmod(int(flat), model.checkpoint.tensor(names[t]).shape[1])
+        shape = model.checkpoint.tensor(names[t]).shape
+        n_cols = shape[0] if model.arch.stored_transposed(names[t]) else shape[1]
+        row, col = divmod(int(flat), n_cols)
         edits.append(Edit(names[t], row, col, 0.0))
     return edits
 

@@ -421,3 +421,49 @@ def test_plot_without_matplotlib_is_one_line(tiny_planted, tmp_path):
         result = subprocess.run([sys.executable, "-c", hide, *map(str, args)], capture_output=True, text=True)
         assert "pip install 'swtool[plot]'" in one_line_error(result)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_control_top_n_matches_torch_topk(tiny_factory, family):
+    """The control's streaming top N is torch.topk over every 2-D weight but embeddings, norms and the
+    LM head, the super weight excluded; GPT-2's Conv1D weights are stored [in, out] and must be read as
+    W [out, in]. Zeroing them changes perplexity as it does in transformers."""
+    from swtool.evaluate import perplexity
+    from swtool.experiments import control_edits
+    from swtool.forward import ScaleElements
+
+    directory, _ = tiny_factory(family, "float32", plants=(Plant(1, 41, 101),))
+    model, reference = load_model(directory), torch_model(directory)
+    sw = {"tensor": model.arch.down_proj_name(1), "row": 41, "col": 101}
+    edits = control_edits(model, [sw], 20)
+    conv1d = family == "gpt2"
+    candidates = []
+    for name, param in reference.named_parameters():
+        if param.dim() != 2 or any(part in name for part in ("embed", "lm_head", "norm", "wte", "wpe")):
+            continue
+        weight = param.detach().T if conv1d else param.detach()  # W [out, in]
+        magnitude = weight.abs().clone()
+        if name == sw["tensor"]:
+            magnitude[41, 101] = -1
+        values, flat = torch.topk(magnitude.flatten(), 20)
+        candidates += [(v, name, divmod(int(f), weight.shape[1])) for v, f in zip(values.tolist(), flat.tolist())]
+    candidates.sort(key=lambda c: -c[0])
+    assert candidates[19][0] > candidates[20][0]  # no tie at the cut
+    expected = {(name, row, col) for _, name, (row, col) in candidates[:20]}
+    assert {(e.tensor, e.row, e.col) for e in edits} == expected
+    ids = list(random_tokens(40, seed=3))
+    with torch.no_grad():
+        for _, name, (row, col) in candidates[:20]:
+            param = reference.get_parameter(name)
+            if conv1d:
+                param[col, row] = 0.0
+            else:
+                param[row, col] = 0.0
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 16):
+            chunk = torch.tensor([ids[start:start + 16]])
+            nll += reference(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    got, scored = perplexity(model, ids, ctx=16, transforms=[ScaleElements(edits)])
+    assert scored == count and got == pytest.approx(np.exp(nll / count), rel=1e-4)
