@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from swtool.atomic import (FULL_DISK_ERRNOS, atomic_path, ensure_free_space, full_disk_error,
+from swtool.atomic import (atomic_path, ensure_free_space, full_disk_error, is_full_disk,
                            move_directory_into_place, write_text_atomic)
 from swtool.checkpoint.safetensors import FLOAT_DTYPES, decode_float32, encode_float32, DTYPES
 from swtool.errors import SwtoolError
+from swtool.jsonfile import read_json
 
 CATALOG_NAME = "swtool-ablation.json"
 JOURNAL_NAME = "swtool-ablation-journal.json"
@@ -60,6 +61,11 @@ class Patch:
                 "tensor": sw["tensor"], "file": self.file.name, "offset": self.offset, "dtype": self.dtype,
                 "old_bytes": self.old.hex(), "new_bytes": self.new.hex(),
                 "old_value": decode_bytes(self.old, self.dtype), "new_value": decode_bytes(self.new, self.dtype)}
+
+
+class CatalogMismatch(SwtoolError):
+    """A catalog entry this checkpoint does not hold (another model's catalog, an ablated copy ...);
+    the CLI names the catalog file in front of the message."""
 
 
 def coordinate(sw):
@@ -88,19 +94,19 @@ def locate(checkpoint, sw):
     """
     name = sw["tensor"]
     if name not in checkpoint:
-        raise SwtoolError(f"catalog super weight {coordinate(sw)}: tensor {name!r} is not in {checkpoint.directory}")
+        raise CatalogMismatch(f"catalog super weight {coordinate(sw)}: tensor {name!r} is not in {checkpoint.directory}")
     info = checkpoint.tensor(name)
     index = sw.get("tensor_index")
     if index is None:
         index = [sw["expert"], sw["row"], sw["col"]] if sw.get("expert") is not None else [sw["row"], sw["col"]]
     if len(index) != len(info.shape) or any(i >= n for i, n in zip(index, info.shape)):
-        raise SwtoolError(f"catalog super weight {coordinate(sw)}: index {list(index)} is outside "
+        raise CatalogMismatch(f"catalog super weight {coordinate(sw)}: index {list(index)} is outside "
                           f"{name} of shape {list(info.shape)}")
     if info.dtype not in FLOAT_DTYPES:
         raise SwtoolError(f"{info.path}: {name} is {info.dtype}; swtool patches {', '.join(FLOAT_DTYPES)}")
     stored = decode_bytes(read_element(info.path, info.element_offset(tuple(index)), info.itemsize), info.dtype)
     if not np.isclose(stored, sw["value"], rtol=VALUE_RTOL, atol=1e-6):
-        raise SwtoolError(f"catalog super weight {coordinate(sw)}: {name}{list(index)} holds {stored:.6g} in "
+        raise CatalogMismatch(f"catalog super weight {coordinate(sw)}: {name}{list(index)} holds {stored:.6g} in "
                           f"{info.path}, the catalog says {sw['value']:.6g} (a catalog of another model, "
                           f"or an already ablated one?)")
     return info, tuple(index)
@@ -196,7 +202,7 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force
         move_directory_into_place(tmp, out_dir, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+        if is_full_disk(e):
             raise full_disk_error(out_dir, e) from e
         raise
     return done
@@ -262,8 +268,8 @@ def restore_in_place(directory):
     journal_path = (directory if directory.is_dir() else directory.parent) / JOURNAL_NAME
     if not journal_path.is_file():
         raise SwtoolError(f"{journal_path.parent}: no {JOURNAL_NAME}; nothing was ablated in place here")
+    journal = read_json(journal_path)  # depth, duplicate keys, size: a one-line error
     try:
-        journal = json.loads(journal_path.read_text())
         changes = journal["changes"]
         assert journal["schema"] == JOURNAL_SCHEMA
         edits = []

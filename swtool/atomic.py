@@ -91,10 +91,19 @@ def _umask():
     return mask
 
 
+def is_full_disk(error):
+    """Did a write run out of space? ENOSPC / EFBIG / EDQUOT, or NumPy's tofile() reporting a short
+    write ("N requested and M written", with no errno)."""
+    if not isinstance(error, OSError):
+        return False
+    return error.errno in FULL_DISK_ERRNOS or (error.errno is None and "written" in str(error))
+
+
 def full_disk_error(dest, error):
     """The one-line error for a write that ran out of space (or hit a file-size limit)."""
-    return SwtoolError(f"{dest}: {error.strerror or error} while writing (disk full or file-size limit); "
-                       f"the partial output was removed, nothing was written")
+    reason = error.strerror or f"short write ({error})"
+    return SwtoolError(f"{dest}: writing failed: {reason}; the disk is full or a file-size limit was hit. "
+                       f"The partial output was removed, nothing was written")
 
 
 @contextlib.contextmanager
@@ -116,7 +125,7 @@ def atomic_path(dest, nbytes=None):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+        if is_full_disk(e):
             raise full_disk_error(dest, e) from e
         raise
 
@@ -136,7 +145,7 @@ def atomic_directory(dest, force=False):
         move_directory_into_place(tmp, dest, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+        if is_full_disk(e):
             raise full_disk_error(dest, e) from e
         raise
 

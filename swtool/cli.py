@@ -206,7 +206,9 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
     import json
 
+    from swtool.ablate import CatalogMismatch
     from swtool.catalog import parse_coordinate, read_catalog
+    from swtool.errors import SwtoolError
     from swtool.evaluate import evaluate, make_chunks
     from swtool.experiments import Options, build_plan, describe, parse_scales, stop_word_ids
     from swtool.model import load_model
@@ -231,7 +233,10 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     text = read_text(text_path)
     ids = encode(loaded.directory, text)[:max_tokens]
     chunks = make_chunks(ids, ctx, score_second_half)
-    plan, report = build_plan(loaded, options, progress=not no_progress)
+    try:
+        plan, report = build_plan(loaded, options, progress=not no_progress)
+    except CatalogMismatch as e:
+        raise SwtoolError(f"{catalog}: {e}") from None
     scores = evaluate(loaded, chunks, plan, progress=not no_progress, batch_tokens=batch_tokens)
     tokenizer = load_tokenizer(loaded.directory)
     result = describe(loaded, text_path, len(ids), chunks, plan, report, scores, tokenizer,
@@ -310,6 +315,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     from swtool import ablate as ab
     from swtool.catalog import parse_coordinate, read_catalog
     from swtool.checkpoint import open_checkpoint
+    from swtool.errors import SwtoolError
 
     if restore:
         if catalog or output or in_place or only:
@@ -325,7 +331,10 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     cat = read_catalog(catalog)
     chosen = ab.select(cat["super_weights"], [parse_coordinate(o, "--only") for o in only])
     checkpoint = open_checkpoint(model)
-    patches = ab.plan_patches(checkpoint, chosen, scale)
+    try:
+        patches = ab.plan_patches(checkpoint, chosen, scale)
+    except ab.CatalogMismatch as e:
+        raise SwtoolError(f"{catalog}: {e}") from None
     if in_place:
         ab.ablate_in_place(checkpoint, patches, scale, catalog)
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
@@ -433,9 +442,9 @@ def gguf_options(command):
 def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
     """Write MODEL (a Hugging Face checkpoint: llama, mistral, qwen2) as a GGUF file for llama.cpp."""
     from swtool.atomic import check_destination
-    from swtool.gguf_export import Options, export, format_report
 
-    check_destination(output, force)
+    check_destination(output, force)  # before anything is read
+    from swtool.gguf_export import Options, export, format_report
 
     options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
     click.echo(format_report(export(model, output, options)))
@@ -450,9 +459,9 @@ def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types,
     Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
     """
     from swtool.atomic import check_destination
-    from swtool.gguf_export import Options, format_report, quantize_gguf
 
-    check_destination(output, force)
+    check_destination(output, force)  # before anything is read
+    from swtool.gguf_export import Options, format_report, quantize_gguf
 
     options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
     click.echo(format_report(quantize_gguf(gguf_file, output, options)))

@@ -105,6 +105,25 @@ CHECKS = {
 }
 
 
+# what each RoPE type needs in its scaling object (rope.py reads these): key -> (check, what it must be)
+ROPE_NEEDS = {
+    "linear": {"factor": (_positive_number, "a positive number")},
+    "dynamic": {"factor": (_positive_number, "a positive number")},
+    "llama3": {"factor": (_positive_number, "a positive number"),
+               "low_freq_factor": (_positive_number, "a positive number"),
+               "high_freq_factor": (_positive_number, "a positive number"),
+               "original_max_position_embeddings": (_positive_int, "a positive integer")},
+}
+ROPE_OPTIONAL = {
+    "rope_theta": (_positive_number, "a positive number"),
+    "factor": (_positive_number, "a positive number"),
+    "attention_factor": (_positive_number, "a positive number"),
+    "original_max_position_embeddings": (_positive_int, "a positive integer"),
+    "short_factor": (lambda v: isinstance(v, list) and all(_positive_number(x) for x in v), "a list of positive numbers"),
+    "long_factor": (lambda v: isinstance(v, list) and all(_positive_number(x) for x in v), "a list of positive numbers"),
+}
+
+
 def check_config(config, source):
     """A CheckpointError(source, ...) for the first known key whose value has the wrong type or range."""
     if not isinstance(config, dict):
@@ -113,6 +132,28 @@ def check_config(config, source):
         value = config.get(key)
         if value is not None and not ok(value):
             raise CheckpointError(source, f"{key} = {_short(value)} is not {what}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(config.get(key), dict):
+            _check_rope(config[key], key, source)
+
+
+def _check_rope(scaling, where, source):
+    """A RoPE scaling object: its type's required numbers present and in range. Gemma 3 keys one
+    object per layer type ({"sliding_attention": {...}, "full_attention": {...}}); each is checked."""
+    if scaling and all(isinstance(v, dict) for v in scaling.values()):
+        for name, inner in scaling.items():
+            _check_rope(inner, f"{where}.{name}", source)
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(kind, str):
+        raise CheckpointError(source, f"{where}.rope_type = {_short(kind)} is not a string")
+    for key, (ok, what) in ROPE_NEEDS.get(kind, {}).items():
+        if key not in scaling or scaling[key] is None:
+            raise CheckpointError(source, f"{where}: RoPE type {kind!r} needs {key!r}")
+    for key, (ok, what) in {**ROPE_OPTIONAL, **ROPE_NEEDS.get(kind, {})}.items():
+        value = scaling.get(key)
+        if value is not None and not ok(value):
+            raise CheckpointError(source, f"{where}.{key} = {_short(value)} is not {what}")
 
 
 def _short(value):

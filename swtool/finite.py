@@ -39,6 +39,9 @@ def count_nonfinite(info):
         return 0, 0
     if len(info.shape) == 0 or math.prod(info.shape) == 0:
         return 0, 0
+    if len(info.shape) == 1:  # a vector (norm weights, biases): small, read whole (a GGUF block vector has no rows)
+        values = info.read()
+        return int(np.count_nonzero(np.isnan(values))), int(np.count_nonzero(np.isinf(values)))
     n_rows = info.shape[0]
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(info.shape[1:])))
     nan = inf = 0

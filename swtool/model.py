@@ -1,12 +1,13 @@
 """A model = a checkpoint (where the bytes are) + an architecture (what they mean)."""
 
+import re
 from dataclasses import dataclass
 
 from swtool.arch import Architecture, architecture_for
 from swtool.checkpoint import Checkpoint
 from swtool.checkpoint.source import open_source
 from swtool.config_check import check_config
-from swtool.errors import CheckpointError
+from swtool.errors import CheckpointError, SwtoolError
 
 
 @dataclass
@@ -37,7 +38,13 @@ def load_model(path, download=False):
         if info.shape != shape:
             raise CheckpointError(info.path, f"tensor {name!r} has shape {list(info.shape)}, "
                                              f"config.json implies {list(shape)}")
+        if not info.readable:  # refused now, not in the middle of a pass
+            raise CheckpointError(info.path, f"tensor {name!r} is stored as {info.dtype}, which swtool "
+                                             f"cannot decode to float")
     return Model(str(path), checkpoint, arch)
+
+
+MAX_STACKED_EXPERTS = 1024  # stacked experts need not be separate tensors; real mixtures have at most a few hundred
 
 
 def _interpret(checkpoint, config_source):
@@ -50,11 +57,20 @@ def _interpret(checkpoint, config_source):
     names = checkpoint.names()
     try:
         arch = architecture_for(checkpoint.config, config_source)
-        if arch.n_layers > len(names):  # every layer has tensors: this bounds tensor_shapes() below
+        # tensor_shapes() below lists every layer (and every expert of a per-expert mixture): bound them
+        if arch.n_layers > len(names):  # every layer has tensors
             raise CheckpointError(config_source, f"num_hidden_layers = {arch.n_layers}, but the checkpoint "
                                                  f"holds only {len(names)} tensors")
+        experts = checkpoint.config.get("num_local_experts") or 0
+        if experts > max(len(names), MAX_STACKED_EXPERTS):  # per-expert tensors, or a few stacked ones
+            raise CheckpointError(config_source, f"num_local_experts = {experts}, but the checkpoint holds "
+                                                 f"only {len(names)} tensors")
         arch.adapt(set(names))
         return arch, arch.tensor_shapes()
+    except SwtoolError as e:  # a family's "config.json: ..." message: name the actual file
+        if not str(e).startswith("config.json"):
+            raise
+        raise CheckpointError(config_source, re.sub(r"^config\.json( \([^)]*\))?: ", "", str(e))) from None
     except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, AttributeError) as e:
         raise CheckpointError(config_source, f"inconsistent {checkpoint.config.get('model_type')} config "
                                              f"({type(e).__name__}: {e})") from None

@@ -35,3 +35,11 @@ def tiny_factory(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def good(tmp_path_factory):
+    """A tiny Llama as safetensors, in shards, as GGUF, and its scan catalog (fixtures/bad_files.py)."""
+    import bad_files
+
+    return bad_files.build_good(tmp_path_factory.mktemp("good"))

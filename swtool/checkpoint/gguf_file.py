@@ -20,6 +20,7 @@ quantized row is a run of blocks, each covering `block_size` consecutive
 columns, so one weight can be recovered by decoding its block alone.
 """
 
+import functools
 import mmap
 import os
 import struct
@@ -76,6 +77,11 @@ class GGUFTensor:
     @property
     def quantized(self):
         return self.dtype not in PLAIN_TYPES
+
+    @property
+    def readable(self):
+        """Can swtool decode it? Plain floats always; block types when gguf-py dequantizes them (not I32, Q8_K ...)."""
+        return not self.quantized or dequantizable(self.dtype)
 
     @property
     def row_bytes(self):
@@ -386,6 +392,19 @@ def _tensors(path, table, data_offset, alignment, size):
         if info.nbytes:
             previous = info
     return tensors
+
+
+@functools.lru_cache(maxsize=None)
+def dequantizable(type_name):
+    """Does gguf-py's dequantize handle this ggml type? Tried once on one zero block."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    try:
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def is_gguf(path):

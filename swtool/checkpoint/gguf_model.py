@@ -71,6 +71,10 @@ def hf_config(meta, gguf_names, source):
                                           f"{'integer' if kind is int else 'number'}")
         return value
 
+    n_layers = hparam("block_count")
+    if n_layers > len(gguf_names):  # each block has tensors; this bounds every per-layer table built later
+        raise CheckpointError(source, f"metadata {arch}.block_count = {n_layers}, but the file holds only "
+                                      f"{len(gguf_names)} tensors")
     hidden, n_head = hparam("embedding_length"), hparam("attention.head_count")
     n_kv_head = hparam("attention.head_count_kv", n_head)
     head_dim = hparam("attention.key_length", hidden // n_head)
@@ -92,7 +96,7 @@ def hf_config(meta, gguf_names, source):
         "model_type": family["model_type"],
         "hidden_size": hidden,
         "intermediate_size": hparam("feed_forward_length"),
-        "num_hidden_layers": hparam("block_count"),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv_head,
         "head_dim": head_dim,
@@ -119,13 +123,16 @@ def hf_config(meta, gguf_names, source):
     return config
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def metadata_number(value, kind):
     """Is a metadata value a positive int (kind int) or a positive finite int/float (kind float)?"""
     if type(value) is bool or not isinstance(value, (int, float)):
         return False
     if kind is int and not isinstance(value, int):
         return False
-    return math.isfinite(value) and value > 0
+    return math.isfinite(value) and 0 < value < FLOAT32_MAX  # stays finite as config.json's float32
 
 
 def rope_scaling(meta, arch, source):
@@ -161,8 +168,8 @@ def unpermute_order(n_rows, n_head):
 
 def hf_tensors(gguf, arch, config, source):
     """{HF name: GGUFTensor presenting that name} for every tensor of the file."""
-    to_hf = {}
-    for hf_name in arch.tensor_shapes():
+    to_hf, shapes = {}, arch.tensor_shapes()
+    for hf_name in shapes:
         to_hf[arch.gguf_name(hf_name)] = hf_name
     permuted = GGUF_ARCHITECTURES[gguf.metadata["general.architecture"]]["permuted_qk"]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -172,6 +179,9 @@ def hf_tensors(gguf, arch, config, source):
         if hf_name is None:
             raise CheckpointError(source, f"tensor {gguf_name!r} has no counterpart in a "
                                           f"{config['model_type']} model as swtool reads it")
+        if info.shape != tuple(shapes[hf_name]):  # checked here, before a row order is built from the shape
+            raise CheckpointError(source, f"tensor {gguf_name!r} has shape {list(info.shape)}, "
+                                          f"the metadata implies {list(shapes[hf_name])}")
         kind = gguf_name.split(".")[-2]  # "attn_q" in "blk.3.attn_q.weight"
         order = None
         if permuted and kind in heads:

@@ -98,8 +98,14 @@ def check_vocabulary(meta, source):
         if token_id is not None and (type(token_id) is not int or not 0 <= token_id < n):
             raise bad(f"tokenizer.ggml.{name}", f"{token_id!r} is not a token id below {n}")
     for flag, name in ((adds_bos(meta), "bos_token_id"), (meta.get("tokenizer.ggml.add_eos_token"), "eos_token_id")):
-        if flag and f"tokenizer.ggml.{name}" not in meta:
+        if not flag:
+            continue
+        if f"tokenizer.ggml.{name}" not in meta:
             raise bad(f"tokenizer.ggml.{name}", "missing, but the vocabulary adds that token")
+        text = tokens[meta[f"tokenizer.ggml.{name}"]]
+        if ":" in text or text.startswith("$"):  # what the template syntax of _post_processor cannot spell
+            raise bad(f"tokenizer.ggml.{name}", f"token {text!r} cannot be placed around the text "
+                                                f"(a tokenizers template piece has no ':', no leading '$')")
 
 
 def _build(meta, source, model):
@@ -200,15 +206,16 @@ def _post_processor(meta):
         if meta.get("tokenizer.ggml.model") == "gpt2":
             return processors.ByteLevel(trim_offsets=False)  # offsets only, as GPT-2 style tokenizers have
         return None
-    specials, single, pair = [], "$A", "$A $B:1"
+    # templates as lists of pieces, so a token with a space stays one piece ("X:1" = X with type id 1)
+    specials, single, pair = [], ["$A"], ["$A", "$B:1"]
     if add_bos:
         bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
         specials.append((bos, meta["tokenizer.ggml.bos_token_id"]))
-        single, pair = f"{bos} {single}", f"{bos} $A {bos}:1 $B:1"
+        single, pair = [bos] + single, [bos, "$A", f"{bos}:1", "$B:1"]
     if add_eos:
         eos = tokens[meta["tokenizer.ggml.eos_token_id"]]
         specials.append((eos, meta["tokenizer.ggml.eos_token_id"]))
-        single, pair = f"{single} {eos}", f"{pair} {eos}:1"
+        single, pair = single + [eos], pair + [f"{eos}:1"]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 

@@ -65,6 +65,11 @@ class TensorInfo:
     def itemsize(self):
         return DTYPES[self.dtype][0]
 
+    @property
+    def readable(self):
+        """Can swtool decode it to float32? (BF16, F16, F32)"""
+        return self.dtype in FLOAT_DTYPES
+
     def element_offset(self, index):
         """Absolute file offset of one element, `index` a tuple in the tensor's shape."""
         flat = int(np.ravel_multi_index(index, self.shape))
