@@ -292,7 +292,6 @@ def _stream_once(stream, online, progress):
     live = {INTACT}
     for layer in tqdm(range(stream.arch.n_layers), desc=progress, unit="layer", disable=progress is None,
                       leave=False):
-        stream.read_ahead(layer + 1)  # the next layer's bytes come from disk while this one is computed
         stream.compute(layer, live)
         if online is not None:
             live = online.after_layer(layer, live)

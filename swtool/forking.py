@@ -20,14 +20,12 @@ layer where its prefix exists, so it re-reads only the layers after that.
 All the rows of a layer go through one block call (`compute`), as extra batch
 rows of the same weights (forward.py's worlds).
 
-While a layer is computed, the kernel is asked to read the next layer's bytes
-from disk (`read_ahead`, posix_fadvise WILLNEED): on a cold page cache the disk
-then works while the CPU multiplies. On a warm one it costs a few system calls.
+Reading ahead (posix_fadvise WILLNEED on the next layers' bytes, from a
+background thread) was tried and measured: no gain on a cold cache, where the
+memory maps' own read-ahead (huge pages, checkpoint/safetensors.py) already
+keeps the disk busy (7B shape from disk: 52 and 59 s with it, 48 and 60 s
+without), and a cost on a warm one. So there is none.
 """
-
-import os
-import re
-from collections import defaultdict
 
 import numpy as np
 
@@ -56,20 +54,7 @@ class ForkingPass:
         self.outputs = [{} for _ in range(self.arch.n_layers)]  # layer -> {prefix: residual [T, hidden]}
         self.blocks_run = 0  # layer computations, forks included: n_layers x (weight reads)
         self.rounds = 0  # calls of `complete` that had to compute something
-        self.byte_ranges = _byte_ranges(model)
         self.embedded = self._embed()
-
-    def read_ahead(self, layer):
-        """Start reading layer `layer`'s weights (or the head's, for layer n_layers) into the page cache."""
-        for path, start, end in self.byte_ranges.get(layer, ()):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                return  # a hint only: the pass reads the bytes anyway
-            try:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
 
     def _context(self, worlds, observers=()):
         ctx = Pass(self.model.checkpoint, worlds, len(self.tokens), observers=observers)
@@ -131,37 +116,6 @@ class ForkingPass:
         x = np.stack([self.output(key, last) for key in keys])
         logits = self.arch.head(self._context([World(f"world {i}") for i in range(len(keys))]), x)
         return dict(zip(keys, logits))
-
-
-LAYER_NUMBER = re.compile(r"\.(\d+)\.")  # model.layers.7.mlp..., transformer.h.7.attn..., gpt_neox.layers.7...
-
-
-def _byte_ranges(model):
-    """{layer: [(file, start, end)]} of the weights a pass reads per layer, adjacent tensors merged;
-    the tensors outside the layers (final norm, LM head) under n_layers. The embedding is read a few
-    rows at a time, so it is read ahead only as a tied LM head, with the head."""
-    if not hasattr(os, "posix_fadvise"):
-        return {}
-    ranges = defaultdict(list)
-    for name in model.arch.tensor_shapes():
-        info = model.checkpoint.tensor(name)
-        embedding = "embed" in name or name.endswith("wte.weight")
-        if not hasattr(info, "offset") or (embedding and not getattr(model.arch, "tied", False)):
-            continue
-        number = LAYER_NUMBER.search(name)
-        layer = int(number.group(1)) if number and not embedding else model.arch.n_layers
-        ranges[layer].append((str(info.path), info.offset, info.offset + info.nbytes))
-    merged = {}
-    for layer, spans in ranges.items():
-        spans.sort()
-        out = [spans[0]]
-        for path, start, end in spans[1:]:
-            if path == out[-1][0] and start <= out[-1][2] + (1 << 20):
-                out[-1] = (path, out[-1][1], max(end, out[-1][2]))
-            else:
-                out.append((path, start, end))
-        merged[layer] = out
-    return merged
 
 
 def world_order(key):
