@@ -20,11 +20,13 @@ layer where its prefix exists, so it re-reads only the layers after that.
 All the rows of a layer go through one block call (`compute`), as extra batch
 rows of the same weights (forward.py's worlds).
 
-Reading ahead (posix_fadvise WILLNEED on the next layers' bytes, from a
-background thread) was tried and measured: no gain on a cold cache, where the
-memory maps' own read-ahead (huge pages, checkpoint/safetensors.py) already
-keeps the disk busy (7B shape from disk: 52 and 59 s with it, 48 and 60 s
-without), and a cost on a warm one. So there is none.
+Two ways to read from disk faster were tried and measured, and left out:
+reading ahead (posix_fadvise WILLNEED on the next layers' bytes, from a
+background thread: 7B shape from disk 52 and 59 s with it, 48 and 60 s without;
+the memory maps' own read-ahead already keeps the disk busy), and asking for
+huge pages (MADV_HUGEPAGE: faster on the 1B shape, 6.3 vs 7.4-13.5 s, but on
+the 7B shape, whose file nearly fills the page cache, 52 and 111 s against 64
+and 42 s: direct compaction under memory pressure).
 """
 
 import numpy as np

@@ -128,11 +128,6 @@ def _map_bytes(path, offset, nbytes):
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        # with transparent huge pages in "madvise" mode, the kernel may then read a cold file into 2 MB
-        # pages and map each with one entry instead of 512: a cold scan of the 1B shape took 2.9 CPU s
-        # instead of 3.5-5.3, and later scans ~10 % less (bench/run.py, README "Memory and speed")
-        mapping.madvise(mmap.MADV_HUGEPAGE)
     return mapping, offset - start
 
 
