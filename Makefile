@@ -30,9 +30,10 @@ test: install fixtures
 demo: install fixtures
 	$(BIN)/swtool scan $(SMOL)
 
-bench: install
+# one run, one table: scans vs reading the bytes and vs transformers, eval, quantizers (bench/run.py runs
+# bench/eval.py and bench/quant.py itself); writes bench/results/*.json
+bench: install fixtures
 	$(BIN)/python bench/run.py
-	$(BIN)/python bench/eval.py
 
 clean:
 	rm -rf $(VENV) fixtures/build bench/build

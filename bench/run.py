@@ -1,13 +1,26 @@
-"""Scan benchmark: wall time against reading the same bytes once, and peak RSS.
+"""`make bench`: swtool against the bytes it reads and against its peers, side by side in one run.
 
-    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 2]
+    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant]
 
-For each checkpoint (the SmolLM2 fixture, synthetic Llama shapes from synth.py):
-  - read-once: the weight files read start to end, warm page cache (best of 3);
-  - `swtool scan` under /usr/bin/time -v: wall time and maximum resident set
-    size (mapped file pages count), the first run and the best later run;
-  - whether the scan found the planted super weight (synthetic checkpoints).
-Results go to bench/results/scan.json with a description of the machine.
+The machine is shared and its load moves, so every comparison is made between
+numbers measured next to each other in this run, and both numbers are kept:
+  - startup: `swtool --help`, best of 5 (no NumPy or Numba at import);
+  - per checkpoint (the SmolLM2 fixture, synthetic Llama shapes from synth.py, each
+    with one planted super weight):
+      read once: every weight file read start to end, from disk after evicting it from the page
+      cache, then warm (best of 3; see read_once_seconds for why the bench reads them first);
+      `swtool scan` under /usr/bin/time -v: wall time and maximum resident set size
+      (mapped file pages count), best of --runs, and whether the planted weight was
+      found, exactly (the synthetic checkpoints); the same scan inside this process, Python's
+      and Numba's start-up excluded; then once more from disk, cache evicted;
+      the peer: transformers + torch load the model and hook down_proj
+      (bench/peer_transformers.py), under /usr/bin/time -v the same way;
+  - Numba: the first scan with an empty kernel cache (everything compiled) against
+    the cached ones (NUMBA_CACHE_DIR of this run);
+  - eval tokens/s against transformers on SmolLM2 (bench/eval.py), and quantizer MB/s
+    against gguf-py and ggml's C (bench/quant.py), each run here and read back.
+One table of ratios at the end; everything goes to bench/results/bench.json with a
+description of the machine.
 """
 
 import argparse
@@ -15,18 +28,106 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "fixtures"))
-SWTOOL = Path(sys.executable).parent / "swtool"
+BIN = Path(sys.executable).parent
+SWTOOL = BIN / "swtool"
+RESULTS = ROOT / "bench" / "results"
+TARGET_RATIO = 1.5  # issue 7: scan wall time <= 1.5 x read-once ...
+TARGET_RSS = 1.5e9  # ... and peak RSS <= 1.5 GB
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
+            "kernel": platform.release(), "avx512": "avx512f" in flags, "load_average": os.getloadavg()}
+
+
+def environment(cache_dir=None):
+    """The subprocesses' environment: Python writes and uses .pyc files as it normally does
+    (this sandbox sets PYTHONDONTWRITEBYTECODE), Numba caches in `cache_dir` if given."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+# --- measurements -----------------------------------------------------------------------
+
+def startup_seconds(repeats=5):
+    """Best wall time of `swtool --help`."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([str(SWTOOL), "--help"], capture_output=True, check=True, env=environment())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def evict(files):
+    """Drop these files' pages from the page cache (POSIX_FADV_DONTNEED: only ours, only clean pages)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_all(files):
+    """(wall seconds, CPU seconds) to read every byte of `files`, start to end."""
+    start, cpu = time.perf_counter(), cpu_seconds()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def cpu_seconds():
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def read_once_seconds(files, repeats=3):
+    """(cold, warm): the files read from disk after evicting them, then the best of `repeats` reads
+    from the page cache.
+
+    The first read also sets the state every warm measurement starts from. How pages entered the
+    cache matters: read sequentially, a file lands in large folios (2 MB pages) that a memory map
+    can map with one entry each, while pages left by the writer of the file are often small ones,
+    which cost a scan ~10x more page-table work. So the bench reads its files once itself first."""
+    evict(files)
+    cold = read_all(files)
+    return cold, min(read_all(files) for _ in range(repeats))  # (wall, CPU), the best wall
+
+
+def timed(command, env):
+    """(wall seconds, peak RSS bytes, stdout, CPU seconds) of one command under /usr/bin/time -v."""
+    result = subprocess.run(["/usr/bin/time", "-v", *map(str, command)], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(map(str, command))} failed:\n{result.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
+    seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", result.stderr).group(1))
+              for kind in ("User", "System"))
+    return seconds, rss_kb * 1024, result.stdout, cpu
 
 
 def checkpoint_for(shape):
+    """(directory, planted super weight or None) of a benchmark checkpoint, built if missing."""
     if shape == "smollm2":
         import smollm2
 
@@ -36,81 +137,209 @@ def checkpoint_for(shape):
     import synth
 
     directory = ROOT / "bench" / "build" / shape
-    planted = synth.generate(directory, shape, int(2e9), 0)
-    return directory, planted
+    return directory, synth.generate(directory, shape, int(2e9), 0)
 
 
-def read_once_seconds(files, repeats=3):
-    """Best time to read every byte of `files` (the first pass warms the page cache)."""
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        for path in files:
-            with open(path, "rb", buffering=0) as f:
-                while f.read(16 << 20):
-                    pass
-        best = min(best, time.perf_counter() - start)
-    return best
+def memory_available():
+    """Bytes the kernel could give a new process now (MemAvailable)."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
 
 
-def timed_scan(directory):
-    """(wall seconds, peak RSS bytes, catalog) of one `swtool scan --json` run."""
-    result = subprocess.run(["/usr/bin/time", "-v", str(SWTOOL), "scan", str(directory), "--json", "--no-progress"],
-                            capture_output=True, text=True, check=True)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
-    hours, minutes, seconds = int(wall.group(1) or 0), int(wall.group(2)), float(wall.group(3))
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return hours * 3600 + minutes * 60 + seconds, rss_kb * 1024, json.loads(result.stdout)
+def prompt_ids(directory):
+    from swtool.tokenize import DEFAULT_PROMPT, encode
+
+    return [int(i) for i in encode(Path(directory), DEFAULT_PROMPT)]
 
 
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-            "load_average": os.getloadavg()}
-
-
-def bench_shape(shape, runs):
+def bench_scan(shape, runs, cache_dir, peer):
     directory, planted = checkpoint_for(shape)
     files = sorted(directory.glob("*.safetensors"))
-    size = sum(p.stat().st_size for p in files)
-    read_s = read_once_seconds(files)
-    scans = [timed_scan(directory) for _ in range(runs)]
-    first_wall, first_rss, catalog = scans[0]
-    best_wall = min(s[0] for s in scans[1:]) if runs > 1 else first_wall
-    peak_rss = max(s[1] for s in scans)
-    found = [(sw["layer"], sw["row"], sw["col"]) for sw in catalog["super_weights"]]
-    row = {"checkpoint": shape, "bytes": size, "read_once_s": read_s, "scan_first_s": first_wall,
-           "scan_s": best_wall, "scan_over_read": best_wall / read_s, "peak_rss_bytes": peak_rss,
-           "rss_over_size": peak_rss / size, "found": found}
+    row = {"checkpoint": shape, "bytes": sum(p.stat().st_size for p in files),
+           "memory_available_bytes": memory_available()}
+    (row["cold_read_s"], _), (row["read_once_s"], row["read_once_cpu_s"]) = read_once_seconds(files)
+    scans = []
+    for _ in range(runs):
+        wall, rss, out, cpu = timed([SWTOOL, "scan", directory, "--json", "--no-progress"], environment(cache_dir))
+        scans.append((wall, rss, json.loads(out), cpu))
+    best = min(scans, key=lambda s: s[0])
+    catalog = best[2]
+    row["scan_cpu_s"] = best[3]
+    found = [[sw["layer"], sw["row"], sw["col"]] for sw in catalog["super_weights"]]
+    row["scan_in_process_s"] = scan_in_process(directory, runs)
+    row.update(scan_s=best[0], scan_runs_s=[s[0] for s in scans], scan_over_read=best[0] / row["read_once_s"],
+               peak_rss_bytes=max(s[1] for s in scans), found=found, passes=catalog["detection"]["passes"])
     if planted:
-        row["planted"] = (planted["layer"], planted["row"], planted["col"])
+        row["planted"] = [planted["layer"], planted["row"], planted["col"]]
         row["planted_found"] = found == [row["planted"]]
+    evict(files)  # the same scan from disk: against the cold read above
+    row["cold_scan_s"], _, _, _ = timed([SWTOOL, "scan", directory, "--json", "--no-progress"], environment(cache_dir))
+    if peer and memory_available() < 1.2 * row["bytes"] + 2e9:
+        # transformers holds the whole model in RAM: on a shared machine, do not push others into swap or OOM
+        print(f"  {shape}: transformers skipped, {memory_available() / 1e9:.1f} GB available for a "
+              f"{row['bytes'] / 1e9:.1f} GB model", file=sys.stderr)
+        row["transformers"] = {"skipped": f"{memory_available() / 1e9:.1f} GB available"}
+    elif peer:
+        wall, rss, out, cpu = timed([sys.executable, ROOT / "bench" / "peer_transformers.py", directory,
+                                     "--ids", ",".join(map(str, prompt_ids(directory)))], environment())
+        result = json.loads(out.strip().splitlines()[-1])
+        row["transformers"] = {"wall_s": wall, "peak_rss_bytes": rss, "cpu_s": cpu, **result}
+    print(f"  {shape}: read once {row['read_once_s']:.2f} s, scan {row['scan_s']:.2f} s, "
+          f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB" +
+          (f", transformers {row['transformers']['wall_s']:.2f} s" if peer else ""), file=sys.stderr, flush=True)
     return row
 
 
-def print_table(rows):
-    print(f"{'checkpoint':<10} {'weights':>9} {'read once':>9} {'scan 1st':>9} {'scan':>7} {'scan/read':>9} "
-          f"{'peak RSS':>9} {'RSS/size':>8}  found")
-    for r in rows:
-        found = ("planted: yes" if r["planted_found"] else "planted: NO") if "planted" in r else str(r["found"])
-        print(f"{r['checkpoint']:<10} {r['bytes'] / 1e9:>7.2f}GB {r['read_once_s']:>8.2f}s {r['scan_first_s']:>8.2f}s "
-              f"{r['scan_s']:>6.2f}s {r['scan_over_read']:>8.1f}x {r['peak_rss_bytes'] / 2**20:>6.0f}MiB "
-              f"{r['rss_over_size']:>8.2f}  {found}")
+def scan_in_process(directory, runs):
+    """Best seconds of load + tokenize + scan inside this process, after one untimed scan: the
+    scan without Python's and Numba's start-up, as a library user scanning several models pays it."""
+    from swtool.detect import Settings, scan
+    from swtool.model import load_model
+    from swtool.tokenize import DEFAULT_PROMPT, encode
+
+    times = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        model = load_model(directory)
+        scan(model, encode(model.directory, DEFAULT_PROMPT), Settings(DEFAULT_PROMPT))
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def bench_first_run(shape, runs, cache_dir):
+    """(first scan with the empty Numba cache `cache_dir`, best cached scan) in seconds, on `shape`."""
+    directory, _ = checkpoint_for(shape)
+    first = timed([SWTOOL, "scan", directory, "--json", "--no-progress"], environment(cache_dir))[0]
+    cached = min(timed([SWTOOL, "scan", directory, "--json", "--no-progress"], environment(cache_dir))[0]
+                 for _ in range(runs))
+    return {"checkpoint": shape, "first_s": first, "cached_s": cached}
+
+
+def run_script(name, *args):
+    """Run bench/<name>.py, then read the results it wrote to bench/results/<name>.json (None if it failed)."""
+    done = subprocess.run([sys.executable, ROOT / "bench" / f"{name}.py", *args], env=environment())
+    if done.returncode != 0:
+        print(f"bench: bench/{name}.py failed (exit {done.returncode}); its rows are left out", file=sys.stderr)
+        return None
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def peers_installed():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- the table ----------------------------------------------------------------------------
+
+def summary_rows(results):
+    """[(what, swtool, reference, ratio, note)] for the one table."""
+    rows = []
+    start = results.get("startup_s")
+    if start is not None:
+        rows.append(("startup: swtool --help", f"{start:.3f} s", "target 0.3 s", f"{start / 0.3:.2f}x of target",
+                     "yes" if start < 0.3 else "NO"))
+    for r in results.get("scans", []):
+        size = f"{r['checkpoint']} ({r['bytes'] / 1e9:.2f} GB)"
+        ratio = r["scan_over_read"]
+        found = ("planted found" if r["planted_found"] else "planted NOT found") if "planted" in r else \
+            f"{len(r['found'])} found"
+        rows.append((f"scan {size} / read once", f"{r['scan_s']:.2f} s", f"{r['read_once_s']:.2f} s",
+                     f"{ratio:.2f}x", f"target 1.5x: {'yes' if ratio <= TARGET_RATIO else 'NO'}; {found}; "
+                                      f"{r['passes']} pass over the weights"))
+        rows.append((f"  CPU seconds (all threads)", f"{r['scan_cpu_s']:.2f} s", f"{r['read_once_cpu_s']:.2f} s",
+                     f"{r['scan_cpu_s'] / r['read_once_cpu_s']:.2f}x", "steadier than wall time on a loaded machine"))
+        rows.append((f"  start-up excluded (in process)", f"{r['scan_in_process_s']:.2f} s",
+                     f"{r['read_once_s']:.2f} s", f"{r['scan_in_process_s'] / r['read_once_s']:.2f}x",
+                     "load + tokenize + scan in a warm process"))
+        rows.append((f"  peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", f"{r['bytes'] / 2**20:.0f} MiB file",
+                     f"{r['peak_rss_bytes'] / r['bytes']:.2f}x",
+                     f"target 1.5 GB: {'yes' if r['peak_rss_bytes'] <= TARGET_RSS else 'NO'}"))
+        rows.append((f"  from disk (cache evicted): scan / read", f"{r['cold_scan_s']:.2f} s",
+                     f"{r['cold_read_s']:.2f} s", f"{r['cold_scan_s'] / r['cold_read_s']:.2f}x", ""))
+        peer = r.get("transformers")
+        if peer and "skipped" in peer:
+            rows.append(("  vs transformers", "", "", "skipped", f"not enough free memory ({peer['skipped']})"))
+        elif peer:
+            same = "same weight" if peer["found"] == r["found"][:1] or peer["found"] in r["found"] else \
+                f"found {peer['found']}"
+            rows.append((f"  vs transformers: wall", f"{r['scan_s']:.2f} s", f"{peer['wall_s']:.2f} s",
+                         f"{peer['wall_s'] / r['scan_s']:.1f}x faster", same))
+            rows.append((f"  vs transformers: CPU seconds", f"{r['scan_cpu_s']:.2f} s", f"{peer['cpu_s']:.2f} s",
+                         f"{peer['cpu_s'] / r['scan_cpu_s']:.1f}x less", ""))
+            rows.append((f"  vs transformers: peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
+                         f"{peer['peak_rss_bytes'] / 2**20:.0f} MiB",
+                         f"{peer['peak_rss_bytes'] / r['peak_rss_bytes']:.1f}x less", ""))
+    first = results.get("numba_first_run")
+    if first:
+        rows.append((f"Numba: first scan vs cached ({first['checkpoint']})", f"{first['cached_s']:.2f} s",
+                     f"{first['first_s']:.2f} s", f"{first['first_s'] / first['cached_s']:.1f}x",
+                     "first run compiles the kernels, later runs load them"))
+    ev = results.get("eval")
+    if ev:
+        by = {r["what"]: r for r in ev["results"]}
+        ours = next(r for w, r in by.items() if w.startswith("swtool evaluate"))
+        theirs = next(r for w, r in by.items() if w.startswith("transformers"))
+        rows.append(("eval SmolLM2 tokens/s vs transformers", f"{ours['tokens_per_s']:.0f}",
+                     f"{theirs['tokens_per_s']:.0f}", f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x",
+                     f"ppl {ours['perplexity']:.3f} vs {theirs['perplexity']:.3f}"))
+    quant = results.get("quant")
+    if quant:
+        for r in quant["results"]:
+            py, c, one, ours = r["gguf_py"], r["ggml_c_1_thread"], r["swtool_1_thread"], r["swtool"]
+            if r["type"] == "Q8_0" and py:
+                rows.append(("quant Q8_0 MB/s vs gguf-py", f"{ours['mb_per_s']:.0f}", f"{py['mb_per_s']:.0f}",
+                             f"{ours['mb_per_s'] / py['mb_per_s']:.1f}x", "target >= 10x"))
+            if r["type"] in ("Q8_0", "Q4_K", "Q6_K"):
+                rows.append((f"quant {r['type']} MB/s, 1 thread vs ggml C", f"{one['mb_per_s']:.0f}",
+                             f"{c['mb_per_s']:.0f}", f"{one['mb_per_s'] / c['mb_per_s']:.2f}x",
+                             "target >= 0.8x" if r["type"] != "Q8_0" else ""))
+    return rows
+
+
+def print_summary(rows):
+    widths = [max(len(str(row[i])) for row in rows + [("what", "swtool", "reference", "ratio", "")])
+              for i in range(5)]
+    header = ("what", "swtool", "reference", "ratio", "")
+    for row in [header] + rows:
+        print("  ".join(str(cell).ljust(width) if i in (0, 4) else str(cell).rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="smollm2,llama-1b")
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--shapes", default="smollm2,llama-1b,llama-7b")
+    parser.add_argument("--runs", type=int, default=3, help="scans per checkpoint (best is kept)")
+    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, quant, first-run, startup")
     args = parser.parse_args()
-    rows = [bench_shape(shape, args.runs) for shape in args.shapes.split(",")]
-    print_table(rows)
-    out = ROOT / "bench" / "results" / "scan.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "command": " ".join(["bench/run.py"] + sys.argv[1:]),
-                               "results": rows}, indent=2) + "\n")
-    print(f"results written to {out.relative_to(ROOT)}")
+    skip = set(filter(None, args.skip.split(",")))
+    peer = "peer" not in skip and peers_installed()
+    results = {"machine": machine(), "command": " ".join(["bench/run.py"] + sys.argv[1:])}
+    if "startup" not in skip:
+        results["startup_s"] = startup_seconds()
+    with tempfile.TemporaryDirectory(prefix="swtool-numba-") as cache_dir:
+        shapes = args.shapes.split(",")
+        if "first-run" not in skip:  # first, while this run's Numba cache is empty: it fills here
+            first_shape = "llama-1b" if "llama-1b" in shapes else shapes[0]
+            results["numba_first_run"] = bench_first_run(first_shape, args.runs, cache_dir)
+        results["scans"] = [bench_scan(shape, args.runs, cache_dir, peer) for shape in shapes]
+    if "eval" not in skip and peer:
+        results["eval"] = run_script("eval", "--runs", "1")
+    if "quant" not in skip:
+        results["quant"] = run_script("quant")
+    results["machine_after"] = machine()
+    print()
+    print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
+          f"{results['machine']['memory_bytes'] / 2**30:.0f} GiB; load average {results['machine']['load_average'][0]:.1f} "
+          f"before, {results['machine_after']['load_average'][0]:.1f} after")
+    print_summary(summary_rows(results))
+    RESULTS.mkdir(exist_ok=True)
+    from swtool.atomic import write_text_atomic
+
+    write_text_atomic(RESULTS / "bench.json", json.dumps(results, indent=2) + "\n")
+    print(f"results written to {(RESULTS / 'bench.json').relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
