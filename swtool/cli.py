@@ -422,7 +422,7 @@ def gguf_options(command):
         click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                      help="Type of the tensors whose llama.cpp name REGEX matches (re.search, first match wins; "
                           "repeatable), e.g. 'blk\\.2\\.ffn_down=q8_0'. Overrides --keep-type."),
-        click.option("--keep-type", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="f16",
+        click.option("--keep-type", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="q8_0",
                      show_default=True, help="Type of each tensor that holds a super weight (--sw-handling keep)."),
         click.option("--catalog", type=click.Path(dir_okay=False),
                      help="A scan catalog (swtool scan -o): its super weights are recorded and protected."),

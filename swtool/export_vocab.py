@@ -1,0 +1,187 @@
+"""A Hugging Face tokenizer (tokenizer.json) as GGUF `tokenizer.*` metadata, the way llama.cpp's converter writes it.
+
+The reverse of checkpoint/gguf_vocab.py. Two kinds of vocabulary are written:
+
+  - byte-level BPE (GPT-2 style; SmolLM, Llama 3, Qwen2): `tokenizer.ggml.model = "gpt2"`,
+    the tokens by id, their types, the merges, and `tokenizer.ggml.pre`, the name of
+    llama.cpp's pre-tokenizer. convert_hf_to_gguf finds that name by tokenizing a
+    fixed check text and looking the sha256 of the ids up in a table
+    (get_vocab_base_pre); swtool does the same for the names its own GGUF reader
+    supports, and otherwise recognises the pre-tokenizer from tokenizer.json's
+    structure (a plain ByteLevel split is "gpt-2", Digits + ByteLevel "starcoder" ...);
+  - SentencePiece-style BPE with byte fallback (Llama 2, Mistral): `"llama"`, with
+    scores that rank the merges (llama.cpp joins the pair whose token scores highest,
+    so a token's score is minus the rank of the merge that makes it).
+
+Token types follow convert_hf_to_gguf's get_vocab_base: added tokens marked special
+are CONTROL, other added tokens USER_DEFINED, `<0xXX>` byte tokens BYTE, ids the
+tokenizer does not use `[PADn]` UNUSED up to the config's vocab_size. Special token
+ids, add_bos/add_eos, merges and the chat template come from gguf-py's SpecialVocab,
+as in convert_hf_to_gguf.
+"""
+
+import json
+import re
+from hashlib import sha256
+
+from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
+from swtool.errors import SwtoolError
+
+# convert_hf_to_gguf.py's check text and the hashes of its ids, for the pre-tokenizers swtool reads back
+CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+              "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+              "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+              "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+KNOWN_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Smaug-Llama-3-70B
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",  # bigcode/starcoder2-3b
+    "6221ad2852e85ce96f791f476e0b390cf9b474c9e3d1362f53a24a06dc8220ff": "refact",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "mpt",  # also OLMo-1.7
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "32d85c31273f8019248f2559fed492d929ea28b17e51d81d3bb36fff23ca72b3": "stablelm2",
+    "a8594e3edff7c29c003940395316294b2c623e09894deebbc65f33f1515df79e": "dbrx",
+}
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def read_tokenizer_json(directory):
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise SwtoolError(f"{directory}: no tokenizer.json; a GGUF needs the vocabulary "
+                          f"(swtool reads tokenizer.json, not tokenizer.model)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SwtoolError(f"{path}: not valid JSON ({e})") from None
+
+
+def add_vocabulary(writer, directory, vocab_size):
+    """Write the tokenizer.* metadata of the tokenizer in `directory` to a GGUFWriter; returns the kind."""
+    import gguf
+
+    data = read_tokenizer_json(directory)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise SwtoolError(f"{directory}/tokenizer.json: tokenizer model {model.get('type')!r} is not supported "
+                          f"for export (supported: BPE, byte-level or SentencePiece-style)")
+    tokens, kinds = token_list(data, vocab_size, directory)
+    if model.get("byte_fallback"):  # SentencePiece-style: "▁" for spaces, <0xXX> for unknown bytes
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(merge_scores(tokens, model.get("merges") or []))
+        writer.add_token_types(kinds)
+        writer.add_add_space_prefix(adds_space_prefix(data))
+        special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(tokens))
+        kind = "llama"
+    else:  # byte-level BPE
+        if not model.get("merges"):
+            raise SwtoolError(f"{directory}/tokenizer.json: a BPE vocabulary without merges, "
+                              f"which llama.cpp refuses to load")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(directory, data))
+        writer.add_token_list(tokens)
+        writer.add_token_types(kinds)
+        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens))
+        kind = "gpt2"
+    special.add_to_gguf(writer, quiet=True)
+    return kind
+
+
+def token_list(data, vocab_size, directory):
+    """(tokens by id, token types), padded with [PADn] UNUSED up to vocab_size, as get_vocab_base."""
+    by_id = {token_id: token for token, token_id in data["model"].get("vocab", {}).items()}
+    added = {entry["id"]: entry for entry in data.get("added_tokens") or []}
+    for token_id, entry in added.items():
+        by_id[token_id] = entry["content"]
+    if by_id and max(by_id) >= vocab_size:
+        raise SwtoolError(f"{directory}/tokenizer.json: token id {max(by_id)} does not fit config.json's "
+                          f"vocab_size {vocab_size}")
+    unk = data["model"].get("unk_token")
+    tokens, kinds = [], []
+    for token_id in range(vocab_size):
+        token = by_id.get(token_id)
+        if token is None:
+            tokens.append(f"[PAD{token_id}]")
+            kinds.append(UNUSED)
+        elif token == unk:
+            tokens.append(token)
+            kinds.append(UNKNOWN)
+        elif token_id in added:
+            special = added[token_id].get("special") or looks_special(token)
+            tokens.append(token)
+            kinds.append(CONTROL if special else USER_DEFINED)
+        elif BYTE_TOKEN.fullmatch(token) and data["model"].get("byte_fallback"):
+            tokens.append(token)
+            kinds.append(BYTE)
+        else:
+            tokens.append(token)
+            kinds.append(NORMAL)
+    return tokens, kinds
+
+
+def looks_special(token):
+    """convert_hf_to_gguf's does_token_look_special, for added tokens not flagged special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>")) or (token.startswith("<unused") and token.endswith(">")))
+
+
+def pre_tokenizer_name(directory, data):
+    """tokenizer.ggml.pre: by the check-text hash (as convert_hf_to_gguf), else by tokenizer.json's structure."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    ids = tokenizer.encode(CHECK_TEXT).ids  # with the post-processor's special tokens, as transformers' encode
+    name = KNOWN_HASHES.get(sha256(str(ids).encode()).hexdigest()) or structural_pre_name(data.get("pre_tokenizer"))
+    if name is None:
+        raise SwtoolError(f"{directory}/tokenizer.json: the BPE pre-tokenizer is not one swtool can name for "
+                          f"llama.cpp (known: {', '.join(sorted(set(KNOWN_HASHES.values())))}, or a plain "
+                          f"GPT-2 / Llama 3 / Qwen2 split)")
+    assert name in BPE_PRE_TYPES, name  # swtool's GGUF reader must be able to read what it writes
+    return name
+
+
+def structural_pre_name(pre):
+    """The llama.cpp pre-tokenizer that splits text as this tokenizer.json pre_tokenizer does, or None."""
+    from swtool.checkpoint.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
+
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "starcoder"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        return {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}.get(regex)
+    return None
+
+
+def merge_scores(tokens, merges):
+    """SentencePiece-style scores: minus the rank of the first merge that makes each token; 0 otherwise."""
+    rank_of = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank_of.setdefault(left + right, rank)
+    return [-float(rank_of[token]) if token in rank_of else 0.0 for token in tokens]
+
+
+def adds_space_prefix(data):
+    """Does the tokenizer put "▁" before the text (normalizer Prepend, or Metaspace prepend_scheme)?"""
+    def steps(node, key):
+        if not node:
+            return []
+        return node.get(key, []) if node.get("type") == "Sequence" else [node]
+
+    for step in steps(data.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+    for step in steps(data.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return False

@@ -1,0 +1,541 @@
+"""`swtool export` and `swtool quantize`: GGUF files for llama.cpp with the super weights recorded and protected.
+
+export:   a Hugging Face checkpoint -> GGUF, as llama.cpp's convert_hf_to_gguf.py followed by
+          llama-quantize would make it: llama.cpp tensor names, Q and K rows permuted for the
+          llama architecture, hyper-parameters, the vocabulary (export_vocab.py).
+quantize: an F32/F16/BF16 GGUF -> another type, every metadata key (the vocabulary included)
+          copied from the input.
+
+Both go the same way:
+  1. list the output tensors (llama.cpp name, shape, how to read them), reading no data;
+  2. choose each tensor's type (quant/policy.py: llama-quantize's rules, --tensor-type, and
+     the --keep-type of the tensors that hold a super weight);
+  3. with a catalog, read the super weights, check them against the model, and for
+     `--sw-handling isolate` reorder their layers' MLP channels (quant/isolate.py);
+  4. write the header (metadata and tensor table), then each tensor in row chunks: read,
+     reorder, quantize, write. Memory holds one chunk of one tensor, never the model. The
+     file is written under a temporary name and renamed when complete.
+
+Super-weight handling (`--sw-handling`):
+  keep     the tensors holding a super weight are stored in --keep-type (the default);
+  isolate  they keep the file's type, and the layer's MLP channels are reordered so the
+           super weights share their quantization block only with near-zero weights;
+  none     plain quantization. In all three the super weights are recorded in the
+           `swtool.*` metadata (gguf_keys.py).
+"""
+
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from swtool import gguf_keys
+from swtool.atomic import check_destination
+from swtool.errors import SwtoolError
+from swtool.quant.policy import KEPT, NOT_QUANTIZED
+
+HANDLINGS = ("keep", "isolate", "none")
+DEFAULT_KEEP_TYPE = "q8_0"  # README, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
+KEEP_TYPES = ("f16", "bf16", "q8_0", "f32")
+EXPORT_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
+CHUNK_BYTES = 64 << 20  # float32 bytes read, reordered and quantized at a time
+
+
+# --- the output tensors ------------------------------------------------------------
+
+@dataclass
+class OutTensor:
+    """One tensor of the output file and how to produce its bytes.
+
+    `read(rows)` gives float32 rows of the source (rows: None, a slice or an index array
+    over the first axis). The stored tensor is the source with rows taken in `row_order`
+    and columns in `col_order` (None: as they are).
+    """
+
+    name: str  # llama.cpp name
+    shape: tuple  # logical shape, outermost first (ggml's ne reversed); rows run along the last axis
+    read: object
+    raw: object = None  # the GGUFTensor of a GGUF input, whose bytes are copied when its type stays
+    row_order: object = None
+    col_order: object = None
+    qtype: object = None  # chosen ggml type
+    reason: str = ""
+
+    @property
+    def nbytes(self):
+        from gguf import GGML_QUANT_SIZES
+
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return prod(self.shape) // block * size
+
+    def stored_rows(self, start, stop):
+        """Rows [start, stop) of the stored tensor as float32, in the stored order."""
+        rows = slice(start, stop) if self.row_order is None else self.row_order[start:stop]
+        values = self.read(rows)
+        return values if self.col_order is None else values[..., self.col_order]
+
+
+def tensor_chunks(tensor):
+    """The stored bytes of `tensor`, in chunks of rows: copied from a GGUF input, or quantized."""
+    from swtool.quant import quantize
+
+    n_rows = tensor.shape[0]  # chunks along the first axis (1-D tensors are never block-quantized)
+    step = max(1, CHUNK_BYTES // (4 * (prod(tensor.shape) // max(n_rows, 1))))
+    copy = (tensor.raw is not None and tensor.raw.dtype == tensor.qtype.name
+            and tensor.row_order is None and tensor.col_order is None)
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        if copy:  # the type stays: the input's bytes, unchanged
+            yield tensor.raw.with_stored(lambda stored: np.ascontiguousarray(stored).view(np.uint8).copy(),
+                                         slice(start, stop))
+        else:
+            yield quantize(tensor.stored_rows(start, stop), tensor.qtype)
+
+
+class _Payload:
+    """One tensor's bytes for GGUFWriter.write_tensor_data, made chunk by chunk as they are written.
+
+    The writer needs only `nbytes` and `tofile(file)` of what it is given, so this stands
+    in for a NumPy array that would hold the whole tensor.
+    """
+
+    def __init__(self, tensor, bar):
+        self.tensor, self.bar, self.nbytes = tensor, bar, tensor.nbytes
+
+    def tofile(self, out):
+        written = 0
+        for chunk in tensor_chunks(self.tensor):
+            chunk.tofile(out)
+            written += chunk.nbytes
+            self.bar.update(chunk.nbytes)
+        if written != self.nbytes:  # a wrong size would shift every later tensor
+            raise AssertionError(f"{self.tensor.name}: wrote {written} bytes, the tensor table says {self.nbytes}")
+
+
+# --- super weights ------------------------------------------------------------------
+
+@dataclass
+class SuperWeight:
+    layer: int
+    row: int
+    col: int  # in the stored tensor of the output file
+    value: float  # in the source, float32
+    tensor: str  # llama.cpp name
+
+
+def super_weights_from_catalog(catalog_path, n_layers, orders):
+    """The catalog's super weights, with columns in the source file's layout (`orders`: its swtool.ffn_order)."""
+    from swtool.catalog import read_catalog
+
+    catalog = read_catalog(catalog_path)
+    recorded_layers = catalog["model"].get("num_layers")
+    if recorded_layers != n_layers:
+        raise SwtoolError(f"{catalog_path}: the catalog is for a model with {recorded_layers} layers; "
+                          f"this one has {n_layers}")
+    found = []
+    for sw in catalog["super_weights"]:
+        if sw.get("expert") is not None:
+            raise SwtoolError(f"{catalog_path}: super weights in mixture experts are not supported for export")
+        col = sw["col"]
+        if sw["layer"] in orders:  # the input was reordered by an earlier export: where that column is now
+            col = orders[sw["layer"]].index(col)
+        found.append(SuperWeight(sw["layer"], sw["row"], col, float(sw["value"]), sw["gguf_tensor"]))
+    return found, catalog["detection"].get("prompt")
+
+
+def check_super_weights(super_weights, tensors, source):
+    """Each super weight's tensor exists and holds the catalog's value; the source's exact value is kept."""
+    for sw in super_weights:
+        tensor = tensors.get(sw.tensor)
+        if tensor is None or len(tensor.shape) != 2:
+            raise SwtoolError(f"{source}: the catalog's tensor {sw.tensor!r} is not a matrix of this model")
+        n_rows, n_cols = tensor.shape
+        if not (0 <= sw.row < n_rows and 0 <= sw.col < n_cols):
+            raise SwtoolError(f"{source}: {sw.tensor} of shape {[n_rows, n_cols]} has no element [{sw.row}, {sw.col}]")
+        actual = float(tensor.read(np.array([sw.row]))[0, sw.col])
+        # bf16 -> f16 conversions move a value by < 0.1 %; a different model moves it much more
+        if not abs(actual - sw.value) <= 0.01 * abs(sw.value) + 1e-6:
+            raise SwtoolError(f"{source}: {sw.tensor}[{sw.row}, {sw.col}] is {actual:.6g}, the catalog says "
+                              f"{sw.value:.6g}: the catalog is not for this model")
+        sw.value = actual
+
+
+def isolate(tensors, super_weights, orders):
+    """Reorder the MLP channels of each super-weight layer (quant/isolate.py); updates columns and `orders`."""
+    from gguf import GGML_QUANT_SIZES
+
+    from swtool.quant.isolate import isolation_order, stored_position
+
+    for layer in sorted({sw.layer for sw in super_weights}):
+        here = [sw for sw in super_weights if sw.layer == layer]
+        down = tensors[f"blk.{layer}.ffn_down.weight"]
+        partners = [tensors.get(f"blk.{layer}.{kind}.{part}") for kind in ("ffn_gate", "ffn_up")
+                    for part in ("weight", "bias")]
+        if any(sw.tensor != down.name for sw in here) or tensors.get(f"blk.{layer}.ffn_gate.weight") is None:
+            raise SwtoolError(f"--sw-handling isolate needs the super weights in a gated MLP's ffn_down "
+                              f"(blk.{layer}.ffn_gate/ffn_up/ffn_down)")
+        if GGML_QUANT_SIZES[down.qtype][0] == 1:  # a float type: nothing shares a scale with the super weight
+            continue
+        rows = sorted({sw.row for sw in here})
+        order = isolation_order(down.read(np.array(rows)), [sw.col for sw in here], down.qtype)
+        if (order == np.arange(len(order))).all():  # no swap would lower the error
+            continue
+        down.col_order = order
+        for partner in partners:
+            if partner is not None:
+                if partner.shape[0] != len(order):
+                    raise SwtoolError(f"{partner.name} has {partner.shape[0]} rows, ffn_down {len(order)} columns")
+                partner.row_order = order
+        for sw in here:
+            sw.col = stored_position(order, sw.col)
+        previous = orders.get(layer)
+        orders[layer] = [int(previous[i]) for i in order] if previous is not None else [int(i) for i in order]
+
+
+def super_weight_fields(super_weights, prompt, handling, orders):
+    """The swtool.* metadata: gguf_keys' per-weight arrays, how they were handled, channel orders."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    entries = [{"layer": sw.layer, "row": sw.row, "col": sw.col, "value": sw.value, "gguf_tensor": sw.tensor}
+               for sw in super_weights]
+    if not entries:  # nothing to record: no swtool.* keys at all
+        return []
+    fields = gguf_keys.metadata_fields(entries, prompt)
+    fields.append((gguf_keys.HANDLING, handling, T.STRING, None))
+    for layer, order in sorted(orders.items()):
+        fields.append((gguf_keys.ffn_order_key(layer), [int(i) for i in order], T.ARRAY, T.UINT32))
+    return fields
+
+
+# --- planning ------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    type: str
+    keep_type: str = DEFAULT_KEEP_TYPE
+    tensor_types: tuple = ()
+    handling: str = "keep"
+    catalog: str = None
+    progress: bool = True
+
+
+@dataclass
+class Report:
+    """What an export wrote, for the CLI's summary and the tests."""
+
+    path: Path
+    arch: str
+    target: str
+    handling: str
+    tensors: list  # OutTensor, with qtype and reason
+    super_weights: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def file_size(self):
+        return self.path.stat().st_size
+
+
+def plan(tensors, options, super_weights, tied_output, n_layers):
+    """Choose every tensor's type."""
+    from swtool.quant import quant_type
+    from swtool.quant.policy import choose_type, parse_target, parse_tensor_types
+
+    target = parse_target(options.type)
+    rules = parse_tensor_types(options.tensor_types)
+    keep = quant_type(options.keep_type) if options.handling == "keep" else None
+    holders = {sw.tensor for sw in super_weights}
+    for tensor in tensors.values():
+        choice = choose_type(tensor.name, tensor.shape, target, tied_output=tied_output, n_layers=n_layers,
+                             rules=rules, super_tensors=holders, keep_type=keep)
+        tensor.qtype, tensor.reason = choice.qtype, choice.reason
+    return target
+
+
+def check_options(options):
+    if options.handling not in HANDLINGS:
+        raise SwtoolError(f"--sw-handling {options.handling!r}: expected one of {', '.join(HANDLINGS)}")
+    if options.keep_type.lower() not in KEEP_TYPES:
+        raise SwtoolError(f"--keep-type {options.keep_type!r}: expected one of {', '.join(KEEP_TYPES)}")
+
+
+def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
+    """Write the file: metadata and tensor table, then each tensor's bytes; atomically."""
+    import gguf
+    from tqdm import tqdm
+
+    from swtool.atomic import atomic_path
+
+    total = sum(tensor.nbytes for tensor in tensors)
+    with atomic_path(out_path, nbytes=total) as tmp:  # refuses at once if the disk cannot hold the tensors
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        try:
+            add_metadata(writer)
+            for tensor in tensors:  # the logical shape: raw_dtype with a float dtype keeps it as given
+                writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes,
+                                       raw_dtype=tensor.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(out_path).name, disable=not progress,
+                      leave=False) as bar:
+                for tensor in tensors:
+                    bar.set_postfix_str(f"{tensor.name} {tensor.qtype.name}", refresh=False)
+                    writer.write_tensor_data(_Payload(tensor, bar), tensor_endianess=gguf.GGUFEndian.LITTLE)
+        finally:
+            writer.close()
+
+
+def handle_super_weights(tensors, options, super_weights, orders, source):
+    """Check the super weights against the model and apply --sw-handling isolate."""
+    check_super_weights(super_weights, tensors, source)
+    if options.handling == "isolate" and super_weights:
+        isolate(tensors, super_weights, orders)
+
+
+def same_path(a, b):
+    a, b = Path(a), Path(b)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+# --- export: Hugging Face checkpoint -> GGUF -----------------------------------------
+
+def export(model_path, out_path, options):
+    """Write `model_path` (a Hugging Face checkpoint) as a GGUF file at `out_path`; returns a Report."""
+    from swtool.checkpoint.gguf_file import is_gguf
+    from swtool.model import load_model
+
+    check_options(options)
+    check_destination(out_path, force=True)  # a directory to write in (the CLI has refused existing files)
+    if Path(model_path).is_file() and is_gguf(model_path):
+        raise SwtoolError(f"{model_path} is already a GGUF file: use `swtool quantize` to change its type")
+    model = load_model(model_path)
+    arch_name = EXPORT_ARCHES.get(model.arch.model_type)
+    if arch_name is None:
+        raise SwtoolError(f"export supports model_type {', '.join(EXPORT_ARCHES)}; "
+                          f"{model_path} is {model.arch.model_type!r}")
+    tensors = hf_tensors(model, arch_name)
+    n_layers = model.arch.n_layers
+    super_weights, prompt, orders = [], None, {}
+    if options.catalog:
+        super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, {})
+    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers)
+    handle_super_weights(tensors, options, super_weights, orders, model_path)
+    handling = handling_label(options, super_weights, orders, tensors)
+
+    def add_metadata(writer):
+        add_general(writer, model)
+        add_hyperparameters(writer, model, target.file_type)
+        from swtool.export_vocab import add_vocabulary
+
+        add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
+        for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
+            writer.add_key_value(key, value, kind, sub_type=sub_type)
+
+    ordered = sorted(tensors.values(), key=tensor_order)
+    write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
+    notes = [] if options.catalog else ["no --catalog: the super weights are neither recorded nor protected "
+                                        "(swtool scan MODEL -o catalog.json makes one)"]
+    window = model.arch.sliding_window(0)
+    if window is not None and window < int(model.checkpoint.config["max_position_embeddings"]):
+        notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
+                     f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
+    return Report(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
+
+
+def handling_label(options, super_weights, orders, tensors):
+    """What was done, as recorded in swtool.export.handling: "keep:Q8_0", "isolate" or "none"."""
+    if not super_weights:
+        return "none"
+    if options.handling == "keep" and any(t.reason.startswith(KEPT) for t in tensors.values()):
+        return f"keep:{options.keep_type.upper()}"
+    if options.handling == "isolate" and orders:
+        return "isolate"
+    return "none"  # nothing was changed for them: the file's type is at least as precise, or a float type
+
+
+def tensor_order(tensor):
+    """token_embd, then the blocks in order, then the rest (output_norm, output), as converters write them."""
+    from swtool.quant.policy import layer_of
+
+    layer = layer_of(tensor.name)
+    if tensor.name == "token_embd.weight":
+        return (0, 0, tensor.name)
+    return (1, layer, tensor.name) if layer is not None else (2, 0, tensor.name)
+
+
+def hf_tensors(model, arch_name):
+    """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint."""
+    from swtool.checkpoint.gguf_model import unpermute_order
+
+    arch, checkpoint = model.arch, model.checkpoint
+    heads = {"attn_q": arch.n_heads, "attn_k": arch.n_kv_heads}
+    tensors = {}
+    for hf_name, shape in arch.tensor_shapes().items():
+        name = arch.gguf_name(hf_name)
+        tensor = OutTensor(name, tuple(shape), checkpoint.tensor(hf_name).read)
+        kind = name.split(".")[-2]  # "attn_q" in "blk.3.attn_q.weight"
+        if arch_name == "llama" and kind in heads:
+            # llama.cpp rotates neighbouring pairs, HF the two halves of each head (convert's LlamaModel.permute)
+            tensor.row_order = np.argsort(unpermute_order(shape[0], heads[kind]))
+        tensors[name] = tensor
+    factors = llama3_rope_factors(model.checkpoint.config, arch.head_dim)
+    if factors is not None:
+        tensors["rope_freqs.weight"] = OutTensor("rope_freqs.weight", factors.shape,
+                                                 lambda rows: factors if rows is None else factors[rows])
+    return tensors
+
+
+def llama3_rope_factors(config, head_dim):
+    """rope_freqs.weight for Llama 3.1-style RoPE scaling: each frequency's divisor, or None."""
+    from swtool.arch.rope import inv_freq, rope_settings
+
+    theta, scaling = rope_settings(config)
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return None
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    unscaled = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    return (unscaled.astype(np.float64) / inv_freq(config, head_dim).astype(np.float64)).astype(np.float32)
+
+
+def add_general(writer, model):
+    writer.add_type("model")
+    writer.add_name(Path(model.path).resolve().name)
+
+
+def add_hyperparameters(writer, model, file_type):
+    """The `{arch}.*` keys of convert_hf_to_gguf's LlamaModel / Qwen2Model."""
+    import gguf
+
+    from swtool.arch.rope import rope_settings
+
+    config, arch = model.checkpoint.config, model.arch
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(arch.hidden_size)
+    writer.add_block_count(arch.n_layers)
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(arch.n_heads)
+    writer.add_head_count_kv(arch.n_kv_heads)
+    theta, scaling = rope_settings(config)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(arch.eps)
+    if config.get("head_dim") is not None:
+        writer.add_key_length(arch.head_dim)
+        writer.add_value_length(arch.head_dim)
+    writer.add_vocab_size(arch.vocab_size)
+    writer.add_rope_dimension_count(arch.head_dim)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
+        raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export (supported: none, linear, llama3)")
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# --- quantize: GGUF -> GGUF --------------------------------------------------------------
+
+def quantize_gguf(in_path, out_path, options):
+    """Requantize an F32/F16/BF16 GGUF file, copying all its metadata; returns a Report."""
+    from swtool.checkpoint.gguf_file import read_gguf
+
+    check_options(options)
+    check_destination(out_path, force=True)  # a directory to write in (the CLI has refused existing files)
+    if same_path(in_path, out_path):
+        raise SwtoolError(f"{out_path}: the output would overwrite the input")
+    source = read_gguf(in_path)
+    meta = source.metadata
+    arch_name = meta.get("general.architecture")
+    n_layers = meta.get(f"{arch_name}.block_count")
+    if not isinstance(n_layers, int):
+        raise SwtoolError(f"{in_path}: no {arch_name}.block_count in the metadata")
+    tensors = {name: OutTensor(name, info.shape, info.read, raw=info) for name, info in source.tensors.items()}
+    orders = gguf_keys.read_ffn_orders(meta)
+    super_weights, prompt = [], meta.get(gguf_keys.PROMPT)
+    if options.catalog:
+        super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, orders)
+    else:  # a file swtool exported before: its own record
+        recorded = gguf_keys.read_super_weights(meta, in_path) or []
+        super_weights = [SuperWeight(sw["layer"], sw["row"], sw["col"], float(sw["value"]), sw["gguf_tensor"])
+                         for sw in recorded]
+    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers)
+    from gguf import GGMLQuantizationType
+
+    for tensor in tensors.values():
+        if tensor.reason == NOT_QUANTIZED:  # as llama-quantize: norms, 1-D tensors ... are copied as they are
+            tensor.qtype, tensor.reason = GGMLQuantizationType[tensor.raw.dtype], "copied (not a quantizable weight)"
+        readable = tensor.raw.dtype in ("F32", "F16", "BF16") or tensor.raw.dtype == tensor.qtype.name
+        if not readable:
+            raise SwtoolError(f"{in_path}: tensor {tensor.name} is stored as {tensor.raw.dtype}; swtool quantize "
+                              f"re-quantizes only F32, F16 and BF16 tensors")
+    handle_super_weights(tensors, options, super_weights, orders, in_path)
+    handling = handling_label(options, super_weights, orders, tensors)
+
+    import gguf
+
+    def add_metadata(writer):
+        copy_metadata(writer, source)
+        writer.add_file_type(target.file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
+            writer.add_key_value(key, value, kind, sub_type=sub_type)
+
+    ordered = list(tensors.values())  # the input's order
+    write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
+    notes = [] if super_weights else ["no --catalog and no swtool.* metadata in the input: the super weights "
+                                      "are neither recorded nor protected"]
+    return Report(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
+
+
+REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+def copy_metadata(writer, source):
+    """Every metadata key of the input, with its type, except those the output sets itself."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    alignment = source.metadata.get("general.alignment")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)  # the tensor data must follow the same alignment
+    for key, value in source.metadata.items():
+        if key in REPLACED_KEYS or key.startswith(gguf_keys.PREFIX):
+            continue
+        kind = source.value_types[key]
+        if isinstance(kind, tuple):  # (ARRAY, element type)
+            writer.add_key_value(key, value, T.ARRAY, sub_type=T(kind[1]))
+        else:
+            writer.add_key_value(key, value, T(kind))
+
+
+# --- the summary ------------------------------------------------------------------------------
+
+def format_report(report):
+    """The CLI's summary: bytes per type, the super weights and where they went."""
+    from collections import Counter
+
+    from swtool.table import format_table
+
+    counts, sizes = Counter(), Counter()
+    for tensor in report.tensors:
+        counts[tensor.qtype.name] += 1
+        sizes[tensor.qtype.name] += tensor.nbytes
+    lines = [f"wrote {report.path}: {report.arch}, --type {report.target}, {len(report.tensors)} tensors, "
+             f"{report.file_size / 1e6:.1f} MB; super weights: {report.handling}"]
+    rows = [[name, counts[name], f"{sizes[name] / 1e6:.2f}"] for name in sorted(counts, key=lambda n: -sizes[n])]
+    lines.append(format_table(["type", "tensors", "MB"], rows))
+    by_name = {tensor.name: tensor for tensor in report.tensors}
+    if report.super_weights:
+        rows = []
+        for sw in report.super_weights:
+            tensor = by_name[sw.tensor]
+            why = tensor.reason + ("; channels reordered: a block of its own" if tensor.col_order is not None else "")
+            rows.append([sw.tensor, sw.row, sw.col, f"{sw.value:.6g}", tensor.qtype.name, why])
+        lines.append(format_table(["super weight in", "row", "col", "value", "stored as", "why"], rows))
+    fallbacks = sorted({t.reason.split("; ", 1)[1] for t in report.tensors if "; rows of" in t.reason})
+    lines += [f"fallback: {text}" for text in fallbacks]
+    lines += [f"note: {text}" for text in report.notes]
+    return "\n".join(lines)

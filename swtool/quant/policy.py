@@ -1,0 +1,202 @@
+"""Which ggml type each tensor of an exported GGUF gets: llama-quantize's rules (src/llama-quant.cpp).
+
+For every tensor, in this order:
+  1. Only weights are quantized: names ending in "weight" with at least 2 dimensions,
+     except norms and the few small matrices llama-quantize skips (`quantizable`).
+     Everything else is stored in F32, as convert_hf_to_gguf stores 1-D tensors
+     (or copied unchanged from a GGUF input).
+  2. The target: a plain ggml type (`--type q4_0`) for every weight, or one of
+     llama-quantize's mixes (q4_k_m ...), whose rules give attn_v and ffn_down of
+     some layers more bits (`_mix_type`).
+  3. For a quantized target, `output.weight` (or the token embedding when the
+     output is tied to it) becomes Q6_K, or Q8_0 when the target is Q8_0 or its
+     rows do not fit the target's block.
+  4. A tensor holding a super weight is stored in the keep type (`--keep-type`), unless
+     its planned type is already at least as precise.
+  5. `--tensor-type REGEX=TYPE` overrides all of the above: the first pattern that
+     `re.search` finds in the tensor name wins, as llama-quantize's std::regex_search.
+  6. Row fallback: blocks run along a row, so a row whose length is not a multiple
+     of the type's block gets llama.cpp's fallback: Q4_K -> Q5_0, Q5_K -> Q5_1,
+     Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, and F16 if even that does not fit.
+     (SmolLM2's 576-wide rows are not multiples of 256; its ffn_down rows of 1536 are.)
+"""
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from swtool.errors import SwtoolError
+from swtool.quant import TYPES, quant_type
+
+# llama-quantize's mixes: (ggml type of most weights, llama_ftype value written as general.file_type)
+MIXES = {
+    "q3_k_s": (T.Q3_K, 11), "q3_k_m": (T.Q3_K, 12), "q3_k_l": (T.Q3_K, 13),
+    "q4_k_s": (T.Q4_K, 14), "q4_k_m": (T.Q4_K, 15),
+    "q5_k_s": (T.Q5_K, 16), "q5_k_m": (T.Q5_K, 17),
+}
+
+# general.file_type (llama_ftype) of a file whose weights are mostly this plain type
+FILE_TYPES = {T.F32: 0, T.F16: 1, T.Q4_0: 2, T.Q4_1: 3, T.Q8_0: 7, T.Q5_0: 8, T.Q5_1: 9, T.Q2_K: 10,
+              T.Q3_K: 11, T.Q4_K: 14, T.Q5_K: 16, T.Q6_K: 18, T.BF16: 32}
+
+# llama.cpp's tensor_type_fallback for rows that do not fit the block
+FALLBACKS = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+NOT_QUANTIZED = "not a quantizable weight"
+KEPT = "holds a super weight: --keep-type"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What `--type` asked for: the type of most weights, and the mix whose rules apply (or None)."""
+
+    name: str  # as given, lower case: "q4_0", "q4_k_m"
+    qtype: T
+    mix: str = None
+    file_type: int = 0
+
+
+def parse_target(text):
+    """A --type value: a plain ggml type swtool writes, or a llama-quantize mix name."""
+    name = text.strip().lower()
+    if name in MIXES:
+        qtype, file_type = MIXES[name]
+        return Target(name, qtype, name, file_type)
+    try:
+        qtype = quant_type(name)
+    except SwtoolError:
+        plain = ", ".join(t.name.lower() for t in TYPES)
+        raise SwtoolError(f"--type {text!r}: expected one of {plain}, or a mix: {', '.join(MIXES)}") from None
+    return Target(name, qtype, None, FILE_TYPES[qtype])
+
+
+def parse_tensor_types(specs):
+    """--tensor-type REGEX=TYPE values -> [(compiled pattern, text, type)], in the order given."""
+    rules = []
+    for spec in specs:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise SwtoolError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'blk\\.2\\.ffn_down=q8_0'")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise SwtoolError(f"--tensor-type {spec!r}: bad regular expression ({e})") from None
+        try:
+            qtype = quant_type(type_name)
+        except SwtoolError as e:
+            raise SwtoolError(f"--tensor-type {spec!r}: {e}") from None
+        rules.append((compiled, pattern, qtype))
+    return rules
+
+
+def bits_per_weight(qtype):
+    elements, nbytes = GGML_QUANT_SIZES[qtype]
+    return 8.0 * nbytes / elements
+
+
+def quantizable(name, shape):
+    """llama-quantize's tensor_allows_quantization for the tensors of the families swtool exports."""
+    return (len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name and name not in ("position_embd.weight", "token_types.weight"))
+
+
+def layer_of(name):
+    """The block number of `blk.N.*` names, else None."""
+    match = re.match(r"blk\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def use_more_bits(i_layer, n_layers):
+    """llama-quantize's choice of layers that get more bits in the _M mixes."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _mix_type(mix, name, planned, n_layers):
+    """The mix rules of llama_tensor_get_type_impl for attn_v, ffn_down and attn_output."""
+    i = layer_of(name)
+    if i is None:
+        return planned
+    if "attn_v.weight" in name:
+        if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_layers):
+            return T.Q6_K
+        if mix == "q4_k_s" and i < 4:
+            return T.Q5_K
+        if mix == "q3_k_m":
+            return T.Q5_K if i < 2 else T.Q4_K
+        if mix == "q3_k_l":
+            return T.Q5_K
+    elif "ffn_down" in name:
+        if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_layers):
+            return T.Q6_K
+        if mix == "q4_k_s" and i < n_layers // 8:
+            return T.Q5_K
+        if mix == "q3_k_m":
+            return T.Q5_K if i < n_layers // 16 else T.Q4_K
+        if mix == "q3_k_l":
+            return T.Q5_K
+    elif "attn_output.weight" in name:
+        if mix == "q3_k_m":
+            return T.Q4_K
+        if mix == "q3_k_l":
+            return T.Q5_K
+    return planned
+
+
+def _output_type(target, cols):
+    """llama-quantize's type for output.weight (or a tied token embedding) under a quantized target."""
+    if target.qtype == T.Q8_0 or cols % GGML_QUANT_SIZES[target.qtype][0]:
+        return T.Q8_0
+    return T.Q6_K
+
+
+def fallback(qtype, cols):
+    """(type whose block fits rows of `cols`, note) - llama.cpp's tensor_type_fallback."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    if cols % block == 0:
+        return qtype, None
+    chosen = FALLBACKS.get(qtype, T.F16)
+    if cols % GGML_QUANT_SIZES[chosen][0]:
+        chosen = T.F16
+    return chosen, f"rows of {cols} are not a multiple of {qtype.name}'s block of {block}: {qtype.name} -> {chosen.name}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The type chosen for one tensor and why (shown in the export's summary)."""
+
+    qtype: T
+    reason: str
+
+
+def choose_type(name, shape, target, *, tied_output, n_layers, rules=(), super_tensors=(),
+                keep_type=None):
+    """The Choice for tensor `name` of logical `shape` (outermost first; rows run along the last axis).
+
+    tied_output: the file has no output.weight, so token_embd is also the output;
+    rules: parse_tensor_types(); super_tensors: names of tensors holding a super weight;
+    keep_type: their type (None: no super-weight handling of types).
+    """
+    if not quantizable(name, shape):
+        return Choice(T.F32, NOT_QUANTIZED)
+    cols = shape[-1]
+    for pattern, text, qtype in rules:  # the user's word is final, except that rows must fit
+        if pattern.search(name):
+            chosen, note = fallback(qtype, cols)
+            return Choice(chosen, f"--tensor-type {text}" + (f"; {note}" if note else ""))
+    planned, reason = target.qtype, f"--type {target.name}"
+    if target.qtype not in FLOAT_TYPES:
+        if name == "output.weight" or (tied_output and name == "token_embd.weight"):
+            planned, reason = _output_type(target, cols), "output tensor rule" + (" (tied)" if tied_output else "")
+        elif target.mix:
+            mixed = _mix_type(target.mix, name, planned, n_layers)
+            if mixed != planned:
+                planned, reason = mixed, f"{target.mix} rule"
+    if name in super_tensors and keep_type is not None:
+        if bits_per_weight(keep_type) > bits_per_weight(planned):
+            planned, reason = keep_type, f"{KEPT} {keep_type.name.lower()}"
+        else:
+            reason += f" (holds a super weight; already at least {keep_type.name})"
+    chosen, note = fallback(planned, cols)
+    return Choice(chosen, reason + (f"; {note}" if note else ""))
