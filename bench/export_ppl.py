@@ -4,8 +4,8 @@
 
 For every type, `swtool export` writes SmolLM2 (fixtures/build/smollm2, bf16) as:
   none       plain llama-quantize-style quantization (the super weights only recorded);
-  keep:f16   the two ffn_down tensors holding super weights (layers 2 and 11) in F16, the default;
-  keep:q8_0  the same two tensors in Q8_0;
+  keep:q8_0  the two ffn_down tensors holding super weights (layers 2 and 11) in Q8_0 (the default);
+  keep:f16   the same two tensors in F16;
   isolate    every tensor in the file's type, the MLP channels of layers 2 and 11 reordered
              so each super weight governs a block of near-zero weights (quant/isolate.py);
   control    the paper's control for keep:f16: the same bytes spent on two ffn_down tensors
