@@ -29,8 +29,6 @@ source, so the order is recorded in the metadata (gguf_keys.py).
 
 import numpy as np
 
-from swtool.errors import SwtoolError
-
 # bits per weight of each block type's codes: the super weight's block has a grid of |S| / 2**(bits - 1)
 CODE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4,
              "Q3_K": 3, "Q2_K": 2}
