@@ -354,3 +354,35 @@ def test_bad_input_is_one_line(smollm2, catalog, tmp_path, tiny_factory):
     tiny, _ = tiny_factory("llama", "bfloat16")
     assert "matches no model" in one_line_error(swtool("audit", tiny, "--known"))
     assert "no such file" in one_line_error(swtool("inspect", tmp_path / "nothing"))
+
+
+# --- GGUF exports written by swtool export ------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_audit_of_swtool_export(smollm2, catalog, tmp_path, qtype):
+    """An export keeps its super weights: the audit reads them from their blocks and from
+    the swtool.* keys; the block values are checked here with gguf-py's own dequantizer."""
+    out = tmp_path / f"smollm2-{qtype}.gguf"
+    exported = swtool("export", smollm2, "-o", out, "--type", qtype, "--catalog", catalog, "--no-progress")
+    assert exported.returncode == 0, exported.stderr
+    report = audit_json(out, "--catalog", catalog, code=0)
+    assert report["format"] == "gguf"
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    for (layer, row, col), finding in by_coordinate(report).items():
+        assert finding["status"] == "intact"
+        tensor = tensors[f"blk.{layer}.ffn_down.weight"]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
+            [int(n) for n in reversed(tensor.shape)])
+        assert finding["value"] == pytest.approx(float(values[row, col]), abs=1e-6)
+        assert finding["value"] == pytest.approx(torch_value(smollm2, layer, row, col), rel=0.01)
+        assert finding["recorded"] == torch_value(smollm2, layer, row, col)  # exact float32 in swtool.* keys
+
+
+def test_audit_catches_a_super_weight_zeroed_in_an_export(smollm2, catalog, damaged, tmp_path):
+    out = tmp_path / "damaged-q8_0.gguf"
+    exported = swtool("export", damaged, "-o", out, "--type", "q8_0", "--no-progress")
+    assert exported.returncode == 0, exported.stderr
+    found = by_coordinate(audit_json(out, "--catalog", catalog, code=1))
+    assert found[(2, 507, 90)]["status"] == "zeroed"
+    assert found[(2, 507, 430)]["status"] == "intact"
