@@ -166,7 +166,7 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force
         if not force:
             raise SwtoolError(f"{out_dir}: already exists; pass --force to replace an earlier ablate output")
         if out_dir.is_symlink() or not (out_dir / CATALOG_NAME).is_file():
-            raise SwtoolError(f"{out_dir}: not an earlier `swtool ablate -o` output (no {CATALOG_NAME}); "
+            raise SwtoolError(f"{out_dir}: not an earlier 'swtool ablate -o' output (no {CATALOG_NAME}); "
                               f"--force replaces only those")
         if source_dir.resolve().is_relative_to(out_dir.resolve()):
             raise SwtoolError(f"{out_dir}: holds the input model {source_dir}; choose another place")

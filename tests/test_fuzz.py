@@ -190,7 +190,7 @@ def run_and_count(examples, body):
 
 
 def test_safetensors_header_fields_replaced(st_base, st_dir):
-    run_and_count(300, lambda data: _safetensors_fields(st_base, st_dir, data))
+    run_and_count(400, lambda data: _safetensors_fields(st_base, st_dir, data))
 
 
 def _safetensors_fields(st_base, st_dir, data):
@@ -219,7 +219,7 @@ def _safetensors_fields(st_base, st_dir, data):
 
 def test_safetensors_bytes_overwritten_or_cut(st_dir, good):
     original = (good.model / "model.safetensors").read_bytes()
-    run_and_count(300, lambda data: _safetensors_bytes(original, st_dir, data))
+    run_and_count(400, lambda data: _safetensors_bytes(original, st_dir, data))
 
 
 def _safetensors_bytes(raw, st_dir, data):
@@ -337,7 +337,7 @@ def gguf_value(draw):
 
 
 def test_gguf_metadata_and_tensor_table_replaced(gguf_base, tmp_path):
-    run_and_count(250, lambda data: _gguf_fields(gguf_base, tmp_path / "model.gguf", data))
+    run_and_count(400, lambda data: _gguf_fields(gguf_base, tmp_path / "model.gguf", data))
 
 
 def _gguf_fields(gguf_base, path, data):
@@ -371,7 +371,7 @@ def _gguf_fields(gguf_base, path, data):
 def test_gguf_bytes_overwritten_or_cut(good, gguf_base, tmp_path):
     original = good.gguf.read_bytes()
     header_end = len(original) - len(gguf_base.data)
-    run_and_count(250, lambda data: _gguf_bytes(original, header_end, tmp_path / "model.gguf", data))
+    run_and_count(400, lambda data: _gguf_bytes(original, header_end, tmp_path / "model.gguf", data))
 
 
 def _gguf_bytes(raw, header_end, path, data):
@@ -386,7 +386,7 @@ def _gguf_bytes(raw, header_end, path, data):
 def test_real_smollm2_gguf_header_mutated(smollm2_gguf, tmp_path):
     """The real Q4_1 file's header (49k-token vocabulary, 272 tensors), bytes overwritten; the data
     section is left as a sparse hole of the original size, so offsets keep their meaning."""
-    run_and_count(60, lambda data: _smollm2_bytes(*smollm2_gguf, tmp_path / "model.gguf", data))
+    run_and_count(80, lambda data: _smollm2_bytes(*smollm2_gguf, tmp_path / "model.gguf", data))
 
 
 def _smollm2_bytes(header, size, path, data):
