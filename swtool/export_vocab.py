@@ -26,6 +26,7 @@ from hashlib import sha256
 
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 from swtool.errors import SwtoolError
+from swtool.jsonfile import read_json
 
 # convert_hf_to_gguf.py's check text and the hashes of its ids, for the pre-tokenizers swtool reads back
 CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
@@ -54,10 +55,10 @@ def read_tokenizer_json(directory):
     if not path.is_file():
         raise SwtoolError(f"{directory}: no tokenizer.json; a GGUF needs the vocabulary "
                           f"(swtool reads tokenizer.json, not tokenizer.model)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SwtoolError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)  # nesting depth, duplicate keys, size: one-line errors
+    if not isinstance(data, dict):
+        raise SwtoolError(f"{path}: not a JSON object")
+    return data
 
 
 def add_vocabulary(writer, directory, vocab_size):
