@@ -337,3 +337,30 @@ def test_in_place_is_the_one_command_that_changes_the_source_and_restore_undoes_
     assert invoke(["ablate", model_copy, "--restore"])[0] == 0
     assert hashes(model_copy) == before
 
+
+
+@pytest.mark.parametrize("shard", ["*", "*.safetensors", "../model.safetensors", "sub/model.safetensors",
+                                   "model-0000[1-2].safetensors", "pytorch_model.bin"])
+def test_a_downloaded_index_cannot_widen_what_is_fetched(shard, tmp_path, monkeypatch):
+    """The shard names of a downloaded index become download patterns: a hostile one is refused, nothing more
+    is fetched. snapshot_download is replaced by a recorder; nothing reaches the network."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from swtool.checkpoint import hub
+    from swtool.errors import SwtoolError
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    fetched = []
+
+    def fake_snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
+        fetched.append(list(allow_patterns))
+        (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(SwtoolError, match="is not a plain .safetensors file name"):
+        hub.resolve("acme/hostile", download=True, cache=tmp_path)
+    assert fetched == [hub.SMALL_FILES]  # the small files only; no weights

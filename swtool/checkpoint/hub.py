@@ -23,6 +23,7 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<re
 SMALL_FILES = ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "generation_config.json"]
 SINGLE_WEIGHTS = "model.safetensors"
+PLAIN_SHARD = re.compile(r"[A-Za-z0-9_.-]+\.safetensors")  # no glob characters, no directories
 
 
 def parse_hub_id(spec):
@@ -110,10 +111,13 @@ def weight_files(snapshot):
     if not index.is_file():
         return [SINGLE_WEIGHTS]
     try:
-        weight_map = read_json(index)["weight_map"]
-        return sorted(set(weight_map.values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     except (SwtoolError, KeyError, TypeError, AttributeError):
         raise SwtoolError(f"{index}: not a valid safetensors index (no weight_map object)") from None
+    for name in shards:  # they become download patterns: "*" or "../x" must not widen what is fetched
+        if not isinstance(name, str) or not PLAIN_SHARD.fullmatch(name):
+            raise SwtoolError(f"{index}: shard name {name!r} is not a plain .safetensors file name")
+    return shards
 
 
 def hub_id_of_path(path):
