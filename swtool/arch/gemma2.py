@@ -82,13 +82,7 @@ class Gemma2(Gemma):
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
         n_worlds, n_tokens, _ = h.shape
-        q = ctx.linear(h, p + "q_proj.weight", self.qkv_bias)
-        k = ctx.linear(h, p + "k_proj.weight", self.qkv_bias)
-        v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        # [W, T, heads * d] -> [W, heads, T, d]
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = self.project_heads(ctx, p, h)
         q, k = self.qk_norm(ctx, layer, q, k)
         cos, sin = self.layer_rope(ctx, layer)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)

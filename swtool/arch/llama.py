@@ -98,16 +98,21 @@ class Llama(Architecture):
         ctx.observe("resid", layer, x)
         return x
 
+    def project_heads(self, ctx, p, h):
+        """q, k, v projections of h [W, T, hidden], split into heads: [W, heads, T, head_dim]."""
+        n_worlds, n_tokens, _ = h.shape
+
+        def split(x, n_heads):
+            return x.reshape(n_worlds, n_tokens, n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        return (split(ctx.linear(h, p + "q_proj.weight", self.qkv_bias), self.n_heads),
+                split(ctx.linear(h, p + "k_proj.weight", self.qkv_bias), self.n_kv_heads),
+                split(ctx.linear(h, p + "v_proj.weight", self.qkv_bias), self.n_kv_heads))
+
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
         n_worlds, n_tokens, _ = h.shape
-        q = ctx.linear(h, p + "q_proj.weight", self.qkv_bias)
-        k = ctx.linear(h, p + "k_proj.weight", self.qkv_bias)
-        v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        # [W, T, heads * d] -> [W, heads, T, d]
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = self.project_heads(ctx, p, h)
         cos, sin = self.rope_tables(ctx)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         mask = ops.causal_mask(n_tokens, self.sliding_window(layer))

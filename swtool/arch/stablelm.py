@@ -108,13 +108,7 @@ class StableLm(Llama):
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
         n_worlds, n_tokens, _ = h.shape
-        q = ctx.linear(h, p + "q_proj.weight", self.qkv_bias)
-        k = ctx.linear(h, p + "k_proj.weight", self.qkv_bias)
-        v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        # [W, T, heads * d] -> [W, heads, T, d]
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = self.project_heads(ctx, p, h)
         if self.qk_norm:
             # one bias-free LayerNorm per head, each with its own weight
             q = self.per_head_norm(ctx, q, p + "q_layernorm")
