@@ -255,6 +255,24 @@ def test_non_finite_values_are_refused():
             quantize(values, qtype)
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K])
+def test_every_row_with_nan_or_inf_is_counted(qtype):
+    """Q8_0 finds NaN and Inf inside its one pass over a row, not in a check of its own:
+    NaN next to ordinary values, in a block of NaNs only (amax 0), next to denormals
+    (the block whose 1/d is inf), +Inf and -Inf; the clean rows are not counted."""
+    values = np.full((8, 256), 0.01, np.float32)
+    values[1, 40] = np.nan
+    values[2, 64:96] = np.nan
+    values[3, 96:128] = 1e-41
+    values[3, 100] = np.nan
+    values[5, 255] = np.inf
+    values[6, 0] = -np.inf
+    with pytest.raises(SwtoolError, match=rf"cannot quantize to {qtype.name}: row 1 holds NaN or Inf \(5 such rows\)"):
+        quantize(values, qtype)
+    clean = np.delete(values, [1, 2, 3, 5, 6], axis=0)
+    assert quantize(clean, qtype).shape[0] == 3
+
+
 def test_bad_types_and_sizes_are_refused():
     with pytest.raises(SwtoolError, match="unsupported quantization type 'iq2_xs'; supported: F32, F16"):
         quantize(np.zeros((1, 256), np.float32), "iq2_xs")
