@@ -7,7 +7,6 @@ a malformed one.
 
 import hashlib
 import json
-import math
 from dataclasses import asdict
 from importlib import resources
 
@@ -84,17 +83,9 @@ def write_catalog(catalog, path):
 def to_json(catalog):
     """The catalog as standard JSON: activations that were NaN or Inf (a model with non-finite
     weights, see finite.py) are written as null, since JSON has no NaN."""
-    return json.dumps(_finite_or_null(catalog), indent=2, allow_nan=False) + "\n"
+    from swtool.jsonfile import strict_json
 
-
-def _finite_or_null(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
+    return strict_json(catalog) + "\n"
 
 
 def read_catalog(path):

@@ -204,7 +204,7 @@ def format_scan(catalog):
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
                  control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force):
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
-    import json
+    from swtool.jsonfile import strict_json
 
     from swtool.ablate import CatalogMismatch
     from swtool.catalog import parse_coordinate, read_catalog
@@ -247,7 +247,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
         profiles = {w["name"]: w["peak_down_proj_output"] for w in result["worlds"] if not w["name"].startswith("scale")}
         plot_profiles(plot, profiles, f"{loaded.path}: max |down_proj output| per layer over {text_path}")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(strict_json(result))
     else:
         click.echo(format_eval(result))
         if plot:
@@ -310,7 +310,7 @@ def format_eval(result):
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
 def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force):
     """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ."""
-    import json
+    from swtool.jsonfile import strict_json
 
     from swtool import ablate as ab
     from swtool.catalog import parse_coordinate, read_catalog
@@ -321,7 +321,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         if catalog or output or in_place or only:
             raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
         journal = ab.restore_in_place(model)
-        click.echo(json.dumps(journal, indent=2) if as_json else
+        click.echo(strict_json(journal) if as_json else
                    f"{model}: restored {len(journal['changes'])} element(s) from {ab.JOURNAL_NAME}")
         return
     if not catalog:
@@ -343,7 +343,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
-        click.echo(json.dumps([p.to_json() for p in patches], indent=2))
+        click.echo(strict_json([p.to_json() for p in patches]))
         return
     click.echo(format_patches(patches))
     click.echo(where)
@@ -379,7 +379,7 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     Exit code 0: all intact within the tolerance; 1: any missing or damaged; 2: bad input.
     Without --catalog or --known, a GGUF's swtool.* metadata is used if present, else a scan runs.
     """
-    import json
+    from swtool.jsonfile import strict_json
 
     from swtool.audit import audit as run_audit, format_report
     from swtool.errors import SwtoolError
@@ -389,7 +389,7 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     report = run_audit(model, catalog=catalog, known=known, known_id=known_id, reference=reference,
                        tolerance=tolerance, download=download, prompt=prompt, progress=not no_progress)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(strict_json(report.to_json()))
     else:
         click.echo(format_report(report))
     sys.exit(0 if report.findings and not report.failed else 1)
@@ -401,12 +401,12 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
 @click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
 def inspect_command(model, as_json, download):
     """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights."""
-    import json
+    from swtool.jsonfile import strict_json
 
     from swtool.describe import describe, format_description
 
     info = describe(model, download=download)
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+    click.echo(strict_json(info) if as_json else format_description(info))
 
 
 def gguf_options(command):
@@ -476,14 +476,14 @@ def catalog_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the data file (coordinates, sources, notes) as JSON.")
 def catalog_known(as_json):
     """The super weights published for public models, with their sources."""
-    import json
+    from swtool.jsonfile import strict_json
 
     from swtool.known import load
     from swtool.table import format_table
 
     data, models = load()
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(strict_json(data))
         return
     rows = []
     for model in models:

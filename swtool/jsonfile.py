@@ -9,6 +9,7 @@ Each of these, and every decoding error, becomes one CheckpointError naming the 
 """
 
 import json
+import math
 
 from swtool.errors import CheckpointError
 
@@ -58,3 +59,26 @@ def read_json(path, what=None, max_bytes=MAX_JSON_BYTES):
     if len(raw) > max_bytes:
         raise CheckpointError(path, f"larger than {max_bytes >> 20} MiB, not a JSON file swtool reads")
     return parse_json(raw, path, what)
+
+
+# --- writing: strict JSON that every parser accepts -------------------------------------
+
+def finite_or_null(value):
+    """`value` with every NaN or infinite float replaced by None (null).
+
+    Python's json writes NaN and Infinity as bare words, which are not JSON: jq, JavaScript
+    and strict parsers reject the whole document. Where a number can be non-finite, a status
+    field next to it says why (an audit finding's "not finite").
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def strict_json(value, indent=2):
+    """`value` as JSON text, non-finite floats as null (see finite_or_null)."""
+    return json.dumps(finite_or_null(value), indent=indent, allow_nan=False)

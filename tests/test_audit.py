@@ -135,6 +135,24 @@ def test_a_catalog_of_another_model_reports_missing_weights(smollm2, catalog, tm
     assert found[(11, 507, 1229)]["present"] and found[(11, 507, 1229)]["status"] == "intact"
 
 
+def test_a_nan_super_weight_gives_strict_json(smollm2, catalog, tmp_path):
+    """A NaN or Inf weight is reported as "not finite" in JSON that strict parsers accept
+    (Python's json would write bare NaN, which jq and JavaScript reject)."""
+    poisoned = patched_copy(smollm2, tmp_path / "poisoned", {(2, 507, 90): float("nan"), (11, 507, 1229): float("-inf")})
+    result = swtool("audit", poisoned, "--catalog", catalog, "--json", "--no-progress")
+    assert result.returncode == 1, result.stderr
+
+    def refuse(word):
+        raise AssertionError(f"audit --json wrote {word}, which is not JSON")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    found = by_coordinate(report)
+    for coordinate in [(2, 507, 90), (11, 507, 1229)]:
+        assert found[coordinate]["status"] == "not finite"
+        assert found[coordinate]["value"] is None
+    assert found[(2, 507, 430)]["status"] == "intact"
+
+
 def test_tolerance_decides_what_changed_means(damaged, catalog):
     report = audit_json(damaged, "--catalog", catalog, "--tolerance", "0.8", code=1)  # the zeroed one still fails
     assert by_coordinate(report)[(11, 507, 1229)]["status"] == "intact"
