@@ -297,6 +297,99 @@ def format_eval(result):
     return "\n".join(lines)
 
 
+@main.command("quantsim")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Weight bits (INT, min-max).")
+@click.option("--block-sizes", default="32,128,1024,16384,tensor", show_default=True, metavar="N,N,..|tensor",
+              help="Flat block sizes to compare (elements of W [out, in] in row-major order), or 'tensor'.")
+@click.option("--clip", "clip_text", default="zscore:9", show_default=True, metavar="zscore:Z|percentile:P|none",
+              help="Super-weight-aware clipping before quantization (the paper's zscore or tensor top fraction).")
+@click.option("--catalog", type=click.Path(),
+              help="A scan catalog (swtool scan -o); without it MODEL is scanned first with scan's defaults.")
+@click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="Also simulate per-tensor int8 inputs of the linears, with and without the super activation kept.")
+@click.option("--no-weights", is_flag=True, help="Skip the weight table (with --activations int8).")
+@click.option("--ctx", default=512, show_default=True, type=int,
+              help="Tokens per chunk; each chunk is an independent sequence and every prediction in it is scored.")
+@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
+@click.option("--score-second-half", is_flag=True,
+              help="Score only predictions from position ctx/2 on in each chunk (as llama-perplexity).")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write perplexity per block size (and the activation settings) as .png/.svg/.pdf (needs matplotlib).")
+@click.option("--batch-tokens", default=8192, show_default=True, type=int,
+              help="Rows x ctx of one pass; a longer text takes several passes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of tables.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, activations, no_weights, ctx, max_tokens,
+                     score_second_half, plot, batch_tokens, as_json, no_progress, force):
+    """Perplexity of MODEL with simulated quantization (no file written): block-wise INT weights, plain
+    round-to-nearest vs super-weight-aware, and optionally int8 activations with the super activation kept."""
+    from swtool.jsonfile import strict_json
+
+    from swtool.quantsim import Options, parse_block_sizes, parse_clip
+
+    options = Options(bits=bits, block_sizes=tuple(parse_block_sizes(block_sizes)), clip=parse_clip(clip_text),
+                      weights=not no_weights, activations=activations)
+    if not options.weights and options.activations == "none":
+        raise click.UsageError("--no-weights leaves nothing to do without --activations int8")
+    if max_tokens is not None and max_tokens < 2:
+        raise click.UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if batch_tokens < 1:
+        raise click.UsageError(f"--batch-tokens must be positive, got {batch_tokens}")
+    if plot:
+        from swtool.atomic import check_destination
+        from swtool.plot import require_matplotlib
+
+        require_matplotlib(plot)  # before the passes, not after them
+        check_destination(plot, force)
+    from swtool.evaluate import make_chunks
+    from swtool.model import load_model
+    from swtool.quantsim import format_report, run
+    from swtool.tokenize import encode
+
+    loaded = load_model(model)
+    ids = encode(loaded.directory, read_text(text_path))[:max_tokens]
+    chunks = make_chunks(ids, ctx, score_second_half)
+    super_weights, source = quantsim_super_weights(loaded, catalog, not no_progress)
+    result = {"model": str(loaded.path), "text": str(text_path), "tokens": len(ids), "ctx": chunks.ctx,
+              "chunks": len(chunks.tokens), "super_weights_from": source}
+    result.update(run(loaded, chunks, super_weights, options, progress=not no_progress, batch_tokens=batch_tokens))
+    if plot:
+        from swtool.plot import plot_quantsim
+
+        plot_quantsim(plot, result, f"{loaded.path}: perplexity on {text_path} ({result['tokens']} tokens)")
+    if as_json:
+        click.echo(strict_json(result))
+    else:
+        click.echo(format_report(result))
+        if plot:
+            click.echo(f"plot written to {plot}")
+
+
+def quantsim_super_weights(model, catalog, progress):
+    """(catalog entries, where they came from): the catalog's, checked against MODEL, or a scan's."""
+    if catalog:
+        from swtool.ablate import CatalogMismatch, locate
+        from swtool.catalog import read_catalog
+        from swtool.errors import SwtoolError
+
+        entries = read_catalog(catalog)["super_weights"]
+        try:
+            for sw in entries:
+                locate(model.checkpoint, sw)
+        except CatalogMismatch as e:
+            raise SwtoolError(f"{catalog}: {e}") from None
+        return entries, f"catalog {catalog}"
+    from swtool.detect import Settings, scan as run_scan
+    from swtool.tokenize import DEFAULT_PROMPT, encode
+
+    found, _report = run_scan(model, encode(model.directory, DEFAULT_PROMPT), Settings(prompt=DEFAULT_PROMPT),
+                              progress=progress)
+    return [sw.to_json() for sw in found], "scanned with the default prompt"
+
+
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("--catalog", type=click.Path(), help="The catalog whose super weights to change (swtool scan -o).")

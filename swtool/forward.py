@@ -17,6 +17,9 @@ Two kinds of plug-in, as in DESIGN.md:
     (point, layer, x, ctx) -> replacement or None, run before the observers at
     the same points. A replacement is written into x in place, so the block
     goes on with it (experiments.RestoreActivation writes a super activation back).
+    One with a `linear_input(name, x, ctx)` method also sees the input of every
+    linear and may return what that product uses instead, leaving x unchanged
+    (quantsim.QuantizeActivations: simulated int8 inputs of the linears).
 
 Mixtures of experts: a stacked tensor [experts, out, in] (transformers 5's fused
 `mlp.experts.down_proj`) is used one expert at a time, `linear(x, name, expert=e)`
@@ -178,6 +181,7 @@ class Pass:
             raise SwtoolError(f"{info.path}: {name} has shape {list(info.shape)}, "
                               f"expected [*, {x.shape[-1]}]")
         n_out, n_in = info.shape
+        x = self._linear_input(name, x)
         x2 = np.ascontiguousarray(x.reshape(-1, n_in), dtype=np.float32)
         out = np.empty((x2.shape[0], n_out), dtype=np.float32)
         # few rows and an untouched weight: multiply straight from the stored bits (kernels.py)
@@ -212,6 +216,16 @@ class Pass:
             rows = [edit.row]
             value = self._transformed(name, info.read(rows=rows), rows, expert)[0, edit.col]
             out[at + (edit.row,)] += (np.float32(edit.factor) - 1) * value * x[at + (edit.col,)]
+
+    def _linear_input(self, name, x):
+        """What linear `name` multiplies: x, or what activation transforms with a `linear_input`
+        method make of it (a new array for this product only, e.g. quantized; x itself is kept)."""
+        for transform in self.activation_transforms:
+            if hasattr(transform, "linear_input"):
+                replacement = transform.linear_input(name, x, self)
+                if replacement is not None:
+                    x = replacement
+        return x
 
     def observe(self, point, layer, x):
         """Activation transforms may replace x (in place, so the caller's array changes), then observers look."""
