@@ -336,3 +336,47 @@ def test_unsupported_tokenizer_and_architecture_are_named(original, vocabulary, 
     data[at:at + 5] = b"bloom"  # general.architecture
     arch.write_bytes(bytes(data))
     assert "GGUF architecture 'bloom' is not supported" in one_line_error(swtool("scan", arch, "--no-progress"))
+
+
+# --- Llama 3.1-style RoPE: rope_freqs.weight ------------------------------------------
+
+def test_llama3_rope_freqs_gguf_matches_transformers(tiny_factory, tmp_path):
+    """The converter keeps Llama 3.1's RoPE scaling only as rope_freqs.weight (one divisor per
+    frequency); reading it back gives transformers' logits, which plain RoPE would not."""
+    directory, model = tiny_factory("llama3")
+    path = write_gguf(directory, tmp_path / "llama3.gguf", "f32")
+    assert "rope_freqs.weight" in read_gguf(path).tensors
+    tokens = random_tokens(40, seed=5)
+    expected = torch_logits(model, tokens)
+    tolerance = 2e-5 * np.abs(expected).max()
+    got = forward(load_model(path), tokens)[0]
+    assert np.abs(got - expected).max() < tolerance
+    config = json.loads((directory / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "llama3"
+    unscaled = torch_logits(_without_rope_scaling(model), tokens)
+    assert np.abs(unscaled - expected).max() > 10 * tolerance  # so the factors were needed
+
+
+def _without_rope_scaling(model):
+    """A copy of a transformers Llama with default RoPE and the same theta and weights."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(model.config)
+    theta = config.rope_parameters["rope_theta"]
+    config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    plain = LlamaForCausalLM(config).eval()
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("factors, message", [
+    (np.ones(5, np.float32), "tensor 'rope_freqs.weight' has shape [5]; a head of 16 dims has 8 frequencies"),
+    (np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32), "holds factors that are not positive finite numbers"),
+])
+def test_bad_rope_freqs_are_one_line(tiny_factory, tmp_path, factors, message):
+    directory, _ = tiny_factory("llama")
+    path = write_gguf(directory, tmp_path / "bad.gguf", "f32", extra_tensors=[("rope_freqs.weight", factors)])
+    result = swtool("scan", path, "--no-progress")
+    assert message in one_line_error(result)

@@ -82,9 +82,6 @@ def hf_config(meta, gguf_names, source):
         raise CheckpointError(source, "keys and values of different sizes do not fit a llama-style config")
     if hparam("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(source, "partial rotary embeddings do not fit a llama-style config")
-    if "rope_freqs.weight" in gguf_names:
-        raise CheckpointError(source, "RoPE frequency factors (rope_freqs.weight, Llama 3.1 style scaling) "
-                                      "are not supported for GGUF input")
     vocab_size = hparam("vocab_size", None, required=False)
     if vocab_size is None:  # older converters leave it out; the vocabulary says it
         tokens = meta.get("tokenizer.ggml.tokens", ())
@@ -175,6 +172,8 @@ def hf_tensors(gguf, arch, config, source):
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors = {}
     for gguf_name, info in gguf.tensors.items():
+        if gguf_name == ROPE_FREQS:
+            continue  # not a weight: it became the config's rope_scaling (freq_factor_scaling)
         hf_name = to_hf.get(gguf_name)
         if hf_name is None:
             raise CheckpointError(source, f"tensor {gguf_name!r} has no counterpart in a "
@@ -264,5 +263,31 @@ def open_gguf(path):
     path = Path(path)
     gguf = read_gguf(path)
     config = hf_config(gguf.metadata, set(gguf.tensors), path)
+    if ROPE_FREQS in gguf.tensors:
+        config["rope_scaling"] = freq_factor_scaling(gguf.tensors[ROPE_FREQS], config, path)
     arch = architecture_for(config, path)
     return GGUFCheckpoint(path, gguf, config, hf_tensors(gguf, arch, config, path))
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def freq_factor_scaling(info, config, source):
+    """rope_scaling for a file with rope_freqs.weight: llama.cpp divides frequency i by factor i.
+
+    convert_hf_to_gguf writes this tensor for Llama 3.1-style scaling (rope_type "llama3"),
+    computed from the config's factor, low/high_freq_factor and original context, and keeps
+    none of those numbers in the metadata. The factors themselves are what llama.cpp uses,
+    so swtool uses them too: rope_type "freq_factors" (arch/rope.py).
+    """
+    if config.get("rope_scaling"):
+        raise CheckpointError(source, f"{ROPE_FREQS} together with RoPE scaling "
+                                      f"{config['rope_scaling']['rope_type']!r} is not supported")
+    n_freqs = config["head_dim"] // 2
+    if info.shape != (n_freqs,):
+        raise CheckpointError(source, f"tensor {ROPE_FREQS!r} has shape {list(info.shape)}; "
+                                      f"a head of {config['head_dim']} dims has {n_freqs} frequencies")
+    factors = info.read()
+    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+        raise CheckpointError(source, f"tensor {ROPE_FREQS!r} holds factors that are not positive finite numbers")
+    return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
