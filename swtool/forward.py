@@ -49,7 +49,8 @@ from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 
 LINEAR_CHUNK_BYTES = 256 * 1024 * 1024  # decode larger matrices (e.g. a 128k-vocab head) in row chunks
-FUSED_DTYPES = ("BF16", "F16", "F32")  # the stored dtypes kernels.matmul_stored multiplies from
+# the stored dtypes kernels.matmul_stored multiplies from (GGUF block types through gguf_kernels.py)
+FUSED_DTYPES = ("BF16", "F16", "F32") + kernels.BLOCK_TYPES
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,8 @@ class Pass:
         x2 = np.ascontiguousarray(x.reshape(-1, n_in), dtype=np.float32)
         out = np.empty((x2.shape[0], n_out), dtype=np.float32)
         # few rows and an untouched weight: multiply straight from the stored bits (kernels.py)
-        # (GGUF block types such as Q4_K have no such kernel: they are decoded through read())
-        fused = (kernels.fused_pays_off(x2.shape[0]) and info.dtype in FUSED_DTYPES
+        # (a transform needs the decoded weight: it goes through read() + BLAS, as long inputs do)
+        fused = (kernels.fused_pays_off(x2.shape[0], info.dtype) and info.dtype in FUSED_DTYPES
                  and not any(t.touches(name) for t in self.transforms))
         chunk = max(1, LINEAR_CHUNK_BYTES // (4 * n_in))
         for start in range(0, n_out, chunk):

@@ -29,6 +29,12 @@ from numba.extending import intrinsic
 # Above this many input rows, decode + BLAS wins: on one core of the benchmark machine, a
 # 2048 x 8192 bf16 matrix costs 48 ms fused and 49 ms decoded + BLAS at 80 rows, 55 vs 50 at 88.
 FUSED_MAX_ROWS = 80
+# GGUF block types, multiplied from their blocks by gguf_kernels.py (the index is its `kind`).
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Their crossover is lower: a block costs more to decode than bf16, and decode + BLAS then uses
+# swtool.quant's Numba dequantizer. One core, 2048 x 8192 (bench/gguf_scan.py): fused and decode +
+# BLAS cost the same at about 48 rows for Q4_1 and 64 for Q8_0, Q4_K and Q6_K.
+BLOCK_MAX_ROWS = 48
 # fastmath: only reassociation and fused multiply-add, so the dot products vectorise;
 # no NaN/Inf assumptions. Results move at float32 rounding level (tests hold them to transformers).
 FAST = {"reassoc", "contract"}
@@ -36,8 +42,9 @@ BLOCK = 4  # input rows per register block; x is padded to a multiple of it
 ALIGN = 64  # bytes: x rows start on cache lines, so 512-bit loads never straddle two
 
 
-def fused_pays_off(n_rows):
-    return n_rows <= FUSED_MAX_ROWS
+def fused_pays_off(n_rows, dtype=None):
+    """Is multiplying from the stored bits faster than decode + BLAS for n_rows input rows?"""
+    return n_rows <= (BLOCK_MAX_ROWS if dtype in BLOCK_TYPES else FUSED_MAX_ROWS)
 
 
 @intrinsic
@@ -163,7 +170,12 @@ def matmul_stored(x, stored, dtype):
 
     `stored` may be a transposed view of a row-major [K, M] array (a weight kept [in, out],
     see checkpoint/transposed.py): then the column-block kernels above read it row by row.
+    A GGUF block type (BLOCK_TYPES) has `stored` [M, row_bytes] uint8: gguf_kernels.py multiplies it.
     """
+    if dtype in BLOCK_TYPES:
+        from swtool import gguf_kernels  # imports this module: loaded on first use
+
+        return gguf_kernels.matmul_blocks(x, stored, dtype)
     if is_transposed_view(stored):
         out = np.empty((x.shape[0], stored.shape[0]), dtype=np.float32)
         # S = stored.T [K, M], rows contiguous
