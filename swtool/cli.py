@@ -560,6 +560,62 @@ def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types,
     click.echo(format_report(quantize_gguf(gguf_file, output, options)))
 
 
+@main.command("sweep")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@click.option("--types", default="q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0", show_default=True, metavar="T,T,..",
+              help="Export types (as swtool export --type), comma-separated.")
+@click.option("--handlings", default="none,keep:q8_0,control:q8_0", show_default=True, metavar="H,H,..",
+              help="none, keep[:TYPE] (--sw-handling keep --keep-type TYPE), isolate, control[:TYPE] (the same "
+                   "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32.")
+@click.option("--catalog", type=click.Path(dir_okay=False),
+              help="A scan catalog (swtool scan -o); without it, MODEL is scanned first with scan's defaults.")
+@click.option("--ctx", default=512, show_default=True, type=int,
+              help="Tokens per window; each window is an independent sequence and every prediction is scored.")
+@click.option("--windows", "n_windows", type=click.IntRange(min=1),
+              help="Score the first N windows of ctx tokens (default: every full window of the text).")
+@click.option("--out-dir", type=click.Path(file_okay=False),
+              help="Keep the GGUF files (and a scanned catalog) here; by default they go to a temporary "
+                   "directory that is removed.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="llama.cpp threads (one keeps runs on a busy machine comparable).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the result as JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
+@click.option("--no-progress", is_flag=True, help="No progress lines or bars on stderr.")
+@click.option("--force", is_flag=True, help="Replace -o and files of the same names in --out-dir.")
+def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, as_json,
+                  no_progress, force):
+    """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
+
+    Needs llama-cpp-python: pip install 'swtool[llama]'.
+    """
+    import json
+
+    from swtool.llama_score import require_llama
+
+    require_llama("swtool sweep")  # before anything is read or exported
+    from swtool.sweep import format_sweep, parse_handlings, parse_types, run_sweep
+
+    type_names, handling_list = parse_types(types), parse_handlings(handlings)
+    if output:
+        from swtool.atomic import check_destination
+
+        check_destination(output, force)
+    text = read_text(text_path)
+
+    def log(line):
+        if not no_progress:
+            click.echo(line, err=True)
+
+    result = run_sweep(model, text_path, text, type_names, handling_list, catalog, ctx, n_windows, out_dir,
+                       threads, force, not no_progress, log)
+    if output:
+        from swtool.atomic import write_text_atomic
+
+        write_text_atomic(output, json.dumps(result.to_json(), indent=2) + "\n")
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_sweep(result))
+
+
 @main.group("catalog")
 def catalog_group():
     """Super-weight catalogs."""

@@ -1,0 +1,74 @@
+"""Perplexity of a GGUF file in llama.cpp itself (llama-cpp-python, an optional extra).
+
+    pip install 'swtool[llama]'
+
+Each window of `ctx` tokens is an independent sequence (reset, then evaluate the window),
+every prediction in it is scored (position p's logits against token p+1), and the NLL is
+averaged over all predictions of all windows: the convention of swtool.evaluate, so a
+GGUF's score and `swtool eval`'s score of its source are comparable window for window.
+llama.cpp runs with `threads` threads for both the prompt and generation (its batch
+default is every core); one thread keeps runs on a shared machine comparable.
+"""
+
+import numpy as np
+
+from swtool.errors import SwtoolError
+
+EXTRA_HINT = "pip install 'swtool[llama]'"
+
+
+def require_llama(what="scoring in llama.cpp"):
+    """Fail at once, before any long work, if llama-cpp-python is missing."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SwtoolError(f"{what} needs llama-cpp-python, an optional extra: {EXTRA_HINT}") from None
+
+
+def load(path, ctx=512, threads=1):
+    """The GGUF at `path` in llama.cpp, keeping the logits of every position of a window."""
+    require_llama()
+    import llama_cpp
+
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=threads,
+                               n_threads_batch=threads, verbose=False)
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+        raise SwtoolError(f"{path}: llama.cpp could not load it ({e})") from None
+
+
+def close(llm):
+    """Free llama.cpp's model and context now rather than at garbage collection."""
+    if hasattr(llm, "close"):
+        llm.close()
+
+
+def windows(ids, ctx, n_windows):
+    """The first n_windows full windows of ctx tokens of `ids`."""
+    ids = [int(i) for i in ids]
+    if n_windows < 1 or len(ids) < ctx * n_windows:
+        raise SwtoolError(f"{len(ids)} tokens do not fill {n_windows} window(s) of {ctx}")
+    return [ids[i * ctx:(i + 1) * ctx] for i in range(n_windows)]
+
+
+def window_nll(llm, window):
+    """(summed NLL, predictions) of one window: every position's logits against the next token."""
+    llm.reset()
+    llm.eval(window)
+    logits = np.asarray(llm.scores[:len(window) - 1], dtype=np.float64)  # [positions, vocab]
+    # log-sum-exp with the row maximum taken out, so large logits do not overflow
+    peak = logits.max(axis=1)
+    log_total = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+    targets = np.asarray(window[1:])
+    return float(np.sum(log_total - logits[np.arange(len(targets)), targets])), len(targets)
+
+
+def perplexity(llm, token_windows):
+    """(perplexity, predictions scored) of the windows, each an independent sequence."""
+    total, count = 0.0, 0
+    for window in token_windows:
+        nll, n = window_nll(llm, window)
+        total += nll
+        count += n
+    return float(np.exp(total / count)), count
+
