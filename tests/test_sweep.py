@@ -182,8 +182,11 @@ def test_temporary_files_are_removed(smollm2, prose, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_removes_the_temporary_files(smollm2, prose, tmp_path):
-    """SIGINT once a GGUF is on disk: exit 130, one line, and nothing left in the temporary directory."""
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "interrupted (SIGINT)"),
+                                          (signal.SIGTERM, "terminated (SIGTERM)")])
+def test_a_signal_removes_the_temporary_files(smollm2, prose, tmp_path, signum, name):
+    """Ctrl-C or SIGTERM once a GGUF is on disk: exit 128 + signal, one line, and nothing left in the
+    temporary directory."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-m", "swtool", "sweep", str(smollm2), "--text", str(prose),
                                 "--types", "q8_0,q4_0", "--handlings", "none", "--windows", "1", "--no-progress"],
@@ -194,13 +197,13 @@ def test_ctrl_c_removes_the_temporary_files(smollm2, prose, tmp_path):
             assert process.poll() is None, process.communicate()
             assert time.time() < deadline, "no GGUF appeared"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1].startswith("error: interrupted (SIGINT)")
+    assert process.returncode == 128 + signum, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: {name}")
     assert list(tmp_path.iterdir()) == []
 
 
