@@ -102,3 +102,29 @@ def test_long_input_through_decode_and_blas_matches_transformers(tiny_factory, f
     expected = reference_logits(directory, tokens)
     got = forward(load_model(directory), tokens)[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+# --- attention over long inputs (query slices) ------------------------------------------
+
+@pytest.mark.parametrize("n_tokens, window, softcap", [(300, None, None), (300, 70, None), (257, None, 30.0),
+                                                       (128, None, None)])
+def test_sliced_attention_is_torch_attention(n_tokens, window, softcap):
+    """ops.attention cuts inputs longer than QUERY_BLOCK into query slices against the keys each
+    slice can see; torch's scaled_dot_product_attention on the full masked matrix agrees."""
+    from swtool import ops
+
+    rng = np.random.default_rng(n_tokens)
+    q = rng.standard_normal((2, 4, n_tokens, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 2, n_tokens, 16)).astype(np.float32) * 2
+    v = rng.standard_normal((2, 2, n_tokens, 16)).astype(np.float32)
+    mask = ops.causal_mask(n_tokens, window)
+    got = ops.attention(q, k, v, mask, scale=0.25, softcap=softcap)
+
+    tq, tk, tv = (torch.from_numpy(a).double() for a in (q, k, v))
+    tk, tv = tk.repeat_interleave(2, dim=1), tv.repeat_interleave(2, dim=1)  # grouped KV heads
+    scores = tq @ tk.transpose(-1, -2) * 0.25
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + torch.from_numpy(mask).double()
+    expected = (torch.softmax(scores, dim=-1) @ tv).numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-5)
