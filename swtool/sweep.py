@@ -144,8 +144,8 @@ class Row:
     perplexity: float
     predictions: int
     super_weight_tensors: dict  # llama.cpp name -> the ggml type it was stored in
-    control_tensors: dict
-    seconds: float
+    control_tensors: dict  # the control's tensors -> their ggml type
+    seconds: float  # export and scoring, wall time
 
     @property
     def bits_per_weight(self):
@@ -254,7 +254,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
             options = export_options(qtype, handling, catalog, controls, progress)
             row = score_file(model_path, path, options, windows, ctx, threads, holders,
                              control_names if handling.name == "control" else set())
-            row.type, row.handling, row.seconds = qtype, handling.label, round(time.time() - start, 1)
+            row.handling, row.seconds = handling.label, round(time.time() - start, 1)
             if out_dir is None:
                 path.unlink()  # one temporary file at a time on disk
             result.rows.append(row)
@@ -264,7 +264,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
 
 
 def score_file(model_path, path, options, windows, ctx, threads, holders, control_names):
-    """Export one file and score it in llama.cpp; a Row without its type, handling and time."""
+    """Export one file and score it in llama.cpp; a Row, its handling label and time still to fill in."""
     from swtool import llama_score
     from swtool.gguf_export import export
 
@@ -275,7 +275,7 @@ def score_file(model_path, path, options, windows, ctx, threads, holders, contro
     finally:
         llama_score.close(llm)
     stored = {t.name: t.qtype.name for t in report.tensors}
-    return Row(type=None, handling=None, file_bytes=report.file_size,
+    return Row(type=options.type, handling=None, file_bytes=report.file_size,
                tensor_bytes=sum(t.nbytes for t in report.tensors),
                parameters=sum(prod(t.shape) for t in report.tensors),
                perplexity=ppl, predictions=count,
