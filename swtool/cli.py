@@ -580,11 +580,13 @@ def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types,
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="llama.cpp threads (one keeps runs on a busy machine comparable).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the result as JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write perplexity against bits per weight, a line per handling, as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
 @click.option("--no-progress", is_flag=True, help="No progress lines or bars on stderr.")
-@click.option("--force", is_flag=True, help="Replace -o and files of the same names in --out-dir.")
-def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, as_json,
-                  no_progress, force):
+@click.option("--force", is_flag=True, help="Replace -o, --plot and files of the same names in --out-dir.")
+def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, plot,
+                  as_json, no_progress, force):
     """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
@@ -597,10 +599,15 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     from swtool.sweep import format_sweep, parse_handlings, parse_types, run_sweep
 
     type_names, handling_list = parse_types(types), parse_handlings(handlings)
-    if output:
-        from swtool.atomic import check_destination
+    from swtool.atomic import check_destination
 
-        check_destination(output, force)
+    for destination in (output, plot):
+        if destination:
+            check_destination(destination, force)
+    if plot:
+        from swtool.plot import require_matplotlib
+
+        require_matplotlib(plot)  # before the exports, not after them
     text = read_text(text_path)
 
     def log(line):
@@ -613,7 +620,13 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
         from swtool.atomic import write_text_atomic
 
         write_text_atomic(output, json.dumps(result.to_json(), indent=2) + "\n")
+    if plot:
+        from swtool.plot import plot_sweep
+
+        plot_sweep(plot, result, f"{model}: {text_path}, {result.windows} x {result.ctx} tokens")
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_sweep(result))
+    if plot and not as_json:
+        click.echo(f"plot written to {plot}")
 
 
 @main.group("catalog")

@@ -82,3 +82,45 @@ def plot_quantsim(path, result, title):
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower())
     plt.close(figure)
+
+
+def plot_sweep(path, result, title):
+    """`swtool sweep --plot`: perplexity in llama.cpp against bits per weight, one line per handling,
+    each type a point (labelled on the `none` line), the source's perplexity as a dashed line."""
+    require_matplotlib(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    handlings = list(dict.fromkeys(row.handling for row in result.rows))
+    for handling, marker in zip(handlings, "osD^v<>x+*"):
+        rows = sorted((row for row in result.rows if row.handling == handling), key=lambda row: row.bits_per_weight)
+        axes.plot([row.bits_per_weight for row in rows], [row.perplexity for row in rows], marker=marker,
+                  markersize=4, linewidth=1.1, label=handling)
+        if handling == "none":  # name each type once, beside its plain file
+            for row in rows:
+                axes.annotate(row.type, (row.bits_per_weight, row.perplexity), textcoords="offset points",
+                              xytext=(4, 4), fontsize=7)
+    axes.axhline(result.source_perplexity, color="gray", linestyle="--", linewidth=1,
+                 label=f"source (swtool eval) {result.source_perplexity:.2f}")
+    from matplotlib.ticker import ScalarFormatter
+
+    axes.set_xscale("log", base=2)  # spreads the crowded 4-6 bits against f16's 16
+    axes.set_yscale("log")  # 2-bit files are several times worse than the rest
+    for axis in (axes.xaxis, axes.yaxis):  # plain numbers on both log axes
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    bits = [row.bits_per_weight for row in result.rows]
+    axes.set_xticks([t for t in (2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32) if 0.9 * min(bits) <= t <= 1.1 * max(bits)])
+    axes.tick_params(which="both", labelsize=7)
+    axes.set_xlabel("bits per weight (llama.cpp's BPW)")
+    axes.set_ylabel("perplexity in llama.cpp")
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower())
+    plt.close(figure)

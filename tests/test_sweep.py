@@ -8,6 +8,7 @@ the files and llama.cpp's own count of bytes and parameters, stored types agains
 the source's perplexity against a transformers forward pass.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from swtool.sweep import control_layers
 pytestmark = pytest.mark.real
 
 TYPES = "f16,q2_k"
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HANDLINGS = "none,keep:q8_0,control:q8_0"
 
 
@@ -48,8 +50,9 @@ def prose(smollm2):
 def swept(smollm2, prose, tmp_path_factory):
     """The sweep's JSON result and the directory holding its files."""
     out = tmp_path_factory.mktemp("sweep")
+    plot = ("--plot", out / "sweep.png") if HAVE_MATPLOTLIB else ()  # an optional extra, not in the test extra
     result = swtool("sweep", smollm2, "--text", prose, "--types", TYPES, "--handlings", HANDLINGS,
-                    "--windows", 1, "--out-dir", out / "files", "-o", out / "sweep.json", "--no-progress")
+                    "--windows", 1, "--out-dir", out / "files", "-o", out / "sweep.json", *plot, "--no-progress")
     assert result.returncode == 0, result.stderr
     return json.loads((out / "sweep.json").read_text()), out / "files", result.stdout
 
@@ -84,6 +87,14 @@ def test_rows_and_skips(swept):
     assert table[1].split()[:4] == ["type", "super", "weights", "stored"]
     assert [line.split()[:2] for line in table[3:8]] == [["source", "swtool"], ["f16", "none"], ["q2_k", "none"],
                                                           ["q2_k", "keep:q8_0"], ["q2_k", "control:q8_0"]]
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (extra 'plot') is not installed")
+def test_plot_is_a_png(swept):
+    _, files, stdout = swept
+    png = files.parent / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stdout.splitlines()[-1] == f"plot written to {png}"
 
 
 def test_perplexities_are_llama_cpps_on_the_same_windows(swept, first_window):
@@ -233,6 +244,17 @@ def test_without_llama_cpp_python_it_fails_at_once_naming_the_extra(smollm2, pro
     result = subprocess.run([sys.executable, "-c", hide, "sweep", str(smollm2), "--text", str(prose),
                              "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert "pip install 'swtool[llama]'" in one_line_error(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_fails_at_once(smollm2, prose, tmp_path):
+    """matplotlib is an optional extra: hidden from the import system here, whether installed or not."""
+    hide = "import sys; sys.modules['matplotlib'] = None; from swtool.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", hide, "sweep", str(smollm2), "--text", str(prose),
+                             "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
+    assert "pip install 'swtool[plot]'" in one_line_error(result)
+    assert "name the file .png, .svg or .pdf" in one_line_error(
+        swtool("sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.gif"))
     assert list(tmp_path.iterdir()) == []
 
 
