@@ -437,7 +437,10 @@ def format_report(result):
                          f"{aware['perplexity']:.6g}", f"{aware['perplexity'] / base['perplexity']:.4g}",
                          aware["clipped"], aware["restored"]])
         lines.append(format_table(["block", "RTN", "x base", "SW-aware", "x base", "clipped", "restored"], rows))
-        lines.append(f"RTN: round to nearest, min-max per block; SW-aware: clip {w['clip']} per block, "
+        method = w["clip"].split(":")[0]
+        clip = {"zscore": f"clip {w['clip']} per block", "percentile": f"clip {w['clip']} of each tensor's |w|",
+                "none": "no clipping"}[method]
+        lines.append(f"RTN: round to nearest, min-max per block; SW-aware: {clip}, "
                      f"quantize, restore the super weights; block: elements per flat block of W [out, in]")
     if "activations" in result:
         a = result["activations"]
