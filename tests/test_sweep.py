@@ -8,7 +8,6 @@ the files and llama.cpp's own count of bytes and parameters, stored types agains
 the source's perplexity against a transformers forward pass.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -26,7 +25,6 @@ from swtool.sweep import control_layers
 pytestmark = pytest.mark.real
 
 TYPES = "f16,q2_k"
-HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HANDLINGS = "none,keep:q8_0,control:q8_0"
 
 
@@ -50,7 +48,7 @@ def prose(smollm2):
 def swept(smollm2, prose, tmp_path_factory):
     """The sweep's JSON result and the directory holding its files."""
     out = tmp_path_factory.mktemp("sweep")
-    plot = ("--plot", out / "sweep.png") if HAVE_MATPLOTLIB else ()  # an optional extra, not in the test extra
+    plot = ("--plot", out / "sweep.png")  # matplotlib: the optional extra `plot`, and in the test extra
     result = swtool("sweep", smollm2, "--text", prose, "--types", TYPES, "--handlings", HANDLINGS,
                     "--windows", 1, "--out-dir", out / "files", "-o", out / "sweep.json", *plot, "--no-progress")
     assert result.returncode == 0, result.stderr
@@ -89,7 +87,6 @@ def test_rows_and_skips(swept):
                                                           ["q2_k", "keep:q8_0"], ["q2_k", "control:q8_0"]]
 
 
-@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (extra 'plot') is not installed")
 def test_plot_is_a_png(swept):
     _, files, stdout = swept
     png = files.parent / "sweep.png"
