@@ -173,7 +173,6 @@ class QuantizeWeights:
     keep: dict
     read_whole: object
     clipped: dict = field(default_factory=dict)  # name -> elements clipped
-    restored: int = 0
     _whole: tuple = (None, None)  # (name, quantized W) of the last matrix read in chunks
 
     def touches(self, name):
@@ -197,7 +196,6 @@ class QuantizeWeights:
         if setting.aware:
             for row, col in self.keep.get(name, ()):
                 quantized[row, col] = weight[row, col]  # the super weight, exactly as stored
-                self.restored += 1
         return quantized
 
 
