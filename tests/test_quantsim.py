@@ -410,3 +410,16 @@ def test_smollm2_activation_quantsim_matches_transformers_and_the_paper(smollm2,
         assert low - (high - low) / 2 <= got <= high + (high - low) / 2, (got, expected)
     assert base < kept < plain
     assert max(variants["keep"]) < min(variants["plain"])  # the gap is larger than the float32 spread
+
+
+def test_mixtures_quantize_weights_but_refuse_activations(tiny_factory):
+    """A mixture's experts are 2-D matrices of their own: quantized. Their inputs gather tokens of
+    several sequences, so per-sequence int8 activations are refused with a one-line error."""
+    from swtool.errors import SwtoolError
+
+    directory, _ = tiny_factory("mixtral", "float32")
+    model = load_model(directory)
+    assert any(".experts.0." in name for name in quantized_matrices(model))
+    chunks = make_chunks(random_tokens(40, seed=8), 20)
+    with pytest.raises(SwtoolError, match="mixtures of experts"):
+        run_activations(model, chunks, [], progress=False)
