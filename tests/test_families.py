@@ -42,6 +42,12 @@ CASES = [
     # the planted weight sits in expert 2's w2 only; llama.cpp stacks the experts in one tensor
     Case("mixtral", "model.layers.2.block_sparse_moe.experts.2.w2.weight", "blk.2.ffn_down_exps.weight",
          Plant(2, 41, 101, expert=2), expert=2),
+    Case("qwen3-moe", "model.layers.2.mlp.experts.2.down_proj.weight", "blk.2.ffn_down_exps.weight",
+         Plant(2, 41, 101, expert=2), expert=2),
+    Case("qwen2-moe", "model.layers.2.mlp.experts.2.down_proj.weight", "blk.2.ffn_down_exps.weight",
+         Plant(2, 41, 101, expert=2), expert=2),
+    Case("olmoe", "model.layers.2.mlp.experts.2.down_proj.weight", "blk.2.ffn_down_exps.weight",
+         Plant(2, 41, 101, expert=2), expert=2),
     Case("phi3", "model.layers.2.mlp.down_proj.weight"),
     Case("phi3-longrope", "model.layers.2.mlp.down_proj.weight"),
     Case("phi3-partial-longrope", "model.layers.2.mlp.down_proj.weight"),

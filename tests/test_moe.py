@@ -1,5 +1,6 @@
-"""Mixtures of experts (Mixtral) beyond the family cases: both checkpoint layouts, edits of one
-expert's weights, routing recomputed per world, and the catalog naming the expert.
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) beyond the family cases: both
+checkpoint layouts, edits of one expert's weights, routing recomputed per world, the catalog
+naming the expert, Qwen2-MoE's shared expert, dense layers and Hub config spellings.
 
 The two layouts are both written by transformers itself: save_pretrained's default
 (the Hub's per-expert `block_sparse_moe.experts.E.w2.weight`) and
@@ -192,3 +193,129 @@ def test_missing_expert_tensor_is_a_clear_error(tiny_factory, tmp_path):
     shutil.copy(directory / "config.json", broken / "config.json")
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.3\.w2"):
         load_model(broken)
+
+
+# --- Qwen2-MoE, Qwen3-MoE, OLMoE: experts `mlp.experts.E.{gate,up,down}_proj` on the Hub -----------
+
+QWEN_STYLE = ["qwen3-moe", "qwen2-moe", "olmoe"]
+
+
+def tolerance(expected):
+    return 2e-5 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("family", QWEN_STYLE)
+def test_qwen_style_layouts_give_identical_logits(tiny_factory, tmp_path, family):
+    """save_pretrained's default writes Hub-style per-expert tensors; the stacked re-save reads the same."""
+    per_expert, _ = tiny_factory(family, "bfloat16")
+    stacked = stacked_copy(per_expert, tmp_path / "stacked")
+    assert {"model.layers.2.mlp.experts.3.down_proj.weight", "model.layers.2.mlp.experts.3.gate_proj.weight",
+            "model.layers.2.mlp.experts.3.up_proj.weight", "model.layers.2.mlp.gate.weight"} <= tensor_names(per_expert)
+    assert {"model.layers.2.mlp.experts.down_proj", "model.layers.2.mlp.experts.gate_up_proj"} <= tensor_names(stacked)
+    tokens = random_tokens(19, seed=4)
+    got_stacked = forward(load_model(stacked), tokens)
+    np.testing.assert_array_equal(got_stacked, forward(load_model(per_expert), tokens))
+    expected = reference_logits(stacked, tokens)
+    np.testing.assert_allclose(got_stacked[0], expected, rtol=0, atol=tolerance(expected))
+
+
+@pytest.mark.parametrize("family", QWEN_STYLE)
+def test_qwen_style_scan_of_stacked_layout_names_the_expert(tiny_factory, tmp_path, family):
+    per_expert, _ = tiny_factory(family, "bfloat16", plants=(PLANT,))
+    model = load_model(stacked_copy(per_expert, tmp_path / "stacked"))
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, _ = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    assert [(sw.layer, sw.expert, sw.row, sw.col) for sw in found] == [(2, 2, 41, 101)]
+    (sw,) = found
+    assert (sw.tensor, sw.gguf_tensor, sw.tensor_index) == ("model.layers.2.mlp.experts.down_proj",
+                                                          "blk.2.ffn_down_exps.weight", [2, 41, 101])
+    with safe_open(model.directory / "model.safetensors", "pt") as f:
+        assert sw.value == f.get_tensor(sw.tensor)[2, 41, 101].float().item() == pytest.approx(PLANT.value, rel=1e-2)
+    assert sw.verification["verified"]
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked"])
+def test_qwen2_moe_shared_expert_edit_matches_transformers(tiny_factory, tmp_path, layout):
+    """The shared expert (sigmoid-gated, beside the routed ones) is a real, editable part of the layer."""
+    directory, _ = tiny_factory("qwen2-moe", "float32")
+    if layout == "stacked":
+        directory = stacked_copy(directory, tmp_path / "stacked")
+    tokens = random_tokens(11, seed=6)
+    layer, row, col, factor = 1, 5, 17, 1000.0
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        intact = model(torch.tensor([list(tokens)])).logits[0].numpy()
+        model.model.layers[layer].mlp.shared_expert.down_proj.weight[row, col] *= factor
+        expected = model(torch.tensor([list(tokens)])).logits[0].numpy()
+    assert np.abs(expected - intact).max() > 100 * tolerance(expected)  # the edit shows at this tolerance
+    edit = Edit(f"model.layers.{layer}.mlp.shared_expert.down_proj.weight", row, col, factor)
+    loaded = load_model(directory)
+    by_world = forward(loaded, tokens, worlds=[World("intact"), World("scaled", (edit,))])
+    np.testing.assert_allclose(by_world[0], intact, rtol=0, atol=tolerance(intact))
+    np.testing.assert_allclose(by_world[1], expected, rtol=0, atol=tolerance(expected))
+    by_transform = forward(loaded, tokens, transforms=[ScaleElements([edit])])[0]
+    np.testing.assert_allclose(by_transform, expected, rtol=0, atol=tolerance(expected))
+
+
+def test_qwen2_moe_dense_layers_by_decoder_sparse_step(tiny_factory):
+    """decoder_sparse_step 2: layers 0 and 2 are dense MLPs (no shared expert), 1 and 3 mixtures."""
+    directory, _ = tiny_factory("qwen2-moe", "float32", decoder_sparse_step=2)
+    names = tensor_names(directory)
+    assert "model.layers.2.mlp.down_proj.weight" in names and "model.layers.1.mlp.shared_expert_gate.weight" in names
+    assert not any(name.startswith("model.layers.2.mlp.experts") for name in names)
+    tokens = random_tokens(19, seed=3)
+    expected = reference_logits(directory, tokens)
+    np.testing.assert_allclose(forward(load_model(directory), tokens)[0], expected, rtol=0, atol=tolerance(expected))
+    arch = load_model(directory).arch
+    assert arch.down_proj_name(2) == "model.layers.2.mlp.down_proj.weight"
+    assert arch.gguf_name("model.layers.2.mlp.down_proj.weight") == "blk.2.ffn_down.weight"
+    assert arch.down_proj_name(3, 1) == "model.layers.3.mlp.experts.1.down_proj.weight"
+    with pytest.raises(SwtoolError, match="per expert"):
+        arch.down_proj_name(3)
+
+
+def test_qwen3_moe_hub_config_says_num_experts(tiny_factory, tmp_path):
+    """transformers 5 saves Qwen3-MoE's expert count as num_local_experts; Hub configs say num_experts."""
+    directory, _ = tiny_factory("qwen3-moe", "float32")
+    copy = tmp_path / "hub"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    (copy / "config.json").write_text(json.dumps(config))
+    tokens = random_tokens(19, seed=3)
+    expected = reference_logits(copy, tokens)
+    got = forward(load_model(copy), tokens)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected))
+    np.testing.assert_array_equal(got, forward(load_model(directory), tokens)[0])
+
+
+def test_olmoe_clips_after_the_qk_norms(tiny_factory):
+    """The tiny OLMoE's clip (1.5) bites on its normalised q/k/v: logits differ from an unclipped copy,
+    and swtool follows transformers in both."""
+    tokens = random_tokens(19, seed=3)
+    logits = []
+    for clip in (1.5, None):
+        directory, _ = tiny_factory("olmoe", "float32", clip_qkv=clip)
+        expected = reference_logits(directory, tokens)
+        got = forward(load_model(directory), tokens)[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(expected))
+        logits.append(expected)
+    assert np.abs(logits[0] - logits[1]).max() > 100 * tolerance(logits[0])
+
+
+def test_qwen2_moe_hub_config_without_layer_types_slides_odd_layers(tiny_factory, tmp_path):
+    """Hub Qwen2-MoE configs have no layer_types: transformers slides layers 0 and 2 (below max_window_layers 3)."""
+    directory, _ = tiny_factory("qwen2-moe", "float32")
+    tokens = random_tokens(19, seed=3)  # past the window of 5
+    logits = []
+    for name, use_window in (("hub", True), ("no-window", False)):
+        copy = tmp_path / name
+        shutil.copytree(directory, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config.pop("layer_types")
+        config["use_sliding_window"] = use_window
+        (copy / "config.json").write_text(json.dumps(config))
+        expected = reference_logits(copy, tokens)
+        np.testing.assert_allclose(forward(load_model(copy), tokens)[0], expected, rtol=0, atol=tolerance(expected))
+        logits.append(expected)
+    assert np.abs(logits[0] - logits[1]).max() > 100 * tolerance(logits[0])  # the window matters here

@@ -11,7 +11,7 @@ import pkgutil
 from swtool.arch.base import Architecture
 from swtool.errors import SwtoolError
 
-NOT_FAMILIES = {"base", "rope"}  # helper modules of this package
+NOT_FAMILIES = {"base", "rope", "moe"}  # helper modules of this package
 
 
 def _registry():

@@ -124,11 +124,12 @@ class Olmo2(Olmo):
 
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
-        # q/k norms span the whole projection (every head at once), before the split into heads
+        # q/k norms span the whole projection (every head at once), before the split into heads;
+        # clip is a no-op for OLMo 2 (OLMoE, a subclass, clamps after the norms)
         q = ops.rms_norm(ctx.linear(h, p + "q_proj.weight", self.qkv_bias), ctx.weight(p + "q_norm.weight"), self.eps)
         k = ops.rms_norm(ctx.linear(h, p + "k_proj.weight", self.qkv_bias), ctx.weight(p + "k_norm.weight"), self.eps)
         v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        return self.attend(ctx, layer, q, k, v)
+        return self.attend(ctx, layer, self.clip(q), self.clip(k), self.clip(v))
 
     def head(self, ctx, x):
         x = ops.rms_norm(x, ctx.weight("model.norm.weight"), self.eps)

@@ -29,14 +29,8 @@ class Qwen3(Llama):
         return shapes
 
     def sliding_window(self, layer):
-        """transformers drops the window entirely unless use_sliding_window; then layer_types or max_window_layers."""
-        window = self.config.get("sliding_window")
-        if not self.config.get("use_sliding_window", False) or window is None:
-            return None
-        layer_types = self.config.get("layer_types")
-        if isinstance(layer_types, list) and layer < len(layer_types):
-            return window if layer_types[layer] == "sliding_attention" else None
-        return window if layer >= self.config.get("max_window_layers", 28) else None
+        """Without layer_types the window slides from max_window_layers on."""
+        return qwen_window(self.config, layer, lambda i: i >= self.config.get("max_window_layers", 28))
 
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
@@ -58,3 +52,16 @@ class Qwen3(Llama):
         out = ops.attention(q, k, v, mask, scale=self.head_dim ** -0.5)
         out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
         return ctx.linear(out, p + "o_proj.weight", self.o_bias)
+
+
+def qwen_window(config, layer, slides_by_default):
+    """Attention window of a Qwen-family layer, or None: transformers drops the window entirely
+    unless use_sliding_window; then layer_types says, or (Hub configs without them) the family's
+    default rule `slides_by_default(layer)`."""
+    window = config.get("sliding_window")
+    if not config.get("use_sliding_window", False) or window is None:
+        return None
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and layer < len(layer_types):
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window if slides_by_default(layer) else None

@@ -1,0 +1,186 @@
+"""Sparse mixtures of experts: what Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE share.
+
+    h      = x + o_proj(attention(...))                       the family's own attention
+    p      = softmax(gate(norm(h)))                           router over n experts, per token
+    top    = the k most probable experts, weights p (divided by their sum when the family normalises)
+    out    = h + sum over e in top: weight_e * down_e(act(gate_e(norm(h))) * up_e(norm(h)))
+
+Two checkpoint layouts hold the same expert weights (BLOCK is `block_sparse_moe` for
+Mixtral's per-expert files, `mlp` otherwise; GATE/UP/DOWN are w1/w3/w2 for Mixtral,
+gate_proj/up_proj/down_proj otherwise):
+  - per expert (the Hub's checkpoints; transformers' save_pretrained by default):
+      model.layers.N.BLOCK.gate.weight                 [experts, hidden]
+      model.layers.N.BLOCK.experts.E.GATE.weight       [ff, hidden]
+      model.layers.N.BLOCK.experts.E.UP.weight         [ff, hidden]
+      model.layers.N.BLOCK.experts.E.DOWN.weight       [hidden, ff]
+  - stacked (transformers 5's own modules, save_pretrained(save_original_format=False)):
+      model.layers.N.mlp.gate.weight                   [experts, hidden]
+      model.layers.N.mlp.experts.gate_up_proj          [experts, 2 ff, hidden]  gate rows, then up rows
+      model.layers.N.mlp.experts.down_proj             [experts, hidden, ff]
+
+Qwen-style configs may keep some layers dense (a plain gated MLP, `mlp.{gate,up,down}_proj`):
+layer i is sparse unless i is in `mlp_only_layers` or (i + 1) is not a multiple of
+`decoder_sparse_step`, as transformers decides.
+
+Routing is computed per world: removing a weight upstream changes the router's
+input, so a world may send a token to other experts than the intact model does.
+Each expert still reads its weights once per pass, for the rows of all worlds it receives.
+"""
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from swtool import ops
+from swtool.errors import SwtoolError
+
+STACKED_DOWN = re.compile(r"model\.layers\.\d+\.mlp\.experts\.down_proj")
+
+
+@dataclass
+class Routed:
+    """The rows one expert receives: row n is token `token[n]` of batch row `world[n]` (the world,
+    with one sequence per world as in a scan), with router weight `weight[n]`."""
+
+    world: np.ndarray
+    token: np.ndarray
+    weight: np.ndarray
+
+
+class Mixture:
+    """Mixin in front of an attention family (`class Mixtral(Mixture, Llama)`): its MLPs become experts."""
+
+    per_expert_block = "mlp"  # the module holding router and experts in per-expert checkpoints
+    expert_matrices = ("gate_proj", "up_proj", "down_proj")  # per-expert names of gate, up, down
+
+    def init_mixture(self, ff_key, normalise):
+        """Read the mixture's sizes; `normalise`: top-k weights divided by their sum (Mixtral always)."""
+        # transformers maps num_experts and num_local_experts onto each other (attribute_map):
+        # Hub Qwen/OLMoE configs say num_experts, transformers 5 saves Qwen3-MoE's as num_local_experts
+        experts_key = "num_local_experts" if "num_local_experts" in self.config else "num_experts"
+        self.n_experts = self.require(experts_key, int)
+        self.top_k = self.require("num_experts_per_tok", int)
+        if not 1 <= self.top_k <= self.n_experts:
+            raise SwtoolError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and "
+                              f"{experts_key} = {self.n_experts}")
+        self.expert_ff = self.require(ff_key, int)
+        self.normalise_top_k = normalise
+        self.sparse_step = int(self.config.get("decoder_sparse_step") or 1)
+        dense = self.config.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(type(i) is int for i in dense):
+            raise SwtoolError(f"config.json ({self.model_type}): mlp_only_layers = {dense!r} is not a list of integers")
+        self.dense_layers = set(dense)
+        self.stacked = False  # per-expert tensors until adapt() sees the stacked ones
+
+    def adapt(self, names):
+        self.stacked = any(STACKED_DOWN.fullmatch(name) for name in names)
+
+    def is_sparse(self, layer):
+        return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
+
+    # --- names ---------------------------------------------------------------------
+    def router_name(self, layer):
+        return f"model.layers.{layer}.{'mlp' if self.stacked else self.per_expert_block}.gate.weight"
+
+    def expert_name(self, layer, expert, matrix):
+        """Per-expert layout: the name of expert `expert`'s matrix 0 (gate), 1 (up) or 2 (down)."""
+        return f"model.layers.{layer}.{self.per_expert_block}.experts.{expert}.{self.expert_matrices[matrix]}.weight"
+
+    def down_proj_name(self, layer, expert=None):
+        if not self.is_sparse(layer):
+            return super().down_proj_name(layer)  # a dense layer's MLP
+        if expert is None:
+            raise SwtoolError(f"layer {layer}'s down projections are per expert: give the expert")
+        if self.stacked:
+            return f"model.layers.{layer}.mlp.experts.down_proj"
+        return self.expert_name(layer, expert, 2)
+
+    def gguf_name(self, hf_name):
+        # llama.cpp's converter stacks a layer's experts into one 3-D tensor per matrix
+        # (blk.N.ffn_down_exps.weight: expert = slowest axis, ne[2]); gguf-py names the
+        # stacked tensor, so a per-expert name maps through its stacked spelling
+        per_expert = re.fullmatch(r"(model\.layers\.\d+\.\w+\.experts)\.\d+\.(\w+\.weight)", hf_name)
+        dense = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", hf_name)
+        if per_expert:
+            hf_name = f"{per_expert[1]}.{per_expert[2]}"
+        elif STACKED_DOWN.fullmatch(hf_name):
+            hf_name += ".weight"  # transformers 5 names the stacked parameter without the suffix
+        elif dense and not self.is_sparse(int(dense[1])):
+            # gguf-py's MoE maps leave out dense MLPs; llama.cpp's generic names for them
+            return f"blk.{dense[1]}.ffn_{dense[2]}.weight"
+        return super().gguf_name(hf_name)
+
+    def tensor_shapes(self):
+        shapes = super().tensor_shapes()
+        d, ff, n = self.hidden_size, self.expert_ff, self.n_experts
+        for layer in range(self.n_layers):
+            if not self.is_sparse(layer):
+                continue
+            for name in ("gate_proj", "up_proj", "down_proj"):  # the dense MLP is not there
+                del shapes[f"model.layers.{layer}.mlp.{name}.weight"]
+            shapes[self.router_name(layer)] = (n, d)
+            if self.stacked:
+                shapes[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = (n, 2 * ff, d)
+                shapes[f"model.layers.{layer}.mlp.experts.down_proj"] = (n, d, ff)
+                continue
+            for expert in range(n):
+                shapes[self.expert_name(layer, expert, 0)] = shapes[self.expert_name(layer, expert, 1)] = (ff, d)
+                shapes[self.expert_name(layer, expert, 2)] = (d, ff)
+        return shapes
+
+    # --- math ------------------------------------------------------------------------
+    def block(self, ctx, layer, x):
+        if not self.is_sparse(layer):
+            return super().block(ctx, layer, x)  # a dense layer: the family's own MLP
+        p = f"model.layers.{layer}."
+        # attention sub-block: pre-norm, the family's attention, add
+        h = ops.rms_norm(x, ctx.weight(p + "input_layernorm.weight"), self.eps)
+        x = x + self.attention(ctx, layer, h)
+        ctx.observe("resid_mid", layer, x)
+        # mixture sub-block: pre-norm, route, experts, weighted sum, add
+        h = ops.rms_norm(x, ctx.weight(p + "post_attention_layernorm.weight"), self.eps)
+        moe = self.mixture(ctx, layer, h)
+        ctx.observe("down_out", layer, moe)  # what the down projections add to the residual
+        x = x + moe
+        ctx.observe("resid", layer, x)
+        return x
+
+    def mixture(self, ctx, layer, h):
+        """Route every token of every world to its top-k experts; sum their weighted outputs."""
+        top, weights = self.route(ctx.linear(h, self.router_name(layer)))
+        out = np.zeros_like(h)
+        for expert in range(self.n_experts):
+            world, token, slot = np.nonzero(top == expert)  # each (world, token) picks an expert at most once
+            if len(world) == 0:
+                continue
+            routed = Routed(world, token, weights[world, token, slot])
+            y = self.expert(ctx, layer, expert, h[world, token][None], routed)
+            out[world, token] += routed.weight[:, None] * y[0]
+        return out
+
+    def route(self, logits):
+        """Router logits [W, T, experts] -> (top-k expert ids, their softmax weights), [W, T, k]."""
+        probs = ops.softmax(logits)
+        top = np.argsort(-probs, axis=-1, kind="stable")[..., : self.top_k]  # exact ties: the lower id
+        weights = np.take_along_axis(probs, top, axis=-1)
+        if self.normalise_top_k:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return top, weights
+
+    def expert(self, ctx, layer, expert, x, routed):
+        """One expert's gated MLP on the rows it receives: x [1, N, hidden] -> [1, N, hidden]."""
+        if self.stacked:
+            base = f"model.layers.{layer}.mlp.experts."
+            gate_up = ctx.linear(x, base + "gate_up_proj", world=routed.world, expert=expert)
+            gate, up = np.split(gate_up, 2, axis=-1)  # gate rows first, then up rows
+            down, down_expert = base + "down_proj", expert
+        else:
+            gate = ctx.linear(x, self.expert_name(layer, expert, 0), world=routed.world)
+            up = ctx.linear(x, self.expert_name(layer, expert, 1), world=routed.world)
+            down, down_expert = self.expert_name(layer, expert, 2), None  # the name already is the expert's
+        act = self.activation(gate) * up
+        ctx.observe_expert("down_in", layer, expert, routed, act[0])
+        y = ctx.linear(act, down, world=routed.world, expert=down_expert)
+        ctx.observe_expert("down_out", layer, expert, routed, y[0])
+        return y

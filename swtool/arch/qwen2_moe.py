@@ -1,0 +1,58 @@
+"""Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (q/k/v biases) and a sparse
+mixture of experts beside an always-on shared expert scaled by its own sigmoid gate:
+
+    p      = softmax(mlp.gate(norm(h)))                 router over num_experts, per token
+    top    = the num_experts_per_tok most probable; weights p, / their sum if norm_topk_prob (default off)
+    routed = sum over e in top: weight_e * down_e(silu(gate_e(norm(h))) * up_e(norm(h)))
+    shared = sigmoid(shared_expert_gate(norm(h))) * shared_expert.down_proj(silu(..gate_proj..) * ..up_proj..)
+    out    = h + routed + shared
+
+The shared expert is one dense gated MLP (`mlp.shared_expert.{gate,up,down}_proj`, sized
+shared_expert_intermediate_size) in every sparse layer. Its output is part of "down_out",
+but scan traces spikes only to the routed experts' down projections. Routing, layouts
+and dense layers: moe.py.
+"""
+
+import numpy as np
+
+from swtool.arch.llama import Llama
+from swtool.arch.moe import Mixture
+from swtool.arch.qwen3 import qwen_window
+
+
+class Qwen2Moe(Mixture, Llama):
+    model_types = ("qwen2_moe",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.qkv_bias = bool(config.get("qkv_bias", True))  # Qwen2's q/k/v biases, a config flag here
+        self.init_mixture("moe_intermediate_size", normalise=bool(config.get("norm_topk_prob", False)))
+        self.shared_ff = self.require("shared_expert_intermediate_size", int)
+
+    def gguf_arch(self):
+        return "QWEN2MOE"
+
+    def sliding_window(self, layer):
+        """Without layer_types transformers slides odd-numbered (1-based) layers below max_window_layers."""
+        return qwen_window(self.config, layer, lambda i: (i + 1) % 2 and i < self.config.get("max_window_layers", 28))
+
+    def tensor_shapes(self):
+        shapes = super().tensor_shapes()
+        d, ff = self.hidden_size, self.shared_ff
+        for layer in range(self.n_layers):
+            if not self.is_sparse(layer):
+                continue
+            p = f"model.layers.{layer}.mlp.shared_expert"
+            shapes[p + ".gate_proj.weight"] = shapes[p + ".up_proj.weight"] = (ff, d)
+            shapes[p + ".down_proj.weight"] = (d, ff)
+            shapes[p + "_gate.weight"] = (1, d)
+        return shapes
+
+    def mixture(self, ctx, layer, h):
+        """The routed experts' weighted sum plus the gated shared expert."""
+        routed = super().mixture(ctx, layer, h)
+        p = f"model.layers.{layer}.mlp.shared_expert"
+        act = self.activation(ctx.linear(h, p + ".gate_proj.weight")) * ctx.linear(h, p + ".up_proj.weight")
+        shared = ctx.linear(act, p + ".down_proj.weight")
+        gate = 1.0 / (1.0 + np.exp(-ctx.linear(h, p + "_gate.weight")))  # sigmoid, [W, T, 1]
+        return routed + gate * shared
