@@ -319,3 +319,19 @@ def test_qwen2_moe_hub_config_without_layer_types_slides_odd_layers(tiny_factory
         np.testing.assert_allclose(forward(load_model(copy), tokens)[0], expected, rtol=0, atol=tolerance(expected))
         logits.append(expected)
     assert np.abs(logits[0] - logits[1]).max() > 100 * tolerance(logits[0])  # the window matters here
+
+
+@pytest.mark.parametrize("key, value", [("decoder_sparse_step", "2"), ("decoder_sparse_step", 0),
+                                        ("mlp_only_layers", "0"), ("mlp_only_layers", [0.5]),
+                                        ("norm_topk_prob", "false"), ("num_local_experts", 1)])
+def test_bad_mixture_config_is_one_line(tiny_factory, tmp_path, key, value):
+    directory, _ = tiny_factory("qwen3-moe", "float32")
+    copy = tmp_path / "bad"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config[key] = value  # num_local_experts 1 < num_experts_per_tok 2
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=key if key != "num_local_experts" else "num_experts_per_tok"):
+        load_model(copy)
+    result = subprocess.run([sys.executable, "-m", "swtool", "scan", copy, "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")

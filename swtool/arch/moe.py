@@ -65,8 +65,11 @@ class Mixture:
             raise SwtoolError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and "
                               f"{experts_key} = {self.n_experts}")
         self.expert_ff = self.require(ff_key, int)
+        if not isinstance(normalise, bool):
+            raise SwtoolError(f"config.json ({self.model_type}): norm_topk_prob = {normalise!r} is not true or false")
         self.normalise_top_k = normalise
-        self.sparse_step = int(self.config.get("decoder_sparse_step") or 1)
+        has_step = self.config.get("decoder_sparse_step") is not None
+        self.sparse_step = self.require("decoder_sparse_step", int) if has_step else 1
         dense = self.config.get("mlp_only_layers") or []
         if not isinstance(dense, list) or not all(type(i) is int for i in dense):
             raise SwtoolError(f"config.json ({self.model_type}): mlp_only_layers = {dense!r} is not a list of integers")

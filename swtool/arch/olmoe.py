@@ -22,7 +22,7 @@ class Olmoe(Mixture, Olmo2):
         super().__init__(config)
         clip = config.get("clip_qkv")  # Olmo2 drops it; OLMoE clamps after the q/k norms
         self.clip_qkv = None if clip is None else float(clip)
-        self.init_mixture("intermediate_size", normalise=bool(config.get("norm_topk_prob", False)))
+        self.init_mixture("intermediate_size", normalise=config.get("norm_topk_prob", False))
 
     def gguf_arch(self):
         return "OLMOE"

@@ -26,7 +26,7 @@ class Qwen2Moe(Mixture, Llama):
     def __init__(self, config):
         super().__init__(config)
         self.qkv_bias = bool(config.get("qkv_bias", True))  # Qwen2's q/k/v biases, a config flag here
-        self.init_mixture("moe_intermediate_size", normalise=bool(config.get("norm_topk_prob", False)))
+        self.init_mixture("moe_intermediate_size", normalise=config.get("norm_topk_prob", False))
         self.shared_ff = self.require("shared_expert_intermediate_size", int)
 
     def gguf_arch(self):

@@ -18,7 +18,7 @@ class Qwen3Moe(Mixture, Qwen3):
 
     def __init__(self, config):
         super().__init__(config)
-        self.init_mixture("moe_intermediate_size", normalise=bool(config.get("norm_topk_prob", False)))
+        self.init_mixture("moe_intermediate_size", normalise=config.get("norm_topk_prob", False))
 
     def gguf_arch(self):
         return "QWEN3MOE"
