@@ -22,7 +22,8 @@ dequantize + a float64 matmul by float32 accumulation error alone
 (tests/test_gguf_kernels.py).
 
 Long inputs (eval's many tokens) go through swtool.quant.dequantize, Numba's
-parallel decoder, and BLAS instead (checkpoint/gguf_file.py; `fused_pays_off`).
+parallel decoder, and BLAS instead (checkpoint/gguf_file.py); kernels.fused_pays_off
+chooses, by kernels.BLOCK_MAX_ROWS (measured by bench/gguf_scan.py).
 """
 
 import numba
@@ -38,6 +39,7 @@ Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = range(len(BLOCK_TYP
 BLOCK_SHAPES = ((32, 34), (32, 18), (32, 20), (32, 22), (32, 24),
                 (256, 84), (256, 110), (256, 144), (256, 176), (256, 210))
 SEGMENT = 256  # columns decoded at a time per weight row: a multiple of every block size
+
 
 @numba.njit(cache=True, inline="always")
 def _half(blk, at):
