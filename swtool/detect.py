@@ -29,7 +29,10 @@ each sees only the tokens routed to it. The layer's output is then the
 router-weighted sum of its experts' down projections; a spike in it is traced to
 columns of every expert its token was routed to, by contribution
 router weight * x[t, m] * W[j, m], so a super weight is found inside one expert
-and the catalog names that expert.
+and the catalog names that expert. A shared expert (Qwen2-MoE) sees every token and
+is scaled by its sigmoid gate: it is one more source of the spike, judged by
+gate * x[t, m] * W[j, m]; its down projection is a plain 2-D matrix
+(`mlp.shared_expert.down_proj.weight`), so its catalog entry has expert null.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from swtool import kernels
+from swtool.arch.moe import SHARED
 from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 from swtool.forking import ForkingPass, prefix, world_order
@@ -61,7 +65,7 @@ class SuperWeight:
     layer: int
     row: int
     col: int
-    expert: int | None  # the mixture expert whose down projection holds it; None for a dense MLP
+    expert: int | None  # the mixture expert whose down projection holds it; None for a dense MLP or shared expert
     tensor: str  # Hugging Face name; a stacked-experts tensor holds it at [expert, row, col]
     gguf_tensor: str  # llama.cpp name; ffn_down_exps stacks experts: element [expert, row, col]
     value: float
@@ -70,10 +74,11 @@ class SuperWeight:
     token: int  # position of the spike in the prompt
     input_activation: float  # down_proj input x[token, col] (the expert's, for a mixture)
     output_activation: float  # down_proj output y[token, row] (for a mixture: the experts' weighted sum)
-    contribution: float  # x[token, col] * W[row, col], times router_weight for an expert
+    contribution: float  # x[token, col] * W[row, col], times router_weight for an expert or shared expert
     super_activation: float  # residual stream [token, row] after the layer, intact model
     iteration: int
-    router_weight: float | None = None  # the expert's routing weight at `token`; None for a dense MLP
+    # the expert's routing weight at `token` (a shared expert's: its sigmoid gate); None for a dense MLP
+    router_weight: float | None = None
     # the element's index in `tensor` as stored: [row, col]; [col, row] for a Conv1D weight
     # stored [in, out] (GPT-2); [expert, row, col] in a stacked-experts tensor
     tensor_index: list | None = None
@@ -97,7 +102,7 @@ class Recorder:
     A world's activations at layer l are stored under its prefix at l (forking.py),
     so worlds that agree up to l share them. A mixture layer has no single
     down_proj input: its experts' inputs are kept per (layer, expert), for the
-    tokens routed to each (`experts`).
+    tokens routed to each (`experts`); a shared expert's under the label SHARED.
     """
 
     POINTS = ("down_in", "down_out", "resid_mid", "resid")
@@ -132,15 +137,21 @@ class Recorder:
 
     def down_inputs(self, layer, key, token):
         """[(expert, router weight, input vector)] of each down projection that saw `token` of world
-        `key` in `layer`: the dense MLP's (expert None, weight 1), or each expert the token was routed to."""
+        `key` in `layer`: the dense MLP's (expert None, weight 1), or each expert the token was routed to
+        (and a shared expert, label SHARED, its sigmoid gate as the weight)."""
         if layer in self.data["down_in"]:
             return [(None, 1.0, self.at("down_in", layer, key)[token])]
         sources = []
-        for expert, (tokens, weights, x) in sorted(self.experts.get(layer, {}).get(prefix(key, layer), {}).items()):
+        for expert, (tokens, weights, x) in by_expert(self.experts.get(layer, {}).get(prefix(key, layer), {})):
             hit = np.flatnonzero(tokens == token)
             if hit.size:
                 sources.append((expert, float(weights[hit[0]]), x[hit[0]]))
         return sources
+
+
+def by_expert(experts):
+    """{expert: value}.items() in expert order, a shared expert (label SHARED) last."""
+    return sorted(experts.items(), key=lambda item: (item[0] == SHARED, -1 if item[0] == SHARED else item[0]))
 
 
 class Layers:
@@ -342,7 +353,8 @@ def _nll(stream, worlds, tokens):
 
 
 def _key(sw):
-    return (sw.layer, sw.expert, sw.row, sw.col)
+    # the tensor tells a shared expert's weight (expert None) from a routed one's
+    return (sw.layer, sw.tensor, sw.expert, sw.row, sw.col)
 
 
 class OnlineSearch:
@@ -505,28 +517,31 @@ def _spike_weights(model, recorder, weights, world, spike, known, settings, iter
     """The outlier weights that feed `spike` (in `world`), largest contribution first; adds them to `known`."""
     picks = []
     # every down projection that fed the spike's token: the dense MLP's, or each routed expert's
-    for expert, gate, x in recorder.down_inputs(spike.layer, world, spike.token):
-        tensor = weights.matrix(spike.layer, expert)
+    # (and a shared expert's), each judged by its weight in the sum: router weight or sigmoid gate
+    for source, gate, x in recorder.down_inputs(spike.layer, world, spike.token):
+        tensor = weights.matrix(spike.layer, source)
+        expert = None if source == SHARED else source  # a shared expert's matrix is a plain 2-D one
         row = tensor.read(rows=[spike.row])[0]
         sigma = weights.sigma(tensor)
         for col, share in _contributors(spike, gate * x, row, settings):
             value = float(row[col])
-            if (spike.layer, expert, spike.row, col) in known or abs(value) < settings.min_weight_sigma * sigma:
+            key = (spike.layer, tensor.name, expert, spike.row, col)  # as _key
+            if key in known or abs(value) < settings.min_weight_sigma * sigma:
                 continue  # a large input through an ordinary weight: the input is super, not the weight
-            known.add((spike.layer, expert, spike.row, col))
+            known.add(key)
             picks.append((share, SuperWeight(
                 layer=spike.layer, row=spike.row, col=col, expert=expert, tensor=tensor.name,
                 gguf_tensor=model.arch.gguf_name(tensor.name), value=value, dtype=tensor.dtype,
                 rank=weights.rank(tensor, value), token=spike.token,
                 input_activation=float(x[col]), output_activation=spike.output,
                 contribution=gate * float(x[col]) * value, super_activation=super_activation,
-                iteration=iteration, router_weight=None if expert is None else gate,
+                iteration=iteration, router_weight=None if source is None else gate,
                 tensor_index=stored_index(model, tensor, expert, spike.row, col))))
     return [sw for _, sw in sorted(picks, key=lambda pick: -pick[0])]  # largest contribution first
 
 
 def down_proj_matrix(model, layer, expert=None):
-    """TensorInfo of the 2-D down projection of `layer` (of one expert, for a mixture).
+    """TensorInfo of the 2-D down projection of `layer` (of one expert, or SHARED, for a mixture).
 
     Its `name` is the real tensor's: a per-expert tensor, or the stacked
     [experts, out, in] tensor of which this is slice `expert`.
@@ -583,7 +598,7 @@ def layer_profile(recorder, world):
     """Per layer: the largest |down_proj input|, |output| and |residual| with channel and token.
 
     A mixture layer's input is the largest over its experts (the entry names the
-    expert); its output is the router-weighted sum of the experts' down projections.
+    expert, or says shared_expert); its output is the router-weighted sum of the experts' down projections.
     """
     rows = []
     for layer in sorted(recorder.data["down_out"]):
@@ -602,9 +617,9 @@ def layer_profile(recorder, world):
 def _expert_input_peak(experts):
     """The largest |down_proj input| over a mixture layer's experts (in one world), naming the expert."""
     best = None
-    for expert, (tokens, _, x) in sorted(experts.items()):
+    for expert, (tokens, _, x) in by_expert(experts):
         row, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
         if best is None or abs(float(x[row, channel])) > abs(best["value"]):
-            best = {"value": float(x[row, channel]), "channel": int(channel), "token": int(tokens[row]),
-                    "expert": int(expert)}
+            best = {"value": float(x[row, channel]), "channel": int(channel), "token": int(tokens[row])}
+            best.update({"shared_expert": True} if expert == SHARED else {"expert": int(expert)})
     return best

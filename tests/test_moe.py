@@ -1,6 +1,7 @@
 """Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) beyond the family cases: both
 checkpoint layouts, edits of one expert's weights, routing recomputed per world, the catalog
-naming the expert, Qwen2-MoE's shared expert, dense layers and Hub config spellings.
+naming the expert, Qwen2-MoE's shared expert (edits; a super weight in it found, ablated,
+evaluated), dense layers and Hub config spellings.
 
 The two layouts are both written by transformers itself: save_pretrained's default
 (the Hub's per-expert `block_sparse_moe.experts.E.w2.weight`) and
@@ -12,12 +13,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 from swtool.catalog import build_catalog, validate
 from swtool.detect import Settings, scan
@@ -335,3 +338,133 @@ def test_bad_mixture_config_is_one_line(tiny_factory, tmp_path, key, value):
         load_model(copy)
     result = subprocess.run([sys.executable, "-m", "swtool", "scan", copy, "--no-progress"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+
+
+# --- Qwen2-MoE: a super weight in the shared expert's down projection ----------------------------
+
+SHARED_PLANT = Plant(2, 41, 101, expert="shared")
+SHARED_DOWN = "model.layers.2.mlp.shared_expert.down_proj.weight"
+PROSE = Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt"
+
+
+@pytest.fixture(scope="module", params=["per_expert", "stacked"])
+def shared_planted(request, tiny_factory, tmp_path_factory):
+    """A bf16 tiny Qwen2-MoE with a super weight planted in layer 2's shared expert, in either layout."""
+    directory, _ = tiny_factory("qwen2-moe", "bfloat16", plants=(SHARED_PLANT,))
+    if request.param == "stacked":
+        directory = stacked_copy(directory, tmp_path_factory.mktemp("shared") / "stacked")
+    return directory
+
+
+def transformers_shared_expert(directory, tokens, zeroed=False):
+    """transformers on `tokens`, the planted element zeroed or not: (residual after layer 2 [T, hidden],
+    the shared expert's sigmoid gate [T], its down projection's input [T, ff]), read by forward hooks."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    mlp = model.model.layers[SHARED_PLANT.layer].mlp
+    seen = {}
+    hooks = [mlp.shared_expert_gate.register_forward_hook(lambda m, i, out: seen.update(gate=torch.sigmoid(out))),
+             mlp.shared_expert.down_proj.register_forward_pre_hook(lambda m, i: seen.update(down_in=i[0]))]
+    with torch.no_grad():
+        if zeroed:
+            mlp.shared_expert.down_proj.weight[SHARED_PLANT.row, SHARED_PLANT.col] = 0.0
+        out = model(torch.tensor([list(tokens)]), output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    # the sparse block sees the batch's tokens flattened, [B * T, ...]; B is 1 here
+    return (out.hidden_states[SHARED_PLANT.layer + 1][0].numpy(), seen["gate"].reshape(-1).numpy(),
+            seen["down_in"].reshape(len(tokens), -1).numpy())
+
+
+def test_shared_expert_plant_makes_a_super_activation_in_transformers(shared_planted):
+    """The oracle first: in transformers the planted weight makes a massive, gated residual value in
+    channel `row`, and zeroing that one element of the shared expert removes it."""
+    tokens = encode(shared_planted, DEFAULT_PROMPT)
+    resid, gate, _ = transformers_shared_expert(shared_planted, tokens)
+    resid_zeroed, _, _ = transformers_shared_expert(shared_planted, tokens, zeroed=True)
+    row = SHARED_PLANT.row
+    assert np.abs(resid[:, row]).min() > 100 * np.median(np.abs(resid))  # every token: the channel is massive
+    assert np.abs(resid_zeroed[:, row]).max() < 0.01 * np.abs(resid[:, row]).min()
+    assert 0.2 < gate.min() and gate.max() < 0.8  # the gate scales the spike (it is not saturated at 1)
+
+
+def test_scan_finds_the_shared_experts_super_weight(shared_planted, tmp_path):
+    model = load_model(shared_planted)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, report = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    assert [(sw.layer, sw.expert, sw.tensor, sw.row, sw.col) for sw in found] == [(2, None, SHARED_DOWN, 41, 101)]
+    (sw,) = found
+    # llama.cpp's name from gguf-py's own map for this architecture
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2MOE, 4)
+    assert sw.gguf_tensor == names.get_name(SHARED_DOWN, try_suffixes=(".weight",)) == "blk.2.ffn_down_shexp.weight"
+    assert sw.tensor_index == [41, 101]
+    with safe_open(shared_planted / "model.safetensors", "pt") as f:
+        assert sw.value == f.get_tensor(SHARED_DOWN)[41, 101].float().item() == pytest.approx(SHARED_PLANT.value, rel=1e-2)
+    assert sw.dtype == "BF16" and sw.rank == 1
+    # the gate and the input are transformers' at the spike's token; the contribution includes the gate
+    resid, gate, down_in = transformers_shared_expert(shared_planted, tokens)
+    assert sw.router_weight == pytest.approx(float(gate[sw.token]), rel=1e-4)
+    assert sw.input_activation == pytest.approx(float(down_in[sw.token, 101]), rel=1e-4)
+    assert sw.contribution == pytest.approx(sw.router_weight * sw.input_activation * sw.value, rel=1e-6)
+    assert sw.super_activation == pytest.approx(float(resid[sw.token, 41]), rel=1e-4)
+    assert sw.verification["verified"] and sw.verification["super_activation_removed"] < 0.01 * sw.super_activation
+    assert report["profile"][2]["down_proj_input"] | {"value": 0} == {
+        "value": 0, "channel": 101, "shared_expert": True, "token": int(np.argmax(np.abs(down_in[:, 101])))}
+    catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found, report)
+    validate(catalog)
+    entry = catalog["super_weights"][0]
+    assert (entry["expert"], entry["tensor"], entry["gguf_tensor"], entry["row"], entry["col"]) == (
+        None, SHARED_DOWN, "blk.2.ffn_down_shexp.weight", 41, 101)
+
+
+def transformers_perplexity(directory, ids, ctx, zeroed):
+    """exp(mean NLL) of `ids` in chunks of `ctx`, every prediction in a chunk scored, by transformers."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        if zeroed:
+            model.get_parameter(SHARED_DOWN)[SHARED_PLANT.row, SHARED_PLANT.col] = 0.0
+        for start in range(0, len(ids), ctx):
+            chunk = torch.tensor([ids[start:start + ctx]])
+            nll += model(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    return float(np.exp(nll / count)), count
+
+
+def test_ablate_and_eval_zero_the_shared_experts_super_weight(shared_planted, tmp_path):
+    """The CLI's catalog drives `ablate` (a copy whose only change is that element) and `eval --ablate`
+    (the element zeroed on the fly), both against transformers with that element zeroed."""
+    catalog = tmp_path / "catalog.json"
+    result = subprocess.run([sys.executable, "-m", "swtool", "scan", shared_planted, "--no-progress", "-o", catalog],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(catalog.read_text())["super_weights"]
+    assert (entry["expert"], entry["tensor"], entry["row"], entry["col"]) == (None, SHARED_DOWN, 41, 101)
+
+    out = tmp_path / "ablated"
+    result = subprocess.run([sys.executable, "-m", "swtool", "ablate", shared_planted, "--catalog", catalog,
+                             "-o", out], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with safe_open(shared_planted / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            before, after = a.get_tensor(name), b.get_tensor(name)
+            if name == SHARED_DOWN:
+                before[41, 101] = 0.0  # the one element ablate changes
+            assert torch.equal(before, after), name
+    copy = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert copy.get_parameter(SHARED_DOWN)[41, 101].item() == 0.0  # transformers reads the copy's zero there
+
+    ctx, max_tokens = 64, 192
+    ids = Tokenizer.from_file(str(shared_planted / "tokenizer.json")).encode(PROSE.read_text()).ids[:max_tokens]
+    intact, count = transformers_perplexity(shared_planted, ids, ctx, zeroed=False)
+    zeroed, _ = transformers_perplexity(shared_planted, ids, ctx, zeroed=True)
+    assert abs(zeroed / intact - 1) > 1e-2  # the element matters at the tolerance below
+    result = subprocess.run([sys.executable, "-m", "swtool", "eval", shared_planted, "--text", PROSE, "--ctx", str(ctx),
+                             "--max-tokens", str(max_tokens), "--catalog", catalog, "--ablate", "--json",
+                             "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (world,) = json.loads(result.stdout)["worlds"]
+    assert world["predictions"] == count
+    assert world["perplexity"] == pytest.approx(zeroed, rel=1e-3)

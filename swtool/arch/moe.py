@@ -36,6 +36,9 @@ from swtool import ops
 from swtool.errors import SwtoolError
 
 STACKED_DOWN = re.compile(r"model\.layers\.\d+\.mlp\.experts\.down_proj")
+# the expert label of an always-on shared expert (Qwen2-MoE) in observe_expert and down_proj_name:
+# it sees every token, and its down projection is a plain 2-D matrix, not a numbered expert
+SHARED = "shared"
 
 
 @dataclass

@@ -8,15 +8,16 @@ mixture of experts beside an always-on shared expert scaled by its own sigmoid g
     out    = h + routed + shared
 
 The shared expert is one dense gated MLP (`mlp.shared_expert.{gate,up,down}_proj`, sized
-shared_expert_intermediate_size) in every sparse layer. Its output is part of "down_out",
-but scan traces spikes only to the routed experts' down projections. Routing, layouts
-and dense layers: moe.py.
+shared_expert_intermediate_size) in every sparse layer. Its output is part of "down_out";
+its down projection's input is observed like an expert's (label SHARED, every token, the
+sigmoid gate as its weight), so scan traces a spike to it as well as to the routed experts.
+Routing, layouts and dense layers: moe.py.
 """
 
 import numpy as np
 
 from swtool.arch.llama import Llama
-from swtool.arch.moe import Mixture
+from swtool.arch.moe import SHARED, Mixture, Routed
 from swtool.arch.qwen3 import qwen_window
 
 
@@ -36,6 +37,11 @@ class Qwen2Moe(Mixture, Llama):
         """Without layer_types transformers slides odd-numbered (1-based) layers below max_window_layers."""
         return qwen_window(self.config, layer, lambda i: (i + 1) % 2 and i < self.config.get("max_window_layers", 28))
 
+    def down_proj_name(self, layer, expert=None):
+        if expert == SHARED and self.is_sparse(layer):
+            return f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"
+        return super().down_proj_name(layer, expert)
+
     def tensor_shapes(self):
         shapes = super().tensor_shapes()
         d, ff = self.hidden_size, self.shared_ff
@@ -53,6 +59,11 @@ class Qwen2Moe(Mixture, Llama):
         routed = super().mixture(ctx, layer, h)
         p = f"model.layers.{layer}.mlp.shared_expert"
         act = self.activation(ctx.linear(h, p + ".gate_proj.weight")) * ctx.linear(h, p + ".up_proj.weight")
-        shared = ctx.linear(act, p + ".down_proj.weight")
         gate = 1.0 / (1.0 + np.exp(-ctx.linear(h, p + "_gate.weight")))  # sigmoid, [W, T, 1]
+        # every token of every row goes through the shared expert, its sigmoid gate the weight
+        rows, tokens = (index.reshape(-1) for index in np.indices(h.shape[:2]))
+        everyone = Routed(rows, tokens, gate.reshape(-1))
+        ctx.observe_expert("down_in", layer, SHARED, everyone, act.reshape(-1, act.shape[-1]))
+        shared = ctx.linear(act, p + ".down_proj.weight")
+        ctx.observe_expert("down_out", layer, SHARED, everyone, shared.reshape(-1, shared.shape[-1]))
         return routed + gate * shared
