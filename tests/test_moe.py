@@ -468,3 +468,34 @@ def test_ablate_and_eval_zero_the_shared_experts_super_weight(shared_planted, tm
     (world,) = json.loads(result.stdout)["worlds"]
     assert world["predictions"] == count
     assert world["perplexity"] == pytest.approx(zeroed, rel=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked"])
+def test_one_spike_fed_by_a_routed_and_the_shared_expert(tiny_factory, tmp_path, layout):
+    """Row 41 of layer 2 gets a planted weight in routed expert 2 (which the router picks) and one in
+    the shared expert: scan finds both, largest contribution first, each named its own way; removing
+    both (swtool's set world) leaves what transformers leaves with both elements zeroed."""
+    routed_plant = Plant(2, 41, 50, expert=2)
+    directory, _ = tiny_factory("qwen2-moe", "bfloat16", plants=(SHARED_PLANT, routed_plant))
+    if layout == "stacked":
+        directory = stacked_copy(directory, tmp_path / "stacked")
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, _ = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    routed_tensor = STACKED_DOWN.format(layer=2) if layout == "stacked" else "model.layers.2.mlp.experts.2.down_proj.weight"
+    assert [(sw.expert, sw.tensor, sw.row, sw.col) for sw in found] == [(2, routed_tensor, 41, 50),
+                                                                        (None, SHARED_DOWN, 41, 101)]
+    assert found[0].contribution > found[1].contribution
+    assert [sw.gguf_tensor for sw in found] == ["blk.2.ffn_down_exps.weight", "blk.2.ffn_down_shexp.weight"]
+    assert found[0].tensor_index == ([2, 41, 50] if layout == "stacked" else [41, 50])
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    mlp = reference.model.layers[2].mlp
+    with torch.no_grad():
+        mlp.experts.down_proj[2, 41, 50] = 0.0
+        mlp.shared_expert.down_proj.weight[41, 101] = 0.0
+        resid = reference(torch.tensor([list(tokens)]), output_hidden_states=True).hidden_states[3][0].numpy()
+    for sw in found:
+        removed = sw.verification["super_activation_set_removed"]
+        assert removed == pytest.approx(abs(float(resid[sw.token, 41])), rel=1e-3, abs=1e-3)
+        assert removed < 0.01 * sw.super_activation and sw.verification["verified"]
