@@ -486,6 +486,9 @@ def test_one_spike_fed_by_a_routed_and_the_shared_expert(tiny_factory, tmp_path,
     assert [(sw.expert, sw.tensor, sw.row, sw.col) for sw in found] == [(2, routed_tensor, 41, 50),
                                                                         (None, SHARED_DOWN, 41, 101)]
     assert found[0].contribution > found[1].contribution
+    by_pass, _ = scan(model, tokens, Settings(DEFAULT_PROMPT), fork_online=False)  # the online forks decide alike
+    assert [(sw.expert, sw.tensor, sw.row, sw.col) for sw in by_pass] == [(sw.expert, sw.tensor, sw.row, sw.col)
+                                                                          for sw in found]
     assert [sw.gguf_tensor for sw in found] == ["blk.2.ffn_down_exps.weight", "blk.2.ffn_down_shexp.weight"]
     assert found[0].tensor_index == ([2, 41, 50] if layout == "stacked" else [41, 50])
 
