@@ -13,6 +13,15 @@ fastmath (no reordering is allowed there), and the compiled-code cache keys on t
 feature string, so cached kernels stay consistent. An explicit NUMBA_CPU_FEATURES
 or NUMBA_CPU_NAME from the user wins, and nothing changes once numba's code
 generator exists (then its features are fixed for the process).
+
+Threads: numba's default OpenMP layer keeps its workers spinning after each
+parallel region, on the cores that NumPy's BLAS threads (attention, the long-input
+products) and the next kernel need. swtool alternates between the two many times a
+layer, so it uses numba's "workqueue" layer, whose workers sleep between regions.
+Measured on the 2-core benchmark machine, in process, best of 3 (other work running):
+SmolLM2 scan 0.71 -> 0.44 s, Llama-1B-shaped scan 1.35 -> 0.91 s; OMP_WAIT_POLICY=PASSIVE
+gave the same. swtool never launches kernels from two Python threads at once, which
+workqueue does not allow. NUMBA_THREADING_LAYER from the user wins.
 """
 
 from numba.core import config
@@ -31,4 +40,10 @@ def _prefer_wide_vectors():
         config.CPU_FEATURES = features + ",-prefer-256-bit"
 
 
+def _sleeping_workers():
+    if config.THREADING_LAYER == "default":  # not chosen by the user (NUMBA_THREADING_LAYER)
+        config.THREADING_LAYER = "workqueue"
+
+
 _prefer_wide_vectors()
+_sleeping_workers()

@@ -57,3 +57,22 @@ def test_every_bf16_exponent_decodes_exactly():
     patterns = (np.arange(0, 65536, 97, dtype=np.uint32)).astype(np.uint16)
     got = kernels.matmul_stored(np.ones((1, 1), np.float32), patterns[:, None], "BF16")[0]
     np.testing.assert_array_equal(got, (patterns.astype(np.uint32) << 16).view(np.float32))
+
+
+@pytest.mark.parametrize("chosen, expected", [(None, "workqueue"), ("omp", "omp")])
+def test_threading_layer_sleeps_between_kernels_unless_the_user_chose(chosen, expected):
+    """swtool.jit picks numba's workqueue layer (workers that sleep between parallel regions);
+    NUMBA_THREADING_LAYER set by the user is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if chosen:
+        env["NUMBA_THREADING_LAYER"] = chosen
+    code = ("import numpy as np, numba; from swtool import kernels; "
+            "kernels.matmul_stored(np.ones((4, 64), np.float32), np.ones((8, 64), np.uint16), 'BF16'); "
+            "print(numba.threading_layer())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
