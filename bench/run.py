@@ -1,6 +1,6 @@
 """`make bench`: swtool against the bytes it reads and against its peers, side by side in one run.
 
-    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant]
+    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant,gguf]
 
 The machine is shared and its load moves, so every comparison is made between
 numbers measured next to each other in this run, and both numbers are kept:
@@ -17,8 +17,10 @@ numbers measured next to each other in this run, and both numbers are kept:
       (bench/peer_transformers.py), under /usr/bin/time -v the same way;
   - Numba: the first scan with an empty kernel cache (everything compiled) against
     the cached ones (NUMBA_CACHE_DIR of this run);
-  - eval tokens/s against transformers on SmolLM2 (bench/eval.py), and quantizer MB/s
-    against gguf-py and ggml's C (bench/quant.py), each run here and read back.
+  - eval tokens/s against transformers on SmolLM2 (bench/eval.py), quantizer MB/s
+    against gguf-py and ggml's C (bench/quant.py), and GGUF scans with the fused block
+    kernels against the old decode-everything path (bench/gguf_scan.py, one thread), each
+    run here and read back.
 One table of ratios at the end; everything goes to bench/results/bench.json with a
 description of the machine.
 """
@@ -299,6 +301,13 @@ def summary_rows(results):
                 rows.append((f"quant {r['type']} MB/s, 1 thread vs ggml C", f"{one['mb_per_s']:.0f}",
                              f"{c['mb_per_s']:.0f}", f"{one['mb_per_s'] / c['mb_per_s']:.2f}x",
                              "target >= 0.8x" if r["type"] != "Q8_0" else ""))
+    gguf = results.get("gguf_scan")
+    if gguf:
+        run = next((r for r in gguf["runs"] if r["threads"] == 1), gguf["runs"][-1])
+        for f in run["files"]:
+            rows.append((f"scan GGUF {f['file']}, in process: fused vs old", f"{f['new']['in_process_s']:.2f} s",
+                         f"{f['old']['in_process_s']:.2f} s", f"{f['ratio_in_process']:.2f}x faster",
+                         "same super weights" if f["same_super_weights"] else "DIFFERENT super weights"))
     return rows
 
 
@@ -328,7 +337,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2,llama-1b,llama-7b")
     parser.add_argument("--runs", type=int, default=3, help="scans per checkpoint (best is kept)")
-    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, quant, first-run, startup")
+    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, quant, gguf, first-run, startup")
     parser.add_argument("--markdown", action="store_true",
                         help="print the table of bench/results/bench.json as Markdown (runs nothing)")
     args = parser.parse_args()
@@ -350,6 +359,8 @@ def main():
         results["eval"] = run_script("eval", "--runs", "1")
     if "quant" not in skip:
         results["quant"] = run_script("quant")
+    if "gguf" not in skip:  # GGUF block types: fused kernels against the old decode-everything path
+        results["gguf_scan"] = run_script("gguf_scan", "--runs", str(args.runs), "--threads", "1", "--no-crossover")
     results["machine_after"] = machine()
     print()
     print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
