@@ -14,15 +14,18 @@ feature string, so cached kernels stay consistent. An explicit NUMBA_CPU_FEATURE
 or NUMBA_CPU_NAME from the user wins, and nothing changes once numba's code
 generator exists (then its features are fixed for the process).
 
-Threads: numba's default OpenMP layer keeps its workers spinning after each
+Threads: numba's OpenMP workers, by default, keep spinning for a while after each
 parallel region, on the cores that NumPy's BLAS threads (attention, the long-input
-products) and the next kernel need. swtool alternates between the two many times a
-layer, so it uses numba's "workqueue" layer, whose workers sleep between regions.
-Measured on the 2-core benchmark machine, in process, best of 3 (other work running):
-SmolLM2 scan 0.71 -> 0.44 s, Llama-1B-shaped scan 1.35 -> 0.91 s; OMP_WAIT_POLICY=PASSIVE
-gave the same. swtool never launches kernels from two Python threads at once, which
-workqueue does not allow. NUMBA_THREADING_LAYER from the user wins.
+products), the next kernel or another program need. swtool sets OMP_WAIT_POLICY=PASSIVE
+(unless the environment sets it) so they sleep instead. Measured in process on the
+2-core benchmark machine, best of 3, spinning -> sleeping workers:
+  - quiet machine: SmolLM2 scan 0.32 -> 0.34 s, Llama-1B shape 0.52 -> 0.57 s,
+    Llama-7B shape 2.09 -> 2.16 s, with less CPU time (4.14 -> 3.87 s for 7B);
+  - with other work on the machine: SmolLM2 0.71 -> 0.44 s, Llama-1B shape 1.35 -> 0.91 s.
+numba's workqueue layer sleeps too, but was slower on the quiet machine (7B 2.42 s).
 """
+
+import os
 
 from numba.core import config
 from numba.core.registry import cpu_target
@@ -41,8 +44,8 @@ def _prefer_wide_vectors():
 
 
 def _sleeping_workers():
-    if config.THREADING_LAYER == "default":  # not chosen by the user (NUMBA_THREADING_LAYER)
-        config.THREADING_LAYER = "workqueue"
+    # read by libgomp when numba first loads it (its first parallel launch), so it must be set before
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 _prefer_wide_vectors()

@@ -59,20 +59,20 @@ def test_every_bf16_exponent_decodes_exactly():
     np.testing.assert_array_equal(got, (patterns.astype(np.uint32) << 16).view(np.float32))
 
 
-@pytest.mark.parametrize("chosen, expected", [(None, "workqueue"), ("omp", "omp")])
-def test_threading_layer_sleeps_between_kernels_unless_the_user_chose(chosen, expected):
-    """swtool.jit picks numba's workqueue layer (workers that sleep between parallel regions);
-    NUMBA_THREADING_LAYER set by the user is kept."""
+@pytest.mark.parametrize("chosen, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expected):
+    """swtool.jit sets OMP_WAIT_POLICY=PASSIVE before numba starts its OpenMP workers (they sleep
+    between parallel regions instead of spinning); a policy set by the user is kept."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
     if chosen:
-        env["NUMBA_THREADING_LAYER"] = chosen
-    code = ("import numpy as np, numba; from swtool import kernels; "
+        env["OMP_WAIT_POLICY"] = chosen
+    code = ("import os, numpy as np, numba; from swtool import kernels; "
             "kernels.matmul_stored(np.ones((4, 64), np.float32), np.ones((8, 64), np.uint16), 'BF16'); "
-            "print(numba.threading_layer())")
+            "print(numba.threading_layer(), os.environ['OMP_WAIT_POLICY'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected
+    assert result.stdout.split() == ["omp", expected]
