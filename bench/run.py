@@ -303,7 +303,10 @@ def summary_rows(results):
                              "target >= 0.8x" if r["type"] != "Q8_0" else ""))
     gguf = results.get("gguf_scan")
     if gguf:
-        run = next((r for r in gguf["runs"] if r["threads"] == 1), gguf["runs"][-1])
+        # the setting run_script ran: one thread, OpenMP workers as swtool leaves them (swtool/jit.py)
+        policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        run = next((r for r in gguf["runs"] if r["threads"] == 1 and r.get("omp_wait_policy") == policy),
+                   gguf["runs"][-1])
         for f in run["files"]:
             rows.append((f"scan GGUF {f['file']}, in process: fused vs old", f"{f['new']['in_process_s']:.2f} s",
                          f"{f['old']['in_process_s']:.2f} s", f"{f['ratio_in_process']:.2f}x faster",
