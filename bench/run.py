@@ -359,7 +359,7 @@ def main():
             results["numba_first_run"] = bench_first_run(first_shape, args.runs, cache_dir)
         results["scans"] = [bench_scan(shape, args.runs, cache_dir, peer) for shape in shapes]
     if "eval" not in skip and peer:
-        results["eval"] = run_script("eval", "--runs", "1")
+        results["eval"] = run_script("eval", "--runs", str(args.runs))  # one run was too noisy: 0.6x-1.2x
     if "quant" not in skip:
         results["quant"] = run_script("quant")
     if "gguf" not in skip:  # GGUF block types: fused kernels against the old decode-everything path
