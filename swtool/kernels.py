@@ -26,11 +26,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+# GGUF block types, multiplied from their blocks by gguf_kernels.py (the index is its `kind`)
+from swtool.quant.blocks import BLOCK_TYPES
+
 # Above this many input rows, decode + BLAS wins: on one core of the benchmark machine, a
 # 2048 x 8192 bf16 matrix costs 48 ms fused and 49 ms decoded + BLAS at 80 rows, 55 vs 50 at 88.
 FUSED_MAX_ROWS = 80
-# GGUF block types, multiplied from their blocks by gguf_kernels.py (the index is its `kind`).
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Their crossover is lower: a block costs more to decode than bf16, and decode + BLAS then uses
 # swtool.quant's Numba dequantizer. One core, 2048 x 8192 (bench/gguf_scan.py): fused and decode +
 # BLAS cost the same at about 48 rows for Q4_1 and 64 for Q8_0, Q4_K and Q6_K.

@@ -17,7 +17,7 @@ from swtool import gguf_kernels, kernels
 from swtool.checkpoint import gguf_file
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.forward import Edit, Pass, ScaleElements, World
-from swtool.quant import quantize
+from swtool.quant import dequantize, quantize
 
 T = gguf.GGMLQuantizationType
 GGUF_PY_WRITES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -75,7 +75,8 @@ def test_fused_product_matches_gguf_py_dequantize_then_float64(name, n_rows):
 
 @pytest.mark.parametrize("name", kernels.BLOCK_TYPES)
 def test_block_decoders_give_gguf_py_floats_exactly(name):
-    """The tile the kernel multiplies holds exactly ggml's floats (gguf-py's), including extreme blocks."""
+    """The decoders (swtool.quant.blocks) behind the kernel's tile and swtool.quant.dequantize give
+    exactly ggml's floats (gguf-py's), including extreme blocks."""
     rng = np.random.default_rng(3)
     n_cols = 512
     weight = (rng.standard_normal((40, n_cols)) * 0.05).astype(np.float32)
@@ -86,7 +87,7 @@ def test_block_decoders_give_gguf_py_floats_exactly(name):
     weight[5, ::2] = -weight[5, ::2] * 50  # mixed signs, one side dominant
     stored = quantized(weight, name)
     expected = gguf.quants.dequantize(stored, T[name]).reshape(weight.shape)
-    np.testing.assert_array_equal(gguf_kernels.decode_rows(stored, name, n_cols), expected)
+    np.testing.assert_array_equal(dequantize(stored, name, weight.shape), expected)
 
 
 def test_mismatched_row_bytes_are_refused():

@@ -31,25 +31,25 @@ from swtool.errors import SwtoolError
 
 def _kernels(qtype):
     """(quantize_rows, dequantize_rows) for qtype; Numba is imported on first use, not with the package."""
-    from swtool.quant import floats, kquants, simple
+    from swtool.quant import blocks, floats, kquants, simple
 
     T = GGMLQuantizationType
-    table = {
+    quantizers = {
         T.F32: (floats.quantize_f32, floats.dequantize_f32),
         T.F16: (floats.quantize_f16, floats.dequantize_f16),
         T.BF16: (floats.quantize_bf16, floats.dequantize_bf16),
-        T.Q8_0: (simple.quantize_q8_0, simple.dequantize_q8_0),
-        T.Q4_0: (simple.quantize_q4_0, simple.dequantize_q4_0),
-        T.Q4_1: (simple.quantize_q4_1, simple.dequantize_q4_1),
-        T.Q5_0: (simple.quantize_q5_0, simple.dequantize_q5_0),
-        T.Q5_1: (simple.quantize_q5_1, simple.dequantize_q5_1),
-        T.Q2_K: (kquants.quantize_q2_k, kquants.dequantize_q2_k),
-        T.Q3_K: (kquants.quantize_q3_k, kquants.dequantize_q3_k),
-        T.Q4_K: (kquants.quantize_q4_k, kquants.dequantize_q4_k),
-        T.Q5_K: (kquants.quantize_q5_k, kquants.dequantize_q5_k),
-        T.Q6_K: (kquants.quantize_q6_k, kquants.dequantize_q6_k),
+        T.Q8_0: simple.quantize_q8_0, T.Q4_0: simple.quantize_q4_0, T.Q4_1: simple.quantize_q4_1,
+        T.Q5_0: simple.quantize_q5_0, T.Q5_1: simple.quantize_q5_1,
+        T.Q2_K: kquants.quantize_q2_k, T.Q3_K: kquants.quantize_q3_k, T.Q4_K: kquants.quantize_q4_k,
+        T.Q5_K: kquants.quantize_q5_k, T.Q6_K: kquants.quantize_q6_k,
     }
-    return table[qtype]
+    found = quantizers[qtype]
+    if isinstance(found, tuple):
+        return found
+    # a block type: decoded by swtool.quant.blocks, the decoders gguf_kernels.py multiplies from too
+    kind = blocks.KIND[qtype.name]
+    values = blocks.BLOCK_SHAPES[kind][0]
+    return found, lambda data, out: blocks.dequantize_rows(data, kind, values, out)
 
 
 T = GGMLQuantizationType

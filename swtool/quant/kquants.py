@@ -23,7 +23,7 @@ scratch arrays. They set bad[row] for rows holding NaN/Inf (left unwritten).
 import numba
 import numpy as np
 
-from swtool.quant.bits import JIT, get_fp16, has_nonfinite, nearest_int, put_fp16, to_int8
+from swtool.quant.bits import JIT, has_nonfinite, nearest_int, put_fp16, to_int8
 from swtool.quant.search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants, new_lanes
 
 QK_K = 256
@@ -127,23 +127,6 @@ def quantize_q2_k(values, out, bad):
                 block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * 84:(b + 1) * 84], L, lanes, weights, scales, mins)
 
 
-@numba.njit(parallel=True, **JIT)
-def dequantize_q2_k(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK_K):
-            block, y = data[r, b * 84:(b + 1) * 84], out[r, b * QK_K:(b + 1) * QK_K]
-            d, dmin = get_fp16(block, 80), get_fp16(block, 82)
-            for half in range(2):
-                for shift in range(0, 8, 2):
-                    for k in range(2):  # two sub-blocks of 16 per shift: bytes 0-15 and 16-31
-                        sub = half * 8 + shift + k
-                        sc = block[sub]
-                        dl, ml = d * np.float32(sc & 0xF), dmin * np.float32(sc >> 4)
-                        for l in range(16):
-                            q = (block[16 + half * 32 + 16 * k + l] >> shift) & 3
-                            y[16 * sub + l] = dl * np.float32(q) - ml
-
-
 # ---------------------------------------------------------------------------
 # Q3_K
 
@@ -205,24 +188,6 @@ def quantize_q3_k(values, out, bad):
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
                 block_q3_k(x[b * QK_K:(b + 1) * QK_K], y[b * 110:(b + 1) * 110], L, scales)
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q3_k(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK_K):
-            block, y = data[r, b * 110:(b + 1) * 110], out[r, b * QK_K:(b + 1) * QK_K]
-            d = get_fp16(block, 108)
-            for half in range(2):
-                for step in range(4):  # step = which 2-bit field of qs, and which hmask bit
-                    for k in range(2):
-                        sub = half * 8 + step * 2 + k
-                        dl = d * np.float32(_q3_k_scale(block, sub))
-                        for l in range(16):
-                            at = 16 * k + l
-                            q = np.int64((block[32 + half * 32 + at] >> (2 * step)) & 3)
-                            high = block[at] & (1 << (half * 4 + step))
-                            y[16 * sub + l] = dl * np.float32(q - (0 if high else 4))
 
 
 # ---------------------------------------------------------------------------
@@ -325,42 +290,6 @@ def quantize_q5_k(values, out, bad):
                 block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * 176:(b + 1) * 176], L, lanes, weights, scales, mins)
 
 
-@numba.njit(parallel=True, **JIT)
-def dequantize_q4_k(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK_K):
-            block, y = data[r, b * 144:(b + 1) * 144], out[r, b * QK_K:(b + 1) * QK_K]
-            d, dmin = get_fp16(block, 0), get_fp16(block, 2)
-            for group in range(4):
-                scale, the_min = _scale_min_k4(block, 4, 2 * group)
-                d1, m1 = d * np.float32(scale), dmin * np.float32(the_min)
-                scale, the_min = _scale_min_k4(block, 4, 2 * group + 1)
-                d2, m2 = d * np.float32(scale), dmin * np.float32(the_min)
-                for l in range(32):
-                    q = block[16 + 32 * group + l]
-                    y[64 * group + l] = d1 * np.float32(q & 0xF) - m1
-                    y[64 * group + 32 + l] = d2 * np.float32(q >> 4) - m2
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q5_k(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK_K):
-            block, y = data[r, b * 176:(b + 1) * 176], out[r, b * QK_K:(b + 1) * QK_K]
-            d, dmin = get_fp16(block, 0), get_fp16(block, 2)
-            for group in range(4):
-                scale, the_min = _scale_min_k4(block, 4, 2 * group)
-                d1, m1 = d * np.float32(scale), dmin * np.float32(the_min)
-                scale, the_min = _scale_min_k4(block, 4, 2 * group + 1)
-                d2, m2 = d * np.float32(scale), dmin * np.float32(the_min)
-                for l in range(32):
-                    q, qh = np.int64(block[48 + 32 * group + l]), block[16 + l]
-                    low = (q & 0xF) + (16 if qh & (1 << (2 * group)) else 0)
-                    high = (q >> 4) + (16 if qh & (2 << (2 * group)) else 0)
-                    y[64 * group + l] = d1 * np.float32(low) - m1
-                    y[64 * group + 32 + l] = d2 * np.float32(high) - m2
-
-
 # ---------------------------------------------------------------------------
 # Q6_K
 
@@ -409,24 +338,3 @@ def quantize_q6_k(values, out, bad):
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
                 block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * 210:(b + 1) * 210], L, lanes, scales)
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q6_k(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK_K):
-            block, y = data[r, b * 210:(b + 1) * 210], out[r, b * QK_K:(b + 1) * QK_K]
-            d = get_fp16(block, 208)
-            for half in range(2):
-                c, ql, qh, sc = 128 * half, 64 * half, 128 + 32 * half, 192 + 8 * half
-                for l in range(32):
-                    s = l // 16
-                    low, high, bits = np.int64(block[ql + l]), np.int64(block[ql + l + 32]), np.int64(block[qh + l])
-                    q1 = ((low & 0xF) | (((bits >> 0) & 3) << 4)) - 32
-                    q2 = ((high & 0xF) | (((bits >> 2) & 3) << 4)) - 32
-                    q3 = ((low >> 4) | (((bits >> 4) & 3) << 4)) - 32
-                    q4 = ((high >> 4) | (((bits >> 6) & 3) << 4)) - 32
-                    y[c + l] = d * np.float32(to_int8(np.int64(block[sc + s]))) * np.float32(q1)
-                    y[c + l + 32] = d * np.float32(to_int8(np.int64(block[sc + s + 2]))) * np.float32(q2)
-                    y[c + l + 64] = d * np.float32(to_int8(np.int64(block[sc + s + 4]))) * np.float32(q3)
-                    y[c + l + 96] = d * np.float32(to_int8(np.int64(block[sc + s + 6]))) * np.float32(q4)

@@ -22,7 +22,7 @@ rows and set bad[row] for rows holding NaN/Inf (left unwritten);
 import numba
 import numpy as np
 
-from swtool.quant.bits import JIT, get_fp16, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
+from swtool.quant.bits import JIT, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
 
 QK = 32
 
@@ -287,73 +287,3 @@ def quantize_q5_1(values, out, bad):
         if not bad[r]:
             for b in range(x.shape[0] // QK):
                 block_q5_1(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block], codes)
-
-
-# ---------------------------------------------------------------------------
-# dequantizers (ggml's dequantize_row_*: int code times float scale, plus the min)
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q8_0(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK):
-            block, y = data[r, b * 34:(b + 1) * 34], out[r, b * QK:(b + 1) * QK]
-            d = get_fp16(block, 0)
-            for j in range(QK):
-                y[j] = np.float32(to_int8(np.int64(block[2 + j]))) * d
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q4_0(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK):
-            block, y = data[r, b * 18:(b + 1) * 18], out[r, b * QK:(b + 1) * QK]
-            d = get_fp16(block, 0)
-            for j in range(QK // 2):
-                y[j] = np.float32(np.int64(block[2 + j] & 0x0F) - 8) * d
-                y[j + 16] = np.float32(np.int64(block[2 + j] >> 4) - 8) * d
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q4_1(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK):
-            block, y = data[r, b * 20:(b + 1) * 20], out[r, b * QK:(b + 1) * QK]
-            d, m = get_fp16(block, 0), get_fp16(block, 2)
-            for j in range(QK // 2):
-                y[j] = np.float32(block[4 + j] & 0x0F) * d + m
-                y[j + 16] = np.float32(block[4 + j] >> 4) * d + m
-
-
-@numba.njit(**JIT)
-def _unpack_5bit(block, qh_at, j):
-    """The two 5-bit codes of byte j: elements j and j + 16."""
-    qh = np.int64(0)
-    for k in range(4):
-        qh |= np.int64(block[qh_at + k]) << (8 * k)
-    low = np.int64(block[qh_at + 4 + j] & 0x0F) | (((qh >> j) << 4) & 0x10)
-    high = np.int64(block[qh_at + 4 + j] >> 4) | ((qh >> (j + 12)) & 0x10)
-    return low, high
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q5_0(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK):
-            block, y = data[r, b * 22:(b + 1) * 22], out[r, b * QK:(b + 1) * QK]
-            d = get_fp16(block, 0)
-            for j in range(QK // 2):
-                low, high = _unpack_5bit(block, 2, j)
-                y[j] = np.float32(low - 16) * d
-                y[j + 16] = np.float32(high - 16) * d
-
-
-@numba.njit(parallel=True, **JIT)
-def dequantize_q5_1(data, out):
-    for r in numba.prange(data.shape[0]):
-        for b in range(out.shape[1] // QK):
-            block, y = data[r, b * 24:(b + 1) * 24], out[r, b * QK:(b + 1) * QK]
-            d, m = get_fp16(block, 0), get_fp16(block, 2)
-            for j in range(QK // 2):
-                low, high = _unpack_5bit(block, 4, j)
-                y[j] = np.float32(low) * d + m
-                y[j + 16] = np.float32(high) * d + m
