@@ -20,13 +20,28 @@ def require_matplotlib(path):
         raise SwtoolError("--plot needs matplotlib, an optional extra: pip install 'swtool[plot]'") from None
 
 
-def plot_profiles(path, profiles, title, ylabel="max |down_proj output|"):
-    """profiles {label: [value per layer]} as lines over the layers, log y-axis; written atomically."""
+def _pyplot(path):
+    """matplotlib.pyplot without a display, after checking `path` can be written (require_matplotlib)."""
     require_matplotlib(path)
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, figure, path):
+    """Lay out `figure`, write it atomically in the format its name says, and free it."""
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower())
+    plt.close(figure)
+
+
+def plot_profiles(path, profiles, title, ylabel="max |down_proj output|"):
+    """profiles {label: [value per layer]} as lines over the layers, log y-axis; written atomically."""
+    plt = _pyplot(path)
 
     figure, axes = plt.subplots(figsize=(7, 3.6), dpi=120)
     for (label, values), marker in zip(profiles.items(), "osD^v<>x+*"):
@@ -37,20 +52,13 @@ def plot_profiles(path, profiles, title, ylabel="max |down_proj output|"):
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower())
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_quantsim(path, result, title):
     """`swtool quantsim --plot`: perplexity per block size, RTN and super-weight-aware, next to the
     unquantized model; with --activations a second panel of the int8 activation settings."""
-    require_matplotlib(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     panels = [key for key in ("weights", "activations") if key in result]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.4, 3.4), dpi=100, squeeze=False,
@@ -78,20 +86,13 @@ def plot_quantsim(path, result, title):
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower())
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_sweep(path, result, title):
     """`swtool sweep --plot`: perplexity in llama.cpp against bits per weight, one line per handling,
     each type a point (labelled on the `none` line), the source's perplexity as a dashed line."""
-    require_matplotlib(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     handlings = list(dict.fromkeys(row.handling for row in result.rows))
@@ -120,7 +121,4 @@ def plot_sweep(path, result, title):
     axes.set_title(title, fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower())
-    plt.close(figure)
+    _save(plt, figure, path)
