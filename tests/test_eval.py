@@ -467,3 +467,18 @@ def test_control_top_n_matches_torch_topk(tiny_factory, family):
             count += chunk.shape[1] - 1
     got, scored = perplexity(model, ids, ctx=16, transforms=[ScaleElements(edits)])
     assert scored == count and got == pytest.approx(np.exp(nll / count), rel=1e-4)
+
+
+def test_plots_are_written(tiny_planted, tmp_path):
+    """With matplotlib (the test extra), eval, scan and quantsim --plot write the image they name."""
+    directory, catalog, text = tiny_planted
+    runs = {"eval.png": ("eval", directory, "--text", text, "--catalog", catalog, "--ablate"),
+            "scan.svg": ("scan", directory),
+            "quantsim.pdf": ("quantsim", directory, "--text", text, "--catalog", catalog, "--block-sizes", "32,tensor")}
+    for name, args in runs.items():
+        result = swtool(*args, "--plot", tmp_path / name, "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == f"plot written to {tmp_path / name}"
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "scan.svg").read_bytes()[:1000]
+    assert (tmp_path / "quantsim.pdf").read_bytes()[:5] == b"%PDF-"
