@@ -6,7 +6,6 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +14,12 @@ import torch
 import transformers
 
 from tiny import Plant
+from cli_run import one_line_error, swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
 PLANTS = (Plant(1, 20, 33), Plant(3, 50, 120, channel=20, from_embedding=False))
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
-
-
-def swtool(*args):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def sha256s(directory):

@@ -8,11 +8,8 @@ GGUF with a weight changed (fixtures/hf_to_gguf.py): nothing in them comes from 
 import json
 import shutil
 import struct
-import subprocess
-import sys
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -21,27 +18,17 @@ from hf_to_gguf import vocabulary_fields, write_gguf
 from swtool import gguf_keys, known
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.errors import SwtoolError
+from cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
 SW = [(2, 507, 90), (2, 507, 430), (11, 507, 1229), (11, 507, 1487)]  # SmolLM2's, checked in test_smollm2.py
 
 
-def swtool(*args):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
-
-
 def audit_json(*args, code):
     result = swtool("audit", *args, "--json", "--no-progress")
     assert result.returncode == code, result.stdout + result.stderr
     return json.loads(result.stdout)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def down_proj(layer):

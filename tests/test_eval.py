@@ -11,26 +11,16 @@ import pytest
 import torch
 import transformers
 
-from swtool.evaluate import Plan, evaluate, make_chunks, perplexity
+from swtool.evaluate import make_chunks, perplexity
 from swtool.experiments import stop_word_ids
 from swtool.forward import Edit, World, forward, head_logits, run_layers
 from swtool.model import load_model
 from swtool.tokenize import encode, load_tokenizer
 from tiny import Plant, random_tokens
+from cli_run import one_line_error, swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
-
-
-def swtool(*args):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def torch_model(directory):

@@ -13,8 +13,6 @@ Oracles:
 import ctypes
 import json
 import shutil
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -23,6 +21,7 @@ import pytest
 import llama_oracle
 from swtool.gguf_export import Options, export
 from swtool.tokenize import encode
+from cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
@@ -32,17 +31,6 @@ TEXTS = ["Apple Inc. is a worldwide tech company.", "12345 67.89 x=1_000_000 and
          "héllo wörld ñ 東京タワー ١٢٣", "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
          "def f(x):\n    return x**2  # square"]
 PROMPT = "The capital of France is"
-
-
-def swtool(*args):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def fields(path):

@@ -7,8 +7,6 @@ writer and quantizer, llama.cpp's naming and Q/K permutation, no swtool code).
 
 import json
 import shutil
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -22,6 +20,7 @@ from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
 from tiny import random_tokens, torch_logits
+from cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
@@ -38,17 +37,6 @@ TEXTS = [
     "a\n\n\n   b\u00a0c  \t\t",
     "def f(x):\n    return x**2  # square",
 ]
-
-
-def swtool(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True, env=env)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ independent implementation written here from the paper's description (torch), an
 perplexities against transformers running the same simulated quantization on its own weights."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +17,11 @@ from swtool.quantsim import (TENSOR, Clip, QuantizeWeights, WeightSetting, parse
                              super_weight_positions, whole_reader)
 from swtool.tokenize import encode
 from tiny import Plant, random_tokens
+from cli_run import one_line_error, swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
 SKIPPED = ("norm", "embed_tokens", "lm_head")  # the paper's code does not quantize these
-
-
-def swtool(*args):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # --- the reference: LLMSuperWeight's quantize_blockwise, rewritten in torch -------------------------

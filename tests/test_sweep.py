@@ -21,22 +21,12 @@ import pytest
 import llama_oracle
 from swtool.gguf_export import SuperWeight
 from swtool.sweep import control_layers
+from cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
 TYPES = "f16,q2_k"
 HANDLINGS = "none,keep:q8_0,control:q8_0"
-
-
-def swtool(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True, env=env)
-
-
-def one_line_error(result):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
