@@ -26,8 +26,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-# GGUF block types, multiplied from their blocks by gguf_kernels.py (the index is its `kind`)
-from swtool.quant.blocks import BLOCK_TYPES
+# GGUF block types, multiplied from their blocks by gguf_kernels.py with quant/blocks.py's
+# decoders (the index is a type's `kind` there). Named here, not imported from swtool.quant:
+# importing that package costs a bf16 scan 50 ms of start-up for nothing.
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # Above this many input rows, decode + BLAS wins: on one core of the benchmark machine, a
 # 2048 x 8192 bf16 matrix costs 48 ms fused and 49 ms decoded + BLAS at 80 rows, 55 vs 50 at 88.
@@ -182,10 +184,26 @@ def matmul_stored(x, stored, dtype):
         # S = stored.T [K, M], rows contiguous
         matmul_columns(np.ascontiguousarray(x, dtype=np.float32), stored_bits(stored.T, dtype), out)
         return out
+    if dtype == "BF16" and stored.strides[1] == 2 and _pairs_available():
+        from swtool import bf16_pairs  # imports this module: loaded on first use
+
+        return bf16_pairs.matmul(x, stored.view(np.uint16))
     padded = padded_rows(x)
     out = np.empty((padded.shape[0], stored.shape[0]), dtype=np.float32)
     matmul_rows(padded, stored_bits(stored, dtype), out)
     return out[:x.shape[0]]
+
+
+_PAIRS = []
+
+
+def _pairs_available():
+    """Does bf16_pairs' AVX-512 kernel run here (asked once per process)?"""
+    if not _PAIRS:
+        from swtool import bf16_pairs
+
+        _PAIRS.append(bf16_pairs.available())
+    return _PAIRS[0]
 
 
 def stored_bits(stored, dtype):

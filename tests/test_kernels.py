@@ -76,3 +76,71 @@ def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expe
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["omp", expected]
+
+
+# --- bf16_pairs: the AVX-512 kernel that reads bf16 weights as 32-bit pairs ------------------
+
+pairs_kernel = pytest.mark.skipif(not kernels._pairs_available(), reason="needs a CPU with AVX-512BW")
+
+
+@pairs_kernel
+@pytest.mark.parametrize("n_columns", [1, 2, 31, 32, 33, 64, 95, 257, 4113])
+@pytest.mark.parametrize("n_rows", [1, 4, 7, 20])
+def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
+    """Whole vectors of 32 columns and the columns past the last one (odd widths too), with the
+    matrix starting 2 bytes past a 4-byte boundary (safetensors only aligns bf16 data to 2)."""
+    from swtool import bf16_pairs
+
+    rng = np.random.default_rng(n_columns)
+    weight = rng.standard_normal((37, n_columns)).astype(np.float32) * 0.05
+    weight[5, n_columns // 2] = 40.0
+    bits = encode_float32(weight, "BF16").reshape(weight.shape)
+    buffer = np.zeros(bits.size + 3, dtype=np.uint16)
+    stored = buffer[1:1 + bits.size].reshape(bits.shape)  # 2 bytes past the buffer's alignment
+    stored[...] = bits
+    x = rng.standard_normal((n_rows, n_columns)).astype(np.float32)
+    x[:, n_columns // 2] = 900.0
+    expected = x.astype(np.float64) @ decode_float32(bits, "BF16").astype(np.float64).T
+    got = bf16_pairs.matmul(x, stored)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    portable = np.empty((kernels.padded_rows(x).shape[0], 37), np.float32)
+    kernels.matmul_rows(kernels.padded_rows(x), stored, portable)  # kernels.py's loop, for comparison
+    np.testing.assert_allclose(got, portable[:n_rows], rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pairs_kernel
+@pytest.mark.parametrize("column", [0, 1, 30, 31])
+def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(column):
+    """A pair's even weight (moved up by the byte shuffle) and odd weight (its low half cleared) are
+    both exact, in every lane: out[0, r] = W[r, column] for patterns across all exponents."""
+    from swtool import bf16_pairs
+
+    patterns = np.arange(0, 65536, 97, dtype=np.uint32).astype(np.uint16)
+    patterns = patterns[(patterns & 0x7F80) != 0x7F80]  # finite: 0 * inf would be NaN
+    stored = np.zeros((patterns.size, 64), dtype=np.uint16)
+    stored[:, column] = patterns
+    stored[:, column ^ 1] = 0x4000  # the other half of the pair: 2.0, times a zero input
+    x = np.zeros((1, 64), np.float32)
+    x[0, column] = 1.0
+    got = bf16_pairs.matmul(x, stored)[0]
+    np.testing.assert_array_equal(got, (patterns.astype(np.uint32) << 16).view(np.float32))
+
+
+def test_pairs_kernel_is_off_when_numba_targets_a_generic_cpu(tmp_path):
+    """NUMBA_CPU_NAME=generic (a portable cache) must not get the AVX-512 inline assembly: the
+    portable loop multiplies instead, with the same result."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    code = ("import numpy as np; from swtool import kernels; "
+            "w = (np.arange(8 * 64, dtype=np.uint32) % 7 + 0x3f80).astype(np.uint16).reshape(8, 64); "
+            "y = kernels.matmul_stored(np.ones((3, 64), np.float32), w, 'BF16'); "
+            "print(kernels._pairs_available(), float(y.sum()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    available, total = result.stdout.split()
+    assert available == "False"
+    w = (np.arange(8 * 64, dtype=np.uint32) % 7 + 0x3F80).astype(np.uint16).reshape(8, 64)
+    assert float(total) == pytest.approx(3 * float((w.astype(np.uint32) << 16).view(np.float32).sum()), rel=1e-6)

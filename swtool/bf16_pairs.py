@@ -1,0 +1,181 @@
+"""y = x @ W.T for bf16 weights, two weights per 32-bit load (CPUs with AVX-512BW).
+
+A bf16 weight is the top half of a float32, so decoding one is moving 16 bits.
+kernels.py's loop widens 16 bf16 weights into 16 float32 lanes and shifts them
+up: two instructions per 16 weights, on the same two ports as the multiply-adds
+(measured: an AVX-512 shift costs about as much as a multiply-add here). This
+kernel reads the stored bits as 32-bit pairs instead, w[2p] in the low half and
+w[2p+1] in the high half of each lane:
+
+  - the odd weight is the pair with its low half cleared: one AND;
+  - the even weight is the pair with its low half moved up and zeros below: one
+    byte shuffle (vpshufb). LLVM recognises that shuffle as a shift and would emit
+    the slow shift again, so it is one line of inline assembly.
+
+That is one instruction per 16 weights instead of two. The inputs are split once
+into their even and odd columns, so both halves of a pair meet their input in the
+same lane. Like kernels.py, the loop works on 4 weight rows x 4 input rows, and
+every product is a float32 multiply-add of the exact weight: only the order of the
+additions differs from kernels.py (pairs are summed even, then odd).
+
+Measured with `python bench/kernels_bf16.py` (README, "Memory and speed").
+"""
+
+import llvmlite.binding as llvm
+import numpy as np
+
+import swtool.jit  # noqa: F401  (512-bit vectors; before numba compiles anything)
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from swtool.kernels import ALIGN, BLOCK, FAST, _weight
+
+LANES = 16  # float32 lanes of a 512-bit register: 16 pairs, 32 weights per load
+# Each weight row is prefetched this far ahead of its loads. The four rows of a block are four
+# streams per core, and the hardware prefetcher alone left the loop waiting: a 11008 x 4096 bf16
+# matrix streamed from memory, 20 input rows, two cores, went from 84-90 to 92-96 GFMA/s with
+# 256-1024 bytes ahead, and fell back with 8192 (python bench/kernels_bf16.py --prefetch 0,256,1024,8192).
+PREFETCH_BYTES = 1024
+
+_F32, _I32, _I8, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(8), ir.IntType(64)
+_V16F, _V16I, _V64B = ir.VectorType(_F32, LANES), ir.VectorType(_I32, LANES), ir.VectorType(_I8, 64)
+# vpshufb control, per 128-bit lane: each dword's bytes 2, 3 <- its bytes 0, 1; bytes 0, 1 <- zero (0x80)
+_EVEN_CONTROL = [b for dword in range(4) for b in (0x80, 0x80, 4 * dword, 4 * dword + 1)] * 4
+_ODD_MASK = -(1 << 16)  # 0xFFFF0000 as a signed 32-bit constant
+
+
+def available():
+    """Can this process compile the kernel: does numba target a CPU with AVX-512BW?
+
+    The features numba compiles for, not only the host's: a user who sets NUMBA_CPU_NAME
+    (say, "generic" for a portable cache) gets kernels.py's portable loop instead."""
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+
+    if config.CPU_NAME not in (None, "host"):
+        return False
+    features = (config.CPU_FEATURES or get_host_cpu_features()).split(",")
+    return "+avx512f" in features and "+avx512bw" in features
+
+
+def _row_address(builder, array, row):
+    """The address of array[row, 0] as an integer (array: a numba array struct)."""
+    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+    return builder.add(builder.ptrtoint(array.data, _I64), builder.mul(row, row_stride))
+
+
+def _load_vector(builder, row_address, vector_index, vector_type):
+    """The 64 bytes at row_address + 64 * vector_index (no alignment assumed)."""
+    address = builder.add(row_address, builder.mul(vector_index, ir.Constant(_I64, 64)))
+    return builder.load(builder.inttoptr(address, vector_type.as_pointer()), align=1)
+
+
+def _prefetch(builder, row_address, vector_index):
+    """Ask for the cache line PREFETCH_BYTES past vector `vector_index` of a weight row (a hint:
+    it never faults, so reading past the row or the mapping is harmless)."""
+    if not PREFETCH_BYTES:
+        return  # bench/kernels_bf16.py compiles a variant without it
+    i8_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8_pointer, i32, i32, i32]),
+                                              "llvm.prefetch.p0")
+    address = builder.add(row_address, builder.mul(vector_index, ir.Constant(_I64, 64)))
+    address = builder.add(address, ir.Constant(_I64, PREFETCH_BYTES))
+    # read (0), keep in all cache levels (3), data (1)
+    builder.call(prefetch, [builder.inttoptr(address, i8_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+@intrinsic
+def _pair_dots(typingctx, x_even, x_odd, first, w, rows, n_vectors):
+    """The 16 dot products of input rows first..first+3 (split into even and odd columns)
+    with weight rows rows[0..3] of w (bf16 bits as uint16), over the first 32 * n_vectors
+    columns. Returns them as a tuple ordered [weight row r * 4 + input row i]."""
+    signature = types.UniTuple(types.float32, 16)(x_even, x_odd, first, w, rows, n_vectors)
+
+    def codegen(context, builder, sig, args):
+        xe, xo, w_array, rows_array = (context.make_array(sig.args[i])(context, builder, args[i])
+                                       for i in (0, 1, 3, 4))
+        inputs = [builder.add(args[2], ir.Constant(_I64, i)) for i in range(BLOCK)]
+        even_rows = [_row_address(builder, xe, n) for n in inputs]
+        odd_rows = [_row_address(builder, xo, n) for n in inputs]
+        weight_rows = [_row_address(builder, w_array, builder.load(builder.gep(rows_array.data, [ir.Constant(_I64, r)])))
+                       for r in range(BLOCK)]
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * LANES)) for _ in range(BLOCK * BLOCK)]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+        shuffle = ir.InlineAsm(ir.FunctionType(_V16I, [_V16I, _V64B]), "vpshufb $2, $1, $0", "=v,v,v")
+        even_control, odd_mask = ir.Constant(_V64B, _EVEN_CONTROL), ir.Constant(_V16I, [_ODD_MASK] * LANES)
+        with cgutils.for_range(builder, args[5]) as loop:
+            x_evens = [_load_vector(builder, a, loop.index, _V16F) for a in even_rows]
+            x_odds = [_load_vector(builder, a, loop.index, _V16F) for a in odd_rows]
+            for r, row in enumerate(weight_rows):
+                pairs = _load_vector(builder, row, loop.index, _V16I)
+                _prefetch(builder, row, loop.index)
+                even = builder.bitcast(builder.call(shuffle, [pairs, even_control]), _V16F)
+                odd = builder.bitcast(builder.and_(pairs, odd_mask), _V16F)
+                for i in range(BLOCK):
+                    total = builder.call(fma, [x_evens[i], even, builder.load(sums[BLOCK * r + i])])
+                    builder.store(builder.call(fma, [x_odds[i], odd, total]), sums[BLOCK * r + i])
+        reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V16F]),
+                                                    "llvm.vector.reduce.fadd.v16f32")
+        totals = []
+        for lanes in sums:
+            total = builder.call(reduce_add, [ir.Constant(_F32, 0.0), builder.load(lanes)])
+            total.fastmath.add("reassoc")  # a tree of adds, not 16 in a row
+            totals.append(total)
+        return context.make_tuple(builder, sig.return_type, totals)
+
+    return signature, codegen
+
+
+@numba.njit(parallel=True, fastmath=FAST, cache=True)
+def matmul_pairs(x_even, x_odd, w, out):
+    """out[n, o] = sum_k x[n, k] * W[o, k]; x given as its even and odd columns
+    (x_even[n, p] = x[n, 2p], x_odd[n, p] = x[n, 2p + 1], rows a multiple of 4),
+    w [M, K] bf16 bits as uint16, out [N, M] float32."""
+    n_out, n_columns = w.shape
+    n_vectors = n_columns // (2 * LANES)
+    for quad in numba.prange((n_out + 3) // 4):
+        rows = np.empty(4, dtype=np.int64)  # the last quad repeats its last row (same value written twice)
+        for r in range(4):
+            rows[r] = min(4 * quad + r, n_out - 1)
+        for first in range(0, x_even.shape[0], BLOCK):
+            sums = _pair_dots(x_even, x_odd, first, w, rows, n_vectors)
+            for r in range(4):
+                weights = w[rows[r]]
+                for i in range(BLOCK):
+                    total = sums[BLOCK * r + i]
+                    for k in range(2 * LANES * n_vectors, n_columns):  # columns past the last whole vector
+                        xk = x_even[first + i, k // 2] if k % 2 == 0 else x_odd[first + i, k // 2]
+                        total += xk * _weight(weights[k])
+                    out[first + i, rows[r]] = total
+
+
+def split_columns(x):
+    """x [N, K] float32 -> (even columns, odd columns), each [ceil(N / 4) * 4, ceil(K / 2)], rows
+    padded with zeros and starting on a cache line (the odd half of an odd K ends in a zero)."""
+    n_rows = -(-x.shape[0] // BLOCK) * BLOCK
+    half = -(-x.shape[1] // 2)
+    stride = -(-half // LANES) * LANES  # a whole number of vectors per row
+    halves = []
+    for start in (0, 1):
+        raw = np.zeros(n_rows * stride + ALIGN // 4, dtype=np.float32)
+        skip = (-raw.ctypes.data % ALIGN) // 4
+        half_x = raw[skip:skip + n_rows * stride].reshape(n_rows, stride)[:, :half]
+        columns = x[:, start::2]
+        half_x[:x.shape[0], :columns.shape[1]] = columns
+        halves.append(half_x)
+    return halves
+
+
+def matmul(x, stored):
+    """x [N, K] float32 times stored.T, stored the [M, K] uint16 bits of a bf16 matrix (rows contiguous)."""
+    x_even, x_odd = split_columns(x)
+    out = np.empty((x_even.shape[0], stored.shape[0]), dtype=np.float32)
+    matmul_pairs(x_even, x_odd, stored, out)
+    return out[:x.shape[0]]
+
+
+# numba's code generator parses the inline assembly above when it compiles (not when it loads a cache)
+llvm.initialize_native_asmparser()
