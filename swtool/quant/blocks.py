@@ -11,11 +11,11 @@ to gguf-py's.
 import numba
 import numpy as np
 
+from swtool.kernels import BLOCK_TYPES  # named there: a bf16 scan does not import swtool.quant
 from swtool.quant.bits import JIT, get_fp16
 from swtool.quant.kquants import _q3_k_scale, _scale_min_k4
 
-# a block type's index here is its `kind` in these decoders and in gguf_kernels.py
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# a block type's index in BLOCK_TYPES is its `kind` in these decoders and in gguf_kernels.py
 KIND = {name: index for index, name in enumerate(BLOCK_TYPES)}
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = range(len(BLOCK_TYPES))
 # (values, bytes) per block, as gguf.GGML_QUANT_SIZES has them (tests check the two agree)
