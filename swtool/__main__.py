@@ -1,3 +1,3 @@
-from swtool.cli import main
+from swtool.cli import run
 
-main()
+run()

@@ -42,6 +42,36 @@ class SwtoolGroup(click.Group):
             fail(ctx, f"terminated ({e.name}); outputs in progress were removed", 128 + e.signum)
 
 
+def run():
+    """The `swtool` console script: main(), then leave without Python's interpreter teardown.
+
+    Once numba has been loaded, tearing the interpreter down (its modules, their objects,
+    LLVM) takes about 0.1 s on the benchmark machine: a sixth of a small scan, for no
+    output. So after the command has finished and stdout and stderr are flushed, the
+    process ends with os._exit and the command's exit code. Every output file is complete
+    and renamed into place before a command returns (swtool/atomic.py), and swtool runs no
+    background threads, so nothing is cut short. main() itself, as tests and bench scripts
+    call it in process, still raises SystemExit as click does.
+    """
+    import os
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if not isinstance(code, int):  # SystemExit("message") or SystemExit(None), as sys.exit has them
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: let the interpreter report it as usual
+        sys.exit(code)
+    os._exit(code)
+
+
 def fail(ctx, message, code):
     """One `error: ...` line on stderr (after the traceback with --debug), then exit `code`."""
     if ctx.params.get("debug"):

@@ -138,3 +138,45 @@ def test_help_is_fast_and_does_not_import_numpy():
     code = "import sys; from swtool.cli import main; print('numpy' in sys.modules, 'numba' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_console_script_flushes_everything_before_its_fast_exit(planted, tmp_path):
+    """swtool.cli.run ends the process with os._exit once the command is done: stdout redirected to a
+    file (block-buffered, not a pipe) must still be complete, and exit codes must be the command's."""
+    out = tmp_path / "scan.json"
+    with open(out, "w") as stdout:
+        done = subprocess.run([sys.executable, "-m", "swtool", "scan", planted, "--json", "--no-progress"],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["super_weights"][0]["tensor"] == "model.layers.1.mlp.down_proj.weight"
+    bad = swtool("scan", tmp_path / "missing")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+    assert swtool("--version").returncode == 0
+
+
+def test_the_console_script_skips_interpreter_teardown_only_after_main_returns(monkeypatch, capsys):
+    """run() calls os._exit with main's exit code; main() alone raises SystemExit as click does."""
+    import os
+
+    from swtool import cli
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(sys, "argv", ["swtool", "--version"])
+    cli.run()
+    monkeypatch.setattr(sys, "argv", ["swtool", "scan", "/nonexistent/model"])
+    cli.run()
+    assert exits == [0, 2]
+    assert "error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main()
+
+
+def test_a_bf16_scan_does_not_import_the_quantizers(planted):
+    """Start-up: swtool.quant (GGUF block quantizers, 50 ms of imports) is not needed to scan safetensors."""
+    code = ("import sys; from swtool.cli import main\n"
+            f"main(['scan', {str(planted)!r}, '--no-progress'], standalone_mode=False)\n"
+            "print('swtool.quant' in sys.modules, 'swtool.kernels' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["False", "True"]
