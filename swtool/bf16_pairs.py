@@ -14,7 +14,7 @@ w[2p+1] in the high half of each lane:
 
 That is one instruction per 16 weights instead of two. The inputs are split once
 into their even and odd columns, so both halves of a pair meet their input in the
-same lane. Like kernels.py, the loop works on 4 weight rows x 4 input rows, and
+same lane. The loop works on 4 weight rows x 4 or 5 input rows, and
 every product is a float32 multiply-add of the exact weight: only the order of the
 additions differs from kernels.py (pairs are summed even, then odd).
 
@@ -31,9 +31,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from swtool.kernels import ALIGN, BLOCK, FAST, _weight
+from swtool.kernels import ALIGN, FAST, _weight
 
 LANES = 16  # float32 lanes of a 512-bit register: 16 pairs, 32 weights per load
+WEIGHT_ROWS = 4  # the register block: 4 weight rows x 4 or 5 input rows (see _pair_dots_4 below)
 # Each weight row is prefetched this far ahead of its loads. The four rows of a block are four
 # streams per core, and the hardware prefetcher alone left the loop waiting: a 11008 x 4096 bf16
 # matrix streamed from memory, 20 input rows, two cores, went from 84-90 to 92-96 GFMA/s with
@@ -87,75 +88,109 @@ def _prefetch(builder, row_address, vector_index):
     builder.call(prefetch, [builder.inttoptr(address, i8_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
 
-@intrinsic
-def _pair_dots(typingctx, x_even, x_odd, first, w, rows, n_vectors):
-    """The 16 dot products of input rows first..first+3 (split into even and odd columns)
-    with weight rows rows[0..3] of w (bf16 bits as uint16), over the first 32 * n_vectors
-    columns. Returns them as a tuple ordered [weight row r * 4 + input row i]."""
-    signature = types.UniTuple(types.float32, 16)(x_even, x_odd, first, w, rows, n_vectors)
+def _pair_dots_for(input_rows):
+    """An intrinsic for one register block: WEIGHT_ROWS weight rows x `input_rows` input rows."""
 
-    def codegen(context, builder, sig, args):
-        xe, xo, w_array, rows_array = (context.make_array(sig.args[i])(context, builder, args[i])
-                                       for i in (0, 1, 3, 4))
-        inputs = [builder.add(args[2], ir.Constant(_I64, i)) for i in range(BLOCK)]
-        even_rows = [_row_address(builder, xe, n) for n in inputs]
-        odd_rows = [_row_address(builder, xo, n) for n in inputs]
-        weight_rows = [_row_address(builder, w_array, builder.load(builder.gep(rows_array.data, [ir.Constant(_I64, r)])))
-                       for r in range(BLOCK)]
-        sums = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * LANES)) for _ in range(BLOCK * BLOCK)]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-        shuffle = ir.InlineAsm(ir.FunctionType(_V16I, [_V16I, _V64B]), "vpshufb $2, $1, $0", "=v,v,v")
-        even_control, odd_mask = ir.Constant(_V64B, _EVEN_CONTROL), ir.Constant(_V16I, [_ODD_MASK] * LANES)
-        with cgutils.for_range(builder, args[5]) as loop:
-            x_evens = [_load_vector(builder, a, loop.index, _V16F) for a in even_rows]
-            x_odds = [_load_vector(builder, a, loop.index, _V16F) for a in odd_rows]
-            for r, row in enumerate(weight_rows):
-                pairs = _load_vector(builder, row, loop.index, _V16I)
-                _prefetch(builder, row, loop.index)
-                even = builder.bitcast(builder.call(shuffle, [pairs, even_control]), _V16F)
-                odd = builder.bitcast(builder.and_(pairs, odd_mask), _V16F)
-                for i in range(BLOCK):
-                    total = builder.call(fma, [x_evens[i], even, builder.load(sums[BLOCK * r + i])])
-                    builder.store(builder.call(fma, [x_odds[i], odd, total]), sums[BLOCK * r + i])
-        reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V16F]),
-                                                    "llvm.vector.reduce.fadd.v16f32")
-        totals = []
-        for lanes in sums:
-            total = builder.call(reduce_add, [ir.Constant(_F32, 0.0), builder.load(lanes)])
-            total.fastmath.add("reassoc")  # a tree of adds, not 16 in a row
-            totals.append(total)
-        return context.make_tuple(builder, sig.return_type, totals)
+    @intrinsic
+    def pair_dots(typingctx, x_even, x_odd, first, w, rows, n_vectors):
+        """The dot products of input rows first.. first + input_rows - 1 (split into even and odd
+        columns) with weight rows rows[0..3] of w (bf16 bits as uint16), over the first
+        32 * n_vectors columns, as a tuple ordered [weight row r * input_rows + input row i]."""
+        signature = types.UniTuple(types.float32, WEIGHT_ROWS * input_rows)(x_even, x_odd, first, w, rows, n_vectors)
 
-    return signature, codegen
+        def codegen(context, builder, sig, args):
+            xe, xo, w_array, rows_array = (context.make_array(sig.args[i])(context, builder, args[i])
+                                           for i in (0, 1, 3, 4))
+            inputs = [builder.add(args[2], ir.Constant(_I64, i)) for i in range(input_rows)]
+            even_rows = [_row_address(builder, xe, n) for n in inputs]
+            odd_rows = [_row_address(builder, xo, n) for n in inputs]
+            weight_rows = [_row_address(builder, w_array, builder.load(builder.gep(rows_array.data, [ir.Constant(_I64, r)])))
+                           for r in range(WEIGHT_ROWS)]
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * LANES))
+                    for _ in range(WEIGHT_ROWS * input_rows)]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            shuffle = ir.InlineAsm(ir.FunctionType(_V16I, [_V16I, _V64B]), "vpshufb $2, $1, $0", "=v,v,v")
+            even_control, odd_mask = ir.Constant(_V64B, _EVEN_CONTROL), ir.Constant(_V16I, [_ODD_MASK] * LANES)
+            with cgutils.for_range(builder, args[5]) as loop:
+                x_evens = [_load_vector(builder, a, loop.index, _V16F) for a in even_rows]
+                x_odds = [_load_vector(builder, a, loop.index, _V16F) for a in odd_rows]
+                for r, row in enumerate(weight_rows):
+                    pairs = _load_vector(builder, row, loop.index, _V16I)
+                    _prefetch(builder, row, loop.index)
+                    even = builder.bitcast(builder.call(shuffle, [pairs, even_control]), _V16F)
+                    odd = builder.bitcast(builder.and_(pairs, odd_mask), _V16F)
+                    for i in range(input_rows):
+                        total = builder.call(fma, [x_evens[i], even, builder.load(sums[input_rows * r + i])])
+                        builder.store(builder.call(fma, [x_odds[i], odd, total]), sums[input_rows * r + i])
+            reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V16F]),
+                                                        "llvm.vector.reduce.fadd.v16f32")
+            totals = []
+            for lanes in sums:
+                total = builder.call(reduce_add, [ir.Constant(_F32, 0.0), builder.load(lanes)])
+                total.fastmath.add("reassoc")  # a tree of adds, not 16 in a row
+                totals.append(total)
+            return context.make_tuple(builder, sig.return_type, totals)
+
+        return signature, codegen
+
+    return pair_dots
+
+
+# 4 x 4 (16 accumulators) or 4 x 5 (20): the most that fit the 32 vector registers with the inputs;
+# 6 x 4 spilled and ran at half speed. Ten-token prompts give 10 or 20 input rows, which 5 divides:
+# 4 x 5 was 4 % faster on the Llama-7B shape (in process, 1.69 vs 1.76 s), and pads nothing.
+_pair_dots_4 = _pair_dots_for(4)
+_pair_dots_5 = _pair_dots_for(5)
+
+
+def input_rows_for(n_rows):
+    """The block's input rows for n_rows rows: 5 when that pads nothing, else 4."""
+    return 5 if n_rows % 5 == 0 else 4
+
+
+@numba.njit(fastmath=FAST, cache=True, inline="always")
+def _store_block(sums, x_even, x_odd, first, w, rows, n_vectors, out):
+    """out[first + i, rows[r]] = sums[r * inputs + i] plus the columns past the last whole vector."""
+    inputs = len(sums) // WEIGHT_ROWS
+    n_columns = w.shape[1]
+    for r in range(WEIGHT_ROWS):
+        weights = w[rows[r]]
+        for i in range(inputs):
+            total = sums[inputs * r + i]
+            for k in range(2 * LANES * n_vectors, n_columns):
+                xk = x_even[first + i, k // 2] if k % 2 == 0 else x_odd[first + i, k // 2]
+                total += xk * _weight(weights[k])
+            out[first + i, rows[r]] = total
 
 
 @numba.njit(parallel=True, fastmath=FAST, cache=True)
 def matmul_pairs(x_even, x_odd, w, out):
     """out[n, o] = sum_k x[n, k] * W[o, k]; x given as its even and odd columns
-    (x_even[n, p] = x[n, 2p], x_odd[n, p] = x[n, 2p + 1], rows a multiple of 4),
-    w [M, K] bf16 bits as uint16, out [N, M] float32."""
+    (x_even[n, p] = x[n, 2p], x_odd[n, p] = x[n, 2p + 1], rows a multiple of 4 or 5, see
+    `input_rows_for`), w [M, K] bf16 bits as uint16, out [N, M] float32."""
     n_out, n_columns = w.shape
     n_vectors = n_columns // (2 * LANES)
-    for quad in numba.prange((n_out + 3) // 4):
-        rows = np.empty(4, dtype=np.int64)  # the last quad repeats its last row (same value written twice)
-        for r in range(4):
-            rows[r] = min(4 * quad + r, n_out - 1)
-        for first in range(0, x_even.shape[0], BLOCK):
-            sums = _pair_dots(x_even, x_odd, first, w, rows, n_vectors)
-            for r in range(4):
-                weights = w[rows[r]]
-                for i in range(BLOCK):
-                    total = sums[BLOCK * r + i]
-                    for k in range(2 * LANES * n_vectors, n_columns):  # columns past the last whole vector
-                        xk = x_even[first + i, k // 2] if k % 2 == 0 else x_odd[first + i, k // 2]
-                        total += xk * _weight(weights[k])
-                    out[first + i, rows[r]] = total
+    n_rows = x_even.shape[0]
+    for block in numba.prange((n_out + WEIGHT_ROWS - 1) // WEIGHT_ROWS):
+        rows = np.empty(WEIGHT_ROWS, dtype=np.int64)  # the last block repeats its last row (same value written twice)
+        for r in range(WEIGHT_ROWS):
+            rows[r] = min(WEIGHT_ROWS * block + r, n_out - 1)
+        if n_rows % 5 == 0:
+            for first in range(0, n_rows, 5):
+                sums5 = _pair_dots_5(x_even, x_odd, first, w, rows, n_vectors)
+                _store_block(sums5, x_even, x_odd, first, w, rows, n_vectors, out)
+        else:
+            for first in range(0, n_rows, 4):
+                sums4 = _pair_dots_4(x_even, x_odd, first, w, rows, n_vectors)
+                _store_block(sums4, x_even, x_odd, first, w, rows, n_vectors, out)
 
 
 def split_columns(x):
-    """x [N, K] float32 -> (even columns, odd columns), each [ceil(N / 4) * 4, ceil(K / 2)], rows
-    padded with zeros and starting on a cache line (the odd half of an odd K ends in a zero)."""
-    n_rows = -(-x.shape[0] // BLOCK) * BLOCK
+    """x [N, K] float32 -> (even columns, odd columns), each [N rounded up to the block's input
+    rows, ceil(K / 2)], rows padded with zeros and starting on a cache line (the odd half of an
+    odd K ends in a zero)."""
+    inputs = input_rows_for(x.shape[0])
+    n_rows = -(-x.shape[0] // inputs) * inputs
     half = -(-x.shape[1] // 2)
     stride = -(-half // LANES) * LANES  # a whole number of vectors per row
     halves = []

@@ -85,7 +85,7 @@ pairs_kernel = pytest.mark.skipif(not kernels._pairs_available(), reason="needs 
 
 @pairs_kernel
 @pytest.mark.parametrize("n_columns", [1, 2, 31, 32, 33, 64, 95, 257, 4113])
-@pytest.mark.parametrize("n_rows", [1, 4, 7, 20])
+@pytest.mark.parametrize("n_rows", [1, 4, 5, 7, 10, 20])
 def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
     """Whole vectors of 32 columns and the columns past the last one (odd widths too), with the
     matrix starting 2 bytes past a 4-byte boundary (safetensors only aligns bf16 data to 2)."""
