@@ -1,6 +1,6 @@
 """`make bench`: swtool against the bytes it reads and against its peers, side by side in one run.
 
-    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant,gguf]
+    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant,kernels,gguf]
 
 The machine is shared and its load moves, so every comparison is made between
 numbers measured next to each other in this run, and both numbers are kept:
@@ -18,7 +18,8 @@ numbers measured next to each other in this run, and both numbers are kept:
   - Numba: the first scan with an empty kernel cache (everything compiled) against
     the cached ones (NUMBA_CACHE_DIR of this run);
   - eval tokens/s against transformers on SmolLM2 (bench/eval.py), quantizer MB/s
-    against gguf-py and ggml's C (bench/quant.py), and GGUF scans with the fused block
+    against gguf-py and ggml's C (bench/quant.py), the bf16 product alone, swtool/bf16_pairs.py
+    against kernels.py's loop (bench/kernels_bf16.py), and GGUF scans with the fused block
     kernels against the old decode-everything path (bench/gguf_scan.py, one thread), each
     run here and read back.
 One table of ratios at the end; everything goes to bench/results/bench.json with a
@@ -301,6 +302,16 @@ def summary_rows(results):
                 rows.append((f"quant {r['type']} MB/s, 1 thread vs ggml C", f"{one['mb_per_s']:.0f}",
                              f"{c['mb_per_s']:.0f}", f"{one['mb_per_s'] / c['mb_per_s']:.2f}x",
                              "target >= 0.8x" if r["type"] != "Q8_0" else ""))
+    products = results.get("kernels_bf16")
+    if products:
+        by = {(r["kernel"], r["threads"]): r for r in products["results"]}
+        for threads in (1, 2):
+            loop = next(r for (k, t), r in by.items() if t == threads and k.startswith("kernels.py"))
+            pairs = next(r for (k, t), r in by.items() if t == threads and k.endswith("(shipped)"))
+            rows.append((f"bf16 product, {threads} thread(s): bf16_pairs vs the widen + shift loop",
+                         f"{pairs['gfma_per_s']:.1f} G/s", f"{loop['gfma_per_s']:.1f} G/s",
+                         f"{pairs['gfma_per_s'] / loop['gfma_per_s']:.2f}x",
+                         f"multiply-adds; {products['tensors']} 7B MLP matrices streamed, {products['rows']} rows"))
     gguf = results.get("gguf_scan")
     if gguf:
         # the setting run_script ran: one thread, OpenMP workers as swtool leaves them (swtool/jit.py)
@@ -340,7 +351,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2,llama-1b,llama-7b")
     parser.add_argument("--runs", type=int, default=3, help="scans per checkpoint (best is kept)")
-    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, quant, gguf, first-run, startup")
+    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, quant, kernels, gguf, first-run, startup")
     parser.add_argument("--markdown", action="store_true",
                         help="print the table of bench/results/bench.json as Markdown (runs nothing)")
     args = parser.parse_args()
@@ -362,6 +373,8 @@ def main():
         results["eval"] = run_script("eval", "--runs", str(args.runs))  # one run was too noisy: 0.6x-1.2x
     if "quant" not in skip:
         results["quant"] = run_script("quant")
+    if "kernels" not in skip:  # the bf16 product alone: bf16_pairs against kernels.py's loop
+        results["kernels_bf16"] = run_script("kernels_bf16")
     if "gguf" not in skip:  # GGUF block types: fused kernels against the old decode-everything path
         results["gguf_scan"] = run_script("gguf_scan", "--runs", str(args.runs), "--threads", "1", "--no-crossover")
     results["machine_after"] = machine()
