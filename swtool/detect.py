@@ -298,11 +298,13 @@ def scan(model, tokens, settings, progress=False, fork_online=True):
 
 def _stream_once(stream, online, progress):
     """The single pass: every layer for the live worlds, then the online search may fork new ones there."""
-    from tqdm import tqdm
+    layers = range(stream.arch.n_layers)
+    if progress is not None:
+        from tqdm import tqdm  # imported only for a bar: 7 ms of a scan's start-up
 
+        layers = tqdm(layers, desc=progress, unit="layer", leave=False)
     live = {INTACT}
-    for layer in tqdm(range(stream.arch.n_layers), desc=progress, unit="layer", disable=progress is None,
-                      leave=False):
+    for layer in layers:
         stream.compute(layer, live)
         if online is not None:
             live = online.after_layer(layer, live)
