@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--prefetch", default=f"0,{bf16_pairs.PREFETCH_BYTES}")
     args = parser.parse_args()
     if not bf16_pairs.available():
-        sys.exit("bench: this CPU (or NUMBA_CPU_NAME) has no AVX-512BW: bf16_pairs does not run here")
+        sys.exit("bench: this CPU (or NUMBA_CPU_NAME) has no AVX-512: bf16_pairs does not run here")
     rng = np.random.default_rng(0)
     tensors = [rng.integers(0x3C00, 0x4000, SHAPE, dtype=np.uint16) ^ rng.integers(0, 2, SHAPE, dtype=np.uint16) << 15
                for _ in range(args.tensors)]

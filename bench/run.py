@@ -19,7 +19,7 @@ numbers measured next to each other in this run, and both numbers are kept:
     the cached ones (NUMBA_CACHE_DIR of this run);
   - eval tokens/s against transformers on SmolLM2 (bench/eval.py), quantizer MB/s
     against gguf-py and ggml's C (bench/quant.py), the bf16 product alone, swtool/bf16_pairs.py
-    against kernels.py's loop (bench/kernels_bf16.py), and GGUF scans with the fused block
+    against kernels.py's loop (bench/kernels_bf16.py, bench/decode_ports.py), and GGUF scans with the fused block
     kernels against the old decode-everything path (bench/gguf_scan.py, one thread), each
     run here and read back.
 One table of ratios at the end; everything goes to bench/results/bench.json with a
@@ -312,6 +312,15 @@ def summary_rows(results):
                          f"{pairs['gfma_per_s']:.1f} G/s", f"{loop['gfma_per_s']:.1f} G/s",
                          f"{pairs['gfma_per_s'] / loop['gfma_per_s']:.2f}x",
                          f"multiply-adds; {products['tensors']} 7B MLP matrices streamed, {products['rows']} rows"))
+    ports = results.get("decode_ports")
+    if ports:
+        by = {r["loop"].split(" (")[0]: r["g_multiply_adds_per_s"] for r in ports["results"]}
+        rows.append(("bf16 decode, registers only, 1 core: shift + AND vs widen + shift", f"{by['shift + AND']:.1f} G/s",
+                     f"{by['widen + shift, twice']:.1f} G/s", f"{by['shift + AND'] / by['widen + shift, twice']:.2f}x",
+                     f"multiply-adds of a 4 x 4 block; multiply-adds alone {by['multiply-adds alone']:.1f} G/s"))
+        rows.append(("AVX-512 BF16 vdpbf16ps vs vfmadd231ps, 1 core", f"{by['vdpbf16ps']:.1f} G/s",
+                     f"{by['multiply-adds alone']:.1f} G/s", f"{by['vdpbf16ps'] / by['multiply-adds alone']:.2f}x",
+                     "multiply-adds; why swtool does not use it"))
     gguf = results.get("gguf_scan")
     if gguf:
         # the setting run_script ran: one thread, OpenMP workers as swtool leaves them (swtool/jit.py)
@@ -375,6 +384,7 @@ def main():
         results["quant"] = run_script("quant")
     if "kernels" not in skip:  # the bf16 product alone: bf16_pairs against kernels.py's loop
         results["kernels_bf16"] = run_script("kernels_bf16")
+        results["decode_ports"] = run_script("decode_ports")
     if "gguf" not in skip:  # GGUF block types: fused kernels against the old decode-everything path
         results["gguf_scan"] = run_script("gguf_scan", "--runs", str(args.runs), "--threads", "1", "--no-crossover")
     results["machine_after"] = machine()

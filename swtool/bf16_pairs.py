@@ -1,27 +1,31 @@
-"""y = x @ W.T for bf16 weights, two weights per 32-bit load (CPUs with AVX-512BW).
+"""y = x @ W.T for bf16 weights, decoded two at a time (CPUs with AVX-512).
 
 A bf16 weight is the top half of a float32, so decoding one is moving 16 bits.
 kernels.py's loop widens 16 bf16 weights into 16 float32 lanes and shifts them
-up: two instructions per 16 weights, on the same two ports as the multiply-adds
-(measured: an AVX-512 shift costs about as much as a multiply-add here). This
-kernel reads the stored bits as 32-bit pairs instead, w[2p] in the low half and
+up: two instructions per 16 weights, on the two ports the multiply-adds use. This
+kernel loads the stored bits as 32-bit pairs instead, w[2p] in the low half and
 w[2p+1] in the high half of each lane:
 
   - the odd weight is the pair with its low half cleared: one AND;
-  - the even weight is the pair with its low half moved up and zeros below: one
-    byte shuffle (vpshufb). LLVM recognises that shuffle as a shift and would emit
-    the slow shift again, so it is one line of inline assembly.
+  - the even weight is the pair shifted up by 16: one shift;
 
-That is one instruction per 16 weights instead of two. The inputs are split once
-into their even and odd columns, so both halves of a pair meet their input in the
-same lane. The loop works on 4 weight rows x 4 or 5 input rows, and
-every product is a float32 multiply-add of the exact weight: only the order of the
-additions differs from kernels.py (pairs are summed even, then odd).
+one instruction per 16 weights. The inputs are split once into their even and odd
+columns, so both halves of a pair meet their input in the same lane. In a loop of
+a 4 x 4 block with the loads taken out, widen + shift runs at 59 G multiply-adds/s
+on one core, shift + AND at 74, as fast as two ANDs, the cheapest pair there is;
+multiply-adds alone run at 93 (python bench/decode_ports.py).
+
+The loop is written in LLVM IR (vectors of 16 lanes, llvm.fma) rather than left to
+LLVM's vectoriser: the same pair decode as scalar numba code, vectorised by LLVM, ran
+at 49 G multiply-adds/s on one core where kernels.py's loop ran at 58 (256 x 11008,
+20 input rows). It works on 4 weight rows x 4 or 5 input rows and
+prefetches each weight row ahead of its loads. Every product is a float32
+multiply-add of the exact weight: only the order of the additions differs from
+kernels.py (each lane sums its even products, then its odd ones).
 
 Measured with `python bench/kernels_bf16.py` (README, "Memory and speed").
 """
 
-import llvmlite.binding as llvm
 import numpy as np
 
 import swtool.jit  # noqa: F401  (512-bit vectors; before numba compiles anything)
@@ -36,30 +40,29 @@ from swtool.kernels import ALIGN, FAST, _weight
 LANES = 16  # float32 lanes of a 512-bit register: 16 pairs, 32 weights per load
 WEIGHT_ROWS = 4  # the register block: 4 weight rows x 4 or 5 input rows (see _pair_dots_4 below)
 # Each weight row is prefetched this far ahead of its loads. The four rows of a block are four
-# streams per core, and the hardware prefetcher alone left the loop waiting: a 11008 x 4096 bf16
-# matrix streamed from memory, 20 input rows, two cores, went from 84-90 to 92-96 GFMA/s with
-# 256-1024 bytes ahead, and fell back with 8192 (python bench/kernels_bf16.py --prefetch 0,256,1024,8192).
+# streams per core, and the hardware prefetcher alone left the loop waiting: 16 Llama-7B MLP
+# matrices streamed from memory, 20 input rows, two cores: 97 G multiply-adds/s without, 102 with
+# 1024 bytes; 256 bytes helped less and 8192 not at all
+# (python bench/kernels_bf16.py --prefetch 0,256,1024,8192).
 PREFETCH_BYTES = 1024
 
-_F32, _I32, _I8, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(8), ir.IntType(64)
-_V16F, _V16I, _V64B = ir.VectorType(_F32, LANES), ir.VectorType(_I32, LANES), ir.VectorType(_I8, 64)
-# vpshufb control, per 128-bit lane: each dword's bytes 2, 3 <- its bytes 0, 1; bytes 0, 1 <- zero (0x80)
-_EVEN_CONTROL = [b for dword in range(4) for b in (0x80, 0x80, 4 * dword, 4 * dword + 1)] * 4
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_V16F, _V16I = ir.VectorType(_F32, LANES), ir.VectorType(_I32, LANES)
 _ODD_MASK = -(1 << 16)  # 0xFFFF0000 as a signed 32-bit constant
 
 
 def available():
-    """Can this process compile the kernel: does numba target a CPU with AVX-512BW?
+    """Does numba compile for a CPU with AVX-512 here? The kernel's 16-lane vectors are one
+    register there; elsewhere kernels.py's loop (vectorised by LLVM for the CPU) is used.
 
     The features numba compiles for, not only the host's: a user who sets NUMBA_CPU_NAME
-    (say, "generic" for a portable cache) gets kernels.py's portable loop instead."""
+    (say, "generic" for a portable cache) gets kernels.py's loop too."""
     from numba.core import config
     from numba.core.codegen import get_host_cpu_features
 
     if config.CPU_NAME not in (None, "host"):
         return False
-    features = (config.CPU_FEATURES or get_host_cpu_features()).split(",")
-    return "+avx512f" in features and "+avx512bw" in features
+    return "+avx512f" in (config.CPU_FEATURES or get_host_cpu_features()).split(",")
 
 
 def _row_address(builder, array, row):
@@ -109,15 +112,14 @@ def _pair_dots_for(input_rows):
             sums = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * LANES))
                     for _ in range(WEIGHT_ROWS * input_rows)]
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-            shuffle = ir.InlineAsm(ir.FunctionType(_V16I, [_V16I, _V64B]), "vpshufb $2, $1, $0", "=v,v,v")
-            even_control, odd_mask = ir.Constant(_V64B, _EVEN_CONTROL), ir.Constant(_V16I, [_ODD_MASK] * LANES)
+            shift, odd_mask = ir.Constant(_V16I, [16] * LANES), ir.Constant(_V16I, [_ODD_MASK] * LANES)
             with cgutils.for_range(builder, args[5]) as loop:
                 x_evens = [_load_vector(builder, a, loop.index, _V16F) for a in even_rows]
                 x_odds = [_load_vector(builder, a, loop.index, _V16F) for a in odd_rows]
                 for r, row in enumerate(weight_rows):
                     pairs = _load_vector(builder, row, loop.index, _V16I)
                     _prefetch(builder, row, loop.index)
-                    even = builder.bitcast(builder.call(shuffle, [pairs, even_control]), _V16F)
+                    even = builder.bitcast(builder.shl(pairs, shift), _V16F)
                     odd = builder.bitcast(builder.and_(pairs, odd_mask), _V16F)
                     for i in range(input_rows):
                         total = builder.call(fma, [x_evens[i], even, builder.load(sums[input_rows * r + i])])
@@ -211,6 +213,3 @@ def matmul(x, stored):
     matmul_pairs(x_even, x_odd, stored, out)
     return out[:x.shape[0]]
 
-
-# numba's code generator parses the inline assembly above when it compiles (not when it loads a cache)
-llvm.initialize_native_asmparser()

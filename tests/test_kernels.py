@@ -80,7 +80,7 @@ def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expe
 
 # --- bf16_pairs: the AVX-512 kernel that reads bf16 weights as 32-bit pairs ------------------
 
-pairs_kernel = pytest.mark.skipif(not kernels._pairs_available(), reason="needs a CPU with AVX-512BW")
+pairs_kernel = pytest.mark.skipif(not kernels._pairs_available(), reason="needs a CPU with AVX-512")
 
 
 @pairs_kernel
@@ -111,7 +111,7 @@ def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
 @pairs_kernel
 @pytest.mark.parametrize("column", [0, 1, 30, 31])
 def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(column):
-    """A pair's even weight (moved up by the byte shuffle) and odd weight (its low half cleared) are
+    """A pair's even weight (shifted up) and odd weight (its low half cleared) are
     both exact, in every lane: out[0, r] = W[r, column] for patterns across all exponents."""
     from swtool import bf16_pairs
 
@@ -127,8 +127,8 @@ def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(colum
 
 
 def test_pairs_kernel_is_off_when_numba_targets_a_generic_cpu(tmp_path):
-    """NUMBA_CPU_NAME=generic (a portable cache) must not get the AVX-512 inline assembly: the
-    portable loop multiplies instead, with the same result."""
+    """NUMBA_CPU_NAME=generic (a portable cache) gets kernels.py's loop, not the AVX-512 kernel,
+    with the same result."""
     import os
     import subprocess
     import sys
