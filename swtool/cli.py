@@ -52,9 +52,18 @@ def run():
     and renamed into place before a command returns (swtool/atomic.py), and swtool runs no
     background threads, so nothing is cut short. main() itself, as tests and bench scripts
     call it in process, still raises SystemExit as click does.
+
+    The cyclic garbage collector's youngest generation is collected every 10,000 new
+    container objects instead of Python's 700, so the older ones, collected every tenth
+    time, are rescanned less: importing numba and loading its first kernel create
+    hundreds of thousands of objects, and rescanning them took 68 ms of a Llama-7B-shape
+    scan's 2.4 s, 31 ms with these thresholds (measured with gc.callbacks, same scan).
+    Cycles are still collected, in fewer, larger batches.
     """
+    import gc
     import os
 
+    gc.set_threshold(10_000, 10, 10)
     try:
         main()
         code = 0

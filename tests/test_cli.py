@@ -160,13 +160,17 @@ def test_the_console_script_skips_interpreter_teardown_only_after_main_returns(m
 
     from swtool import cli
 
-    exits = []
+    import gc
+
+    exits, thresholds = [], []
     monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(gc, "set_threshold", lambda *t: thresholds.append(t))  # not for this pytest process
     monkeypatch.setattr(sys, "argv", ["swtool", "--version"])
     cli.run()
     monkeypatch.setattr(sys, "argv", ["swtool", "scan", "/nonexistent/model"])
     cli.run()
     assert exits == [0, 2]
+    assert thresholds == [(10_000, 10, 10)] * 2  # the collector batches more in the command
     assert "error: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main()
