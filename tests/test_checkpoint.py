@@ -123,3 +123,32 @@ def test_directory_without_weights_or_config(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", {"x": ("F32", np.zeros(2, np.float32))})
     with pytest.raises(CheckpointError, match="no config.json"):
         open_checkpoint(tmp_path)
+
+
+def _mapped(path):
+    """Is `path` memory-mapped in this process now?"""
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(path)) for line in maps)
+
+
+def test_a_view_held_by_a_reference_cycle_does_not_keep_the_map(tmp_path):
+    """with_stored unmaps on return even when a reference cycle still holds a view of the bits
+    (numba's first compile of a kernel leaves one: the first scan with an empty kernel cache
+    failed with "BufferError: cannot close exported pointers exist")."""
+    import gc
+
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"w": ("BF16", np.arange(64 * 32, dtype=np.float32).reshape(64, 32))})
+    info = SafetensorsFile(path)["w"]
+
+    def use(stored):
+        cycle = [stored]
+        cycle.append(cycle)  # only the collector frees this list, and the view with it
+        return float(stored.view(np.uint16)[3, 4])
+
+    gc.disable()
+    try:
+        assert info.with_stored(use) == float(np.float32(100.0).view(np.uint32) >> 16)  # w[3, 4] = 3 * 32 + 4
+        assert not _mapped(path)
+    finally:
+        gc.enable()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swtool.checkpoint.safetensors import _map_bytes, decode_float32
+from swtool.checkpoint.safetensors import _map_bytes, close_map, decode_float32
 from swtool.errors import CheckpointError
 
 MAGIC = b"GGUF"
@@ -113,10 +113,7 @@ class GGUFTensor:
             return use(stored)
         finally:
             del stored
-            try:
-                mapping.close()
-            except BufferError:  # a traceback may still hold a view; the GC unmaps it
-                pass
+            close_map(mapping)
 
     def read(self, rows=None):
         """Decode the tensor (or HF `rows` of its first axis) to a new float32 array in HF layout."""

@@ -14,6 +14,7 @@ so the resident pages of a scan stay near one tensor, not the whole file.
 """
 
 import contextlib
+import gc
 import json
 import mmap
 import os
@@ -103,15 +104,10 @@ class TensorInfo:
         if rows is not None:
             stored = stored[rows if isinstance(rows, slice) else np.asarray(rows)]
         try:
-            result = use(stored)
-        except BaseException:
-            del stored
-            with contextlib.suppress(BufferError):  # the traceback may still hold a view; GC unmaps it
-                mapping.close()
-            raise
-        del stored  # the mmap cannot close while a NumPy view of it exists
-        mapping.close()
-        return result
+            return use(stored)
+        finally:
+            del stored  # the mmap cannot close while a NumPy view of it exists
+            close_map(mapping)
 
 
 class _NoBytes(bytes):
@@ -119,6 +115,23 @@ class _NoBytes(bytes):
 
     def close(self):
         pass
+
+
+def close_map(mapping):
+    """Unmap now, so resident memory stays near one tensor.
+
+    A view of the map that only a reference cycle still holds makes mmap.close() fail:
+    an error's traceback, or numba compiling a kernel for a new signature (its caught
+    typing errors keep the arguments' frames, found when the first scan with an empty
+    kernel cache failed here). Collecting the cycles releases the view. A view still
+    referenced after that keeps the map until the view goes; then Python unmaps it.
+    """
+    try:
+        mapping.close()
+    except BufferError:
+        gc.collect()
+        with contextlib.suppress(BufferError):
+            mapping.close()
 
 
 def _map_bytes(path, offset, nbytes):
