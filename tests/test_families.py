@@ -111,3 +111,21 @@ def test_planted_super_weight_is_found(tiny_factory, case, dtype):
     assert v["verified"] and v["super_activation_removed"] < case.sa_left * v["super_activation_intact"]
     assert report["profile"][case.plant.layer]["down_proj_output"]["channel"] == case.plant.row
     assert report["profile"][case.plant.layer]["down_proj_input"]["channel"] == case.plant.col
+
+
+def test_llama_cpp_names_from_a_partial_map_equal_the_full_map():
+    """Architecture.gguf_name builds gguf-py's name map only up to the block asked for, then whole:
+    every name must be the one the full map gives, in any order of asking."""
+    import gguf
+
+    from swtool.arch import architecture_for
+
+    config = {"model_type": "llama", "num_hidden_layers": 6, "hidden_size": 64, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100, "rms_norm_eps": 1e-5}
+    arch = architecture_for(config)
+    full = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 6)
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.5.mlp.up_proj.weight", "model.embed_tokens.weight", "lm_head.weight",
+             "model.layers.3.post_attention_layernorm.weight", "model.norm.weight"]
+    for name in names:
+        assert arch.gguf_name(name) == full.get_name(name, try_suffixes=(".weight", ".bias")), name
