@@ -95,14 +95,16 @@ class ForkingPass:
 
     def complete(self, keys, progress=None):
         """Compute `keys` through the last layer, each from the last layer where its prefix exists."""
-        from tqdm import tqdm
-
         start = min((self._first_missing(key) for key in keys), default=self.arch.n_layers)
         if start == self.arch.n_layers:
             return
         self.rounds += 1
-        for layer in tqdm(range(start, self.arch.n_layers), desc=progress, unit="layer",
-                          disable=progress is None, leave=False):
+        layers = range(start, self.arch.n_layers)
+        if progress is not None:
+            from tqdm import tqdm  # only for a bar: a scan with --no-progress does not import it
+
+            layers = tqdm(layers, desc=progress, unit="layer", leave=False)
+        for layer in layers:
             self.compute(layer, keys)
 
     def _first_missing(self, key):
