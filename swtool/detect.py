@@ -44,7 +44,7 @@ from swtool.arch.moe import SHARED
 from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 from swtool.forking import ForkingPass, prefix, world_order
-from swtool.forward import Edit, mean_nll
+from swtool.forward import Edit, layer_progress, mean_nll
 
 
 @dataclass
@@ -298,13 +298,8 @@ def scan(model, tokens, settings, progress=False, fork_online=True):
 
 def _stream_once(stream, online, progress):
     """The single pass: every layer for the live worlds, then the online search may fork new ones there."""
-    layers = range(stream.arch.n_layers)
-    if progress is not None:
-        from tqdm import tqdm  # imported only for a bar: 7 ms of a scan's start-up
-
-        layers = tqdm(layers, desc=progress, unit="layer", leave=False)
     live = {INTACT}
-    for layer in layers:
+    for layer in layer_progress(range(stream.arch.n_layers), progress):
         stream.compute(layer, live)
         if online is not None:
             live = online.after_layer(layer, live)

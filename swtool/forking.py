@@ -31,7 +31,7 @@ and 42 s: direct compaction under memory pressure).
 
 import numpy as np
 
-from swtool.forward import Pass, World
+from swtool.forward import Pass, World, layer_progress
 
 
 def prefix(key, layer):
@@ -99,12 +99,7 @@ class ForkingPass:
         if start == self.arch.n_layers:
             return
         self.rounds += 1
-        layers = range(start, self.arch.n_layers)
-        if progress is not None:
-            from tqdm import tqdm  # only for a bar: a scan with --no-progress does not import it
-
-            layers = tqdm(layers, desc=progress, unit="layer", leave=False)
-        for layer in layers:
+        for layer in layer_progress(range(start, self.arch.n_layers), progress):
             self.compute(layer, keys)
 
     def _first_missing(self, key):

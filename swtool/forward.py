@@ -256,10 +256,18 @@ def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=No
     return model.arch.head(ctx, x)
 
 
-def run_layers(model, tokens, worlds=None, transforms=(), observers=(), progress=None, activation_transforms=()):
-    """Every decoder layer, not the head: (the pass's ctx, final residual stream [rows, T, hidden])."""
+def layer_progress(layers, label):
+    """`layers`, with a per-layer progress bar on stderr when `label` is given (tqdm is imported only
+    then: a command run with --no-progress does not load it)."""
+    if label is None:
+        return layers
     from tqdm import tqdm
 
+    return tqdm(layers, desc=label, unit="layer", leave=False)
+
+
+def run_layers(model, tokens, worlds=None, transforms=(), observers=(), progress=None, activation_transforms=()):
+    """Every decoder layer, not the head: (the pass's ctx, final residual stream [rows, T, hidden])."""
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim not in (1, 2) or tokens.shape[-1] == 0:
         raise SwtoolError(f"tokens must be [T] or [B, T] with T >= 1, got shape {list(tokens.shape)}")
@@ -268,7 +276,7 @@ def run_layers(model, tokens, worlds=None, transforms=(), observers=(), progress
                activation_transforms, n_sequences)
     arch = model.arch
     x = arch.embed(ctx, tokens)
-    for layer in tqdm(range(arch.n_layers), desc=progress, unit="layer", disable=progress is None, leave=False):
+    for layer in layer_progress(range(arch.n_layers), progress):
         x = arch.block(ctx, layer, x)
     return ctx, x
 
