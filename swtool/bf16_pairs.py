@@ -35,7 +35,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from swtool.kernels import ALIGN, FAST, _weight
+from swtool.kernels import FAST, _weight, aligned_zeros
 
 LANES = 16  # float32 lanes of a 512-bit register: 16 pairs, 32 weights per load
 WEIGHT_ROWS = 4  # the register block: 4 weight rows x 4 or 5 input rows (see _pair_dots_4 below)
@@ -71,9 +71,14 @@ def _row_address(builder, array, row):
     return builder.add(builder.ptrtoint(array.data, _I64), builder.mul(row, row_stride))
 
 
+def _vector_address(builder, row_address, vector_index):
+    """row_address + 64 * vector_index: where vector `vector_index` of a row starts."""
+    return builder.add(row_address, builder.mul(vector_index, ir.Constant(_I64, 64)))
+
+
 def _load_vector(builder, row_address, vector_index, vector_type):
-    """The 64 bytes at row_address + 64 * vector_index (no alignment assumed)."""
-    address = builder.add(row_address, builder.mul(vector_index, ir.Constant(_I64, 64)))
+    """The 64 bytes at vector `vector_index` of a row (no alignment assumed)."""
+    address = _vector_address(builder, row_address, vector_index)
     return builder.load(builder.inttoptr(address, vector_type.as_pointer()), align=1)
 
 
@@ -85,8 +90,7 @@ def _prefetch(builder, row_address, vector_index):
     i8_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
     prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8_pointer, i32, i32, i32]),
                                               "llvm.prefetch.p0")
-    address = builder.add(row_address, builder.mul(vector_index, ir.Constant(_I64, 64)))
-    address = builder.add(address, ir.Constant(_I64, PREFETCH_BYTES))
+    address = builder.add(_vector_address(builder, row_address, vector_index), ir.Constant(_I64, PREFETCH_BYTES))
     # read (0), keep in all cache levels (3), data (1)
     builder.call(prefetch, [builder.inttoptr(address, i8_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
@@ -197,9 +201,7 @@ def split_columns(x):
     stride = -(-half // LANES) * LANES  # a whole number of vectors per row
     halves = []
     for start in (0, 1):
-        raw = np.zeros(n_rows * stride + ALIGN // 4, dtype=np.float32)
-        skip = (-raw.ctypes.data % ALIGN) // 4
-        half_x = raw[skip:skip + n_rows * stride].reshape(n_rows, stride)[:, :half]
+        half_x = aligned_zeros(n_rows, stride)[:, :half]
         columns = x[:, start::2]
         half_x[:x.shape[0], :columns.shape[1]] = columns
         halves.append(half_x)

@@ -18,6 +18,8 @@ Long inputs (many tokens x worlds) go through decode + BLAS instead, where the
 matrix product dominates and BLAS is faster (see `fused_pays_off`).
 """
 
+import functools
+
 import numpy as np
 
 import swtool.jit  # noqa: F401  (512-bit vectors; before numba compiles anything)
@@ -109,13 +111,17 @@ def matmul_rows(x, w, out):
             _block(x, g, w, o, out)
 
 
-def padded_rows(x):
-    """x [N, K] as a new float32 array of ceil(N / 4) * 4 rows (the extra ones zero), starting on a cache line."""
-    n_rows = -(-x.shape[0] // BLOCK) * BLOCK
-    size = n_rows * x.shape[1]
+def aligned_zeros(n_rows, n_columns):
+    """A new float32 zero array [n_rows, n_columns] starting on a cache line."""
+    size = n_rows * n_columns
     raw = np.zeros(size + ALIGN // 4, dtype=np.float32)
     skip = (-raw.ctypes.data % ALIGN) // 4
-    padded = raw[skip:skip + size].reshape(n_rows, x.shape[1])
+    return raw[skip:skip + size].reshape(n_rows, n_columns)
+
+
+def padded_rows(x):
+    """x [N, K] as a new float32 array of ceil(N / 4) * 4 rows (the extra ones zero), starting on a cache line."""
+    padded = aligned_zeros(-(-x.shape[0] // BLOCK) * BLOCK, x.shape[1])
     padded[:x.shape[0]] = x
     return padded
 
@@ -194,16 +200,12 @@ def matmul_stored(x, stored, dtype):
     return out[:x.shape[0]]
 
 
-_PAIRS = []
-
-
+@functools.cache
 def _pairs_available():
     """Does bf16_pairs' AVX-512 kernel run here (asked once per process)?"""
-    if not _PAIRS:
-        from swtool import bf16_pairs
+    from swtool import bf16_pairs
 
-        _PAIRS.append(bf16_pairs.available())
-    return _PAIRS[0]
+    return bf16_pairs.available()
 
 
 def stored_bits(stored, dtype):
