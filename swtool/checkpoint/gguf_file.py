@@ -303,10 +303,7 @@ def read_gguf(path):
     try:
         return _parse(path, memoryview(mapping), size)
     finally:
-        try:
-            mapping.close()
-        except BufferError:  # an error's traceback still holds a view of the header; the GC unmaps it
-            pass
+        close_map(mapping)  # an error's traceback may still hold a view of the header
 
 
 def _parse(path, buffer, size):
