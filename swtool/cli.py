@@ -214,14 +214,25 @@ def format_scan(catalog):
     return "\n".join(lines)
 
 
+def text_options(command):
+    """The text-scoring options `eval` and `quantsim` share (applied bottom-up, so listed in reverse)."""
+    options = [
+        click.option("--score-second-half", is_flag=True,
+                     help="Score only predictions from position ctx/2 on in each chunk (as llama-perplexity)."),
+        click.option("--max-tokens", type=int, help="Score only the first N tokens of the text."),
+        click.option("--ctx", default=512, show_default=True, type=int,
+                     help="Tokens per chunk; each chunk is an independent sequence and every prediction in it "
+                          "is scored."),
+        click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score."),
+    ]
+    for option in options:
+        command = option(command)
+    return command
+
+
 @main.command("eval")
 @click.argument("model", type=click.Path())
-@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
-@click.option("--ctx", default=512, show_default=True, type=int,
-              help="Tokens per chunk; each chunk is an independent sequence and every prediction in it is scored.")
-@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
-@click.option("--score-second-half", is_flag=True,
-              help="Score only predictions from position ctx/2 on in each chunk (as llama-perplexity).")
+@text_options
 @click.option("--zero", multiple=True, metavar="L:ROW:COL",
               help="Zero layer L's down_proj[ROW, COL] on the fly, in every world (repeatable).")
 @click.option("--catalog", type=click.Path(),
@@ -338,7 +349,7 @@ def format_eval(result):
 
 @main.command("quantsim")
 @click.argument("model", type=click.Path())
-@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@text_options
 @click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Weight bits (INT, min-max).")
 @click.option("--block-sizes", default="32,128,1024,16384,tensor", show_default=True, metavar="N,N,..|tensor",
               help="Flat block sizes to compare (elements of W [out, in] in row-major order), or 'tensor'.")
@@ -349,11 +360,6 @@ def format_eval(result):
 @click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Also simulate per-tensor int8 inputs of the linears, with and without the super activation kept.")
 @click.option("--no-weights", is_flag=True, help="Skip the weight table (with --activations int8).")
-@click.option("--ctx", default=512, show_default=True, type=int,
-              help="Tokens per chunk; each chunk is an independent sequence and every prediction in it is scored.")
-@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
-@click.option("--score-second-half", is_flag=True,
-              help="Score only predictions from position ctx/2 on in each chunk (as llama-perplexity).")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write perplexity per block size (and the activation settings) as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--batch-tokens", default=8192, show_default=True, type=int,
