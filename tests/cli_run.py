@@ -10,6 +10,13 @@ def swtool(*args, **run_options):
                           **run_options)
 
 
+def swtool_without(module, *args):
+    """`swtool ARGS` with `module` (an optional extra, e.g. matplotlib) hidden from the import system,
+    whether it is installed or not."""
+    hide = f"import sys; sys.modules[{module!r}] = None; from swtool.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", hide, *map(str, args)], capture_output=True, text=True)
+
+
 def one_line_error(result):
     """The single `error: ...` line of a run that failed on bad input (exit 2)."""
     assert result.returncode == 2, result.stdout + result.stderr

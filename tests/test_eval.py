@@ -2,8 +2,6 @@
 each checked against transformers computing the same thing on its own."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from swtool.forward import Edit, World, forward, head_logits, run_layers
 from swtool.model import load_model
 from swtool.tokenize import encode, load_tokenizer
 from tiny import Plant, random_tokens
-from cli_run import one_line_error, swtool
+from cli_run import one_line_error, swtool, swtool_without
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -405,11 +403,9 @@ def test_catalog_of_another_model_is_refused(tiny_planted, tiny_factory):
 def test_plot_without_matplotlib_is_one_line(tiny_planted, tmp_path):
     """matplotlib is an optional extra: hidden from the import system here, whether installed or not."""
     directory, catalog, text = tiny_planted
-    hide = "import sys; sys.modules['matplotlib'] = None; from swtool.cli import main; main()"
     for args in (("eval", directory, "--text", text, "--plot", tmp_path / "p.png"),
                  ("scan", directory, "--plot", tmp_path / "p.png")):
-        result = subprocess.run([sys.executable, "-c", hide, *map(str, args)], capture_output=True, text=True)
-        assert "pip install 'swtool[plot]'" in one_line_error(result)
+        assert "pip install 'swtool[plot]'" in one_line_error(swtool_without("matplotlib", *args))
     assert not list(tmp_path.iterdir())
 
 

@@ -21,7 +21,7 @@ import pytest
 import llama_oracle
 from swtool.gguf_export import SuperWeight
 from swtool.sweep import control_layers
-from cli_run import one_line_error, swtool
+from cli_run import one_line_error, swtool, swtool_without
 
 pytestmark = pytest.mark.real
 
@@ -227,18 +227,14 @@ def test_bad_input_is_one_line(smollm2, prose, tmp_path):
 
 def test_without_llama_cpp_python_it_fails_at_once_naming_the_extra(smollm2, prose, tmp_path):
     """llama-cpp-python is an optional extra: hidden from the import system here."""
-    hide = "import sys; sys.modules['llama_cpp'] = None; from swtool.cli import main; main()"
-    result = subprocess.run([sys.executable, "-c", hide, "sweep", str(smollm2), "--text", str(prose),
-                             "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    result = swtool_without("llama_cpp", "sweep", smollm2, "--text", prose, "--out-dir", tmp_path / "out")
     assert "pip install 'swtool[llama]'" in one_line_error(result)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_matplotlib_fails_at_once(smollm2, prose, tmp_path):
     """matplotlib is an optional extra: hidden from the import system here, whether installed or not."""
-    hide = "import sys; sys.modules['matplotlib'] = None; from swtool.cli import main; main()"
-    result = subprocess.run([sys.executable, "-c", hide, "sweep", str(smollm2), "--text", str(prose),
-                             "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
+    result = swtool_without("matplotlib", "sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.png")
     assert "pip install 'swtool[plot]'" in one_line_error(result)
     assert "name the file .png, .svg or .pdf" in one_line_error(
         swtool("sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.gif"))
