@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 # GGUF block types, multiplied from their blocks by gguf_kernels.py with quant/blocks.py's
 # decoders (the index is a type's `kind` there). Named here, not imported from swtool.quant:
-# importing that package costs a bf16 scan 50 ms of start-up for nothing.
+# importing that package cost a bf16 scan about 40 ms of start-up for nothing.
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # Above this many input rows, decode + BLAS wins: on one core of the benchmark machine, a
@@ -193,7 +193,7 @@ def matmul_stored(x, stored, dtype):
     if dtype == "BF16" and stored.strides[1] == 2 and _pairs_available():
         from swtool import bf16_pairs  # imports this module: loaded on first use
 
-        return bf16_pairs.matmul(x, stored.view(np.uint16))
+        return bf16_pairs.matmul(x, stored_bits(stored, dtype))
     padded = padded_rows(x)
     out = np.empty((padded.shape[0], stored.shape[0]), dtype=np.float32)
     matmul_rows(padded, stored_bits(stored, dtype), out)
