@@ -1,35 +1,54 @@
 """Did this checkpoint keep its super weights? Read only their bytes and compare.
 
-Where the coordinates come from, first that applies:
-  1. --catalog: a scan catalog (expected values included);
-  2. --known / --known-id: the coordinates of `swtool catalog known` (known.py; no values);
-  3. a GGUF's `swtool.*` metadata (gguf_keys.py; the exporter records exact values);
-  4. otherwise a scan of the reference (with --reference) or of the model itself.
+Where the coordinates and expected values come from, first that applies:
+  1. what the user named: --catalog (a scan catalog, values included), --known / --known-id
+     (the coordinates of `swtool catalog known`, known.py; no values), --reference (a scan
+     of the reference; the expected values are the reference's own);
+  2. a GGUF's `swtool.*` metadata (gguf_keys.py): the exporter records exact values with the file;
+  3. the known table, when the model matches an entry by id or config fingerprint;
+  4. a catalog beside the model that is a catalog of this model (same layer count, family and
+     config hash; catalog.catalogs_beside);
+  5. otherwise a scan of the model itself. It compares each weight with itself, so it can tell
+     no damage: its findings are `unverified` and the audit gives no verdict (exit 3), unless the
+     model predicts its own prompt clearly worse than a uniform guess (mean NLL above 1.1 x ln(vocab)): broken.
+
+Every catalog is checked against the model first: another model's catalog is bad input (exit 2).
 
 What is read per super weight, and nothing more:
   - safetensors: the element's 2 or 4 bytes, at its offset in the file;
-  - GGUF: the one quantization block that holds it (18-210 bytes), dequantized alone;
+  - GGUF: the one quantization block that holds it, dequantized alone;
   - coordinates without a value (published ones): also the weight's row, to tell
     whether it is still an outlier of that row.
 
-Verdict per weight: `missing` (no such tensor, or outside it), `zeroed` (exactly 0),
+Status per weight: `missing` (no such tensor, or outside it), `zeroed` (exactly 0),
 `changed` (off by more than the tolerance, relative), `not outlier` (a published
 coordinate whose weight is no longer |w| >= OUTLIER_RATIO x its row's RMS), `not finite`
-(NaN or Inf), or `intact`. With --reference the expected value is the reference checkpoint's.
-Disputed published coordinates are shown but do not decide the exit code.
+(NaN or Inf), `ablated` (it holds what an `swtool ablate` record beside it, or given as
+--catalog, says was written there), `unprotected` (GGUF: stored in a type of fewer than
+LOW_BITS bits per weight with handling `none` or none recorded), `unverified` (a self-scan's
+finding), or `intact`. Disputed published coordinates are shown but do not decide the exit code.
+
+Exit codes: 0 all intact; 1 any missing, damaged, ablated or unprotected, or a broken model;
+2 bad input; 3 no verdict (a self-scan: nothing to compare with).
 """
 
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from swtool.catalog import catalogs_beside
 from swtool.errors import SwtoolError
 
 DEFAULT_TOLERANCE = 0.05  # relative; Q4_1/Q8_0/bf16 copies of the same weights stay within 1% (README)
 OUTLIER_RATIO = 5.0  # |w| / RMS of its row, for coordinates that come without a value
+BROKEN_MARGIN = 1.1  # a prompt NLL above this times ln(vocab) means a broken model (broken_prompt)
+LOW_BITS = 4.0  # a GGUF type below this many bits per weight (Q2_K, Q3_K, IQ2/IQ3 ...) needs protection
 SCHEMA_ID = "swtool.audit/1"
+PASSING = ("intact", "unverified")  # statuses that fail nothing (unverified decides the exit code alone)
+EXIT_CODES = {"intact": 0, "damaged": 1, "unverified": 3}  # 2 is bad input, as for every command
 
 
 @dataclass
@@ -61,6 +80,7 @@ class Finding:
     block: dict | None = None  # GGUF: {"index", "size"} of the block the value was decoded from
     row_rank: int | None = None  # 1 = largest |w| of its row (published coordinates)
     row_ratio: float | None = None  # |w| / RMS of its row
+    bits: float | None = None  # GGUF: bits per weight of the tensor's type
     disputed: bool = False
     note: str = ""
 
@@ -83,16 +103,34 @@ class Report:
     read_ms: float = 0.0  # reading and judging the super weights alone
     bytes_read: int = 0
     scan: dict | None = None  # the catalog of a scan, when one was run
+    self_scan: bool = False  # the expectations are a scan of the model itself: no reference
+    broken: dict | None = None  # {"nll", "uniform"}: the self-scan's prompt NLL is above 1.1 x ln(vocab)
+    handling: str | None = None  # GGUF: swtool.export.handling as recorded
+    notes: list = field(default_factory=list)
 
     @property
     def failed(self):
-        return [f for f in self.findings if f.status != "intact" and not f.disputed]
+        return [f for f in self.findings if f.status not in PASSING and not f.disputed]
+
+    @property
+    def verdict(self):
+        """"damaged" (exit 1), "unverified" (exit 3: nothing to compare with) or "intact" (exit 0)."""
+        if self.failed or self.broken:
+            return "damaged"
+        if not self.findings or any(f.status == "unverified" for f in self.findings):
+            return "unverified"
+        return "intact"
+
+    @property
+    def exit_code(self):
+        return EXIT_CODES[self.verdict]
 
     def to_json(self):
         data = {"schema": SCHEMA_ID, **{k: v for k, v in asdict(self).items() if k != "scan"}}
         for finding, entry in zip(self.findings, data["findings"]):
             entry["present"] = finding.present
-        data["ok"] = not self.failed and bool(self.findings)
+        data["verdict"] = self.verdict
+        data["ok"] = self.verdict == "intact"
         return data
 
 
@@ -232,7 +270,6 @@ def scan_targets(model, prompt, progress):
 def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolerance=DEFAULT_TOLERANCE,
           download=False, prompt=None, progress=False):
     """Audit the super weights of MODEL `spec`; returns a Report (see the module docstring)."""
-    from swtool.catalog import read_catalog
     from swtool.model import load_model
 
     started = time.perf_counter()
@@ -241,30 +278,9 @@ def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolera
     report = Report(model=str(spec), format=getattr(model.checkpoint, "format", "safetensors"),
                     expectations="", tolerance=tolerance, reference=str(reference) if reference else None)
     recorded = recorded_super_weights(model)
-    if catalog:
-        targets, report.expectations = targets_from_catalog(read_catalog(catalog)), f"catalog {catalog}"
-    elif known or known_id:
-        from swtool import known as known_table
-
-        if known_id:
-            match = known_table.by_id(known_id)
-            if match is None:
-                raise SwtoolError(f"--known-id {known_id}: not a known model (see swtool catalog known)")
-            how = "named"
-        else:
-            found = known_table.identify(model.checkpoint.config, model_id(spec, model))
-            if found is None:
-                raise SwtoolError(f"{spec}: matches no model with published super weights, by id or by config "
-                                  f"(see swtool catalog known); use --catalog, or no option to scan")
-            match, how = found.model, f"matched by {found.how}"
-        targets = targets_from_known(model, match)
-        report.known_model, report.expectations = match.id, f"the known coordinates of {match.id} ({how})"
-    elif recorded:
-        targets, report.expectations = targets_from_metadata(model, recorded), "the GGUF's swtool.* metadata"
-    else:
-        scanned = ref_model or model
-        targets, report.scan = scan_targets(scanned, prompt, progress)
-        report.expectations = f"a scan of {'the reference' if ref_model else 'the model'}"
+    beside = [(path, found) for path, found, problem in catalogs_beside(model) if problem is None]
+    targets, ablation = choose_reference(spec, model, ref_model, report, catalog, known, known_id, recorded,
+                                         beside, prompt, progress)
     recorded_values = {(sw["layer"], sw["row"], sw["col"]): sw["value"] for sw in recorded or ()}
     reading = time.perf_counter()
     for target in targets:
@@ -278,9 +294,130 @@ def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolera
             finding.status, finding.note = "missing", "not in the reference"
         report.findings.append(finding)
         report.bytes_read += nbytes
+    if report.self_scan:
+        mark_unverified(report)
+    if ablation is not None:
+        mark_ablated(report, *ablation)
+    if report.format == "gguf":
+        judge_storage(report, model.checkpoint)
     done = time.perf_counter()
     report.read_ms, report.elapsed_ms = (done - reading) * 1000, (done - started) * 1000
     return report
+
+
+def choose_reference(spec, model, ref_model, report, catalog, known, known_id, recorded, beside, prompt, progress):
+    """(targets, (ablation record, its path) or None); sets report.expectations and what it used.
+
+    First that applies: what the user named (--catalog, --known/--known-id, --reference); the
+    GGUF's own swtool.* record (exact values, written with the file); the known table; a catalog
+    of this model beside it; a scan of the model itself, which cannot tell damage (unverified)."""
+    from swtool.catalog import read_catalog_for
+
+    ablations = [(found, path) for path, found in beside if "ablation" in found]
+    if catalog:
+        chosen = read_catalog_for(catalog, model)
+        report.expectations = f"catalog {catalog}"
+        return targets_from_catalog(chosen), ((chosen, catalog) if "ablation" in chosen else None)
+    ablation = ablations[0] if ablations else None
+    if known or known_id:
+        return targets_from_known_table(spec, model, report, known_id, required=True), ablation
+    if ref_model is not None:
+        targets, report.scan = scan_targets(ref_model, prompt, progress)
+        report.expectations = "a scan of the reference"
+        return targets, ablation
+    if recorded:
+        report.expectations = "the GGUF's swtool.* metadata"
+        return targets_from_metadata(model, recorded), ablation
+    targets = targets_from_known_table(spec, model, report, None, required=False)
+    if targets:
+        return targets, ablation
+    plain = [(path, found) for path, found in beside if "ablation" not in found]
+    if plain or ablations:
+        path, found = plain[0] if plain else (ablation[1], ablation[0])
+        report.expectations = f"the catalog beside it, {path.name}"
+        return targets_from_catalog(found), ablation
+    targets, report.scan = scan_targets(model, prompt, progress)
+    report.expectations, report.self_scan = "a scan of the model (no reference)", True
+    report.broken = broken_prompt(report.scan, model)
+    return targets, ablation
+
+
+def targets_from_known_table(spec, model, report, known_id, required):
+    """Targets from `swtool catalog known`: the entry named, or the one the model matches by id or
+    config; [] when nothing matches and the table is only being tried (`required` False)."""
+    from swtool import known as known_table
+
+    if known_id:
+        match = known_table.by_id(known_id)
+        if match is None:
+            raise SwtoolError(f"--known-id {known_id}: not a known model (see swtool catalog known)")
+        how = "named"
+    else:
+        try:
+            found = known_table.identify(model.checkpoint.config, model_id(spec, model))
+        except SwtoolError as e:
+            if required:
+                raise
+            report.notes.append(f"known table not used: {e}")
+            return []
+        if found is None:
+            if required:
+                raise SwtoolError(f"{spec}: matches no model with published super weights, by id or by config "
+                                  f"(see swtool catalog known); use --catalog, or no option to scan")
+            return []
+        match, how = found.model, f"matched by {found.how}"
+    report.known_model, report.expectations = match.id, f"the known coordinates of {match.id} ({how})"
+    return targets_from_known(model, match)
+
+
+def broken_prompt(scan_catalog, model):
+    """{"nll", "uniform"} when the model predicts its own prompt clearly worse than a uniform guess over
+    its vocabulary (mean NLL above BROKEN_MARGIN x ln(vocab)): a model that broken has lost something,
+    whatever the scan found. The margin keeps an untrained model, which sits at ln(vocab) give or
+    take the prompt's luck, from being called broken."""
+    nll = scan_catalog["detection"].get("nll_intact")
+    uniform = math.log(model.arch.vocab_size)
+    if nll is not None and (not math.isfinite(nll) or nll > BROKEN_MARGIN * uniform):
+        return {"nll": nll, "uniform": uniform}
+    return None
+
+
+def mark_unverified(report):
+    """A self-scan compares each weight with itself: what it found is listed, never judged intact."""
+    for finding in report.findings:
+        if finding.status == "intact":
+            finding.status, finding.note = "unverified", "no reference: compared with itself"
+
+
+def mark_ablated(report, record, path):
+    """Weights that hold what an `swtool ablate` record says it wrote there: "ablated as recorded"."""
+    scale = record["ablation"].get("scale")
+    written = {(sw["layer"], sw["row"], sw["col"]): sw["value"] for sw in record["super_weights"]}
+    for finding in report.findings:
+        value = written.get((finding.layer, finding.row, finding.col))
+        if value is None or finding.value is None or not math.isfinite(finding.value):
+            continue
+        if _relative_change(finding.value, value) <= report.tolerance:
+            finding.status = "ablated"
+            finding.note = f"ablated as recorded in {Path(path).name} (scale {scale:g})"
+
+
+def judge_storage(report, checkpoint):
+    """GGUF: the type each super weight is stored in and the recorded handling. One kept at fewer
+    than LOW_BITS bits per weight, with no protection recorded, is `unprotected`."""
+    from swtool import gguf_keys
+
+    handling = checkpoint.metadata.get(gguf_keys.HANDLING)
+    report.handling = handling
+    for finding in report.findings:
+        if finding.tensor not in checkpoint:
+            continue
+        info = checkpoint.tensor(finding.tensor)
+        finding.bits = 8 * info.type_size / info.block_size
+        if finding.status in PASSING and finding.bits < LOW_BITS and handling in (None, "none"):
+            finding.status = "unprotected"
+            finding.note = (f"stored as {info.dtype} ({finding.bits:.2f} bits per weight) with "
+                            f"{'handling none' if handling else 'no protection recorded'}")
 
 
 def value_at(checkpoint, target):
@@ -298,38 +435,74 @@ def format_report(report):
     """The human table of an audit."""
     from swtool.table import format_table
 
-    lines = [f"{report.model} ({report.format}): {len(report.findings)} super weights from {report.expectations}"
+    n = len(report.findings)
+    lines = [f"{report.model} ({report.format}): {n} super weight{'' if n == 1 else 's'} from {report.expectations}"
              + (f", compared with {report.reference}" if report.reference else "")]
-    if not report.findings:
+    lines += [f"note: {note}" for note in report.notes]
+    if report.findings:
+        lines.append(format_table(*_table(report)))
+    else:
         lines.append("no super weight to check: the scan found none")
-        return "\n".join(lines)
+    if report.broken:
+        lines.append(f"BROKEN: the model's mean NLL on its own prompt is {report.broken['nll']:.2f}, above "
+                     f"ln(vocab) = {report.broken['uniform']:.2f}: clearly worse than a uniform guess")
+    if report.findings:
+        counts = {}
+        for f in report.findings:
+            counts[f.status] = counts.get(f.status, 0) + 1
+        summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+        lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance:.0%}); "
+                     f"read {report.bytes_read} bytes of weights in {report.read_ms:.1f} ms "
+                     f"({report.elapsed_ms:.0f} ms in all)")
+    elif report.verdict == "unverified":
+        lines.append("no verdict: nothing to compare with (give --catalog, --known-id or --reference)")
+    explained = {}  # one line per reason, naming the weights it applies to
+    for f in report.findings:
+        if f.note and (f.disputed or f.status in ("ablated", "unprotected")):
+            key = ("disputed" if f.disputed else f.status, f.note)
+            explained.setdefault(key, []).append(f"[{f.layer}, {f.row}, {f.col}]")
+    lines += [f"{status} {', '.join(where)}: {note}" for (status, note), where in explained.items()]
+    return "\n".join(lines)
+
+
+def _table(report):
+    """(header, rows) of the findings: the columns that have something to show."""
     header = ["layer", "row", "col", "tensor", "dtype", "value", "expected", "change", "status"]
     recorded = any(f.recorded is not None for f in report.findings)
     published = any(f.row_ratio is not None for f in report.findings)
+    gguf = report.format == "gguf"
     header += (["recorded"] if recorded else []) + (["row rank", "x row RMS"] if published else [])
+    header += ["bits", "handling"] if gguf else []
     rows = []
     for f in report.findings:
         status = f.status + (" (disputed)" if f.disputed else "")
+        status += " (no reference)" if f.status == "unverified" else ""
+        status += " as recorded" if f.status == "ablated" else ""
         row = [f.layer, f.row, f.col, f.gguf_tensor or f.tensor, f.dtype or "-", _num(f.value), _num(f.expected),
                "-" if f.relative_change is None else f"{f.relative_change:.2%}", status]
         if recorded:
             row.append(_num(f.recorded))
         if published:
             row += ["-" if f.row_rank is None else f.row_rank, "-" if f.row_ratio is None else f"{f.row_ratio:.1f}"]
+        if gguf:
+            row += ["-" if f.bits is None else f"{f.bits:.2f}", report.handling or "not recorded"]
         rows.append(row)
-    lines.append(format_table(header, rows))
-    counts = {}
-    for f in report.findings:
-        counts[f.status] = counts.get(f.status, 0) + 1
-    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    verdict = "all intact" if not report.failed else f"{len(report.failed)} missing or damaged"
-    lines.append(f"{summary}: {verdict} (tolerance {report.tolerance:.0%}); "
-                 f"read {report.bytes_read} bytes of weights in {report.read_ms:.1f} ms "
-                 f"({report.elapsed_ms:.0f} ms in all)")
-    for f in report.findings:
-        if f.disputed and f.note:
-            lines.append(f"disputed [{f.layer}, {f.row}, {f.col}]: {f.note}")
-    return "\n".join(lines)
+    return header, rows
+
+
+def _verdict_words(report):
+    if report.verdict == "intact":
+        return "all intact"
+    if report.verdict == "unverified":
+        return "no verdict: nothing to compare with (give --catalog, --known-id or --reference)"
+    if not report.failed:
+        return "the model is broken"
+    statuses, n = {f.status for f in report.failed}, len(report.failed)
+    if statuses == {"ablated"}:
+        return "removed on purpose by swtool ablate, as recorded"
+    if statuses == {"unprotected"}:
+        return f"not protected: stored at fewer than {LOW_BITS:g} bits per weight"
+    return f"{n} missing, damaged or unprotected" if "unprotected" in statuses else f"{n} missing or damaged"
 
 
 def _num(value):

@@ -29,9 +29,15 @@ def sha256_file(path, chunk=16 * 1024 * 1024):
     return digest.hexdigest()
 
 
+def config_sha256(config):
+    """The hash a catalog records of the config it was made from (and beside-catalogs are matched by)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def build_catalog(model, prompt, tokens, settings, super_weights, report, with_hashes=False):
     """The catalog dict of one scan."""
-    config_bytes = json.dumps(model.checkpoint.config, sort_keys=True).encode()
+    from swtool.known import fingerprint_of
+
     files = []
     for path in model.checkpoint.files:
         entry = {"name": path.name, "size": path.stat().st_size}
@@ -47,7 +53,8 @@ def build_catalog(model, prompt, tokens, settings, super_weights, report, with_h
             "architecture": architectures[0],
             "model_type": model.arch.model_type,
             "num_layers": model.arch.n_layers,
-            "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+            "config_sha256": config_sha256(model.checkpoint.config),
+            "fingerprint": fingerprint_of(model.checkpoint.config),
             "files": files,
         },
         "detection": {
@@ -102,3 +109,62 @@ def parse_coordinate(text, option="--zero"):
     if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
         raise SwtoolError(f"{option} {text!r}: expected LAYER:ROW:COL, three non-negative integers like 2:507:90")
     return tuple(int(p) for p in parts)
+
+
+def mismatch(catalog, model, strict=False):
+    """Why `catalog` is not a catalog of `model` (one phrase), or None if it fits.
+
+    Layer count and family always; with `strict`, also the config's hash or, failing that, its
+    fingerprint (known.fingerprint_of): how a catalog found beside a model is told from one of
+    another model in the same folder."""
+    from swtool.known import SAME_FAMILY, fingerprint_of
+
+    recorded = catalog["model"]
+    if recorded["num_layers"] != model.arch.n_layers:
+        return f"the catalog is for a model with {recorded['num_layers']} layers; this one has {model.arch.n_layers}"
+    theirs, ours = recorded["model_type"], model.arch.model_type
+    if SAME_FAMILY.get(theirs, theirs) != SAME_FAMILY.get(ours, ours):
+        return f"the catalog is for a {theirs} model; this one is {ours}"
+    if strict and recorded["config_sha256"] != config_sha256(model.checkpoint.config):
+        # a GGUF's config is rebuilt from its metadata: the same model, another hash; the shape tells
+        if recorded.get("fingerprint") != fingerprint_of(model.checkpoint.config):
+            return "the catalog was made from another config.json"
+    return None
+
+
+def read_catalog_for(path, model):
+    """read_catalog, then a one-line error unless it is a catalog of `model`."""
+    catalog = read_catalog(path)
+    problem = mismatch(catalog, model)
+    if problem:
+        raise SwtoolError(f"{path}: {problem}")
+    return catalog
+
+
+BESIDE_LIMIT = 64 * 1024 * 1024  # a catalog larger than this is not read while looking around a model
+MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json"}
+
+
+def catalogs_beside(model):
+    """[(path, catalog, mismatch or None)] of the swtool catalogs in the model's folder, sorted by name.
+
+    Only regular files are opened (a FIFO named *.json must not block), and a file that is
+    not a valid catalog is passed over: looking around a model never fails the command."""
+    import stat
+
+    checkpoint = model.checkpoint
+    directory = checkpoint.path.parent if getattr(checkpoint, "format", None) == "gguf" else checkpoint.directory
+    found = []
+    for candidate in sorted(directory.glob("*.json")):
+        try:
+            status = candidate.stat()
+            if not stat.S_ISREG(status.st_mode) or status.st_size > BESIDE_LIMIT:
+                continue
+            if candidate.name in MODEL_FILES or candidate.name.endswith(".index.json"):
+                continue
+            catalog = read_catalog(candidate)
+        except (OSError, SwtoolError):
+            continue
+        found.append((candidate, catalog, mismatch(catalog, model, strict=True)))
+    return found

@@ -514,8 +514,11 @@ def format_patches(patches):
 def audit_command(model, catalog, known, known_id, reference, tolerance, prompt, as_json, download, no_progress):
     """Check that MODEL kept its super weights, reading only their bytes.
 
-    Exit code 0: all intact within the tolerance; 1: any missing or damaged; 2: bad input.
-    Without --catalog or --known, a GGUF's swtool.* metadata is used if present, else a scan runs.
+    Exit code 0: all intact within the tolerance; 1: any missing, damaged, ablated or unprotected,
+    or a broken model; 2: bad input (another model's catalog included); 3: no verdict, nothing to
+    compare with. Without an option the reference is, first that applies: a GGUF's swtool.* metadata,
+    the known table (swtool catalog known), a catalog of this model beside it; else a scan of the
+    model itself, whose findings are unverified.
     """
     from swtool.jsonfile import strict_json
 
@@ -530,7 +533,7 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
         click.echo(strict_json(report.to_json()))
     else:
         click.echo(format_report(report))
-    sys.exit(0 if report.findings and not report.failed else 1)
+    sys.exit(report.exit_code)
 
 
 @main.command("inspect")

@@ -8,10 +8,8 @@ published coordinates that match it (known.py), `swtool.*` metadata in a GGUF
 
 from collections import Counter
 from math import prod
-from pathlib import Path
 
 from swtool.errors import SwtoolError
-from swtool.jsonfile import read_json
 
 
 def describe(spec, download=False):
@@ -61,7 +59,7 @@ def describe(spec, download=False):
             header.update({k: v for k, v in file.metadata.items() if k.startswith(gguf_keys.PREFIX)})
         info["swtool_metadata"] = header
         info["recorded_super_weights"] = None
-    info["catalogs"] = catalogs_beside(checkpoint.path if is_gguf else checkpoint.directory)
+    info["catalogs"], info["other_catalogs"] = catalogs_of(model)
     try:
         match = known.identify(config, model_id(spec, model))
     except SwtoolError as e:
@@ -74,21 +72,20 @@ def describe(spec, download=False):
     return info
 
 
-def catalogs_beside(path):
-    """swtool catalogs (*.json with schema swtool.catalog/1) in the model's directory."""
-    directory = path if path.is_dir() else path.parent
-    found = []
-    for candidate in sorted(directory.glob("*.json")):
-        if candidate.stat().st_size > 64 * 1024 * 1024:
-            continue
-        try:
-            data = read_json(candidate)
-        except (OSError, SwtoolError):
-            continue
-        if isinstance(data, dict) and data.get("schema") == "swtool.catalog/1":
-            listed = data.get("super_weights")
-            found.append({"file": candidate.name, "super_weights": len(listed) if isinstance(listed, list) else 0})
-    return found
+def catalogs_of(model):
+    """(catalogs of this model beside it, other catalogs there with why they do not fit), for the JSON."""
+    from swtool.catalog import catalogs_beside
+
+    matching, others = [], []
+    for path, found, problem in catalogs_beside(model):
+        entry = {"file": path.name, "super_weights": len(found["super_weights"])}
+        if "ablation" in found:
+            entry["ablation"] = True
+        if problem:
+            others.append({**entry, "mismatch": problem})
+        else:
+            matching.append(entry)
+    return matching, others
 
 
 def format_description(info):
@@ -112,8 +109,11 @@ def format_description(info):
         lines.append(f"  swtool.*    {len(info['swtool_metadata'])} keys; super weights {shown}")
     else:
         lines.append(f"  swtool.*    {len(info['swtool_metadata']) or 'no'} metadata keys")
-    catalogs = ", ".join(f"{c['file']} ({c['super_weights']} super weights)" for c in info["catalogs"])
+    catalogs = ", ".join(f"{c['file']} ({c['super_weights']} super weights"
+                         f"{', an ablation record' if c.get('ablation') else ''})" for c in info["catalogs"])
     lines.append(f"  catalog     {catalogs or 'none beside it'}")
+    for other in info["other_catalogs"]:
+        lines.append(f"  not its own {other['file']}: {other['mismatch']}")
     known = info["known"]
     if known is None:
         lines.append("  known       no model in swtool catalog known matches (by id or config fingerprint)")

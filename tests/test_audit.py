@@ -6,6 +6,8 @@ GGUF with a weight changed (fixtures/hf_to_gguf.py): nothing in them comes from 
 """
 
 import json
+import math
+import os
 import shutil
 import struct
 
@@ -156,10 +158,12 @@ def test_reference_flags_the_weights_that_moved(smollm2, damaged, catalog, origi
         assert finding["relative_change"] <= 2 ** -8
 
 
-def test_without_a_catalog_the_model_is_scanned(smollm2, damaged):
+def test_without_an_option_a_known_model_is_held_to_the_known_table(smollm2, damaged):
     report = audit_json(smollm2, code=0)
-    assert report["expectations"] == "a scan of the model"
-    assert sorted(by_coordinate(report)) == sorted(SW)
+    assert report["expectations"].startswith("the known coordinates of HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert sorted(by_coordinate(report)) == sorted(SW) and report["verdict"] == "intact"
+    found = by_coordinate(audit_json(damaged, code=1))
+    assert found[(2, 507, 90)]["status"] == "zeroed" and found[(11, 507, 1229)]["status"] == "not outlier"
     # the damaged copy against a scan of the reference: the zeroed weight is reported, not just missed
     report = audit_json(damaged, "--reference", smollm2, code=1)
     assert report["expectations"] == "a scan of the reference"
@@ -391,3 +395,142 @@ def test_audit_catches_a_super_weight_zeroed_in_an_export(smollm2, catalog, dama
     found = by_coordinate(audit_json(out, "--catalog", catalog, code=1))
     assert found[(2, 507, 90)]["status"] == "zeroed"
     assert found[(2, 507, 430)]["status"] == "intact"
+
+
+# --- no wrong verdict: what the audit compares with, and what it cannot tell -----------------
+
+def linked_copy(source, destination):
+    """A copy of a model directory whose files are hard links (nothing in it is written to)."""
+    shutil.copytree(source, destination, copy_function=os.link)
+    return destination
+
+
+@pytest.fixture(scope="module")
+def ablated(smollm2, catalog, tmp_path_factory):
+    """`swtool ablate` with the scan's catalog: all four super weights zeroed, swtool-ablation.json beside."""
+    out = tmp_path_factory.mktemp("ablated") / "smollm2"
+    result = swtool("ablate", smollm2, "--catalog", catalog, "-o", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_a_fully_ablated_model_is_never_intact(ablated):
+    report = audit_json(ablated, code=1)
+    assert report["verdict"] == "damaged" and not report["ok"]
+    for finding in report["findings"]:  # the known table's coordinates, and the record ablate wrote
+        assert finding["value"] == 0.0 and finding["status"] == "ablated"
+        assert "swtool-ablation.json" in finding["note"]
+    table = swtool("audit", ablated, "--no-progress")
+    assert table.returncode == 1 and "4 ablated: removed on purpose by swtool ablate, as recorded" in table.stdout
+    bare = linked_copy(ablated, ablated.parent / "bare")
+    (bare / "swtool-ablation.json").unlink()
+    found = by_coordinate(audit_json(bare, code=1))
+    assert [found[c]["status"] for c in SW] == ["zeroed"] * 4
+
+
+def test_a_self_scan_of_an_unknown_broken_model_is_flagged_broken(ablated, tmp_path, monkeypatch):
+    """With no reference at all (the known table matches nothing, no catalog beside it), the scan
+    of the ablated model itself cannot say what changed, but its prompt NLL says it is broken."""
+    from swtool import audit as audit_module
+
+    bare = linked_copy(ablated, tmp_path / "bare")
+    (bare / "swtool-ablation.json").unlink()
+    monkeypatch.setattr(known, "identify", lambda config, model_id=None: None)
+    report = audit_module.audit(str(bare))
+    assert report.self_scan and report.expectations == "a scan of the model (no reference)"
+    vocab = json.loads((bare / "config.json").read_text())["vocab_size"]
+    assert report.broken["uniform"] == pytest.approx(math.log(vocab))
+    assert report.broken["nll"] > math.log(vocab)
+    assert report.verdict == "damaged" and report.exit_code == 1
+    assert "BROKEN" in audit_module.format_report(report)
+
+
+def test_a_self_scan_gives_no_verdict(tiny_factory):
+    from tiny import Plant
+
+    model, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
+    report = audit_json(model, code=3)
+    assert report["verdict"] == "unverified" and not report["ok"]
+    assert report["expectations"] == "a scan of the model (no reference)"
+    assert [(f["layer"], f["row"], f["col"]) for f in report["findings"]] == [(1, 41, 101)]
+    assert [f["status"] for f in report["findings"]] == ["unverified"]
+    table = swtool("audit", model, "--no-progress")
+    assert table.returncode == 3
+    assert "unverified (no reference)" in table.stdout and "all intact" not in table.stdout
+
+
+def test_a_catalog_of_this_model_beside_it_is_the_reference(tiny_factory, tmp_path):
+    from tiny import Plant
+
+    model, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
+    copy = linked_copy(model, tmp_path / "model")
+    assert swtool("scan", copy, "-o", copy / "mine.json", "--no-progress").returncode == 0
+    report = audit_json(copy, code=0)
+    assert report["expectations"] == "the catalog beside it, mine.json" and report["verdict"] == "intact"
+    # a catalog of another model in the same folder is not taken for this one's
+    other = json.loads((copy / "mine.json").read_text())
+    other["model"]["config_sha256"] = "0" * 64
+    other["model"]["fingerprint"]["hidden_size"] = 32
+    (copy / "mine.json").write_text(json.dumps(other))
+    assert audit_json(copy, code=3)["expectations"] == "a scan of the model (no reference)"
+
+
+def test_a_catalog_of_another_model_is_bad_input(smollm2, tiny_factory, tmp_path):
+    from tiny import Plant
+
+    tiny, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
+    foreign = tmp_path / "tiny.json"
+    assert swtool("scan", tiny, "-o", foreign, "--no-progress").returncode == 0
+    message = one_line_error(swtool("audit", smollm2, "--catalog", foreign))
+    assert "the catalog is for a model with 4 layers; this one has 30" in message and str(foreign) in message
+    # inspect lists only the catalogs of the model, and says why the others are not
+    beside = linked_copy(smollm2, tmp_path / "smollm2")
+    shutil.copy(foreign, beside / "tiny.json")
+    info = json.loads(swtool("inspect", beside, "--json").stdout)
+    assert info["catalogs"] == []
+    assert info["other_catalogs"] == [{"file": "tiny.json", "super_weights": 1,
+                                       "mismatch": "the catalog is for a model with 4 layers; this one has 30"}]
+
+
+def test_a_fifo_beside_the_model_does_not_block(smollm2, tmp_path):
+    beside = linked_copy(smollm2, tmp_path / "smollm2")
+    os.mkfifo(beside / "waiting.json")
+    result = swtool("inspect", beside, "--json", timeout=60)
+    assert result.returncode == 0 and json.loads(result.stdout)["catalogs"] == []
+
+
+@pytest.mark.parametrize("handling, statuses, code", [("none", ["unprotected"] * 4, 1), ("keep", ["intact"] * 4, 0)])
+def test_a_super_weight_left_at_two_bits_is_unprotected(smollm2, catalog, tmp_path, handling, statuses, code):
+    out = tmp_path / f"smollm2-q2_k-{handling}.gguf"
+    exported = swtool("export", smollm2, "-o", out, "--type", "q2_k", "--sw-handling", handling,
+                      "--catalog", catalog, "--no-progress")
+    assert exported.returncode == 0, exported.stderr
+    reader = gguf.GGUFReader(out)
+    stored = {t.name: t.tensor_type for t in reader.tensors}
+    report = audit_json(out, code=code)
+    assert report["expectations"] == "the GGUF's swtool.* metadata"
+    assert report["handling"] == reader.fields[gguf_keys.HANDLING].contents()
+    for (layer, row, col), finding in by_coordinate(report).items():
+        qtype = stored[f"blk.{layer}.ffn_down.weight"]
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        assert finding["dtype"] == qtype.name and finding["bits"] == 8 * type_size / block_size
+        assert (finding["bits"] < 4) == (handling == "none")
+    assert [by_coordinate(report)[c]["status"] for c in SW] == statuses
+    if handling == "none":
+        table = swtool("audit", out).stdout
+        assert "4 unprotected: not protected: stored at fewer than 4 bits per weight" in table
+        assert "stored as Q2_K (2.62 bits per weight) with handling none" in table
+
+
+def test_the_checkpoints_catalog_beside_its_gguf_is_the_gguf_s_own(original_gguf, catalog, tmp_path):
+    """A GGUF's config is rebuilt from its metadata, so its hash differs from config.json's: the
+    catalog's fingerprint (the shape keys) tells it is the same model."""
+    (tmp_path / "smollm2.gguf").symlink_to(original_gguf)
+    shutil.copy(catalog, tmp_path / "smollm2.json")
+    info = json.loads(swtool("inspect", tmp_path / "smollm2.gguf", "--json").stdout)
+    assert info["catalogs"] == [{"file": "smollm2.json", "super_weights": 4}] and info["other_catalogs"] == []
+    shrunk = json.loads(catalog.read_text())
+    shrunk["model"]["fingerprint"]["hidden_size"] = 512
+    (tmp_path / "smollm2.json").write_text(json.dumps(shrunk))
+    info = json.loads(swtool("inspect", tmp_path / "smollm2.gguf", "--json").stdout)
+    assert info["catalogs"] == [] and info["other_catalogs"][0]["mismatch"] == "the catalog was made from another config.json"
