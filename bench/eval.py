@@ -108,7 +108,7 @@ def main():
     import smollm2
 
     smollm2.build(MODEL)
-    from swtool.tokenize import encode
+    from swtool.tokenizer import encode
 
     ids = encode(MODEL, args.text.read_text())
     n = len(ids)

@@ -149,7 +149,7 @@ def scan_in_process(gguf, path, runs):
     """Best seconds (wall, CPU) of load + tokenize + scan in this process with `path`, after one untimed run."""
     from swtool.detect import Settings, scan
     from swtool.model import load_model
-    from swtool.tokenize import DEFAULT_PROMPT, encode
+    from swtool.tokenizer import DEFAULT_PROMPT, encode
 
     use_path(path)
     times = []

@@ -152,7 +152,7 @@ def memory_available():
 
 
 def prompt_ids(directory):
-    from swtool.tokenize import DEFAULT_PROMPT, encode
+    from swtool.tokenizer import DEFAULT_PROMPT, encode
 
     return [int(i) for i in encode(Path(directory), DEFAULT_PROMPT)]
 
@@ -200,7 +200,7 @@ def scan_in_process(directory, runs):
     scan without Python's and Numba's start-up, as a library user scanning several models pays it."""
     from swtool.detect import Settings, scan
     from swtool.model import load_model
-    from swtool.tokenize import DEFAULT_PROMPT, encode
+    from swtool.tokenizer import DEFAULT_PROMPT, encode
 
     times = []
     for _ in range(runs + 1):

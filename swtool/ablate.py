@@ -305,3 +305,15 @@ def replace_patched(path, edits):
     with atomic_path(path, nbytes=path.stat().st_size) as tmp:  # the copy sits beside the original until the rename
         shutil.copy2(path, tmp)  # bytes, mode and times
         write_bytes_at(tmp, edits)
+
+
+def format_patches(patches):
+    """The human table of what ablate changed."""
+    from swtool.table import format_table
+
+    rows = []
+    for p in patches:
+        j = p.to_json()
+        rows.append([j["layer"], j["row"], j["col"], j["tensor"], j["file"], j["offset"], j["dtype"],
+                     f"{j['old_value']:.6g}", f"{j['new_value']:.6g}", f"{j['old_bytes']}->{j['new_bytes']}"])
+    return format_table(["layer", "row", "col", "tensor", "file", "byte offset", "dtype", "old", "new", "bytes"], rows)

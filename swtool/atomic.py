@@ -11,7 +11,8 @@ never a half-written file, even if swtool is interrupted:
     `Terminated` exception, as Python already turns SIGINT into KeyboardInterrupt,
     so that same clean-up runs when a run is killed;
   - `check_destination(dest, force)` refuses to replace an existing output
-    unless --force, before any work is done;
+    unless --force, before any work is done; `refuse_replacing_inputs` refuses, --force
+    or not, an output that is a file the command reads;
   - `ensure_free_space(dest, nbytes)` refuses a large write that cannot fit;
     a disk that fills up anyway (ENOSPC, EFBIG from a file-size limit, EDQUOT)
     becomes a one-line SwtoolError naming the output, and the partial file is removed.
@@ -67,6 +68,43 @@ def check_destination(dest, force=False, kind="file"):
         raise SwtoolError(f"{dest}: exists and is not a directory")
     if not force:
         raise SwtoolError(f"{dest}: already exists; pass --force to replace it")
+
+
+def files_read(*inputs):
+    """The regular files behind command-line inputs: a file itself, a directory's files (a model
+    directory: weights, config, index, tokenizer). Names that are not local paths (Hub ids) give none."""
+    found = []
+    for given in inputs:
+        if not given:
+            continue
+        path = Path(given)
+        if path.is_dir():
+            found += [child for child in path.iterdir() if child.is_file()]
+        elif path.is_file():
+            found.append(path)
+    return found
+
+
+def refuse_replacing_inputs(outputs, inputs):
+    """An output that is one of the inputs' files (also through a symlink or a hard link) or is given
+    twice: a one-line error, --force or not. Writing it would destroy what the command reads."""
+    outputs = [Path(out) for out in outputs if out]
+    sources = files_read(*inputs)
+    for i, out in enumerate(outputs):
+        for other in outputs[:i]:
+            if out.absolute() == other.absolute() or _same_file(out, other):
+                raise SwtoolError(f"{out}: given for two outputs; name each output differently")
+        for source in sources:
+            if _same_file(out, source):
+                raise SwtoolError(f"{out}: is {source}, a file this command reads; it is never replaced, "
+                                  f"even with --force")
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: not the same file
+        return False
 
 
 def human_bytes(n):

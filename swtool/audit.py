@@ -91,7 +91,7 @@ class Finding:
 
 
 @dataclass
-class Report:
+class AuditReport:
     model: str
     format: str
     expectations: str  # where the coordinates and expected values came from
@@ -253,15 +253,9 @@ def model_id(spec, model):
 
 def scan_targets(model, prompt, progress):
     """Scan `model` (one streamed pass or a few): its super weights as targets, and the catalog."""
-    from swtool.catalog import build_catalog
-    from swtool.detect import Settings, scan
-    from swtool.tokenize import DEFAULT_PROMPT, encode
+    from swtool.catalog import super_weights_for
 
-    prompt = prompt or DEFAULT_PROMPT
-    tokens = encode(model.directory, prompt)
-    settings = Settings(prompt=prompt)
-    found, report = scan(model, tokens, settings, progress=progress)
-    catalog = build_catalog(model, prompt, tokens, settings, found, report)
+    catalog, _ = super_weights_for(model, prompt=prompt, progress=progress)
     return targets_from_catalog(catalog), catalog
 
 
@@ -269,13 +263,13 @@ def scan_targets(model, prompt, progress):
 
 def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolerance=DEFAULT_TOLERANCE,
           download=False, prompt=None, progress=False):
-    """Audit the super weights of MODEL `spec`; returns a Report (see the module docstring)."""
+    """Audit the super weights of MODEL `spec`; returns an AuditReport (see the module docstring)."""
     from swtool.model import load_model
 
     started = time.perf_counter()
     model = load_model(spec, download=download)
     ref_model = load_model(reference, download=download) if reference else None
-    report = Report(model=str(spec), format=getattr(model.checkpoint, "format", "safetensors"),
+    report = AuditReport(model=str(spec), format=getattr(model.checkpoint, "format", "safetensors"),
                     expectations="", tolerance=tolerance, reference=str(reference) if reference else None)
     recorded = recorded_super_weights(model)
     beside = [(path, found) for path, found, problem in catalogs_beside(model) if problem is None]
@@ -431,7 +425,7 @@ def value_at(checkpoint, target):
     return value, nbytes
 
 
-def format_report(report):
+def format_audit(report):
     """The human table of an audit."""
     from swtool.table import format_table
 

@@ -70,6 +70,29 @@ def build_catalog(model, prompt, tokens, settings, super_weights, report, with_h
     }
 
 
+def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False):
+    """(catalog, the scan's report) of `model`: the one way a command turns a model into its super weights.
+
+    `settings` default to scan's; `prompt` to the paper's (tokenizer.DEFAULT_PROMPT)."""
+    from swtool.detect import Settings, scan
+    from swtool.tokenizer import DEFAULT_PROMPT, encode
+
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    settings = settings or Settings(prompt=prompt)
+    tokens = encode(model.directory, prompt)
+    found, report = scan(model, tokens, settings, progress=progress)
+    return build_catalog(model, prompt, tokens, settings, found, report, with_hashes), report
+
+
+def super_weights_for(model, catalog=None, prompt=None, progress=False):
+    """(catalog dict, where it came from): the catalog file `catalog`, checked against `model`
+    (another model's is a one-line error), or else a scan of `model`."""
+    if catalog:
+        return read_catalog_for(catalog, model), f"catalog {catalog}"
+    scanned, _ = scan_catalog(model, prompt, progress=progress)
+    return scanned, "scanned with the default prompt" if prompt is None else "scanned"
+
+
 def validate(catalog, source="catalog"):
     """Raise SwtoolError with the first schema violation, naming where it is."""
     import jsonschema
@@ -168,3 +191,43 @@ def catalogs_beside(model):
             continue
         found.append((candidate, catalog, mismatch(catalog, model, strict=True)))
     return found
+
+
+def format_scan(catalog):
+    """The human table of a scan."""
+    from swtool.table import format_table
+
+    model, detection = catalog["model"], catalog["detection"]
+    lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
+             f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} pass{'es' if detection['passes'] != 1 else ''} over the weights"]
+    if catalog.get("nonfinite_weights"):
+        from swtool.finite import describe
+
+        lines.append(f"WARNING: {describe(catalog['nonfinite_weights'])}; activations after them are not "
+                     f"finite, so what follows is not a verdict on this model")
+    sws = catalog["super_weights"]
+    if not sws:
+        lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
+        return "\n".join(lines)
+    mixture = any(sw.get("expert") is not None for sw in sws)  # name the expert only where there are experts
+    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value", "dtype", "rank", "token", "input",
+              "output", "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row", "verified"]
+    rows = []
+    for sw in sws:
+        v = sw["verification"]
+        rows.append([sw["layer"], sw["row"], sw["col"]] + [sw.get("expert")] * mixture + [
+                     sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
+                     sw["rank"], sw["token"], f"{sw['input_activation']:.4g}", f"{sw['output_activation']:.4g}",
+                     f"{v['super_activation_intact']:.4g}", f"{v['super_activation_removed']:.4g}",
+                     f"{v['super_activation_set_removed']:.4g}", f"{v['nll_intact']:.3f}",
+                     f"{v['nll_removed']:.3f}", f"{v['nll_set_removed']:.3f}", "yes" if v["verified"] else "weak"])
+    lines.append(format_table(header, rows))
+    if mixture:
+        lines.append("expert: the mixture expert holding the weight; ffn_down_exps stacks experts, "
+                     "the weight is its element [expert, row, col]")
+    lines.append("input/output: down_proj activations at [token, col] / [token, row]; SA: super activation "
+                 "|residual[token, row]| after the layer;\nNLL: the prompt's mean negative log-likelihood; "
+                 "-w: with this weight zeroed; -row: with every super weight of this row and layer zeroed")
+    lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
+                 f"{detection['nll_all_removed']:.3f}")
+    return "\n".join(lines)

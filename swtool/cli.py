@@ -91,6 +91,35 @@ def fail(ctx, message, code):
     sys.exit(code)
 
 
+def output_options(json_help=None, progress_help="No progress bar on stderr.", force_help=FORCE_HELP):
+    """The output options commands share: --json, --no-progress, --force (None leaves one out)."""
+    flags = [("--force", "force", force_help), ("--no-progress", "no_progress", progress_help),
+             ("--json", "as_json", json_help)]
+
+    def decorate(command):
+        for flag, name, help_text in flags:
+            if help_text:
+                command = click.option(flag, name, is_flag=True, help=help_text)(command)
+        return command
+
+    return decorate
+
+
+def prepare_outputs(force, *paths, plot=None, inputs=()):
+    """Before any work: an output that is one of the `inputs`' files, or named twice, is refused;
+    an existing output is refused unless --force; a plot needs matplotlib."""
+    from swtool.atomic import check_destination, refuse_replacing_inputs
+
+    refuse_replacing_inputs((*paths, plot), inputs)
+    if plot:
+        from swtool.plot import require_matplotlib
+
+        require_matplotlib(plot)
+    for path in (*paths, plot):
+        if path:
+            check_destination(path, force)
+
+
 @click.group(cls=SwtoolGroup)
 @click.version_option(__version__, prog_name="swtool")
 @click.option("--debug", is_flag=True, help="On an error, print the Python traceback before the one-line message.")
@@ -106,9 +135,7 @@ def main(debug):
 @click.option("--spike-ratio", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
               help="A layer spikes when its max |down_proj output| is this many times the median layer's.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the catalog JSON on stdout instead of a table.")
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
@@ -116,7 +143,7 @@ def main(debug):
 @click.option("--check-finite", is_flag=True,
               help="Read every weight once more and report tensors holding NaN or Inf (done anyway when the "
                    "scan's activations are not finite).")
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@output_options(json_help="Print the catalog JSON on stdout instead of a table.")
 def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download, plot, check_finite,
          force):
     """Locate the super weights of MODEL.
@@ -125,27 +152,18 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
     """
     import numpy as np
 
-    from swtool.atomic import check_destination
-    from swtool.catalog import build_catalog, to_json, write_catalog
-    from swtool.detect import Settings, scan as run_scan
+    from swtool.catalog import format_scan, scan_catalog, to_json, write_catalog
+    from swtool.detect import Settings
     from swtool.finite import describe as describe_nonfinite, nonfinite_weights, report_is_finite
     from swtool.model import load_model
-    from swtool.tokenize import DEFAULT_PROMPT, encode
+    from swtool.tokenizer import DEFAULT_PROMPT
 
-    if plot:
-        from swtool.plot import require_matplotlib
-
-        require_matplotlib(plot)  # before the scan, not after it
-    for path in (output, plot):  # before the scan too: never replace a file unasked
-        if path:
-            check_destination(path, force)
+    prepare_outputs(force, output, plot=plot, inputs=(model,))
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     loaded = load_model(model, download=download)
-    tokens = encode(loaded.directory, prompt)
     settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
-        found, report = run_scan(loaded, tokens, settings, progress=not no_progress)
-    catalog = build_catalog(loaded, prompt, tokens, settings, found, report, with_hashes)
+        catalog, report = scan_catalog(loaded, prompt, settings, progress=not no_progress, with_hashes=with_hashes)
     if check_finite or not report_is_finite(report):  # NaN/Inf weights: flagged, the scan still completes
         catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
         if catalog["nonfinite_weights"]:
@@ -153,6 +171,8 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
     if output:
         write_catalog(catalog, output)
     if plot:
+        from swtool.plot import plot_scan
+
         plot_scan(plot, loaded, report)
     if as_json:
         click.echo(to_json(catalog), nl=False)
@@ -164,54 +184,11 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
             click.echo(f"plot written to {plot}")
 
 
-def plot_scan(path, model, report):
-    """The paper's Figure 4 for one prompt: max |down_proj output| per layer, intact and without the found weights."""
-    from swtool.plot import plot_profiles
-
-    profiles = {"original": [abs(e["down_proj_output"]["value"]) for e in report["profile"]]}
-    if report.get("profile_removed"):
-        profiles["super weights removed"] = [abs(e["down_proj_output"]["value"]) for e in report["profile_removed"]]
-    plot_profiles(path, profiles, f"{model.path}: max |down_proj output| per layer (scan prompt)")
-
-
-def format_scan(catalog):
-    """The human table of a scan."""
-    from swtool.table import format_table
-
-    model, detection = catalog["model"], catalog["detection"]
-    lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
-             f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} pass{'es' if detection['passes'] != 1 else ''} over the weights"]
-    if catalog.get("nonfinite_weights"):
-        from swtool.finite import describe
-
-        lines.append(f"WARNING: {describe(catalog['nonfinite_weights'])}; activations after them are not "
-                     f"finite, so what follows is not a verdict on this model")
-    sws = catalog["super_weights"]
-    if not sws:
-        lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
-        return "\n".join(lines)
-    mixture = any(sw.get("expert") is not None for sw in sws)  # name the expert only where there are experts
-    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value", "dtype", "rank", "token", "input",
-              "output", "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row", "verified"]
-    rows = []
-    for sw in sws:
-        v = sw["verification"]
-        rows.append([sw["layer"], sw["row"], sw["col"]] + [sw.get("expert")] * mixture + [
-                     sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
-                     sw["rank"], sw["token"], f"{sw['input_activation']:.4g}", f"{sw['output_activation']:.4g}",
-                     f"{v['super_activation_intact']:.4g}", f"{v['super_activation_removed']:.4g}",
-                     f"{v['super_activation_set_removed']:.4g}", f"{v['nll_intact']:.3f}",
-                     f"{v['nll_removed']:.3f}", f"{v['nll_set_removed']:.3f}", "yes" if v["verified"] else "weak"])
-    lines.append(format_table(header, rows))
-    if mixture:
-        lines.append("expert: the mixture expert holding the weight; ffn_down_exps stacks experts, "
-                     "the weight is its element [expert, row, col]")
-    lines.append("input/output: down_proj activations at [token, col] / [token, row]; SA: super activation "
-                 "|residual[token, row]| after the layer;\nNLL: the prompt's mean negative log-likelihood; "
-                 "-w: with this weight zeroed; -row: with every super weight of this row and layer zeroed")
-    lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
-                 f"{detection['nll_all_removed']:.3f}")
-    return "\n".join(lines)
+def _at_least_two(ctx, param, value):
+    """--max-tokens: one prediction needs two tokens."""
+    if value is not None and value < 2:
+        raise click.UsageError(f"--max-tokens must be at least 2, got {value}")
+    return value
 
 
 def text_options(command):
@@ -219,7 +196,7 @@ def text_options(command):
     options = [
         click.option("--score-second-half", is_flag=True,
                      help="Score only predictions from position ctx/2 on in each chunk (as llama-perplexity)."),
-        click.option("--max-tokens", type=int, help="Score only the first N tokens of the text."),
+        click.option("--max-tokens", type=int, callback=_at_least_two, help="Score only the first N tokens of the text."),
         click.option("--ctx", default=512, show_default=True, type=int,
                      help="Tokens per chunk; each chunk is an independent sequence and every prediction in it "
                           "is scored."),
@@ -246,11 +223,9 @@ def text_options(command):
 @click.option("--sweep", metavar="S,S,..", help="Compare: super weights scaled by each factor, e.g. 0,0.5,1,1.5,2,3.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write each world's max |down_proj output| per layer as .png/.svg/.pdf (needs matplotlib).")
-@click.option("--batch-tokens", default=8192, show_default=True, type=int,
+@click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@output_options(json_help="Print the result as JSON on stdout instead of a table.")
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
                  control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force):
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
@@ -259,23 +234,13 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.ablate import CatalogMismatch
     from swtool.catalog import parse_coordinate, read_catalog
     from swtool.errors import SwtoolError
-    from swtool.evaluate import evaluate, make_chunks
-    from swtool.experiments import Options, build_plan, describe, parse_scales, stop_word_ids
+    from swtool.evaluate import evaluate, make_chunks, read_text
+    from swtool.experiments import EvalOptions, build_plan, describe_eval, format_eval, parse_scales, stop_word_ids
     from swtool.model import load_model
-    from swtool.tokenize import encode, load_tokenizer
+    from swtool.tokenizer import encode, load_tokenizer
 
-    if plot:
-        from swtool.plot import require_matplotlib
-
-        require_matplotlib(plot)  # before the pass, not after it
-        from swtool.atomic import check_destination
-
-        check_destination(plot, force)
-    if max_tokens is not None and max_tokens < 2:
-        raise click.UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
-    if batch_tokens < 1:
-        raise click.UsageError(f"--batch-tokens must be positive, got {batch_tokens}")
-    options = Options(zero=tuple(parse_coordinate(z) for z in zero),
+    prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the pass, not after it
+    options = EvalOptions(zero=tuple(parse_coordinate(z) for z in zero),
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
                       restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
@@ -289,62 +254,18 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
         raise SwtoolError(f"{catalog}: {e}") from None
     scores = evaluate(loaded, chunks, plan, progress=not no_progress, batch_tokens=batch_tokens)
     tokenizer = load_tokenizer(loaded.directory)
-    result = describe(loaded, text_path, len(ids), chunks, plan, report, scores, tokenizer,
+    result = describe_eval(loaded, text_path, len(ids), chunks, plan, report, scores, tokenizer,
                       stop_word_ids(tokenizer), options)
     if plot:
-        from swtool.plot import plot_profiles
+        from swtool.plot import plot_eval
 
-        profiles = {w["name"]: w["peak_down_proj_output"] for w in result["worlds"] if not w["name"].startswith("scale")}
-        plot_profiles(plot, profiles, f"{loaded.path}: max |down_proj output| per layer over {text_path}")
+        plot_eval(plot, result, f"{loaded.path}: max |down_proj output| per layer over {text_path}")
     if as_json:
         click.echo(strict_json(result))
     else:
         click.echo(format_eval(result))
         if plot:
             click.echo(f"plot written to {plot}")
-
-
-def read_text(path):
-    from swtool.errors import SwtoolError
-
-    try:
-        return open(path, encoding="utf-8").read()
-    except FileNotFoundError:
-        raise SwtoolError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SwtoolError(f"{path}: is a directory, expected a text file") from None
-    except UnicodeDecodeError as e:
-        raise SwtoolError(f"{path}: not UTF-8 text ({e})") from None
-
-
-def format_eval(result):
-    """The human table of an evaluation."""
-    from swtool.table import format_table
-
-    lines = [f"{result['model']}: {result['text']}, {result['tokens']} tokens in {result['chunks']} chunks of "
-             f"{result['ctx']}; {result['worlds'][0]['predictions']} predictions scored ({result['scored']})"]
-    if result["zeroed"]:
-        lines.append("zeroed in every world: " + ", ".join(":".join(map(str, c)) for c in result["zeroed"]))
-    if "super_weights_scaled_by" in result:
-        lines.append(f"the catalog's super weights multiplied by {result['super_weights_scaled_by']:g}")
-    compare = "perplexity_ratio" in result["worlds"][0]
-    header = ["world", "weights", "perplexity", "NLL"] + (["x original"] if compare else []) + [
-        "stop words", "top next token"]
-    rows = []
-    for w in result["worlds"]:
-        top = w["top_tokens"][0]
-        rows.append([w["name"], w["weights_edited"], f"{w['perplexity']:.6g}", f"{w['nll']:.4f}"]
-                    + ([f"{w['perplexity_ratio']:.4g}"] if compare else [])
-                    + [f"{w['stop_word_probability']:.4f}", f"{top['text']!r} {top['probability']:.3f}"])
-    lines.append(format_table(header, rows))
-    lines.append("weights: elements edited in that world; stop words: mean next-token probability of "
-                 f"{len(result['stop_words'])} stop-word tokens ({', '.join(repr(t) for t in list(result['stop_words'])[:6])}, ...)")
-    if compare:
-        by_name = {w["name"]: w for w in result["worlds"]}
-        original, removed = by_name["original"], by_name["removed"]
-        lines.append(f"stop-word shift, super weights removed: {original['stop_word_probability']:.4f} -> "
-                     f"{removed['stop_word_probability']:.4f} (x{removed['stop_word_probability'] / original['stop_word_probability']:.3g})")
-    return "\n".join(lines)
 
 
 @main.command("quantsim")
@@ -362,37 +283,26 @@ def format_eval(result):
 @click.option("--no-weights", is_flag=True, help="Skip the weight table (with --activations int8).")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write perplexity per block size (and the activation settings) as .png/.svg/.pdf (needs matplotlib).")
-@click.option("--batch-tokens", default=8192, show_default=True, type=int,
+@click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Rows x ctx of one pass; a longer text takes several passes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of tables.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@output_options(json_help="Print the result as JSON on stdout instead of tables.")
 def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, activations, no_weights, ctx, max_tokens,
                      score_second_half, plot, batch_tokens, as_json, no_progress, force):
     """Perplexity of MODEL with simulated quantization (no file written): block-wise INT weights, plain
     round-to-nearest vs super-weight-aware, and optionally int8 activations with the super activation kept."""
     from swtool.jsonfile import strict_json
 
-    from swtool.quantsim import Options, parse_block_sizes, parse_clip
+    from swtool.quantsim import QuantsimOptions, parse_block_sizes, parse_clip
 
-    options = Options(bits=bits, block_sizes=tuple(parse_block_sizes(block_sizes)), clip=parse_clip(clip_text),
+    options = QuantsimOptions(bits=bits, block_sizes=tuple(parse_block_sizes(block_sizes)), clip=parse_clip(clip_text),
                       weights=not no_weights, activations=activations)
     if not options.weights and options.activations == "none":
         raise click.UsageError("--no-weights leaves nothing to do without --activations int8")
-    if max_tokens is not None and max_tokens < 2:
-        raise click.UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
-    if batch_tokens < 1:
-        raise click.UsageError(f"--batch-tokens must be positive, got {batch_tokens}")
-    if plot:
-        from swtool.atomic import check_destination
-        from swtool.plot import require_matplotlib
-
-        require_matplotlib(plot)  # before the passes, not after them
-        check_destination(plot, force)
-    from swtool.evaluate import make_chunks
+    prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the passes, not after them
+    from swtool.evaluate import make_chunks, read_text
     from swtool.model import load_model
-    from swtool.quantsim import format_report, run
-    from swtool.tokenize import encode
+    from swtool.quantsim import format_quantsim, run
+    from swtool.tokenizer import encode
 
     loaded = load_model(model)
     ids = encode(loaded.directory, read_text(text_path))[:max_tokens]
@@ -408,31 +318,24 @@ def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, ac
     if as_json:
         click.echo(strict_json(result))
     else:
-        click.echo(format_report(result))
+        click.echo(format_quantsim(result))
         if plot:
             click.echo(f"plot written to {plot}")
 
 
 def quantsim_super_weights(model, catalog, progress):
-    """(catalog entries, where they came from): the catalog's, checked against MODEL, or a scan's."""
-    if catalog:
-        from swtool.ablate import CatalogMismatch, locate
-        from swtool.catalog import read_catalog
-        from swtool.errors import SwtoolError
+    """(catalog entries, where they came from): the catalog's, checked against MODEL element by element, or a scan's."""
+    from swtool.ablate import CatalogMismatch, locate
+    from swtool.catalog import super_weights_for
+    from swtool.errors import SwtoolError
 
-        entries = read_catalog(catalog)["super_weights"]
-        try:
-            for sw in entries:
-                locate(model.checkpoint, sw)
-        except CatalogMismatch as e:
-            raise SwtoolError(f"{catalog}: {e}") from None
-        return entries, f"catalog {catalog}"
-    from swtool.detect import Settings, scan as run_scan
-    from swtool.tokenize import DEFAULT_PROMPT, encode
-
-    found, _report = run_scan(model, encode(model.directory, DEFAULT_PROMPT), Settings(prompt=DEFAULT_PROMPT),
-                              progress=progress)
-    return [sw.to_json() for sw in found], "scanned with the default prompt"
+    found, source = super_weights_for(model, catalog, progress=progress)
+    try:
+        for sw in found["super_weights"] if catalog else ():
+            locate(model.checkpoint, sw)
+    except CatalogMismatch as e:
+        raise SwtoolError(f"{catalog}: {e}") from None
+    return found["super_weights"], source
 
 
 @main.command()
@@ -444,8 +347,8 @@ def quantsim_super_weights(model, catalog, progress):
 @click.option("--copy", is_flag=True, help="Copy unchanged files byte for byte instead of hard-linking them.")
 @click.option("--in-place", is_flag=True, help="Patch MODEL itself (atomically, with a journal for --restore).")
 @click.option("--restore", is_flag=True, help="Undo an --in-place ablation of MODEL from its journal.")
-@click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON on stdout.")
-@click.option("--force", is_flag=True, help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
+@output_options(json_help="Print what changed as JSON on stdout.", progress_help=None,
+                force_help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
 def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force):
     """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ."""
     from swtool.jsonfile import strict_json
@@ -483,19 +386,8 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     if as_json:
         click.echo(strict_json([p.to_json() for p in patches]))
         return
-    click.echo(format_patches(patches))
+    click.echo(ab.format_patches(patches))
     click.echo(where)
-
-
-def format_patches(patches):
-    from swtool.table import format_table
-
-    rows = []
-    for p in patches:
-        j = p.to_json()
-        rows.append([j["layer"], j["row"], j["col"], j["tensor"], j["file"], j["offset"], j["dtype"],
-                     f"{j['old_value']:.6g}", f"{j['new_value']:.6g}", f"{j['old_bytes']}->{j['new_bytes']}"])
-    return format_table(["layer", "row", "col", "tensor", "file", "byte offset", "dtype", "old", "new", "bytes"], rows)
 
 
 @main.command("audit")
@@ -508,9 +400,9 @@ def format_patches(patches):
 @click.option("--tolerance", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
               help="Largest relative change that still counts as intact.")
 @click.option("--prompt", default=None, help=PROMPT_HELP + " Used when a scan is needed.")
-@click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON on stdout.")
 @click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr (when a scan runs).")
+@output_options(json_help="Print the audit as JSON on stdout.", force_help=None,
+                progress_help="No progress bar on stderr (when a scan runs).")
 def audit_command(model, catalog, known, known_id, reference, tolerance, prompt, as_json, download, no_progress):
     """Check that MODEL kept its super weights, reading only their bytes.
 
@@ -522,7 +414,7 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     """
     from swtool.jsonfile import strict_json
 
-    from swtool.audit import audit as run_audit, format_report
+    from swtool.audit import audit as run_audit, format_audit
     from swtool.errors import SwtoolError
 
     if catalog and (known or known_id):
@@ -532,21 +424,21 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     if as_json:
         click.echo(strict_json(report.to_json()))
     else:
-        click.echo(format_report(report))
+        click.echo(format_audit(report))
     sys.exit(report.exit_code)
 
 
 @main.command("inspect")
 @click.argument("model", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
 @click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+@output_options(json_help="Print the description as JSON on stdout.", progress_help=None, force_help=None)
 def inspect_command(model, as_json, download):
     """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights."""
     from swtool.jsonfile import strict_json
 
-    from swtool.describe import describe, format_description
+    from swtool.describe import describe_model, format_description
 
-    info = describe(model, download=download)
+    info = describe_model(model, download=download)
     click.echo(strict_json(info) if as_json else format_description(info))
 
 
@@ -582,9 +474,7 @@ def gguf_options(command):
 @gguf_options
 def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
     """Write MODEL (a Hugging Face checkpoint: llama, mistral, qwen2) as a GGUF file for llama.cpp."""
-    from swtool.atomic import check_destination
-
-    check_destination(output, force)  # before anything is read
+    prepare_outputs(force, output, inputs=(model, catalog))  # before anything is read
     from swtool.gguf_export import Options, export, format_report
 
     options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
@@ -599,9 +489,7 @@ def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types,
 
     Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
     """
-    from swtool.atomic import check_destination
-
-    check_destination(output, force)  # before anything is read
+    prepare_outputs(force, output, inputs=(gguf_file, catalog))  # before anything is read
     from swtool.gguf_export import Options, format_report, quantize_gguf
 
     options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
@@ -630,9 +518,9 @@ def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types,
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the result as JSON to this file.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write perplexity against bits per weight, a line per handling, as .png/.svg/.pdf (needs matplotlib).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
-@click.option("--no-progress", is_flag=True, help="No progress lines or bars on stderr.")
-@click.option("--force", is_flag=True, help="Replace -o, --plot and files of the same names in --out-dir.")
+@output_options(json_help="Print the result as JSON on stdout instead of a table.",
+                progress_help="No progress lines or bars on stderr.",
+                force_help="Replace -o, --plot and files of the same names in --out-dir.")
 def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, plot,
                   as_json, no_progress, force):
     """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
@@ -647,15 +535,9 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     from swtool.sweep import format_sweep, parse_handlings, parse_types, run_sweep
 
     type_names, handling_list = parse_types(types), parse_handlings(handlings)
-    from swtool.atomic import check_destination
+    prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog))  # before the exports
+    from swtool.evaluate import read_text
 
-    for destination in (output, plot):
-        if destination:
-            check_destination(destination, force)
-    if plot:
-        from swtool.plot import require_matplotlib
-
-        require_matplotlib(plot)  # before the exports, not after them
     text = read_text(text_path)
 
     def log(line):
@@ -683,27 +565,13 @@ def catalog_group():
 
 
 @catalog_group.command("known")
-@click.option("--json", "as_json", is_flag=True, help="Print the data file (coordinates, sources, notes) as JSON.")
+@output_options(json_help="Print the data file (coordinates, sources, notes) as JSON.", progress_help=None,
+                force_help=None)
 def catalog_known(as_json):
     """The super weights published for public models, with their sources."""
     from swtool.jsonfile import strict_json
 
-    from swtool.known import load
-    from swtool.table import format_table
+    from swtool.known import format_known, load
 
     data, models = load()
-    if as_json:
-        click.echo(strict_json(data))
-        return
-    rows = []
-    for model in models:
-        for sw in model.super_weights:
-            flag = " (disputed)" if sw.get("disputed") else ""
-            rows.append([model.name, model.id, sw["layer"], sw["row"], sw["col"], "+".join(sw["sources"]) + flag])
-    click.echo(format_table(["model", "id", "layer", "row", "col", "sources"], rows))
-    click.echo("coordinates: model.layers[layer].mlp.down_proj.weight[row, col], 0-based; sources:")
-    for key, text in data["sources"].items():
-        click.echo(f"  {key}: {text}")
-    for model in models:
-        if model.notes:
-            click.echo(f"{model.name}: {model.notes}")
+    click.echo(strict_json(data) if as_json else format_known(data, models))

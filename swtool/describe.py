@@ -12,7 +12,7 @@ from math import prod
 from swtool.errors import SwtoolError
 
 
-def describe(spec, download=False):
+def describe_model(spec, download=False):
     """A dict describing MODEL `spec` (JSON-ready)."""
     from swtool import gguf_keys, known
     from swtool.audit import model_id
@@ -89,7 +89,7 @@ def catalogs_of(model):
 
 
 def format_description(info):
-    """The human summary of `describe`."""
+    """The human summary of `describe_model`."""
     lines = [f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}"]
     lines.append(f"  shape       {info['layers']} layers, hidden {info['hidden_size']}, intermediate "
                  f"{info['intermediate_size']}, heads {info['attention_heads']}/{info['kv_heads']}, "

@@ -199,3 +199,15 @@ def perplexity(model, ids, ctx=512, transforms=(), score_second_half=False, prog
     (score,) = evaluate(model, chunks, Plan([World("model")], list(transforms)), progress=progress,
                         batch_tokens=batch_tokens)
     return score.perplexity, score.count
+
+
+def read_text(path):
+    """The UTF-8 text to score; a one-line error for a missing, non-text or directory path."""
+    try:
+        return open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise SwtoolError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SwtoolError(f"{path}: is a directory, expected a text file") from None
+    except UnicodeDecodeError as e:
+        raise SwtoolError(f"{path}: not UTF-8 text ({e})") from None

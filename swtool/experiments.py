@@ -127,7 +127,7 @@ class RestoreActivation:
         return None  # changed in place
 
 
-class Report:
+class ExperimentReport:
     """The worlds of a super-weight report and where each one is in the plan."""
 
     def __init__(self, super_weights):
@@ -197,7 +197,7 @@ def zero_edits(model, coordinates):
 
 
 @dataclass
-class Options:
+class EvalOptions:
     """What `swtool eval` was asked to change or compare (see build_plan)."""
 
     zero: tuple = ()  # (layer, row, col) to zero in every world
@@ -213,7 +213,7 @@ class Options:
 
 
 def build_plan(model, options, progress=False):
-    """(Plan, Report or None) for `swtool eval`.
+    """(Plan, ExperimentReport or None) for `swtool eval`.
 
     Without a catalog, or with --ablate / --scale-super: one world, the model with
     those weights changed. With a catalog otherwise: a report, the original model
@@ -241,7 +241,7 @@ def build_plan(model, options, progress=False):
     transforms = [ScaleElements(edits)] if edits else []
     if sws is None or changes_super:
         return Plan([World("model")], transforms), None
-    report = Report(sws)
+    report = ExperimentReport(sws)
     if options.control_top is not None:
         report.add_control(control_edits(model, sws, options.control_top, progress))
     if options.restore_activation:
@@ -251,7 +251,7 @@ def build_plan(model, options, progress=False):
     return Plan(report.worlds, transforms, report.hook_factories), report
 
 
-def describe(model, text_path, n_tokens, chunks, plan, report, scores, tokenizer, stop_ids, options):
+def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, tokenizer, stop_ids, options):
     """The JSON-ready result of `swtool eval`: one entry per world, plus what was scored and changed."""
     stop = np.array(list(stop_ids.values()), dtype=np.int64)
     original = scores[0].perplexity if report is not None else None
@@ -292,3 +292,33 @@ def describe(model, text_path, n_tokens, chunks, plan, report, scores, tokenizer
     elif options.ablate or options.scale_super is not None:
         result["super_weights_scaled_by"] = 0.0 if options.ablate else options.scale_super
     return result
+
+
+def format_eval(result):
+    """The human table of an evaluation."""
+    from swtool.table import format_table
+
+    lines = [f"{result['model']}: {result['text']}, {result['tokens']} tokens in {result['chunks']} chunks of "
+             f"{result['ctx']}; {result['worlds'][0]['predictions']} predictions scored ({result['scored']})"]
+    if result["zeroed"]:
+        lines.append("zeroed in every world: " + ", ".join(":".join(map(str, c)) for c in result["zeroed"]))
+    if "super_weights_scaled_by" in result:
+        lines.append(f"the catalog's super weights multiplied by {result['super_weights_scaled_by']:g}")
+    compare = "perplexity_ratio" in result["worlds"][0]
+    header = ["world", "weights", "perplexity", "NLL"] + (["x original"] if compare else []) + [
+        "stop words", "top next token"]
+    rows = []
+    for w in result["worlds"]:
+        top = w["top_tokens"][0]
+        rows.append([w["name"], w["weights_edited"], f"{w['perplexity']:.6g}", f"{w['nll']:.4f}"]
+                    + ([f"{w['perplexity_ratio']:.4g}"] if compare else [])
+                    + [f"{w['stop_word_probability']:.4f}", f"{top['text']!r} {top['probability']:.3f}"])
+    lines.append(format_table(header, rows))
+    lines.append("weights: elements edited in that world; stop words: mean next-token probability of "
+                 f"{len(result['stop_words'])} stop-word tokens ({', '.join(repr(t) for t in list(result['stop_words'])[:6])}, ...)")
+    if compare:
+        by_name = {w["name"]: w for w in result["worlds"]}
+        original, removed = by_name["original"], by_name["removed"]
+        lines.append(f"stop-word shift, super weights removed: {original['stop_word_probability']:.4f} -> "
+                     f"{removed['stop_word_probability']:.4f} (x{removed['stop_word_probability'] / original['stop_word_probability']:.3g})")
+    return "\n".join(lines)

@@ -110,3 +110,19 @@ def identify(config, model_id=None):
 
 def _coordinates(model):
     return tuple((sw["layer"], sw["row"], sw["col"]) for sw in model.super_weights)
+
+
+def format_known(data, models):
+    """The human table of `swtool catalog known`: every published coordinate, its sources and notes."""
+    from swtool.table import format_table
+
+    rows = []
+    for model in models:
+        for sw in model.super_weights:
+            flag = " (disputed)" if sw.get("disputed") else ""
+            rows.append([model.name, model.id, sw["layer"], sw["row"], sw["col"], "+".join(sw["sources"]) + flag])
+    lines = [format_table(["model", "id", "layer", "row", "col", "sources"], rows),
+             "coordinates: model.layers[layer].mlp.down_proj.weight[row, col], 0-based; sources:"]
+    lines += [f"  {key}: {text}" for key, text in data["sources"].items()]
+    lines += [f"{model.name}: {model.notes}" for model in models if model.notes]
+    return "\n".join(lines)

@@ -122,3 +122,17 @@ def plot_sweep(path, result, title):
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=7)
     _save(plt, figure, path)
+
+
+def plot_scan(path, model, report):
+    """The paper's Figure 4 for one prompt: max |down_proj output| per layer, intact and without the found weights."""
+    profiles = {"original": [abs(e["down_proj_output"]["value"]) for e in report["profile"]]}
+    if report.get("profile_removed"):
+        profiles["super weights removed"] = [abs(e["down_proj_output"]["value"]) for e in report["profile_removed"]]
+    plot_profiles(path, profiles, f"{model.path}: max |down_proj output| per layer (scan prompt)")
+
+
+def plot_eval(path, result, title):
+    """Each eval world's max |down_proj output| per layer (the sweep's scaled worlds left out)."""
+    profiles = {w["name"]: w["peak_down_proj_output"] for w in result["worlds"] if not w["name"].startswith("scale")}
+    plot_profiles(path, profiles, title)

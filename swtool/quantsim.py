@@ -354,7 +354,7 @@ def run_activations(model, chunks, super_weights, bits=8, progress=True, batch_t
 # --- one command: settings, result, table ----------------------------------------------------------
 
 @dataclass
-class Options:
+class QuantsimOptions:
     """What `swtool quantsim` was asked for."""
 
     bits: int = 4
@@ -410,7 +410,7 @@ def _kept_summary(kept):
     return summary
 
 
-def format_report(result):
+def format_quantsim(result):
     """The human tables of `swtool quantsim`."""
     from swtool.table import format_table
 

@@ -196,7 +196,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
     from swtool.checkpoint.gguf_file import is_gguf
     from swtool.evaluate import perplexity
     from swtool.model import load_model
-    from swtool.tokenize import encode
+    from swtool.tokenizer import encode
 
     log = log or (lambda line: None)
     llama_score.require_llama("swtool sweep")
@@ -230,7 +230,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         scanned = catalog is None and needs_catalog
         if scanned:
             log(f"no --catalog: scanning {model_path} for super weights")
-            catalog = str(scan_catalog(model, work / f"{stem}.catalog.json", progress))
+            catalog = str(write_scan_catalog(model, work / f"{stem}.catalog.json", progress))
         super_weights = catalog_super_weights(catalog, model.arch.n_layers) if catalog else []
         if needs_catalog and not super_weights:
             raise SwtoolError(f"{catalog}: lists no super weights, so only --handlings none has anything to compare")
@@ -309,16 +309,12 @@ class work_directory:
         return False
 
 
-def scan_catalog(model, path, progress):
+def write_scan_catalog(model, path, progress):
     """`swtool scan MODEL` with its defaults, written to `path` (the catalog the exports read)."""
-    from swtool.catalog import build_catalog, write_catalog
-    from swtool.detect import Settings, scan
-    from swtool.tokenize import DEFAULT_PROMPT, encode
+    from swtool.catalog import super_weights_for, write_catalog
 
-    settings = Settings(prompt=DEFAULT_PROMPT)
-    tokens = encode(model.directory, DEFAULT_PROMPT)
-    found, report = scan(model, tokens, settings, progress=progress)
-    write_catalog(build_catalog(model, DEFAULT_PROMPT, tokens, settings, found, report), path)
+    catalog, _ = super_weights_for(model, progress=progress)
+    write_catalog(catalog, path)
     return path
 
 

@@ -19,7 +19,7 @@ from swtool.detect import Settings, scan
 from swtool.errors import SwtoolError
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
-from swtool.tokenize import DEFAULT_PROMPT, encode
+from swtool.tokenizer import DEFAULT_PROMPT, encode
 from test_forward import reference_logits
 from tiny import Plant, random_tokens
 

@@ -442,7 +442,7 @@ def test_a_self_scan_of_an_unknown_broken_model_is_flagged_broken(ablated, tmp_p
     assert report.broken["uniform"] == pytest.approx(math.log(vocab))
     assert report.broken["nll"] > math.log(vocab)
     assert report.verdict == "damaged" and report.exit_code == 1
-    assert "BROKEN" in audit_module.format_report(report)
+    assert "BROKEN" in audit_module.format_audit(report)
 
 
 def test_a_self_scan_gives_no_verdict(tiny_factory):

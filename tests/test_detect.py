@@ -5,7 +5,7 @@ import pytest
 
 from swtool.detect import Settings, contributing_columns, find_spikes, scan, Spike
 from swtool.model import load_model
-from swtool.tokenize import DEFAULT_PROMPT, encode
+from swtool.tokenizer import DEFAULT_PROMPT, encode
 from tiny import Plant
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from swtool.detect import Settings, scan
 from swtool.model import load_model
-from swtool.tokenize import DEFAULT_PROMPT, encode
+from swtool.tokenizer import DEFAULT_PROMPT, encode
 from tiny import Plant
 
 # One row fed by two columns: the planted outlier weight (60 % of the spike) and an

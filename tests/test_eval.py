@@ -13,7 +13,7 @@ from swtool.evaluate import make_chunks, perplexity
 from swtool.experiments import stop_word_ids
 from swtool.forward import Edit, World, forward, head_logits, run_layers
 from swtool.model import load_model
-from swtool.tokenize import encode, load_tokenizer
+from swtool.tokenizer import encode, load_tokenizer
 from tiny import Plant, random_tokens
 from cli_run import one_line_error, swtool, swtool_without
 

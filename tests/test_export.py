@@ -20,7 +20,7 @@ import pytest
 
 import llama_oracle
 from swtool.gguf_export import Options, export
-from swtool.tokenize import encode
+from swtool.tokenizer import encode
 from cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real

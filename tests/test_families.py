@@ -13,7 +13,7 @@ import pytest
 from swtool.detect import Settings, scan
 from swtool.forward import forward
 from swtool.model import load_model
-from swtool.tokenize import DEFAULT_PROMPT, encode
+from swtool.tokenizer import DEFAULT_PROMPT, encode
 from test_forward import reference_logits
 from tiny import Plant, random_tokens
 

@@ -223,7 +223,7 @@ def q4_1_gguf(smollm2):
 def test_smollm2_q4_1_logits_and_scan_match_the_old_path(q4_1_gguf, old_path, spy):
     from swtool.detect import Settings, scan
     from swtool.model import load_model
-    from swtool.tokenize import encode
+    from swtool.tokenizer import encode
 
     model = load_model(q4_1_gguf)
     ids = encode(model.directory, PROMPT)
@@ -255,7 +255,7 @@ def test_smollm2_q4_1_perplexity_matches_the_old_path(q4_1_gguf, old_path):
 
     from swtool.evaluate import perplexity
     from swtool.model import load_model
-    from swtool.tokenize import encode
+    from swtool.tokenizer import encode
 
     model = load_model(q4_1_gguf)
     text = (Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt").read_text()

@@ -15,7 +15,7 @@ from swtool.model import load_model
 from swtool.quantsim import (TENSOR, Clip, QuantizeWeights, WeightSetting, parse_block_sizes, parse_clip,
                              quantize_blockwise, quantized_matrices, run_activations, run_weights,
                              super_weight_positions, whole_reader)
-from swtool.tokenize import encode
+from swtool.tokenizer import encode
 from tiny import Plant, random_tokens
 from cli_run import one_line_error, swtool
 

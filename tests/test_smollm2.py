@@ -8,7 +8,7 @@ import transformers
 from swtool.detect import Settings, scan
 from swtool.forward import forward, greedy
 from swtool.model import load_model
-from swtool.tokenize import DEFAULT_PROMPT, encode
+from swtool.tokenizer import DEFAULT_PROMPT, encode
 
 pytestmark = pytest.mark.real
 

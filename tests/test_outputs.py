@@ -1,0 +1,77 @@
+"""An output never replaces a file the command reads, --force or not (issue: a model destroyed by -o).
+
+Each case names, as -o or --plot, one of the input's own files: directly, through a symlinked
+directory, or through a hard link. The command must refuse before writing anything, with one
+line, and every input file must be byte-identical afterwards (sha256 before and after)."""
+
+import hashlib
+import os
+import shutil
+
+import pytest
+
+from cli_run import one_line_error, swtool
+
+
+def digests(*roots):
+    """sha256 of every regular file under `roots` (files or directories)."""
+    found = {}
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture()
+def inputs(good, tmp_path):
+    """Copies of the good tiny model (single file and sharded), its GGUF, catalog and text."""
+    model = shutil.copytree(good.model, tmp_path / "model")
+    sharded = shutil.copytree(good.sharded, tmp_path / "sharded")
+    gguf_file = shutil.copy(good.gguf, tmp_path / "model.gguf")
+    text = shutil.copy(good.text, tmp_path / "text.txt")
+    (tmp_path / "link").symlink_to(model, target_is_directory=True)
+    os.link(model / "model.safetensors", tmp_path / "hard-linked.safetensors")
+    return tmp_path, model, sharded, tmp_path / "model.gguf", tmp_path / "text.txt"
+
+
+def test_no_output_replaces_an_input(inputs):
+    root, model, sharded, gguf_file, text = inputs
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    cases = [
+        ["scan", model, "-o", model / "model.safetensors"],
+        ["scan", model, "-o", model / "config.json"],
+        ["scan", model, "-o", model / "tokenizer.json"],
+        ["scan", sharded, "-o", sharded / "model.safetensors.index.json"],
+        ["scan", sharded, "-o", shard],
+        ["scan", gguf_file, "-o", gguf_file],
+        ["scan", model, "-o", root / "link" / "model.safetensors"],
+        ["scan", model, "-o", root / "hard-linked.safetensors"],
+        ["scan", model, "--plot", model / "config.json"],
+        ["export", model, "-o", model / "model.safetensors", "--type", "f32"],
+        ["export", model, "-o", root / "link" / "config.json", "--type", "f32"],
+        ["quantize", gguf_file, "-o", gguf_file, "--type", "q8_0"],
+        ["eval", model, "--text", text, "--plot", text],
+        ["quantsim", model, "--text", text, "--plot", model / "model.safetensors"],
+    ]
+    before = digests(root)
+    for argv in cases:
+        line = one_line_error(swtool(*argv, "--force", "--no-progress"))
+        assert "a file this command reads; it is never replaced, even with --force" in line, (argv, line)
+        assert digests(root) == before, argv
+
+
+def test_one_path_for_two_outputs_is_refused(inputs):
+    root, model, *_ = inputs
+    out = root / "x.svg"
+    line = one_line_error(swtool("scan", model, "-o", out, "--plot", out, "--no-progress"))
+    assert "given for two outputs" in line
+    assert not out.exists()
+
+
+def test_a_catalog_beside_the_model_is_still_an_output(inputs):
+    """Writing into the model's folder is fine as long as no file of the model is named."""
+    _, model, *_ = inputs
+    result = swtool("scan", model, "-o", model / "catalog.json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert (model / "catalog.json").is_file()
