@@ -4,7 +4,10 @@ Python's json module accepts things a hostile or broken file can use against a r
   - nesting deep enough to raise RecursionError (`[[[[...` in a 100 MB header);
   - the same key twice, where json keeps the last value but other tools may keep the
     first: two readers would disagree about one file, so it is refused;
-  - a file of gigabytes named config.json, read whole into memory.
+  - a file of gigabytes named config.json, read whole into memory;
+  - NaN, Infinity and floats that overflow to it (1e400), which Python accepts but JSON does
+    not have: an expected value of NaN would compare as "within tolerance" of nothing;
+  - integers of thousands of digits (Python's int() refuses 4,300 with a ValueError).
 Each of these, and every decoding error, becomes one CheckpointError naming the file.
 """
 
@@ -16,8 +19,32 @@ from swtool.errors import CheckpointError
 MAX_JSON_BYTES = 256 << 20  # config, index, catalog, tokenizer files are far smaller
 
 
+MAX_INT_DIGITS = 100  # sizes, counts and token ids have a handful of digits; Python refuses > 4,300 anyway
+
+
 class _DuplicateKey(ValueError):
     pass
+
+
+class _NotPlain(ValueError):
+    """A value plain JSON cannot hold: NaN, Infinity, a float that overflows, an integer of many digits."""
+
+
+def _refuse_constant(name):
+    raise _NotPlain(f"{name} is not a JSON value")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotPlain(f"the number {text[:24]} is out of range")
+    return value
+
+
+def _bounded_int(text):
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NotPlain(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
 
 
 def _no_duplicates(pairs):
@@ -38,9 +65,12 @@ def parse_json(raw, source, what=None):
     prefix = f"{what}: " if what else ""
     try:
         text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+                          parse_float=_finite_float, parse_int=_bounded_int)
     except _DuplicateKey as e:
         raise CheckpointError(source, f"{prefix}key {e.args[0]!r} appears twice in one object") from None
+    except _NotPlain as e:
+        raise CheckpointError(source, f"{prefix}not plain JSON: {e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(source, f"{prefix}not valid JSON ({e})") from None
     except RecursionError:
