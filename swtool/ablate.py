@@ -272,12 +272,8 @@ def restore_in_place(directory):
     try:
         changes = journal["changes"]
         assert journal["schema"] == JOURNAL_SCHEMA
-        edits = []
-        for change in changes:
-            file = journal_path.parent / change["file"]
-            old, new = bytes.fromhex(change["old_bytes"]), bytes.fromhex(change["new_bytes"])
-            edits.append((file, int(change["offset"]), old, new))
-    except (ValueError, KeyError, TypeError, AssertionError):
+        edits = [journalled_edit(journal_path, change) for change in changes]
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
         raise SwtoolError(f"{journal_path}: not a valid swtool ablation journal") from None
     pending = []
     for file, offset, old, new in edits:
@@ -291,6 +287,26 @@ def restore_in_place(directory):
         replace_patched(journal_path.parent / name, file_edits)
     journal_path.unlink()
     return journal
+
+
+def journalled_edit(journal_path, change):
+    """(file, offset, old bytes, new bytes) of one journal entry, checked as hostile input: the file
+    is a .safetensors shard beside the journal, and the bytes are one whole element of its
+    tensor `change["tensor"]`. A journal can then never make --restore write anywhere else."""
+    from swtool.checkpoint.safetensors import SafetensorsFile
+
+    name, offset = change["file"], change["offset"]
+    old, new = bytes.fromhex(change["old_bytes"]), bytes.fromhex(change["new_bytes"])
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise SwtoolError(f"{journal_path}: names {name!r}, which is not a shard beside it; not restoring")
+    file = journal_path.parent / name
+    info = SafetensorsFile(file).tensors.get(change["tensor"])
+    if (info is None or type(offset) is not int or len(old) != len(new) or len(old) != info.itemsize
+            or not info.offset <= offset <= info.offset + info.nbytes - len(old)
+            or (offset - info.offset) % info.itemsize):
+        raise SwtoolError(f"{journal_path}: the change at byte {offset} of {name} is not one element of a "
+                          f"tensor there; not restoring")
+    return file, offset, old, new
 
 
 def _by_file(edits):

@@ -13,6 +13,7 @@ from importlib import resources
 from swtool import __version__
 from swtool.atomic import write_text_atomic
 from swtool.errors import SwtoolError
+from swtool.inputfile import open_regular
 
 SCHEMA_ID = "swtool.catalog/1"
 
@@ -23,7 +24,7 @@ def schema():
 
 def sha256_file(path, chunk=16 * 1024 * 1024):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -119,11 +120,41 @@ def to_json(catalog):
 
 
 def read_catalog(path):
+    """A catalog file, validated against its schema and checked for entries that contradict themselves."""
     from swtool.jsonfile import read_json
 
     catalog = read_json(path)
     validate(catalog, str(path))
+    problem = entry_problem(catalog)
+    if problem:
+        raise SwtoolError(f"{path}: invalid catalog: {problem}")
     return catalog
+
+
+def entry_problem(catalog):
+    """The first super-weight entry whose fields disagree with each other or with the model's layer
+    count, as a phrase, or None. Every command reads an entry's element through these fields (audit by
+    layer/row/col, ablate by tensor_index), so they must name one element."""
+    n_layers, seen = catalog["model"]["num_layers"], set()
+    for i, sw in enumerate(catalog["super_weights"]):
+        layer, row, col, expert = sw["layer"], sw["row"], sw["col"], sw.get("expert")
+        where = f"super_weights/{i} [{layer}, {row}, {col}]"
+        if layer >= n_layers:
+            return f"{where}: layer {layer} of a model with {n_layers} layers"
+        if f".{layer}." not in sw["tensor"] or not sw["gguf_tensor"].startswith(f"blk.{layer}."):
+            return f"{where}: tensor {sw['tensor']!r} / {sw['gguf_tensor']!r} is not in layer {layer}"
+        index = sw.get("tensor_index")
+        if index is not None:
+            stacked = [expert, row, col] if expert is not None else None
+            if len(index) == 3 and index != stacked:
+                return f"{where}: tensor_index {index} is not [expert, row, col] = {stacked}"
+            if len(index) == 2 and index not in ([row, col], [col, row]):
+                return f"{where}: tensor_index {index} is neither [row, col] nor [col, row]"
+        key = (layer, row, col, expert)
+        if key in seen:
+            return f"{where}: listed twice"
+        seen.add(key)
+    return None
 
 
 def parse_coordinate(text, option="--zero"):

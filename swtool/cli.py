@@ -27,6 +27,9 @@ class SwtoolGroup(click.Group):
         from swtool.errors import SwtoolError
 
         install_signal_handlers()
+        for stream in (sys.stdout, sys.stderr):  # a path or token that is not valid UTF-8 prints escaped
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         try:
             return super().invoke(ctx)
         except SwtoolError as e:
@@ -234,10 +237,10 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.ablate import CatalogMismatch
     from swtool.catalog import parse_coordinate, read_catalog
     from swtool.errors import SwtoolError
-    from swtool.evaluate import evaluate, make_chunks, read_text
+    from swtool.evaluate import evaluate, make_chunks, text_token_ids
     from swtool.experiments import EvalOptions, build_plan, describe_eval, format_eval, parse_scales, stop_word_ids
     from swtool.model import load_model
-    from swtool.tokenizer import encode, load_tokenizer
+    from swtool.tokenizer import load_tokenizer
 
     prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the pass, not after it
     options = EvalOptions(zero=tuple(parse_coordinate(z) for z in zero),
@@ -245,8 +248,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
                       restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
     loaded = load_model(model)
-    text = read_text(text_path)
-    ids = encode(loaded.directory, text)[:max_tokens]
+    ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
     try:
         plan, report = build_plan(loaded, options, progress=not no_progress)
@@ -299,13 +301,12 @@ def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, ac
     if not options.weights and options.activations == "none":
         raise click.UsageError("--no-weights leaves nothing to do without --activations int8")
     prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the passes, not after them
-    from swtool.evaluate import make_chunks, read_text
+    from swtool.evaluate import make_chunks, text_token_ids
     from swtool.model import load_model
     from swtool.quantsim import format_quantsim, run
-    from swtool.tokenizer import encode
 
     loaded = load_model(model)
-    ids = encode(loaded.directory, read_text(text_path))[:max_tokens]
+    ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
     super_weights, source = quantsim_super_weights(loaded, catalog, not no_progress)
     result = {"model": str(loaded.path), "text": str(text_path), "tokens": len(ids), "ctx": chunks.ctx,

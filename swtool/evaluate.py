@@ -25,11 +25,13 @@ causal, so the padding cannot change any real position; padded positions are
 not scored, not profiled and never chosen by an activation transform.
 """
 
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from swtool.errors import SwtoolError
+from swtool.inputfile import open_regular
 from swtool.forward import World, head_logits, run_layers
 
 DEFAULT_BATCH_TOKENS = 8192  # rows x ctx of one pass (SmolLM2 at ctx 512: ~50 KiB of activations per row-token)
@@ -201,13 +203,50 @@ def perplexity(model, ids, ctx=512, transforms=(), score_second_half=False, prog
     return score.perplexity, score.count
 
 
-def read_text(path):
-    """The UTF-8 text to score; a one-line error for a missing, non-text or directory path."""
+MAX_TEXT_CHARS = 256 << 20  # a text scored whole (no --max-tokens) beyond this is refused, not read into memory
+READ_STEP = 64 << 10  # characters read first when --max-tokens needs only a prefix; doubled until enough
+TOKEN_MARGIN = 64  # tokens tokenized past the kept ones, so a word cut at the prefix's end changes none of them
+
+
+def read_text(path, limit=MAX_TEXT_CHARS):
+    """The UTF-8 text to score, at most `limit` characters; a one-line error for a missing, non-text,
+    directory, FIFO or device path, or a longer text."""
+    with _open_text(path) as f:
+        text = _read(f, path, limit + 1)
+    if len(text) > limit:
+        raise SwtoolError(f"{path}: longer than {limit >> 20} M characters; score a part of it with --max-tokens")
+    return text
+
+
+def text_token_ids(directory, path, max_tokens=None):
+    """Token ids of the text file `path` (tokenizer.encode), reading only as much of it as
+    `max_tokens` needs: a prefix, doubled until it holds TOKEN_MARGIN tokens more than kept."""
+    from swtool.tokenizer import encode
+
+    if max_tokens is None:
+        return encode(directory, read_text(path))
+    text, step = "", READ_STEP
+    with _open_text(path) as f:
+        while True:
+            chunk = _read(f, path, step)
+            text += chunk
+            ids = encode(directory, text)
+            if not chunk or len(ids) >= max_tokens + TOKEN_MARGIN:
+                return ids[:max_tokens]
+            step *= 2
+
+
+def _open_text(path):
     try:
-        return open(path, encoding="utf-8").read()
+        return io.TextIOWrapper(open_regular(path), encoding="utf-8")  # newlines as open() reads them
     except FileNotFoundError:
         raise SwtoolError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise SwtoolError(f"{path}: is a directory, expected a text file") from None
+
+
+def _read(f, path, n):
+    try:
+        return f.read(n)
     except UnicodeDecodeError as e:
         raise SwtoolError(f"{path}: not UTF-8 text ({e})") from None

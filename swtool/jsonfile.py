@@ -15,6 +15,7 @@ import json
 import math
 
 from swtool.errors import CheckpointError
+from swtool.inputfile import open_regular
 
 MAX_JSON_BYTES = 256 << 20  # config, index, catalog, tokenizer files are far smaller
 
@@ -80,7 +81,7 @@ def parse_json(raw, source, what=None):
 def read_json(path, what=None, max_bytes=MAX_JSON_BYTES):
     """Parse the JSON file at `path` (read-only, at most `max_bytes`); errors name the file."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             raw = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise CheckpointError(path, "no such file") from None

@@ -6,7 +6,8 @@ where the post-processor does not (some older exports).
 """
 
 from swtool.errors import SwtoolError
-from swtool.jsonfile import read_json
+from swtool.inputfile import open_regular
+from swtool.jsonfile import MAX_JSON_BYTES, read_json
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
 
@@ -15,16 +16,24 @@ def load_tokenizer(directory):
     from tokenizers import Tokenizer
 
     path = directory / "tokenizer.json"
-    if not path.is_file():
+    if not path.exists():
         raise SwtoolError(f"{directory}: no tokenizer.json (needed to tokenize the prompt)")
+    with open_regular(path) as f:  # read here: any path (not only UTF-8 ones), never a FIFO
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise SwtoolError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, not a tokenizer swtool reads")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_buffer(raw)
     except Exception as e:  # the Rust library reports any parse failure as a plain Exception
         raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def encode(directory, text):
     """Token ids for `text`, with BOS where the model expects it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 in an argument reach Python as lone surrogates
+        raise SwtoolError(f"the text to tokenize is not valid UTF-8 ({e.reason} at position {e.start})") from None
     tokenizer = load_tokenizer(directory)
     ids = tokenizer.encode(text, add_special_tokens=True).ids
     bos = _bos_to_add(directory, tokenizer)
@@ -37,7 +46,7 @@ def encode(directory, text):
 
 def _bos_to_add(directory, tokenizer):
     path = directory / "tokenizer_config.json"
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device there is an error (read_json), not a missing file
         return None
     config = read_json(path)
     if not isinstance(config, dict):

@@ -1,5 +1,6 @@
 """Running the `swtool` command as a user does, for the tests: a subprocess, and its one-line errors."""
 
+import hashlib
 import subprocess
 import sys
 
@@ -23,3 +24,13 @@ def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+def digests(*roots):
+    """sha256 of every regular file under `roots` (files or directories)."""
+    found = {}
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

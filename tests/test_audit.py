@@ -114,14 +114,18 @@ def test_ablated_copy_is_caught(smollm2, catalog, damaged):
 
 def test_a_catalog_of_another_model_reports_missing_weights(smollm2, catalog, tmp_path):
     data = json.loads(catalog.read_text())
-    data["super_weights"][0].update(layer=31, tensor=down_proj(31))  # SmolLM2 has 30 layers
-    data["super_weights"][1].update(row=9999)
+    data["super_weights"][1].update(row=9999, tensor_index=[9999, 430])
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
     found = by_coordinate(audit_json(smollm2, "--catalog", other, code=1))
-    assert found[(31, 507, 90)]["status"] == "missing" and not found[(31, 507, 90)]["present"]
     assert found[(2, 9999, 430)]["status"] == "missing" and "outside" in found[(2, 9999, 430)]["note"]
+    assert not found[(2, 9999, 430)]["present"]
     assert found[(11, 507, 1229)]["present"] and found[(11, 507, 1229)]["status"] == "intact"
+    # a layer the catalog's own model does not have: the catalog contradicts itself, bad input
+    data["super_weights"][0].update(layer=31, tensor=down_proj(31), gguf_tensor="blk.31.ffn_down.weight")
+    other.write_text(json.dumps(data))
+    assert "super_weights/0 [31, 507, 90]: layer 31 of a model with 30 layers" in \
+        one_line_error(swtool("audit", smollm2, "--catalog", other))
 
 
 def test_a_nan_super_weight_gives_strict_json(smollm2, catalog, tmp_path):

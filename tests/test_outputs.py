@@ -4,23 +4,12 @@ Each case names, as -o or --plot, one of the input's own files: directly, throug
 directory, or through a hard link. The command must refuse before writing anything, with one
 line, and every input file must be byte-identical afterwards (sha256 before and after)."""
 
-import hashlib
 import os
 import shutil
 
 import pytest
 
-from cli_run import one_line_error, swtool
-
-
-def digests(*roots):
-    """sha256 of every regular file under `roots` (files or directories)."""
-    found = {}
-    for root in roots:
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in paths:
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
+from cli_run import digests, one_line_error, swtool
 
 
 @pytest.fixture()

@@ -68,14 +68,14 @@ def open_checkpoint(path):
                 raise CheckpointError(shard, f"tensor {name!r} is also stored in {tensor_to_file[name].name}")
             tensor_to_file[name] = shard
     index = directory / INDEX_NAME
-    if path.is_dir() and index.is_file():
+    if path.is_dir() and index.exists():
         tensor_to_file = _check_index(index, files)
     return Checkpoint(directory, files, config, tensor_to_file)
 
 
 def _shards_of(directory):
     index = directory / INDEX_NAME
-    if index.is_file():
+    if index.exists():  # a FIFO or device there is an error (read_json), not a missing index
         weight_map = _read_index(index)
         shards = []
         for shard_name in dict.fromkeys(weight_map.values()):
@@ -119,7 +119,7 @@ def _check_index(index, files):
 
 def read_config(directory):
     path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device there is an error (read_json), not a missing config
         raise CheckpointError(directory, "no config.json")
     config = read_json(path)
     if not isinstance(config, dict):

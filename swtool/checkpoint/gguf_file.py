@@ -33,6 +33,7 @@ import numpy as np
 
 from swtool.checkpoint.safetensors import _map_bytes, close_map, decode_float32
 from swtool.errors import CheckpointError
+from swtool.inputfile import open_regular
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -291,8 +292,8 @@ def read_gguf(path):
     """Parse and validate the header of a GGUF file; no tensor data is read."""
     path = Path(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             if size < 24:
                 raise CheckpointError(path, f"not a GGUF file: {size} bytes, too short for a header")
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -423,7 +424,7 @@ def dequantizable(type_name):
 def is_gguf(path):
     """Does the file at `path` start with the GGUF magic?"""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(4) == MAGIC
-    except OSError:
+    except (OSError, CheckpointError):
         return False

@@ -27,6 +27,7 @@ import numpy as np
 
 from swtool.atomic import atomic_path
 from swtool.errors import CheckpointError
+from swtool.inputfile import open_regular
 from swtool.jsonfile import parse_json
 
 # safetensors dtype -> (bytes per element, NumPy dtype of the stored bits)
@@ -188,8 +189,8 @@ class SafetensorsFile:
 
 def _read_header(path):
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(path, f"not a safetensors file: {size} bytes, too short for a header")

@@ -11,6 +11,7 @@ A path that exists always wins over the id reading of the same text.
 from pathlib import Path
 
 from swtool.errors import CheckpointError
+from swtool.inputfile import open_regular
 
 
 def open_source(spec, download=False):
@@ -27,6 +28,8 @@ def open_source(spec, download=False):
         lone = _lone_gguf(path)
         return open_gguf(lone) if lone is not None else open_checkpoint(path)
     if path.exists():
+        if not path.is_file():  # a FIFO, device or socket: opening it could wait forever
+            open_regular(path).close()  # the one-line error that says what it is
         return open_checkpoint(path)
     if hub.parse_hub_id(spec) is not None:
         return open_source(hub.resolve(spec, download), download=False)

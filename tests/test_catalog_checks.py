@@ -1,0 +1,68 @@
+"""A catalog's fields are checked against each other once, when it is read, for every command:
+an entry whose layer, tensor names, tensor_index and expert disagree would let audit (which reads
+layer/row/col) and ablate (which reads tensor_index) act on different elements."""
+
+import json
+import shutil
+
+import pytest
+
+from cli_run import digests, one_line_error, swtool
+
+
+def edited(good, tmp_path, edit):
+    catalog = json.loads(good.catalog.read_text())
+    edit(catalog["super_weights"][0], catalog)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(catalog))
+    return path
+
+
+CASES = {
+    "layer beyond the model": (lambda sw, c: sw.update(layer=c["model"]["num_layers"]), "layer 4 of a model with 4 layers"),
+    "layer against the tensor": (lambda sw, c: sw.update(layer=2), "is not in layer 2"),
+    "tensor_index against row/col": (lambda sw, c: sw.update(tensor_index=[sw["row"] + 1, sw["col"]]),
+                                     "is neither [row, col] nor [col, row]"),
+    "a stacked index without an expert": (lambda sw, c: sw.update(tensor_index=[0, sw["row"], sw["col"]]),
+                                          "is not [expert, row, col]"),
+    "the same weight twice": (lambda sw, c: c["super_weights"].append(dict(sw)), "listed twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_entry_that_contradicts_itself_is_bad_input(good, tmp_path, case):
+    edit, message = CASES[case]
+    path = edited(good, tmp_path, edit)
+    for argv in (["audit", good.model, "--catalog", path], ["ablate", good.model, "--catalog", path, "-o", tmp_path / "out"],
+                 ["export", good.model, "--catalog", path, "-o", tmp_path / "out.gguf", "--type", "f32"]):
+        line = one_line_error(swtool(*argv))
+        assert "edited.json: invalid catalog: super_weights/" in line and message in line, (argv, line)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+
+
+JOURNAL = "swtool-ablation-journal.json"
+
+
+def hostile(change):
+    """Journal edits a hostile or broken journal could hold; each must be refused, nothing written."""
+    return {
+        "an offset a terabyte out": dict(change, offset=1 << 40, old_bytes="", new_bytes=""),
+        "bytes of another length": dict(change, old_bytes=change["old_bytes"] + "00", new_bytes=change["new_bytes"] + "00"),
+        "half an element": dict(change, offset=change["offset"] + 1),
+        "another tensor's name": dict(change, tensor="model.norm.weight"),
+        "a file outside the model": dict(change, file="../elsewhere.safetensors"),
+        "not a shard": dict(change, file="config.json"),
+    }
+
+
+@pytest.mark.parametrize("case", list(hostile({"offset": 0, "old_bytes": "", "new_bytes": ""})))
+def test_a_hostile_journal_writes_nothing(good, tmp_path, case):
+    model = shutil.copytree(good.model, tmp_path / "model")
+    assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
+    journal = json.loads((model / JOURNAL).read_text())
+    journal["changes"][0] = hostile(journal["changes"][0])[case]
+    (model / JOURNAL).write_text(json.dumps(journal))
+    before = digests(model)
+    line = one_line_error(swtool("ablate", model, "--restore"))
+    assert JOURNAL in line and ("not restoring" in line or "not a valid" in line), line
+    assert digests(model) == before

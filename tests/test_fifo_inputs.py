@@ -1,0 +1,51 @@
+"""A FIFO where a regular file is expected: one line and exit 2 within seconds, never a wait.
+
+open() on a FIFO waits for a writer; nobody writes here, so a command that opens one
+without O_NONBLOCK would hang until the timeout below fails the test."""
+
+import os
+import shutil
+
+import pytest
+
+from cli_run import one_line_error, swtool
+
+TIMEOUT = 60  # seconds; the commands take about one
+
+
+def fifo_in_place_of(path):
+    path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer_config.json"])
+def test_a_fifo_in_the_model(good, tmp_path, name):
+    model = shutil.copytree(good.model, tmp_path / "model")
+    if not (model / name).exists():
+        (model / name).write_text("{}")
+    fifo_in_place_of(model / name)
+    result = swtool("scan", model, "--no-progress", timeout=TIMEOUT)
+    line = one_line_error(result)
+    assert f"{name}: is a FIFO, not a regular file" in line, line
+
+
+def test_a_fifo_as_gguf_catalog_text_or_index(good, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    gguf_link = tmp_path / "model.gguf"
+    os.mkfifo(gguf_link)
+    cases = [
+        (["scan", gguf_link, "--no-progress"], "model.gguf"),
+        (["inspect", gguf_link], "model.gguf"),
+        (["audit", good.model, "--catalog", fifo], "fifo"),
+        (["ablate", good.model, "--catalog", fifo, "-o", tmp_path / "out"], "fifo"),
+        (["eval", good.model, "--text", fifo, "--no-progress"], "fifo"),
+    ]
+    for argv, named in cases:
+        line = one_line_error(swtool(*argv, timeout=TIMEOUT))
+        assert f"{named}: is a FIFO, not a regular file" in line, (argv, line)
+    sharded = shutil.copytree(good.sharded, tmp_path / "sharded")
+    fifo_in_place_of(sharded / "model.safetensors.index.json")
+    line = one_line_error(swtool("scan", sharded, "--no-progress", timeout=TIMEOUT))
+    assert "model.safetensors.index.json: is a FIFO" in line, line
