@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swtool.atomic import (atomic_path, ensure_free_space, full_disk_error, is_full_disk,
+from swtool.atomic import (atomic_path, is_leftover_temporary, ensure_free_space, full_disk_error, is_full_disk,
                            move_directory_into_place, write_text_atomic)
 from swtool.checkpoint.safetensors import FLOAT_DTYPES, decode_float32, encode_float32, DTYPES
 from swtool.errors import SwtoolError
@@ -183,7 +183,7 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     done = {"linked": [], "copied": [], "patched": []}
     try:
-        for source in sorted(p for p in source_dir.iterdir() if p.is_file()):
+        for source in sorted(p for p in source_dir.iterdir() if p.is_file() and not is_leftover_temporary(p)):
             target = tmp / source.name
             if source.name in by_file:
                 shutil.copy(source, target)  # a new file (bytes and mode): the input's bytes are never written
@@ -218,7 +218,7 @@ def _bytes_to_copy(source_dir, out_parent, patched, copy):
     """What an ablated copy writes: the patched shards, plus every other file unless they can be hard-linked."""
     same_device = source_dir.stat().st_dev == out_parent.stat().st_dev
     return sum(p.stat().st_size for p in source_dir.iterdir()
-               if p.is_file() and (p.name in patched or copy or not same_device))
+               if p.is_file() and not is_leftover_temporary(p) and (p.name in patched or copy or not same_device))
 
 
 def _try_link(source, target):
@@ -285,6 +285,10 @@ def restore_in_place(directory):
                               f"{new.hex()} nor the original {old.hex()}; changed since the ablation, not restoring")
     for name, file_edits in _by_file(pending).items():
         replace_patched(journal_path.parent / name, file_edits)
+    for file in {edit[0] for edit in edits}:  # an --in-place run killed by SIGKILL leaves its copy behind
+        for leftover in file.parent.glob(f".{file.name}.*.tmp"):
+            if is_leftover_temporary(leftover):
+                leftover.unlink()
     journal_path.unlink()
     return journal
 

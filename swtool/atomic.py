@@ -54,6 +54,9 @@ def install_signal_handlers():
             signal.signal(signum, _raise_terminated)
 
 
+_NEW_FILES = set()  # outputs that did not exist when checked, without --force: claimed, never replaced
+
+
 def check_destination(dest, force=False, kind="file"):
     """Refuse an output path that exists (unless `force`), is the wrong kind, or has no parent directory."""
     dest = Path(dest)
@@ -61,7 +64,10 @@ def check_destination(dest, force=False, kind="file"):
     if not parent.is_dir():
         raise SwtoolError(f"{dest}: cannot write there: {parent} is not a directory")
     if not (dest.exists() or dest.is_symlink()):
+        if not force:
+            _NEW_FILES.add(dest.absolute())  # atomic_path will claim the name, never replace it
         return
+    _NEW_FILES.discard(dest.absolute())
     if kind == "file" and dest.is_dir():
         raise SwtoolError(f"{dest}: is a directory; give a file name")
     if kind == "directory" and not dest.is_dir():
@@ -105,6 +111,13 @@ def _same_file(a, b):
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist: not the same file
         return False
+
+
+def is_leftover_temporary(path):
+    """Is `path` a `.NAME.XXXXXXXX.tmp` that atomic_path left behind (a run killed by SIGKILL)? Never a
+    model's file: ablate -o does not copy them, --restore removes those of the shards it restores."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3
 
 
 def human_bytes(n):
@@ -159,13 +172,34 @@ def atomic_path(dest, nbytes=None):
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the mode open() would give (a copy may change it)
         yield Path(tmp)
-        os.replace(tmp, dest)
+        if dest.absolute() in _NEW_FILES:
+            _claim(tmp, dest)
+        else:
+            os.replace(tmp, dest)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if is_full_disk(e):
             raise full_disk_error(dest, e) from e
         raise
+
+
+def _claim(tmp, dest):
+    """Give the finished `tmp` the name `dest` only if no one has taken it since it was checked:
+    link() fails on an existing name, where rename() would silently replace a concurrent writer's file."""
+    try:
+        os.link(tmp, dest)
+        _NEW_FILES.discard(dest.absolute())  # ours now: a second write of it in this run replaces it
+    except FileExistsError:
+        raise SwtoolError(f"{dest}: was created by another process while this one ran; "
+                          f"not replaced (pass --force to replace it)") from None
+    except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+        if dest.exists() or dest.is_symlink():
+            raise SwtoolError(f"{dest}: was created by another process while this one ran; "
+                              f"not replaced (pass --force to replace it)") from None
+        os.replace(tmp, dest)
+        return
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,13 @@ class SwtoolGroup(click.Group):
     is removed (swtool/atomic.py) before the one line and exit code 128 + signal.
     """
 
+    def parse_args(self, ctx, args):
+        """--debug is the group's option, but users type it anywhere: moved to the front (not past `--`)."""
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         from swtool.atomic import Terminated, install_signal_handlers
         from swtool.errors import SwtoolError
@@ -123,7 +130,7 @@ def prepare_outputs(force, *paths, plot=None, inputs=()):
             check_destination(path, force)
 
 
-@click.group(cls=SwtoolGroup)
+@click.group(cls=SwtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="swtool")
 @click.option("--debug", is_flag=True, help="On an error, print the Python traceback before the one-line message.")
 def main(debug):

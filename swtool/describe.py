@@ -15,6 +15,7 @@ from swtool.errors import SwtoolError
 def describe_model(spec, download=False):
     """A dict describing MODEL `spec` (JSON-ready)."""
     from swtool import gguf_keys, known
+    from swtool.checkpoint import gguf_vocab
     from swtool.audit import model_id
     from swtool.model import load_model
 
@@ -50,8 +51,10 @@ def describe_model(spec, download=False):
                         "llama_cpp_architecture": meta.get("general.architecture"),
                         "name": meta.get("general.name"), "file_type": meta.get("general.file_type"),
                         "tokenizer": meta.get("tokenizer.ggml.model"), "pre_tokenizer": meta.get("tokenizer.ggml.pre")}
+        gguf_vocab.check(meta, checkpoint.path)  # what scan would refuse, inspect refuses too
         recorded = gguf_keys.read_super_weights(meta, checkpoint.path)
-        info["swtool_metadata"] = {key: value for key, value in meta.items() if key.startswith(gguf_keys.PREFIX)}
+        info["swtool_metadata"] = {key: list(value) if gguf_keys.is_array(value) else value
+                                   for key, value in meta.items() if key.startswith(gguf_keys.PREFIX)}
         info["recorded_super_weights"] = recorded
     else:
         header = {}

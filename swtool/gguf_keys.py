@@ -48,13 +48,13 @@ def read_ffn_orders(metadata, source="GGUF file"):
     orders = {}
     for key, value in metadata.items():
         if key.startswith(FFN_ORDER_PREFIX) and key[len(FFN_ORDER_PREFIX):].isdigit():
-            if not _is_array(value) or sorted(value) != list(range(len(value))):
+            if not is_array(value) or sorted(value) != list(range(len(value))):
                 raise SwtoolError(f"{source}: metadata {key} is not a permutation of the channels")
             orders[int(key[len(FFN_ORDER_PREFIX):])] = list(value)
     return orders
 
 
-def _is_array(value):
+def is_array(value):
     return isinstance(value, Sequence) and not isinstance(value, str)
 
 
@@ -96,7 +96,7 @@ def read_super_weights(metadata, source):
     columns = []
     for key in PER_WEIGHT:
         value = metadata.get(key)
-        if not _is_array(value):
+        if not is_array(value):
             raise SwtoolError(f"{source}: metadata {key} is missing or not an array")
         if not all(_element_ok(key, v) for v in value):
             raise SwtoolError(f"{source}: metadata {key} holds an element of the wrong type or out of range")

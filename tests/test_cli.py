@@ -185,3 +185,17 @@ def test_a_bf16_scan_does_not_import_the_quantizers(planted):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-3:] == ["False", "False", "True"]
+
+
+def test_h_is_help_and_debug_works_anywhere(tmp_path):
+    for argv in (["-h"], ["scan", "-h"], ["audit", "-h"]):
+        result = swtool(*argv)
+        assert result.returncode == 0 and result.stdout.startswith("Usage: "), (argv, result.stderr)
+        assert "  -h, --help " in result.stdout, argv
+    missing = tmp_path / "nothing"
+    for argv in (["--debug", "scan", missing], ["scan", missing, "--debug"], ["scan", "--debug", missing]):
+        result = swtool(*argv)
+        assert result.returncode == 2, argv
+        lines = result.stderr.strip().splitlines()
+        assert lines[0] == "Traceback (most recent call last):", (argv, result.stderr)
+        assert lines[-1] == f"error: {missing}: no such file or directory", argv

@@ -64,3 +64,40 @@ def test_a_catalog_beside_the_model_is_still_an_output(inputs):
     result = swtool("scan", model, "-o", model / "catalog.json", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert (model / "catalog.json").is_file()
+
+
+def test_a_name_taken_meanwhile_is_not_replaced(tmp_path):
+    """Two runs writing one new -o: the one finishing second must not replace the other's file.
+    check_destination saw no file; another writer creates it before this one renames its output."""
+    from swtool.atomic import atomic_path, check_destination
+    from swtool.errors import SwtoolError
+
+    out = tmp_path / "catalog.json"
+    check_destination(out, force=False)
+    out.write_text("the other run's catalog")
+    with pytest.raises(SwtoolError, match="was created by another process while this one ran"):
+        with atomic_path(out) as tmp:
+            tmp.write_text("this run's catalog")
+    assert out.read_text() == "the other run's catalog"
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog.json"]  # no temporary left
+    # asked with --force, the same situation replaces it
+    check_destination(out, force=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text("this run's catalog")
+    assert out.read_text() == "this run's catalog"
+
+
+def test_a_killed_runs_temporary_is_neither_copied_nor_kept(good, tmp_path):
+    """SIGKILL cannot be caught: an --in-place run killed mid-copy leaves `.NAME.XXXX.tmp` beside the
+    shard. ablate -o does not copy it; --restore removes it with the journal."""
+    model = shutil.copytree(good.model, tmp_path / "model")
+    leftover = model / ".model.safetensors.k9x2ab7q.tmp"
+    leftover.write_bytes(b"half a shard")
+    result = swtool("ablate", model, "--catalog", good.catalog, "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out" / leftover.name).exists()
+    assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
+    leftover.write_bytes(b"half a shard")
+    result = swtool("ablate", model, "--restore")
+    assert result.returncode == 0, result.stderr
+    assert not leftover.exists()

@@ -215,7 +215,7 @@ class _Cursor:
             if self.pos + count * dtype.itemsize > len(self.buffer):
                 raise CheckpointError(self.path, f"truncated: an array of {count} values at byte {self.pos} "
                                                  f"runs past the end of the file")
-            values = np.frombuffer(self.buffer, dtype, count, self.pos).tolist()
+            values = NumberArray(np.frombuffer(self.buffer, dtype, count, self.pos).copy())
             self.pos += count * dtype.itemsize
             return values, (ARRAY, element)
         if count > len(self.buffer) - self.pos:  # every element takes at least one byte
@@ -255,6 +255,34 @@ def _decode_strings(path, raw, count):
             raise CheckpointError(path, f"corrupt header: a string of the vocabulary is not UTF-8") from None
         pos += length
     return out
+
+
+class NumberArray(Sequence):
+    """A numeric metadata array, held as NumPy holds it (its own bytes, not ~10x as Python numbers):
+    a hostile file's 1 GB array costs 1 GB, not 10. Elements read out are Python numbers."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, array):
+        self.array = array
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, index):
+        return self.array[index].tolist()  # a Python number, or a list for a slice
+
+    def __iter__(self):
+        for start in range(0, len(self.array), self.CHUNK):
+            yield from self.array[start:start + self.CHUNK].tolist()
+
+    def __eq__(self, other):
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self):
+        return f"NumberArray({len(self.array)} x {self.array.dtype})"
 
 
 class LazyStrings(Sequence):

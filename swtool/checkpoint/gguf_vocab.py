@@ -49,14 +49,25 @@ def supported():
     return "gpt2 (pre-tokenizer " + ", ".join(BPE_PRE_TYPES) + ") and llama (SentencePiece)"
 
 
-def build_tokenizer(meta, source):
-    """A tokenizers.Tokenizer equivalent to llama.cpp's for this metadata; a one-line error if unsupported."""
+def check(meta, source):
+    """The vocabulary's model ("gpt2" or "llama") once everything build_tokenizer needs is there and
+    consistent; a one-line error otherwise. inspect calls it too, so it refuses what scan refuses."""
     model = meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in meta:
         raise CheckpointError(source, "no vocabulary in the GGUF metadata (tokenizer.ggml.tokens)")
     if model not in ("gpt2", "llama"):
         raise CheckpointError(source, f"tokenizer model {model!r} is not supported; supported: {supported()}")
     check_vocabulary(meta, source)
+    if model == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in BPE_PRE_TYPES:
+            raise CheckpointError(source, f"BPE pre-tokenizer {pre!r} is not supported; supported: {supported()}")
+    return model
+
+
+def build_tokenizer(meta, source):
+    """A tokenizers.Tokenizer equivalent to llama.cpp's for this metadata; a one-line error if unsupported."""
+    model = check(meta, source)
     try:  # the Rust library reports any inconsistency (a merge of unknown tokens ...) as a plain Exception
         return _build(meta, source, model)
     except Exception as e:
@@ -90,6 +101,10 @@ def check_vocabulary(meta, source):
     merges = meta.get("tokenizer.ggml.merges")
     if merges is not None and (not _is_array(merges) or not all(isinstance(m, str) for m in merges)):
         raise bad("tokenizer.ggml.merges", "not an array of strings")
+    # byte-level tokens spell a space "Ġ": each merge is two tokens joined by one space
+    broken = next((m for m in merges or () if len(m.split(" ")) != 2 or "" in m.split(" ")), None)
+    if broken is not None:
+        raise bad("tokenizer.ggml.merges", f"{broken!r} is not two tokens separated by one space")
     pre = meta.get("tokenizer.ggml.pre")
     if pre is not None and not isinstance(pre, str):
         raise bad("tokenizer.ggml.pre", f"{pre!r} is not a string")
