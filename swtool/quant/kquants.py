@@ -60,7 +60,7 @@ def _put_scale_min_k4(out, at, j, scale, the_min):
 
 
 @numba.njit(**JIT)
-def _scale_min_k4(data, at, j):
+def scale_min_k4(data, at, j):
     """ggml get_scale_min_k4: the 6-bit (scale, min) of sub-block j."""
     if j < 4:
         return np.int64(data[at + j] & 63), np.int64(data[at + j + 4] & 63)
@@ -131,7 +131,7 @@ def quantize_q2_k(values, out, bad):
 # Q3_K
 
 @numba.njit(**JIT)
-def _q3_k_scale(out, j):
+def q3_k_scale(out, j):
     """The signed 6-bit scale of sub-block j: low nibble in bytes 96..103, top 2 bits in 104..107."""
     low = np.int64(out[96 + j] & 0xF) if j < 8 else np.int64(out[96 + j - 8] >> 4)
     return (low | ((np.int64(out[104 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
@@ -164,7 +164,7 @@ def block_q3_k(x, out, L, scales):
         d = put_fp16(out, 108, np.float32(0.0))
     # 3. codes -4..3 against the stored scales
     for j in range(16):
-        dj = d * np.float32(_q3_k_scale(out, j))
+        dj = d * np.float32(q3_k_scale(out, j))
         if dj == 0:
             continue
         for i in range(16):
@@ -228,7 +228,7 @@ def _scales_mins_k4(x, out, nmax, rmin, nstep, L, lanes, weights, scales, mins):
 def _codes_k4(x, out, d, dmin, nmax, L):
     """Step 3 of Q4_K/Q5_K: codes 0..nmax against each sub-block's stored scale and min."""
     for j in range(8):
-        scale, the_min = _scale_min_k4(out, 4, j)
+        scale, the_min = scale_min_k4(out, 4, j)
         dj = d * np.float32(scale)
         if dj == 0:
             continue
