@@ -2,8 +2,8 @@
 
 swtool.quant (quantize, dequantize, the export policy, super-weight isolation) and
 swtool.kernels (the fused products) derive everything they know about a type from
-TYPES below. The sizes are ggml's (gguf.GGML_QUANT_SIZES; tests/test_gguf_kernels.py
-checks that they agree, tests/ggml_oracle.py that gguf-py's agree with libggml's).
+TYPES below. The sizes are ggml's (gguf.GGML_QUANT_SIZES; tests/test_gguf_kernels.py and
+test_quant.py check that they agree, tests/ggml_oracle.py that gguf-py's agree with libggml's).
 
 A leaf, importing nothing: a bf16 scan reads BLOCK_TYPES to know which dtypes the
 fused kernels multiply from their blocks, and must not pay for importing gguf or
@@ -29,7 +29,9 @@ class BlockType:
     code_bits: int  # bits of a value's code in a block (0 for the float types): the grid of isolate.py
     fallback: str  # llama.cpp's tensor_type_fallback for rows its block does not fit; None: F16
     quantizer: str  # swtool.quant.<module>.<function>: float32 rows -> this type's bytes (ggml's bytes)
-    decoder: str  # swtool.quant.<module>.<function>: a float type's rows, or a block type's segment loop
+    # swtool.quant.<module>.<function>: a float type's row decoder (what dequantize calls), or a block
+    # type's segment loop in blocks.py (Numba needs its branch in decode_segment, at the type's kind)
+    decoder: str
 
 
 TYPES = (
