@@ -7,9 +7,10 @@ and whole-tensor statistics from the same bits. This module chooses the kernel; 
     bf16_pairs.py   bf16 on CPUs with AVX-512: weights decoded in pairs, a loop written in LLVM IR
     gguf_blocks.py  GGUF block types (Q8_0 ... Q6_K), decoded by swtool.quant.blocks into an L1 tile
 
-Imports run one way, from here down to common.py; gguf_blocks.py alone reaches out (to
-swtool.quant.blocks, which never imports this package) and is imported on the first block
-tensor, so a bf16 scan does not pay for importing swtool.quant and gguf.
+Imports run one way, from here down to common.py and jit.py, which import nothing of swtool.
+gguf_blocks.py alone reaches out, to swtool.quant.blocks (which needs only jit.py of this
+package), and is imported on the first block tensor: a bf16 scan does not pay for importing
+swtool.quant and gguf. The types' facts come from swtool/block_types.py.
 
 Long inputs (many tokens x worlds) go through decode + BLAS instead, where the matrix
 product dominates and BLAS is faster (see `fused_pays_off`).
