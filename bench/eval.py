@@ -102,7 +102,7 @@ def main():
     if args.threads:  # before NumPy, Numba or torch load; the swtool subprocess inherits it
         for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             os.environ[variable] = str(args.threads)
-    # torch first: swtool.jit sets OMP_WAIT_POLICY=PASSIVE for numba's OpenMP workers when it is imported,
+    # torch first: swtool.kernels.jit sets OMP_WAIT_POLICY=PASSIVE for numba's OpenMP workers when it is imported,
     # and torch's own OpenMP runtime reads that variable when it loads; transformers runs as it would alone
     import torch  # noqa: F401
     import smollm2

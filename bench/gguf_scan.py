@@ -3,9 +3,9 @@
     python bench/gguf_scan.py [--runs 3] [--types q8_0,q4_k] [--threads N] [--omp-passive] [--no-crossover]
     python bench/gguf_scan.py --only-crossover
 
-New path (swtool/gguf_kernels.py): the few rows of a scan multiply straight from the
+New path (swtool/kernels/gguf_blocks.py): the few rows of a scan multiply straight from the
 stored blocks; long inputs decode with swtool.quant's Numba dequantizers, then BLAS.
-Old path (before gguf_kernels.py): every block tensor decoded with gguf-py's NumPy
+Old path (before the fused block kernels): every block tensor decoded with gguf-py's NumPy
 dequantizer, then BLAS. The old path is the same CLI run with two patches in its
 process (`--child old`): forward.FUSED_DTYPES without the block types, and
 GGUFTensor._decode through checkpoint.gguf_file.dequantize_with_gguf_py.
@@ -185,7 +185,7 @@ def crossover(types, rows=(8, 16, 32, 48, 64, 96, 128), repeats=3):
     import numba
     import numpy as np
 
-    from swtool import gguf_kernels
+    from swtool.kernels import gguf_blocks
     from swtool.quant import dequantize, quantize
 
     threads = numba.get_num_threads()
@@ -208,8 +208,8 @@ def crossover(types, rows=(8, 16, 32, 48, 64, 96, 128), repeats=3):
             table[kind] = []
             for n in rows:
                 x = rng.standard_normal((n, 8192)).astype(np.float32)
-                gguf_kernels.matmul_blocks(x, stored, kind)  # compiled / loaded from the cache
-                fused = best(lambda: gguf_kernels.matmul_blocks(x, stored, kind))
+                gguf_blocks.matmul_blocks(x, stored, kind)  # compiled / loaded from the cache
+                fused = best(lambda: gguf_blocks.matmul_blocks(x, stored, kind))
                 blas = best(lambda: x @ dequantize(stored, kind, weight.shape).T)
                 table[kind].append((n, round(fused, 2), round(blas, 2)))
                 print(f"  {kind} {n:4d} rows: fused {fused:7.1f} ms, dequantize + BLAS {blas:7.1f} ms", flush=True)

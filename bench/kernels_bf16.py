@@ -1,4 +1,4 @@
-"""The bf16 product of a scan, kernel against kernel: swtool/bf16_pairs.py against kernels.py's loop.
+"""The bf16 product of a scan, kernel against kernel: swtool/kernels/bf16_pairs.py against dense.py's loop.
 
     python bench/kernels_bf16.py [--tensors 16] [--repeats 3] [--prefetch 0,1024]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from run import machine  # noqa: E402  (bench/run.py)
-from swtool import bf16_pairs, kernels  # noqa: E402
+from swtool.kernels import bf16_pairs, common, dense  # noqa: E402
 from swtool.atomic import write_text_atomic  # noqa: E402
 
 SHAPE = (11008, 4096)
@@ -34,7 +34,7 @@ def pairs_kernel(prefetch):
     """bf16_pairs.matmul_pairs compiled (uncached) with this prefetch distance."""
     shipped, bf16_pairs.PREFETCH_BYTES = bf16_pairs.PREFETCH_BYTES, prefetch
     try:
-        kernel = numba.njit(parallel=True, fastmath=kernels.FAST)(bf16_pairs.matmul_pairs.py_func)
+        kernel = numba.njit(parallel=True, fastmath=common.FAST)(bf16_pairs.matmul_pairs.py_func)
         x_even, x_odd = bf16_pairs.split_columns(np.ones((4, 64), np.float32))
         kernel(x_even, x_odd, np.ones((4, 64), np.uint16), np.empty((4, 4), np.float32))  # compile now
     finally:
@@ -65,10 +65,10 @@ def main():
     tensors = [rng.integers(0x3C00, 0x4000, SHAPE, dtype=np.uint16) ^ rng.integers(0, 2, SHAPE, dtype=np.uint16) << 15
                for _ in range(args.tensors)]
     x = rng.standard_normal((ROWS, SHAPE[1])).astype(np.float32)
-    padded = kernels.padded_rows(x)
+    padded = common.padded_rows(x)
     x_even, x_odd = bf16_pairs.split_columns(x)
     out = np.empty((padded.shape[0], SHAPE[0]), np.float32)
-    variants = {"kernels.py loop (4 x 4, widen + shift)": lambda w: kernels.matmul_rows(padded, w, out)}
+    variants = {"kernels.py loop (4 x 4, widen + shift)": lambda w: dense.matmul_rows(padded, w, out)}
     for distance in map(int, args.prefetch.split(",")):
         kernel = pairs_kernel(distance)
         shipped = " (shipped)" if distance == bf16_pairs.PREFETCH_BYTES else ""

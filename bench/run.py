@@ -18,8 +18,8 @@ numbers measured next to each other in this run, and both numbers are kept:
   - Numba: the first scan with an empty kernel cache (everything compiled) against
     the cached ones (NUMBA_CACHE_DIR of this run);
   - eval tokens/s against transformers on SmolLM2 (bench/eval.py), quantizer MB/s
-    against gguf-py and ggml's C (bench/quant.py), the bf16 product alone, swtool/bf16_pairs.py
-    against kernels.py's loop (bench/kernels_bf16.py, bench/decode_ports.py), and GGUF scans with the fused block
+    against gguf-py and ggml's C (bench/quant.py), the bf16 product alone, swtool/kernels/bf16_pairs.py
+    against dense.py's loop (bench/kernels_bf16.py, bench/decode_ports.py), and GGUF scans with the fused block
     kernels against the old decode-everything path (bench/gguf_scan.py, one thread), each
     run here and read back.
 One table of ratios at the end; everything goes to bench/results/bench.json with a
@@ -323,7 +323,7 @@ def summary_rows(results):
                      "multiply-adds; why swtool does not use it"))
     gguf = results.get("gguf_scan")
     if gguf:
-        # the setting run_script ran: one thread, OpenMP workers as swtool leaves them (swtool/jit.py)
+        # the setting run_script ran: one thread, OpenMP workers as swtool leaves them (swtool/kernels/jit.py)
         policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         run = next((r for r in gguf["runs"] if r["threads"] == 1 and r.get("omp_wait_policy") == policy),
                    gguf["runs"][-1])
@@ -382,7 +382,7 @@ def main():
         results["eval"] = run_script("eval", "--runs", str(args.runs))  # one run was too noisy: 0.6x-1.2x
     if "quant" not in skip:
         results["quant"] = run_script("quant")
-    if "kernels" not in skip:  # the bf16 product alone: bf16_pairs against kernels.py's loop
+    if "kernels" not in skip:  # the bf16 product alone: bf16_pairs against dense.py's loop
         results["kernels_bf16"] = run_script("kernels_bf16")
         results["decode_ports"] = run_script("decode_ports")
     if "gguf" not in skip:  # GGUF block types: fused kernels against the old decode-everything path

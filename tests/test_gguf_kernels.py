@@ -1,4 +1,4 @@
-"""Fused GGUF block kernels (swtool/gguf_kernels.py): x @ W.T straight from Q8_0 ... Q6_K blocks.
+"""Fused GGUF block kernels (swtool/kernels/gguf_blocks.py): x @ W.T straight from Q8_0 ... Q6_K blocks.
 
 The reference is gguf-py's dequantizer (gguf.quants.dequantize, NumPy, independent of
 swtool) followed by a float64 NumPy matmul. Blocks come from gguf-py's quantizer where it
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from swtool import forward as forward_module
-from swtool import gguf_kernels, kernels
+from swtool import block_types, kernels
 from swtool.checkpoint import gguf_file
 from swtool.checkpoint.gguf_file import read_gguf
+from swtool.kernels import gguf_blocks
 from swtool.forward import Edit, Pass, ScaleElements, World
 from swtool.quant import dequantize, quantize
 
@@ -49,7 +50,7 @@ def assert_float32_product(got, x, weight, expected):
 
 def test_block_table_is_ggmls():
     for name in kernels.BLOCK_TYPES:
-        assert gguf.GGML_QUANT_SIZES[T[name]] == gguf_kernels.BLOCK_SHAPES[gguf_kernels.KIND[name]]
+        assert gguf.GGML_QUANT_SIZES[T[name]] == block_types.block_shape(name)
 
 
 @pytest.mark.parametrize("name", kernels.BLOCK_TYPES)
@@ -66,7 +67,7 @@ def test_fused_product_matches_gguf_py_dequantize_then_float64(name, n_rows):
     x = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
     x[:, 33] = 900.0  # and a massive input channel
     expected, decoded = reference(x, stored, name, n_cols)
-    got = gguf_kernels.matmul_blocks(x, stored, name)
+    got = gguf_blocks.matmul_blocks(x, stored, name)
     assert got.shape == (n_rows, 303) and got.dtype == np.float32
     assert_float32_product(got, x, decoded, expected)
     # the dispatch in kernels.py takes the same route
@@ -93,7 +94,7 @@ def test_block_decoders_give_gguf_py_floats_exactly(name):
 def test_mismatched_row_bytes_are_refused():
     stored = quantize(np.zeros((4, 64), np.float32), T.Q8_0)
     with pytest.raises(ValueError):
-        gguf_kernels.matmul_blocks(np.zeros((2, 96), np.float32), stored, "Q8_0")
+        gguf_blocks.matmul_blocks(np.zeros((2, 96), np.float32), stored, "Q8_0")
 
 
 # --- through forward.Pass.linear: dispatch, row permutation, world edits, transforms ----------
@@ -144,7 +145,7 @@ def gguf_tensors(tmp_path_factory):
 def spy(monkeypatch):
     """Counts the products taken by each route: the fused block kernel and the dequantize + BLAS decode."""
     calls = {"fused": 0, "decoded": 0}
-    fused, decode = gguf_kernels.matmul_blocks, gguf_file.dequantize_blocks
+    fused, decode = gguf_blocks.matmul_blocks, gguf_file.dequantize_blocks
 
     def counting_fused(*args):
         calls["fused"] += 1
@@ -154,7 +155,7 @@ def spy(monkeypatch):
         calls["decoded"] += 1
         return decode(*args)
 
-    monkeypatch.setattr(gguf_kernels, "matmul_blocks", counting_fused)
+    monkeypatch.setattr(gguf_blocks, "matmul_blocks", counting_fused)
     monkeypatch.setattr(gguf_file, "dequantize_blocks", counting_decode)
     return calls
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from swtool import kernels
+from swtool.kernels import common, dense
 from swtool.checkpoint.safetensors import decode_float32, encode_float32
 
 
@@ -61,7 +62,7 @@ def test_every_bf16_exponent_decodes_exactly():
 
 @pytest.mark.parametrize("chosen, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expected):
-    """swtool.jit sets OMP_WAIT_POLICY=PASSIVE before numba starts its OpenMP workers (they sleep
+    """swtool.kernels.jit sets OMP_WAIT_POLICY=PASSIVE before numba starts its OpenMP workers (they sleep
     between parallel regions instead of spinning); a policy set by the user is kept."""
     import os
     import subprocess
@@ -80,7 +81,7 @@ def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expe
 
 # --- bf16_pairs: the AVX-512 kernel that reads bf16 weights as 32-bit pairs ------------------
 
-pairs_kernel = pytest.mark.skipif(not kernels._pairs_available(), reason="needs a CPU with AVX-512")
+pairs_kernel = pytest.mark.skipif(not kernels.pairs_available(), reason="needs a CPU with AVX-512")
 
 
 @pairs_kernel
@@ -89,7 +90,7 @@ pairs_kernel = pytest.mark.skipif(not kernels._pairs_available(), reason="needs 
 def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
     """Whole vectors of 32 columns and the columns past the last one (odd widths too), with the
     matrix starting 2 bytes past a 4-byte boundary (safetensors only aligns bf16 data to 2)."""
-    from swtool import bf16_pairs
+    from swtool.kernels import bf16_pairs
 
     rng = np.random.default_rng(n_columns)
     weight = rng.standard_normal((37, n_columns)).astype(np.float32) * 0.05
@@ -103,8 +104,8 @@ def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
     expected = x.astype(np.float64) @ decode_float32(bits, "BF16").astype(np.float64).T
     got = bf16_pairs.matmul(x, stored)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    portable = np.empty((kernels.padded_rows(x).shape[0], 37), np.float32)
-    kernels.matmul_rows(kernels.padded_rows(x), stored, portable)  # kernels.py's loop, for comparison
+    portable = np.empty((common.padded_rows(x).shape[0], 37), np.float32)
+    dense.matmul_rows(common.padded_rows(x), stored, portable)  # dense.py's loop, for comparison
     np.testing.assert_allclose(got, portable[:n_rows], rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
@@ -113,7 +114,7 @@ def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
 def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(column):
     """A pair's even weight (shifted up) and odd weight (its low half cleared) are
     both exact, in every lane: out[0, r] = W[r, column] for patterns across all exponents."""
-    from swtool import bf16_pairs
+    from swtool.kernels import bf16_pairs
 
     patterns = np.arange(0, 65536, 97, dtype=np.uint32).astype(np.uint16)
     patterns = patterns[(patterns & 0x7F80) != 0x7F80]  # finite: 0 * inf would be NaN
@@ -127,7 +128,7 @@ def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(colum
 
 
 def test_pairs_kernel_is_off_when_numba_targets_a_generic_cpu(tmp_path):
-    """NUMBA_CPU_NAME=generic (a portable cache) gets kernels.py's loop, not the AVX-512 kernel,
+    """NUMBA_CPU_NAME=generic (a portable cache) gets dense.py's loop, not the AVX-512 kernel,
     with the same result."""
     import os
     import subprocess
@@ -137,7 +138,7 @@ def test_pairs_kernel_is_off_when_numba_targets_a_generic_cpu(tmp_path):
     code = ("import numpy as np; from swtool import kernels; "
             "w = (np.arange(8 * 64, dtype=np.uint32) % 7 + 0x3f80).astype(np.uint16).reshape(8, 64); "
             "y = kernels.matmul_stored(np.ones((3, 64), np.float32), w, 'BF16'); "
-            "print(kernels._pairs_available(), float(y.sum()))")
+            "print(kernels.pairs_available(), float(y.sum()))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     available, total = result.stdout.split()

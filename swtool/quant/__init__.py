@@ -20,43 +20,41 @@ kernel's own source file only: after editing bits.py or search.py, delete
 swtool/quant/__pycache__/*.nb* or the kernels that call them stay stale.
 
 Modules: bits.py (float/half/int helpers), floats.py (F32/F16/BF16),
-simple.py (32-blocks), search.py (the K-quant scale searches), kquants.py (K-quants).
+simple.py (32-blocks), search.py (the K-quant scale searches), kquants.py (K-quants),
+blocks.py (the block decoders). Each type's sizes, enum, file type and functions:
+swtool/block_types.py.
 """
 
-import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+import importlib
 
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from swtool import block_types
 from swtool.errors import SwtoolError
+
+TYPES = tuple(GGMLQuantizationType(block_type.ggml_type) for block_type in block_types.TYPES)
+"""Every type swtool can write and read, in gguf's enum (swtool/block_types.py has their facts)."""
+
+
+def _function(qualified_name):
+    """The function a block type names as "module.function" inside swtool.quant (Numba imported with it)."""
+    module, name = qualified_name.split(".")
+    return getattr(importlib.import_module(f"swtool.quant.{module}"), name)
 
 
 def _kernels(qtype):
-    """(quantize_rows, dequantize_rows) for qtype; Numba is imported on first use, not with the package."""
-    from swtool.quant import blocks, floats, kquants, simple
+    """(quantize_rows, dequantize_rows) for qtype, from its row in swtool/block_types.py."""
+    block_type = block_types.BY_NAME[qtype.name]
+    quantize_rows = _function(block_type.quantizer)
+    if block_type.block_values == 1:
+        return quantize_rows, _function(block_type.decoder)
+    # a block type: its segment decoder runs through swtool.quant.blocks' row driver (the decoders
+    # swtool.kernels.gguf_blocks multiplies from too), which branches on the type's kind
+    from swtool.quant import blocks
 
-    T = GGMLQuantizationType
-    quantizers = {
-        T.F32: (floats.quantize_f32, floats.dequantize_f32),
-        T.F16: (floats.quantize_f16, floats.dequantize_f16),
-        T.BF16: (floats.quantize_bf16, floats.dequantize_bf16),
-        T.Q8_0: simple.quantize_q8_0, T.Q4_0: simple.quantize_q4_0, T.Q4_1: simple.quantize_q4_1,
-        T.Q5_0: simple.quantize_q5_0, T.Q5_1: simple.quantize_q5_1,
-        T.Q2_K: kquants.quantize_q2_k, T.Q3_K: kquants.quantize_q3_k, T.Q4_K: kquants.quantize_q4_k,
-        T.Q5_K: kquants.quantize_q5_k, T.Q6_K: kquants.quantize_q6_k,
-    }
-    found = quantizers[qtype]
-    if isinstance(found, tuple):
-        return found
-    # a block type: decoded by swtool.quant.blocks, the decoders gguf_kernels.py multiplies from too
-    kind = blocks.KIND[qtype.name]
-    values = blocks.BLOCK_SHAPES[kind][0]
-    return found, lambda data, out: blocks.dequantize_rows(data, kind, values, out)
-
-
-T = GGMLQuantizationType
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
-         T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-"""Every type swtool can write and read, in gguf's enum."""
-del T
+    kind, values = block_types.KIND[qtype.name], block_type.block_values
+    return quantize_rows, lambda data, out: blocks.dequantize_rows(data, kind, values, out)
 
 
 def quant_type(qtype):
@@ -76,14 +74,14 @@ def quant_type(qtype):
 
 def block_size(qtype):
     """Elements per block: 1 for F32/F16/BF16, 32 for Q*_0/Q*_1, 256 for K-quants."""
-    return GGML_QUANT_SIZES[quant_type(qtype)][0]
+    return block_types.BY_NAME[quant_type(qtype).name].block_values
 
 
 def row_bytes(qtype, cols):
     """Bytes of one quantized row of `cols` elements (cols a multiple of the block size)."""
     qtype = quant_type(qtype)
     check_row_length(qtype, cols)
-    elements, nbytes = GGML_QUANT_SIZES[qtype]
+    elements, nbytes = block_types.block_shape(qtype.name)
     return cols // elements * nbytes
 
 

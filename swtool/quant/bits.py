@@ -12,6 +12,7 @@ fastmath does the same. The traps are Python's number typing:
 silently became float64 fails to compile instead of rounding differently.
 """
 
+import swtool.kernels.jit  # noqa: F401  (numba set-up, as for the kernels: before numba compiles anything)
 import numba
 import numpy as np
 from llvmlite import ir

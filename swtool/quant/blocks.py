@@ -1,7 +1,7 @@
 """GGUF blocks -> float32, as ggml's dequantize_row_*: one decoder per block type.
 
 The same decoders serve whole rows (`dequantize_rows`, behind swtool.quant.dequantize)
-and segments of rows inside the fused product of swtool/gguf_kernels.py
+and segments of rows inside the fused product of swtool/kernels/gguf_blocks.py
 (`decode_segment`), so there is one implementation of each layout to keep right.
 They are compiled without fastmath: the float32 operations and their order are
 ggml's, and tests/test_quant.py holds them to libggml's floats, tests/test_gguf_kernels.py
@@ -11,16 +11,22 @@ to gguf-py's.
 import numba
 import numpy as np
 
-from swtool.kernels import BLOCK_TYPES  # named there: a bf16 scan does not import swtool.quant
+from swtool.block_types import KIND, block_shape
 from swtool.quant.bits import JIT, get_fp16
-from swtool.quant.kquants import _q3_k_scale, _scale_min_k4
+from swtool.quant.kquants import q3_k_scale, scale_min_k4
 
-# a block type's index in BLOCK_TYPES is its `kind` in these decoders and in gguf_kernels.py
-KIND = {name: index for index, name in enumerate(BLOCK_TYPES)}
-Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = range(len(BLOCK_TYPES))
-# (values, bytes) per block, as gguf.GGML_QUANT_SIZES has them (tests check the two agree)
-BLOCK_SHAPES = ((32, 34), (32, 18), (32, 20), (32, 22), (32, 24),
-                (256, 84), (256, 110), (256, 144), (256, 176), (256, 210))
+# Each type's kind (the branch decode_segment takes) and block shape as module-level ints, which
+# Numba freezes into compile-time constants: each `segment_*` loop below vectorises with them.
+Q8_0, (Q8_0_VALUES, Q8_0_BYTES) = KIND["Q8_0"], block_shape("Q8_0")
+Q4_0, (Q4_0_VALUES, Q4_0_BYTES) = KIND["Q4_0"], block_shape("Q4_0")
+Q4_1, (Q4_1_VALUES, Q4_1_BYTES) = KIND["Q4_1"], block_shape("Q4_1")
+Q5_0, (Q5_0_VALUES, Q5_0_BYTES) = KIND["Q5_0"], block_shape("Q5_0")
+Q5_1, (Q5_1_VALUES, Q5_1_BYTES) = KIND["Q5_1"], block_shape("Q5_1")
+Q2_K, (Q2_K_VALUES, Q2_K_BYTES) = KIND["Q2_K"], block_shape("Q2_K")
+Q3_K, (Q3_K_VALUES, Q3_K_BYTES) = KIND["Q3_K"], block_shape("Q3_K")
+Q4_K, (Q4_K_VALUES, Q4_K_BYTES) = KIND["Q4_K"], block_shape("Q4_K")
+Q5_K, (Q5_K_VALUES, Q5_K_BYTES) = KIND["Q5_K"], block_shape("Q5_K")
+Q6_K, (Q6_K_VALUES, Q6_K_BYTES) = KIND["Q6_K"], block_shape("Q6_K")
 
 
 # --- one block -> float32, as ggml's dequantize_row_* (no fastmath: the roundings are ggml's) ----------
@@ -31,7 +37,7 @@ def _q8_0(blk, y, n):
 
     n = 32 arrives as a run-time value (see decode_segment): with a constant trip count LLVM unrolls
     the loop and then cannot rule out that y overlaps blk, so it stays scalar; a loop of unknown
-    length gets a run-time overlap check and vectorises (0.19 vs 1.13 ns a value, measured).
+    length gets a run-time overlap check and vectorises (docs/kernel-measurements.md).
     """
     d = get_fp16(blk, 0)
     for j in range(n):
@@ -113,7 +119,7 @@ def _q3_k(blk, y):
             mask = 1 << (half * 4 + step)
             for k in range(2):
                 sub = half * 8 + step * 2 + k
-                dl = d * np.float32(_q3_k_scale(blk, sub))
+                dl = d * np.float32(q3_k_scale(blk, sub))
                 codes, hmask, out = blk[32 + half * 32 + 16 * k:], blk[16 * k:], y[16 * sub:16 * sub + 16]
                 for l in range(16):
                     q = np.int32((codes[l] >> (2 * step)) & 3)
@@ -125,9 +131,9 @@ def _q4_k(blk, y):
     """Q4_K (144 bytes): d, dmin, scales[12] (6-bit scale and min per 32), qs[128]: d*sc*q - dmin*m."""
     d, dmin = get_fp16(blk, 0), get_fp16(blk, 2)
     for group in range(4):
-        scale, the_min = _scale_min_k4(blk, 4, 2 * group)
+        scale, the_min = scale_min_k4(blk, 4, 2 * group)
         d1, m1 = d * np.float32(scale), dmin * np.float32(the_min)
-        scale, the_min = _scale_min_k4(blk, 4, 2 * group + 1)
+        scale, the_min = scale_min_k4(blk, 4, 2 * group + 1)
         d2, m2 = d * np.float32(scale), dmin * np.float32(the_min)
         codes, out = blk[16 + 32 * group:], y[64 * group:64 * group + 64]
         for l in range(32):
@@ -141,9 +147,9 @@ def _q5_k(blk, y):
     """Q5_K (176 bytes): Q4_K's scales plus qh[32] holding bit 4 of each code."""
     d, dmin = get_fp16(blk, 0), get_fp16(blk, 2)
     for group in range(4):
-        scale, the_min = _scale_min_k4(blk, 4, 2 * group)
+        scale, the_min = scale_min_k4(blk, 4, 2 * group)
         d1, m1 = d * np.float32(scale), dmin * np.float32(the_min)
-        scale, the_min = _scale_min_k4(blk, 4, 2 * group + 1)
+        scale, the_min = scale_min_k4(blk, 4, 2 * group + 1)
         d2, m2 = d * np.float32(scale), dmin * np.float32(the_min)
         codes, qh, out = blk[48 + 32 * group:], blk[16:48], y[64 * group:64 * group + 64]
         for l in range(32):
@@ -172,102 +178,102 @@ def _q6_k(blk, y):
 # one type's blocks over a segment: block size and bytes as constants, so the loop vectorises
 
 @numba.njit(**JIT)
-def _segment_q8_0(row, start, width, y, n):
-    for i in range(width // 32):
-        at = (start // 32 + i) * 34
-        _q8_0(row[at:at + 34], y[32 * i:32 * i + 32], n)
+def segment_q8_0(row, start, width, y, n):
+    for i in range(width // Q8_0_VALUES):
+        at = (start // Q8_0_VALUES + i) * Q8_0_BYTES
+        _q8_0(row[at:at + Q8_0_BYTES], y[Q8_0_VALUES * i:Q8_0_VALUES * i + Q8_0_VALUES], n)
 
 
 @numba.njit(**JIT)
-def _segment_q4_0(row, start, width, y):
-    for i in range(width // 32):
-        at = (start // 32 + i) * 18
-        _q4_0(row[at:at + 18], y[32 * i:32 * i + 32])
+def segment_q4_0(row, start, width, y):
+    for i in range(width // Q4_0_VALUES):
+        at = (start // Q4_0_VALUES + i) * Q4_0_BYTES
+        _q4_0(row[at:at + Q4_0_BYTES], y[Q4_0_VALUES * i:Q4_0_VALUES * i + Q4_0_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q4_1(row, start, width, y):
-    for i in range(width // 32):
-        at = (start // 32 + i) * 20
-        _q4_1(row[at:at + 20], y[32 * i:32 * i + 32])
+def segment_q4_1(row, start, width, y):
+    for i in range(width // Q4_1_VALUES):
+        at = (start // Q4_1_VALUES + i) * Q4_1_BYTES
+        _q4_1(row[at:at + Q4_1_BYTES], y[Q4_1_VALUES * i:Q4_1_VALUES * i + Q4_1_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q5_0(row, start, width, y):
-    for i in range(width // 32):
-        at = (start // 32 + i) * 22
-        _q5_0(row[at:at + 22], y[32 * i:32 * i + 32])
+def segment_q5_0(row, start, width, y):
+    for i in range(width // Q5_0_VALUES):
+        at = (start // Q5_0_VALUES + i) * Q5_0_BYTES
+        _q5_0(row[at:at + Q5_0_BYTES], y[Q5_0_VALUES * i:Q5_0_VALUES * i + Q5_0_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q5_1(row, start, width, y):
-    for i in range(width // 32):
-        at = (start // 32 + i) * 24
-        _q5_1(row[at:at + 24], y[32 * i:32 * i + 32])
+def segment_q5_1(row, start, width, y):
+    for i in range(width // Q5_1_VALUES):
+        at = (start // Q5_1_VALUES + i) * Q5_1_BYTES
+        _q5_1(row[at:at + Q5_1_BYTES], y[Q5_1_VALUES * i:Q5_1_VALUES * i + Q5_1_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q2_k(row, start, width, y):
-    for i in range(width // 256):
-        at = (start // 256 + i) * 84
-        _q2_k(row[at:at + 84], y[256 * i:256 * i + 256])
+def segment_q2_k(row, start, width, y):
+    for i in range(width // Q2_K_VALUES):
+        at = (start // Q2_K_VALUES + i) * Q2_K_BYTES
+        _q2_k(row[at:at + Q2_K_BYTES], y[Q2_K_VALUES * i:Q2_K_VALUES * i + Q2_K_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q3_k(row, start, width, y):
-    for i in range(width // 256):
-        at = (start // 256 + i) * 110
-        _q3_k(row[at:at + 110], y[256 * i:256 * i + 256])
+def segment_q3_k(row, start, width, y):
+    for i in range(width // Q3_K_VALUES):
+        at = (start // Q3_K_VALUES + i) * Q3_K_BYTES
+        _q3_k(row[at:at + Q3_K_BYTES], y[Q3_K_VALUES * i:Q3_K_VALUES * i + Q3_K_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q4_k(row, start, width, y):
-    for i in range(width // 256):
-        at = (start // 256 + i) * 144
-        _q4_k(row[at:at + 144], y[256 * i:256 * i + 256])
+def segment_q4_k(row, start, width, y):
+    for i in range(width // Q4_K_VALUES):
+        at = (start // Q4_K_VALUES + i) * Q4_K_BYTES
+        _q4_k(row[at:at + Q4_K_BYTES], y[Q4_K_VALUES * i:Q4_K_VALUES * i + Q4_K_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q5_k(row, start, width, y):
-    for i in range(width // 256):
-        at = (start // 256 + i) * 176
-        _q5_k(row[at:at + 176], y[256 * i:256 * i + 256])
+def segment_q5_k(row, start, width, y):
+    for i in range(width // Q5_K_VALUES):
+        at = (start // Q5_K_VALUES + i) * Q5_K_BYTES
+        _q5_k(row[at:at + Q5_K_BYTES], y[Q5_K_VALUES * i:Q5_K_VALUES * i + Q5_K_VALUES])
 
 
 @numba.njit(**JIT)
-def _segment_q6_k(row, start, width, y):
-    for i in range(width // 256):
-        at = (start // 256 + i) * 210
-        _q6_k(row[at:at + 210], y[256 * i:256 * i + 256])
+def segment_q6_k(row, start, width, y):
+    for i in range(width // Q6_K_VALUES):
+        at = (start // Q6_K_VALUES + i) * Q6_K_BYTES
+        _q6_k(row[at:at + Q6_K_BYTES], y[Q6_K_VALUES * i:Q6_K_VALUES * i + Q6_K_VALUES])
 
 
 @numba.njit(**JIT)
 def decode_segment(kind, row, start, width, y, block_values):
     """Columns [start, start + width) of one stored row (its bytes) into y[:width]; both multiples of the block.
 
-    One branch on the type per segment, then that type's loop over blocks (`_segment_*`).
+    One branch on the type per segment, then that type's loop over blocks (`segment_*`).
     `block_values` is the type's block size passed at run time, for Q8_0's loop (see `_q8_0`).
     """
     if kind == Q8_0:
-        _segment_q8_0(row, start, width, y, block_values)
+        segment_q8_0(row, start, width, y, block_values)
     elif kind == Q4_0:
-        _segment_q4_0(row, start, width, y)
+        segment_q4_0(row, start, width, y)
     elif kind == Q4_1:
-        _segment_q4_1(row, start, width, y)
+        segment_q4_1(row, start, width, y)
     elif kind == Q5_0:
-        _segment_q5_0(row, start, width, y)
+        segment_q5_0(row, start, width, y)
     elif kind == Q5_1:
-        _segment_q5_1(row, start, width, y)
+        segment_q5_1(row, start, width, y)
     elif kind == Q2_K:
-        _segment_q2_k(row, start, width, y)
+        segment_q2_k(row, start, width, y)
     elif kind == Q3_K:
-        _segment_q3_k(row, start, width, y)
+        segment_q3_k(row, start, width, y)
     elif kind == Q4_K:
-        _segment_q4_k(row, start, width, y)
+        segment_q4_k(row, start, width, y)
     elif kind == Q5_K:
-        _segment_q5_k(row, start, width, y)
+        segment_q5_k(row, start, width, y)
     else:
-        _segment_q6_k(row, start, width, y)
+        segment_q6_k(row, start, width, y)
 
 
 @numba.njit(parallel=True, **JIT)

@@ -29,9 +29,8 @@ source, so the order is recorded in the metadata (gguf_keys.py).
 
 import numpy as np
 
-# bits per weight of each block type's codes: the super weight's block has a grid of |S| / 2**(bits - 1)
-CODE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4,
-             "Q3_K": 3, "Q2_K": 2}
+from swtool.block_types import BY_NAME
+
 
 
 def block_error(values, qtype):
@@ -49,9 +48,7 @@ def isolation_order(super_rows, super_cols, qtype):
     super_rows: float32 [k, n_ff], the rows of the layer's ffn_down that hold super weights;
     super_cols: their columns; qtype: ffn_down's block type (a GGMLQuantizationType).
     """
-    from gguf import GGML_QUANT_SIZES
-
-    block = GGML_QUANT_SIZES[qtype][0]
+    block = BY_NAME[qtype.name].block_values
     n_ff = super_rows.shape[1]
     n_blocks = n_ff // block
     cols = sorted({int(c) for c in super_cols})
@@ -64,7 +61,8 @@ def isolation_order(super_rows, super_cols, qtype):
         position = int(np.flatnonzero(order == col)[0])
         home = position // block
         # how badly each column fits the super weight's grid, in the rows holding super weights
-        step = np.abs(super_rows[:, col]).max() / 2 ** (CODE_BITS[qtype.name] - 1)
+        # the super weight's block has a grid of |S| / 2**(bits - 1), bits those of a value's code
+        step = np.abs(super_rows[:, col]).max() / 2 ** (BY_NAME[qtype.name].code_bits - 1)
         misfit = np.square(super_rows - step * np.round(super_rows / step)).sum(axis=0)
         home_positions = np.array([p for p in range(home * block, (home + 1) * block) if p != position])
         best, best_gain = None, 0.0

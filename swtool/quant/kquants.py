@@ -23,10 +23,14 @@ scratch arrays. They set bad[row] for rows holding NaN/Inf (left unwritten).
 import numba
 import numpy as np
 
+from swtool.block_types import block_shape
 from swtool.quant.bits import JIT, has_nonfinite, nearest_int, put_fp16, to_int8
 from swtool.quant.search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants, new_lanes
 
 QK_K = 256
+# bytes per super-block, as module-level ints: compile-time constants for Numba
+Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = (
+    block_shape(name)[1] for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 
 
 @numba.njit(**JIT)
@@ -60,7 +64,7 @@ def _put_scale_min_k4(out, at, j, scale, the_min):
 
 
 @numba.njit(**JIT)
-def _scale_min_k4(data, at, j):
+def scale_min_k4(data, at, j):
     """ggml get_scale_min_k4: the 6-bit (scale, min) of sub-block j."""
     if j < 4:
         return np.int64(data[at + j] & 63), np.int64(data[at + j + 4] & 63)
@@ -124,14 +128,15 @@ def quantize_q2_k(values, out, bad):
         weights, scales, mins = np.empty(32, np.float32), np.empty(16, np.float32), np.empty(16, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * 84:(b + 1) * 84], L, lanes, weights, scales, mins)
+                block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q2_K_BYTES:(b + 1) * Q2_K_BYTES],
+                           L, lanes, weights, scales, mins)
 
 
 # ---------------------------------------------------------------------------
 # Q3_K
 
 @numba.njit(**JIT)
-def _q3_k_scale(out, j):
+def q3_k_scale(out, j):
     """The signed 6-bit scale of sub-block j: low nibble in bytes 96..103, top 2 bits in 104..107."""
     low = np.int64(out[96 + j] & 0xF) if j < 8 else np.int64(out[96 + j - 8] >> 4)
     return (low | ((np.int64(out[104 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
@@ -164,7 +169,7 @@ def block_q3_k(x, out, L, scales):
         d = put_fp16(out, 108, np.float32(0.0))
     # 3. codes -4..3 against the stored scales
     for j in range(16):
-        dj = d * np.float32(_q3_k_scale(out, j))
+        dj = d * np.float32(q3_k_scale(out, j))
         if dj == 0:
             continue
         for i in range(16):
@@ -187,7 +192,7 @@ def quantize_q3_k(values, out, bad):
         L, scales = np.empty(QK_K, np.int32), np.empty(16, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q3_k(x[b * QK_K:(b + 1) * QK_K], y[b * 110:(b + 1) * 110], L, scales)
+                block_q3_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q3_K_BYTES:(b + 1) * Q3_K_BYTES], L, scales)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def _scales_mins_k4(x, out, nmax, rmin, nstep, L, lanes, weights, scales, mins):
 def _codes_k4(x, out, d, dmin, nmax, L):
     """Step 3 of Q4_K/Q5_K: codes 0..nmax against each sub-block's stored scale and min."""
     for j in range(8):
-        scale, the_min = _scale_min_k4(out, 4, j)
+        scale, the_min = scale_min_k4(out, 4, j)
         dj = d * np.float32(scale)
         if dj == 0:
             continue
@@ -275,7 +280,8 @@ def quantize_q4_k(values, out, bad):
         weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q4_k(x[b * QK_K:(b + 1) * QK_K], y[b * 144:(b + 1) * 144], L, lanes, weights, scales, mins)
+                block_q4_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q4_K_BYTES:(b + 1) * Q4_K_BYTES],
+                           L, lanes, weights, scales, mins)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -287,7 +293,8 @@ def quantize_q5_k(values, out, bad):
         weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * 176:(b + 1) * 176], L, lanes, weights, scales, mins)
+                block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q5_K_BYTES:(b + 1) * Q5_K_BYTES],
+                           L, lanes, weights, scales, mins)
 
 
 # ---------------------------------------------------------------------------
@@ -304,7 +311,7 @@ def block_q6_k(x, out, L, lanes, scales):
             max_abs_scale = abs(scales[j])
             max_scale = scales[j]
     if max_abs_scale < GROUP_MAX_EPS:  # an all-zero block is all-zero bytes
-        for k in range(210):
+        for k in range(Q6_K_BYTES):
             out[k] = 0
         return
     # 2. int8 scales against d = max_scale / -128
@@ -337,4 +344,4 @@ def quantize_q6_k(values, out, bad):
         L, lanes, scales = np.empty(QK_K, np.int32), new_lanes(), np.empty(16, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * 210:(b + 1) * 210], L, lanes, scales)
+                block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q6_K_BYTES:(b + 1) * Q6_K_BYTES], L, lanes, scales)

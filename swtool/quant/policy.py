@@ -24,8 +24,9 @@ For every tensor, in this order:
 import re
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T
 
+from swtool import block_types
 from swtool.errors import SwtoolError
 from swtool.quant import TYPES, quant_type
 
@@ -37,11 +38,11 @@ MIXES = {
 }
 
 # general.file_type (llama_ftype) of a file whose weights are mostly this plain type
-FILE_TYPES = {T.F32: 0, T.F16: 1, T.Q4_0: 2, T.Q4_1: 3, T.Q8_0: 7, T.Q5_0: 8, T.Q5_1: 9, T.Q2_K: 10,
-              T.Q3_K: 11, T.Q4_K: 14, T.Q5_K: 16, T.Q6_K: 18, T.BF16: 32}
+FILE_TYPES = {T[block_type.name]: block_type.file_type for block_type in block_types.TYPES}
 
 # llama.cpp's tensor_type_fallback for rows that do not fit the block
-FALLBACKS = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACKS = {T[block_type.name]: T[block_type.fallback]
+             for block_type in block_types.TYPES if block_type.fallback}
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 NOT_QUANTIZED = "not a quantizable weight"
@@ -91,8 +92,12 @@ def parse_tensor_types(specs):
     return rules
 
 
+def _block_values(qtype):
+    return block_types.BY_NAME[qtype.name].block_values
+
+
 def bits_per_weight(qtype):
-    elements, nbytes = GGML_QUANT_SIZES[qtype]
+    elements, nbytes = block_types.block_shape(qtype.name)
     return 8.0 * nbytes / elements
 
 
@@ -146,18 +151,18 @@ def _mix_type(mix, name, planned, n_layers):
 
 def _output_type(target, cols):
     """llama-quantize's type for output.weight (or a tied token embedding) under a quantized target."""
-    if target.qtype == T.Q8_0 or cols % GGML_QUANT_SIZES[target.qtype][0]:
+    if target.qtype == T.Q8_0 or cols % _block_values(target.qtype):
         return T.Q8_0
     return T.Q6_K
 
 
 def fallback(qtype, cols):
     """(type whose block fits rows of `cols`, note) - llama.cpp's tensor_type_fallback."""
-    block = GGML_QUANT_SIZES[qtype][0]
+    block = _block_values(qtype)
     if cols % block == 0:
         return qtype, None
     chosen = FALLBACKS.get(qtype, T.F16)
-    if cols % GGML_QUANT_SIZES[chosen][0]:
+    if cols % _block_values(chosen):
         chosen = T.F16
     return chosen, f"rows of {cols} are not a multiple of {qtype.name}'s block of {block}: {qtype.name} -> {chosen.name}"
 

@@ -22,9 +22,13 @@ rows and set bad[row] for rows holding NaN/Inf (left unwritten);
 import numba
 import numpy as np
 
+from swtool.block_types import block_shape
 from swtool.quant.bits import JIT, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
 
 QK = 32
+# bytes per block, as module-level ints: compile-time constants for Numba
+Q8_0_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES = (
+    block_shape(name)[1] for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"))
 
 
 # ---------------------------------------------------------------------------
@@ -208,8 +212,7 @@ def _q8_0_codes(x, inv, out):
     """out[j] = roundf(x[j] * inv) for a block whose d and 1/d are finite; True if x holds a NaN.
 
     The NaN test rides along in this loop, so Q8_0 reads each row once instead of
-    checking it first in a pass of its own (bench/quant.py: 24.6 -> 16.1 ms for a
-    4096 x 4096 matrix on one core).
+    checking it first in a pass of its own (bench/quant.py; docs/kernel-measurements.md).
     """
     nan = False
     for j in range(QK):
@@ -223,19 +226,18 @@ def _q8_0_codes(x, inv, out):
 
 @numba.njit(parallel=True, **JIT)
 def quantize_q8_0(values, out, bad):
-    bytes_per_block = 34
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         row_bad = False  # NaN or Inf: an infinity shows in amax, a NaN in the codes loop
         for b in range(x.shape[0] // QK):
-            block, at = x[b * QK:(b + 1) * QK], b * bytes_per_block
+            block, at = x[b * QK:(b + 1) * QK], b * Q8_0_BYTES
             amax = _absmax(block)
             row_bad |= amax == np.float32(np.inf)
             d = amax / np.float32(127.0)
             inv = _inverse(d)
             put_fp16(y, at, d)
             if _ordinary(d, inv):
-                row_bad |= _q8_0_codes(block, inv, y[at + 2:at + bytes_per_block])
+                row_bad |= _q8_0_codes(block, inv, y[at + 2:at + Q8_0_BYTES])
             else:
                 for j in range(QK):
                     row_bad |= block[j] != block[j]
@@ -245,45 +247,41 @@ def quantize_q8_0(values, out, bad):
 
 @numba.njit(parallel=True, **JIT)
 def quantize_q4_0(values, out, bad):
-    bytes_per_block = 18
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         if not bad[r]:
             for b in range(x.shape[0] // QK):
-                block_q4_0(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block])
+                block_q4_0(x[b * QK:(b + 1) * QK], y[b * Q4_0_BYTES:(b + 1) * Q4_0_BYTES])
 
 
 @numba.njit(parallel=True, **JIT)
 def quantize_q4_1(values, out, bad):
-    bytes_per_block = 20
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         if not bad[r]:
             for b in range(x.shape[0] // QK):
-                block_q4_1(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block])
+                block_q4_1(x[b * QK:(b + 1) * QK], y[b * Q4_1_BYTES:(b + 1) * Q4_1_BYTES])
 
 
 @numba.njit(parallel=True, **JIT)
 def quantize_q5_0(values, out, bad):
-    bytes_per_block = 22
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         codes = np.empty(QK, dtype=np.int64)
         if not bad[r]:
             for b in range(x.shape[0] // QK):
-                block_q5_0(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block], codes)
+                block_q5_0(x[b * QK:(b + 1) * QK], y[b * Q5_0_BYTES:(b + 1) * Q5_0_BYTES], codes)
 
 
 @numba.njit(parallel=True, **JIT)
 def quantize_q5_1(values, out, bad):
-    bytes_per_block = 24
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         codes = np.empty(QK, dtype=np.int64)
         if not bad[r]:
             for b in range(x.shape[0] // QK):
-                block_q5_1(x[b * QK:(b + 1) * QK], y[b * bytes_per_block:(b + 1) * bytes_per_block], codes)
+                block_q5_1(x[b * QK:(b + 1) * QK], y[b * Q5_1_BYTES:(b + 1) * Q5_1_BYTES], codes)

@@ -1,7 +1,7 @@
 """y = x @ W.T for bf16 weights, decoded two at a time (CPUs with AVX-512).
 
 A bf16 weight is the top half of a float32, so decoding one is moving 16 bits.
-kernels.py's loop widens 16 bf16 weights into 16 float32 lanes and shifts them
+dense.py's loop widens 16 bf16 weights into 16 float32 lanes and shifts them
 up: two instructions per 16 weights, on the two ports the multiply-adds use. This
 kernel loads the stored bits as 32-bit pairs instead, w[2p] in the low half and
 w[2p+1] in the high half of each lane:
@@ -9,41 +9,35 @@ w[2p+1] in the high half of each lane:
   - the odd weight is the pair with its low half cleared: one AND;
   - the even weight is the pair shifted up by 16: one shift;
 
-one instruction per 16 weights. The inputs are split once into their even and odd
-columns, so both halves of a pair meet their input in the same lane. In a loop of
-a 4 x 4 block with the loads taken out, widen + shift runs at 59 G multiply-adds/s
-on one core, shift + AND at 74, as fast as two ANDs, the cheapest pair there is;
-multiply-adds alone run at 93 (python bench/decode_ports.py).
+one instruction per 16 weights, as cheap as any pair decode can be (bench/decode_ports.py
+times them). The inputs are split once into their even and odd columns, so both halves
+of a pair meet their input in the same lane.
 
 The loop is written in LLVM IR (vectors of 16 lanes, llvm.fma) rather than left to
-LLVM's vectoriser: the same pair decode as scalar numba code, vectorised by LLVM, ran
-at 49 G multiply-adds/s on one core where kernels.py's loop ran at 58 (256 x 11008,
-20 input rows). It works on 4 weight rows x 4 or 5 input rows and
-prefetches each weight row ahead of its loads. Every product is a float32
-multiply-add of the exact weight: only the order of the additions differs from
-kernels.py (each lane sums its even products, then its odd ones).
+LLVM's vectoriser, which made the same pair decode slower than dense.py's loop.
+It works on 4 weight rows x 4 or 5 input rows and prefetches each weight row ahead
+of its loads. Every product is a float32 multiply-add of the exact weight: only the
+order of the additions differs from dense.py (each lane sums its even products, then
+its odd ones).
 
-Measured with `python bench/kernels_bf16.py` (README, "Memory and speed").
+Measured with `python bench/kernels_bf16.py` (README, "Memory and speed"; the numbers
+behind the constants below: docs/kernel-measurements.md).
 """
 
 import numpy as np
 
-import swtool.jit  # noqa: F401  (512-bit vectors; before numba compiles anything)
 import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from swtool.kernels import FAST, _weight, aligned_zeros
+from swtool.kernels.common import FAST, aligned_zeros, decode_weight
 
 LANES = 16  # float32 lanes of a 512-bit register: 16 pairs, 32 weights per load
 WEIGHT_ROWS = 4  # the register block: 4 weight rows x 4 or 5 input rows (see _pair_dots_4 below)
-# Each weight row is prefetched this far ahead of its loads. The four rows of a block are four
-# streams per core, and the hardware prefetcher alone left the loop waiting: 16 Llama-7B MLP
-# matrices streamed from memory, 20 input rows, two cores: 97 G multiply-adds/s without, 102 with
-# 1024 bytes; 256 bytes helped less and 8192 not at all
-# (python bench/kernels_bf16.py --prefetch 0,256,1024,8192).
+# Each weight row is prefetched this far ahead of its loads: the four rows of a block are four
+# streams per core, more than the hardware prefetcher keeps up with (bench/kernels_bf16.py --prefetch).
 PREFETCH_BYTES = 1024
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
@@ -53,10 +47,10 @@ _ODD_MASK = -(1 << 16)  # 0xFFFF0000 as a signed 32-bit constant
 
 def available():
     """Does numba compile for a CPU with AVX-512 here? The kernel's 16-lane vectors are one
-    register there; elsewhere kernels.py's loop (vectorised by LLVM for the CPU) is used.
+    register there; elsewhere dense.py's loop (vectorised by LLVM for the CPU) is used.
 
     The features numba compiles for, not only the host's: a user who sets NUMBA_CPU_NAME
-    (say, "generic" for a portable cache) gets kernels.py's loop too."""
+    (say, "generic" for a portable cache) gets dense.py's loop too."""
     from numba.core import config
     from numba.core.codegen import get_host_cpu_features
 
@@ -142,9 +136,8 @@ def _pair_dots_for(input_rows):
     return pair_dots
 
 
-# 4 x 4 (16 accumulators) or 4 x 5 (20): the most that fit the 32 vector registers with the inputs;
-# 6 x 4 spilled and ran at half speed. Ten-token prompts give 10 or 20 input rows, which 5 divides:
-# 4 x 5 was 4 % faster on the Llama-7B shape (in process, 1.69 vs 1.76 s), and pads nothing.
+# 4 x 4 (16 accumulators) or 4 x 5 (20): the most that fit the 32 vector registers with the inputs
+# (6 x 4 spilled). Ten-token prompts give 10 or 20 input rows, which 5 divides: 4 x 5 pads nothing.
 _pair_dots_4 = _pair_dots_for(4)
 _pair_dots_5 = _pair_dots_for(5)
 
@@ -165,7 +158,7 @@ def _store_block(sums, x_even, x_odd, first, w, rows, n_vectors, out):
             total = sums[inputs * r + i]
             for k in range(2 * LANES * n_vectors, n_columns):
                 xk = x_even[first + i, k // 2] if k % 2 == 0 else x_odd[first + i, k // 2]
-                total += xk * _weight(weights[k])
+                total += xk * decode_weight(weights[k])
             out[first + i, rows[r]] = total
 
 

@@ -1,12 +1,12 @@
-"""Numba set-up shared by the kernel modules: import this before numba compiles anything.
+"""Numba set-up for every module that compiles: imported before numba compiles anything,
+by swtool/kernels/common.py for the kernels and swtool/quant/bits.py for the quantizers.
 
 LLVM vectorises for 256-bit registers on Intel CPUs with AVX-512, a guard against
 the clock drop wide instructions once caused. swtool's kernels are bound by
-float32 multiply-adds, and on the machine the benchmarks run on 512-bit vectors
-make the fused bf16 product 1.2-1.4x faster (bench/run.py, kernels.py). So the
-"prefer 256-bit" tuning is switched off, for this process, through numba's own
-setting for CPU features (NUMBA_CPU_FEATURES, as numba's test suite does to get
-512-bit code).
+float32 multiply-adds, and 512-bit vectors make the fused bf16 product faster
+(README, "Memory and speed"). So the "prefer 256-bit" tuning is switched off, for
+this process, through numba's own setting for CPU features (NUMBA_CPU_FEATURES, as
+numba's test suite does to get 512-bit code).
 
 This only changes which registers LLVM picks, never the results of code without
 fastmath (no reordering is allowed there), and the compiled-code cache keys on the
@@ -17,12 +17,8 @@ generator exists (then its features are fixed for the process).
 Threads: numba's OpenMP workers, by default, keep spinning for a while after each
 parallel region, on the cores that NumPy's BLAS threads (attention, the long-input
 products), the next kernel or another program need. swtool sets OMP_WAIT_POLICY=PASSIVE
-(unless the environment sets it) so they sleep instead. Measured in process on the
-2-core benchmark machine, best of 3, spinning -> sleeping workers:
-  - quiet machine: SmolLM2 scan 0.32 -> 0.34 s, Llama-1B shape 0.52 -> 0.57 s,
-    Llama-7B shape 2.09 -> 2.16 s, with less CPU time (4.14 -> 3.87 s for 7B);
-  - with other work on the machine: SmolLM2 0.71 -> 0.44 s, Llama-1B shape 1.35 -> 0.91 s.
-numba's workqueue layer sleeps too, but was slower on the quiet machine (7B 2.42 s).
+(unless the environment sets it) so they sleep instead: a little slower on a quiet
+machine, much faster when other work shares the cores (README, "Threads").
 """
 
 import os

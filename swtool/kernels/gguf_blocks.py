@@ -9,59 +9,33 @@ gguf-py's NumPy dequantizer, makes a dozen temporary arrays per tensor.
 
 Here each worker owns four weight rows at a time. It decodes one segment of 256
 columns of those rows into a small float32 tile (4 x 256 floats, 4 KB, which
-stays in L1), and multiplies the tile into every input row with kernels.py's 4 x 4
+stays in L1), and multiplies the tile into every input row with common.py's 4 x 4
 register block, accumulating in float32. So each stored block is read once from
 the memory map, decoded once, and the decoded floats serve all input rows before
 they are dropped; the matrix never exists as float32.
 
 The decoders are swtool.quant.blocks', the ones behind swtool.quant.dequantize:
 they give the same floats as ggml's `dequantize_row_*` (compiled without fastmath,
-so no fused multiply-add changes a rounding); only the dot products use kernels.FAST (reassociation and contraction), so results differ from
-dequantize + a float64 matmul by float32 accumulation error alone
-(tests/test_gguf_kernels.py).
+so no fused multiply-add changes a rounding); only the dot products use FAST
+(reassociation and contraction), so results differ from dequantize + a float64
+matmul by float32 accumulation error alone (tests/test_gguf_kernels.py).
 
 Long inputs (eval's many tokens) go through swtool.quant.dequantize, Numba's
-parallel decoder, and BLAS instead (checkpoint/gguf_file.py); kernels.fused_pays_off
-chooses, by kernels.BLOCK_MAX_ROWS (measured by bench/gguf_scan.py).
+parallel decoder, and BLAS instead (checkpoint/gguf_file.py); swtool.kernels.fused_pays_off
+chooses, by BLOCK_MAX_ROWS (measured by bench/gguf_scan.py).
 """
 
 import numba
 import numpy as np
 
-from swtool import kernels
-from swtool.quant.blocks import BLOCK_SHAPES, KIND, decode_segment
+from swtool.block_types import KIND, block_shape
+from swtool.kernels.common import BLOCK, FAST, padded_rows, tile_block_4x4
+from swtool.quant.blocks import decode_segment
 
 SEGMENT = 256  # columns decoded at a time per weight row: a multiple of every block size
 
 
-# --- the product ------------------------------------------------------------------------------------
-
-@numba.njit(fastmath=kernels.FAST, cache=True, inline="always")
-def _tile_block(x, g, start, width, tile, acc):
-    """acc[g:g+4, r] += x[g:g+4, start:start+width] . tile[r, :width] for the 4 decoded rows r (float32)."""
-    # slices, not x[g, start + k]: with the offset in the index the loop did not vectorise (14 vs 34-44 GMAC/s)
-    xa, xb, xc, xd = x[g, start:start + width], x[g + 1, start:start + width], \
-        x[g + 2, start:start + width], x[g + 3, start:start + width]
-    w0, w1, w2, w3 = tile[0], tile[1], tile[2], tile[3]
-    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-    c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
-    for k in range(width):
-        va, vb, vc, vd = xa[k], xb[k], xc[k], xd[k]
-        v = w0[k]
-        a0 += va * v; a1 += vb * v; a2 += vc * v; a3 += vd * v  # noqa: E702
-        v = w1[k]
-        b0 += va * v; b1 += vb * v; b2 += vc * v; b3 += vd * v  # noqa: E702
-        v = w2[k]
-        c0 += va * v; c1 += vb * v; c2 += vc * v; c3 += vd * v  # noqa: E702
-        v = w3[k]
-        d0 += va * v; d1 += vb * v; d2 += vc * v; d3 += vd * v  # noqa: E702
-    acc[g, 0] += a0; acc[g + 1, 0] += a1; acc[g + 2, 0] += a2; acc[g + 3, 0] += a3  # noqa: E702
-    acc[g, 1] += b0; acc[g + 1, 1] += b1; acc[g + 2, 1] += b2; acc[g + 3, 1] += b3  # noqa: E702
-    acc[g, 2] += c0; acc[g + 1, 2] += c1; acc[g + 2, 2] += c2; acc[g + 3, 2] += c3  # noqa: E702
-    acc[g, 3] += d0; acc[g + 1, 3] += d1; acc[g + 2, 3] += d2; acc[g + 3, 3] += d3  # noqa: E702
-
-
-@numba.njit(parallel=True, fastmath=kernels.FAST, cache=True)
+@numba.njit(parallel=True, fastmath=FAST, cache=True)
 def matmul_blocks_rows(x, w, kind, block_values, n_cols, out):
     """out[n, o] = sum_k x[n, k] * W[o, k]; x [N, n_cols] float32 with N a multiple of 4,
     w [M, row_bytes] uint8 the stored blocks of `kind`, out [N, M] float32."""
@@ -79,8 +53,8 @@ def matmul_blocks_rows(x, w, kind, block_values, n_cols, out):
             for r in range(4):
                 decode_segment(kind, w[o[r]], start, width, tile[r], block_values)
             # 2. multiply them into every input row, four at a time
-            for g in range(0, x.shape[0], kernels.BLOCK):
-                _tile_block(x, g, start, width, tile, acc)
+            for g in range(0, x.shape[0], BLOCK):
+                tile_block_4x4(x, g, start, width, tile, acc)
         for n in range(x.shape[0]):
             for r in range(4):
                 out[n, o[r]] = acc[n, r]
@@ -88,12 +62,11 @@ def matmul_blocks_rows(x, w, kind, block_values, n_cols, out):
 
 def matmul_blocks(x, stored, dtype):
     """x [N, K] float32 times W.T, W [M, K] stored as `stored` [M, row_bytes] uint8 blocks of ggml type `dtype`."""
-    kind = KIND[dtype]
-    values, nbytes = BLOCK_SHAPES[kind]
+    values, nbytes = block_shape(dtype)
     n_cols = x.shape[1]
     if stored.ndim != 2 or stored.shape[1] * values != n_cols * nbytes:
         raise ValueError(f"{dtype} rows of {stored.shape[-1]} bytes do not hold {n_cols} columns")
-    padded = kernels.padded_rows(x)
+    padded = padded_rows(x)
     out = np.empty((padded.shape[0], stored.shape[0]), dtype=np.float32)
-    matmul_blocks_rows(padded, np.ascontiguousarray(stored), kind, values, n_cols, out)
+    matmul_blocks_rows(padded, np.ascontiguousarray(stored), KIND[dtype], values, n_cols, out)
     return out[:x.shape[0]]
