@@ -371,7 +371,7 @@ def hf_tensors(model, arch_name):
     from swtool.checkpoint.gguf_model import unpermute_order
 
     arch, checkpoint = model.arch, model.checkpoint
-    heads = {"attn_q": arch.n_heads, "attn_k": arch.n_kv_heads}
+    heads = {"attn_q": arch.heads.n, "attn_k": arch.heads.n_kv}
     tensors = {}
     for hf_name, shape in arch.tensor_shapes().items():
         name = arch.gguf_name(hf_name)
@@ -381,7 +381,7 @@ def hf_tensors(model, arch_name):
             # llama.cpp rotates neighbouring pairs, HF the two halves of each head (convert's LlamaModel.permute)
             tensor.row_order = np.argsort(unpermute_order(shape[0], heads[kind]))
         tensors[name] = tensor
-    factors = llama3_rope_factors(model.checkpoint.config, arch.head_dim)
+    factors = llama3_rope_factors(model.checkpoint.config, arch.heads.dim)
     if factors is not None:
         tensors["rope_freqs.weight"] = OutTensor("rope_freqs.weight", factors.shape,
                                                  lambda rows: factors if rows is None else factors[rows])
@@ -416,16 +416,16 @@ def add_hyperparameters(writer, model, file_type):
     writer.add_embedding_length(arch.hidden_size)
     writer.add_block_count(arch.n_layers)
     writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(arch.n_heads)
-    writer.add_head_count_kv(arch.n_kv_heads)
+    writer.add_head_count(arch.heads.n)
+    writer.add_head_count_kv(arch.heads.n_kv)
     theta, scaling = rope_settings(config)
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(arch.eps)
     if config.get("head_dim") is not None:
-        writer.add_key_length(arch.head_dim)
-        writer.add_value_length(arch.head_dim)
+        writer.add_key_length(arch.heads.dim)
+        writer.add_value_length(arch.heads.dim)
     writer.add_vocab_size(arch.vocab_size)
-    writer.add_rope_dimension_count(arch.head_dim)
+    writer.add_rope_dimension_count(arch.heads.dim)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -11,27 +11,53 @@ projection (all heads at once, as OLMo 2's), and `clip_qkv`, when set, clamps
 q, k and v after those norms. Routing and both expert layouts: moe.py.
 """
 
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture
 from swtool.arch.moe import Mixture
-from swtool.arch.olmo import Olmo2
+from swtool.arch.olmo import olmo2_attention, olmo2_attention_tensors
 
 
-class Olmoe(Mixture, Olmo2):
+class Olmoe(Architecture):
     model_types = ("olmoe",)
 
     def __init__(self, config):
         super().__init__(config)
-        clip = config.get("clip_qkv")  # Olmo2 drops it; OLMoE clamps after the q/k norms
+        self.heads = blocks.attention_heads(self)
+        self.intermediate_size = self.require("intermediate_size", int)
+        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-5)))
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.activation = blocks.activation(config.get("hidden_act", "silu"))
+        self.attn_bias = bool(config.get("attention_bias", False))
+        clip = config.get("clip_qkv")  # clamps q, k and v after the q/k norms
         self.clip_qkv = None if clip is None else float(clip)
-        self.init_mixture("intermediate_size", normalise=config.get("norm_topk_prob", False))
+        self.moe = Mixture(self, "intermediate_size", normalise=config.get("norm_topk_prob", False))
+
+    def adapt(self, names):
+        self.moe.adapt(names)
+
+    def down_proj_name(self, layer, expert=None):
+        return self.moe.down_proj_name(layer, expert)
 
     def gguf_arch(self):
         return "OLMOE"
 
+    def gguf_name(self, hf_name):
+        return self.moe.gguf_name(hf_name, super().gguf_name)
+
     def tensor_shapes(self):
-        # OLMo 2's tensors (q/k norms over the projection) with pre-norms in place of its post-MLP norm
-        shapes = super().tensor_shapes()
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
-            del shapes[p + "post_feedforward_layernorm.weight"]
-            shapes[p + "input_layernorm.weight"] = (self.hidden_size,)
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(olmo2_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(self.moe.tensors(layer, self.intermediate_size))
         return shapes
+
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + olmo2_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + self.moe(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"))
+        ctx.observe(RESID, layer, x)
+        return x

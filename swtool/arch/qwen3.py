@@ -1,57 +1,71 @@
 """Qwen3: Llama's block with an RMSNorm on every query and key head before RoPE.
 
-    q = rope(rms_norm_per_head(q_proj(norm(x)))), k likewise, v = v_proj(norm(x))
+    h   = x + o_proj(attention(rope(q_norm(q_proj(norm(x)))), rope(k_norm(k_proj(..))), v_proj(..)))
+    out = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
 
 The q/k norms have one weight vector of size head_dim, shared by all heads.
 No q/k/v biases (unlike Qwen2) unless `attention_bias`; head_dim comes from
 the config (128 when absent, transformers' default), not hidden / heads.
 """
 
-from swtool import ops
-from swtool.arch.llama import Llama
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture
 
 
-class Qwen3(Llama):
+class Qwen3(Architecture):
     model_types = ("qwen3",)
 
     def __init__(self, config):
         super().__init__(config)
-        self.head_dim = int(config.get("head_dim") or 128)
+        self.heads = blocks.attention_heads(self, head_dim=128)
+        self.intermediate_size = self.require("intermediate_size", int)
+        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.activation = blocks.activation(config.get("hidden_act", "silu"))
+        self.attn_bias = bool(config.get("attention_bias", False))
+        self.mlp_bias = bool(config.get("mlp_bias", False))
 
     def gguf_arch(self):
         return "QWEN3"
 
     def tensor_shapes(self):
-        shapes = super().tensor_shapes()
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
-            p = f"model.layers.{layer}.self_attn."
-            shapes[p + "q_norm.weight"] = shapes[p + "k_norm.weight"] = (self.head_dim,)
+            p = f"model.layers.{layer}."
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(qwen3_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size, self.mlp_bias))
         return shapes
 
     def sliding_window(self, layer):
         """Without layer_types the window slides from max_window_layers on."""
         return qwen_window(self.config, layer, lambda i: i >= self.config.get("max_window_layers", 28))
 
-    def attention(self, ctx, layer, h):
-        p = f"model.layers.{layer}.self_attn."
-        n_worlds, n_tokens, _ = h.shape
-        q = ctx.linear(h, p + "q_proj.weight", self.qkv_bias)
-        k = ctx.linear(h, p + "k_proj.weight", self.qkv_bias)
-        v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        # [W, T, heads * d] -> [W, T, heads, d]: the q/k norms act on each head's d values
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim)
-        q = ops.rms_norm(q, ctx.weight(p + "q_norm.weight"), self.eps)
-        k = ops.rms_norm(k, ctx.weight(p + "k_norm.weight"), self.eps)
-        # -> [W, heads, T, d], rotate, attend
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        cos, sin = self.rope_tables(ctx)
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        mask = ops.causal_mask(n_tokens, self.sliding_window(layer))
-        out = ops.attention(q, k, v, mask, scale=self.head_dim ** -0.5)
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
-        return ctx.linear(out, p + "o_proj.weight", self.o_bias)
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + qwen3_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"), p + "mlp",
+                                 self.activation, self.mlp_bias)
+        ctx.observe(RESID, layer, x)
+        return x
+
+
+def qwen3_attention(arch, ctx, layer, h):
+    """Qwen3's attention (Qwen3-MoE's too): RMSNorm over each q/k head's head_dim values, then RoPE."""
+    p = f"model.layers.{layer}.self_attn"
+    q, k, v = blocks.qkv_projections(ctx, h, p, arch.attn_bias)
+    out = blocks.attend(ctx, arch.heads, q, k, v, rope=blocks.rope_tables(ctx, arch.config, arch.heads.dim),
+                        window=arch.sliding_window(layer),
+                        qk_norm=lambda q, k: (arch.norm(ctx, q, p + ".q_norm"), arch.norm(ctx, k, p + ".k_norm")))
+    return ctx.linear(out, p + ".o_proj.weight", arch.attn_bias)
+
+
+def qwen3_attention_tensors(arch, module):
+    return {**blocks.attention_tensors(module, arch.hidden_size, arch.heads, arch.attn_bias, arch.attn_bias),
+            **arch.norm.tensors(module + ".q_norm", arch.heads.dim),
+            **arch.norm.tensors(module + ".k_norm", arch.heads.dim)}
 
 
 def qwen_window(config, layer, slides_by_default):
