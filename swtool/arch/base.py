@@ -109,6 +109,7 @@ class Architecture:
     # classmethods. gguf_export.py and checkpoint/gguf_model.py only drive these.
     gguf_exports = False  # does `swtool export` write this family?
     gguf_reads = ()  # llama.cpp architectures (general.architecture) this family reads back
+    gguf_derived = ()  # GGUF tensors that config_from_gguf turns into config (not weights)
 
     def gguf_arch(self):
         """gguf.MODEL_ARCH member name llama.cpp uses for this model (e.g. "LLAMA")."""
@@ -152,7 +153,8 @@ class Architecture:
         raise NotImplementedError
 
     @classmethod
-    def config_from_gguf(cls, hparams, gguf_names):
-        """config.json for a GGUF file of this family, from its metadata (a checkpoint.gguf_model.Hparams)
-        and its tensor names. Called only for the architectures in `gguf_reads`."""
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        """config.json's family keys for a GGUF file of this family, from its metadata (a
+        checkpoint.gguf_model.Hparams) and its tensors ({llama.cpp name: GGUFTensor}, read only
+        for those in `gguf_derived`). Called only for the architectures in `gguf_reads`."""
         raise NotImplementedError

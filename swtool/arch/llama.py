@@ -22,6 +22,7 @@ from swtool.arch.rope import inv_freq, rope_settings
 from swtool.errors import SwtoolError
 
 PERMUTED = ("attn_q", "attn_k")  # the tensors llama.cpp's "llama" architecture stores with permuted rows
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1-style RoPE scaling, as the converter writes it
 
 
 class Llama(Architecture):
@@ -81,6 +82,7 @@ class Llama(Architecture):
     # --- GGUF ------------------------------------------------------------------------
     gguf_exports = True
     gguf_reads = ("llama", "qwen2")
+    gguf_derived = (ROPE_FREQS,)
 
     def gguf_arch(self):
         return "QWEN2" if self.model_type == "qwen2" else "LLAMA"  # llama.cpp converts Mistral as llama
@@ -96,7 +98,7 @@ class Llama(Architecture):
 
     def gguf_extra_tensors(self):
         factors = llama3_rope_factors(self.config, self.heads.dim)
-        return {} if factors is None else {"rope_freqs.weight": factors}
+        return {} if factors is None else {ROPE_FREQS: factors}
 
     def gguf_hyperparameters(self, writer):
         """The `{arch}.*` keys of convert_hf_to_gguf's LlamaModel / Qwen2Model."""
@@ -126,7 +128,7 @@ class Llama(Architecture):
                               f"(supported: none, linear, llama3)")
 
     @classmethod
-    def config_from_gguf(cls, hparams, gguf_names):
+    def config_from_gguf(cls, hparams, gguf_tensors):
         hidden, n_head = hparams("embedding_length"), hparams("attention.head_count")
         head_dim = hparams("attention.key_length", hidden // n_head)
         if hparams("attention.value_length", head_dim) != head_dim:
@@ -150,9 +152,11 @@ class Llama(Architecture):
             "max_position_embeddings": hparams("context_length"),
         }
         if model_type == "llama":
-            config["attention_bias"] = "blk.0.attn_q.bias" in gguf_names
+            config["attention_bias"] = "blk.0.attn_q.bias" in gguf_tensors
             config["attention_dropout"] = 0.0
-            config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf_names
+            config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf_tensors
+        if ROPE_FREQS in gguf_tensors:
+            config["rope_scaling"] = freq_factor_scaling(gguf_tensors[ROPE_FREQS], config, hparams)
         return config
 
 
@@ -202,3 +206,24 @@ def rope_scaling_from_gguf(hparams):
                                 f"scaling needs a positive factor")
         return {"rope_type": "linear", "factor": hparams.float32(factor)}
     raise hparams.error(f"RoPE scaling {kind!r} is not supported for GGUF input (supported: none, linear)")
+
+
+def freq_factor_scaling(info, config, hparams):
+    """rope_scaling for a file with rope_freqs.weight: llama.cpp divides frequency i by factor i.
+
+    convert_hf_to_gguf writes this tensor for Llama 3.1-style scaling (rope_type "llama3"),
+    computed from the config's factor, low/high_freq_factor and original context, and keeps
+    none of those numbers in the metadata. The factors themselves are what llama.cpp uses,
+    so swtool uses them too: rope_type "freq_factors" (rope.py).
+    """
+    if config.get("rope_scaling"):
+        raise hparams.error(f"{ROPE_FREQS} together with RoPE scaling "
+                            f"{config['rope_scaling']['rope_type']!r} is not supported")
+    n_freqs = config["head_dim"] // 2
+    if info.shape != (n_freqs,):
+        raise hparams.error(f"tensor {ROPE_FREQS!r} has shape {list(info.shape)}; "
+                            f"a head of {config['head_dim']} dims has {n_freqs} frequencies")
+    factors = info.read()
+    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+        raise hparams.error(f"tensor {ROPE_FREQS!r} holds factors that are not positive finite numbers")
+    return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
