@@ -10,11 +10,8 @@ Keys a config does not have, or has as null, are left to the family's defaults.
 
 import math
 
+from swtool.arch.base import positive_int
 from swtool.errors import CheckpointError
-
-
-def _positive_int(v):
-    return type(v) is not bool and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) and v > 0
 
 
 def _non_negative_int(v):
@@ -52,25 +49,25 @@ def _texts(v):
 # key -> (check, what it must be); null is always allowed (the family's default applies)
 CHECKS = {
     "model_type": (_text, "a string"),
-    "num_hidden_layers": (_positive_int, "a positive integer"),
-    "n_layer": (_positive_int, "a positive integer"),
-    "hidden_size": (_positive_int, "a positive integer"),
-    "n_embd": (_positive_int, "a positive integer"),
-    "intermediate_size": (_positive_int, "a positive integer"),
-    "n_inner": (_positive_int, "a positive integer"),
-    "num_attention_heads": (_positive_int, "a positive integer"),
-    "n_head": (_positive_int, "a positive integer"),
-    "num_key_value_heads": (_positive_int, "a positive integer"),
-    "head_dim": (_positive_int, "a positive integer"),
-    "vocab_size": (_positive_int, "a positive integer"),
-    "max_position_embeddings": (_positive_int, "a positive integer"),
-    "n_positions": (_positive_int, "a positive integer"),
-    "original_max_position_embeddings": (_positive_int, "a positive integer"),
-    "sliding_window": (_positive_int, "a positive integer"),
+    "num_hidden_layers": (positive_int, "a positive integer"),
+    "n_layer": (positive_int, "a positive integer"),
+    "hidden_size": (positive_int, "a positive integer"),
+    "n_embd": (positive_int, "a positive integer"),
+    "intermediate_size": (positive_int, "a positive integer"),
+    "n_inner": (positive_int, "a positive integer"),
+    "num_attention_heads": (positive_int, "a positive integer"),
+    "n_head": (positive_int, "a positive integer"),
+    "num_key_value_heads": (positive_int, "a positive integer"),
+    "head_dim": (positive_int, "a positive integer"),
+    "vocab_size": (positive_int, "a positive integer"),
+    "max_position_embeddings": (positive_int, "a positive integer"),
+    "n_positions": (positive_int, "a positive integer"),
+    "original_max_position_embeddings": (positive_int, "a positive integer"),
+    "sliding_window": (positive_int, "a positive integer"),
     "max_window_layers": (_non_negative_int, "a non-negative integer"),
-    "sliding_window_pattern": (_positive_int, "a positive integer"),
-    "num_local_experts": (_positive_int, "a positive integer"),
-    "num_experts_per_tok": (_positive_int, "a positive integer"),
+    "sliding_window_pattern": (positive_int, "a positive integer"),
+    "num_local_experts": (positive_int, "a positive integer"),
+    "num_experts_per_tok": (positive_int, "a positive integer"),
     "rope_theta": (_positive_number, "a positive number"),
     "rope_local_base_freq": (_positive_number, "a positive number"),
     "rotary_emb_base": (_positive_number, "a positive number"),
@@ -112,13 +109,13 @@ ROPE_NEEDS = {
     "llama3": {"factor": (_positive_number, "a positive number"),
                "low_freq_factor": (_positive_number, "a positive number"),
                "high_freq_factor": (_positive_number, "a positive number"),
-               "original_max_position_embeddings": (_positive_int, "a positive integer")},
+               "original_max_position_embeddings": (positive_int, "a positive integer")},
 }
 ROPE_OPTIONAL = {
     "rope_theta": (_positive_number, "a positive number"),
     "factor": (_positive_number, "a positive number"),
     "attention_factor": (_positive_number, "a positive number"),
-    "original_max_position_embeddings": (_positive_int, "a positive integer"),
+    "original_max_position_embeddings": (positive_int, "a positive integer"),
     "short_factor": (lambda v: isinstance(v, list) and all(_positive_number(x) for x in v), "a list of positive numbers"),
     "long_factor": (lambda v: isinstance(v, list) and all(_positive_number(x) for x in v), "a list of positive numbers"),
 }

@@ -1,4 +1,6 @@
-"""Qwen3: Llama's block with an RMSNorm on every query and key head before RoPE.
+"""Qwen3 and Qwen3-MoE.
+
+Qwen3: Llama's block with an RMSNorm on every query and key head before RoPE.
 
     h   = x + o_proj(attention(rope(q_norm(q_proj(norm(x)))), rope(k_norm(k_proj(..))), v_proj(..)))
     out = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
@@ -6,10 +8,21 @@
 The q/k norms have one weight vector of size head_dim, shared by all heads.
 No q/k/v biases (unlike Qwen2) unless `attention_bias`; head_dim comes from
 the config (128 when absent, transformers' default), not hidden / heads.
+
+Qwen3-MoE: Qwen3's attention (an RMSNorm on every q/k head) and a sparse mixture of experts.
+
+    p      = softmax(mlp.gate(norm(h)))                 router over num_experts, per token
+    top    = the num_experts_per_tok most probable; weights p, / their sum if norm_topk_prob
+    out    = h + sum over e in top: weight_e * down_e(silu(gate_e(norm(h))) * up_e(norm(h)))
+
+Experts are `mlp.experts.E.{gate,up,down}_proj` (Hub) or stacked (transformers 5), sized
+moe_intermediate_size; layers that decoder_sparse_step / mlp_only_layers keep dense have
+Qwen3's plain MLP (intermediate_size). Routing, layouts and dense layers: moe.py.
 """
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.moe import Mixture
 
 
 class Qwen3(Architecture):
@@ -48,6 +61,54 @@ class Qwen3(Architecture):
         ctx.observe(RESID_MID, layer, x)
         x = x + blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"), p + "mlp",
                                  self.activation, self.mlp_bias)
+        ctx.observe(RESID, layer, x)
+        return x
+
+
+class Qwen3Moe(Architecture):
+    model_types = ("qwen3_moe",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.heads = blocks.attention_heads(self, head_dim=128)
+        self.intermediate_size = self.require("intermediate_size", int)  # of the dense layers
+        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.activation = blocks.activation(config.get("hidden_act", "silu"))
+        self.attn_bias = bool(config.get("attention_bias", False))
+        self.moe = Mixture(self, "moe_intermediate_size", normalise=config.get("norm_topk_prob", False))
+
+    def adapt(self, names):
+        self.moe.adapt(names)
+
+    def down_proj_name(self, layer, expert=None):
+        return self.moe.down_proj_name(layer, expert)
+
+    def gguf_arch(self):
+        return "QWEN3MOE"
+
+    def gguf_name(self, hf_name):
+        return self.moe.gguf_name(hf_name, super().gguf_name)
+
+    def tensor_shapes(self):
+        d, shapes = self.hidden_size, self.model_tensors()
+        for layer in range(self.n_layers):
+            p = f"model.layers.{layer}."
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(qwen3_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(self.moe.tensors(layer, self.intermediate_size))
+        return shapes
+
+    def sliding_window(self, layer):
+        """Without layer_types the window slides from max_window_layers on."""
+        return qwen_window(self.config, layer, lambda i: i >= self.config.get("max_window_layers", 28))
+
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + qwen3_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + self.moe(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"))
         ctx.observe(RESID, layer, x)
         return x
 
