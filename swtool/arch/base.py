@@ -11,6 +11,10 @@ The defaults here are those of the `model.layers.N.*` naming most families share
 block is made of are in blocks.py.
 """
 
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar
+
 from swtool.errors import SwtoolError
 
 # The observation points: where observers see activations [rows, tokens, channels] (forward.py).
@@ -21,40 +25,162 @@ RESID = "resid"  # the residual stream after the block
 POINTS = (DOWN_IN, DOWN_OUT, RESID_MID, RESID)
 
 
+# --- config.json as a family reads it ---------------------------------------------------
+# A field's type says what its value must be: (check, conversion, what the error says it must be).
+
+class Count(int):
+    """A size or a count: a positive integer (4096 or 4096.0, not "4096", true or 0)."""
+
+
+class Index(int):
+    """A non-negative integer (max_window_layers)."""
+
+
+class Positive(float):
+    """A positive finite number (an epsilon, a RoPE base, a soft-cap)."""
+
+
+class Number(float):
+    """A finite number (Granite's multipliers)."""
+
+
+class Fraction(float):
+    """A number in (0, 1] (partial_rotary_factor)."""
+
+
+class Names(list):
+    """A list of strings (layer_types)."""
+
+
+class Layers(list):
+    """A list of layer indices (mlp_only_layers)."""
+
+
 def positive_int(value):
     """Is `value` a count or a size: 4096 or 4096.0, not "4096", true or 0?"""
     integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     return type(value) is not bool and integral and value > 0
 
 
+def _integral(value):
+    return type(value) is not bool and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+
+
+def _finite(value):
+    return type(value) is not bool and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+KINDS = {
+    Count: (positive_int, int, "a positive integer"),
+    Index: (lambda v: _integral(v) and v >= 0, int, "a non-negative integer"),
+    Positive: (lambda v: _finite(v) and v > 0, float, "a positive number"),
+    Number: (_finite, float, "a finite number"),
+    Fraction: (lambda v: _finite(v) and 0 < v <= 1, float, "a number in (0, 1]"),
+    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
+    str: (lambda v: isinstance(v, str), str, "a string"),
+    dict: (lambda v: isinstance(v, dict), dict, "an object"),
+    Names: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), list, "a list of strings"),
+    Layers: (lambda v: isinstance(v, list) and all(type(x) is int for x in v), list, "a list of integers"),
+}
+
+
+def short(value):
+    """A config value as an error message shows it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True, kw_only=True)
+class Args:
+    """config.json as a family reads it: one field per key, named as config.json names it, with
+    the family's default (transformers'). A family's Args subclasses this (or DecoderArgs) and
+    overrides a default by declaring the field again.
+
+    `read` is the one routine that reads a config: a key absent or null takes its default (a
+    field without one is required), except that null turns off a field marked `null_is_off`
+    (Gemma 2's soft-caps); `aliases` are other spellings, which win when present (GPT-2's
+    n_layer); each value is checked by its field's type (KINDS), then `check()` relates keys.
+    """
+
+    aliases: ClassVar[dict] = {}  # {their key: field}
+    model_type: str = None
+    num_hidden_layers: Count
+    hidden_size: Count
+    vocab_size: Count
+
+    @classmethod
+    def read(cls, config):
+        model_type, values = config.get("model_type"), {}
+        for f in fields(cls):
+            spellings = [theirs for theirs, ours in cls.aliases.items() if ours == f.name] + [f.name]
+            key = next((key for key in spellings if config.get(key) is not None), None)
+            if key is None:
+                if f.metadata.get("null_is_off") and f.name in config:
+                    values[f.name] = None
+                elif f.default is MISSING:
+                    raise SwtoolError(f"config.json ({model_type}): missing {f.name!r}")
+                continue
+            ok, convert, what = KINDS[f.type]
+            if not ok(config[key]):
+                raise SwtoolError(f"config.json ({model_type}): {key} = {short(config[key])} is not {what}")
+            values[f.name] = convert(config[key])
+        args = cls(**values)
+        args.check()
+        return args
+
+    def check(self):
+        """Relations between keys: a one-line SwtoolError for a config that contradicts itself."""
+
+
+def null_is_off(default):
+    """A field whose explicit null in config.json turns the feature off rather than taking `default`."""
+    return field(default=default, metadata={"null_is_off": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderArgs(Args):
+    """The keys most decoder-only families share, with Llama's defaults."""
+
+    num_attention_heads: Count
+    num_key_value_heads: Count = None  # all heads: no grouped-query attention
+    head_dim: Count = None  # hidden_size / heads
+    intermediate_size: Count
+    hidden_act: str = "silu"
+    rms_norm_eps: Positive = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: Count = None
+    layer_types: Names = None
+    use_sliding_window: bool = False
+    max_window_layers: Index = None
+
+    def check(self):
+        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
+            raise SwtoolError(f"config.json: {self.num_attention_heads} attention heads do not divide "
+                              f"into {self.num_key_value_heads} key/value heads")
+
+    def layer_slides(self, layer):
+        """layer_types' word for `layer`: True (sliding), False (full), None when it has no entry."""
+        if self.layer_types is not None and layer < len(self.layer_types):
+            return self.layer_types[layer] == "sliding_attention"
+        return None
+
+
 class Architecture:
     model_types = ()  # config.json `model_type` values this class handles
 
+    Args = Args  # the family's config.json keys (a dataclass subclassing Args)
+
     def __init__(self, config):
-        self.config = config
-        self.model_type = config.get("model_type")
-        self.n_layers = self.require("num_hidden_layers", int)
-        self.hidden_size = self.require("hidden_size", int)
-        self.vocab_size = self.require("vocab_size", int)
+        self.config = config  # as config.json has it: RoPE settings are read from it (rope.py)
+        self.args = self.Args.read(config)
+        self.model_type = self.args.model_type
+        self.n_layers = self.args.num_hidden_layers
+        self.hidden_size = self.args.hidden_size
+        self.vocab_size = self.args.vocab_size
         self.tied = False  # the LM head is the embedding matrix
         self.norm = None  # the family's norm (blocks.py), used by the default head
-
-    def require(self, key, kind):
-        """A config value that must be present, converted to `kind`, or a clear error.
-
-        Every int a family requires is a size or a count, so it must be a positive integer.
-        """
-        value = self.config.get(key)
-        if value is None:
-            raise SwtoolError(f"config.json ({self.model_type}): missing {key!r}")
-        if kind is int:
-            if not positive_int(value):
-                raise SwtoolError(f"config.json ({self.model_type}): {key!r} = {value!r} is not a positive integer")
-            return int(value)
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            raise SwtoolError(f"config.json ({self.model_type}): {key!r} = {value!r} is not {kind.__name__}") from None
 
     def adapt(self, names):
         """Called once with the checkpoint's tensor names, before tensor_shapes(). Families whose

@@ -82,20 +82,12 @@ class Heads:
     def kv_size(self):
         return self.n_kv * self.dim
 
-    def check(self):
-        if self.n % self.n_kv:
-            raise SwtoolError(f"config.json: {self.n} attention heads do not divide "
-                              f"into {self.n_kv} key/value heads")
-        return self
 
-
-def attention_heads(arch, head_dim=None):
-    """Heads from config.json: num_attention_heads, num_key_value_heads (all heads when absent) and
-    head_dim (the config's, else the family's default `head_dim`, else hidden / heads)."""
-    n_heads = arch.require("num_attention_heads", int)
-    n_kv_heads = int(arch.config.get("num_key_value_heads") or n_heads)
-    dim = int(arch.config.get("head_dim") or head_dim or arch.hidden_size // n_heads)
-    return Heads(n_heads, n_kv_heads, dim).check()
+def attention_heads(args):
+    """Heads from a DecoderArgs: num_attention_heads, num_key_value_heads (all heads when absent) and
+    head_dim (hidden / heads when absent)."""
+    n_heads = args.num_attention_heads
+    return Heads(n_heads, args.num_key_value_heads or n_heads, args.head_dim or args.hidden_size // n_heads)
 
 
 def split_heads(x, n_heads):

@@ -42,26 +42,43 @@ unscaled for sliding layers, rope_theta (1 000 000) with rope_scaling for global
 The final logits are soft-capped only if the config says so.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, Count, DecoderArgs, Positive, null_is_off
 from swtool.errors import SwtoolError
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemmaArgs(DecoderArgs):
+    head_dim: Count = 256
+    tie_word_embeddings: bool = True
+    hidden_act: str = "gelu_pytorch_tanh"
+    use_bidirectional_attention: bool = False
+
+    def check(self):
+        super().check()
+        if self.use_bidirectional_attention:
+            raise SwtoolError(f"config.json ({self.model_type}): use_bidirectional_attention is set: "
+                              f"an embedding model, not a causal language model")
 
 
 class Gemma(Architecture):
     model_types = ("gemma",)
+    Args = GemmaArgs
 
     def __init__(self, config):
         super().__init__(config)
-        refuse_bidirectional(self)
-        self.heads = blocks.attention_heads(self, head_dim=256)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)), plus_one=True)
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        name = config.get("hidden_act") or "gelu_pytorch_tanh"
-        self.activation = blocks.activation("gelu_pytorch_tanh" if name == "gelu" else name)
-        self.attn_bias = bool(config.get("attention_bias", False))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps, plus_one=True)
+        self.tied = args.tie_word_embeddings
+        # transformers runs "gelu" as gelu_pytorch_tanh in Gemma 1
+        self.activation = blocks.activation("gelu_pytorch_tanh" if args.hidden_act == "gelu" else args.hidden_act)
+        self.attn_bias = args.attention_bias
 
     def gguf_arch(self):
         return "GEMMA"
@@ -95,29 +112,30 @@ class Gemma(Architecture):
         return ctx.linear(out, p + ".o_proj.weight", self.attn_bias)
 
 
-def refuse_bidirectional(arch):
-    """Gemma configs with use_bidirectional_attention are embedding models (Gemma 2 and 3 too)."""
-    if arch.config.get("use_bidirectional_attention"):
-        raise SwtoolError(f"config.json ({arch.model_type}): use_bidirectional_attention is set: "
-                          f"an embedding model, not a causal language model")
+@dataclass(frozen=True, kw_only=True)
+class Gemma2Args(GemmaArgs):
+    hidden_activation: str = "gelu_pytorch_tanh"  # read literally (no "gelu" rewrite as in Gemma 1)
+    query_pre_attn_scalar: Positive = 256
+    attn_logit_softcapping: Positive = null_is_off(50.0)
+    final_logit_softcapping: Positive = null_is_off(30.0)
 
 
 class Gemma2(Architecture):
     model_types = ("gemma2",)
+    Args = Gemma2Args
 
     def __init__(self, config):
         super().__init__(config)
-        refuse_bidirectional(self)
-        self.heads = blocks.attention_heads(self, head_dim=256)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)), plus_one=True)
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        # Gemma 2/3 read hidden_activation, taken literally (no "gelu" rewrite as in Gemma 1)
-        self.activation = blocks.activation(config.get("hidden_activation") or "gelu_pytorch_tanh")
-        self.attn_bias = bool(config.get("attention_bias", False))
-        self.query_scale = float(config.get("query_pre_attn_scalar", 256)) ** -0.5
-        self.attn_softcap = config.get("attn_logit_softcapping", 50.0)
-        self.final_softcap = config.get("final_logit_softcapping", 30.0)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps, plus_one=True)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_activation)
+        self.attn_bias = args.attention_bias
+        self.query_scale = args.query_pre_attn_scalar ** -0.5
+        self.attn_softcap = args.attn_logit_softcapping
+        self.final_softcap = args.final_logit_softcapping
 
     def gguf_arch(self):
         return "GEMMA2"
@@ -126,7 +144,7 @@ class Gemma2(Architecture):
         return gemma2_tensors(self)
 
     def sliding_window(self, layer):
-        return self.config.get("sliding_window") if layer_type(self.config, layer, 2) == "sliding_attention" else None
+        return self.args.sliding_window if sliding(self.args, layer, 2) else None
 
     def embed(self, ctx, tokens):
         return super().embed(ctx, tokens) * np.float32(self.hidden_size ** 0.5)
@@ -161,13 +179,11 @@ def softcap(logits, cap):
     return np.tanh(logits / cap) * cap
 
 
-def layer_type(config, layer, sliding_pattern):
-    """ "sliding_attention" or "full_attention", from layer_types, else layer i slides unless
-    (i + 1) is a multiple of `sliding_pattern`."""
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and layer < len(layer_types):
-        return layer_types[layer]
-    return "sliding_attention" if (layer + 1) % sliding_pattern else "full_attention"
+def sliding(args, layer, pattern):
+    """Does `layer` attend through a sliding window? layer_types says, else layer i slides unless
+    (i + 1) is a multiple of `pattern`."""
+    slides = args.layer_slides(layer)
+    return bool((layer + 1) % pattern) if slides is None else slides
 
 
 def gemma2_tensors(arch):
@@ -184,21 +200,27 @@ def gemma2_tensors(arch):
     return shapes
 
 
+@dataclass(frozen=True, kw_only=True)
+class Gemma3Args(Gemma2Args):
+    final_logit_softcapping: Positive = None  # no soft-cap unless the config names one
+    sliding_window_pattern: Count = 6  # without layer_types, layer i slides unless (i + 1) is a multiple
+
+
 class Gemma3(Architecture):
     model_types = ("gemma3_text",)
+    Args = Gemma3Args
 
     def __init__(self, config):
         super().__init__(config)
-        refuse_bidirectional(self)
-        self.heads = blocks.attention_heads(self, head_dim=256)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)), plus_one=True)
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        self.activation = blocks.activation(config.get("hidden_activation") or "gelu_pytorch_tanh")
-        self.attn_bias = bool(config.get("attention_bias", False))
-        self.query_scale = float(config.get("query_pre_attn_scalar", 256)) ** -0.5
-        self.final_softcap = config.get("final_logit_softcapping")
-        self.sliding_pattern = int(config.get("sliding_window_pattern", 6))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps, plus_one=True)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_activation)
+        self.attn_bias = args.attention_bias
+        self.query_scale = args.query_pre_attn_scalar ** -0.5
+        self.final_softcap = args.final_logit_softcapping
 
     def gguf_arch(self):
         return "GEMMA3"
@@ -212,8 +234,7 @@ class Gemma3(Architecture):
         return shapes
 
     def sliding_window(self, layer):
-        sliding = layer_type(self.config, layer, self.sliding_pattern) == "sliding_attention"
-        return self.config.get("sliding_window") if sliding else None
+        return self.args.sliding_window if sliding(self.args, layer, self.args.sliding_window_pattern) else None
 
     def embed(self, ctx, tokens):
         return super().embed(ctx, tokens) * np.float32(self.hidden_size ** 0.5)
@@ -232,7 +253,7 @@ class Gemma3(Architecture):
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn"
         q, k, v = blocks.qkv_projections(ctx, h, p, self.attn_bias)
-        kind = layer_type(self.config, layer, self.sliding_pattern)
+        kind = "sliding_attention" if sliding(self.args, layer, self.args.sliding_window_pattern) else "full_attention"
         rope = blocks.rope_tables(ctx, self.rope_config(kind), self.heads.dim, key=f"rope.{kind}")
         out = blocks.attend(ctx, self.heads, q, k, v, rope=rope, window=self.sliding_window(layer),
                             scale=self.query_scale,

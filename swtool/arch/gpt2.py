@@ -20,37 +20,47 @@ Tensor names start with "transformer." when transformers saved the model, and
 without it in the original OpenAI-converted checkpoints on the Hub.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, Args, Count, Positive
 from swtool.errors import SwtoolError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# GPT-2's config names -> the names base.Architecture reads
-ALIASES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
-           "n_positions": "max_position_embeddings"}
+@dataclass(frozen=True, kw_only=True)
+class GPT2Args(Args):
+    # GPT-2's own names win over the generic ones: transformers reads only them
+    aliases: ClassVar[dict] = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size",
+                               "n_head": "num_attention_heads", "n_positions": "max_position_embeddings"}
+    num_attention_heads: Count
+    max_position_embeddings: Count
+    n_inner: Count = None  # not intermediate_size, which GPT2Config ignores; None means 4 x hidden
+    layer_norm_epsilon: Positive = 1e-5
+    activation_function: str = "gelu_new"
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
 
 
 class GPT2(Architecture):
     model_types = ("gpt2",)
+    Args = GPT2Args
 
     def __init__(self, config):
-        config = dict(config)
-        for theirs, ours in ALIASES.items():
-            if theirs in config:
-                config[ours] = config[theirs]  # GPT-2's own key wins: transformers reads only it
         super().__init__(config)
-        n_heads = self.require("num_attention_heads", int)
+        args = self.args
+        n_heads = args.num_attention_heads
         self.heads = blocks.Heads(n_heads, n_heads, self.hidden_size // n_heads)
-        self.n_positions = self.require("max_position_embeddings", int)
-        # n_inner, not intermediate_size: GPT2Config ignores the latter; None means 4 x hidden
-        self.intermediate_size = int(config.get("n_inner") or 4 * self.hidden_size)
-        self.norm = blocks.LayerNorm(float(config.get("layer_norm_epsilon", 1e-5)))
-        self.activation = blocks.activation(config.get("activation_function", "gelu_new"))
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        self.scale_attn_weights = bool(config.get("scale_attn_weights", True))
-        self.scale_by_layer = bool(config.get("scale_attn_by_inverse_layer_idx", False))
+        self.n_positions = args.max_position_embeddings
+        self.intermediate_size = args.n_inner or 4 * self.hidden_size
+        self.norm = blocks.LayerNorm(args.layer_norm_epsilon)
+        self.activation = blocks.activation(args.activation_function)
+        self.tied = args.tie_word_embeddings
+        self.scale_attn_weights = args.scale_attn_weights
+        self.scale_by_layer = args.scale_attn_by_inverse_layer_idx
         self.prefix = "transformer."
 
     def adapt(self, names):

@@ -24,26 +24,38 @@ each head rotates, with base `rotary_emb_base` (or rope_theta). The LM head is
 `embed_out` in Hub checkpoints (transformers 5 calls the module lm_head).
 """
 
+from dataclasses import dataclass
+
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
 
 NEOX_ROTARY_DEFAULT = 0.25  # GPTNeoXConfig's rotary_pct when config.json names none
 HEAD_NAMES = ("embed_out.weight", "lm_head.weight")  # Hub checkpoints, then transformers 5's module name
 
 
+@dataclass(frozen=True, kw_only=True)
+class GPTNeoXArgs(DecoderArgs):
+    layer_norm_eps: Positive = 1e-5
+    use_parallel_residual: bool = True
+    attention_bias: bool = True
+    hidden_act: str = "gelu"
+
+
 class GPTNeoX(Architecture):
     model_types = ("gpt_neox",)
+    Args = GPTNeoXArgs
 
     def __init__(self, config):
         super().__init__(config)
-        n_heads = self.require("num_attention_heads", int)
+        args = self.args
+        n_heads = args.num_attention_heads
         self.heads = blocks.Heads(n_heads, n_heads, self.hidden_size // n_heads)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.LayerNorm(float(config.get("layer_norm_eps", 1e-5)))
-        self.parallel = bool(config.get("use_parallel_residual", True))
-        self.attention_bias = bool(config.get("attention_bias", True))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "gelu"))
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.LayerNorm(args.layer_norm_eps)
+        self.parallel = args.use_parallel_residual
+        self.attention_bias = args.attention_bias
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
         # RoPE settings under this family's names (rotary_emb_base), read by rope.py as rope_theta
         self.rope_config = dict(config)
         if "rotary_emb_base" in config and "rope_theta" not in config:

@@ -9,28 +9,39 @@ attention_multiplier replaces 1/sqrt(head_dim). "down_out" is observed raw,
 before residual_multiplier scales it on its way into the residual stream.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Number, Positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraniteArgs(DecoderArgs):
+    embedding_multiplier: Number = 1.0
+    residual_multiplier: Number = 1.0
+    attention_multiplier: Number = 1.0
+    logits_scaling: Positive = 1.0
 
 
 class Granite(Architecture):
     model_types = ("granite",)
+    Args = GraniteArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.attn_bias = bool(config.get("attention_bias", False))
-        self.mlp_bias = bool(config.get("mlp_bias", False))
-        self.embedding_multiplier = np.float32(config.get("embedding_multiplier", 1.0))
-        self.residual_multiplier = np.float32(config.get("residual_multiplier", 1.0))
-        self.attention_multiplier = float(config.get("attention_multiplier", 1.0))
-        self.logits_scaling = np.float32(config.get("logits_scaling", 1.0))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias, self.mlp_bias = args.attention_bias, args.mlp_bias
+        self.embedding_multiplier = np.float32(args.embedding_multiplier)
+        self.residual_multiplier = np.float32(args.residual_multiplier)
+        self.attention_multiplier = args.attention_multiplier
+        self.logits_scaling = np.float32(args.logits_scaling)
 
     def gguf_arch(self):
         return "GRANITE"

@@ -14,10 +14,12 @@ of each head), and Qwen2 as "qwen2", unpermuted. Llama 3.1-style RoPE scaling tr
 as a `rope_freqs.weight` tensor of per-frequency divisors.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Index
 from swtool.arch.rope import inv_freq, rope_settings
 from swtool.errors import SwtoolError
 
@@ -25,22 +27,28 @@ PERMUTED = ("attn_q", "attn_k")  # the tensors llama.cpp's "llama" architecture 
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1-style RoPE scaling, as the converter writes it
 
 
+@dataclass(frozen=True, kw_only=True)
+class LlamaArgs(DecoderArgs):
+    max_window_layers: Index = 0  # Qwen2: the first layer whose window slides
+
+
 class Llama(Architecture):
     model_types = ("llama", "mistral", "qwen2")
+    Args = LlamaArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.eps = args.rms_norm_eps
         self.norm = blocks.RmsNorm(self.eps)
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
         # which linears carry a bias: Llama's two flags, Qwen2's fixed q/k/v biases
-        attn_bias = bool(config.get("attention_bias", False))
-        self.qkv_bias = attn_bias or self.model_type == "qwen2"
-        self.o_bias = attn_bias
-        self.mlp_bias = bool(config.get("mlp_bias", False))
+        self.qkv_bias = args.attention_bias or self.model_type == "qwen2"
+        self.o_bias = args.attention_bias
+        self.mlp_bias = args.mlp_bias
 
     # --- names ---------------------------------------------------------------------
     def tensor_shapes(self):
@@ -55,13 +63,11 @@ class Llama(Architecture):
 
     def sliding_window(self, layer):
         """Attention window of a layer in tokens, or None for full causal attention."""
-        layer_types = self.config.get("layer_types")
-        window = self.config.get("sliding_window")
-        if isinstance(layer_types, list) and layer < len(layer_types):
-            return window if layer_types[layer] == "sliding_attention" else None
+        args, window = self.args, self.args.sliding_window
+        if args.layer_slides(layer) is not None:
+            return window if args.layer_slides(layer) else None
         if self.model_type == "qwen2":
-            use = self.config.get("use_sliding_window", False)
-            return window if use and layer >= self.config.get("max_window_layers", 0) else None
+            return window if args.use_sliding_window and layer >= args.max_window_layers else None
         if self.model_type == "mistral":
             return window
         return None
@@ -114,7 +120,7 @@ class Llama(Architecture):
         theta, scaling = rope_settings(config)
         writer.add_rope_freq_base(theta)
         writer.add_layer_norm_rms_eps(self.eps)
-        if config.get("head_dim") is not None:
+        if self.args.head_dim is not None:
             writer.add_key_length(self.heads.dim)
             writer.add_value_length(self.heads.dim)
         writer.add_vocab_size(self.vocab_size)

@@ -14,20 +14,22 @@ A `sliding_window` in the config applies to every layer, as in Mistral.
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture
 from swtool.arch.llama import llama_attention
-from swtool.arch.moe import Mixture
+from swtool.arch.moe import Mixture, MixtureArgs
 
 
 class Mixtral(Architecture):
     model_types = ("mixtral",)
+    Args = MixtureArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.qkv_bias = self.o_bias = bool(config.get("attention_bias", False))
-        self.moe = Mixture(self, "intermediate_size", normalise=True, module="block_sparse_moe",
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.qkv_bias = self.o_bias = args.attention_bias
+        self.moe = Mixture(self, args.intermediate_size, normalise=True, module="block_sparse_moe",
                            matrices=("w1", "w3", "w2"))
 
     def adapt(self, names):
@@ -53,7 +55,7 @@ class Mixtral(Architecture):
         return shapes
 
     def sliding_window(self, layer):
-        return self.config.get("sliding_window")
+        return self.args.sliding_window
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."

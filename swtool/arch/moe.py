@@ -29,12 +29,13 @@ Each expert still reads its weights once per pass, for the rows of all worlds it
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from swtool import ops
 from swtool.arch import blocks
-from swtool.arch.base import DOWN_IN, DOWN_OUT
+from swtool.arch.base import DOWN_IN, DOWN_OUT, Count, DecoderArgs, Layers
 from swtool.errors import SwtoolError
 
 STACKED_DOWN = re.compile(r"model\.layers\.\d+\.mlp\.experts\.down_proj")
@@ -53,35 +54,40 @@ class Routed:
     weight: np.ndarray
 
 
+@dataclass(frozen=True, kw_only=True)
+class MixtureArgs(DecoderArgs):
+    """The keys of a mixture, besides the family's own."""
+
+    # transformers maps num_experts and num_local_experts onto each other (attribute_map):
+    # Hub Qwen/OLMoE configs say num_experts, Mixtral and transformers 5's Qwen3-MoE num_local_experts
+    aliases: ClassVar[dict] = {"num_local_experts": "num_experts"}
+    num_experts: Count
+    num_experts_per_tok: Count
+    norm_topk_prob: bool = False  # top-k weights divided by their sum
+    decoder_sparse_step: Count = 1  # layer i is sparse if (i + 1) is a multiple ...
+    mlp_only_layers: Layers = ()  # ... and i is not listed here (Qwen)
+
+    def check(self):
+        super().check()
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise SwtoolError(f"config.json: num_experts_per_tok = {self.num_experts_per_tok} must be between "
+                              f"1 and num_experts = {self.num_experts}")
+
+
 class Mixture:
     """A family's MLP step when it is a mixture (`self.moe = Mixture(self, ...)`): names, tensors, math.
 
+    `expert_ff`: an expert's intermediate size; `normalise`: top-k weights divided by their sum;
     `module`: the module holding router and experts in per-expert checkpoints ("block_sparse_moe"
     for Mixtral); `matrices`: the per-expert names of gate, up and down.
     """
 
-    def __init__(self, arch, ff_key, normalise, module="mlp", matrices=("gate_proj", "up_proj", "down_proj")):
-        self.model_type, self.activation = arch.model_type, arch.activation
-        self.hidden_size, self.module, self.matrices = arch.hidden_size, module, matrices
-        config = arch.config
-        # transformers maps num_experts and num_local_experts onto each other (attribute_map):
-        # Hub Qwen/OLMoE configs say num_experts, transformers 5 saves Qwen3-MoE's as num_local_experts
-        experts_key = "num_local_experts" if "num_local_experts" in config else "num_experts"
-        self.n_experts = arch.require(experts_key, int)
-        self.top_k = arch.require("num_experts_per_tok", int)
-        if not 1 <= self.top_k <= self.n_experts:
-            raise SwtoolError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and "
-                              f"{experts_key} = {self.n_experts}")
-        self.expert_ff = arch.require(ff_key, int)
-        if not isinstance(normalise, bool):
-            raise SwtoolError(f"config.json ({self.model_type}): norm_topk_prob = {normalise!r} is not true or false")
-        self.normalise_top_k = normalise  # top-k weights divided by their sum (Mixtral always)
-        has_step = config.get("decoder_sparse_step") is not None
-        self.sparse_step = arch.require("decoder_sparse_step", int) if has_step else 1
-        dense = config.get("mlp_only_layers") or []
-        if not isinstance(dense, list) or not all(type(i) is int for i in dense):
-            raise SwtoolError(f"config.json ({self.model_type}): mlp_only_layers = {dense!r} is not a list of integers")
-        self.dense_layers = set(dense)
+    def __init__(self, arch, expert_ff, normalise, module="mlp", matrices=("gate_proj", "up_proj", "down_proj")):
+        args = arch.args
+        self.activation, self.hidden_size, self.module, self.matrices = arch.activation, arch.hidden_size, module, matrices
+        self.n_experts, self.top_k, self.expert_ff = args.num_experts, args.num_experts_per_tok, expert_ff
+        self.normalise_top_k = normalise
+        self.sparse_step, self.dense_layers = args.decoder_sparse_step, set(args.mlp_only_layers)
         self.stacked = False  # per-expert tensors until adapt() sees the stacked ones
 
     def adapt(self, names):

@@ -29,28 +29,37 @@ projection (all heads at once, as OLMo 2's), and `clip_qkv`, when set, clamps
 q, k and v after those norms. Routing and both expert layouts: moe.py.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
-from swtool.arch.moe import Mixture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+from swtool.arch.moe import Mixture, MixtureArgs
 
 OLMO_LAYER_NORM_EPS = 1e-5  # OlmoLayerNorm ignores the config and uses this
 
 
+@dataclass(frozen=True, kw_only=True)
+class OlmoArgs(DecoderArgs):
+    rms_norm_eps: Positive = 1e-5  # OLMo 2's and OLMoE's norms; OLMo's ignore it (OLMO_LAYER_NORM_EPS)
+    clip_qkv: Positive = None  # clamp q, k and v to [-clip, clip]
+
+
 class Olmo(Architecture):
     model_types = ("olmo",)
+    Args = OlmoArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
         self.norm = blocks.FreeLayerNorm(OLMO_LAYER_NORM_EPS)
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.attn_bias = bool(config.get("attention_bias", False))
-        clip = config.get("clip_qkv")
-        self.clip_qkv = None if clip is None else float(clip)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
+        self.clip_qkv = args.clip_qkv
 
     def gguf_arch(self):
         return "OLMO"
@@ -80,15 +89,17 @@ class Olmo(Architecture):
 
 class Olmo2(Architecture):
     model_types = ("olmo2",)
+    Args = OlmoArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-5)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.attn_bias = bool(config.get("attention_bias", False))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
         self.clip_qkv = None  # OLMo 2 has no qkv clipping
 
     def gguf_arch(self):
@@ -114,20 +125,27 @@ class Olmo2(Architecture):
         return x
 
 
+@dataclass(frozen=True, kw_only=True)
+class OlmoeArgs(MixtureArgs):
+    rms_norm_eps: Positive = 1e-5
+    clip_qkv: Positive = None  # clamps q, k and v after the q/k norms
+
+
 class Olmoe(Architecture):
     model_types = ("olmoe",)
+    Args = OlmoeArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-5)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.attn_bias = bool(config.get("attention_bias", False))
-        clip = config.get("clip_qkv")  # clamps q, k and v after the q/k norms
-        self.clip_qkv = None if clip is None else float(clip)
-        self.moe = Mixture(self, "intermediate_size", normalise=config.get("norm_topk_prob", False))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
+        self.clip_qkv = args.clip_qkv
+        self.moe = Mixture(self, args.intermediate_size, normalise=args.norm_topk_prob)
 
     def adapt(self, names):
         self.moe.adapt(names)

@@ -17,20 +17,29 @@ cos/sin by sqrt(1 + ln(factor) / ln(trained context)); see rope.py.
 A `sliding_window` in the config applies to every layer.
 """
 
+from dataclasses import dataclass
+
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phi3Args(DecoderArgs):
+    rms_norm_eps: Positive = 1e-5  # Phi3Config's default, not Llama's
 
 
 class Phi3(Architecture):
     model_types = ("phi3",)
+    Args = Phi3Args
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-5)))  # Phi3Config's default, not Llama's
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
 
     def gguf_arch(self):
         return "PHI3"
@@ -48,7 +57,7 @@ class Phi3(Architecture):
         return shapes
 
     def sliding_window(self, layer):
-        return self.config.get("sliding_window")  # transformers masks every layer when it is set
+        return self.args.sliding_window  # transformers masks every layer when it is set
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."

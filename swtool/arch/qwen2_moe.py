@@ -14,29 +14,40 @@ sigmoid gate as its weight), so scan traces a spike to it as well as to the rout
 Routing, layouts and dense layers: moe.py.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from swtool.arch import blocks
-from swtool.arch.base import DOWN_IN, DOWN_OUT, RESID, RESID_MID, Architecture
+from swtool.arch.base import DOWN_IN, DOWN_OUT, RESID, RESID_MID, Architecture, Count, Index
 from swtool.arch.llama import llama_attention
-from swtool.arch.moe import SHARED, Mixture, Routed
+from swtool.arch.moe import SHARED, Mixture, MixtureArgs, Routed
 from swtool.arch.qwen3 import qwen_window
+
+
+@dataclass(frozen=True, kw_only=True)
+class Qwen2MoeArgs(MixtureArgs):
+    moe_intermediate_size: Count
+    shared_expert_intermediate_size: Count
+    qkv_bias: bool = True  # Qwen2's q/k/v biases, a config flag here
+    max_window_layers: Index = 28
 
 
 class Qwen2Moe(Architecture):
     model_types = ("qwen2_moe",)
+    Args = Qwen2MoeArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)  # of the dense layers
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.qkv_bias = bool(config.get("qkv_bias", True))  # Qwen2's q/k/v biases, a config flag here
-        self.o_bias = bool(config.get("attention_bias", False))
-        self.moe = Mixture(self, "moe_intermediate_size", normalise=config.get("norm_topk_prob", False))
-        self.shared_ff = self.require("shared_expert_intermediate_size", int)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size  # of the dense layers
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.qkv_bias, self.o_bias = args.qkv_bias, args.attention_bias
+        self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
+        self.shared_ff = args.shared_expert_intermediate_size
 
     def adapt(self, names):
         self.moe.adapt(names)
@@ -67,7 +78,7 @@ class Qwen2Moe(Architecture):
 
     def sliding_window(self, layer):
         """Without layer_types transformers slides odd-numbered (1-based) layers below max_window_layers."""
-        return qwen_window(self.config, layer, lambda i: (i + 1) % 2 and i < self.config.get("max_window_layers", 28))
+        return qwen_window(self.args, layer, lambda i: (i + 1) % 2 and i < self.args.max_window_layers)
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."

@@ -20,23 +20,32 @@ moe_intermediate_size; layers that decoder_sparse_step / mlp_only_layers keep de
 Qwen3's plain MLP (intermediate_size). Routing, layouts and dense layers: moe.py.
 """
 
+from dataclasses import dataclass
+
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
-from swtool.arch.moe import Mixture
+from swtool.arch.base import RESID, RESID_MID, Architecture, Count, DecoderArgs, Index
+from swtool.arch.moe import Mixture, MixtureArgs
+
+
+@dataclass(frozen=True, kw_only=True)
+class Qwen3Args(DecoderArgs):
+    head_dim: Count = 128
+    max_window_layers: Index = 28  # without layer_types, the first layer whose window slides
 
 
 class Qwen3(Architecture):
     model_types = ("qwen3",)
+    Args = Qwen3Args
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self, head_dim=128)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.attn_bias = bool(config.get("attention_bias", False))
-        self.mlp_bias = bool(config.get("mlp_bias", False))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias, self.mlp_bias = args.attention_bias, args.mlp_bias
 
     def gguf_arch(self):
         return "QWEN3"
@@ -53,7 +62,7 @@ class Qwen3(Architecture):
 
     def sliding_window(self, layer):
         """Without layer_types the window slides from max_window_layers on."""
-        return qwen_window(self.config, layer, lambda i: i >= self.config.get("max_window_layers", 28))
+        return qwen_window(self.args, layer, lambda i: i >= self.args.max_window_layers)
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
@@ -65,18 +74,27 @@ class Qwen3(Architecture):
         return x
 
 
+@dataclass(frozen=True, kw_only=True)
+class Qwen3MoeArgs(MixtureArgs):
+    head_dim: Count = 128
+    max_window_layers: Index = 28
+    moe_intermediate_size: Count
+
+
 class Qwen3Moe(Architecture):
     model_types = ("qwen3_moe",)
+    Args = Qwen3MoeArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self, head_dim=128)
-        self.intermediate_size = self.require("intermediate_size", int)  # of the dense layers
-        self.norm = blocks.RmsNorm(float(config.get("rms_norm_eps", 1e-6)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.attn_bias = bool(config.get("attention_bias", False))
-        self.moe = Mixture(self, "moe_intermediate_size", normalise=config.get("norm_topk_prob", False))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size  # of the dense layers
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
+        self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
 
     def adapt(self, names):
         self.moe.adapt(names)
@@ -102,7 +120,7 @@ class Qwen3Moe(Architecture):
 
     def sliding_window(self, layer):
         """Without layer_types the window slides from max_window_layers on."""
-        return qwen_window(self.config, layer, lambda i: i >= self.config.get("max_window_layers", 28))
+        return qwen_window(self.args, layer, lambda i: i >= self.args.max_window_layers)
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
@@ -129,14 +147,11 @@ def qwen3_attention_tensors(arch, module):
             **arch.norm.tensors(module + ".k_norm", arch.heads.dim)}
 
 
-def qwen_window(config, layer, slides_by_default):
+def qwen_window(args, layer, slides_by_default):
     """Attention window of a Qwen-family layer, or None: transformers drops the window entirely
     unless use_sliding_window; then layer_types says, or (Hub configs without them) the family's
     default rule `slides_by_default(layer)`."""
-    window = config.get("sliding_window")
-    if not config.get("use_sliding_window", False) or window is None:
+    if not args.use_sliding_window or args.sliding_window is None:
         return None
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and layer < len(layer_types):
-        return window if layer_types[layer] == "sliding_attention" else None
-    return window if slides_by_default(layer) else None
+    slides = args.layer_slides(layer)
+    return args.sliding_window if (slides_by_default(layer) if slides is None else slides) else None

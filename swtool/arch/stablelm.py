@@ -18,33 +18,42 @@ LayerNorm without bias to each query and key head, one weight vector per head
 """
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from swtool import ops
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
 
 STABLELM_ROTARY_DEFAULT = 0.25  # StableLmConfig's partial_rotary_factor when config.json names none
 PER_HEAD_NORM = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qk]_layernorm)\.norms\.\d+\.weight$")
 
 
+@dataclass(frozen=True, kw_only=True)
+class StableLmArgs(DecoderArgs):
+    layer_norm_eps: Positive = 1e-5
+    use_qkv_bias: bool = False
+    use_parallel_residual: bool = False
+    qk_layernorm: bool = False
+
+
 class StableLm(Architecture):
     model_types = ("stablelm",)
+    Args = StableLmArgs
 
     def __init__(self, config):
         super().__init__(config)
-        n_heads = self.require("num_attention_heads", int)
-        # StableLmAttention ignores config head_dim
-        self.heads = blocks.Heads(n_heads, int(config.get("num_key_value_heads") or n_heads),
-                                  self.hidden_size // n_heads).check()
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.LayerNorm(float(config.get("layer_norm_eps", 1e-5)))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = blocks.activation(config.get("hidden_act", "silu"))
-        self.qkv_bias = bool(config.get("use_qkv_bias", False))
-        self.parallel = bool(config.get("use_parallel_residual", False))
-        self.qk_norm = bool(config.get("qk_layernorm", False))
+        args = self.args
+        n_heads = args.num_attention_heads  # StableLmAttention ignores config head_dim
+        self.heads = blocks.Heads(n_heads, args.num_key_value_heads or n_heads, self.hidden_size // n_heads)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.LayerNorm(args.layer_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.qkv_bias = args.use_qkv_bias
+        self.parallel = args.use_parallel_residual
+        self.qk_norm = args.qk_layernorm
 
     def gguf_arch(self):
         return "STABLELM"

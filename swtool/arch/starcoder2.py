@@ -10,21 +10,33 @@ included; norms are LayerNorms with bias (eps = norm_epsilon). A
 unless the config says otherwise.
 """
 
+from dataclasses import dataclass
+
 from swtool.arch import blocks
-from swtool.arch.base import RESID, RESID_MID, Architecture
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class Starcoder2Args(DecoderArgs):
+    norm_epsilon: Positive = 1e-5
+    tie_word_embeddings: bool = True
+    hidden_act: str = "gelu_pytorch_tanh"
+    use_bias: bool = True  # on every linear
 
 
 class Starcoder2(Architecture):
     model_types = ("starcoder2",)
+    Args = Starcoder2Args
 
     def __init__(self, config):
         super().__init__(config)
-        self.heads = blocks.attention_heads(self)
-        self.intermediate_size = self.require("intermediate_size", int)
-        self.norm = blocks.LayerNorm(float(config.get("norm_epsilon", 1e-5)))
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        self.activation = blocks.activation(config.get("hidden_act", "gelu_pytorch_tanh"))
-        self.bias = bool(config.get("use_bias", True))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.LayerNorm(args.norm_epsilon)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.bias = args.use_bias
 
     def down_proj_name(self, layer):
         return f"model.layers.{layer}.mlp.c_proj.weight"
@@ -44,7 +56,7 @@ class Starcoder2(Architecture):
         return shapes
 
     def sliding_window(self, layer):
-        return self.config.get("sliding_window")  # every layer, as transformers masks them
+        return self.args.sliding_window  # every layer, as transformers masks them
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
