@@ -384,7 +384,8 @@ def hf_tensors(model):
             tensor.row_order = np.argsort(stored_rows)
         tensors[name] = tensor
     for name, values in arch.gguf_extra_tensors().items():
-        tensors[name] = OutTensor(name, values.shape, lambda rows, values=values: values if rows is None else values[rows])
+        tensors[name] = OutTensor(name, values.shape,
+                                  lambda rows, values=values: values if rows is None else values[rows])
     return tensors
 
 

@@ -84,7 +84,8 @@ class Mixture:
 
     def __init__(self, arch, expert_ff, normalise, module="mlp", matrices=("gate_proj", "up_proj", "down_proj")):
         args = arch.args
-        self.activation, self.hidden_size, self.module, self.matrices = arch.activation, arch.hidden_size, module, matrices
+        self.activation, self.hidden_size = arch.activation, arch.hidden_size
+        self.module, self.matrices = module, matrices
         self.n_experts, self.top_k, self.expert_ff = args.num_experts, args.num_experts_per_tok, expert_ff
         self.normalise_top_k = normalise
         self.sparse_step, self.dense_layers = args.decoder_sparse_step, set(args.mlp_only_layers)

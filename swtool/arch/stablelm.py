@@ -101,7 +101,8 @@ class StableLm(Architecture):
         """With qk_layernorm, a step normalising each q and k head with its own weight; else None."""
         if not self.qk_norm:
             return None
-        return lambda q, k: (self.per_head_norm(ctx, q, p + "q_layernorm"), self.per_head_norm(ctx, k, p + "k_layernorm"))
+        return lambda q, k: (self.per_head_norm(ctx, q, p + "q_layernorm"),
+                             self.per_head_norm(ctx, k, p + "k_layernorm"))
 
     def per_head_norm(self, ctx, x, prefix):
         """x [W, heads, T, d]: head h normalised by a bias-free LayerNorm with its own weight norms.{h}."""
