@@ -220,6 +220,10 @@ class Architecture:
         """Token ids [T] -> residual stream [T, hidden]."""
         return ctx.embedding("model.embed_tokens.weight", tokens)
 
+    def sliding_window(self, layer):
+        """Attention window of layer `layer` in tokens, or None for full causal attention."""
+        return None
+
     def block(self, ctx, layer, x):
         """Residual stream [W, T, hidden] in, residual stream out, after decoder block `layer`."""
         raise NotImplementedError
