@@ -1,126 +1,55 @@
-"""config.json values checked for type and range before any architecture reads them.
+"""config.json values outside any family's Args, checked for type and range before they are read.
 
-Families read their hyper-parameters with plain int()/float()/bool() and use them
-deep inside the forward pass (a window size in the attention mask, an epsilon in
-a norm). A value of the wrong type there would surface as a traceback far from
-its cause, so every key transformers gives a fixed meaning is checked here once,
-for all families, and a wrong one is a one-line error naming config.json.
-Keys a config does not have, or has as null, are left to the family's defaults.
+Each family reads its own keys through its Args dataclass (arch/base.py), which checks
+every value it reads. What is left here are the keys read for every family by other
+modules: RoPE (rope.py: the base, the rotary fraction, the scaling objects with what
+each RoPE type needs), the trained context, and the expert count model.py bounds.
+A wrong one is a one-line error naming config.json. Keys a config does not have, or
+has as null, are left to the defaults.
 """
 
-import math
-
+from swtool.arch.base import KINDS, Count, Fraction, Names, Positive, short
 from swtool.errors import CheckpointError
 
 
-def _positive_int(v):
-    return type(v) is not bool and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) and v > 0
+class PositiveList(list):
+    """A list of positive numbers (longrope's short_factor and long_factor)."""
 
 
-def _non_negative_int(v):
-    return type(v) is not bool and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) and v >= 0
+VALUE_KINDS = {**KINDS, PositiveList: (lambda v: isinstance(v, list) and all(KINDS[Positive][0](x) for x in v),
+                                       list, "a list of positive numbers")}
 
-
-def _positive_number(v):
-    return type(v) is not bool and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
-
-
-def _number(v):
-    return type(v) is not bool and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _fraction(v):
-    return _positive_number(v) and v <= 1
-
-
-def _flag(v):
-    return isinstance(v, bool)
-
-
-def _text(v):
-    return isinstance(v, str)
-
-
-def _object(v):
-    return isinstance(v, dict)
-
-
-def _texts(v):
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-# key -> (check, what it must be); null is always allowed (the family's default applies)
+# key -> what it must be (a kind of arch/base.py); null is always allowed (the default applies)
 CHECKS = {
-    "model_type": (_text, "a string"),
-    "num_hidden_layers": (_positive_int, "a positive integer"),
-    "n_layer": (_positive_int, "a positive integer"),
-    "hidden_size": (_positive_int, "a positive integer"),
-    "n_embd": (_positive_int, "a positive integer"),
-    "intermediate_size": (_positive_int, "a positive integer"),
-    "n_inner": (_positive_int, "a positive integer"),
-    "num_attention_heads": (_positive_int, "a positive integer"),
-    "n_head": (_positive_int, "a positive integer"),
-    "num_key_value_heads": (_positive_int, "a positive integer"),
-    "head_dim": (_positive_int, "a positive integer"),
-    "vocab_size": (_positive_int, "a positive integer"),
-    "max_position_embeddings": (_positive_int, "a positive integer"),
-    "n_positions": (_positive_int, "a positive integer"),
-    "original_max_position_embeddings": (_positive_int, "a positive integer"),
-    "sliding_window": (_positive_int, "a positive integer"),
-    "max_window_layers": (_non_negative_int, "a non-negative integer"),
-    "sliding_window_pattern": (_positive_int, "a positive integer"),
-    "num_local_experts": (_positive_int, "a positive integer"),
-    "num_experts_per_tok": (_positive_int, "a positive integer"),
-    "rope_theta": (_positive_number, "a positive number"),
-    "rope_local_base_freq": (_positive_number, "a positive number"),
-    "rotary_emb_base": (_positive_number, "a positive number"),
-    "rms_norm_eps": (_positive_number, "a positive number"),
-    "layer_norm_eps": (_positive_number, "a positive number"),
-    "layer_norm_epsilon": (_positive_number, "a positive number"),
-    "norm_epsilon": (_positive_number, "a positive number"),
-    "partial_rotary_factor": (_fraction, "a number in (0, 1]"),
-    "rotary_pct": (_fraction, "a number in (0, 1]"),
-    "query_pre_attn_scalar": (_positive_number, "a positive number"),
-    "attn_logit_softcapping": (_positive_number, "a positive number"),
-    "final_logit_softcapping": (_positive_number, "a positive number"),
-    "clip_qkv": (_positive_number, "a positive number"),
-    "embedding_multiplier": (_number, "a finite number"),
-    "residual_multiplier": (_number, "a finite number"),
-    "attention_multiplier": (_number, "a finite number"),
-    "logits_scaling": (_positive_number, "a positive number"),
-    "tie_word_embeddings": (_flag, "true or false"),
-    "attention_bias": (_flag, "true or false"),
-    "mlp_bias": (_flag, "true or false"),
-    "use_sliding_window": (_flag, "true or false"),
-    "use_parallel_residual": (_flag, "true or false"),
-    "use_qkv_bias": (_flag, "true or false"),
-    "qk_layernorm": (_flag, "true or false"),
-    "hidden_act": (_text, "a string"),
-    "hidden_activation": (_text, "a string"),
-    "activation_function": (_text, "a string"),
-    "rope_scaling": (_object, "an object"),
-    "rope_parameters": (_object, "an object"),
-    "layer_types": (_texts, "a list of strings"),
-    "architectures": (_texts, "a list of strings"),
+    "model_type": str,
+    "architectures": Names,
+    "max_position_embeddings": Count,
+    "original_max_position_embeddings": Count,
+    "num_local_experts": Count,
+    "rope_theta": Positive,
+    "rope_local_base_freq": Positive,
+    "rotary_emb_base": Positive,
+    "partial_rotary_factor": Fraction,
+    "rotary_pct": Fraction,
+    "rope_scaling": dict,
+    "rope_parameters": dict,
 }
 
 
-# what each RoPE type needs in its scaling object (rope.py reads these): key -> (check, what it must be)
+# what each RoPE type needs in its scaling object (rope.py reads these): key -> what it must be
 ROPE_NEEDS = {
-    "linear": {"factor": (_positive_number, "a positive number")},
-    "dynamic": {"factor": (_positive_number, "a positive number")},
-    "llama3": {"factor": (_positive_number, "a positive number"),
-               "low_freq_factor": (_positive_number, "a positive number"),
-               "high_freq_factor": (_positive_number, "a positive number"),
-               "original_max_position_embeddings": (_positive_int, "a positive integer")},
+    "linear": {"factor": Positive},
+    "dynamic": {"factor": Positive},
+    "llama3": {"factor": Positive, "low_freq_factor": Positive, "high_freq_factor": Positive,
+               "original_max_position_embeddings": Count},
 }
 ROPE_OPTIONAL = {
-    "rope_theta": (_positive_number, "a positive number"),
-    "factor": (_positive_number, "a positive number"),
-    "attention_factor": (_positive_number, "a positive number"),
-    "original_max_position_embeddings": (_positive_int, "a positive integer"),
-    "short_factor": (lambda v: isinstance(v, list) and all(_positive_number(x) for x in v), "a list of positive numbers"),
-    "long_factor": (lambda v: isinstance(v, list) and all(_positive_number(x) for x in v), "a list of positive numbers"),
+    "rope_theta": Positive,
+    "factor": Positive,
+    "attention_factor": Positive,
+    "original_max_position_embeddings": Count,
+    "short_factor": PositiveList,
+    "long_factor": PositiveList,
 }
 
 
@@ -128,10 +57,8 @@ def check_config(config, source):
     """A CheckpointError(source, ...) for the first known key whose value has the wrong type or range."""
     if not isinstance(config, dict):
         raise CheckpointError(source, "not a JSON object")
-    for key, (ok, what) in CHECKS.items():
-        value = config.get(key)
-        if value is not None and not ok(value):
-            raise CheckpointError(source, f"{key} = {_short(value)} is not {what}")
+    for key, kind in CHECKS.items():
+        _check(config.get(key), kind, key, source)
     for key in ("rope_scaling", "rope_parameters"):
         if isinstance(config.get(key), dict):
             _check_rope(config[key], key, source)
@@ -146,16 +73,16 @@ def _check_rope(scaling, where, source):
         return
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if not isinstance(kind, str):
-        raise CheckpointError(source, f"{where}.rope_type = {_short(kind)} is not a string")
-    for key, (ok, what) in ROPE_NEEDS.get(kind, {}).items():
+        raise CheckpointError(source, f"{where}.rope_type = {short(kind)} is not a string")
+    for key in ROPE_NEEDS.get(kind, {}):
         if key not in scaling or scaling[key] is None:
             raise CheckpointError(source, f"{where}: RoPE type {kind!r} needs {key!r}")
-    for key, (ok, what) in {**ROPE_OPTIONAL, **ROPE_NEEDS.get(kind, {})}.items():
-        value = scaling.get(key)
-        if value is not None and not ok(value):
-            raise CheckpointError(source, f"{where}.{key} = {_short(value)} is not {what}")
+    for key, value_kind in {**ROPE_OPTIONAL, **ROPE_NEEDS.get(kind, {})}.items():
+        _check(scaling.get(key), value_kind, f"{where}.{key}", source)
 
 
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _check(value, kind, name, source):
+    """Null is always allowed (the default applies); anything else must be of its kind."""
+    ok, _, what = VALUE_KINDS[kind]
+    if value is not None and not ok(value):
+        raise CheckpointError(source, f"{name} = {short(value)} is not {what}")

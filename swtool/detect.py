@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from swtool import kernels
+from swtool.arch.base import DOWN_IN, DOWN_OUT, POINTS, RESID, RESID_MID
 from swtool.arch.moe import SHARED
 from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
@@ -105,21 +106,20 @@ class Recorder:
     tokens routed to each (`experts`); a shared expert's under the label SHARED.
     """
 
-    POINTS = ("down_in", "down_out", "resid_mid", "resid")
-
     def __init__(self):
-        self.data = {point: {} for point in self.POINTS}  # point -> layer -> {prefix: [T, channels]}
+        self.data = {point: {} for point in POINTS}  # point -> layer -> {prefix: [T, channels]}
         self.experts = {}  # layer -> {prefix: {expert: (tokens, router weights, down_in [n, ff])}}
         self.peaks = {}  # layer -> {prefix: max |down_proj output|}
 
     def observe(self, point, layer, key, x):
-        if point in self.data:
-            self.data[point].setdefault(layer, {})[key] = x.copy()
-        if point == "down_out":
+        if point not in self.data:
+            raise ValueError(f"unknown observation point {point!r} (known: {', '.join(POINTS)})")
+        self.data[point].setdefault(layer, {})[key] = x.copy()
+        if point == DOWN_OUT:
             self.peaks.setdefault(layer, {})[key] = float(np.max(np.abs(x)))
 
     def observe_expert(self, point, layer, expert, key, tokens, weights, x):
-        if point == "down_in":
+        if point == DOWN_IN:
             self.experts.setdefault(layer, {}).setdefault(key, {})[expert] = (tokens, weights, x.copy())
 
     def at(self, point, layer, key):
@@ -139,8 +139,8 @@ class Recorder:
         """[(expert, router weight, input vector)] of each down projection that saw `token` of world
         `key` in `layer`: the dense MLP's (expert None, weight 1), or each expert the token was routed to
         (and a shared expert, label SHARED, its sigmoid gate as the weight)."""
-        if layer in self.data["down_in"]:
-            return [(None, 1.0, self.at("down_in", layer, key)[token])]
+        if layer in self.data[DOWN_IN]:
+            return [(None, 1.0, self.at(DOWN_IN, layer, key)[token])]
         sources = []
         for expert, (tokens, weights, x) in by_expert(self.experts.get(layer, {}).get(prefix(key, layer), {})):
             hit = np.flatnonzero(tokens == token)
@@ -414,14 +414,14 @@ class OnlineSearch:
         """(spike, its new weights) at `layer` in `world`, persistence pending; (None, []) if none."""
         recorder = self.recorder
         peaks = [recorder.peak(earlier, world) for earlier in range(layer + 1)]
-        spike = provisional_spike(peaks, recorder.at("down_out", layer, world), self.settings.spike_ratio)
+        spike = provisional_spike(peaks, recorder.at(DOWN_OUT, layer, world), self.settings.spike_ratio)
         if spike is None:
             return None, []
-        resid_mid = recorder.world("resid_mid", world, upto=layer)
-        resid = recorder.world("resid", world, upto=layer)
+        resid_mid = recorder.world(RESID_MID, world, upto=layer)
+        resid = recorder.world(RESID, world, upto=layer)
         if not creates_massive_activation(spike, resid_mid, resid, self.settings):
             return None, []
-        intact_mid, intact = recorder.world("resid_mid", INTACT, upto=layer), recorder.world("resid", INTACT, upto=layer)
+        intact_mid, intact = recorder.world(RESID_MID, INTACT, upto=layer), recorder.world(RESID, INTACT, upto=layer)
         if cancels(spike, intact_mid, intact):
             return None, []
         return spike, _spike_weights(self.model, recorder, self.weights, world, spike, known, self.settings,
@@ -437,7 +437,7 @@ class OnlineSearch:
             self.pending.remove((spike, p))
             world = world_key(self.found_before(p))
             if not self.stream.computed(world, layer) or not persists(
-                    spike, self.recorder.world("resid", world, upto=layer), self.settings):
+                    spike, self.recorder.world(RESID, world, upto=layer), self.settings):
                 self.found[p] = [sw for sw in self.found[p] if (sw.layer, sw.row) != (spike.layer, spike.row)]
                 dropped = True
         return dropped
@@ -495,9 +495,9 @@ def _tensor_key(tensor):
 
 def _candidates(model, recorder, weights, world, found, settings, iteration):
     """New super weights in world `world` (all layers recorded): pass `iteration` of the module docstring."""
-    down_out = np.asarray(recorder.world("down_out", world))
-    resid_mid, resid = recorder.world("resid_mid", world), recorder.world("resid", world)
-    intact_mid, intact_resid = recorder.world("resid_mid", INTACT), recorder.world("resid", INTACT)
+    down_out = np.asarray(recorder.world(DOWN_OUT, world))
+    resid_mid, resid = recorder.world(RESID_MID, world), recorder.world(RESID, world)
+    intact_mid, intact_resid = recorder.world(RESID_MID, INTACT), recorder.world(RESID, INTACT)
     known = {_key(sw) for sw in found}
     new = []
     for spike in find_spikes(down_out, settings.spike_ratio):
@@ -570,7 +570,7 @@ def _verify(found, worlds, recorder, nll, settings):
     """Fill each SuperWeight's verification from the verification worlds."""
 
     def activation(sw, key):
-        return abs(float(recorder.at("resid", sw.layer, key)[sw.token, sw.row]))
+        return abs(float(recorder.at(RESID, sw.layer, key)[sw.token, sw.row]))
 
     def matters(sw, key):
         """Does world `key` lose the super activation or the prompt's likelihood?"""
@@ -598,10 +598,10 @@ def layer_profile(recorder, world):
     expert, or says shared_expert); its output is the router-weighted sum of the experts' down projections.
     """
     rows = []
-    for layer in sorted(recorder.data["down_out"]):
+    for layer in sorted(recorder.data[DOWN_OUT]):
         entry = {"layer": layer}
-        for point, key in (("down_in", "down_proj_input"), ("down_out", "down_proj_output"), ("resid", "residual")):
-            if point == "down_in" and layer not in recorder.data["down_in"]:
+        for point, key in ((DOWN_IN, "down_proj_input"), (DOWN_OUT, "down_proj_output"), (RESID, "residual")):
+            if point == DOWN_IN and layer not in recorder.data[DOWN_IN]:
                 entry[key] = _expert_input_peak(recorder.experts.get(layer, {}).get(prefix(world, layer), {}))
                 continue
             x = recorder.at(point, layer, world)

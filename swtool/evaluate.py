@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from swtool.arch.base import DOWN_OUT
 from swtool.errors import SwtoolError
 from swtool.inputfile import open_regular
 from swtool.forward import World, head_logits, run_layers
@@ -121,7 +122,7 @@ class PeakProfile:
         self.peak = np.zeros((n_worlds, n_layers), dtype=np.float64)
 
     def observe(self, point, layer, x):
-        if point != "down_out":
+        if point != DOWN_OUT:
             return
         per_world = x.reshape((self.n_worlds,) + self.valid.shape + (x.shape[-1],))[:, self.valid]
         self.peak[:, layer] = np.abs(per_world).max(axis=(1, 2))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from swtool.checkpoint.transposed import TransposedTensor
+from swtool.arch.base import DOWN_OUT
 from swtool.errors import SwtoolError
 from swtool.forward import Edit, ScaleElements, World
 
@@ -116,7 +117,7 @@ class RestoreActivation:
     valid: np.ndarray  # [B, ctx] real positions of this pass's chunks
 
     def __call__(self, point, layer, x, ctx):
-        if point != "down_out" or layer not in self.channels:
+        if point != DOWN_OUT or layer not in self.channels:
             return None
         source, target = x[ctx.rows_of_world(self.source)], x[ctx.rows_of_world(self.target)]  # views [B, T, C]
         chunk = np.arange(len(self.valid))

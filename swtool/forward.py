@@ -5,13 +5,15 @@
         x = block(layer, x)           # observers see activations as they flow
     logits = head(x)
 
-Two kinds of plug-in, as in DESIGN.md:
+Three kinds of plug-in:
   - weight transforms change a tensor as it is read, for every world
     (`ScaleElements` zeroes or scales chosen elements); a transform is a callable
     (name, float32 weight, rows, expert=None) -> weight with a `touches(name)`
     method, so tensors no transform touches can skip decoding (kernels.py);
-  - observers receive activations at named points ("down_in", "down_out",
-    "resid_mid", "resid") with shape [rows, tokens, channels]; an observer with
+  - observers receive activations at the observation points of arch/base.py
+    (DOWN_IN, DOWN_OUT, RESID_MID, RESID: the down projection's input and output,
+    the residual stream after attention and after the block), with shape
+    [rows, tokens, channels]; recording any other point is an error. An observer with
     an `observe_expert` method also sees each expert of a mixture (see below);
   - activation transforms change an activation as it flows: callables
     (point, layer, x, ctx) -> replacement or None, run before the observers at
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from swtool import kernels
+from swtool.arch.base import DOWN_IN, DOWN_OUT, POINTS
 from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 
@@ -230,6 +233,8 @@ class Pass:
 
     def observe(self, point, layer, x):
         """Activation transforms may replace x (in place, so the caller's array changes), then observers look."""
+        if point not in POINTS:
+            raise ValueError(f"unknown observation point {point!r} (known: {', '.join(POINTS)})")
         for transform in self.activation_transforms:
             replacement = transform(point, layer, x, self)
             if replacement is not None and replacement is not x:
@@ -239,8 +244,10 @@ class Pass:
         return x
 
     def observe_expert(self, point, layer, expert, routed, x):
-        """Expert `expert` of layer `layer` at `point` ("down_in", "down_out"): x [N, channels]
+        """Expert `expert` of layer `layer` at `point` (DOWN_IN, DOWN_OUT): x [N, channels]
         holds only the rows routed to it, row n being token routed.token[n] of world routed.world[n]."""
+        if point not in (DOWN_IN, DOWN_OUT):
+            raise ValueError(f"unknown observation point of an expert {point!r} (known: {DOWN_IN}, {DOWN_OUT})")
         for observer in self.observers:
             if hasattr(observer, "observe_expert"):
                 observer.observe_expert(point, layer, expert, routed, x)

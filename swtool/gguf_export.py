@@ -1,8 +1,9 @@
 """`swtool export` and `swtool quantize`: GGUF files for llama.cpp with the super weights recorded and protected.
 
 export:   a Hugging Face checkpoint -> GGUF, as llama.cpp's convert_hf_to_gguf.py followed by
-          llama-quantize would make it: llama.cpp tensor names, Q and K rows permuted for the
-          llama architecture, hyper-parameters, the vocabulary (export_vocab.py).
+          llama-quantize would make it: what the family converts (arch/: llama.cpp tensor names,
+          row orders such as Llama's Q/K permutation, added tensors, hyper-parameters), then
+          the vocabulary (export_vocab.py).
 quantize: an F32/F16/BF16 GGUF -> another type, every metadata key (the vocabulary included)
           copied from the input.
 
@@ -38,7 +39,6 @@ from swtool.quant.policy import KEPT, NOT_QUANTIZED
 HANDLINGS = ("keep", "isolate", "none")
 DEFAULT_KEEP_TYPE = "q8_0"  # README, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
 KEEP_TYPES = ("f16", "bf16", "q8_0", "f32")
-EXPORT_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
 CHUNK_BYTES = 64 << 20  # float32 bytes read, reordered and quantized at a time
 
 
@@ -312,11 +312,13 @@ def export(model_path, out_path, options):
     if Path(model_path).is_file() and is_gguf(model_path):
         raise SwtoolError(f"{model_path} is already a GGUF file: use `swtool quantize` to change its type")
     model = load_model(model_path)
-    arch_name = EXPORT_ARCHES.get(model.arch.model_type)
-    if arch_name is None:
-        raise SwtoolError(f"export supports model_type {', '.join(EXPORT_ARCHES)}; "
+    if not model.arch.gguf_exports:
+        from swtool.arch import gguf_export_model_types
+
+        raise SwtoolError(f"export supports model_type {', '.join(gguf_export_model_types())}; "
                           f"{model_path} is {model.arch.model_type!r}")
-    tensors = hf_tensors(model, arch_name)
+    arch_name = model.arch.gguf_arch_name()
+    tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
     super_weights, prompt, orders = [], None, {}
     if options.catalog:
@@ -326,8 +328,12 @@ def export(model_path, out_path, options):
     handling = handling_label(options, super_weights, orders, tensors)
 
     def add_metadata(writer):
+        import gguf
+
         add_general(writer, model)
-        add_hyperparameters(writer, model, target.file_type)
+        model.arch.gguf_hyperparameters(writer)
+        writer.add_file_type(target.file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         from swtool.export_vocab import add_vocabulary
 
         add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
@@ -366,74 +372,26 @@ def tensor_order(tensor):
     return (1, layer, tensor.name) if layer is not None else (2, 0, tensor.name)
 
 
-def hf_tensors(model, arch_name):
-    """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint."""
-    from swtool.checkpoint.gguf_model import unpermute_order
-
+def hf_tensors(model):
+    """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint, as the family converts it."""
     arch, checkpoint = model.arch, model.checkpoint
-    heads = {"attn_q": arch.n_heads, "attn_k": arch.n_kv_heads}
     tensors = {}
     for hf_name, shape in arch.tensor_shapes().items():
         name = arch.gguf_name(hf_name)
         tensor = OutTensor(name, tuple(shape), checkpoint.tensor(hf_name).read)
-        kind = name.split(".")[-2]  # "attn_q" in "blk.3.attn_q.weight"
-        if arch_name == "llama" and kind in heads:
-            # llama.cpp rotates neighbouring pairs, HF the two halves of each head (convert's LlamaModel.permute)
-            tensor.row_order = np.argsort(unpermute_order(shape[0], heads[kind]))
+        stored_rows = arch.gguf_stored_rows(name, shape[0])
+        if stored_rows is not None:  # the file's row i is the source's row row_order[i]
+            tensor.row_order = np.argsort(stored_rows)
         tensors[name] = tensor
-    factors = llama3_rope_factors(model.checkpoint.config, arch.head_dim)
-    if factors is not None:
-        tensors["rope_freqs.weight"] = OutTensor("rope_freqs.weight", factors.shape,
-                                                 lambda rows: factors if rows is None else factors[rows])
+    for name, values in arch.gguf_extra_tensors().items():
+        tensors[name] = OutTensor(name, values.shape,
+                                  lambda rows, values=values: values if rows is None else values[rows])
     return tensors
-
-
-def llama3_rope_factors(config, head_dim):
-    """rope_freqs.weight for Llama 3.1-style RoPE scaling: each frequency's divisor, or None."""
-    from swtool.arch.rope import inv_freq, rope_settings
-
-    theta, scaling = rope_settings(config)
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
-        return None
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    unscaled = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
-    return (unscaled.astype(np.float64) / inv_freq(config, head_dim).astype(np.float64)).astype(np.float32)
 
 
 def add_general(writer, model):
     writer.add_type("model")
     writer.add_name(Path(model.path).resolve().name)
-
-
-def add_hyperparameters(writer, model, file_type):
-    """The `{arch}.*` keys of convert_hf_to_gguf's LlamaModel / Qwen2Model."""
-    import gguf
-
-    from swtool.arch.rope import rope_settings
-
-    config, arch = model.checkpoint.config, model.arch
-    writer.add_context_length(int(config["max_position_embeddings"]))
-    writer.add_embedding_length(arch.hidden_size)
-    writer.add_block_count(arch.n_layers)
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(arch.n_heads)
-    writer.add_head_count_kv(arch.n_kv_heads)
-    theta, scaling = rope_settings(config)
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(arch.eps)
-    if config.get("head_dim") is not None:
-        writer.add_key_length(arch.head_dim)
-        writer.add_value_length(arch.head_dim)
-    writer.add_vocab_size(arch.vocab_size)
-    writer.add_rope_dimension_count(arch.head_dim)
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
-        raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export (supported: none, linear, llama3)")
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 # --- quantize: GGUF -> GGUF --------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 llama.cpp loads files with unknown metadata keys (and llama-quantize copies them),
 but rejects unknown tensors, so the super weights travel as flat metadata arrays,
-one entry per super weight, in the catalog's order (anchors.md §3.5-3.6):
+one entry per super weight, in the catalog's order:
 
   swtool.format_version          UINT32          FORMAT_VERSION
   swtool.super_weights.layer     ARRAY[UINT32]   decoder layer

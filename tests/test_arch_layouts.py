@@ -203,7 +203,7 @@ def _stacked_per_head_norms(arch):
     """How many names collapse because llama.cpp stacks StableLM's per-head q/k norms into one tensor each."""
     if not getattr(arch, "qk_norm", False):
         return 0
-    return arch.n_layers * ((arch.n_heads - 1) + (arch.n_kv_heads - 1))
+    return arch.n_layers * ((arch.heads.n - 1) + (arch.heads.n_kv - 1))
 
 
 def test_gpt2_config_spelling_reaches_the_architecture():
@@ -212,5 +212,5 @@ def test_gpt2_config_spelling_reaches_the_architecture():
                                      vocab_size=100).to_dict()
     config["intermediate_size"] = 999  # GPT2Config ignores it; so must swtool
     arch = architecture_for(config)
-    assert (arch.n_layers, arch.hidden_size, arch.n_heads, arch.n_positions, arch.intermediate_size) == \
+    assert (arch.n_layers, arch.hidden_size, arch.heads.n, arch.n_positions, arch.intermediate_size) == \
         (3, 48, 4, 32, 4 * 48)

@@ -1,8 +1,9 @@
 """Architectures: which tensors a model has and how one decoder block computes.
 
 Each family is one module in this package defining a subclass of
-`Architecture` with the `model_type` values of config.json it handles.
-Adding a family = adding a module; the registry finds it.
+`Architecture` with the `model_type` values of config.json it handles, its
+block written as a recipe of the steps in blocks.py. Adding a family = adding
+a module; the registry finds it (docs/adding-a-family.md).
 """
 
 import importlib
@@ -11,7 +12,7 @@ import pkgutil
 from swtool.arch.base import Architecture
 from swtool.errors import SwtoolError
 
-NOT_FAMILIES = {"base", "rope", "moe"}  # helper modules of this package
+NOT_FAMILIES = {"base", "blocks", "rope", "moe"}  # helper modules of this package
 
 
 def _registry():
@@ -31,6 +32,20 @@ def supported_model_types():
     return sorted(_registry())
 
 
+def gguf_export_model_types():
+    """The model_type values `swtool export` writes as GGUF (families with gguf_exports)."""
+    return sorted(model_type for model_type, cls in _registry().items() if cls.gguf_exports)
+
+
+def family_reading_gguf(gguf_arch):
+    """The Architecture class that reads GGUF files of llama.cpp architecture `gguf_arch`, or None."""
+    return next((cls for cls in _registry().values() if gguf_arch in cls.gguf_reads), None)
+
+
+def gguf_readable_architectures():
+    return sorted({name for cls in _registry().values() for name in cls.gguf_reads})
+
+
 def architecture_for(config, source="config.json"):
     """The Architecture instance for a config.json dict; a one-line error for unknown families."""
     model_type = config.get("model_type")
@@ -41,4 +56,5 @@ def architecture_for(config, source="config.json"):
     return cls(config)
 
 
-__all__ = ["Architecture", "architecture_for", "supported_model_types"]
+__all__ = ["Architecture", "architecture_for", "family_reading_gguf", "gguf_export_model_types",
+           "gguf_readable_architectures", "supported_model_types"]

@@ -20,38 +20,47 @@ Tensor names start with "transformer." when transformers saved the model, and
 without it in the original OpenAI-converted checkpoints on the Hub.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
-from swtool import ops
-from swtool.arch.base import Architecture
-from swtool.arch.llama import _activation
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, Args, Count, Positive
 from swtool.errors import SwtoolError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# GPT-2's config names -> the names base.Architecture reads
-ALIASES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
-           "n_positions": "max_position_embeddings"}
+@dataclass(frozen=True, kw_only=True)
+class GPT2Args(Args):
+    # GPT-2's own names win over the generic ones: transformers reads only them
+    aliases: ClassVar[dict] = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size",
+                               "n_head": "num_attention_heads", "n_positions": "max_position_embeddings"}
+    num_attention_heads: Count
+    max_position_embeddings: Count
+    n_inner: Count = None  # not intermediate_size, which GPT2Config ignores; None means 4 x hidden
+    layer_norm_epsilon: Positive = 1e-5
+    activation_function: str = "gelu_new"
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
 
 
 class GPT2(Architecture):
     model_types = ("gpt2",)
+    Args = GPT2Args
 
     def __init__(self, config):
-        config = dict(config)
-        for theirs, ours in ALIASES.items():
-            if theirs in config:
-                config[ours] = config[theirs]  # GPT-2's own key wins: transformers reads only it
         super().__init__(config)
-        self.n_heads = self.require("num_attention_heads", int)
-        self.head_dim = self.hidden_size // self.n_heads
-        self.n_positions = self.require("max_position_embeddings", int)
-        # n_inner, not intermediate_size: GPT2Config ignores the latter; None means 4 x hidden
-        self.intermediate_size = int(config.get("n_inner") or 4 * self.hidden_size)
-        self.eps = float(config.get("layer_norm_epsilon", 1e-5))
-        self.activation = _activation(config.get("activation_function", "gelu_new"))
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        self.scale_attn_weights = bool(config.get("scale_attn_weights", True))
-        self.scale_by_layer = bool(config.get("scale_attn_by_inverse_layer_idx", False))
+        args = self.args
+        n_heads = args.num_attention_heads
+        self.heads = blocks.Heads(n_heads, n_heads, self.hidden_size // n_heads)
+        self.n_positions = args.max_position_embeddings
+        self.intermediate_size = args.n_inner or 4 * self.hidden_size
+        self.norm = blocks.LayerNorm(args.layer_norm_epsilon)
+        self.activation = blocks.activation(args.activation_function)
+        self.tied = args.tie_word_embeddings
+        self.scale_attn_weights = args.scale_attn_weights
+        self.scale_by_layer = args.scale_attn_by_inverse_layer_idx
         self.prefix = "transformer."
 
     def adapt(self, names):
@@ -73,16 +82,16 @@ class GPT2(Architecture):
         """Stored shapes: Conv1D weights are [in, out]."""
         d, ff, p = self.hidden_size, self.intermediate_size, self.prefix
         shapes = {p + "wte.weight": (self.vocab_size, d), p + "wpe.weight": (self.n_positions, d),
-                  p + "ln_f.weight": (d,), p + "ln_f.bias": (d,)}
+                  **self.norm.tensors(p + "ln_f", d)}
         if not self.tied:
             shapes["lm_head.weight"] = (self.vocab_size, d)
         conv1d = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, ff), "mlp.c_proj": (ff, d)}
         for layer in range(self.n_layers):
             h = f"{p}h.{layer}."
-            for norm in ("ln_1", "ln_2"):
-                shapes[f"{h}{norm}.weight"] = shapes[f"{h}{norm}.bias"] = (d,)
+            shapes.update(self.norm.tensors(h + "ln_1", d))
+            shapes.update(self.norm.tensors(h + "ln_2", d))
             for name, (n_in, n_out) in conv1d.items():
-                shapes[f"{h}{name}.weight"], shapes[f"{h}{name}.bias"] = (n_in, n_out), (n_out,)
+                shapes.update({f"{h}{name}.weight": (n_in, n_out), f"{h}{name}.bias": (n_out,)})
         return shapes
 
     # --- math ------------------------------------------------------------------------
@@ -93,39 +102,26 @@ class GPT2(Architecture):
         positions = ctx.weight(self.prefix + "wpe.weight")[:ctx.n_tokens]  # [T, d], the same in every world
         return ctx.embedding(self.prefix + "wte.weight", tokens) + positions
 
-    def layer_norm(self, ctx, x, prefix):
-        return ops.layer_norm(x, ctx.weight(prefix + ".weight"), ctx.weight(prefix + ".bias"), self.eps)
-
     def block(self, ctx, layer, x):
         h = f"{self.prefix}h.{layer}."
-        # attention sub-block: LayerNorm, attend, add
-        x = x + self.attention(ctx, layer, self.layer_norm(ctx, x, h + "ln_1"))
-        ctx.observe("resid_mid", layer, x)
-        # MLP sub-block: LayerNorm, c_fc, GELU, c_proj (the down projection), add
-        act = self.activation(ctx.linear(self.layer_norm(ctx, x, h + "ln_2"), h + "mlp.c_fc.weight",
-                                         bias=True, transposed=True))
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, h + "mlp.c_proj.weight", bias=True, transposed=True)
-        ctx.observe("down_out", layer, down)
-        x = x + down
-        ctx.observe("resid", layer, x)
+        x = x + self.attention(ctx, layer, self.norm(ctx, x, h + "ln_1"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + blocks.plain_mlp(ctx, layer, self.norm(ctx, x, h + "ln_2"), h + "mlp.c_fc.weight",
+                                 h + "mlp.c_proj.weight", self.activation, bias=True, transposed=True)
+        ctx.observe(RESID, layer, x)
         return x
 
     def attention(self, ctx, layer, h):
         p = f"{self.prefix}h.{layer}.attn."
-        n_worlds, n_tokens, d = h.shape
         qkv = ctx.linear(h, p + "c_attn.weight", bias=True, transposed=True)
-        # all queries, then all keys, then all values; each [W, T, d] -> [W, heads, T, head_dim]
-        q, k, v = (part.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-                   for part in np.split(qkv, 3, axis=-1))
-        out = ops.attention(q, k, v, ops.causal_mask(n_tokens), scale=self.attention_scale(layer))
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, d)
+        q, k, v = np.split(qkv, 3, axis=-1)  # all queries, then all keys, then all values
+        out = blocks.attend(ctx, self.heads, q, k, v, scale=self.attention_scale(layer))  # learned positions
         return ctx.linear(out, p + "c_proj.weight", bias=True, transposed=True)
 
     def attention_scale(self, layer):
-        scale = self.head_dim ** -0.5 if self.scale_attn_weights else 1.0
+        scale = self.heads.dim ** -0.5 if self.scale_attn_weights else 1.0
         return scale / (layer + 1) if self.scale_by_layer else scale
 
     def head(self, ctx, x):
-        x = self.layer_norm(ctx, x, self.prefix + "ln_f")
+        x = self.norm(ctx, x, self.prefix + "ln_f")
         return ctx.linear(x, self.prefix + "wte.weight" if self.tied else "lm_head.weight")

@@ -7,146 +7,229 @@ They differ only in config: Llama 3 scales RoPE frequencies (rope_type llama3),
 Mistral may use a sliding attention window, Qwen2 has q/k/v biases and slides
 its window only from `max_window_layers` on; GQA wherever
 num_key_value_heads < num_attention_heads.
+
+GGUF: llama.cpp converts Llama and Mistral as its "llama" architecture, whose Q and K
+rows it permutes (its RoPE rotates neighbouring pairs, Hugging Face's the two halves
+of each head), and Qwen2 as "qwen2", unpermuted. Llama 3.1-style RoPE scaling travels
+as a `rope_freqs.weight` tensor of per-frequency divisors.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from swtool import ops
-from swtool.arch.base import Architecture
-from swtool.arch.rope import attention_factor, inv_freq, rotary_dim
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Index
+from swtool.arch.rope import inv_freq, rope_settings
 from swtool.errors import SwtoolError
+
+PERMUTED = ("attn_q", "attn_k")  # the tensors llama.cpp's "llama" architecture stores with permuted rows
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1-style RoPE scaling, as the converter writes it
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaArgs(DecoderArgs):
+    max_window_layers: Index = 0  # Qwen2: the first layer whose window slides
+
 
 class Llama(Architecture):
     model_types = ("llama", "mistral", "qwen2")
+    Args = LlamaArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.n_heads = self.require("num_attention_heads", int)
-        self.n_kv_heads = int(config.get("num_key_value_heads") or self.n_heads)
-        self.head_dim = int(config.get("head_dim") or self.hidden_size // self.n_heads)
-        self.eps = float(config.get("rms_norm_eps", 1e-6))
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.activation = _activation(config.get("hidden_act", "silu"))
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.eps = args.rms_norm_eps
+        self.norm = blocks.RmsNorm(self.eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
         # which linears carry a bias: Llama's two flags, Qwen2's fixed q/k/v biases
-        attn_bias = bool(config.get("attention_bias", False))
-        self.qkv_bias = attn_bias or self.model_type == "qwen2"
-        self.o_bias = attn_bias
-        self.mlp_bias = bool(config.get("mlp_bias", False))
-        if self.n_heads % self.n_kv_heads:
-            raise SwtoolError(f"config.json: {self.n_heads} attention heads do not divide "
-                              f"into {self.n_kv_heads} key/value heads")
+        self.qkv_bias = args.attention_bias or self.model_type == "qwen2"
+        self.o_bias = args.attention_bias
+        self.mlp_bias = args.mlp_bias
 
     # --- names ---------------------------------------------------------------------
-    def down_proj_name(self, layer):
-        return f"model.layers.{layer}.mlp.down_proj.weight"
-
-    def gguf_arch(self):
-        return "QWEN2" if self.model_type == "qwen2" else "LLAMA"  # llama.cpp converts Mistral as llama
-
     def tensor_shapes(self):
-        d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        ff = self.require("intermediate_size", int)
-        shapes = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
-        if not self.tied:
-            shapes["lm_head.weight"] = (self.vocab_size, d)
-        linears = {"self_attn.q_proj": (q, d, self.qkv_bias), "self_attn.k_proj": (kv, d, self.qkv_bias),
-                   "self_attn.v_proj": (kv, d, self.qkv_bias), "self_attn.o_proj": (d, q, self.o_bias),
-                   "mlp.gate_proj": (ff, d, self.mlp_bias), "mlp.up_proj": (ff, d, self.mlp_bias),
-                   "mlp.down_proj": (d, ff, self.mlp_bias)}
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
-            shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (d,)
-            for name, (n_out, n_in, has_bias) in linears.items():
-                shapes[f"{p}{name}.weight"] = (n_out, n_in)
-                if has_bias:
-                    shapes[f"{p}{name}.bias"] = (n_out,)
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(blocks.attention_tensors(p + "self_attn", d, self.heads, self.qkv_bias, self.o_bias))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size, self.mlp_bias))
         return shapes
 
     def sliding_window(self, layer):
         """Attention window of a layer in tokens, or None for full causal attention."""
-        layer_types = self.config.get("layer_types")
-        window = self.config.get("sliding_window")
-        if isinstance(layer_types, list) and layer < len(layer_types):
-            return window if layer_types[layer] == "sliding_attention" else None
+        args, window = self.args, self.args.sliding_window
+        if args.layer_slides(layer) is not None:
+            return window if args.layer_slides(layer) else None
         if self.model_type == "qwen2":
-            use = self.config.get("use_sliding_window", False)
-            return window if use and layer >= self.config.get("max_window_layers", 0) else None
+            return window if args.use_sliding_window and layer >= args.max_window_layers else None
         if self.model_type == "mistral":
             return window
         return None
 
     # --- math ------------------------------------------------------------------------
-    def embed(self, ctx, tokens):
-        return ctx.embedding("model.embed_tokens.weight", tokens)
-
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
-        # attention sub-block: pre-norm, project, rotate, attend, project back, add
-        h = ops.rms_norm(x, ctx.weight(p + "input_layernorm.weight"), self.eps)
-        x = x + self.attention(ctx, layer, h)
-        ctx.observe("resid_mid", layer, x)
-        # MLP sub-block: pre-norm, gated activation, down projection, add
-        h = ops.rms_norm(x, ctx.weight(p + "post_attention_layernorm.weight"), self.eps)
-        gate = ctx.linear(h, p + "mlp.gate_proj.weight", self.mlp_bias)
-        up = ctx.linear(h, p + "mlp.up_proj.weight", self.mlp_bias)
-        act = self.activation(gate) * up
-        del gate, up
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, p + "mlp.down_proj.weight", self.mlp_bias)
-        ctx.observe("down_out", layer, down)
-        x = x + down
-        ctx.observe("resid", layer, x)
+        x = x + self.attention(ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"), p + "mlp",
+                                 self.activation, self.mlp_bias)
+        ctx.observe(RESID, layer, x)
         return x
 
-    def project_heads(self, ctx, p, h):
-        """q, k, v projections of h [W, T, hidden], split into heads: [W, heads, T, head_dim]."""
-        n_worlds, n_tokens, _ = h.shape
-
-        def split(x, n_heads):
-            return x.reshape(n_worlds, n_tokens, n_heads, self.head_dim).transpose(0, 2, 1, 3)
-
-        return (split(ctx.linear(h, p + "q_proj.weight", self.qkv_bias), self.n_heads),
-                split(ctx.linear(h, p + "k_proj.weight", self.qkv_bias), self.n_kv_heads),
-                split(ctx.linear(h, p + "v_proj.weight", self.qkv_bias), self.n_kv_heads))
-
     def attention(self, ctx, layer, h):
-        p = f"model.layers.{layer}.self_attn."
-        n_worlds, n_tokens, _ = h.shape
-        q, k, v = self.project_heads(ctx, p, h)
-        cos, sin = self.rope_tables(ctx)
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        mask = ops.causal_mask(n_tokens, self.sliding_window(layer))
-        out = ops.attention(q, k, v, mask, scale=self.attention_scale())
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
-        return ctx.linear(out, p + "o_proj.weight", self.o_bias)
+        return llama_attention(self, ctx, layer, h)
 
-    def attention_scale(self):
-        """What q.k is multiplied by before the softmax (Granite sets its own)."""
-        return self.head_dim ** -0.5
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("llama", "qwen2")
+    gguf_derived = (ROPE_FREQS,)
 
-    def rope_tables(self, ctx):
-        """cos/sin for the prompt's positions, computed once per pass.
+    def gguf_arch(self):
+        return "QWEN2" if self.model_type == "qwen2" else "LLAMA"  # llama.cpp converts Mistral as llama
 
-        Only the first rotary_dim dims of a head rotate (partial_rotary_factor, e.g. Phi-4-mini);
-        longrope also scales cos and sin (its attention factor), as transformers does.
-        """
-        key = "llama.rope"
-        if key not in ctx.cache:
-            frequencies = inv_freq(self.config, rotary_dim(self.config, self.head_dim), ctx.n_tokens)
-            cos, sin = ops.rope_cos_sin(frequencies, np.arange(ctx.n_tokens))
-            scale = np.float32(attention_factor(self.config))
-            ctx.cache[key] = (cos * scale, sin * scale)
-        return ctx.cache[key]
+    def gguf_arch_name(self):
+        return "qwen2" if self.model_type == "qwen2" else "llama"
 
-    def head(self, ctx, x):
-        x = ops.rms_norm(x, ctx.weight("model.norm.weight"), self.eps)
-        lm_head = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        return ctx.linear(x, lm_head)
+    def gguf_stored_rows(self, gguf_name, n_rows):
+        kind = gguf_name.split(".")[-2]  # "attn_q" in "blk.3.attn_q.weight"
+        if self.gguf_arch_name() != "llama" or kind not in PERMUTED:
+            return None
+        return unpermute_order(n_rows, self.heads.n if kind == "attn_q" else self.heads.n_kv)
+
+    def gguf_extra_tensors(self):
+        factors = llama3_rope_factors(self.config, self.heads.dim)
+        return {} if factors is None else {ROPE_FREQS: factors}
+
+    def gguf_hyperparameters(self, writer):
+        """The `{arch}.*` keys of convert_hf_to_gguf's LlamaModel / Qwen2Model."""
+        import gguf
+
+        config = self.config
+        writer.add_context_length(int(config["max_position_embeddings"]))
+        writer.add_embedding_length(self.hidden_size)
+        writer.add_block_count(self.n_layers)
+        writer.add_feed_forward_length(self.intermediate_size)
+        writer.add_head_count(self.heads.n)
+        writer.add_head_count_kv(self.heads.n_kv)
+        theta, scaling = rope_settings(config)
+        writer.add_rope_freq_base(theta)
+        writer.add_layer_norm_rms_eps(self.eps)
+        if self.args.head_dim is not None:
+            writer.add_key_length(self.heads.dim)
+            writer.add_value_length(self.heads.dim)
+        writer.add_vocab_size(self.vocab_size)
+        writer.add_rope_dimension_count(self.heads.dim)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
+            raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export "
+                              f"(supported: none, linear, llama3)")
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        hidden, n_head = hparams("embedding_length"), hparams("attention.head_count")
+        head_dim = hparams("attention.key_length", hidden // n_head)
+        if hparams("attention.value_length", head_dim) != head_dim:
+            raise hparams.error("keys and values of different sizes do not fit a llama-style config")
+        if hparams("rope.dimension_count", head_dim) != head_dim:
+            raise hparams.error("partial rotary embeddings do not fit a llama-style config")
+        model_type = hparams.arch  # "llama" or "qwen2", as the file says
+        config = {
+            "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "intermediate_size": hparams("feed_forward_length"),
+            "num_hidden_layers": hparams("block_count"),
+            "num_attention_heads": n_head,
+            "num_key_value_heads": hparams("attention.head_count_kv", n_head),
+            "head_dim": head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": hparams.float32(hparams("attention.layer_norm_rms_epsilon", kind=float)),
+            "rope_theta": hparams.float32(hparams("rope.freq_base", 10000.0, kind=float)),
+            "rope_scaling": rope_scaling_from_gguf(hparams),
+            "max_position_embeddings": hparams("context_length"),
+        }
+        if model_type == "llama":
+            config["attention_bias"] = "blk.0.attn_q.bias" in gguf_tensors
+            config["attention_dropout"] = 0.0
+            config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf_tensors
+        if ROPE_FREQS in gguf_tensors:
+            config["rope_scaling"] = freq_factor_scaling(gguf_tensors[ROPE_FREQS], config, hparams)
+        return config
 
 
-def _activation(name):
-    try:
-        return ops.ACTIVATIONS[name]
-    except KeyError:
-        raise SwtoolError(f"config.json: hidden_act {name!r} is not supported "
-                          f"(supported: {', '.join(ops.ACTIVATIONS)})") from None
+def llama_attention(arch, ctx, layer, h):
+    """Llama's attention (Mixtral's and Qwen2-MoE's too): q/k/v projections, RoPE, a causal window."""
+    p = f"model.layers.{layer}.self_attn"
+    q, k, v = blocks.qkv_projections(ctx, h, p, arch.qkv_bias)
+    out = blocks.attend(ctx, arch.heads, q, k, v, rope=blocks.rope_tables(ctx, arch.config, arch.heads.dim),
+                        window=arch.sliding_window(layer))
+    return ctx.linear(out, p + ".o_proj.weight", arch.o_bias)
+
+
+def unpermute_order(n_rows, n_head):
+    """Stored row of each HF row of a Q or K matrix that convert_hf_to_gguf permuted.
+
+    HF keeps each head's rotary rows as [first halves, second halves]; llama.cpp
+    interleaves them, via w.reshape(n_head, 2, half, cols).swapaxes(1, 2):
+    HF row h*2*half + s*half + i is stored at h*2*half + 2*i + s.
+    """
+    half = n_rows // n_head // 2
+    if half * 2 * n_head != n_rows:
+        raise SwtoolError(f"{n_rows} rows do not split into {n_head} heads of rotary pairs")
+    head, rest = np.divmod(np.arange(n_rows), 2 * half)
+    side, i = np.divmod(rest, half)
+    return head * 2 * half + 2 * i + side
+
+
+def llama3_rope_factors(config, head_dim):
+    """rope_freqs.weight for Llama 3.1-style RoPE scaling: each frequency's divisor, or None."""
+    theta, scaling = rope_settings(config)
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return None
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    unscaled = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    return (unscaled.astype(np.float64) / inv_freq(config, head_dim).astype(np.float64)).astype(np.float32)
+
+
+def rope_scaling_from_gguf(hparams):
+    """rope_scaling of config.json from `{arch}.rope.scaling.*`: none or linear."""
+    kind = hparams.meta.get(f"{hparams.arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        factor = hparams.meta.get(f"{hparams.arch}.rope.scaling.factor")
+        if not hparams.number(factor, float):
+            raise hparams.error(f"metadata {hparams.arch}.rope.scaling.factor = {factor!r}: linear RoPE "
+                                f"scaling needs a positive factor")
+        return {"rope_type": "linear", "factor": hparams.float32(factor)}
+    raise hparams.error(f"RoPE scaling {kind!r} is not supported for GGUF input (supported: none, linear)")
+
+
+def freq_factor_scaling(info, config, hparams):
+    """rope_scaling for a file with rope_freqs.weight: llama.cpp divides frequency i by factor i.
+
+    convert_hf_to_gguf writes this tensor for Llama 3.1-style scaling (rope_type "llama3"),
+    computed from the config's factor, low/high_freq_factor and original context, and keeps
+    none of those numbers in the metadata. The factors themselves are what llama.cpp uses,
+    so swtool uses them too: rope_type "freq_factors" (rope.py).
+    """
+    if config.get("rope_scaling"):
+        raise hparams.error(f"{ROPE_FREQS} together with RoPE scaling "
+                            f"{config['rope_scaling']['rope_type']!r} is not supported")
+    n_freqs = config["head_dim"] // 2
+    if info.shape != (n_freqs,):
+        raise hparams.error(f"tensor {ROPE_FREQS!r} has shape {list(info.shape)}; "
+                            f"a head of {config['head_dim']} dims has {n_freqs} frequencies")
+    factors = info.read()
+    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+        raise hparams.error(f"tensor {ROPE_FREQS!r} holds factors that are not positive finite numbers")
+    return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}

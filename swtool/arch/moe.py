@@ -1,4 +1,4 @@
-"""Sparse mixtures of experts: what Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE share.
+"""Sparse mixtures of experts: the MLP step Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE share.
 
     h      = x + o_proj(attention(...))                       the family's own attention
     p      = softmax(gate(norm(h)))                           router over n experts, per token
@@ -29,10 +29,13 @@ Each expert still reads its weights once per pass, for the rows of all worlds it
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from swtool import ops
+from swtool.arch import blocks
+from swtool.arch.base import DOWN_IN, DOWN_OUT, Count, DecoderArgs, Layers
 from swtool.errors import SwtoolError
 
 STACKED_DOWN = re.compile(r"model\.layers\.\d+\.mlp\.experts\.down_proj")
@@ -51,32 +54,41 @@ class Routed:
     weight: np.ndarray
 
 
+@dataclass(frozen=True, kw_only=True)
+class MixtureArgs(DecoderArgs):
+    """The keys of a mixture, besides the family's own."""
+
+    # transformers maps num_experts and num_local_experts onto each other (attribute_map):
+    # Hub Qwen/OLMoE configs say num_experts, Mixtral and transformers 5's Qwen3-MoE num_local_experts
+    aliases: ClassVar[dict] = {"num_local_experts": "num_experts"}
+    num_experts: Count
+    num_experts_per_tok: Count
+    norm_topk_prob: bool = False  # top-k weights divided by their sum
+    decoder_sparse_step: Count = 1  # layer i is sparse if (i + 1) is a multiple ...
+    mlp_only_layers: Layers = ()  # ... and i is not listed here (Qwen)
+
+    def check(self):
+        super().check()
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise SwtoolError(f"config.json: num_experts_per_tok = {self.num_experts_per_tok} must be between "
+                              f"1 and num_experts = {self.num_experts}")
+
+
 class Mixture:
-    """Mixin in front of an attention family (`class Mixtral(Mixture, Llama)`): its MLPs become experts."""
+    """A family's MLP step when it is a mixture (`self.moe = Mixture(self, ...)`): names, tensors, math.
 
-    per_expert_block = "mlp"  # the module holding router and experts in per-expert checkpoints
-    expert_matrices = ("gate_proj", "up_proj", "down_proj")  # per-expert names of gate, up, down
+    `expert_ff`: an expert's intermediate size; `normalise`: top-k weights divided by their sum;
+    `module`: the module holding router and experts in per-expert checkpoints ("block_sparse_moe"
+    for Mixtral); `matrices`: the per-expert names of gate, up and down.
+    """
 
-    def init_mixture(self, ff_key, normalise):
-        """Read the mixture's sizes; `normalise`: top-k weights divided by their sum (Mixtral always)."""
-        # transformers maps num_experts and num_local_experts onto each other (attribute_map):
-        # Hub Qwen/OLMoE configs say num_experts, transformers 5 saves Qwen3-MoE's as num_local_experts
-        experts_key = "num_local_experts" if "num_local_experts" in self.config else "num_experts"
-        self.n_experts = self.require(experts_key, int)
-        self.top_k = self.require("num_experts_per_tok", int)
-        if not 1 <= self.top_k <= self.n_experts:
-            raise SwtoolError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and "
-                              f"{experts_key} = {self.n_experts}")
-        self.expert_ff = self.require(ff_key, int)
-        if not isinstance(normalise, bool):
-            raise SwtoolError(f"config.json ({self.model_type}): norm_topk_prob = {normalise!r} is not true or false")
+    def __init__(self, arch, expert_ff, normalise, module="mlp", matrices=("gate_proj", "up_proj", "down_proj")):
+        args = arch.args
+        self.activation, self.hidden_size = arch.activation, arch.hidden_size
+        self.module, self.matrices = module, matrices
+        self.n_experts, self.top_k, self.expert_ff = args.num_experts, args.num_experts_per_tok, expert_ff
         self.normalise_top_k = normalise
-        has_step = self.config.get("decoder_sparse_step") is not None
-        self.sparse_step = self.require("decoder_sparse_step", int) if has_step else 1
-        dense = self.config.get("mlp_only_layers") or []
-        if not isinstance(dense, list) or not all(type(i) is int for i in dense):
-            raise SwtoolError(f"config.json ({self.model_type}): mlp_only_layers = {dense!r} is not a list of integers")
-        self.dense_layers = set(dense)
+        self.sparse_step, self.dense_layers = args.decoder_sparse_step, set(args.mlp_only_layers)
         self.stacked = False  # per-expert tensors until adapt() sees the stacked ones
 
     def adapt(self, names):
@@ -87,25 +99,28 @@ class Mixture:
 
     # --- names ---------------------------------------------------------------------
     def router_name(self, layer):
-        return f"model.layers.{layer}.{'mlp' if self.stacked else self.per_expert_block}.gate.weight"
+        return f"model.layers.{layer}.{'mlp' if self.stacked else self.module}.gate.weight"
 
     def expert_name(self, layer, expert, matrix):
         """Per-expert layout: the name of expert `expert`'s matrix 0 (gate), 1 (up) or 2 (down)."""
-        return f"model.layers.{layer}.{self.per_expert_block}.experts.{expert}.{self.expert_matrices[matrix]}.weight"
+        return f"model.layers.{layer}.{self.module}.experts.{expert}.{self.matrices[matrix]}.weight"
 
     def down_proj_name(self, layer, expert=None):
         if not self.is_sparse(layer):
-            return super().down_proj_name(layer)  # a dense layer's MLP
+            return f"model.layers.{layer}.mlp.down_proj.weight"  # a dense layer's MLP
         if expert is None:
             raise SwtoolError(f"layer {layer}'s down projections are per expert: give the expert")
         if self.stacked:
             return f"model.layers.{layer}.mlp.experts.down_proj"
         return self.expert_name(layer, expert, 2)
 
-    def gguf_name(self, hf_name):
-        # llama.cpp's converter stacks a layer's experts into one 3-D tensor per matrix
-        # (blk.N.ffn_down_exps.weight: expert = slowest axis, ne[2]); gguf-py names the
-        # stacked tensor, so a per-expert name maps through its stacked spelling
+    def gguf_name(self, hf_name, name_map):
+        """llama.cpp's name, through `name_map` (the family's gguf-py map).
+
+        llama.cpp's converter stacks a layer's experts into one 3-D tensor per matrix
+        (blk.N.ffn_down_exps.weight: expert = slowest axis, ne[2]); gguf-py names the
+        stacked tensor, so a per-expert name maps through its stacked spelling.
+        """
         per_expert = re.fullmatch(r"(model\.layers\.\d+\.\w+\.experts)\.\d+\.(\w+\.weight)", hf_name)
         dense = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", hf_name)
         if per_expert:
@@ -115,44 +130,36 @@ class Mixture:
         elif dense and not self.is_sparse(int(dense[1])):
             # gguf-py's MoE maps leave out dense MLPs; llama.cpp's generic names for them
             return f"blk.{dense[1]}.ffn_{dense[2]}.weight"
-        return super().gguf_name(hf_name)
+        return name_map(hf_name)
 
-    def tensor_shapes(self):
-        shapes = super().tensor_shapes()
+    def tensors(self, layer, dense_ff):
+        """Layer `layer`'s MLP tensors: router and experts, or a dense gated MLP of `dense_ff` channels."""
         d, ff, n = self.hidden_size, self.expert_ff, self.n_experts
-        for layer in range(self.n_layers):
-            if not self.is_sparse(layer):
-                continue
-            for name in ("gate_proj", "up_proj", "down_proj"):  # the dense MLP is not there
-                del shapes[f"model.layers.{layer}.mlp.{name}.weight"]
-            shapes[self.router_name(layer)] = (n, d)
-            if self.stacked:
-                shapes[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = (n, 2 * ff, d)
-                shapes[f"model.layers.{layer}.mlp.experts.down_proj"] = (n, d, ff)
-                continue
-            for expert in range(n):
-                shapes[self.expert_name(layer, expert, 0)] = shapes[self.expert_name(layer, expert, 1)] = (ff, d)
-                shapes[self.expert_name(layer, expert, 2)] = (d, ff)
+        if not self.is_sparse(layer):
+            return blocks.gated_mlp_tensors(f"model.layers.{layer}.mlp", d, dense_ff)
+        shapes = {self.router_name(layer): (n, d)}
+        if self.stacked:
+            shapes[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = (n, 2 * ff, d)
+            shapes[f"model.layers.{layer}.mlp.experts.down_proj"] = (n, d, ff)
+            return shapes
+        for expert in range(n):
+            shapes[self.expert_name(layer, expert, 0)] = shapes[self.expert_name(layer, expert, 1)] = (ff, d)
+            shapes[self.expert_name(layer, expert, 2)] = (d, ff)
         return shapes
 
     # --- math ------------------------------------------------------------------------
-    def block(self, ctx, layer, x):
+    def __call__(self, ctx, layer, h, shared=None):
+        """The layer's MLP: a dense gated MLP, or the routed experts (plus `shared(ctx, layer, h)`, an
+        always-on expert). A mixture's DOWN_OUT is the sum: what its down projections add to the residual."""
         if not self.is_sparse(layer):
-            return super().block(ctx, layer, x)  # a dense layer: the family's own MLP
-        p = f"model.layers.{layer}."
-        # attention sub-block: pre-norm, the family's attention, add
-        h = ops.rms_norm(x, ctx.weight(p + "input_layernorm.weight"), self.eps)
-        x = x + self.attention(ctx, layer, h)
-        ctx.observe("resid_mid", layer, x)
-        # mixture sub-block: pre-norm, route, experts, weighted sum, add
-        h = ops.rms_norm(x, ctx.weight(p + "post_attention_layernorm.weight"), self.eps)
-        moe = self.mixture(ctx, layer, h)
-        ctx.observe("down_out", layer, moe)  # what the down projections add to the residual
-        x = x + moe
-        ctx.observe("resid", layer, x)
-        return x
+            return blocks.gated_mlp(ctx, layer, h, f"model.layers.{layer}.mlp", self.activation)
+        out = self.routed(ctx, layer, h)
+        if shared is not None:
+            out = out + shared(ctx, layer, h)
+        ctx.observe(DOWN_OUT, layer, out)
+        return out
 
-    def mixture(self, ctx, layer, h):
+    def routed(self, ctx, layer, h):
         """Route every token of every world to its top-k experts; sum their weighted outputs."""
         top, weights = self.route(ctx.linear(h, self.router_name(layer)))
         out = np.zeros_like(h)
@@ -186,7 +193,7 @@ class Mixture:
             up = ctx.linear(x, self.expert_name(layer, expert, 1), world=routed.world)
             down, down_expert = self.expert_name(layer, expert, 2), None  # the name already is the expert's
         act = self.activation(gate) * up
-        ctx.observe_expert("down_in", layer, expert, routed, act[0])
+        ctx.observe_expert(DOWN_IN, layer, expert, routed, act[0])
         y = ctx.linear(act, down, world=routed.world, expert=down_expert)
-        ctx.observe_expert("down_out", layer, expert, routed, y[0])
+        ctx.observe_expert(DOWN_OUT, layer, expert, routed, y[0])
         return y

@@ -1,4 +1,4 @@
-"""OLMo (1) and OLMo 2: Llama-like blocks with different norms.
+"""The OLMo family: OLMo (1), OLMo 2 and OLMoE, Llama-like blocks with different norms.
 
 OLMo: every norm is a LayerNorm with no weight and no bias (eps fixed at 1e-5),
 and `clip_qkv`, when set, clamps q, k and v to [-clip, clip] after projection:
@@ -15,123 +15,185 @@ projection (all heads together, before the split into heads):
 
 So in OLMo 2 the down projection's raw output is renormalised before it reaches
 the residual stream: "down_out" is observed before post_feedforward_layernorm.
+
+OLMoE: OLMo 2's attention and a sparse mixture of experts (moe.py), in pre-norm Llama-style blocks.
+
+    h      = x + o_proj(attention(rope(clip(q_norm(q_proj(norm(x))))), rope(clip(k_norm(..))), clip(v_proj(..))))
+    p      = softmax(mlp.gate(norm(h)))                 router over num_experts, per token
+    top    = the num_experts_per_tok most probable; weights p, / their sum if norm_topk_prob
+    out    = h + sum over e in top: weight_e * down_e(silu(gate_e(norm(h))) * up_e(norm(h)))
+
+Unlike OLMo 2, the sub-blocks normalise their input (input_layernorm,
+post_attention_layernorm) and nothing after. The q/k norms span the whole
+projection (all heads at once, as OLMo 2's), and `clip_qkv`, when set, clamps
+q, k and v after those norms. Routing and both expert layouts: moe.py.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from swtool import ops
-from swtool.arch.llama import Llama
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+from swtool.arch.moe import Mixture, MixtureArgs
 
 OLMO_LAYER_NORM_EPS = 1e-5  # OlmoLayerNorm ignores the config and uses this
 
 
-class Olmo(Llama):
+@dataclass(frozen=True, kw_only=True)
+class OlmoArgs(DecoderArgs):
+    rms_norm_eps: Positive = 1e-5  # OLMo 2's and OLMoE's norms; OLMo's ignore it (OLMO_LAYER_NORM_EPS)
+    clip_qkv: Positive = None  # clamp q, k and v to [-clip, clip]
+
+
+class Olmo(Architecture):
     model_types = ("olmo",)
+    Args = OlmoArgs
 
     def __init__(self, config):
         super().__init__(config)
-        clip = config.get("clip_qkv")
-        self.clip_qkv = None if clip is None else float(clip)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.FreeLayerNorm(OLMO_LAYER_NORM_EPS)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
+        self.clip_qkv = args.clip_qkv
 
     def gguf_arch(self):
         return "OLMO"
 
     def tensor_shapes(self):
-        # Llama's tensors without any norm weight: OLMo's LayerNorms are non-parametric
-        return {name: shape for name, shape in super().tensor_shapes().items() if not name.endswith("norm.weight")}
+        d, shapes = self.hidden_size, self.model_tensors()  # no norm weights: OLMo's LayerNorms have none
+        for layer in range(self.n_layers):
+            p = f"model.layers.{layer}."
+            shapes.update(blocks.attention_tensors(p + "self_attn", d, self.heads, self.attn_bias, self.attn_bias))
+            shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size))
+        return shapes
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
-        # attention sub-block: non-parametric LayerNorm, attention with clipped q/k/v, add
-        h = ops.layer_norm(x, eps=OLMO_LAYER_NORM_EPS)
-        x = x + self.attention(ctx, layer, h)
-        ctx.observe("resid_mid", layer, x)
-        # MLP sub-block: LayerNorm, SwiGLU, down projection, add
-        h = ops.layer_norm(x, eps=OLMO_LAYER_NORM_EPS)
-        act = self.activation(ctx.linear(h, p + "mlp.gate_proj.weight")) * ctx.linear(h, p + "mlp.up_proj.weight")
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, p + "mlp.down_proj.weight")
-        ctx.observe("down_out", layer, down)
-        x = x + down
-        ctx.observe("resid", layer, x)
+        x = x + self.attention(ctx, layer, self.norm(ctx, x))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + blocks.gated_mlp(ctx, layer, self.norm(ctx, x), p + "mlp", self.activation)
+        ctx.observe(RESID, layer, x)
         return x
 
     def attention(self, ctx, layer, h):
-        p = f"model.layers.{layer}.self_attn."
-        q = self.clip(ctx.linear(h, p + "q_proj.weight", self.qkv_bias))
-        k = self.clip(ctx.linear(h, p + "k_proj.weight", self.qkv_bias))
-        v = self.clip(ctx.linear(h, p + "v_proj.weight", self.qkv_bias))
-        return self.attend(ctx, layer, q, k, v)
-
-    def clip(self, x):
-        return x if self.clip_qkv is None else np.clip(x, -self.clip_qkv, self.clip_qkv)
-
-    def attend(self, ctx, layer, q, k, v):
-        """Projected q, k, v [W, T, heads * d] -> rotate, causal attention, o_proj: [W, T, hidden]."""
-        p = f"model.layers.{layer}.self_attn."
-        n_worlds, n_tokens, _ = q.shape
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        cos, sin = self.rope_tables(ctx)
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        out = ops.attention(q, k, v, ops.causal_mask(n_tokens), scale=self.head_dim ** -0.5)
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
-        return ctx.linear(out, p + "o_proj.weight", self.o_bias)
-
-    def head(self, ctx, x):
-        x = ops.layer_norm(x, eps=OLMO_LAYER_NORM_EPS)
-        lm_head = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        return ctx.linear(x, lm_head)
+        p = f"model.layers.{layer}.self_attn"
+        q, k, v = (clip(t, self.clip_qkv) for t in blocks.qkv_projections(ctx, h, p, self.attn_bias))
+        out = blocks.attend(ctx, self.heads, q, k, v, rope=blocks.rope_tables(ctx, self.config, self.heads.dim))
+        return ctx.linear(out, p + ".o_proj.weight", self.attn_bias)
 
 
-class Olmo2(Olmo):
+class Olmo2(Architecture):
     model_types = ("olmo2",)
+    Args = OlmoArgs
 
     def __init__(self, config):
         super().__init__(config)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
         self.clip_qkv = None  # OLMo 2 has no qkv clipping
-        self.eps = float(config.get("rms_norm_eps", 1e-5))
 
     def gguf_arch(self):
         return "OLMO2"
 
     def tensor_shapes(self):
-        shapes = super().tensor_shapes()
-        d, q, kv = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        shapes["model.norm.weight"] = (d,)
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
-            shapes[p + "post_attention_layernorm.weight"] = shapes[p + "post_feedforward_layernorm.weight"] = (d,)
-            shapes[p + "self_attn.q_norm.weight"] = (q,)
-            shapes[p + "self_attn.k_norm.weight"] = (kv,)
+            shapes.update(olmo2_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size))
+            shapes.update(self.norm.tensors(p + "post_feedforward_layernorm", d))
         return shapes
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
-        # attention sub-block on the raw residual; its output is normalised, then added
-        attn = self.attention(ctx, layer, x)
-        x = x + ops.rms_norm(attn, ctx.weight(p + "post_attention_layernorm.weight"), self.eps)
-        ctx.observe("resid_mid", layer, x)
-        # MLP sub-block on the raw residual; the raw down projection output is what detection sees
-        act = self.activation(ctx.linear(x, p + "mlp.gate_proj.weight")) * ctx.linear(x, p + "mlp.up_proj.weight")
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, p + "mlp.down_proj.weight")
-        ctx.observe("down_out", layer, down)
-        x = x + ops.rms_norm(down, ctx.weight(p + "post_feedforward_layernorm.weight"), self.eps)
-        ctx.observe("resid", layer, x)
+        x = x + self.norm(ctx, olmo2_attention(self, ctx, layer, x), p + "post_attention_layernorm")
+        ctx.observe(RESID_MID, layer, x)
+        down = blocks.gated_mlp(ctx, layer, x, p + "mlp", self.activation)  # observed raw, before its norm
+        x = x + self.norm(ctx, down, p + "post_feedforward_layernorm")
+        ctx.observe(RESID, layer, x)
         return x
 
-    def attention(self, ctx, layer, h):
-        p = f"model.layers.{layer}.self_attn."
-        # q/k norms span the whole projection (every head at once), before the split into heads;
-        # clip is a no-op for OLMo 2 (OLMoE, a subclass, clamps after the norms)
-        q = ops.rms_norm(ctx.linear(h, p + "q_proj.weight", self.qkv_bias), ctx.weight(p + "q_norm.weight"), self.eps)
-        k = ops.rms_norm(ctx.linear(h, p + "k_proj.weight", self.qkv_bias), ctx.weight(p + "k_norm.weight"), self.eps)
-        v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        return self.attend(ctx, layer, self.clip(q), self.clip(k), self.clip(v))
 
-    def head(self, ctx, x):
-        x = ops.rms_norm(x, ctx.weight("model.norm.weight"), self.eps)
-        lm_head = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        return ctx.linear(x, lm_head)
+@dataclass(frozen=True, kw_only=True)
+class OlmoeArgs(MixtureArgs):
+    rms_norm_eps: Positive = 1e-5
+    clip_qkv: Positive = None  # clamps q, k and v after the q/k norms
+
+
+class Olmoe(Architecture):
+    model_types = ("olmoe",)
+    Args = OlmoeArgs
+
+    def __init__(self, config):
+        super().__init__(config)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
+        self.clip_qkv = args.clip_qkv
+        self.moe = Mixture(self, args.intermediate_size, normalise=args.norm_topk_prob)
+
+    def adapt(self, names):
+        self.moe.adapt(names)
+
+    def down_proj_name(self, layer, expert=None):
+        return self.moe.down_proj_name(layer, expert)
+
+    def gguf_arch(self):
+        return "OLMOE"
+
+    def gguf_name(self, hf_name):
+        return self.moe.gguf_name(hf_name, super().gguf_name)
+
+    def tensor_shapes(self):
+        d, shapes = self.hidden_size, self.model_tensors()
+        for layer in range(self.n_layers):
+            p = f"model.layers.{layer}."
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(olmo2_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(self.moe.tensors(layer, self.intermediate_size))
+        return shapes
+
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + olmo2_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + self.moe(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"))
+        ctx.observe(RESID, layer, x)
+        return x
+
+
+def clip(x, limit):
+    return x if limit is None else np.clip(x, -limit, limit)
+
+
+def olmo2_attention(arch, ctx, layer, h):
+    """OLMo 2's attention (OLMoE's too): RMSNorms over the whole q and k projections (every head at
+    once, before the split into heads), then clip_qkv's clamp when set (OLMoE), RoPE, causal attention."""
+    p = f"model.layers.{layer}.self_attn"
+    q, k, v = blocks.qkv_projections(ctx, h, p, arch.attn_bias)
+    q, k = arch.norm(ctx, q, p + ".q_norm"), arch.norm(ctx, k, p + ".k_norm")
+    q, k, v = (clip(t, arch.clip_qkv) for t in (q, k, v))
+    out = blocks.attend(ctx, arch.heads, q, k, v, rope=blocks.rope_tables(ctx, arch.config, arch.heads.dim))
+    return ctx.linear(out, p + ".o_proj.weight", arch.attn_bias)
+
+
+def olmo2_attention_tensors(arch, module):
+    return {**blocks.attention_tensors(module, arch.hidden_size, arch.heads, arch.attn_bias, arch.attn_bias),
+            **arch.norm.tensors(module + ".q_norm", arch.heads.q_size),
+            **arch.norm.tensors(module + ".k_norm", arch.heads.kv_size)}

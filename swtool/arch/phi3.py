@@ -17,77 +17,72 @@ cos/sin by sqrt(1 + ln(factor) / ln(trained context)); see rope.py.
 A `sliding_window` in the config applies to every layer.
 """
 
-from swtool import ops
-from swtool.arch.llama import Llama
+from dataclasses import dataclass
+
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
 
 
-class Phi3(Llama):
+@dataclass(frozen=True, kw_only=True)
+class Phi3Args(DecoderArgs):
+    rms_norm_eps: Positive = 1e-5  # Phi3Config's default, not Llama's
+
+
+class Phi3(Architecture):
     model_types = ("phi3",)
+    Args = Phi3Args
 
     def __init__(self, config):
         super().__init__(config)
-        self.eps = float(config.get("rms_norm_eps", 1e-5))  # Phi3Config's default, not Llama's
-        self.qkv_bias = self.o_bias = self.mlp_bias = False
-        self.intermediate_size = self.require("intermediate_size", int)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
 
-    # --- names ---------------------------------------------------------------------
     def gguf_arch(self):
         return "PHI3"
 
     def tensor_shapes(self):
-        d, q, kv, ff = self.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, \
-            self.intermediate_size
-        shapes = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
-        if not self.tied:
-            shapes["lm_head.weight"] = (self.vocab_size, d)
+        d, ff, shapes = self.hidden_size, self.intermediate_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
-            shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (d,)
-            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, d)
-            shapes[p + "self_attn.o_proj.weight"] = (d, q)
-            shapes[p + "mlp.gate_up_proj.weight"] = (2 * ff, d)
-            shapes[p + "mlp.down_proj.weight"] = (d, ff)
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(blocks.linear(p + "self_attn.qkv_proj", self.heads.q_size + 2 * self.heads.kv_size, d))
+            shapes.update(blocks.linear(p + "self_attn.o_proj", d, self.heads.q_size))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.linear(p + "mlp.gate_up_proj", 2 * ff, d))
+            shapes.update(blocks.linear(p + "mlp.down_proj", d, ff))
         return shapes
 
     def sliding_window(self, layer):
-        return self.config.get("sliding_window")  # transformers masks every layer when it is set
+        return self.args.sliding_window  # transformers masks every layer when it is set
 
-    # --- math ------------------------------------------------------------------------
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
-        # attention sub-block: pre-norm, fused q/k/v, rotate, attend, project back, add
-        h = ops.rms_norm(x, ctx.weight(p + "input_layernorm.weight"), self.eps)
-        x = x + self.attention(ctx, layer, h)
-        ctx.observe("resid_mid", layer, x)
-        # MLP sub-block: pre-norm, one fused gate/up product split in two, gated activation, down projection, add
-        h = ops.rms_norm(x, ctx.weight(p + "post_attention_layernorm.weight"), self.eps)
-        gate_up = ctx.linear(h, p + "mlp.gate_up_proj.weight")
-        gate, up = gate_up[..., :self.intermediate_size], gate_up[..., self.intermediate_size:]
-        act = up * self.activation(gate)
-        del gate_up, gate, up
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, p + "mlp.down_proj.weight")
-        ctx.observe("down_out", layer, down)
-        x = x + down
-        ctx.observe("resid", layer, x)
+        x = x + self.attention(ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + self.mlp(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"))
+        ctx.observe(RESID, layer, x)
         return x
 
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
-        n_worlds, n_tokens, _ = h.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = ctx.linear(h, p + "qkv_proj.weight")
         # the fused rows: all query heads, then all key heads, then all value heads
-        q = qkv[..., :q_size]
-        k = qkv[..., q_size:q_size + kv_size]
-        v = qkv[..., q_size + kv_size:]
-        # [W, T, heads * d] -> [W, heads, T, d]
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        cos, sin = self.rope_tables(ctx)  # partial rotary and longrope's scaling are in the tables
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        mask = ops.causal_mask(n_tokens, self.sliding_window(layer))
-        out = ops.attention(q, k, v, mask, scale=self.attention_scale())
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, q_size)
+        q_size, kv_size = self.heads.q_size, self.heads.kv_size
+        q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+        # partial rotary and longrope's scaling are in the tables
+        out = blocks.attend(ctx, self.heads, q, k, v, rope=blocks.rope_tables(ctx, self.config, self.heads.dim),
+                            window=self.sliding_window(layer))
         return ctx.linear(out, p + "o_proj.weight")
+
+    def mlp(self, ctx, layer, h):
+        """One fused gate/up product split in two (gate rows first), gated activation, down projection."""
+        p = f"model.layers.{layer}.mlp."
+        gate_up = ctx.linear(h, p + "gate_up_proj.weight")
+        gate, up = gate_up[..., :self.intermediate_size], gate_up[..., self.intermediate_size:]
+        act = up * self.activation(gate)
+        del gate_up, gate, up
+        return blocks.down_projection(ctx, layer, act, p + "down_proj.weight")

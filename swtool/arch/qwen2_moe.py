@@ -14,56 +14,89 @@ sigmoid gate as its weight), so scan traces a spike to it as well as to the rout
 Routing, layouts and dense layers: moe.py.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from swtool.arch.llama import Llama
-from swtool.arch.moe import SHARED, Mixture, Routed
+from swtool.arch import blocks
+from swtool.arch.base import DOWN_IN, DOWN_OUT, RESID, RESID_MID, Architecture, Count, Index
+from swtool.arch.llama import llama_attention
+from swtool.arch.moe import SHARED, Mixture, MixtureArgs, Routed
 from swtool.arch.qwen3 import qwen_window
 
 
-class Qwen2Moe(Mixture, Llama):
+@dataclass(frozen=True, kw_only=True)
+class Qwen2MoeArgs(MixtureArgs):
+    moe_intermediate_size: Count
+    shared_expert_intermediate_size: Count
+    qkv_bias: bool = True  # Qwen2's q/k/v biases, a config flag here
+    max_window_layers: Index = 28
+
+
+class Qwen2Moe(Architecture):
     model_types = ("qwen2_moe",)
+    Args = Qwen2MoeArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.qkv_bias = bool(config.get("qkv_bias", True))  # Qwen2's q/k/v biases, a config flag here
-        self.init_mixture("moe_intermediate_size", normalise=config.get("norm_topk_prob", False))
-        self.shared_ff = self.require("shared_expert_intermediate_size", int)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size  # of the dense layers
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.qkv_bias, self.o_bias = args.qkv_bias, args.attention_bias
+        self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
+        self.shared_ff = args.shared_expert_intermediate_size
+
+    def adapt(self, names):
+        self.moe.adapt(names)
+
+    def down_proj_name(self, layer, expert=None):
+        if expert == SHARED and self.moe.is_sparse(layer):
+            return f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"
+        return self.moe.down_proj_name(layer, expert)
 
     def gguf_arch(self):
         return "QWEN2MOE"
 
-    def sliding_window(self, layer):
-        """Without layer_types transformers slides odd-numbered (1-based) layers below max_window_layers."""
-        return qwen_window(self.config, layer, lambda i: (i + 1) % 2 and i < self.config.get("max_window_layers", 28))
-
-    def down_proj_name(self, layer, expert=None):
-        if expert == SHARED and self.is_sparse(layer):
-            return f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"
-        return super().down_proj_name(layer, expert)
+    def gguf_name(self, hf_name):
+        return self.moe.gguf_name(hf_name, super().gguf_name)
 
     def tensor_shapes(self):
-        shapes = super().tensor_shapes()
-        d, ff = self.hidden_size, self.shared_ff
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
-            if not self.is_sparse(layer):
-                continue
-            p = f"model.layers.{layer}.mlp.shared_expert"
-            shapes[p + ".gate_proj.weight"] = shapes[p + ".up_proj.weight"] = (ff, d)
-            shapes[p + ".down_proj.weight"] = (d, ff)
-            shapes[p + "_gate.weight"] = (1, d)
+            p = f"model.layers.{layer}."
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(blocks.attention_tensors(p + "self_attn", d, self.heads, self.qkv_bias, self.o_bias))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(self.moe.tensors(layer, self.intermediate_size))
+            if self.moe.is_sparse(layer):
+                shapes.update(blocks.gated_mlp_tensors(p + "mlp.shared_expert", d, self.shared_ff))
+                shapes.update(blocks.linear(p + "mlp.shared_expert_gate", 1, d))
         return shapes
 
-    def mixture(self, ctx, layer, h):
-        """The routed experts' weighted sum plus the gated shared expert."""
-        routed = super().mixture(ctx, layer, h)
+    def sliding_window(self, layer):
+        """Without layer_types transformers slides odd-numbered (1-based) layers below max_window_layers."""
+        return qwen_window(self.args, layer, lambda i: (i + 1) % 2 and i < self.args.max_window_layers)
+
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + llama_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + self.moe(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"), shared=self.shared_expert)
+        ctx.observe(RESID, layer, x)
+        return x
+
+    def shared_expert(self, ctx, layer, h):
+        """The always-on expert, scaled by its sigmoid gate; observed like a routed expert (label SHARED)."""
         p = f"model.layers.{layer}.mlp.shared_expert"
         act = self.activation(ctx.linear(h, p + ".gate_proj.weight")) * ctx.linear(h, p + ".up_proj.weight")
         gate = 1.0 / (1.0 + np.exp(-ctx.linear(h, p + "_gate.weight")))  # sigmoid, [W, T, 1]
         # every token of every row goes through the shared expert, its sigmoid gate the weight
         rows, tokens = (index.reshape(-1) for index in np.indices(h.shape[:2]))
         everyone = Routed(rows, tokens, gate.reshape(-1))
-        ctx.observe_expert("down_in", layer, SHARED, everyone, act.reshape(-1, act.shape[-1]))
+        ctx.observe_expert(DOWN_IN, layer, SHARED, everyone, act.reshape(-1, act.shape[-1]))
         shared = ctx.linear(act, p + ".down_proj.weight")
-        ctx.observe_expert("down_out", layer, SHARED, everyone, shared.reshape(-1, shared.shape[-1]))
-        return routed + gate * shared
+        ctx.observe_expert(DOWN_OUT, layer, SHARED, everyone, shared.reshape(-1, shared.shape[-1]))
+        return gate * shared

@@ -1,67 +1,157 @@
-"""Qwen3: Llama's block with an RMSNorm on every query and key head before RoPE.
+"""Qwen3 and Qwen3-MoE.
 
-    q = rope(rms_norm_per_head(q_proj(norm(x)))), k likewise, v = v_proj(norm(x))
+Qwen3: Llama's block with an RMSNorm on every query and key head before RoPE.
+
+    h   = x + o_proj(attention(rope(q_norm(q_proj(norm(x)))), rope(k_norm(k_proj(..))), v_proj(..)))
+    out = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
 
 The q/k norms have one weight vector of size head_dim, shared by all heads.
 No q/k/v biases (unlike Qwen2) unless `attention_bias`; head_dim comes from
 the config (128 when absent, transformers' default), not hidden / heads.
+
+Qwen3-MoE: Qwen3's attention (an RMSNorm on every q/k head) and a sparse mixture of experts.
+
+    p      = softmax(mlp.gate(norm(h)))                 router over num_experts, per token
+    top    = the num_experts_per_tok most probable; weights p, / their sum if norm_topk_prob
+    out    = h + sum over e in top: weight_e * down_e(silu(gate_e(norm(h))) * up_e(norm(h)))
+
+Experts are `mlp.experts.E.{gate,up,down}_proj` (Hub) or stacked (transformers 5), sized
+moe_intermediate_size; layers that decoder_sparse_step / mlp_only_layers keep dense have
+Qwen3's plain MLP (intermediate_size). Routing, layouts and dense layers: moe.py.
 """
 
-from swtool import ops
-from swtool.arch.llama import Llama
+from dataclasses import dataclass
+
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, Count, DecoderArgs, Index
+from swtool.arch.moe import Mixture, MixtureArgs
 
 
-class Qwen3(Llama):
+@dataclass(frozen=True, kw_only=True)
+class Qwen3Args(DecoderArgs):
+    head_dim: Count = 128
+    max_window_layers: Index = 28  # without layer_types, the first layer whose window slides
+
+
+class Qwen3(Architecture):
     model_types = ("qwen3",)
+    Args = Qwen3Args
 
     def __init__(self, config):
         super().__init__(config)
-        self.head_dim = int(config.get("head_dim") or 128)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias, self.mlp_bias = args.attention_bias, args.mlp_bias
 
     def gguf_arch(self):
         return "QWEN3"
 
     def tensor_shapes(self):
-        shapes = super().tensor_shapes()
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
-            p = f"model.layers.{layer}.self_attn."
-            shapes[p + "q_norm.weight"] = shapes[p + "k_norm.weight"] = (self.head_dim,)
+            p = f"model.layers.{layer}."
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(qwen3_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size, self.mlp_bias))
         return shapes
 
     def sliding_window(self, layer):
         """Without layer_types the window slides from max_window_layers on."""
-        return qwen_window(self.config, layer, lambda i: i >= self.config.get("max_window_layers", 28))
+        return qwen_window(self.args, layer, lambda i: i >= self.args.max_window_layers)
 
-    def attention(self, ctx, layer, h):
-        p = f"model.layers.{layer}.self_attn."
-        n_worlds, n_tokens, _ = h.shape
-        q = ctx.linear(h, p + "q_proj.weight", self.qkv_bias)
-        k = ctx.linear(h, p + "k_proj.weight", self.qkv_bias)
-        v = ctx.linear(h, p + "v_proj.weight", self.qkv_bias)
-        # [W, T, heads * d] -> [W, T, heads, d]: the q/k norms act on each head's d values
-        q = q.reshape(n_worlds, n_tokens, self.n_heads, self.head_dim)
-        k = k.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim)
-        v = v.reshape(n_worlds, n_tokens, self.n_kv_heads, self.head_dim)
-        q = ops.rms_norm(q, ctx.weight(p + "q_norm.weight"), self.eps)
-        k = ops.rms_norm(k, ctx.weight(p + "k_norm.weight"), self.eps)
-        # -> [W, heads, T, d], rotate, attend
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        cos, sin = self.rope_tables(ctx)
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        mask = ops.causal_mask(n_tokens, self.sliding_window(layer))
-        out = ops.attention(q, k, v, mask, scale=self.head_dim ** -0.5)
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
-        return ctx.linear(out, p + "o_proj.weight", self.o_bias)
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + qwen3_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"), p + "mlp",
+                                 self.activation, self.mlp_bias)
+        ctx.observe(RESID, layer, x)
+        return x
 
 
-def qwen_window(config, layer, slides_by_default):
+@dataclass(frozen=True, kw_only=True)
+class Qwen3MoeArgs(MixtureArgs):
+    head_dim: Count = 128
+    max_window_layers: Index = 28
+    moe_intermediate_size: Count
+
+
+class Qwen3Moe(Architecture):
+    model_types = ("qwen3_moe",)
+    Args = Qwen3MoeArgs
+
+    def __init__(self, config):
+        super().__init__(config)
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size  # of the dense layers
+        self.norm = blocks.RmsNorm(args.rms_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.attn_bias = args.attention_bias
+        self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
+
+    def adapt(self, names):
+        self.moe.adapt(names)
+
+    def down_proj_name(self, layer, expert=None):
+        return self.moe.down_proj_name(layer, expert)
+
+    def gguf_arch(self):
+        return "QWEN3MOE"
+
+    def gguf_name(self, hf_name):
+        return self.moe.gguf_name(hf_name, super().gguf_name)
+
+    def tensor_shapes(self):
+        d, shapes = self.hidden_size, self.model_tensors()
+        for layer in range(self.n_layers):
+            p = f"model.layers.{layer}."
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(qwen3_attention_tensors(self, p + "self_attn"))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(self.moe.tensors(layer, self.intermediate_size))
+        return shapes
+
+    def sliding_window(self, layer):
+        """Without layer_types the window slides from max_window_layers on."""
+        return qwen_window(self.args, layer, lambda i: i >= self.args.max_window_layers)
+
+    def block(self, ctx, layer, x):
+        p = f"model.layers.{layer}."
+        x = x + qwen3_attention(self, ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + self.moe(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"))
+        ctx.observe(RESID, layer, x)
+        return x
+
+
+def qwen3_attention(arch, ctx, layer, h):
+    """Qwen3's attention (Qwen3-MoE's too): RMSNorm over each q/k head's head_dim values, then RoPE."""
+    p = f"model.layers.{layer}.self_attn"
+    q, k, v = blocks.qkv_projections(ctx, h, p, arch.attn_bias)
+    out = blocks.attend(ctx, arch.heads, q, k, v, rope=blocks.rope_tables(ctx, arch.config, arch.heads.dim),
+                        window=arch.sliding_window(layer),
+                        qk_norm=lambda q, k: (arch.norm(ctx, q, p + ".q_norm"), arch.norm(ctx, k, p + ".k_norm")))
+    return ctx.linear(out, p + ".o_proj.weight", arch.attn_bias)
+
+
+def qwen3_attention_tensors(arch, module):
+    return {**blocks.attention_tensors(module, arch.hidden_size, arch.heads, arch.attn_bias, arch.attn_bias),
+            **arch.norm.tensors(module + ".q_norm", arch.heads.dim),
+            **arch.norm.tensors(module + ".k_norm", arch.heads.dim)}
+
+
+def qwen_window(args, layer, slides_by_default):
     """Attention window of a Qwen-family layer, or None: transformers drops the window entirely
     unless use_sliding_window; then layer_types says, or (Hub configs without them) the family's
     default rule `slides_by_default(layer)`."""
-    window = config.get("sliding_window")
-    if not config.get("use_sliding_window", False) or window is None:
+    if not args.use_sliding_window or args.sliding_window is None:
         return None
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and layer < len(layer_types):
-        return window if layer_types[layer] == "sliding_attention" else None
-    return window if slides_by_default(layer) else None
+    slides = args.layer_slides(layer)
+    return args.sliding_window if (slides_by_default(layer) if slides is None else slides) else None

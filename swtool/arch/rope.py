@@ -36,7 +36,7 @@ def inv_freq(config, rotary_dim, n_tokens=0):
         return _llama3(base, scaling)
     if rope_type in ("longrope", "su"):  # "su" is longrope's old name (Phi-3 checkpoints)
         return _longrope(config, scaling, theta, exponents, n_tokens)
-    if rope_type == "freq_factors":  # swtool's own: a GGUF's rope_freqs.weight (checkpoint/gguf_model.py)
+    if rope_type == "freq_factors":  # swtool's own: a GGUF's rope_freqs.weight (llama.py)
         return (base / np.asarray(scaling["factors"], dtype=np.float32)).astype(np.float32)
     raise SwtoolError(f"rope_type {rope_type!r} is not supported "
                       f"(supported: default, linear, dynamic, llama3, longrope)")

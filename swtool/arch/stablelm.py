@@ -18,30 +18,43 @@ LayerNorm without bias to each query and key head, one weight vector per head
 """
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from swtool import ops
-from swtool.arch.llama import Llama
-from swtool.arch.rope import attention_factor, inv_freq, rotary_dim
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
 
 STABLELM_ROTARY_DEFAULT = 0.25  # StableLmConfig's partial_rotary_factor when config.json names none
 PER_HEAD_NORM = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qk]_layernorm)\.norms\.\d+\.weight$")
 
 
-class StableLm(Llama):
+@dataclass(frozen=True, kw_only=True)
+class StableLmArgs(DecoderArgs):
+    layer_norm_eps: Positive = 1e-5
+    use_qkv_bias: bool = False
+    use_parallel_residual: bool = False
+    qk_layernorm: bool = False
+
+
+class StableLm(Architecture):
     model_types = ("stablelm",)
+    Args = StableLmArgs
 
     def __init__(self, config):
         super().__init__(config)
-        self.head_dim = self.hidden_size // self.n_heads  # StableLmAttention ignores config head_dim
-        self.eps = float(config.get("layer_norm_eps", 1e-5))
-        self.qkv_bias = bool(config.get("use_qkv_bias", False))
-        self.o_bias = self.mlp_bias = False
-        self.parallel = bool(config.get("use_parallel_residual", False))
-        self.qk_norm = bool(config.get("qk_layernorm", False))
+        args = self.args
+        n_heads = args.num_attention_heads  # StableLmAttention ignores config head_dim
+        self.heads = blocks.Heads(n_heads, args.num_key_value_heads or n_heads, self.hidden_size // n_heads)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.LayerNorm(args.layer_norm_eps)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.qkv_bias = args.use_qkv_bias
+        self.parallel = args.use_parallel_residual
+        self.qk_norm = args.qk_layernorm
 
-    # --- names ---------------------------------------------------------------------
     def gguf_arch(self):
         return "STABLELM"
 
@@ -51,81 +64,47 @@ class StableLm(Llama):
         return super().gguf_name(stacked.group(1) + ".weight" if stacked else hf_name)
 
     def tensor_shapes(self):
-        d = self.hidden_size
-        shapes = super().tensor_shapes()  # Llama's names and linears, with this family's bias flags
+        d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
-            shapes[p + "input_layernorm.bias"] = (d,)
-            if self.parallel:
-                del shapes[p + "post_attention_layernorm.weight"]
-            else:
-                shapes[p + "post_attention_layernorm.bias"] = (d,)
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(blocks.attention_tensors(p + "self_attn", d, self.heads, self.qkv_bias))
             if self.qk_norm:
-                for h in range(self.n_heads):
-                    shapes[f"{p}self_attn.q_layernorm.norms.{h}.weight"] = (self.head_dim,)
-                for h in range(self.n_kv_heads):
-                    shapes[f"{p}self_attn.k_layernorm.norms.{h}.weight"] = (self.head_dim,)
-        shapes["model.norm.bias"] = (d,)
+                for h in range(self.heads.n):
+                    shapes[f"{p}self_attn.q_layernorm.norms.{h}.weight"] = (self.heads.dim,)
+                for h in range(self.heads.n_kv):
+                    shapes[f"{p}self_attn.k_layernorm.norms.{h}.weight"] = (self.heads.dim,)
+            if not self.parallel:
+                shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size))
         return shapes
-
-    def rope_tables(self, ctx):
-        """As Llama's, but a quarter of each head rotates when the config does not say."""
-        key = "stablelm.rope"
-        if key not in ctx.cache:
-            dim = rotary_dim(self.config, self.head_dim, default=STABLELM_ROTARY_DEFAULT)
-            cos, sin = ops.rope_cos_sin(inv_freq(self.config, dim, ctx.n_tokens), np.arange(ctx.n_tokens))
-            scale = np.float32(attention_factor(self.config))
-            ctx.cache[key] = (cos * scale, sin * scale)
-        return ctx.cache[key]
-
-    # --- math ------------------------------------------------------------------------
-    def layer_norm(self, ctx, x, prefix):
-        return ops.layer_norm(x, ctx.weight(prefix + ".weight"), ctx.weight(prefix + ".bias"), self.eps)
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
-        h = self.layer_norm(ctx, x, p + "input_layernorm")
-        attn = self.attention(ctx, layer, h)
-        if self.parallel:
-            # parallel residual: the MLP reads the same normed input as attention.
-            # "resid_mid" is x + attention: the residual before the MLP's contribution is added
-            x = x + attn
-            ctx.observe("resid_mid", layer, x)
-        else:
-            x = x + attn
-            ctx.observe("resid_mid", layer, x)
-            h = self.layer_norm(ctx, x, p + "post_attention_layernorm")
-        del attn
-        # MLP: gated activation, down projection, add
-        act = self.activation(ctx.linear(h, p + "mlp.gate_proj.weight")) * ctx.linear(h, p + "mlp.up_proj.weight")
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, p + "mlp.down_proj.weight")
-        ctx.observe("down_out", layer, down)
-        x = x + down
-        ctx.observe("resid", layer, x)
+        h = self.norm(ctx, x, p + "input_layernorm")
+        x = x + self.attention(ctx, layer, h)
+        ctx.observe(RESID_MID, layer, x)  # parallel too: the residual before the MLP's contribution
+        if not self.parallel:  # the parallel MLP reads the same normed input as attention
+            h = self.norm(ctx, x, p + "post_attention_layernorm")
+        x = x + blocks.gated_mlp(ctx, layer, h, p + "mlp", self.activation)
+        ctx.observe(RESID, layer, x)
         return x
 
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn."
-        n_worlds, n_tokens, _ = h.shape
-        q, k, v = self.project_heads(ctx, p, h)
-        if self.qk_norm:
-            # one bias-free LayerNorm per head, each with its own weight
-            q = self.per_head_norm(ctx, q, p + "q_layernorm")
-            k = self.per_head_norm(ctx, k, p + "k_layernorm")
-        cos, sin = self.rope_tables(ctx)  # only the first rotary_dim dims of a head rotate
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        mask = ops.causal_mask(n_tokens, self.sliding_window(layer))
-        out = ops.attention(q, k, v, mask, scale=self.attention_scale())
-        out = out.transpose(0, 2, 1, 3).reshape(n_worlds, n_tokens, self.n_heads * self.head_dim)
-        return ctx.linear(out, p + "o_proj.weight", self.o_bias)
+        q, k, v = blocks.qkv_projections(ctx, h, p[:-1], self.qkv_bias)
+        rope = blocks.rope_tables(ctx, self.config, self.heads.dim, STABLELM_ROTARY_DEFAULT)
+        out = blocks.attend(ctx, self.heads, q, k, v, rope=rope, qk_norm=self.qk_norms(ctx, p))
+        return ctx.linear(out, p + "o_proj.weight")
+
+    def qk_norms(self, ctx, p):
+        """With qk_layernorm, a step normalising each q and k head with its own weight; else None."""
+        if not self.qk_norm:
+            return None
+        return lambda q, k: (self.per_head_norm(ctx, q, p + "q_layernorm"),
+                             self.per_head_norm(ctx, k, p + "k_layernorm"))
 
     def per_head_norm(self, ctx, x, prefix):
-        """x [W, heads, T, d]: head h normalised with its own weight norms.{h}."""
+        """x [W, heads, T, d]: head h normalised by a bias-free LayerNorm with its own weight norms.{h}."""
         weights = np.stack([ctx.weight(f"{prefix}.norms.{h}.weight") for h in range(x.shape[1])])
-        return ops.layer_norm(x, weights[None, :, None, :], None, self.eps)
-
-    def head(self, ctx, x):
-        x = self.layer_norm(ctx, x, "model.norm")
-        lm_head = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        return ctx.linear(x, lm_head)
+        return ops.layer_norm(x, weights[None, :, None, :], None, self.norm.eps)

@@ -10,22 +10,34 @@ included; norms are LayerNorms with bias (eps = norm_epsilon). A
 unless the config says otherwise.
 """
 
-from swtool import ops
-from swtool.arch.llama import Llama, _activation
+from dataclasses import dataclass
+
+from swtool.arch import blocks
+from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
 
 
-class Starcoder2(Llama):
+@dataclass(frozen=True, kw_only=True)
+class Starcoder2Args(DecoderArgs):
+    norm_epsilon: Positive = 1e-5
+    tie_word_embeddings: bool = True
+    hidden_act: str = "gelu_pytorch_tanh"
+    use_bias: bool = True  # on every linear
+
+
+class Starcoder2(Architecture):
     model_types = ("starcoder2",)
+    Args = Starcoder2Args
 
     def __init__(self, config):
         super().__init__(config)
-        self.eps = float(config.get("norm_epsilon", 1e-5))
-        self.activation = _activation(config.get("hidden_act", "gelu_pytorch_tanh"))
-        self.tied = bool(config.get("tie_word_embeddings", True))
-        self.bias = bool(config.get("use_bias", True))
-        self.qkv_bias = self.o_bias = self.mlp_bias = self.bias
+        args = self.args
+        self.heads = blocks.attention_heads(args)
+        self.intermediate_size = args.intermediate_size
+        self.norm = blocks.LayerNorm(args.norm_epsilon)
+        self.tied = args.tie_word_embeddings
+        self.activation = blocks.activation(args.hidden_act)
+        self.bias = args.use_bias
 
-    # --- names ---------------------------------------------------------------------
     def down_proj_name(self, layer):
         return f"model.layers.{layer}.mlp.c_proj.weight"
 
@@ -33,43 +45,31 @@ class Starcoder2(Llama):
         return "STARCODER2"
 
     def tensor_shapes(self):
-        d, ff = self.hidden_size, self.require("intermediate_size", int)
-        shapes = super().tensor_shapes()  # Llama's attention, embeddings and norm weights
+        d, ff, shapes = self.hidden_size, self.intermediate_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
-            for gone in ("gate_proj", "up_proj", "down_proj"):
-                shapes.pop(f"{p}mlp.{gone}.weight")
-                shapes.pop(f"{p}mlp.{gone}.bias", None)
-            shapes[p + "mlp.c_fc.weight"], shapes[p + "mlp.c_proj.weight"] = (ff, d), (d, ff)
-            if self.bias:
-                shapes[p + "mlp.c_fc.bias"], shapes[p + "mlp.c_proj.bias"] = (ff,), (d,)
-            shapes[p + "input_layernorm.bias"] = shapes[p + "post_attention_layernorm.bias"] = (d,)
-        shapes["model.norm.bias"] = (d,)
+            shapes.update(self.norm.tensors(p + "input_layernorm", d))
+            shapes.update(blocks.attention_tensors(p + "self_attn", d, self.heads, self.bias, self.bias))
+            shapes.update(self.norm.tensors(p + "post_attention_layernorm", d))
+            shapes.update(blocks.linear(p + "mlp.c_fc", ff, d, self.bias))
+            shapes.update(blocks.linear(p + "mlp.c_proj", d, ff, self.bias))
         return shapes
 
     def sliding_window(self, layer):
-        return self.config.get("sliding_window")  # every layer, as transformers masks them
-
-    # --- math ------------------------------------------------------------------------
-    def layer_norm(self, ctx, x, prefix):
-        return ops.layer_norm(x, ctx.weight(prefix + ".weight"), ctx.weight(prefix + ".bias"), self.eps)
+        return self.args.sliding_window  # every layer, as transformers masks them
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
-        # attention sub-block: LayerNorm, attention (biases, window), add
-        x = x + self.attention(ctx, layer, self.layer_norm(ctx, x, p + "input_layernorm"))
-        ctx.observe("resid_mid", layer, x)
-        # MLP sub-block: LayerNorm, c_fc, GELU, c_proj (the down projection), add
-        h = self.layer_norm(ctx, x, p + "post_attention_layernorm")
-        act = self.activation(ctx.linear(h, p + "mlp.c_fc.weight", self.bias))
-        ctx.observe("down_in", layer, act)
-        down = ctx.linear(act, p + "mlp.c_proj.weight", self.bias)
-        ctx.observe("down_out", layer, down)
-        x = x + down
-        ctx.observe("resid", layer, x)
+        x = x + self.attention(ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+        ctx.observe(RESID_MID, layer, x)
+        x = x + blocks.plain_mlp(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"),
+                                 p + "mlp.c_fc.weight", p + "mlp.c_proj.weight", self.activation, self.bias)
+        ctx.observe(RESID, layer, x)
         return x
 
-    def head(self, ctx, x):
-        x = self.layer_norm(ctx, x, "model.norm")
-        lm_head = "model.embed_tokens.weight" if self.tied else "lm_head.weight"
-        return ctx.linear(x, lm_head)
+    def attention(self, ctx, layer, h):
+        p = f"model.layers.{layer}.self_attn"
+        q, k, v = blocks.qkv_projections(ctx, h, p, self.bias)
+        out = blocks.attend(ctx, self.heads, q, k, v, rope=blocks.rope_tables(ctx, self.config, self.heads.dim),
+                            window=self.sliding_window(layer))
+        return ctx.linear(out, p + ".o_proj.weight", self.bias)

@@ -2,16 +2,18 @@
 
 llama.cpp's converter (convert_hf_to_gguf.py) renames every tensor
 (`model.layers.2.mlp.down_proj.weight` -> `blk.2.ffn_down.weight`), stores
-hyper-parameters as `{arch}.*` metadata keys, and, for the llama architecture,
-reorders the rows of Q and K so that llama.cpp's RoPE can rotate neighbouring
-pairs. Reading a GGUF undoes the three:
+hyper-parameters as `{arch}.*` metadata keys, and, for some architectures,
+reorders rows (llama's Q and K, so that its RoPE can rotate neighbouring pairs).
+Reading a GGUF undoes the three, each through the family that reads the file's
+architecture (Architecture.gguf_reads; the family's module in arch/ says how):
 
-  1. metadata -> a config dict in config.json's terms (`hf_config`);
+  1. metadata -> a config dict in config.json's terms (`hf_config`, the family's
+     config_from_gguf; the keys every architecture shares are read here);
   2. the architecture that config selects lists its tensors (tensor_shapes()) and
      llama.cpp's name for each (gguf_name(), from gguf-py's own name map), so the
      reverse map is built from them and no name table is kept here;
-  3. Q and K of llama-architecture files get a row order that undoes the
-     permutation (`unpermute_order`).
+  3. tensors whose rows the converter reordered get a row order that undoes it
+     (gguf_stored_rows()).
 
 The result has the interface of checkpoint.directory.Checkpoint (config,
 tensor(name), names(), files, directory ...), so forward, detect and audit run on
@@ -32,14 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from swtool.checkpoint.gguf_file import read_gguf
-from swtool.errors import CheckpointError, SwtoolError
-
-# llama.cpp architecture -> what config.json says, and whether Q/K rows were permuted.
-# Mistral converts as "llama". Other families read GGUF once their line is here.
-GGUF_ARCHITECTURES = {
-    "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "permuted_qk": True},
-    "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "permuted_qk": False},
-}
+from swtool.errors import CheckpointError
 
 
 def float32_value(value):
@@ -49,17 +44,17 @@ def float32_value(value):
 
 # --- hyper-parameters ------------------------------------------------------------
 
-def hf_config(meta, gguf_names, source):
-    """config.json for the model in a GGUF file, from its `{arch}.*` metadata and tensor names."""
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
-        raise CheckpointError(source, f"GGUF architecture {arch!r} is not supported for reading "
-                                      f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
-    family = GGUF_ARCHITECTURES[arch]
+class Hparams:
+    """The `{arch}.*` metadata keys of a GGUF file, each read with its check: what a family's
+    config_from_gguf reads (hparams("block_count"), hparams("rope.freq_base", 10000.0, kind=float))."""
 
-    def hparam(key, default=None, required=True, kind=int):
+    def __init__(self, meta, arch, source):
+        self.meta, self.arch, self.source = meta, arch, source
+
+    def __call__(self, key, default=None, required=True, kind=int):
         """A positive count (kind int) or a positive finite number (kind float), or a one-line error."""
-        value = meta.get(f"{arch}.{key}", default)
+        arch, source = self.arch, self.source
+        value = self.meta.get(f"{arch}.{key}", default)
         if value is None:
             if required:
                 raise CheckpointError(source, f"missing metadata key {arch}.{key}")
@@ -71,44 +66,43 @@ def hf_config(meta, gguf_names, source):
                                           f"{'integer' if kind is int else 'number'}")
         return value
 
-    n_layers = hparam("block_count")
-    if n_layers > len(gguf_names):  # each block has tensors; this bounds every per-layer table built later
+    def error(self, message):
+        return CheckpointError(self.source, message)
+
+    @staticmethod
+    def number(value, kind):
+        return metadata_number(value, kind)
+
+    @staticmethod
+    def float32(value):
+        return float32_value(value)
+
+
+def hf_config(meta, gguf_tensors, source):
+    """config.json for the model in a GGUF file: the family's keys (its config_from_gguf), then
+    those every architecture shares: vocabulary size, tied embeddings, special token ids.
+    `gguf_tensors`: the file's {llama.cpp name: GGUFTensor}."""
+    from swtool.arch import family_reading_gguf, gguf_readable_architectures
+
+    arch = meta.get("general.architecture")
+    family = family_reading_gguf(arch) if isinstance(arch, str) else None
+    if family is None:
+        raise CheckpointError(source, f"GGUF architecture {arch!r} is not supported for reading "
+                                      f"(supported: {', '.join(gguf_readable_architectures())})")
+    hparams = Hparams(meta, arch, source)
+    n_layers = hparams("block_count")
+    if n_layers > len(gguf_tensors):  # each block has tensors; this bounds every per-layer table built later
         raise CheckpointError(source, f"metadata {arch}.block_count = {n_layers}, but the file holds only "
-                                      f"{len(gguf_names)} tensors")
-    hidden, n_head = hparam("embedding_length"), hparam("attention.head_count")
-    n_kv_head = hparam("attention.head_count_kv", n_head)
-    head_dim = hparam("attention.key_length", hidden // n_head)
-    if hparam("attention.value_length", head_dim) != head_dim:
-        raise CheckpointError(source, "keys and values of different sizes do not fit a llama-style config")
-    if hparam("rope.dimension_count", head_dim) != head_dim:
-        raise CheckpointError(source, "partial rotary embeddings do not fit a llama-style config")
-    vocab_size = hparam("vocab_size", None, required=False)
+                                      f"{len(gguf_tensors)} tensors")
+    config = family.config_from_gguf(hparams, gguf_tensors)
+    vocab_size = hparams("vocab_size", None, required=False)
     if vocab_size is None:  # older converters leave it out; the vocabulary says it
         tokens = meta.get("tokenizer.ggml.tokens", ())
         vocab_size = len(tokens) if isinstance(tokens, Sequence) and not isinstance(tokens, str) else 0
     if not vocab_size:
         raise CheckpointError(source, f"missing metadata key {arch}.vocab_size and no tokenizer.ggml.tokens")
-    config = {
-        "architectures": list(family["architectures"]),
-        "model_type": family["model_type"],
-        "hidden_size": hidden,
-        "intermediate_size": hparam("feed_forward_length"),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv_head,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": float32_value(hparam("attention.layer_norm_rms_epsilon", kind=float)),
-        "rope_theta": float32_value(hparam("rope.freq_base", 10000.0, kind=float)),
-        "rope_scaling": rope_scaling(meta, arch, source),
-        "max_position_embeddings": hparam("context_length"),
-        "vocab_size": vocab_size,
-        "tie_word_embeddings": "output.weight" not in gguf_names,
-    }
-    if family["model_type"] == "llama":
-        config["attention_bias"] = "blk.0.attn_q.bias" in gguf_names
-        config["attention_dropout"] = 0.0
-        config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf_names
+    config["vocab_size"] = vocab_size
+    config["tie_word_embeddings"] = "output.weight" not in gguf_tensors
     config["use_cache"] = True
     for key, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):  # unk belongs to the tokenizer files
         token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
@@ -132,48 +126,17 @@ def metadata_number(value, kind):
     return math.isfinite(value) and 0 < value < FLOAT32_MAX  # stays finite as config.json's float32
 
 
-def rope_scaling(meta, arch, source):
-    """rope_scaling of config.json from `{arch}.rope.scaling.*`: none or linear."""
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    if kind == "linear":
-        factor = meta.get(f"{arch}.rope.scaling.factor")
-        if not metadata_number(factor, float):
-            raise CheckpointError(source, f"metadata {arch}.rope.scaling.factor = {factor!r}: linear RoPE "
-                                          f"scaling needs a positive factor")
-        return {"rope_type": "linear", "factor": float32_value(factor)}
-    raise CheckpointError(source, f"RoPE scaling {kind!r} is not supported for GGUF input (supported: none, linear)")
-
-
-# --- names and the Q/K permutation -----------------------------------------------
-
-def unpermute_order(n_rows, n_head):
-    """Stored row of each HF row of a Q or K matrix that convert_hf_to_gguf permuted.
-
-    HF keeps each head's rotary rows as [first halves, second halves]; llama.cpp
-    interleaves them, via w.reshape(n_head, 2, half, cols).swapaxes(1, 2):
-    HF row h*2*half + s*half + i is stored at h*2*half + 2*i + s.
-    """
-    half = n_rows // n_head // 2
-    if half * 2 * n_head != n_rows:
-        raise SwtoolError(f"{n_rows} rows do not split into {n_head} heads of rotary pairs")
-    head, rest = np.divmod(np.arange(n_rows), 2 * half)
-    side, i = np.divmod(rest, half)
-    return head * 2 * half + 2 * i + side
-
+# --- names and row orders ------------------------------------------------------
 
 def hf_tensors(gguf, arch, config, source):
     """{HF name: GGUFTensor presenting that name} for every tensor of the file."""
     to_hf, shapes = {}, arch.tensor_shapes()
     for hf_name in shapes:
         to_hf[arch.gguf_name(hf_name)] = hf_name
-    permuted = GGUF_ARCHITECTURES[gguf.metadata["general.architecture"]]["permuted_qk"]
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors = {}
     for gguf_name, info in gguf.tensors.items():
-        if gguf_name == ROPE_FREQS:
-            continue  # not a weight: it became the config's rope_scaling (freq_factor_scaling)
+        if gguf_name in arch.gguf_derived:
+            continue  # not a weight: the family made it part of the config
         hf_name = to_hf.get(gguf_name)
         if hf_name is None:
             raise CheckpointError(source, f"tensor {gguf_name!r} has no counterpart in a "
@@ -181,10 +144,7 @@ def hf_tensors(gguf, arch, config, source):
         if info.shape != tuple(shapes[hf_name]):  # checked here, before a row order is built from the shape
             raise CheckpointError(source, f"tensor {gguf_name!r} has shape {list(info.shape)}, "
                                           f"the metadata implies {list(shapes[hf_name])}")
-        kind = gguf_name.split(".")[-2]  # "attn_q" in "blk.3.attn_q.weight"
-        order = None
-        if permuted and kind in heads:
-            order = unpermute_order(info.shape[0], heads[kind])
+        order = arch.gguf_stored_rows(gguf_name, info.shape[0])
         tensors[hf_name] = replace(info, name=hf_name, row_order=order)
     return tensors
 
@@ -262,32 +222,6 @@ def open_gguf(path):
 
     path = Path(path)
     gguf = read_gguf(path)
-    config = hf_config(gguf.metadata, set(gguf.tensors), path)
-    if ROPE_FREQS in gguf.tensors:
-        config["rope_scaling"] = freq_factor_scaling(gguf.tensors[ROPE_FREQS], config, path)
+    config = hf_config(gguf.metadata, gguf.tensors, path)
     arch = architecture_for(config, path)
     return GGUFCheckpoint(path, gguf, config, hf_tensors(gguf, arch, config, path))
-
-
-ROPE_FREQS = "rope_freqs.weight"
-
-
-def freq_factor_scaling(info, config, source):
-    """rope_scaling for a file with rope_freqs.weight: llama.cpp divides frequency i by factor i.
-
-    convert_hf_to_gguf writes this tensor for Llama 3.1-style scaling (rope_type "llama3"),
-    computed from the config's factor, low/high_freq_factor and original context, and keeps
-    none of those numbers in the metadata. The factors themselves are what llama.cpp uses,
-    so swtool uses them too: rope_type "freq_factors" (arch/rope.py).
-    """
-    if config.get("rope_scaling"):
-        raise CheckpointError(source, f"{ROPE_FREQS} together with RoPE scaling "
-                                      f"{config['rope_scaling']['rope_type']!r} is not supported")
-    n_freqs = config["head_dim"] // 2
-    if info.shape != (n_freqs,):
-        raise CheckpointError(source, f"tensor {ROPE_FREQS!r} has shape {list(info.shape)}; "
-                                      f"a head of {config['head_dim']} dims has {n_freqs} frequencies")
-    factors = info.read()
-    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
-        raise CheckpointError(source, f"tensor {ROPE_FREQS!r} holds factors that are not positive finite numbers")
-    return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
