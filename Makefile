@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SMOL   := fixtures/build/smollm2
 
-.PHONY: install fixtures test fuzz demo bench clean
+.PHONY: install fixtures test lint fuzz demo bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ $(SMOL)/config.json: fixtures/smollm2.py
 
 test: install fixtures
 	$(BIN)/pytest -q
+
+# ruff's pyflakes and pycodestyle rules, as configured in pyproject.toml
+lint: install
+	$(BIN)/ruff check swtool tests bench fixtures
 
 # the property tests of tests/test_fuzz*.py at 20x the examples the test suite runs
 fuzz: install fixtures

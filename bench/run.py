@@ -255,15 +255,15 @@ def summary_rows(results):
         rows.append((f"scan {size} / read once", f"{r['scan_s']:.2f} s", f"{r['read_once_s']:.2f} s",
                      f"{ratio:.2f}x", f"target 1.5x: {'yes' if ratio <= TARGET_RATIO else 'NO'}; {found}; "
                                       f"{r['passes']} pass over the weights"))
-        rows.append((f"  CPU seconds (all threads)", f"{r['scan_cpu_s']:.2f} s", f"{r['read_once_cpu_s']:.2f} s",
+        rows.append(("  CPU seconds (all threads)", f"{r['scan_cpu_s']:.2f} s", f"{r['read_once_cpu_s']:.2f} s",
                      f"{r['scan_cpu_s'] / r['read_once_cpu_s']:.2f}x", "steadier than wall time on a loaded machine"))
-        rows.append((f"  start-up excluded (in process)", f"{r['scan_in_process_s']:.2f} s",
+        rows.append(("  start-up excluded (in process)", f"{r['scan_in_process_s']:.2f} s",
                      f"{r['read_once_s']:.2f} s", f"{r['scan_in_process_s'] / r['read_once_s']:.2f}x",
                      "load + tokenize + scan in a warm process"))
-        rows.append((f"  peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", f"{r['bytes'] / 2**20:.0f} MiB file",
+        rows.append(("  peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", f"{r['bytes'] / 2**20:.0f} MiB file",
                      f"{r['peak_rss_bytes'] / r['bytes']:.2f}x",
                      f"target 1.5 GB: {'yes' if r['peak_rss_bytes'] <= TARGET_RSS else 'NO'}"))
-        rows.append((f"  from disk (cache evicted): scan / read", f"{r['cold_scan_s']:.2f} s",
+        rows.append(("  from disk (cache evicted): scan / read", f"{r['cold_scan_s']:.2f} s",
                      f"{r['cold_read_s']:.2f} s", f"{r['cold_scan_s'] / r['cold_read_s']:.2f}x", ""))
         peer = r.get("transformers")
         if peer and "skipped" in peer:
@@ -271,11 +271,11 @@ def summary_rows(results):
         elif peer:
             same = "same weight" if peer["found"] == r["found"][:1] or peer["found"] in r["found"] else \
                 f"found {peer['found']}"
-            rows.append((f"  vs transformers: wall", f"{r['scan_s']:.2f} s", f"{peer['wall_s']:.2f} s",
+            rows.append(("  vs transformers: wall", f"{r['scan_s']:.2f} s", f"{peer['wall_s']:.2f} s",
                          f"{peer['wall_s'] / r['scan_s']:.1f}x faster", same))
-            rows.append((f"  vs transformers: CPU seconds", f"{r['scan_cpu_s']:.2f} s", f"{peer['cpu_s']:.2f} s",
+            rows.append(("  vs transformers: CPU seconds", f"{r['scan_cpu_s']:.2f} s", f"{peer['cpu_s']:.2f} s",
                          f"{peer['cpu_s'] / r['scan_cpu_s']:.1f}x less", ""))
-            rows.append((f"  vs transformers: peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
+            rows.append(("  vs transformers: peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
                          f"{peer['peak_rss_bytes'] / 2**20:.0f} MiB",
                          f"{peer['peak_rss_bytes'] / r['peak_rss_bytes']:.1f}x less", ""))
     first = results.get("numba_first_run")

@@ -229,8 +229,9 @@ def format_scan(catalog):
     from swtool.table import format_table
 
     model, detection = catalog["model"], catalog["detection"]
+    passes = detection["passes"]
     lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
-             f"prompt of {len(detection['tokens'])} tokens, {detection['passes']} pass{'es' if detection['passes'] != 1 else ''} over the weights"]
+             f"prompt of {len(detection['tokens'])} tokens, {passes} pass{'es' if passes != 1 else ''} over the weights"]
     if catalog.get("nonfinite_weights"):
         from swtool.finite import describe
 

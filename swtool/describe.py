@@ -123,7 +123,7 @@ def format_description(info):
     elif "error" in known:
         lines.append(f"  known       {known['error']}")
     else:
-        coords = ", ".join(f"{l} [{r}, {c}]" for l, r, c in known["super_weights"])
+        coords = ", ".join(f"{layer} [{row}, {col}]" for layer, row, col in known["super_weights"])
         lines.append(f"  known       {known['name']} ({known['id']}, matched by {known['matched_by']}): {coords}")
     return "\n".join(lines)
 

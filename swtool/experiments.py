@@ -315,11 +315,12 @@ def format_eval(result):
                     + ([f"{w['perplexity_ratio']:.4g}"] if compare else [])
                     + [f"{w['stop_word_probability']:.4f}", f"{top['text']!r} {top['probability']:.3f}"])
     lines.append(format_table(header, rows))
+    shown = ", ".join(repr(t) for t in list(result["stop_words"])[:6])
     lines.append("weights: elements edited in that world; stop words: mean next-token probability of "
-                 f"{len(result['stop_words'])} stop-word tokens ({', '.join(repr(t) for t in list(result['stop_words'])[:6])}, ...)")
+                 f"{len(result['stop_words'])} stop-word tokens ({shown}, ...)")
     if compare:
         by_name = {w["name"]: w for w in result["worlds"]}
         original, removed = by_name["original"], by_name["removed"]
-        lines.append(f"stop-word shift, super weights removed: {original['stop_word_probability']:.4f} -> "
-                     f"{removed['stop_word_probability']:.4f} (x{removed['stop_word_probability'] / original['stop_word_probability']:.3g})")
+        before, after = original["stop_word_probability"], removed["stop_word_probability"]
+        lines.append(f"stop-word shift, super weights removed: {before:.4f} -> {after:.4f} (x{after / before:.3g})")
     return "\n".join(lines)

@@ -1,3 +1,5 @@
+import builtins
+import os
 import sys
 from pathlib import Path
 
@@ -43,3 +45,27 @@ def good(tmp_path_factory):
     import bad_files
 
     return bad_files.build_good(tmp_path_factory.mktemp("good"))
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+@pytest.fixture
+def write_opens(monkeypatch):
+    """Every path this process opens for writing, through open() or os.open()."""
+    opened = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def audited_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+            opened.append(Path(os.fsdecode(file)).absolute())
+        return real_open(file, mode, *args, **kwargs)
+
+    def audited_os_open(path, flags, *args, **kwargs):
+        if flags & WRITE_FLAGS:
+            opened.append(Path(os.fsdecode(path)).absolute())
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", audited_open)
+    monkeypatch.setattr(os, "open", audited_os_open)
+    return opened

@@ -32,7 +32,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import bad_files
 from swtool.checkpoint.gguf_file import read_gguf
-from swtool.checkpoint.gguf_model import open_gguf
 from swtool.checkpoint.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile
 from swtool.errors import SwtoolError
 from swtool.forward import forward

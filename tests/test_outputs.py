@@ -17,8 +17,8 @@ def inputs(good, tmp_path):
     """Copies of the good tiny model (single file and sharded), its GGUF, catalog and text."""
     model = shutil.copytree(good.model, tmp_path / "model")
     sharded = shutil.copytree(good.sharded, tmp_path / "sharded")
-    gguf_file = shutil.copy(good.gguf, tmp_path / "model.gguf")
-    text = shutil.copy(good.text, tmp_path / "text.txt")
+    shutil.copy(good.gguf, tmp_path / "model.gguf")
+    shutil.copy(good.text, tmp_path / "text.txt")
     (tmp_path / "link").symlink_to(model, target_is_directory=True)
     os.link(model / "model.safetensors", tmp_path / "hard-linked.safetensors")
     return tmp_path, model, sharded, tmp_path / "model.gguf", tmp_path / "text.txt"

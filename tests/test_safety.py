@@ -7,10 +7,8 @@
 - --force, --debug, and the sha256 of every source file after every command.
 """
 
-import builtins
 import hashlib
 import json
-import os
 import resource
 import shutil
 import signal
@@ -265,30 +263,6 @@ def test_ablate_force_never_replaces_the_model_itself(good, model_copy):
 
 
 # --- sources are only read --------------------------------------------------------------------------------------------
-
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-
-
-@pytest.fixture
-def write_opens(monkeypatch):
-    """Every path this process opens for writing, through open() or os.open()."""
-    opened = []
-    real_open, real_os_open = builtins.open, os.open
-
-    def audited_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
-            opened.append(Path(os.fsdecode(file)).absolute())
-        return real_open(file, mode, *args, **kwargs)
-
-    def audited_os_open(path, flags, *args, **kwargs):
-        if flags & WRITE_FLAGS:
-            opened.append(Path(os.fsdecode(path)).absolute())
-        return real_os_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", audited_open)
-    monkeypatch.setattr(os, "open", audited_os_open)
-    return opened
-
 
 def test_no_command_writes_its_sources(good, model_copy, tmp_path, write_opens):
     gguf = tmp_path / "model.gguf"

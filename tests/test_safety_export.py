@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_safety import file_size_limit, hashes, one_error_line, swtool, write_opens  # noqa: F401 (a fixture)
+from test_safety import file_size_limit, hashes, one_error_line, swtool
 
 
 # --- swtool export ------------------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def _decode_strings(path, raw, count):
         try:
             out.append(str(raw[pos:pos + length], "utf-8"))
         except UnicodeDecodeError:
-            raise CheckpointError(path, f"corrupt header: a string of the vocabulary is not UTF-8") from None
+            raise CheckpointError(path, "corrupt header: a string of the vocabulary is not UTF-8") from None
         pos += length
     return out
 
