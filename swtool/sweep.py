@@ -220,10 +220,12 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         plan = [(qtype, handling) for qtype in types for handling in handlings]
         stem = Path(str(model_path).rstrip("/")).name or "model"
         paths = {(q, h.label): work / f"{stem}-{q}-{h.label.replace(':', '-')}.gguf" for q, h in plan}
-        if out_dir is not None and not force:
-            from swtool.atomic import check_destination
+        if out_dir is not None:
+            from swtool.atomic import check_destination, refuse_replacing_inputs
 
-            for path in paths.values():
+            outputs = [*paths.values(), work / f"{stem}.catalog.json"]
+            refuse_replacing_inputs(outputs, (model_path, text_path, catalog))  # even with --force
+            for path in paths.values() if not force else ():
                 check_destination(path, force)
         # 3. the super weights: the given catalog, or a scan of the model when a handling needs them
         needs_catalog = any(h.name != "none" for h in handlings)

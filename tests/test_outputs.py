@@ -101,3 +101,17 @@ def test_a_killed_runs_temporary_is_neither_copied_nor_kept(good, tmp_path):
     result = swtool("ablate", model, "--restore")
     assert result.returncode == 0, result.stderr
     assert not leftover.exists()
+
+
+def test_sweep_out_dir_never_replaces_an_input(good, tmp_path):
+    """A file sweep would write into --out-dir that is one of its inputs (here the text, named like an
+    export): refused before anything is exported, --force or not."""
+    out = tmp_path / "out"
+    out.mkdir()
+    text = out / "good-model-q8_0-none.gguf"
+    shutil.copy(good.text, text)
+    before = digests(out)
+    line = one_line_error(swtool("sweep", good.model, "--text", text, "--out-dir", out, "--types", "q8_0",
+                                 "--handlings", "none", "--ctx", "32", "--force", "--no-progress"))
+    assert "a file this command reads; it is never replaced, even with --force" in line
+    assert digests(out) == before

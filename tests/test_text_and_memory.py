@@ -124,3 +124,24 @@ def test_a_merge_without_a_space_is_one_line_for_scan_and_inspect(good, tmp_path
     for argv in (["scan", path, "--no-progress"], ["inspect", path]):
         line = one_line_error(run(*argv))
         assert "tokenizer.ggml.merges: 'ab' is not two tokens separated by one space" in line, (argv, line)
+
+
+def test_inputs_built_to_blow_memory_up_fit_a_2_gib_address_space(good, tmp_path):
+    """The same hostile inputs under RLIMIT_AS = 2 GiB: a clean result or a one-line error, never a
+    MemoryError traceback or the kernel's OOM killer."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 30)
+    cases = [(["eval", good.model, "--text", huge, "--max-tokens", "64", "--ctx", "32"], 0),
+             (["eval", good.model, "--text", huge, "--ctx", "32"], 2),
+             (["eval", good.model, "--text", "/dev/zero", "--ctx", "32"], 2)]
+    for argv, code in cases:
+        result = subprocess.run([sys.executable, "-m", "swtool", *map(str, argv), "--no-progress"],
+                                capture_output=True, text=True, timeout=300, preexec_fn=limited)
+        assert result.returncode == code, (argv, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, argv
