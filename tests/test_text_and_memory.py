@@ -145,3 +145,13 @@ def test_inputs_built_to_blow_memory_up_fit_a_2_gib_address_space(good, tmp_path
                                 capture_output=True, text=True, timeout=300, preexec_fn=limited)
         assert result.returncode == code, (argv, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, argv
+
+
+def test_a_gpt2_vocabulary_without_merges_is_refused_as_llama_cpp_does(good, tmp_path):
+    from hf_to_gguf import vocabulary_fields, write_gguf
+
+    fields = [f for f in vocabulary_fields(good.gguf) if f[0] != "tokenizer.ggml.merges"]
+    path = write_gguf(good.model, tmp_path / "no-merges.gguf", "f32", vocabulary=fields)
+    for argv in (["scan", path, "--no-progress"], ["inspect", path]):
+        line = one_line_error(run(*argv))
+        assert "tokenizer.ggml.merges: missing, and a gpt2 (byte-level BPE) vocabulary needs its merges" in line
