@@ -103,7 +103,7 @@ def control_layers(super_weights, n_layers):
     Their ffn_down tensors get the keep type in the control: the same bytes as keep, spent
     on tensors of the same shape that hold no super weight.
     """
-    holders = sorted({sw.layer for sw in super_weights})
+    holders = sorted({sw.at.layer for sw in super_weights})
     chosen = []
     for layer in holders:
         candidates = list(range(layer + 1, n_layers)) + list(range(layer - 1, -1, -1))
@@ -116,18 +116,18 @@ def control_layers(super_weights, n_layers):
 
 def export_options(qtype, handling, catalog, controls, progress):
     """The `swtool export` options that write this type with this handling."""
-    from swtool.gguf_export import Options
+    from swtool.gguf_export import ExportOptions
 
     base = dict(type=qtype, catalog=catalog, progress=progress)
     if handling.name == "keep":
-        return Options(handling="keep", keep_type=handling.keep_type, **base)
+        return ExportOptions(handling="keep", keep_type=handling.keep_type, **base)
     if handling.name == "isolate":
-        return Options(handling="isolate", **base)
+        return ExportOptions(handling="isolate", **base)
     if handling.name == "control":
         layers = "|".join(str(layer) for layer in controls)
-        return Options(handling="none", tensor_types=(rf"^blk\.({layers})\.ffn_down\.weight$={handling.keep_type}",),
+        return ExportOptions(handling="none", tensor_types=(rf"^blk\.({layers})\.ffn_down\.weight$={handling.keep_type}",),
                        **base)
-    return Options(handling="none", **base)
+    return ExportOptions(handling="none", **base)
 
 
 # --- results ---------------------------------------------------------------------------
