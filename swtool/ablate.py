@@ -35,6 +35,7 @@ import numpy as np
 from swtool.atomic import (atomic_path, is_leftover_temporary, ensure_free_space, full_disk_error, is_full_disk,
                            move_directory_into_place, write_text_atomic)
 from swtool.checkpoint.safetensors import FLOAT_DTYPES, decode_float32, encode_float32, DTYPES
+from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.jsonfile import read_json
 
@@ -69,7 +70,8 @@ class CatalogMismatch(SwtoolError):
 
 
 def coordinate(sw):
-    return f"{sw['layer']}:{sw['row']}:{sw['col']}"
+    """How messages name a catalog entry: L:ROW:COL (and its expert)."""
+    return str(Coordinate.of(sw))
 
 
 def decode_bytes(raw, dtype):
@@ -113,18 +115,18 @@ def locate(checkpoint, sw):
 
 
 def select(super_weights, only):
-    """The catalog entries to patch: all, or those named by --only (layer, row, col) tuples."""
+    """The catalog entries to patch: all, or those at the --only Coordinates (LAYER:ROW:COL, any expert)."""
     if not super_weights:
         raise SwtoolError("the catalog lists no super weights")
     if not only:
         return list(super_weights)
-    by_coordinate = {(sw["layer"], sw["row"], sw["col"]): sw for sw in super_weights}
     chosen = []
-    for key in only:
-        if key not in by_coordinate:
+    for wanted in only:
+        here = [sw for sw in super_weights if Coordinate.of(sw).dense == wanted.dense]
+        if not here:
             listed = ", ".join(coordinate(sw) for sw in super_weights)
-            raise SwtoolError(f"--only {':'.join(map(str, key))} is not in the catalog (it lists {listed})")
-        chosen.append(by_coordinate[key])
+            raise SwtoolError(f"--only {wanted} is not in the catalog (it lists {listed})")
+        chosen += here
     return chosen
 
 

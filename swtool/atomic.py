@@ -167,7 +167,11 @@ def atomic_path(dest, nbytes=None):
     dest = Path(dest)
     if nbytes is not None:
         ensure_free_space(dest, nbytes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:  # a read-only or full file system: name the output, not the temporary
+        raise (full_disk_error(dest, e) if is_full_disk(e)
+               else SwtoolError(f"{dest}: cannot write there ({e.strerror or e})")) from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the mode open() would give (a copy may change it)
@@ -181,6 +185,8 @@ def atomic_path(dest, nbytes=None):
             os.unlink(tmp)
         if is_full_disk(e):
             raise full_disk_error(dest, e) from e
+        if isinstance(e, OSError) and e.filename in (tmp, str(tmp)):  # the temporary is swtool's, not the user's
+            raise SwtoolError(f"{dest}: writing failed ({e.strerror or e}); nothing was written") from e
         raise
 
 

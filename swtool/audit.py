@@ -34,12 +34,13 @@ Exit codes: 0 all intact; 1 any missing, damaged, ablated or unprotected, or a b
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from swtool.catalog import catalogs_beside
+from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 
 DEFAULT_TOLERANCE = 0.05  # relative; Q4_1/Q8_0/bf16 copies of the same weights stay within 1% (README)
@@ -55,11 +56,10 @@ EXIT_CODES = {"intact": 0, "damaged": 1, "unverified": 3}  # 2 is bad input, as 
 class Target:
     """A super weight to look for."""
 
-    layer: int
-    row: int
-    col: int
+    at: Coordinate
     tensor: str  # Hugging Face name
     expected: float | None = None
+    index: tuple | None = None  # the element as stored (a catalog's tensor_index), when known
     disputed: bool = False
     note: str = ""
 
@@ -69,6 +69,7 @@ class Finding:
     layer: int
     row: int
     col: int
+    expert: int | None
     tensor: str
     gguf_tensor: str | None
     status: str
@@ -167,16 +168,18 @@ def row_outlier(info, row, value):
 
 def judge(target, checkpoint, tolerance, recorded=None):
     """The Finding for one target in one checkpoint, and the bytes it took."""
-    base = dict(layer=target.layer, row=target.row, col=target.col, tensor=target.tensor,
+    at = target.at
+    base = dict(layer=at.layer, row=at.row, col=at.col, expert=at.expert, tensor=target.tensor,
                 expected=target.expected, disputed=target.disputed, note=target.note, recorded=recorded)
     if target.tensor not in checkpoint:
         return Finding(gguf_tensor=None, status="missing", **base), 0
-    info = checkpoint.tensor(target.tensor)
-    gguf_name = getattr(info, "gguf_name", None)
-    if len(info.shape) != 2 or not (0 <= target.row < info.shape[0] and 0 <= target.col < info.shape[1]):
-        base["note"] = f"outside the tensor's shape {list(info.shape)}"
-        return Finding(gguf_tensor=gguf_name, status="missing", dtype=info.dtype, **base), 0
-    value, nbytes, block = read_weight(info, target.row, target.col)
+    whole = checkpoint.tensor(target.tensor)
+    gguf_name = getattr(whole, "gguf_name", None)
+    info, row, col = element_of(whole, target)
+    if info is None:
+        base["note"] = f"outside the tensor's shape {list(whole.shape)}"
+        return Finding(gguf_tensor=gguf_name, status="missing", dtype=whole.dtype, **base), 0
+    value, nbytes, block = read_weight(info, row, col)
     finding = Finding(gguf_tensor=gguf_name, status="intact", value=value, dtype=info.dtype, block=block, **base)
     if not math.isfinite(value):  # NaN compares as "within tolerance" of anything: never intact
         finding.status = "not finite"
@@ -189,13 +192,32 @@ def judge(target, checkpoint, tolerance, recorded=None):
         elif change > tolerance:
             finding.status = "changed"
     else:  # a published coordinate: is the weight still an outlier of its row?
-        finding.row_rank, finding.row_ratio, row_bytes = row_outlier(info, target.row, value)
+        finding.row_rank, finding.row_ratio, row_bytes = row_outlier(info, row, value)
         nbytes += row_bytes
         if value == 0.0:
             finding.status = "zeroed"
         elif finding.row_ratio < OUTLIER_RATIO:
             finding.status = "not outlier"
     return finding, nbytes
+
+
+def element_of(info, target):
+    """(the 2-D tensor, stored row, stored col) holding a target, or (None, None, None) if it lies outside.
+
+    The stored index is the catalog's tensor_index when it has one, as ablate reads it ([col, row]
+    for a weight stored transposed, [expert, row, col] in stacked experts); else [row, col] of the
+    target's expert in a stacked tensor, or of the matrix itself."""
+    at = target.at
+    index = target.index or ((at.expert, at.row, at.col) if at.expert is not None and len(info.shape) == 3
+                             else (at.row, at.col))
+    if len(index) == 3:
+        if len(info.shape) != 3 or not hasattr(info, "sub") or not 0 <= index[0] < info.shape[0]:
+            return None, None, None
+        info, index = info.sub(index[0]), index[1:]
+    row, col = index
+    if len(info.shape) != 2 or not (0 <= row < info.shape[0] and 0 <= col < info.shape[1]):
+        return None, None, None
+    return info, row, col
 
 
 def _relative_change(value, expected):
@@ -207,7 +229,8 @@ def _relative_change(value, expected):
 # --- where the coordinates come from ---------------------------------------------
 
 def targets_from_catalog(catalog):
-    return [Target(sw["layer"], sw["row"], sw["col"], sw["tensor"], expected=float(sw["value"]))
+    return [Target(Coordinate.of(sw), sw["tensor"], expected=float(sw["value"]),
+                   index=tuple(sw["tensor_index"]) if sw.get("tensor_index") else None)
             for sw in catalog["super_weights"]]
 
 
@@ -215,7 +238,7 @@ def targets_from_known(model, known_model):
     targets = []
     for sw in known_model.super_weights:
         note = sw.get("conflict", "") if sw.get("disputed") else ""
-        targets.append(Target(sw["layer"], sw["row"], sw["col"], model.arch.down_proj_name(sw["layer"]),
+        targets.append(Target(Coordinate.of(sw), model.arch.down_proj_name(sw["layer"]),
                               disputed=bool(sw.get("disputed")), note=note))
     return targets
 
@@ -226,7 +249,7 @@ def targets_from_metadata(model, recorded):
     targets = []
     for sw in recorded:
         tensor = by_gguf_name.get(sw["gguf_tensor"], model.arch.down_proj_name(sw["layer"]))
-        targets.append(Target(sw["layer"], sw["row"], sw["col"], tensor, expected=float(sw["value"])))
+        targets.append(Target(Coordinate.of(sw), tensor, expected=float(sw["value"])))
     return targets
 
 
@@ -275,15 +298,15 @@ def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolera
     beside = [(path, found) for path, found, problem in catalogs_beside(model) if problem is None]
     targets, ablation = choose_reference(spec, model, ref_model, report, catalog, known, known_id, recorded,
                                          beside, prompt, progress)
-    recorded_values = {(sw["layer"], sw["row"], sw["col"]): sw["value"] for sw in recorded or ()}
+    recorded_values = {Coordinate.of(sw): sw["value"] for sw in recorded or ()}
     reading = time.perf_counter()
     for target in targets:
         if ref_model is not None:  # the expected value is the reference's own
             expected, nbytes = value_at(ref_model.checkpoint, target)
             report.bytes_read += nbytes
-            target = Target(**{**asdict(target), "expected": expected})
+            target = replace(target, expected=expected)
         finding, nbytes = judge(target, model.checkpoint, tolerance,
-                                recorded_values.get((target.layer, target.row, target.col)))
+                                recorded_values.get(target.at))
         if ref_model is not None and target.expected is None:
             finding.status, finding.note = "missing", "not in the reference"
         report.findings.append(finding)
@@ -386,9 +409,9 @@ def mark_unverified(report):
 def mark_ablated(report, record, path):
     """Weights that hold what an `swtool ablate` record says it wrote there: "ablated as recorded"."""
     scale = record["ablation"].get("scale")
-    written = {(sw["layer"], sw["row"], sw["col"]): sw["value"] for sw in record["super_weights"]}
+    written = {Coordinate.of(sw): sw["value"] for sw in record["super_weights"]}
     for finding in report.findings:
-        value = written.get((finding.layer, finding.row, finding.col))
+        value = written.get(Coordinate(finding.layer, finding.row, finding.col, finding.expert))
         if value is None or finding.value is None or not math.isfinite(finding.value):
             continue
         if _relative_change(finding.value, value) <= report.tolerance:
@@ -418,10 +441,10 @@ def value_at(checkpoint, target):
     """(W[row, col] or None if absent, bytes read) in another checkpoint, e.g. the reference."""
     if target.tensor not in checkpoint:
         return None, 0
-    info = checkpoint.tensor(target.tensor)
-    if len(info.shape) != 2 or not (0 <= target.row < info.shape[0] and 0 <= target.col < info.shape[1]):
+    info, row, col = element_of(checkpoint.tensor(target.tensor), target)
+    if info is None:
         return None, 0
-    value, nbytes, _ = read_weight(info, target.row, target.col)
+    value, nbytes, _ = read_weight(info, row, col)
     return value, nbytes
 
 

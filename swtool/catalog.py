@@ -12,6 +12,7 @@ from importlib import resources
 
 from swtool import __version__
 from swtool.atomic import write_text_atomic
+from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.inputfile import open_regular
 
@@ -150,19 +151,11 @@ def entry_problem(catalog):
                 return f"{where}: tensor_index {index} is not [expert, row, col] = {stacked}"
             if len(index) == 2 and index not in ([row, col], [col, row]):
                 return f"{where}: tensor_index {index} is neither [row, col] nor [col, row]"
-        key = (layer, row, col, expert)
+        key = Coordinate.of(sw)
         if key in seen:
             return f"{where}: listed twice"
         seen.add(key)
     return None
-
-
-def parse_coordinate(text, option="--zero"):
-    """'L:ROW:COL' (0-based layer, down_proj row = output channel, col = input channel) -> (L, ROW, COL)."""
-    parts = text.split(":")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise SwtoolError(f"{option} {text!r}: expected LAYER:ROW:COL, three non-negative integers like 2:507:90")
-    return tuple(int(p) for p in parts)
 
 
 def mismatch(catalog, model, strict=False):
@@ -233,9 +226,9 @@ def format_scan(catalog):
     lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
              f"prompt of {len(detection['tokens'])} tokens, {passes} pass{'es' if passes != 1 else ''} over the weights"]
     if catalog.get("nonfinite_weights"):
-        from swtool.finite import describe
+        from swtool.finite import describe_nonfinite
 
-        lines.append(f"WARNING: {describe(catalog['nonfinite_weights'])}; activations after them are not "
+        lines.append(f"WARNING: {describe_nonfinite(catalog['nonfinite_weights'])}; activations after them are not "
                      f"finite, so what follows is not a verdict on this model")
     sws = catalog["super_weights"]
     if not sws:

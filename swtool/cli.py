@@ -164,7 +164,7 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
 
     from swtool.catalog import format_scan, scan_catalog, to_json, write_catalog
     from swtool.detect import Settings
-    from swtool.finite import describe as describe_nonfinite, nonfinite_weights, report_is_finite
+    from swtool.finite import describe_nonfinite, nonfinite_weights, report_is_finite
     from swtool.model import load_model
     from swtool.tokenizer import DEFAULT_PROMPT
 
@@ -242,7 +242,8 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.jsonfile import strict_json
 
     from swtool.ablate import CatalogMismatch
-    from swtool.catalog import parse_coordinate, read_catalog
+    from swtool.catalog import read_catalog
+    from swtool.coordinate import Coordinate
     from swtool.errors import SwtoolError
     from swtool.evaluate import evaluate, make_chunks, text_token_ids
     from swtool.experiments import EvalOptions, build_plan, describe_eval, format_eval, parse_scales, stop_word_ids
@@ -250,7 +251,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.tokenizer import load_tokenizer
 
     prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the pass, not after it
-    options = EvalOptions(zero=tuple(parse_coordinate(z) for z in zero),
+    options = EvalOptions(zero=tuple(Coordinate.parse(z) for z in zero),
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
                       restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
@@ -362,7 +363,8 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     from swtool.jsonfile import strict_json
 
     from swtool import ablate as ab
-    from swtool.catalog import parse_coordinate, read_catalog
+    from swtool.catalog import read_catalog
+    from swtool.coordinate import Coordinate
     from swtool.checkpoint import open_checkpoint
     from swtool.errors import SwtoolError
 
@@ -378,7 +380,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     if bool(output) == in_place:
         raise click.UsageError("give exactly one of -o OUTDIR and --in-place")
     cat = read_catalog(catalog)
-    chosen = ab.select(cat["super_weights"], [parse_coordinate(o, "--only") for o in only])
+    chosen = ab.select(cat["super_weights"], [Coordinate.parse(o, "--only") for o in only])
     checkpoint = open_checkpoint(model)
     try:
         patches = ab.plan_patches(checkpoint, chosen, scale)
@@ -483,10 +485,10 @@ def gguf_options(command):
 def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
     """Write MODEL (a Hugging Face checkpoint: llama, mistral, qwen2) as a GGUF file for llama.cpp."""
     prepare_outputs(force, output, inputs=(model, catalog))  # before anything is read
-    from swtool.gguf_export import Options, export, format_report
+    from swtool.gguf_export import ExportOptions, export, format_export
 
-    options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
-    click.echo(format_report(export(model, output, options)))
+    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
+    click.echo(format_export(export(model, output, options)))
 
 
 @main.command("quantize")
@@ -498,10 +500,10 @@ def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types,
     Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
     """
     prepare_outputs(force, output, inputs=(gguf_file, catalog))  # before anything is read
-    from swtool.gguf_export import Options, format_report, quantize_gguf
+    from swtool.gguf_export import ExportOptions, format_export, quantize_gguf
 
-    options = Options(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
-    click.echo(format_report(quantize_gguf(gguf_file, output, options)))
+    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
+    click.echo(format_export(quantize_gguf(gguf_file, output, options)))
 
 
 @main.command("sweep")

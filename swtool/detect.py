@@ -43,6 +43,7 @@ from swtool import kernels
 from swtool.arch.base import DOWN_IN, DOWN_OUT, POINTS, RESID, RESID_MID
 from swtool.arch.moe import SHARED
 from swtool.checkpoint.transposed import TransposedTensor
+from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.forking import ForkingPass, prefix, world_order
 from swtool.forward import Edit, layer_progress, mean_nll
@@ -84,6 +85,10 @@ class SuperWeight:
     # stored [in, out] (GPT-2); [expert, row, col] in a stacked-experts tensor
     tensor_index: list | None = None
     verification: dict = field(default_factory=dict)
+
+    @property
+    def at(self):
+        return Coordinate(self.layer, self.row, self.col, self.expert)
 
     def to_json(self):
         return asdict(self)

@@ -182,9 +182,10 @@ def parse_scales(text):
 
 
 def zero_edits(model, coordinates):
-    """Edits zeroing down_proj elements given as (layer, row, col), checked against the model."""
+    """Edits zeroing the down_proj elements at `coordinates` (Coordinate), checked against the model."""
     edits = []
-    for layer, row, col in coordinates:
+    for at in coordinates:
+        layer, row, col = at.layer, at.row, at.col
         if layer >= model.arch.n_layers:
             raise SwtoolError(f"--zero {layer}:{row}:{col}: the model has {model.arch.n_layers} layers")
         name = model.arch.down_proj_name(layer)
@@ -276,7 +277,7 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
         "chunks": len(chunks.tokens),
         "scored": ("predictions from position ctx/2 on in each chunk" if chunks.first_scored
                    else "every prediction in each chunk"),
-        "zeroed": [list(c) for c in options.zero],
+        "zeroed": [[c.layer, c.row, c.col] for c in options.zero],
         "stop_words": {text: int(i) for text, i in stop_ids.items()},
         "worlds": worlds,
     }

@@ -74,7 +74,7 @@ def report_is_finite(report):
     return all(v is None or math.isfinite(v) for v in values)
 
 
-def describe(found, limit=4):
+def describe_nonfinite(found, limit=4):
     """'2 tensors hold non-finite weights: model.layers.2.self_attn.q_proj.weight (1 NaN), ...'"""
     parts = []
     for entry in found[:limit]:

@@ -25,7 +25,7 @@ Super-weight handling (`--sw-handling`):
            `swtool.*` metadata (gguf_keys.py).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from swtool import gguf_keys
 from swtool.atomic import check_destination
+from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.quant.policy import KEPT, NOT_QUANTIZED
 
@@ -116,10 +117,10 @@ class _Payload:
 # --- super weights ------------------------------------------------------------------
 
 @dataclass
-class SuperWeight:
-    layer: int
-    row: int
-    col: int  # in the stored tensor of the output file
+class ProtectedWeight:
+    """A super weight as an export handles it."""
+
+    at: Coordinate  # col: in the stored tensor of the output file (after any channel reordering)
     value: float  # in the source, float32
     tensor: str  # llama.cpp name
 
@@ -140,7 +141,7 @@ def super_weights_from_catalog(catalog_path, n_layers, orders):
         col = sw["col"]
         if sw["layer"] in orders:  # the input was reordered by an earlier export: where that column is now
             col = orders[sw["layer"]].index(col)
-        found.append(SuperWeight(sw["layer"], sw["row"], col, float(sw["value"]), sw["gguf_tensor"]))
+        found.append(ProtectedWeight(Coordinate(sw["layer"], sw["row"], col), float(sw["value"]), sw["gguf_tensor"]))
     return found, catalog["detection"].get("prompt")
 
 
@@ -151,12 +152,12 @@ def check_super_weights(super_weights, tensors, source):
         if tensor is None or len(tensor.shape) != 2:
             raise SwtoolError(f"{source}: the catalog's tensor {sw.tensor!r} is not a matrix of this model")
         n_rows, n_cols = tensor.shape
-        if not (0 <= sw.row < n_rows and 0 <= sw.col < n_cols):
-            raise SwtoolError(f"{source}: {sw.tensor} of shape {[n_rows, n_cols]} has no element [{sw.row}, {sw.col}]")
-        actual = float(tensor.read(np.array([sw.row]))[0, sw.col])
+        if not (0 <= sw.at.row < n_rows and 0 <= sw.at.col < n_cols):
+            raise SwtoolError(f"{source}: {sw.tensor} of shape {[n_rows, n_cols]} has no element [{sw.at.row}, {sw.at.col}]")
+        actual = float(tensor.read(np.array([sw.at.row]))[0, sw.at.col])
         # bf16 -> f16 conversions move a value by < 0.1 %; a different model moves it much more
         if not abs(actual - sw.value) <= 0.01 * abs(sw.value) + 1e-6:
-            raise SwtoolError(f"{source}: {sw.tensor}[{sw.row}, {sw.col}] is {actual:.6g}, the catalog says "
+            raise SwtoolError(f"{source}: {sw.tensor}[{sw.at.row}, {sw.at.col}] is {actual:.6g}, the catalog says "
                               f"{sw.value:.6g}: the catalog is not for this model")
         sw.value = actual
 
@@ -167,8 +168,8 @@ def isolate(tensors, super_weights, orders):
 
     from swtool.quant.isolate import isolation_order, stored_position
 
-    for layer in sorted({sw.layer for sw in super_weights}):
-        here = [sw for sw in super_weights if sw.layer == layer]
+    for layer in sorted({sw.at.layer for sw in super_weights}):
+        here = [sw for sw in super_weights if sw.at.layer == layer]
         down = tensors[f"blk.{layer}.ffn_down.weight"]
         partners = [tensors.get(f"blk.{layer}.{kind}.{part}") for kind in ("ffn_gate", "ffn_up")
                     for part in ("weight", "bias")]
@@ -177,8 +178,8 @@ def isolate(tensors, super_weights, orders):
                               f"(blk.{layer}.ffn_gate/ffn_up/ffn_down)")
         if GGML_QUANT_SIZES[down.qtype][0] == 1:  # a float type: nothing shares a scale with the super weight
             continue
-        rows = sorted({sw.row for sw in here})
-        order = isolation_order(down.read(np.array(rows)), [sw.col for sw in here], down.qtype)
+        rows = sorted({sw.at.row for sw in here})
+        order = isolation_order(down.read(np.array(rows)), [sw.at.col for sw in here], down.qtype)
         if (order == np.arange(len(order))).all():  # no swap would lower the error
             continue
         down.col_order = order
@@ -188,7 +189,7 @@ def isolate(tensors, super_weights, orders):
                     raise SwtoolError(f"{partner.name} has {partner.shape[0]} rows, ffn_down {len(order)} columns")
                 partner.row_order = order
         for sw in here:
-            sw.col = stored_position(order, sw.col)
+            sw.at = replace(sw.at, col=stored_position(order, sw.at.col))
         previous = orders.get(layer)
         orders[layer] = [int(previous[i]) for i in order] if previous is not None else [int(i) for i in order]
 
@@ -198,7 +199,7 @@ def super_weight_fields(super_weights, prompt, handling, orders):
     import gguf
 
     T = gguf.GGUFValueType
-    entries = [{"layer": sw.layer, "row": sw.row, "col": sw.col, "value": sw.value, "gguf_tensor": sw.tensor}
+    entries = [{"layer": sw.at.layer, "row": sw.at.row, "col": sw.at.col, "value": sw.value, "gguf_tensor": sw.tensor}
                for sw in super_weights]
     if not entries:  # nothing to record: no swtool.* keys at all
         return []
@@ -212,7 +213,7 @@ def super_weight_fields(super_weights, prompt, handling, orders):
 # --- planning ------------------------------------------------------------------------
 
 @dataclass
-class Options:
+class ExportOptions:
     type: str
     keep_type: str = DEFAULT_KEEP_TYPE
     tensor_types: tuple = ()
@@ -222,7 +223,7 @@ class Options:
 
 
 @dataclass
-class Report:
+class ExportReport:
     """What an export wrote, for the CLI's summary and the tests."""
 
     path: Path
@@ -348,7 +349,7 @@ def export(model_path, out_path, options):
     if window is not None and window < int(model.checkpoint.config["max_position_embeddings"]):
         notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
                      f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
-    return Report(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
+    return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
 
 
 def handling_label(options, super_weights, orders, tensors):
@@ -417,7 +418,7 @@ def quantize_gguf(in_path, out_path, options):
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, orders)
     else:  # a file swtool exported before: its own record
         recorded = gguf_keys.read_super_weights(meta, in_path) or []
-        super_weights = [SuperWeight(sw["layer"], sw["row"], sw["col"], float(sw["value"]), sw["gguf_tensor"])
+        super_weights = [ProtectedWeight(Coordinate.of(sw), float(sw["value"]), sw["gguf_tensor"])
                          for sw in recorded]
     target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers)
     from gguf import GGMLQuantizationType
@@ -445,7 +446,7 @@ def quantize_gguf(in_path, out_path, options):
     write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
     notes = [] if super_weights else ["no --catalog and no swtool.* metadata in the input: the super weights "
                                       "are neither recorded nor protected"]
-    return Report(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
+    return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
 
 
 REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
@@ -471,7 +472,7 @@ def copy_metadata(writer, source):
 
 # --- the summary ------------------------------------------------------------------------------
 
-def format_report(report):
+def format_export(report):
     """The CLI's summary: bytes per type, the super weights and where they went."""
     from collections import Counter
 
@@ -491,7 +492,7 @@ def format_report(report):
         for sw in report.super_weights:
             tensor = by_name[sw.tensor]
             why = tensor.reason + ("; channels reordered: a block of its own" if tensor.col_order is not None else "")
-            rows.append([sw.tensor, sw.row, sw.col, f"{sw.value:.6g}", tensor.qtype.name, why])
+            rows.append([sw.tensor, sw.at.row, sw.at.col, f"{sw.value:.6g}", tensor.qtype.name, why])
         lines.append(format_table(["super weight in", "row", "col", "value", "stored as", "why"], rows))
     fallbacks = sorted({t.reason.split("; ", 1)[1] for t in report.tensors if "; rows of" in t.reason})
     lines += [f"fallback: {text}" for text in fallbacks]

@@ -103,7 +103,7 @@ def control_layers(super_weights, n_layers):
     Their ffn_down tensors get the keep type in the control: the same bytes as keep, spent
     on tensors of the same shape that hold no super weight.
     """
-    holders = sorted({sw.layer for sw in super_weights})
+    holders = sorted({sw.at.layer for sw in super_weights})
     chosen = []
     for layer in holders:
         candidates = list(range(layer + 1, n_layers)) + list(range(layer - 1, -1, -1))
@@ -116,18 +116,18 @@ def control_layers(super_weights, n_layers):
 
 def export_options(qtype, handling, catalog, controls, progress):
     """The `swtool export` options that write this type with this handling."""
-    from swtool.gguf_export import Options
+    from swtool.gguf_export import ExportOptions
 
     base = dict(type=qtype, catalog=catalog, progress=progress)
     if handling.name == "keep":
-        return Options(handling="keep", keep_type=handling.keep_type, **base)
+        return ExportOptions(handling="keep", keep_type=handling.keep_type, **base)
     if handling.name == "isolate":
-        return Options(handling="isolate", **base)
+        return ExportOptions(handling="isolate", **base)
     if handling.name == "control":
         layers = "|".join(str(layer) for layer in controls)
-        return Options(handling="none", tensor_types=(rf"^blk\.({layers})\.ffn_down\.weight$={handling.keep_type}",),
+        return ExportOptions(handling="none", tensor_types=(rf"^blk\.({layers})\.ffn_down\.weight$={handling.keep_type}",),
                        **base)
-    return Options(handling="none", **base)
+    return ExportOptions(handling="none", **base)
 
 
 # --- results ---------------------------------------------------------------------------
@@ -220,10 +220,12 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         plan = [(qtype, handling) for qtype in types for handling in handlings]
         stem = Path(str(model_path).rstrip("/")).name or "model"
         paths = {(q, h.label): work / f"{stem}-{q}-{h.label.replace(':', '-')}.gguf" for q, h in plan}
-        if out_dir is not None and not force:
-            from swtool.atomic import check_destination
+        if out_dir is not None:
+            from swtool.atomic import check_destination, refuse_replacing_inputs
 
-            for path in paths.values():
+            outputs = [*paths.values(), work / f"{stem}.catalog.json"]
+            refuse_replacing_inputs(outputs, (model_path, text_path, catalog))  # even with --force
+            for path in paths.values() if not force else ():
                 check_destination(path, force)
         # 3. the super weights: the given catalog, or a scan of the model when a handling needs them
         needs_catalog = any(h.name != "none" for h in handlings)

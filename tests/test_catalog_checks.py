@@ -66,3 +66,33 @@ def test_a_hostile_journal_writes_nothing(good, tmp_path, case):
     line = one_line_error(swtool("ablate", model, "--restore"))
     assert JOURNAL in line and ("not restoring" in line or "not a valid" in line), line
     assert digests(model) == before
+
+
+@pytest.mark.parametrize("family, plant", [("mixtral", dict(layer=2, row=41, col=101, expert=2)),
+                                           ("gpt2", dict(layer=2, row=41, col=101))])
+def test_audit_reads_the_element_ablate_patches(tiny_factory, tmp_path, family, plant):
+    """A stacked expert ([expert, row, col]) and a Conv1D weight stored [in, out] ([col, row]): audit
+    reads each catalog entry where ablate writes it, so the ablated copy audits as zeroed."""
+    from tiny import Plant
+
+    model, _ = tiny_factory(family, "bfloat16", plants=(Plant(**plant),))
+    if family == "mixtral":  # re-saved by transformers in its stacked layout: [experts, out, in]
+        import transformers
+
+        stacked = transformers.AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+        stacked.save_pretrained(tmp_path / "stacked", save_original_format=False)
+        shutil.copy(model / "tokenizer.json", tmp_path / "stacked" / "tokenizer.json")
+        model = tmp_path / "stacked"
+    catalog = tmp_path / "catalog.json"
+    assert swtool("scan", model, "-o", catalog, "--no-progress").returncode == 0
+    (entry,) = [sw for sw in json.loads(catalog.read_text())["super_weights"]
+                if (sw["layer"], sw["row"], sw["col"]) == (plant["layer"], plant["row"], plant["col"])]
+    assert entry["expert"] == plant.get("expert") and entry["tensor_index"] != [plant["row"], plant["col"]]
+    intact = json.loads(swtool("audit", model, "--catalog", catalog, "--json").stdout)
+    (found,) = [f for f in intact["findings"] if f["row"] == plant["row"] and f["col"] == plant["col"]]
+    assert found["status"] == "intact" and found["value"] == entry["value"] and found["expert"] == entry["expert"]
+    out = tmp_path / "ablated"
+    assert swtool("ablate", model, "--catalog", catalog, "-o", out).returncode == 0
+    ablated = json.loads(swtool("audit", out, "--catalog", catalog, "--json").stdout)
+    (found,) = [f for f in ablated["findings"] if f["row"] == plant["row"] and f["col"] == plant["col"]]
+    assert found["status"] == "zeroed" and found["value"] == 0.0

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import llama_oracle
-from swtool.gguf_export import Options, export
+from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
 from cli_run import one_line_error, swtool
 
@@ -81,7 +81,7 @@ def catalog(smollm2, tmp_path_factory):
 def exports(smollm2, catalog, tmp_path_factory):
     """{type: path}: SmolLM2 exported with its catalog and the default handling (keep, Q8_0)."""
     out = tmp_path_factory.mktemp("exports")
-    return {kind: export(smollm2, out / f"smollm2-{kind}.gguf", Options(kind, catalog=str(catalog), progress=False)).path
+    return {kind: export(smollm2, out / f"smollm2-{kind}.gguf", ExportOptions(kind, catalog=str(catalog), progress=False)).path
             for kind in ("f16", "q8_0", "q4_0", "q4_k")}
 
 
@@ -258,9 +258,9 @@ def test_isolate_reorders_channels_without_changing_the_model(smollm2, catalog, 
     """isolate: each super weight gets a Q4_0 block of its own, with neighbours that fit its grid; gate/up
     rows and down columns move together, so llama.cpp's perplexity barely moves, and the super weights
     stay exact while their rows lose less than in the plain file."""
-    plain = export(smollm2, tmp_path / "none.gguf", Options("q4_0", catalog=str(catalog), handling="none",
+    plain = export(smollm2, tmp_path / "none.gguf", ExportOptions("q4_0", catalog=str(catalog), handling="none",
                                                             progress=False)).path
-    isolated = export(smollm2, tmp_path / "isolate.gguf", Options("q4_0", catalog=str(catalog),
+    isolated = export(smollm2, tmp_path / "isolate.gguf", ExportOptions("q4_0", catalog=str(catalog),
                                                                   handling="isolate", progress=False)).path
     meta = fields(isolated)
     assert meta["swtool.export.handling"][0] == "isolate"
@@ -359,7 +359,7 @@ def test_tiny_families_give_transformers_logits_in_llama_cpp(tiny_factory, smoll
     model = build_tiny(directory, family, "float32", vocab_size=49152, **overrides)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a real vocabulary: llama.cpp needs merges
         shutil.copy(smollm2 / name, directory / name)
-    export(directory, tmp_path / "tiny.gguf", Options("f32", progress=False))
+    export(directory, tmp_path / "tiny.gguf", ExportOptions("f32", progress=False))
     ids = [int(t) for t in random_tokens(40, seed=1, vocab=49152)]
     expected = torch_logits(model, ids)
     llm = llama_oracle.load(tmp_path / "tiny.gguf", n_ctx=64)
@@ -399,7 +399,7 @@ def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
     build_tiny(directory, "llama", "float32", vocab_size=len(tokens), bos_token_id=1, eos_token_id=2)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta)))
-    export(directory, tmp_path / "spm.gguf", Options("f32", progress=False))
+    export(directory, tmp_path / "spm.gguf", ExportOptions("f32", progress=False))
     assert fields(tmp_path / "spm.gguf")["tokenizer.ggml.model"][0] == "llama"
     vocab = llama_cpp.Llama(str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
     for text in TEXTS + ["GNU General Public License", "<s>inside</s> text", "x", "  two  spaces"]:
@@ -438,5 +438,5 @@ def test_an_error_while_writing_removes_the_partial_file(smollm2, tmp_path, monk
 
     monkeypatch.setattr(swtool.quant, "quantize", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export(smollm2, tmp_path / "out.gguf", Options("q8_0", progress=False))
+        export(smollm2, tmp_path / "out.gguf", ExportOptions("q8_0", progress=False))
     assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ def fifo_in_place_of(path):
     return path
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"])
 def test_a_fifo_in_the_model(good, tmp_path, name):
     model = shutil.copytree(good.model, tmp_path / "model")
     if not (model / name).exists():
@@ -49,3 +49,11 @@ def test_a_fifo_as_gguf_catalog_text_or_index(good, tmp_path):
     fifo_in_place_of(sharded / "model.safetensors.index.json")
     line = one_line_error(swtool("scan", sharded, "--no-progress", timeout=TIMEOUT))
     assert "model.safetensors.index.json: is a FIFO" in line, line
+
+
+def test_a_device_as_text_or_catalog(good):
+    """/dev/zero never ends: read whole, it would fill memory; it is refused before any read."""
+    for argv, named in ((["eval", good.model, "--text", "/dev/zero", "--max-tokens", "64"], "/dev/zero"),
+                        (["audit", good.model, "--catalog", "/dev/zero"], "/dev/zero")):
+        line = one_line_error(swtool(*argv, "--no-progress", timeout=TIMEOUT))
+        assert f"{named}: is a character device, not a regular file" in line, (argv, line)

@@ -6,6 +6,7 @@ line, and every input file must be byte-identical afterwards (sha256 before and 
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -101,3 +102,35 @@ def test_a_killed_runs_temporary_is_neither_copied_nor_kept(good, tmp_path):
     result = swtool("ablate", model, "--restore")
     assert result.returncode == 0, result.stderr
     assert not leftover.exists()
+
+
+def test_sweep_out_dir_never_replaces_an_input(good, tmp_path):
+    """A file sweep would write into --out-dir that is one of its inputs (here the text, named like an
+    export): refused before anything is exported, --force or not."""
+    out = tmp_path / "out"
+    out.mkdir()
+    text = out / "good-model-q8_0-none.gguf"
+    shutil.copy(good.text, text)
+    before = digests(out)
+    line = one_line_error(swtool("sweep", good.model, "--text", text, "--out-dir", out, "--types", "q8_0",
+                                 "--handlings", "none", "--ctx", "32", "--force", "--no-progress"))
+    assert "a file this command reads; it is never replaced, even with --force" in line
+    assert digests(out) == before
+
+
+def test_an_output_in_a_read_only_folder_names_the_output(good, tmp_path):
+    """The temporary beside the output cannot be made: the one line names the output the user gave.
+    Root writes through permissions, so the folder is made read-only by a read-only bind mount."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+    out = folder / "catalog.json"
+    try:
+        line = one_line_error(swtool("scan", good.model, "-o", out, "--no-progress"))
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], check=True)
+    assert line.startswith(f"error: {out}: cannot write there (") and ".tmp" not in line, line

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import llama_oracle
-from swtool.gguf_export import SuperWeight
+from swtool.coordinate import Coordinate
+from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
 from cli_run import one_line_error, swtool, swtool_without
 
@@ -243,7 +244,7 @@ def test_plot_without_matplotlib_fails_at_once(smollm2, prose, tmp_path):
 
 def test_control_layers_are_the_next_free_ffn_down():
     def at(*layers):
-        return [SuperWeight(layer, 0, 0, 1.0, f"blk.{layer}.ffn_down.weight") for layer in layers]
+        return [ProtectedWeight(Coordinate(layer, 0, 0), 1.0, f"blk.{layer}.ffn_down.weight") for layer in layers]
 
     assert control_layers(at(2, 2, 11, 11), 30) == [3, 12]  # SmolLM2
     assert control_layers(at(2, 3), 30) == [4, 5]  # never a tensor that holds a super weight, never twice

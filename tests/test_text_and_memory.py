@@ -84,10 +84,10 @@ def peak_rss_kib(*argv):
     return int(code), int(peak), result
 
 
-def test_a_huge_numeric_metadata_array_costs_its_bytes_not_ten_times_them(good, tmp_path):
-    """A GGUF whose metadata holds a 256 MiB UINT8 array (written by gguf-py at 32 elements, then
+def gguf_with_a_huge_array(good, tmp_path, size=256 << 20):
+    """The tiny GGUF with a `size`-byte UINT8 metadata array (written by gguf-py at 32 elements, then
     widened in the file: the KV section grows by a multiple of the alignment, so tensor offsets,
-    relative to the aligned data section, stay valid). As Python ints it took ~10 bytes per byte."""
+    relative to the aligned data section, stay valid); and the small file it was made from."""
     import gguf
 
     from hf_to_gguf import vocabulary_fields, write_gguf
@@ -97,30 +97,56 @@ def test_a_huge_numeric_metadata_array_costs_its_bytes_not_ten_times_them(good, 
     raw = small.read_bytes()
     key = b"test.big"
     marker = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 0, 32) + bytes([7]) * 32
-    assert raw.count(marker) == 1
-    size = 256 << 20
+    assert raw.count(marker) == 1 and size % 32 == 0
     big = tmp_path / "big.gguf"
     with open(big, "wb") as f:
         at = raw.index(marker)
         f.write(raw[:at] + struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 0, size))
         f.write(bytes([7]) * size)
         f.write(raw[at + len(marker):])
+    return big, small
+
+
+def test_a_huge_numeric_metadata_array_costs_its_bytes_not_ten_times_them(good, tmp_path):
+    """As Python ints a 256 MiB array took ~10 bytes of memory per byte of file."""
+    import gguf
+
+    big, small = gguf_with_a_huge_array(good, tmp_path)
     code, peak, result = peak_rss_kib("inspect", big, "--json")
     assert code == 0, result.stderr
     assert json.loads(result.stdout)["gguf"]["metadata_keys"] == len(gguf.GGUFReader(small).fields) - 3
     assert peak < 1024 * 1024  # KiB: under 1 GiB for a 256 MiB array (~2.5 GiB as Python ints)
 
 
-def test_a_merge_without_a_space_is_one_line_for_scan_and_inspect(good, tmp_path):
-    """tokenizers raised a TypeError on such a merge (a traceback); inspect used not to look at the
-    vocabulary at all and exited 0 on a file scan refuses."""
-    import gguf
+def test_inputs_built_to_blow_memory_up_fit_a_2_gib_address_space(good, tmp_path):
+    """The same hostile inputs under RLIMIT_AS = 2 GiB: a clean result or a one-line error, never a
+    MemoryError traceback or the kernel's OOM killer."""
+    import resource
 
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 30)
+    big, _ = gguf_with_a_huge_array(good, tmp_path, size=512 << 20)
+    cases = [(["eval", good.model, "--text", huge, "--max-tokens", "64", "--ctx", "32", "--no-progress"], 0),
+             (["eval", good.model, "--text", huge, "--ctx", "32", "--no-progress"], 2),
+             (["eval", good.model, "--text", "/dev/zero", "--ctx", "32", "--no-progress"], 2),
+             (["inspect", big], 0), (["audit", big, "--known-id", "acme/nothing"], 2),
+             (["scan", big, "--no-progress"], 0)]
+    for argv, code in cases:
+        result = subprocess.run([sys.executable, "-m", "swtool", *map(str, argv)],
+                                capture_output=True, text=True, timeout=300, preexec_fn=limited)
+        assert result.returncode == code, (argv, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, argv
+
+
+def test_a_gpt2_vocabulary_without_merges_is_refused_as_llama_cpp_does(good, tmp_path):
     from hf_to_gguf import vocabulary_fields, write_gguf
 
     fields = [f for f in vocabulary_fields(good.gguf) if f[0] != "tokenizer.ggml.merges"]
-    merges = ("tokenizer.ggml.merges", ["ab"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
-    path = write_gguf(good.model, tmp_path / "merge.gguf", "f32", vocabulary=fields + [merges])
+    path = write_gguf(good.model, tmp_path / "no-merges.gguf", "f32", vocabulary=fields)
     for argv in (["scan", path, "--no-progress"], ["inspect", path]):
         line = one_line_error(run(*argv))
-        assert "tokenizer.ggml.merges: 'ab' is not two tokens separated by one space" in line, (argv, line)
+        assert "tokenizer.ggml.merges: missing, and a gpt2 (byte-level BPE) vocabulary needs its merges" in line

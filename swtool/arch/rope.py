@@ -70,6 +70,9 @@ def _llama3(base, scaling):
     """Llama 3.1's frequency-dependent scaling: long wavelengths slowed by `factor`, short kept, smooth between."""
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    if not high > low:  # the smooth band between them would be empty: a division by zero
+        raise SwtoolError(f"config.json: llama3 RoPE scaling needs high_freq_factor ({high:g}) above "
+                          f"low_freq_factor ({low:g})")
     old_context = float(scaling["original_max_position_embeddings"])
     wavelen = 2 * math.pi / base
     scaled = np.where(wavelen > old_context / low, base / factor, base)
@@ -85,6 +88,8 @@ def _dynamic_ntk_theta(config, scaling, theta, rotary_dim, n_tokens):
     if n_tokens <= max_positions:
         return theta
     factor = float(scaling["factor"])
+    if rotary_dim <= 2:  # the exponent below divides by rotary_dim - 2
+        raise SwtoolError(f"config.json: dynamic RoPE scaling needs more than 2 rotary dimensions, not {rotary_dim}")
     return theta * ((factor * n_tokens / max_positions) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
 
 
@@ -94,6 +99,9 @@ def _original_context(config, scaling):
              or config.get("max_position_embeddings"))
     if value is None:
         raise SwtoolError("config.json: longrope needs original_max_position_embeddings")
+    if float(value) < 2:  # its logarithm divides the attention factor
+        raise SwtoolError(f"config.json: longrope's original_max_position_embeddings = {value!r} is not a "
+                          f"context of at least 2 tokens")
     return float(value)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swtool.checkpoint.safetensors import _map_bytes, close_map, decode_float32
+from swtool.checkpoint.safetensors import map_bytes, close_map, decode_float32
 from swtool.errors import CheckpointError
 from swtool.inputfile import open_regular
 
@@ -102,7 +102,7 @@ class GGUFTensor:
         block types their bytes ([rows, row_bytes] of uint8). As for safetensors, `use`
         must not keep a reference to its argument.
         """
-        mapping, skip = _map_bytes(self.path, self.offset, self.nbytes)
+        mapping, skip = map_bytes(self.path, self.offset, self.nbytes)
         if self.quantized:  # each row of blocks as its bytes: [..., row_bytes]
             stored = np.frombuffer(mapping, np.uint8, self.nbytes, skip).reshape(self.shape[:-1] + (self.row_bytes,))
         else:
@@ -142,7 +142,7 @@ class GGUFTensor:
         without touching the rest of its tensor.
         """
         offset, nbytes, index = self.block_of(row, col)
-        mapping, skip = _map_bytes(self.path, offset, nbytes)
+        mapping, skip = map_bytes(self.path, offset, nbytes)
         try:
             raw = np.frombuffer(mapping, np.uint8, nbytes, skip).copy()
         finally:

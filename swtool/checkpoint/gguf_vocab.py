@@ -62,6 +62,9 @@ def check(meta, source):
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in BPE_PRE_TYPES:
             raise CheckpointError(source, f"BPE pre-tokenizer {pre!r} is not supported; supported: {supported()}")
+        if "tokenizer.ggml.merges" not in meta:  # llama.cpp refuses such a file too
+            raise CheckpointError(source, "metadata tokenizer.ggml.merges: missing, and a gpt2 (byte-level BPE) "
+                                          "vocabulary needs its merges")
     return model
 
 

@@ -99,7 +99,7 @@ class TensorInfo:
         `use` must not keep a reference to its argument: the map is released on return,
         which is what keeps a scan's resident memory near one tensor.
         """
-        mapping, skip = _map_bytes(self.path, self.offset, self.nbytes)
+        mapping, skip = map_bytes(self.path, self.offset, self.nbytes)
         stored = np.frombuffer(mapping, dtype=DTYPES[self.dtype][1], count=prod(self.shape),
                                offset=skip).reshape(self.shape)
         if rows is not None:
@@ -112,7 +112,7 @@ class TensorInfo:
 
 
 class _NoBytes(bytes):
-    """What _map_bytes gives for an empty range: mmap cannot map 0 bytes (length 0 means "all")."""
+    """What map_bytes gives for an empty range: mmap cannot map 0 bytes (length 0 means "all")."""
 
     def close(self):
         pass
@@ -135,7 +135,7 @@ def close_map(mapping):
             mapping.close()
 
 
-def _map_bytes(path, offset, nbytes):
+def map_bytes(path, offset, nbytes):
     """A read-only mmap covering [offset, offset + nbytes) and where that range starts in it."""
     if nbytes == 0:
         return _NoBytes(), 0
