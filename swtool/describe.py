@@ -51,7 +51,8 @@ def describe_model(spec, download=False):
                         "llama_cpp_architecture": meta.get("general.architecture"),
                         "name": meta.get("general.name"), "file_type": meta.get("general.file_type"),
                         "tokenizer": meta.get("tokenizer.ggml.model"), "pre_tokenizer": meta.get("tokenizer.ggml.pre")}
-        gguf_vocab.check(meta, checkpoint.path)  # what scan would refuse, inspect refuses too
+        if "tokenizer.ggml.tokens" in meta:  # a broken vocabulary scan would refuse, inspect refuses too;
+            gguf_vocab.check(meta, checkpoint.path)  # none at all is described as none
         recorded = gguf_keys.read_super_weights(meta, checkpoint.path)
         info["swtool_metadata"] = {key: list(value) if gguf_keys.is_array(value) else value
                                    for key, value in meta.items() if key.startswith(gguf_keys.PREFIX)}
