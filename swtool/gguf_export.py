@@ -406,6 +406,7 @@ def quantize_gguf(in_path, out_path, options):
     if same_path(in_path, out_path):
         raise SwtoolError(f"{out_path}: the output would overwrite the input")
     source = read_gguf(in_path)
+    check_copyable(source)
     meta = source.metadata
     arch_name = meta.get("general.architecture")
     n_layers = meta.get(f"{arch_name}.block_count")
@@ -450,6 +451,18 @@ def quantize_gguf(in_path, out_path, options):
 
 
 REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+MAX_COPIED_ARRAY = 1 << 20  # values in one metadata array outside the vocabulary that quantize copies
+
+
+def check_copyable(source):
+    """Before anything is written: gguf-py's writer packs an array value by value, so a hostile file's
+    array of a billion values would take minutes and gigabytes; the vocabulary's arrays are exempt."""
+    for key, value in source.metadata.items():
+        if not key.startswith("tokenizer.") and gguf_keys.is_array(value) and len(value) > MAX_COPIED_ARRAY:
+            raise SwtoolError(f"{source.path}: metadata {key} holds an array of {len(value)} values; "
+                              f"quantize copies arrays of at most {MAX_COPIED_ARRAY} outside the vocabulary")
 
 
 def copy_metadata(writer, source):

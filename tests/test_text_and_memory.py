@@ -134,12 +134,15 @@ def test_inputs_built_to_blow_memory_up_fit_a_2_gib_address_space(good, tmp_path
              (["eval", good.model, "--text", huge, "--ctx", "32", "--no-progress"], 2),
              (["eval", good.model, "--text", "/dev/zero", "--ctx", "32", "--no-progress"], 2),
              (["inspect", big], 0), (["audit", big, "--known-id", "acme/nothing"], 2),
-             (["scan", big, "--no-progress"], 0)]
+             (["scan", big, "--no-progress"], 0),
+             (["quantize", big, "-o", tmp_path / "out.gguf", "--type", "q8_0", "--no-progress"], 2)]
     for argv, code in cases:
         result = subprocess.run([sys.executable, "-m", "swtool", *map(str, argv)],
                                 capture_output=True, text=True, timeout=300, preexec_fn=limited)
         assert result.returncode == code, (argv, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr, argv
+    assert "metadata test.big holds an array of 536870912 values" in result.stderr  # quantize: refused, not copied
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_a_gpt2_vocabulary_without_merges_is_refused_as_llama_cpp_does(good, tmp_path):

@@ -162,7 +162,7 @@ class GGUFFile:
 
     path: Path
     version: int
-    metadata: dict  # key -> value; arrays are lists, strings str
+    metadata: dict  # key -> value; numeric arrays NumberArray, string arrays lists or LazyStrings, strings str
     value_types: dict  # key -> GGUF value type of the value (array: (9, element type))
     tensors: dict  # llama.cpp name -> GGUFTensor (name == gguf_name, no row order)
     data_offset: int
