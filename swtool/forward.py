@@ -52,7 +52,7 @@ from swtool.checkpoint.transposed import TransposedTensor
 from swtool.errors import SwtoolError
 
 LINEAR_CHUNK_BYTES = 256 * 1024 * 1024  # decode larger matrices (e.g. a 128k-vocab head) in row chunks
-# the stored dtypes kernels.matmul_stored multiplies from (GGUF block types through gguf_kernels.py)
+# the stored dtypes kernels.matmul_stored multiplies from (GGUF block types through kernels/gguf_blocks.py)
 FUSED_DTYPES = ("BF16", "F16", "F32") + kernels.BLOCK_TYPES
 
 
