@@ -238,10 +238,8 @@ def text_token_ids(directory, path, max_tokens=None):
 
 
 def _open_text(path):
-    try:
+    try:  # a missing path, a FIFO or a device: open_regular's one-line errors
         return io.TextIOWrapper(open_regular(path), encoding="utf-8")  # newlines as open() reads them
-    except FileNotFoundError:
-        raise SwtoolError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise SwtoolError(f"{path}: is a directory, expected a text file") from None
 

@@ -78,18 +78,21 @@ def parse_json(raw, source, what=None):
         raise CheckpointError(source, f"{prefix}not valid JSON (nested too deeply)") from None
 
 
+def read_limited(path, kind="JSON file", max_bytes=MAX_JSON_BYTES):
+    """The bytes of the regular file at `path`, at most `max_bytes`; errors name the file and its `kind`."""
+    try:
+        with open_regular(path) as f:  # "no such file", FIFOs and devices: its own one-line errors
+            raw = f.read(max_bytes + 1)
+    except IsADirectoryError:
+        raise CheckpointError(path, f"is a directory, expected a {kind}") from None
+    if len(raw) > max_bytes:
+        raise CheckpointError(path, f"larger than {max_bytes >> 20} MiB, not a {kind} swtool reads")
+    return raw
+
+
 def read_json(path, what=None, max_bytes=MAX_JSON_BYTES):
     """Parse the JSON file at `path` (read-only, at most `max_bytes`); errors name the file."""
-    try:
-        with open_regular(path) as f:
-            raw = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(path, "is a directory, expected a JSON file") from None
-    if len(raw) > max_bytes:
-        raise CheckpointError(path, f"larger than {max_bytes >> 20} MiB, not a JSON file swtool reads")
-    return parse_json(raw, path, what)
+    return parse_json(read_limited(path, max_bytes=max_bytes), path, what)
 
 
 # --- writing: strict JSON that every parser accepts -------------------------------------

@@ -6,8 +6,7 @@ where the post-processor does not (some older exports).
 """
 
 from swtool.errors import SwtoolError
-from swtool.inputfile import open_regular
-from swtool.jsonfile import MAX_JSON_BYTES, read_json
+from swtool.jsonfile import read_json, read_limited
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
 
@@ -18,10 +17,7 @@ def load_tokenizer(directory):
     path = directory / "tokenizer.json"
     if not path.exists():
         raise SwtoolError(f"{directory}: no tokenizer.json (needed to tokenize the prompt)")
-    with open_regular(path) as f:  # read here: any path (not only UTF-8 ones), never a FIFO
-        raw = f.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise SwtoolError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, not a tokenizer swtool reads")
+    raw = read_limited(path, "tokenizer")  # read here: any path (not only UTF-8 ones), never a FIFO
     try:
         return Tokenizer.from_buffer(raw)
     except Exception as e:  # the Rust library reports any parse failure as a plain Exception
