@@ -9,9 +9,8 @@ checks every one against llama.cpp's own tokenizer. Other names are refused with
 a one-line error rather than tokenized differently from llama.cpp.
 """
 
-from collections.abc import Sequence
-
 from swtool.errors import CheckpointError
+from swtool.gguf_keys import is_array
 
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -72,16 +71,12 @@ def build_tokenizer(meta, source):
     """A tokenizers.Tokenizer equivalent to llama.cpp's for this metadata; a one-line error if unsupported."""
     model = check(meta, source)
     try:  # the Rust library reports any inconsistency (a merge of unknown tokens ...) as a plain Exception
-        return _build(meta, source, model)
+        return _build(meta, model)
     except Exception as e:
         if type(e) is not Exception:  # swtool's own errors, and bugs, as they are
             raise
         raise CheckpointError(source, f"the GGUF vocabulary does not make a tokenizer "
                                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def _is_array(value):
-    return isinstance(value, Sequence) and not isinstance(value, str)
 
 
 def check_vocabulary(meta, source):
@@ -90,19 +85,19 @@ def check_vocabulary(meta, source):
         return CheckpointError(source, f"metadata {key}: {what}")
 
     tokens = meta["tokenizer.ggml.tokens"]
-    if not _is_array(tokens) or not tokens or not all(isinstance(t, str) for t in tokens):
+    if not is_array(tokens) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise bad("tokenizer.ggml.tokens", "not a non-empty array of strings")
     n = len(tokens)
     for key, kinds in (("tokenizer.ggml.token_type", (int,)), ("tokenizer.ggml.scores", (int, float))):
         values = meta.get(key)
         if values is None:
             continue
-        if not _is_array(values) or len(values) != n:
+        if not is_array(values) or len(values) != n:
             raise bad(key, f"not an array of {n} values, one per token")
         if not all(isinstance(v, kinds) and type(v) is not bool for v in values):
             raise bad(key, "holds values of the wrong type")
     merges = meta.get("tokenizer.ggml.merges")
-    if merges is not None and (not _is_array(merges) or not all(isinstance(m, str) for m in merges)):
+    if merges is not None and (not is_array(merges) or not all(isinstance(m, str) for m in merges)):
         raise bad("tokenizer.ggml.merges", "not an array of strings")
     # byte-level tokens spell a space "Ġ": each merge is two tokens joined by one space
     broken = next((m for m in merges or () if len(m.split(" ")) != 2 or "" in m.split(" ")), None)
@@ -126,8 +121,8 @@ def check_vocabulary(meta, source):
                                                 f"(a tokenizers template piece has no ':', no leading '$')")
 
 
-def _build(meta, source, model):
-    tokenizer = _byte_level_bpe(meta, source) if model == "gpt2" else _sentencepiece_bpe(meta)
+def _build(meta, model):
+    tokenizer = _byte_level_bpe(meta) if model == "gpt2" else _sentencepiece_bpe(meta)
     tokenizer.post_processor = _post_processor(meta)
     tokens, kinds = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
     if kinds is not None:  # already in the vocabulary, so they keep their ids
@@ -143,14 +138,11 @@ def _build(meta, source, model):
     return tokenizer
 
 
-def _byte_level_bpe(meta, source):
+def _byte_level_bpe(meta):
     """GPT-2 style byte-level BPE, with the pre-tokenizer `tokenizer.ggml.pre` names."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in BPE_PRE_TYPES:
-        raise CheckpointError(source, f"BPE pre-tokenizer {pre!r} is not supported; supported: {supported()}")
-    split, ignore_merges, _ = BPE_PRE_TYPES[pre]
+    split, ignore_merges, _ = BPE_PRE_TYPES[meta.get("tokenizer.ggml.pre", "default")]  # check() knows it
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     # byte-level tokens spell a space "Ġ", so the one space in a merge separates its halves
