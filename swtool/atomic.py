@@ -193,19 +193,19 @@ def atomic_path(dest, nbytes=None):
 def _claim(tmp, dest):
     """Give the finished `tmp` the name `dest` only if no one has taken it since it was checked:
     link() fails on an existing name, where rename() would silently replace a concurrent writer's file."""
+    taken = SwtoolError(f"{dest}: was created by another process while this one ran; "
+                        f"not replaced (pass --force to replace it)")
     try:
         os.link(tmp, dest)
-        _NEW_FILES.discard(dest.absolute())  # ours now: a second write of it in this run replaces it
     except FileExistsError:
-        raise SwtoolError(f"{dest}: was created by another process while this one ran; "
-                          f"not replaced (pass --force to replace it)") from None
+        raise taken from None
     except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
         if dest.exists() or dest.is_symlink():
-            raise SwtoolError(f"{dest}: was created by another process while this one ran; "
-                              f"not replaced (pass --force to replace it)") from None
+            raise taken from None
         os.replace(tmp, dest)
-        return
-    os.unlink(tmp)
+    else:
+        os.unlink(tmp)
+    _NEW_FILES.discard(dest.absolute())  # ours now: a second write of it in this run replaces it
 
 
 @contextlib.contextmanager
