@@ -51,6 +51,29 @@ from swtool.arch.base import RESID, RESID_MID, Architecture, Count, DecoderArgs,
 from swtool.errors import SwtoolError
 
 
+
+def scaled_embed(self, ctx, tokens):
+    """Gemma's embedding lookup, times sqrt(hidden_size) (every Gemma)."""
+    return Architecture.embed(self, ctx, tokens) * np.float32(self.hidden_size ** 0.5)
+
+
+def sandwich_block(self, ctx, layer, x):
+    """Gemma 2 and 3: each sub-block's input and output are normalised (four norms a layer)."""
+    p = f"model.layers.{layer}."
+    attn = self.attention(ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
+    x = x + self.norm(ctx, attn, p + "post_attention_layernorm")
+    ctx.observe(RESID_MID, layer, x)
+    down = blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "pre_feedforward_layernorm"), p + "mlp",
+                            self.activation)
+    x = x + self.norm(ctx, down, p + "post_feedforward_layernorm")
+    ctx.observe(RESID, layer, x)
+    return x
+
+
+def softcapped_head(self, ctx, x):
+    """Gemma 2 and 3: the logits soft-capped (when the config names a cap)."""
+    return softcap(Architecture.head(self, ctx, x), self.final_softcap)
+
 @dataclass(frozen=True, kw_only=True)
 class GemmaArgs(DecoderArgs):
     head_dim: Count = 256
@@ -93,8 +116,7 @@ class Gemma(Architecture):
             shapes.update(blocks.gated_mlp_tensors(p + "mlp", d, self.intermediate_size))
         return shapes
 
-    def embed(self, ctx, tokens):
-        return super().embed(ctx, tokens) * np.float32(self.hidden_size ** 0.5)
+    embed = scaled_embed
 
     def block(self, ctx, layer, x):
         p = f"model.layers.{layer}."
@@ -146,19 +168,9 @@ class Gemma2(Architecture):
     def sliding_window(self, layer):
         return self.args.sliding_window if sliding(self.args, layer, 2) else None
 
-    def embed(self, ctx, tokens):
-        return super().embed(ctx, tokens) * np.float32(self.hidden_size ** 0.5)
+    embed = scaled_embed
 
-    def block(self, ctx, layer, x):
-        p = f"model.layers.{layer}."
-        attn = self.attention(ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
-        x = x + self.norm(ctx, attn, p + "post_attention_layernorm")
-        ctx.observe(RESID_MID, layer, x)
-        down = blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "pre_feedforward_layernorm"), p + "mlp",
-                                self.activation)
-        x = x + self.norm(ctx, down, p + "post_feedforward_layernorm")
-        ctx.observe(RESID, layer, x)
-        return x
+    block = sandwich_block
 
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn"
@@ -167,8 +179,7 @@ class Gemma2(Architecture):
                             window=self.sliding_window(layer), scale=self.query_scale, softcap=self.attn_softcap)
         return ctx.linear(out, p + ".o_proj.weight", self.attn_bias)
 
-    def head(self, ctx, x):
-        return softcap(super().head(ctx, x), self.final_softcap)
+    head = softcapped_head
 
 
 def softcap(logits, cap):
@@ -236,19 +247,9 @@ class Gemma3(Architecture):
     def sliding_window(self, layer):
         return self.args.sliding_window if sliding(self.args, layer, self.args.sliding_window_pattern) else None
 
-    def embed(self, ctx, tokens):
-        return super().embed(ctx, tokens) * np.float32(self.hidden_size ** 0.5)
+    embed = scaled_embed
 
-    def block(self, ctx, layer, x):
-        p = f"model.layers.{layer}."
-        attn = self.attention(ctx, layer, self.norm(ctx, x, p + "input_layernorm"))
-        x = x + self.norm(ctx, attn, p + "post_attention_layernorm")
-        ctx.observe(RESID_MID, layer, x)
-        down = blocks.gated_mlp(ctx, layer, self.norm(ctx, x, p + "pre_feedforward_layernorm"), p + "mlp",
-                                self.activation)
-        x = x + self.norm(ctx, down, p + "post_feedforward_layernorm")
-        ctx.observe(RESID, layer, x)
-        return x
+    block = sandwich_block
 
     def attention(self, ctx, layer, h):
         p = f"model.layers.{layer}.self_attn"
@@ -260,8 +261,7 @@ class Gemma3(Architecture):
                             qk_norm=lambda q, k: (self.norm(ctx, q, p + ".q_norm"), self.norm(ctx, k, p + ".k_norm")))
         return ctx.linear(out, p + ".o_proj.weight", self.attn_bias)
 
-    def head(self, ctx, x):
-        return softcap(super().head(ctx, x), self.final_softcap)
+    head = softcapped_head
 
     def rope_config(self, kind):
         """A config-like dict holding only this layer type's RoPE, in either config spelling."""
