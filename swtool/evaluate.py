@@ -222,16 +222,16 @@ def read_text(path, limit=MAX_TEXT_CHARS):
 def text_token_ids(directory, path, max_tokens=None):
     """Token ids of the text file `path` (tokenizer.encode), reading only as much of it as
     `max_tokens` needs: a prefix, doubled until it holds TOKEN_MARGIN tokens more than kept."""
-    from swtool.tokenizer import encode
+    from swtool.tokenizer import encode, load_tokenizer
 
     if max_tokens is None:
         return encode(directory, read_text(path))
-    text, step = "", READ_STEP
+    text, step, tokenizer = "", READ_STEP, load_tokenizer(directory)  # loaded once for every prefix
     with _open_text(path) as f:
         while True:
             chunk = _read(f, path, step)
             text += chunk
-            ids = encode(directory, text)
+            ids = encode(directory, text, tokenizer)
             if not chunk or len(ids) >= max_tokens + TOKEN_MARGIN:
                 return ids[:max_tokens]
             step *= 2

@@ -24,13 +24,13 @@ def load_tokenizer(directory):
         raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def encode(directory, text):
-    """Token ids for `text`, with BOS where the model expects it."""
+def encode(directory, text, tokenizer=None):
+    """Token ids for `text`, with BOS where the model expects it; `tokenizer`: directory's, if already loaded."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 in an argument reach Python as lone surrogates
         raise SwtoolError(f"the text to tokenize is not valid UTF-8 ({e.reason} at position {e.start})") from None
-    tokenizer = load_tokenizer(directory)
+    tokenizer = tokenizer or load_tokenizer(directory)
     ids = tokenizer.encode(text, add_special_tokens=True).ids
     bos = _bos_to_add(directory, tokenizer)
     if bos is not None and (not ids or ids[0] != bos):
