@@ -181,18 +181,23 @@ class Architecture:
         self.vocab_size = self.args.vocab_size
         self.tied = False  # the LM head is the embedding matrix
         self.norm = None  # the family's norm (blocks.py), used by the default head
+        self.moe = None  # a mixture's MLP step (moe.Mixture): names and layouts below delegate to it
 
     def adapt(self, names):
         """Called once with the checkpoint's tensor names, before tensor_shapes(). Families whose
         checkpoints come in several layouts (per-expert or stacked mixture experts) pick theirs here."""
+        if self.moe is not None:
+            self.moe.adapt(names)
 
     # --- names ---------------------------------------------------------------------
-    def down_proj_name(self, layer):
+    def down_proj_name(self, layer, expert=None):
         """Hugging Face name of layer `layer`'s down projection (the MLP's second matrix).
 
         Mixtures take `down_proj_name(layer, expert)`: the tensor holding that expert's
         down projection, either its own 2-D tensor or a stacked [experts, out, in] one.
         """
+        if self.moe is not None:
+            return self.moe.down_proj_name(layer, expert)
         return f"model.layers.{layer}.mlp.down_proj.weight"
 
     def tensor_shapes(self):
@@ -257,6 +262,12 @@ class Architecture:
         and all of them once a later block is asked for (an export asks for every tensor,
         block by block).
         """
+        if self.moe is not None:
+            return self.moe.gguf_name(hf_name, self.gguf_map_name)
+        return self.gguf_map_name(hf_name)
+
+    def gguf_map_name(self, hf_name):
+        """gguf-py's name map for this family, grown block by block as gguf_name() explains."""
         import gguf
 
         block = next((int(part) for part in hf_name.split(".") if part.isdigit()), -1)

@@ -74,6 +74,13 @@ def softcapped_head(self, ctx, x):
     """Gemma 2 and 3: the logits soft-capped (when the config names a cap)."""
     return softcap(Architecture.head(self, ctx, x), self.final_softcap)
 
+def refuse_bidirectional(args):
+    """Gemma configs with bidirectional attention are embedding models (EmbeddingGemma)."""
+    if args.use_bidirectional_attention:
+        raise SwtoolError(f"config.json ({args.model_type}): use_bidirectional_attention is set: "
+                          f"an embedding model, not a causal language model")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GemmaArgs(DecoderArgs):
     head_dim: Count = 256
@@ -83,9 +90,7 @@ class GemmaArgs(DecoderArgs):
 
     def check(self):
         super().check()
-        if self.use_bidirectional_attention:
-            raise SwtoolError(f"config.json ({self.model_type}): use_bidirectional_attention is set: "
-                              f"an embedding model, not a causal language model")
+        refuse_bidirectional(self)
 
 
 class Gemma(Architecture):
@@ -135,11 +140,19 @@ class Gemma(Architecture):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gemma2Args(GemmaArgs):
+class Gemma2Args(DecoderArgs):
+    head_dim: Count = 256
+    tie_word_embeddings: bool = True
+    hidden_act: str = "gelu_pytorch_tanh"
     hidden_activation: str = "gelu_pytorch_tanh"  # read literally (no "gelu" rewrite as in Gemma 1)
+    use_bidirectional_attention: bool = False
     query_pre_attn_scalar: Positive = 256
     attn_logit_softcapping: Positive = null_is_off(50.0)
     final_logit_softcapping: Positive = null_is_off(30.0)
+
+    def check(self):
+        super().check()
+        refuse_bidirectional(self)
 
 
 class Gemma2(Architecture):
@@ -212,9 +225,20 @@ def gemma2_tensors(arch):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gemma3Args(Gemma2Args):
+class Gemma3Args(DecoderArgs):
+    head_dim: Count = 256
+    tie_word_embeddings: bool = True
+    hidden_act: str = "gelu_pytorch_tanh"
+    hidden_activation: str = "gelu_pytorch_tanh"
+    use_bidirectional_attention: bool = False
+    query_pre_attn_scalar: Positive = 256
+    attn_logit_softcapping: Positive = null_is_off(50.0)
     final_logit_softcapping: Positive = None  # no soft-cap unless the config names one
     sliding_window_pattern: Count = 6  # without layer_types, layer i slides unless (i + 1) is a multiple
+
+    def check(self):
+        super().check()
+        refuse_bidirectional(self)
 
 
 class Gemma3(Architecture):

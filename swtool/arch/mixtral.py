@@ -32,17 +32,8 @@ class Mixtral(Architecture):
         self.moe = Mixture(self, args.intermediate_size, normalise=True, module="block_sparse_moe",
                            matrices=("w1", "w3", "w2"))
 
-    def adapt(self, names):
-        self.moe.adapt(names)
-
-    def down_proj_name(self, layer, expert=None):
-        return self.moe.down_proj_name(layer, expert)
-
     def gguf_arch(self):
         return "LLAMA"  # llama.cpp converts Mixtral as llama, its experts stacked
-
-    def gguf_name(self, hf_name):
-        return self.moe.gguf_name(hf_name, super().gguf_name)
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

@@ -147,17 +147,8 @@ class Olmoe(Architecture):
         self.clip_qkv = args.clip_qkv
         self.moe = Mixture(self, args.intermediate_size, normalise=args.norm_topk_prob)
 
-    def adapt(self, names):
-        self.moe.adapt(names)
-
-    def down_proj_name(self, layer, expert=None):
-        return self.moe.down_proj_name(layer, expert)
-
     def gguf_arch(self):
         return "OLMOE"
-
-    def gguf_name(self, hf_name):
-        return self.moe.gguf_name(hf_name, super().gguf_name)
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

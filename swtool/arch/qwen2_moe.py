@@ -49,9 +49,6 @@ class Qwen2Moe(Architecture):
         self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
         self.shared_ff = args.shared_expert_intermediate_size
 
-    def adapt(self, names):
-        self.moe.adapt(names)
-
     def down_proj_name(self, layer, expert=None):
         if expert == SHARED and self.moe.is_sparse(layer):
             return f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"
@@ -59,9 +56,6 @@ class Qwen2Moe(Architecture):
 
     def gguf_arch(self):
         return "QWEN2MOE"
-
-    def gguf_name(self, hf_name):
-        return self.moe.gguf_name(hf_name, super().gguf_name)
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

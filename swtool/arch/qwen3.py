@@ -96,17 +96,8 @@ class Qwen3Moe(Architecture):
         self.attn_bias = args.attention_bias
         self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
 
-    def adapt(self, names):
-        self.moe.adapt(names)
-
-    def down_proj_name(self, layer, expert=None):
-        return self.moe.down_proj_name(layer, expert)
-
     def gguf_arch(self):
         return "QWEN3MOE"
-
-    def gguf_name(self, hf_name):
-        return self.moe.gguf_name(hf_name, super().gguf_name)
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()
