@@ -338,6 +338,7 @@ def export(model_path, out_path, options):
         from swtool.export_vocab import add_vocabulary
 
         add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
+        model.arch.gguf_vocabulary(writer, model.checkpoint.directory)
         for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
 

@@ -293,6 +293,10 @@ class Architecture:
         """Write the `{arch}.*` metadata keys the converter writes, through a gguf.GGUFWriter."""
         raise NotImplementedError
 
+    def gguf_vocabulary(self, writer, directory):
+        """Vocabulary keys the family's converter writes besides the tokenizer's own (export_vocab.py
+        writes those): none by default."""
+
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
         """config.json's family keys for a GGUF file of this family, from its metadata (a

@@ -15,6 +15,7 @@ as a `rope_freqs.weight` tensor of per-frequency divisors.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -132,6 +133,16 @@ class Llama(Architecture):
         elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
             raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export "
                               f"(supported: none, linear, llama3)")
+
+    def gguf_vocabulary(self, writer, directory):
+        """LlamaModel.set_vocab (Llama, Mistral): tokenizer_config.json's add_prefix_space, when it says one."""
+        from swtool.jsonfile import read_json
+
+        path = Path(directory) / "tokenizer_config.json"
+        settings = read_json(path) if self.gguf_arch_name() == "llama" and path.is_file() else {}
+        add_prefix_space = settings.get("add_prefix_space") if isinstance(settings, dict) else None
+        if isinstance(add_prefix_space, bool):
+            writer.add_add_space_prefix(add_prefix_space)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):

@@ -1,0 +1,119 @@
+"""Every family held to llama.cpp's own convert_hf_to_gguf.py (fixtures/llama_converter.py).
+
+For each family, a tiny random model with a planted super weight and a vocabulary
+the converter knows (fixtures/converted.py):
+  - the converter's GGUF, read by swtool, gives transformers' logits (2e-5 of the
+    largest, f32) and the planted super weight;
+  - swtool's `export --type f32` of the same model holds what the converter's file
+    holds: every `{arch}.*` and `tokenizer.*` key (value and type) and every tensor
+    (name, shape, type, bytes), apart from the keys listed in INTENDED;
+  - llama.cpp loads swtool's export and computes transformers' logits.
+A family joins by adding its fixtures/tiny.py name to READ (and EXPORT once export writes it).
+"""
+
+import numpy as np
+import pytest
+
+from cli_run import swtool
+from converted import build_converted
+from gguf_compare import key_differences, read_contents, tensor_differences
+from swtool.forward import forward
+from swtool.model import load_model
+from tiny import Plant, random_tokens
+
+pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]
+
+PLANT = Plant(layer=1, row=3, col=5)
+READ = ["llama", "mistral"]
+EXPORT = ["llama", "mistral"]
+# {family: {key: why swtool writes it differently}}; keys swtool adds (swtool.*) are never compared
+INTENDED = {}
+LOGIT_GAP = 2e-5  # of the largest |logit|, f32 weights on both sides
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """family -> (HF model directory, the converter's f32 GGUF of it), built once per module."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = build_converted(tmp_path_factory.mktemp(f"converted-{family}"), family, plants=[PLANT])
+        return built[family]
+
+    return get
+
+
+def transformers_logits(model_dir, tokens):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)])).logits[0].numpy()
+
+
+def prompt(model_dir):
+    import json
+
+    return random_tokens(12, seed=3, vocab=json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+@pytest.mark.parametrize("family", READ)
+def test_converters_gguf_reads_as_transformers_computes(converted, family):
+    model_dir, gguf_path = converted(family)
+    tokens = prompt(model_dir)
+    expected = transformers_logits(model_dir, tokens)
+    got = forward(load_model(gguf_path), tokens)[0]
+    assert np.abs(got - expected).max() <= LOGIT_GAP * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("family", READ)
+def test_scan_of_converters_gguf_finds_the_planted_weight(converted, family, tmp_path):
+    import json
+
+    _, gguf_path = converted(family)
+    result = swtool("scan", gguf_path, "-o", tmp_path / "catalog.json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    found = {(w["layer"], w["row"], w["col"]) for w in json.loads((tmp_path / "catalog.json").read_text())["super_weights"]}
+    assert (PLANT.layer, PLANT.row, PLANT.col) in found
+
+
+@pytest.fixture(scope="module")
+def exported(converted, tmp_path_factory):
+    """family -> swtool's f32 export of the converter's input model."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            model_dir, _ = converted(family)
+            out = tmp_path_factory.mktemp(f"export-{family}") / "model-f32.gguf"
+            result = swtool("export", model_dir, "-o", out, "--type", "f32", "--no-progress")
+            assert result.returncode == 0, result.stderr
+            built[family] = out
+        return built[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", EXPORT)
+def test_export_holds_what_the_converter_writes(converted, exported, family):
+    _, theirs_path = converted(family)
+    ours, theirs = read_contents(exported(family)), read_contents(theirs_path)
+    arch = theirs.keys["general.architecture"][1]
+    assert ours.keys["general.architecture"] == theirs.keys["general.architecture"]
+    assert key_differences(ours, theirs, (f"{arch}.", "tokenizer."), ignore=INTENDED.get(family, {})) == []
+    assert tensor_differences(ours, theirs) == []
+
+
+@pytest.mark.parametrize("family", EXPORT)
+def test_llama_cpp_computes_transformers_logits_from_the_export(converted, exported, family):
+    import llama_oracle
+
+    model_dir, _ = converted(family)
+    tokens = prompt(model_dir)
+    expected = transformers_logits(model_dir, tokens)
+    llm = llama_oracle.load(exported(family), n_ctx=64)
+    llm.eval(list(tokens))
+    got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
