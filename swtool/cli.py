@@ -457,6 +457,9 @@ def gguf_options(command):
     options = [
         click.option("--force", is_flag=True, help=FORCE_HELP),
         click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
+        click.option("--allow-requantize", is_flag=True,
+                     help="GGUF input: decode tensors that are already quantized and quantize them again (as "
+                          "llama-quantize); the result is no better than the source's quantization."),
         click.option("--sw-handling", type=click.Choice(["keep", "isolate", "none"]), default="keep",
                      show_default=True,
                      help="keep: tensors holding a super weight in --keep-type; isolate: same type as the rest, "
@@ -482,27 +485,32 @@ def gguf_options(command):
 @main.command("export")
 @click.argument("model", type=click.Path())
 @gguf_options
-def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
-    """Write MODEL (a Hugging Face checkpoint: llama, mistral, qwen2) as a GGUF file for llama.cpp."""
+def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, allow_requantize,
+                   no_progress, force):
+    """Write MODEL (a Hugging Face checkpoint, or a GGUF file to change its type) as a GGUF file for llama.cpp."""
     prepare_outputs(force, output, inputs=(model, catalog))  # before anything is read
     from swtool.gguf_export import ExportOptions, export, format_export
 
-    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
+    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress,
+                            allow_requantize)
     click.echo(format_export(export(model, output, options)))
 
 
 @main.command("quantize")
 @click.argument("gguf_file", metavar="IN.GGUF", type=click.Path(dir_okay=False))
 @gguf_options
-def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types, sw_handling, no_progress, force):
-    """Requantize an F32/F16/BF16 GGUF file; all its metadata and vocabulary are copied.
+def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types, sw_handling, allow_requantize,
+                     no_progress, force):
+    """Quantize a GGUF file to another type; all its metadata and vocabulary are copied.
 
     Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
+    Tensors already quantized are re-quantized only with --allow-requantize.
     """
     prepare_outputs(force, output, inputs=(gguf_file, catalog))  # before anything is read
     from swtool.gguf_export import ExportOptions, format_export, quantize_gguf
 
-    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress)
+    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress,
+                            allow_requantize)
     click.echo(format_export(quantize_gguf(gguf_file, output, options)))
 
 

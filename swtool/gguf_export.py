@@ -25,6 +25,7 @@ Super-weight handling (`--sw-handling`):
            `swtool.*` metadata (gguf_keys.py).
 """
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
@@ -220,6 +221,7 @@ class ExportOptions:
     handling: str = "keep"
     catalog: str = None
     progress: bool = True
+    allow_requantize: bool = False  # GGUF input: re-quantize tensors already block-quantized (llama-quantize's flag)
 
 
 @dataclass
@@ -310,8 +312,8 @@ def export(model_path, out_path, options):
 
     check_options(options)
     check_destination(out_path, force=True)  # a directory to write in (the CLI has refused existing files)
-    if Path(model_path).is_file() and is_gguf(model_path):
-        raise SwtoolError(f"{model_path} is already a GGUF file: use `swtool quantize` to change its type")
+    if Path(model_path).is_file() and is_gguf(model_path):  # a GGUF changes type, its metadata copied
+        return quantize_gguf(model_path, out_path, options)
     model = load_model(model_path)
     if not model.arch.gguf_exports:
         from swtool.arch import gguf_export_model_types
@@ -399,7 +401,11 @@ def add_general(writer, model):
 # --- quantize: GGUF -> GGUF --------------------------------------------------------------
 
 def quantize_gguf(in_path, out_path, options):
-    """Requantize an F32/F16/BF16 GGUF file, copying all its metadata; returns a Report."""
+    """Quantize a GGUF file to another type, copying all its metadata; returns a Report.
+
+    Float tensors are quantized; a tensor already block-quantized keeps its bytes when its
+    type stays, and is decoded and quantized again only with options.allow_requantize (as
+    llama-quantize): the result can be no better than the source's quantization."""
     from swtool.checkpoint.gguf_file import read_gguf
 
     check_options(options)
@@ -425,13 +431,21 @@ def quantize_gguf(in_path, out_path, options):
     target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers)
     from gguf import GGMLQuantizationType
 
+    requantized = Counter()
     for tensor in tensors.values():
         if tensor.reason == NOT_QUANTIZED:  # as llama-quantize: norms, 1-D tensors ... are copied as they are
             tensor.qtype, tensor.reason = GGMLQuantizationType[tensor.raw.dtype], "copied (not a quantizable weight)"
-        readable = tensor.raw.dtype in ("F32", "F16", "BF16") or tensor.raw.dtype == tensor.qtype.name
-        if not readable:
-            raise SwtoolError(f"{in_path}: tensor {tensor.name} is stored as {tensor.raw.dtype}; swtool quantize "
-                              f"re-quantizes only F32, F16 and BF16 tensors")
+        if tensor.raw.dtype in ("F32", "F16", "BF16") or tensor.raw.dtype == tensor.qtype.name:
+            continue
+        if not options.allow_requantize:
+            raise SwtoolError(f"{in_path}: tensor {tensor.name} is already quantized ({tensor.raw.dtype}); "
+                              f"--allow-requantize decodes and quantizes it again (as llama-quantize), "
+                              f"at a quality bounded by {tensor.raw.dtype}'s")
+        if not tensor.raw.readable:
+            raise SwtoolError(f"{in_path}: tensor {tensor.name} is stored as {tensor.raw.dtype}, which swtool "
+                              f"cannot decode to re-quantize")
+        requantized[tensor.raw.dtype] += 1
+        tensor.reason += f", re-quantized from {tensor.raw.dtype}"
     handle_super_weights(tensors, options, super_weights, orders, in_path)
     handling = handling_label(options, super_weights, orders, tensors)
 
@@ -448,6 +462,10 @@ def quantize_gguf(in_path, out_path, options):
     write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
     notes = [] if super_weights else ["no --catalog and no swtool.* metadata in the input: the super weights "
                                       "are neither recorded nor protected"]
+    if requantized:
+        sources = ", ".join(f"{count} from {dtype}" for dtype, count in sorted(requantized.items()))
+        notes.append(f"re-quantized {sources}: the quality is bounded by the source's quantization, "
+                     f"not only by {target.name}'s")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
 
 

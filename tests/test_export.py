@@ -413,8 +413,8 @@ def test_bad_input_gives_one_line_and_no_file(smollm2, catalog, original, tmp_pa
     assert "--type 'q4_x'" in one_line_error(swtool("export", smollm2, "-o", out, "--type", "q4_x"))
     assert "bad regular expression" in one_line_error(
         swtool("export", smollm2, "-o", out, "--type", "q4_0", "--tensor-type", "blk.(=q8_0"))
-    assert "use `swtool quantize`" in one_line_error(swtool("export", original, "-o", out, "--type", "q4_0"))
-    assert "stored as Q4_1" in one_line_error(swtool("quantize", original, "-o", out, "--type", "q4_0"))
+    assert "--allow-requantize" in one_line_error(swtool("export", original, "-o", out, "--type", "q4_0"))
+    assert "already quantized (Q4_1)" in one_line_error(swtool("quantize", original, "-o", out, "--type", "q4_0"))
     wrong = json.loads(open(catalog).read())
     wrong["super_weights"][0]["value"] = 2.5
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
