@@ -274,9 +274,21 @@ def model_id(spec, model):
     return hub_id_of_path(spec)
 
 
+def by_llama_cpp_name(target, model):
+    """A target in a GGUF read from its header alone: the down projection under llama.cpp's name,
+    which is stored [row, col] (or [expert, row, col]) whatever the source checkpoint's layout."""
+    return replace(target, tensor=model.arch.down_proj_name(target.at.layer, target.at.expert), index=None)
+
+
 def scan_targets(model, prompt, progress):
     """Scan `model` (one streamed pass or a few): its super weights as targets, and the catalog."""
+    from swtool.arch import gguf_readable_architectures
     from swtool.catalog import super_weights_for
+
+    if not model.arch.runs:
+        raise SwtoolError(f"{model.path}: swtool cannot run llama.cpp architecture {model.arch.model_type!r} "
+                          f"(it runs {', '.join(gguf_readable_architectures())}), so it cannot scan it: "
+                          f"audit it with --catalog, --known-id or --reference")
 
     catalog, _ = super_weights_for(model, prompt=prompt, progress=progress)
     return targets_from_catalog(catalog), catalog
@@ -290,8 +302,8 @@ def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolera
     from swtool.model import load_model
 
     started = time.perf_counter()
-    model = load_model(spec, download=download)
-    ref_model = load_model(reference, download=download) if reference else None
+    model = load_model(spec, download=download, header_only=True)
+    ref_model = load_model(reference, download=download, header_only=True) if reference else None
     report = AuditReport(model=str(spec), format=getattr(model.checkpoint, "format", "safetensors"),
                     expectations="", tolerance=tolerance, reference=str(reference) if reference else None)
     recorded = recorded_super_weights(model)
@@ -305,8 +317,8 @@ def audit(spec, catalog=None, known=False, known_id=None, reference=None, tolera
             expected, nbytes = value_at(ref_model.checkpoint, target)
             report.bytes_read += nbytes
             target = replace(target, expected=expected)
-        finding, nbytes = judge(target, model.checkpoint, tolerance,
-                                recorded_values.get(target.at))
+        finding, nbytes = judge(target if model.arch.runs else by_llama_cpp_name(target, model), model.checkpoint,
+                                tolerance, recorded_values.get(target.at))
         if ref_model is not None and target.expected is None:
             finding.status, finding.note = "missing", "not in the reference"
         report.findings.append(finding)

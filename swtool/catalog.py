@@ -170,7 +170,8 @@ def mismatch(catalog, model, strict=False):
     if recorded["num_layers"] != model.arch.n_layers:
         return f"the catalog is for a model with {recorded['num_layers']} layers; this one has {model.arch.n_layers}"
     theirs, ours = recorded["model_type"], model.arch.model_type
-    if SAME_FAMILY.get(theirs, theirs) != SAME_FAMILY.get(ours, ours):
+    # a GGUF read from its header alone is named by llama.cpp's architecture, not a config model_type
+    if model.arch.runs and SAME_FAMILY.get(theirs, theirs) != SAME_FAMILY.get(ours, ours):
         return f"the catalog is for a {theirs} model; this one is {ours}"
     if strict and recorded["config_sha256"] != config_sha256(model.checkpoint.config):
         # a GGUF's config is rebuilt from its metadata: the same model, another hash; the shape tells

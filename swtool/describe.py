@@ -19,7 +19,7 @@ def describe_model(spec, download=False):
     from swtool.audit import model_id
     from swtool.model import load_model
 
-    model = load_model(spec, download=download)
+    model = load_model(spec, download=download, header_only=True)
     checkpoint, config = model.checkpoint, model.checkpoint.config
     is_gguf = getattr(checkpoint, "format", None) == "gguf"
     counts, sizes, params = Counter(), Counter(), 0

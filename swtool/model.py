@@ -21,13 +21,17 @@ class Model:
         return self.checkpoint.directory
 
 
-def load_model(path, download=False):
+def load_model(path, download=False, header_only=False):
     """Open a checkpoint, pick its architecture and check every tensor a pass needs is there, in shape.
 
     `path`: a checkpoint directory, .safetensors or .gguf file, or a Hugging Face id
     (checkpoint/source.py); `download` lets an id missing from the local cache be fetched.
+    `header_only` (inspect, audit): a GGUF whose architecture swtool cannot run opens too, with
+    a HeaderOnlyArchitecture (arch.runs False) and llama.cpp's tensor names.
     """
-    checkpoint = open_source(path, download)
+    checkpoint = open_source(path, download, header_only)
+    if getattr(checkpoint, "header_only", False):  # gguf_model.HeaderOnlyGGUF
+        return Model(str(path), checkpoint, checkpoint.arch)
     config_source, where = _sources(checkpoint)
     check_config(checkpoint.config, config_source)  # types and ranges, before a family reads them
     arch, shapes = _interpret(checkpoint, config_source)

@@ -169,6 +169,7 @@ class DecoderArgs(Args):
 
 class Architecture:
     model_types = ()  # config.json `model_type` values this class handles
+    runs = True  # a forward pass exists (checkpoint/gguf_model.py's HeaderOnlyArchitecture has none)
 
     Args = Args  # the family's config.json keys (a dataclass subclassing Args)
 

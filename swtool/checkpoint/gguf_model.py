@@ -216,12 +216,70 @@ def write_hf_files(directory, meta, config, tokenizer):
     write_json("special_tokens_map.json", gguf_vocab.special_tokens(meta))
 
 
-def open_gguf(path):
-    """Open a GGUF file as a checkpoint with Hugging Face names; validated before any data is read."""
-    from swtool.arch import architecture_for
+def open_gguf(path, header_only=False):
+    """Open a GGUF file as a checkpoint with Hugging Face names; validated before any data is read.
+
+    With `header_only`, a file whose architecture no family reads opens too, as a HeaderOnlyGGUF:
+    llama.cpp's tensor names, the shape its metadata gives, no forward pass."""
+    from swtool.arch import architecture_for, family_reading_gguf
 
     path = Path(path)
     gguf = read_gguf(path)
+    arch_name = gguf.metadata.get("general.architecture")
+    if header_only and not (isinstance(arch_name, str) and family_reading_gguf(arch_name)):
+        return HeaderOnlyGGUF.open(path, gguf)
     config = hf_config(gguf.metadata, gguf.tensors, path)
     arch = architecture_for(config, path)
     return GGUFCheckpoint(path, gguf, config, hf_tensors(gguf, arch, config, path))
+
+
+# --- any architecture, header only ------------------------------------------------------
+
+# config.json's name for the {arch}.* keys llama.cpp writes for every architecture
+SHARED_HPARAMS = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+                  "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+                  "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length",
+                  "num_local_experts": "expert_count"}
+
+
+class HeaderOnlyArchitecture:
+    """What inspect and audit need of a model whose architecture swtool cannot run: its shape, and
+    where llama.cpp keeps each layer's down projection (the same names in every architecture)."""
+
+    runs = False  # no forward pass: commands that need one refuse the file
+
+    def __init__(self, arch_name, config):
+        self.model_type = arch_name  # llama.cpp's name: no config.json model_type is known for it
+        self.config = config
+        self.n_layers = config["num_hidden_layers"]
+        self.hidden_size = config.get("hidden_size")
+        self.vocab_size = config["vocab_size"]
+
+    def down_proj_name(self, layer, expert=None):
+        return f"blk.{layer}.ffn_down_exps.weight" if expert is not None else f"blk.{layer}.ffn_down.weight"
+
+
+class HeaderOnlyGGUF(GGUFCheckpoint):
+    """A GGUF file of any architecture, its tensors under llama.cpp's names (nothing is renamed)."""
+
+    header_only = True
+
+    @classmethod
+    def open(cls, path, gguf):
+        meta = gguf.metadata
+        arch_name = meta.get("general.architecture")
+        if not isinstance(arch_name, str):
+            raise CheckpointError(path, "no general.architecture in the metadata")
+        hparams, config = Hparams(meta, arch_name, path), {"model_type": arch_name}
+        for key, gguf_key in SHARED_HPARAMS.items():
+            value = hparams(gguf_key, required=key == "num_hidden_layers")
+            if value is not None:
+                config[key] = value
+        tokens = meta.get("tokenizer.ggml.tokens", ())
+        config["vocab_size"] = hparams("vocab_size", required=False) or (
+            len(tokens) if isinstance(tokens, Sequence) and not isinstance(tokens, str) else 0)
+        if not config["vocab_size"]:
+            raise CheckpointError(path, f"missing metadata key {arch_name}.vocab_size and no tokenizer.ggml.tokens")
+        checkpoint = cls(path, gguf, config, dict(gguf.tensors))
+        checkpoint.arch = HeaderOnlyArchitecture(arch_name, config)
+        return checkpoint

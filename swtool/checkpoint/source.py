@@ -14,8 +14,9 @@ from swtool.errors import CheckpointError
 from swtool.inputfile import open_regular
 
 
-def open_source(spec, download=False):
-    """The checkpoint MODEL names (see the module docstring); `download` lets a Hub id be fetched."""
+def open_source(spec, download=False, header_only=False):
+    """The checkpoint MODEL names (see the module docstring); `download` lets a Hub id be fetched;
+    `header_only` opens a GGUF of any architecture (gguf_model.open_gguf)."""
     from swtool.checkpoint import hub
     from swtool.checkpoint.directory import open_checkpoint
     from swtool.checkpoint.gguf_file import is_gguf
@@ -23,16 +24,16 @@ def open_source(spec, download=False):
 
     path = Path(spec)
     if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
-        return open_gguf(path)
+        return open_gguf(path, header_only)
     if path.is_dir():
         lone = _lone_gguf(path)
-        return open_gguf(lone) if lone is not None else open_checkpoint(path)
+        return open_gguf(lone, header_only) if lone is not None else open_checkpoint(path)
     if path.exists():
         if not path.is_file():  # a FIFO, device or socket: opening it could wait forever
             open_regular(path).close()  # the one-line error that says what it is
         return open_checkpoint(path)
     if hub.parse_hub_id(spec) is not None:
-        return open_source(hub.resolve(spec, download), download=False)
+        return open_source(hub.resolve(spec, download), download=False, header_only=header_only)
     raise CheckpointError(path, "no such file or directory")
 
 
