@@ -14,6 +14,7 @@ import transformers
 from click.testing import CliRunner
 
 from swtool.cli import main
+from swtool.known import load as SHIPPED_KNOWN_TABLE
 from tiny import Plant
 
 PLANT = Plant(1, 41, 101)
@@ -350,3 +351,77 @@ def test_scan_spike_ratio_is_against_the_median_layer(two_rows):
     assert code == 0
     assert table.splitlines()[1] == ("no super weight found: no down_proj output spike creates a persistent "
                                      "massive activation")
+
+
+# --- audit --known-id, disputed entries --------------------------------------------------------------------
+
+SMOL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def stored_value(directory, tensor, index):
+    """One stored weight, read by the safetensors library (through torch, which holds bf16)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if tensor in f.keys():
+                return f.get_tensor(tensor)[tuple(index)].float().item()
+    raise KeyError(tensor)
+
+
+@pytest.mark.real
+def test_audit_known_id_holds_smollm2_to_its_published_coordinates(smollm2):
+    from swtool import known
+
+    published = known.by_id(SMOL_ID).super_weights
+    code, stdout, stderr = invoke("audit", smollm2, "--known-id", SMOL_ID, "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["verdict"] == "intact" and report["known_model"] == SMOL_ID
+    assert report["expectations"] == f"the known coordinates of {SMOL_ID} (named)"
+    assert [(f["layer"], f["row"], f["col"]) for f in report["findings"]] == \
+        [(sw["layer"], sw["row"], sw["col"]) for sw in published]
+    for finding in report["findings"]:
+        tensor = f"model.layers.{finding['layer']}.mlp.down_proj.weight"
+        assert finding["status"] == "intact" and finding["tensor"] == tensor
+        assert finding["value"] == stored_value(smollm2, tensor, (finding["row"], finding["col"]))
+
+
+def with_known_entry(monkeypatch, entry):
+    """The shipped known table with one more model, as swtool.known.load returns it."""
+    from swtool import known
+
+    def load():
+        data, _ = SHIPPED_KNOWN_TABLE()
+        data = {**data, "models": data["models"] + [entry]}
+        return data, [known.KnownModel(m["name"], m["id"], m.get("aliases", []), m["fingerprint"], m["super_weights"],
+                                       m.get("notes", "")) for m in data["models"]]
+
+    monkeypatch.setattr(known, "load", load)
+
+
+def test_audit_disputed_entries_are_reported_but_set_no_exit_code(planted, monkeypatch):
+    """A known entry whose second coordinate is an ordinary weight (not an outlier of its row), flagged
+    disputed as the shipped OLMo-1B-0724 entry is: reported with its conflict, exit 0; the same entry
+    undisputed fails the audit (exit 1)."""
+    from swtool import known
+
+    directory, _, _ = planted
+    (olmo,) = [m for m in known.load()[1] if m.id == "allenai/OLMo-1B-0724-hf"]
+    (shipped_dispute,) = [sw for sw in olmo.super_weights if sw.get("disputed")]
+    good = {"layer": PLANT.layer, "row": PLANT.row, "col": PLANT.col, "sources": ["repo"]}
+    ordinary = {"layer": 2, "row": 3, "col": 5, "sources": ["repo"]}
+    config = json.loads((directory / "config.json").read_text())
+    entry = {"name": "tiny", "id": "swtool-tests/tiny-planted", "fingerprint": known.fingerprint_of(config),
+             "super_weights": [good, {**ordinary, **{k: shipped_dispute[k] for k in ("disputed", "conflict")}}]}
+    with_known_entry(monkeypatch, entry)
+    code, table, stderr = invoke("audit", directory, "--known-id", entry["id"])
+    assert code == 0, table + stderr
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[3][:3] == ["1", "41", "101"] and "intact" in rows[3]
+    assert rows[4][:3] == ["2", "3", "5"] and " ".join(rows[4]).count("not outlier (disputed)") == 1
+    assert f"disputed [2, 3, 5]: {shipped_dispute['conflict']}" in table
+    assert "1 intact, 1 not outlier: intact but for 1 disputed, not counted (tolerance 5%)" in table
+    with_known_entry(monkeypatch, {**entry, "super_weights": [good, ordinary]})
+    code, table, _ = invoke("audit", directory, "--known-id", entry["id"])
+    assert code == 1 and "1 missing or damaged" in table
