@@ -5,6 +5,7 @@ and outputs never replaced without --force. Each result is checked against trans
 file's own bytes, or the planted model, not against swtool."""
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -425,3 +426,111 @@ def test_audit_disputed_entries_are_reported_but_set_no_exit_code(planted, monke
     with_known_entry(monkeypatch, {**entry, "super_weights": [good, ordinary]})
     code, table, _ = invoke("audit", directory, "--known-id", entry["id"])
     assert code == 1 and "1 missing or damaged" in table
+
+
+# --- ablate --json, stacked experts, Conv1D -----------------------------------------------------------------
+
+def element_bytes(path, tensor, index):
+    """(absolute byte offset, size, dtype) of tensor[index] in a safetensors file, from its header."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    entry = json.loads(raw[8:8 + n])[tensor]
+    size = {"BF16": 2, "F16": 2, "F32": 4}[entry["dtype"]]
+    flat = int(np.ravel_multi_index(tuple(index), entry["shape"]))
+    return 8 + n + entry["data_offsets"][0] + flat * size, size, entry["dtype"]
+
+
+def differing_bytes(a, b):
+    """Positions where two files of equal length differ."""
+    left, right = np.fromfile(a, np.uint8), np.fromfile(b, np.uint8)
+    assert left.shape == right.shape
+    return set(np.flatnonzero(left != right).tolist())
+
+
+def test_ablate_json_lists_each_patch_as_the_files_hold_it(planted, tmp_path):
+    directory, catalog, _ = planted
+    out = tmp_path / "half"
+    code, stdout, stderr = invoke("ablate", directory, "--catalog", catalog, "-o", out, "--scale", 0.5, "--json")
+    assert code == 0, stderr
+    (patch,) = json.loads(stdout)
+    (sw,) = json.loads(catalog.read_text())["super_weights"]
+    offset, size, dtype = element_bytes(directory / "model.safetensors", DOWN, (PLANT.row, PLANT.col))
+    old = (directory / "model.safetensors").read_bytes()[offset:offset + size]
+    new = (out / "model.safetensors").read_bytes()[offset:offset + size]
+    halved = torch.tensor(sw["value"], dtype=torch.bfloat16) * 0.5
+    assert patch == {"layer": PLANT.layer, "row": PLANT.row, "col": PLANT.col, "expert": None, "tensor": DOWN,
+                     "file": "model.safetensors", "offset": offset, "dtype": dtype, "old_bytes": old.hex(),
+                     "new_bytes": new.hex(), "old_value": sw["value"], "new_value": halved.item()}
+    assert dtype == "BF16" and sw["value"] == stored_value(directory, DOWN, (PLANT.row, PLANT.col)) == PLANT.value
+    assert new == halved.view(torch.int16).numpy().tobytes()
+    assert differing_bytes(directory / "model.safetensors", out / "model.safetensors") <= {offset, offset + 1}
+
+
+def stacked_copy(per_expert, out):
+    """A mixture re-saved by transformers 5 in its own stacked-experts layout (it saves per-expert
+    tensors by default)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(per_expert, dtype="auto")
+    model.save_pretrained(out, save_original_format=False)
+    (out / "tokenizer.json").write_bytes((per_expert / "tokenizer.json").read_bytes())
+    return out
+
+
+# family, tensor holding the planted weight, and where the file stores W[row, col] of expert 2 / the Conv1D
+STORED = {
+    "mixtral": ("model.layers.1.mlp.experts.down_proj", (2, 41, 101)),  # transformers 5: [experts, out, in]
+    "gpt2": ("transformer.h.1.mlp.c_proj.weight", (101, 41)),  # Conv1D: [in, out]
+}
+
+
+@pytest.mark.parametrize("family", list(STORED))
+def test_ablate_changes_the_one_stored_scalar_of_a_stacked_expert_or_conv1d(family, tiny_factory, tmp_path):
+    from safetensors.torch import load_file
+
+    directory, _ = tiny_factory(family, "bfloat16", plants=(Plant(1, 41, 101, expert=2),))
+    if family == "mixtral":
+        directory = stacked_copy(directory, tmp_path / "stacked")
+    tensor, index = STORED[family]
+    catalog = tmp_path / "catalog.json"
+    assert invoke("scan", directory, "-o", catalog, "--no-progress")[0] == 0
+    (sw,) = json.loads(catalog.read_text())["super_weights"]
+    assert (sw["layer"], sw["row"], sw["col"], sw["tensor"]) == (1, 41, 101, tensor)
+    out = tmp_path / "ablated"
+    code, stdout, stderr = invoke("ablate", directory, "--catalog", catalog, "-o", out, "--scale", -0.5, "--json")
+    assert code == 0, stderr
+    before, after = load_file(directory / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before[tensor][index].item() == 4.0 and after[tensor][index].item() == -2.0
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {tensor}
+    differs = (before[tensor] != after[tensor]).nonzero().tolist()
+    assert differs == [list(index)]
+    offset, size, _ = element_bytes(directory / "model.safetensors", tensor, index)
+    assert json.loads(stdout)[0]["offset"] == offset
+    assert differing_bytes(directory / "model.safetensors", out / "model.safetensors") <= set(range(offset, offset + size))
+
+
+# --- outputs never replaced without --force ------------------------------------------------------------------
+
+def test_existing_plots_and_quantize_outputs_are_never_replaced_without_force(planted, good, tmp_path):
+    """Each command refuses before any work, in one line, and leaves the file's bytes as they were;
+    with --force the same run replaces it."""
+    directory, catalog, text = planted
+    existing = b"an earlier result, not to be lost\n"
+    runs = {
+        "eval.svg": ("eval", directory, "--text", text, "--ctx", CTX, "--plot"),
+        "quantsim.svg": ("quantsim", directory, "--text", text, "--ctx", CTX, "--catalog", catalog,
+                         "--block-sizes", "32", "--plot"),
+        "scan.svg": ("scan", directory, "--plot"),
+        "sweep.svg": ("sweep", directory, "--text", text, "--types", "q8_0", "--handlings", "none", "--plot"),
+        "out.gguf": ("quantize", good.gguf, "--type", "q8_0", "-o"),
+    }
+    for name, args in runs.items():
+        (tmp_path / name).write_bytes(existing)
+        code, stdout, stderr = invoke(*args, tmp_path / name, "--no-progress")
+        assert one_line(code, stderr) == f"error: {tmp_path / name}: already exists; pass --force to replace it"
+        assert stdout == "" and (tmp_path / name).read_bytes() == existing, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(runs)  # no temporary left either
+    for name in ("scan.svg", "out.gguf"):
+        code, _, stderr = invoke(*runs[name], tmp_path / name, "--no-progress", "--force")
+        assert code == 0, stderr
+    assert b"<svg" in (tmp_path / "scan.svg").read_bytes()[:1000]
+    assert (tmp_path / "out.gguf").read_bytes()[:4] == b"GGUF"
