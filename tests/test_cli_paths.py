@@ -125,11 +125,11 @@ def test_eval_in_several_passes_equals_one_pass_and_transformers(planted):
     eight passes; every number equals the one-pass run's and transformers'."""
     directory, catalog, text = planted
     args = ("eval", directory, "--text", text, "--ctx", CTX, "--catalog", catalog)
-    code, _, progress = invoke(*args, "--batch-tokens", 64, "--json")
+    code, stdout, progress = invoke(*args, "--batch-tokens", 64, "--json")  # the progress bar on stderr
     assert code == 0, progress
     passes = {line for line in progress.replace("\r", "\n").split("\n") if line.startswith("eval pass ")}
     assert {line.split(" (")[0] for line in passes} == {f"eval pass {i}/8" for i in range(1, 9)}
-    several = json.loads(invoke(*args, "--batch-tokens", 64, "--json", "--no-progress")[1])
+    several = json.loads(stdout)
     one = invoke_json(*args, "--no-progress")
     ids = text_ids(directory, TEXT)
     assert several["chunks"] == one["chunks"] == 8 and several["tokens"] == len(ids) == 239
@@ -244,11 +244,10 @@ def test_quantsim_in_several_passes_equals_one_pass_and_transformers(wide):
     directory, catalog, text = wide
     args = ("quantsim", directory, "--text", text, "--ctx", CTX, "--catalog", catalog, "--block-sizes", "32",
             "--clip", "zscore:2", "--activations", "int8", "--no-progress")
-    several = invoke_json(*args, "--batch-tokens", CTX)
-    one = invoke_json(*args)
-    code, _, progress = invoke(*args[:-1], "--batch-tokens", CTX)
+    code, stdout, progress = invoke(*args[:-1], "--batch-tokens", CTX, "--json")  # the progress bar on stderr
     assert code == 0 and "eval pass 8/8 (3 worlds x 1 chunks)" in progress  # the activation worlds
     assert "eval pass 8/8 (1 worlds x 1 chunks)" in progress  # each weight setting
+    several, one = json.loads(stdout), invoke_json(*args)
     ids = text_ids(directory, TEXT)
     weights = [s["perplexity"] for s in several["weights"]["settings"]]
     activations = [s["perplexity"] for s in several["activations"]["settings"]]
