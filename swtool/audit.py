@@ -521,7 +521,9 @@ def _table(report):
 
 def _verdict_words(report):
     if report.verdict == "intact":
-        return "all intact"
+        # a disputed coordinate that fails is listed, but "all intact" would contradict its row
+        disputed = sum(f.disputed and f.status not in PASSING for f in report.findings)
+        return f"intact but for {disputed} disputed, not counted" if disputed else "all intact"
     if report.verdict == "unverified":
         return "no verdict: nothing to compare with (give --catalog, --known-id or --reference)"
     if not report.failed:
