@@ -36,7 +36,7 @@ from swtool import gguf_keys
 from swtool.atomic import check_destination
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
-from swtool.quant.policy import KEPT, NOT_QUANTIZED
+from swtool.quant.policy import KEPT, NOT_QUANTIZED, is_70b
 
 HANDLINGS = ("keep", "isolate", "none")
 DEFAULT_KEEP_TYPE = "q8_0"  # README, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
@@ -241,8 +241,8 @@ class ExportReport:
         return self.path.stat().st_size
 
 
-def plan(tensors, options, super_weights, tied_output, n_layers):
-    """Choose every tensor's type."""
+def plan(tensors, options, super_weights, tied_output, n_layers, model_70b):
+    """Choose every tensor's type (model_70b: policy.is_70b of the model)."""
     from swtool.quant import quant_type
     from swtool.quant.policy import choose_type, parse_target, parse_tensor_types
 
@@ -252,7 +252,7 @@ def plan(tensors, options, super_weights, tied_output, n_layers):
     holders = {sw.tensor for sw in super_weights}
     for tensor in tensors.values():
         choice = choose_type(tensor.name, tensor.shape, target, tied_output=tied_output, n_layers=n_layers,
-                             rules=rules, super_tensors=holders, keep_type=keep)
+                             model_70b=model_70b, rules=rules, super_tensors=holders, keep_type=keep)
         tensor.qtype, tensor.reason = choice.qtype, choice.reason
     return target
 
@@ -326,7 +326,8 @@ def export(model_path, out_path, options):
     super_weights, prompt, orders = [], None, {}
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, {})
-    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers)
+    model_70b = is_70b(arch_name, n_layers, model.arch.heads.n, model.arch.heads.n_kv)
+    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
     handle_super_weights(tensors, options, super_weights, orders, model_path)
     handling = handling_label(options, super_weights, orders, tensors)
 
@@ -428,7 +429,10 @@ def quantize_gguf(in_path, out_path, options):
         recorded = gguf_keys.read_super_weights(meta, in_path) or []
         super_weights = [ProtectedWeight(Coordinate.of(sw), float(sw["value"]), sw["gguf_tensor"])
                          for sw in recorded]
-    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers)
+    n_head = meta.get(f"{arch_name}.attention.head_count")
+    n_head_kv = meta.get(f"{arch_name}.attention.head_count_kv", n_head)  # llama.cpp's default: no GQA
+    model_70b = is_70b(arch_name, n_layers, n_head, n_head_kv)
+    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
     from gguf import GGMLQuantizationType
 
     requantized = Counter()

@@ -7,7 +7,8 @@ For every tensor, in this order:
      (or copied unchanged from a GGUF input).
   2. The target: a plain ggml type (`--type q4_0`) for every weight, or one of
      llama-quantize's mixes (q4_k_m ...), whose rules give attn_v and ffn_down of
-     some layers more bits (`_mix_type`).
+     some layers more bits (`_mix_type`), and attn_v at least Q5_K in what llama.cpp
+     calls a 70B model (`is_70b`).
   3. For a quantized target, `output.weight` (or the token embedding when the
      output is tied to it) becomes Q6_K, or Q8_0 when the target is Q8_0 or its
      rows do not fit the target's block.
@@ -118,20 +119,37 @@ def use_more_bits(i_layer, n_layers):
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def _mix_type(mix, name, planned, n_layers):
+def is_70b(arch_name, n_layers, n_head, n_head_kv):
+    """llama.cpp's LLM_TYPE_70B (load_hparams), for the architectures swtool writes: 80 layers of
+    Qwen2, or of Llama with grouped-query attention (with a key/value head per head it is the 65B)."""
+    if n_layers != 80:
+        return False
+    return arch_name == "qwen2" or (arch_name == "llama" and n_head != n_head_kv)
+
+
+def _attn_v_type(mix, planned, i, n_layers, model_70b):
+    """attn_v under a mix; in a 70B several query heads share each attn_v row, so llama.cpp
+    gives it more bits than the mix's own rule."""
+    if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_layers):
+        planned = T.Q6_K
+    elif mix == "q4_k_s" and i < 4:
+        planned = T.Q5_K
+    elif mix == "q3_k_m":
+        planned = T.Q5_K if i < 2 else T.Q4_K
+    elif mix == "q3_k_l":
+        planned = T.Q5_K
+    if model_70b and planned in (T.Q3_K, T.Q4_K):
+        return T.Q5_K
+    return planned
+
+
+def _mix_type(mix, name, planned, n_layers, model_70b):
     """The mix rules of llama_tensor_get_type_impl for attn_v, ffn_down and attn_output."""
     i = layer_of(name)
     if i is None:
         return planned
     if "attn_v.weight" in name:
-        if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_layers):
-            return T.Q6_K
-        if mix == "q4_k_s" and i < 4:
-            return T.Q5_K
-        if mix == "q3_k_m":
-            return T.Q5_K if i < 2 else T.Q4_K
-        if mix == "q3_k_l":
-            return T.Q5_K
+        return _attn_v_type(mix, planned, i, n_layers, model_70b)
     elif "ffn_down" in name:
         if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_layers):
             return T.Q6_K
@@ -175,11 +193,12 @@ class Choice:
     reason: str
 
 
-def choose_type(name, shape, target, *, tied_output, n_layers, rules=(), super_tensors=(),
+def choose_type(name, shape, target, *, tied_output, n_layers, model_70b=False, rules=(), super_tensors=(),
                 keep_type=None):
     """The Choice for tensor `name` of logical `shape` (outermost first; rows run along the last axis).
 
     tied_output: the file has no output.weight, so token_embd is also the output;
+    model_70b: is_70b() of the model;
     rules: parse_tensor_types(); super_tensors: names of tensors holding a super weight;
     keep_type: their type (None: no super-weight handling of types).
     """
@@ -195,7 +214,7 @@ def choose_type(name, shape, target, *, tied_output, n_layers, rules=(), super_t
         if name == "output.weight" or (tied_output and name == "token_embd.weight"):
             planned, reason = _output_type(target, cols), "output tensor rule" + (" (tied)" if tied_output else "")
         elif target.mix:
-            mixed = _mix_type(target.mix, name, planned, n_layers)
+            mixed = _mix_type(target.mix, name, planned, n_layers, model_70b)
             if mixed != planned:
                 planned, reason = mixed, f"{target.mix} rule"
     if name in super_tensors and keep_type is not None:

@@ -1,0 +1,173 @@
+"""The export types no SmolLM2 test reaches, on tiny models whose rows fit the K-quants' 256-value blocks.
+
+Oracles:
+  - llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs) applied to swtool's F32
+    export of the same model: swtool's file for a mix (q3_k_s ... q5_k_m), or for a plain type that
+    llama.cpp has a file type for, must be that file, tensor by tensor (type and bytes) and key by key;
+  - llama.cpp loading the plain-type exports: its logits must be those swtool computes from the same
+    file, and so must the logits of the F32 file llama.cpp itself decodes it to;
+  - gguf-py's GGUFReader for reading the files back.
+"""
+
+import ctypes
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+import llama_oracle
+from swtool.forward import forward
+from swtool.gguf_export import ExportOptions, export, quantize_gguf
+from swtool.model import load_model
+from tiny import random_tokens
+
+T = gguf.GGMLQuantizationType
+
+# name -> (family, config overrides of fixtures/tiny.py's TINY)
+SHAPES = {
+    # every row 256 values, so each K-quant lands where the rules put it; 16 layers, so each mix rule
+    # (the first n/16 or n/8 layers, use_more_bits) picks some layers and not others
+    "wide": ("llama", dict(hidden_size=256, intermediate_size=256, num_hidden_layers=16)),
+    # ffn_down rows of 288 fit no K-quant (llama.cpp's fallbacks); the output tied to the embedding
+    "fallback": ("llama", dict(hidden_size=256, intermediate_size=288, num_hidden_layers=8, tie_word_embeddings=True)),
+    # 80 layers: llama.cpp's "70B" (grouped-query Llama, or Qwen2), whose attn_v gets more bits, and its
+    # "65B" (a key/value head per head), whose attn_v does not
+    "llama-70b": ("llama", dict(num_hidden_layers=80)),
+    "llama-65b": ("llama", dict(num_hidden_layers=80, num_key_value_heads=4)),
+    "qwen2-72b": ("qwen2", dict(num_hidden_layers=80)),
+}
+MIXES = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
+LLAMA_PLAIN = ("bf16", "q4_1", "q5_0", "q5_1", "q6_k")  # the plain types llama-quantize has a file type for
+PLAIN = ("bf16", "q3_k", "q5_k", "q6_k", "q4_1", "q5_0", "q5_1")
+CASES = ([("wide", kind) for kind in MIXES + LLAMA_PLAIN] + [("fallback", mix) for mix in ("q3_k_s", "q3_k_m", "q5_k_m")]
+         + [("llama-70b", "q3_k_m"), ("llama-65b", "q3_k_m"), ("qwen2-72b", "q4_k_s")])
+
+# llama.cpp's logits of a plain-type file against swtool's, relative to swtool's largest: llama.cpp
+# multiplies the weights by activations rounded to 8 bits (Q8_K for the K-quants, Q8_0/Q8_1 for the
+# others) or to bf16, swtool by float32 ones. Measured on "wide" (40 tokens): bf16 4.5e-3, q3_k 2.6e-2,
+# q5_k 1.9e-2, q6_k 2.3e-2, q4_1 1.3e-2, q5_0 1.5e-2, q5_1 1.3e-2.
+ROUNDED_ACTIVATIONS = {"bf16": 6e-3, "q3_k": 3e-2, "q5_k": 3e-2, "q6_k": 3e-2, "q4_1": 2e-2, "q5_0": 2e-2, "q5_1": 2e-2}
+# the same against llama.cpp's own F32 decoding of the file: only its f16 KV cache differs.
+# Measured: 3.4e-4 to 4.7e-4, as for swtool's F32 export (3e-4).
+DECODED = 1e-3
+
+
+def add_a_merge(directory):
+    """llama.cpp refuses a byte-level BPE without merges, as the tiny models' tokenizer is: give it one."""
+    path = directory / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["model"]["vocab"]["Ġt"] = 258  # after <s> 256 and </s> 257
+    data["model"]["merges"] = [["Ġ", "t"]]
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """exported(shape, kind): swtool's export of SHAPES[shape] as `kind`, each model and file made once."""
+    from tiny import build_tiny
+
+    models, files = {}, {}
+    out = tmp_path_factory.mktemp("exports")
+
+    def make(shape, kind):
+        if shape not in models:
+            family, overrides = SHAPES[shape]
+            models[shape] = tmp_path_factory.mktemp(shape)
+            build_tiny(models[shape], family, "float32", **overrides)
+            add_a_merge(models[shape])
+        if (shape, kind) not in files:
+            files[shape, kind] = export(models[shape], out / f"{shape}-{kind}.gguf", ExportOptions(kind, progress=False)).path
+        return files[shape, kind]
+
+    return make
+
+
+def llama_quantize(source, out, ftype, requantize=False):
+    """llama.cpp's own quantizer (llama-quantize) on one thread; `requantize`: it may read quantized tensors."""
+    from llama_cpp import llama_cpp as L
+
+    params = L.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 1
+    params.allow_requantize = requantize
+    assert L.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+def llama_ftype(kind):
+    from llama_cpp import llama_cpp as L
+
+    return getattr(L, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+
+
+def read_back(path):
+    """({key: (value, types)}, {tensor name: (ggml type, raw bytes)}) of a GGUF file, read by gguf-py."""
+    reader = gguf.GGUFReader(path)
+    meta = {key: (field.contents(), [int(t) for t in field.types]) for key, field in reader.fields.items()
+            if not key.startswith("GGUF.")}
+    return meta, {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1)) for t in reader.tensors}
+
+
+def assert_same_file(ours, theirs):
+    """Every tensor's type and bytes, every metadata key: llama-quantize reorders the tensors, which
+    llama.cpp reads in either order."""
+    our_meta, our_tensors = read_back(ours)
+    their_meta, their_tensors = read_back(theirs)
+    assert set(our_tensors) == set(their_tensors)
+    for name, (qtype, data) in their_tensors.items():
+        assert our_tensors[name][0] == qtype, (name, our_tensors[name][0].name, qtype.name)
+        assert np.array_equal(our_tensors[name][1], data), name
+    assert our_meta == their_meta
+
+
+def llama_logits(path, ids):
+    llm = llama_oracle.load(path, n_ctx=64)
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[:len(ids)])
+
+
+@pytest.mark.parametrize("shape, kind", CASES, ids=[f"{shape}-{kind}" for shape, kind in CASES])
+def test_export_is_the_file_llama_quantize_writes(exported, tmp_path, shape, kind):
+    theirs = llama_quantize(exported(shape, "f32"), tmp_path / "llama.gguf", llama_ftype(kind))
+    assert_same_file(exported(shape, kind), theirs)
+
+
+def test_quantize_reads_the_70b_shape_from_the_input(exported, tmp_path):
+    """swtool quantize has no config.json: the layers and heads that make a 70B come from the GGUF's metadata."""
+    f32 = exported("llama-70b", "f32")
+    ours = quantize_gguf(f32, tmp_path / "swtool.gguf", ExportOptions("q4_k_s", handling="none", progress=False)).path
+    assert_same_file(ours, llama_quantize(f32, tmp_path / "llama.gguf", llama_ftype("q4_k_s")))
+
+
+@pytest.mark.parametrize("kind", PLAIN)
+def test_plain_type_is_every_weights_type(exported, kind):
+    """The type asked for, but for the norms (F32) and, in a quantized file, output.weight: Q6_K, as
+    llama-quantize's rule for it gives when its rows fit Q6_K's blocks."""
+    asked = T[kind.upper()]
+    _, tensors = read_back(exported("wide", kind))
+    assert len(tensors) == 16 * 9 + 3  # the blocks' tensors, token_embd, output_norm, output
+    for name, (qtype, _) in tensors.items():
+        if name.endswith("_norm.weight"):
+            assert qtype == T.F32, name
+        elif name == "output.weight" and asked != T.BF16:
+            assert qtype == T.Q6_K, name
+        else:
+            assert qtype == asked, name
+
+
+@pytest.mark.parametrize("kind", PLAIN)
+def test_llama_cpp_computes_what_swtool_reads_from_the_file(exported, tmp_path, kind):
+    path = exported("wide", kind)
+    ids = [int(t) for t in random_tokens(40, seed=1, vocab=300)]
+    ours = forward(load_model(path), ids)[0]
+    scale = np.abs(ours).max()
+    gap = np.abs(llama_logits(path, ids) - ours).max() / scale
+    assert gap < ROUNDED_ACTIVATIONS[kind], gap
+    from llama_cpp import llama_cpp as L
+
+    decoded = llama_quantize(path, tmp_path / "decoded.gguf", L.LLAMA_FTYPE_ALL_F32, requantize=True)
+    assert {qtype for qtype, _ in read_back(decoded)[1].values()} == {T.F32}
+    gap = np.abs(llama_logits(decoded, ids) - ours).max() / scale
+    assert gap < DECODED, gap
