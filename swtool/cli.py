@@ -457,6 +457,20 @@ def gguf_options(command):
     options = [
         click.option("--force", is_flag=True, help=FORCE_HELP),
         click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
+        click.option("--dry-run", is_flag=True,
+                     help="Print every tensor's planned type, size and reason, and the notes; write nothing."),
+        click.option("--pure", is_flag=True,
+                     help="Every weight in --type: no mix rule and no output-tensor rule (as llama-quantize --pure)."),
+        click.option("--leave-output-tensor", is_flag=True,
+                     help="Keep output.weight in the type it is stored in (as llama-quantize)."),
+        click.option("--token-embedding-type", metavar="TYPE",
+                     help="Type of token_embd.weight (as llama-quantize); overrides the rules."),
+        click.option("--output-tensor-type", metavar="TYPE",
+                     help="Type of output.weight only (as llama-quantize; a --tensor-type 'output\\.weight' also "
+                          "matches every attn_output.weight)."),
+        click.option("--no-scan", is_flag=True,
+                     help="Without --catalog (and, for a GGUF, without its own swtool.* record), do not scan the "
+                          "model for its super weights: nothing is recorded or protected."),
         click.option("--allow-requantize", is_flag=True,
                      help="GGUF input: decode tensors that are already quantized and quantize them again (as "
                           "llama-quantize); the result is no better than the source's quantization."),
@@ -468,13 +482,14 @@ def gguf_options(command):
         click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                      help="Type of the tensors whose llama.cpp name REGEX matches (re.search, first match wins; "
                           "repeatable), e.g. 'blk\\.2\\.ffn_down=q8_0'. Overrides --keep-type."),
-        click.option("--keep-type", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="q8_0",
+        click.option("--keep-type", type=click.Choice(["f16", "bf16", "q8_0", "f32"], case_sensitive=False), default="q8_0",
                      show_default=True, help="Type of each tensor that holds a super weight (--sw-handling keep)."),
         click.option("--catalog", type=click.Path(dir_okay=False),
                      help="A scan catalog (swtool scan -o): its super weights are recorded and protected."),
         click.option("--type", "qtype", required=True, metavar="TYPE",
                      help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, or a llama-quantize mix: "
-                          "q3_k_s/m/l, q4_k_s/m, q5_k_s/m."),
+                          "q3_k_s/m/l, q4_k_s/m, q5_k_s/m (any case). Unlike llama-quantize, where Q3_K, Q4_K and "
+                          "Q5_K are aliases of the _M mixes, q3_k..q6_k here put every weight in that one type."),
         click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write."),
     ]
     for option in options:
@@ -482,36 +497,46 @@ def gguf_options(command):
     return command
 
 
+def export_options(opts):
+    """The ExportOptions of export's and quantize's command line (gguf_options)."""
+    from swtool.gguf_export import ExportOptions
+
+    return ExportOptions(
+        opts["qtype"], keep_type=opts["keep_type"].lower(), tensor_types=tuple(opts["tensor_types"]),
+        handling=opts["sw_handling"], catalog=opts["catalog"], progress=not opts["no_progress"],
+        allow_requantize=opts["allow_requantize"], scan=not opts["no_scan"],
+        output_tensor_type=opts["output_tensor_type"], token_embedding_type=opts["token_embedding_type"],
+        pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
+
+
 @main.command("export")
 @click.argument("model", type=click.Path())
 @gguf_options
-def export_command(model, output, qtype, catalog, keep_type, tensor_types, sw_handling, allow_requantize,
-                   no_progress, force):
-    """Write MODEL (a Hugging Face checkpoint, or a GGUF file to change its type) as a GGUF file for llama.cpp."""
-    prepare_outputs(force, output, inputs=(model, catalog))  # before anything is read
-    from swtool.gguf_export import ExportOptions, export, format_export
+def export_command(model, **opts):
+    """Write MODEL (a Hugging Face checkpoint, or a GGUF file to change its type) as a GGUF file for llama.cpp.
 
-    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress,
-                            allow_requantize)
-    click.echo(format_export(export(model, output, options)))
+    Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
+    """
+    prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
+    from swtool.gguf_export import export, format_export
+
+    click.echo(format_export(export(model, opts["output"], export_options(opts))))
 
 
 @main.command("quantize")
 @click.argument("gguf_file", metavar="IN.GGUF", type=click.Path(dir_okay=False))
 @gguf_options
-def quantize_command(gguf_file, output, qtype, catalog, keep_type, tensor_types, sw_handling, allow_requantize,
-                     no_progress, force):
+def quantize_command(gguf_file, **opts):
     """Quantize a GGUF file to another type; all its metadata and vocabulary are copied.
 
-    Without --catalog, the super weights a GGUF exported by swtool records (swtool.* metadata) are used.
-    Tensors already quantized are re-quantized only with --allow-requantize.
+    The super weights protected are, first that applies: --catalog's, those the file records
+    (swtool.* metadata of a swtool export), or a scan of the file. Tensors already quantized are
+    re-quantized only with --allow-requantize.
     """
-    prepare_outputs(force, output, inputs=(gguf_file, catalog))  # before anything is read
-    from swtool.gguf_export import ExportOptions, format_export, quantize_gguf
+    prepare_outputs(opts["force"], opts["output"], inputs=(gguf_file, opts["catalog"]))  # before anything is read
+    from swtool.gguf_export import format_export, quantize_gguf
 
-    options = ExportOptions(qtype, keep_type, tuple(tensor_types), sw_handling, catalog, not no_progress,
-                            allow_requantize)
-    click.echo(format_export(quantize_gguf(gguf_file, output, options)))
+    click.echo(format_export(quantize_gguf(gguf_file, opts["output"], export_options(opts))))
 
 
 @main.command("sweep")

@@ -63,6 +63,7 @@ class OutTensor:
     col_order: object = None
     qtype: object = None  # chosen ggml type
     reason: str = ""
+    source_type: str = None  # the type it is stored in at the source ("BF16", "Q4_1" ...), for --leave-output-tensor
 
     @property
     def nbytes(self):
@@ -130,7 +131,26 @@ def super_weights_from_catalog(catalog_path, n_layers, orders):
     """The catalog's super weights, with columns in the source file's layout (`orders`: its swtool.ffn_order)."""
     from swtool.catalog import read_catalog
 
-    catalog = read_catalog(catalog_path)
+    return protected_weights(read_catalog(catalog_path), catalog_path, n_layers, orders)
+
+
+def scanned_super_weights(model, options, orders):
+    """(super weights, prompt, note) of a scan of `model`: what export and quantize protect when
+    given neither a catalog nor a file that records its own (--no-scan turns this off)."""
+    from swtool.catalog import scan_catalog
+
+    if not model.arch.runs:
+        return [], None, (f"no --catalog, and swtool cannot scan a {model.arch.model_type} model: the super "
+                          f"weights are neither recorded nor protected")
+    catalog, _ = scan_catalog(model, None, progress=options.progress)
+    found, prompt = protected_weights(catalog, model.path, model.arch.n_layers, orders)
+    return found, prompt, (f"no --catalog: scanned the model with the default prompt, {len(found)} super "
+                           f"weight{'s' if len(found) != 1 else ''} found (--no-scan to skip)")
+
+
+def protected_weights(catalog, source, n_layers, orders):
+    """(ProtectedWeight list, prompt) of a catalog dict (`source`: where it came from, for errors)."""
+    catalog_path = source
     recorded_layers = catalog["model"].get("num_layers")
     if recorded_layers != n_layers:
         raise SwtoolError(f"{catalog_path}: the catalog is for a model with {recorded_layers} layers; "
@@ -222,6 +242,12 @@ class ExportOptions:
     catalog: str = None
     progress: bool = True
     allow_requantize: bool = False  # GGUF input: re-quantize tensors already block-quantized (llama-quantize's flag)
+    scan: bool = True  # without a catalog or a swtool.* record, scan the model for the super weights
+    output_tensor_type: str = None  # llama-quantize's names for the two tensors it lets one set apart
+    token_embedding_type: str = None
+    pure: bool = False  # llama-quantize --pure: no mix or output rule, every weight in --type
+    leave_output_tensor: bool = False  # llama-quantize --leave-output-tensor: output.weight as stored
+    dry_run: bool = False  # plan every tensor's type and size; write nothing
 
 
 @dataclass
@@ -235,26 +261,46 @@ class ExportReport:
     tensors: list  # OutTensor, with qtype and reason
     super_weights: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    dry_run: bool = False
 
     @property
     def file_size(self):
-        return self.path.stat().st_size
+        """Bytes of the file written, or of its tensors alone in a dry run."""
+        return sum(t.nbytes for t in self.tensors) if self.dry_run else self.path.stat().st_size
 
 
 def plan(tensors, options, super_weights, tied_output, n_layers, model_70b):
     """Choose every tensor's type (model_70b: policy.is_70b of the model)."""
     from swtool.quant import quant_type
-    from swtool.quant.policy import choose_type, parse_target, parse_tensor_types
+    from swtool.quant.policy import choose_type, named_tensor_rules, parse_target, parse_tensor_types
 
     target = parse_target(options.type)
-    rules = parse_tensor_types(options.tensor_types)
+    rules = named_tensor_rules(options.output_tensor_type, options.token_embedding_type)
+    rules += parse_tensor_types(options.tensor_types)
     keep = quant_type(options.keep_type) if options.handling == "keep" else None
     holders = {sw.tensor for sw in super_weights}
     for tensor in tensors.values():
         choice = choose_type(tensor.name, tensor.shape, target, tied_output=tied_output, n_layers=n_layers,
-                             model_70b=model_70b, rules=rules, super_tensors=holders, keep_type=keep)
+                             model_70b=model_70b, rules=rules, super_tensors=holders, keep_type=keep,
+                             pure=options.pure)
         tensor.qtype, tensor.reason = choice.qtype, choice.reason
-    return target
+        if options.leave_output_tensor and tensor.name == "output.weight" and tensor.source_type:
+            tensor.qtype, tensor.reason = quant_type(tensor.source_type), "--leave-output-tensor: as stored"
+    return target, rule_notes(rules, tensors)
+
+
+def rule_notes(rules, tensors):
+    """What each --tensor-type pattern matched: a pattern that matches nothing or more than it seems
+    to ('output\\.weight' is also in every attn_output.weight) is easy to miss otherwise."""
+    notes = []
+    for pattern, text, _ in rules:
+        matched = [t.name for t in tensors.values() if t.reason.startswith(text)]
+        if not matched:
+            notes.append(f"{text} matched no tensor")
+        elif text.startswith("--tensor-type"):
+            shown = ", ".join(matched[:3]) + (f" ... {matched[-1]}" if len(matched) > 3 else "")
+            notes.append(f"{text} matched {len(matched)} tensor{'s' if len(matched) > 1 else ''}: {shown}")
+    return notes
 
 
 def check_options(options):
@@ -323,11 +369,17 @@ def export(model_path, out_path, options):
     arch_name = model.arch.gguf_arch_name()
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
-    super_weights, prompt, orders = [], None, {}
+    super_weights, prompt, orders, notes = [], None, {}, []
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, {})
+    elif options.scan:
+        super_weights, prompt, note = scanned_super_weights(model, options, {})
+        notes.append(note)
+    else:
+        notes.append("--no-scan and no --catalog: the super weights are neither recorded nor protected")
     model_70b = is_70b(arch_name, n_layers, model.arch.heads.n, model.arch.heads.n_kv)
-    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
+    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
+    notes += rules_matched
     handle_super_weights(tensors, options, super_weights, orders, model_path)
     handling = handling_label(options, super_weights, orders, tensors)
 
@@ -340,20 +392,20 @@ def export(model_path, out_path, options):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         from swtool.export_vocab import add_vocabulary
 
-        add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
-        model.arch.gguf_vocabulary(writer, model.checkpoint.directory)
+        kind = add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
+        model.arch.gguf_vocabulary(writer, model.checkpoint.directory, kind)
         for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
 
     ordered = sorted(tensors.values(), key=tensor_order)
-    write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
-    notes = [] if options.catalog else ["no --catalog: the super weights are neither recorded nor protected "
-                                        "(swtool scan MODEL -o catalog.json makes one)"]
+    if not options.dry_run:
+        write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
     window = model.arch.sliding_window(0)
     if window is not None and window < int(model.checkpoint.config["max_position_embeddings"]):
         notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
                      f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
-    return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
+    return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
+                        options.dry_run)
 
 
 def handling_label(options, super_weights, orders, tensors):
@@ -383,7 +435,8 @@ def hf_tensors(model):
     tensors = {}
     for hf_name, shape in arch.tensor_shapes().items():
         name = arch.gguf_name(hf_name)
-        tensor = OutTensor(name, tuple(shape), checkpoint.tensor(hf_name).read)
+        source = checkpoint.tensor(hf_name)
+        tensor = OutTensor(name, tuple(shape), source.read, source_type=source.dtype)
         stored_rows = arch.gguf_stored_rows(name, shape[0])
         if stored_rows is not None:  # the file's row i is the source's row row_order[i]
             tensor.row_order = np.argsort(stored_rows)
@@ -420,19 +473,29 @@ def quantize_gguf(in_path, out_path, options):
     n_layers = meta.get(f"{arch_name}.block_count")
     if not isinstance(n_layers, int):
         raise SwtoolError(f"{in_path}: no {arch_name}.block_count in the metadata")
-    tensors = {name: OutTensor(name, info.shape, info.read, raw=info) for name, info in source.tensors.items()}
+    tensors = {name: OutTensor(name, info.shape, info.read, raw=info, source_type=info.dtype)
+               for name, info in source.tensors.items()}
     orders = gguf_keys.read_ffn_orders(meta)
-    super_weights, prompt = [], meta.get(gguf_keys.PROMPT)
+    super_weights, prompt, notes = [], meta.get(gguf_keys.PROMPT), []
+    recorded = gguf_keys.read_super_weights(meta, in_path) or []
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, orders)
-    else:  # a file swtool exported before: its own record
-        recorded = gguf_keys.read_super_weights(meta, in_path) or []
+    elif recorded:  # a file swtool exported before: its own record
         super_weights = [ProtectedWeight(Coordinate.of(sw), float(sw["value"]), sw["gguf_tensor"])
                          for sw in recorded]
+    elif options.scan:
+        from swtool.model import load_model
+
+        super_weights, prompt, note = scanned_super_weights(load_model(in_path, header_only=True), options, orders)
+        notes.append(note)
+    else:
+        notes.append("--no-scan, no --catalog and no swtool.* record in the input: the super weights are "
+                     "neither recorded nor protected")
     n_head = meta.get(f"{arch_name}.attention.head_count")
     n_head_kv = meta.get(f"{arch_name}.attention.head_count_kv", n_head)  # llama.cpp's default: no GQA
     model_70b = is_70b(arch_name, n_layers, n_head, n_head_kv)
-    target = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
+    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
+    notes += rules_matched
     from gguf import GGMLQuantizationType
 
     requantized = Counter()
@@ -463,14 +526,14 @@ def quantize_gguf(in_path, out_path, options):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
 
     ordered = list(tensors.values())  # the input's order
-    write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
-    notes = [] if super_weights else ["no --catalog and no swtool.* metadata in the input: the super weights "
-                                      "are neither recorded nor protected"]
+    if not options.dry_run:
+        write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
     if requantized:
         sources = ", ".join(f"{count} from {dtype}" for dtype, count in sorted(requantized.items()))
         notes.append(f"re-quantized {sources}: the quality is bounded by the source's quantization, "
                      f"not only by {target.name}'s")
-    return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
+    return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
+                        options.dry_run)
 
 
 REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
@@ -518,8 +581,14 @@ def format_export(report):
     for tensor in report.tensors:
         counts[tensor.qtype.name] += 1
         sizes[tensor.qtype.name] += tensor.nbytes
-    lines = [f"wrote {report.path}: {report.arch}, --type {report.target}, {len(report.tensors)} tensors, "
-             f"{report.file_size / 1e6:.1f} MB; super weights: {report.handling}"]
+    verb = "would write (dry run, nothing written)" if report.dry_run else "wrote"
+    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {len(report.tensors)} tensors, "
+             f"{report.file_size / 1e6:.1f} MB{' of tensors' if report.dry_run else ''}; "
+             f"super weights: {report.handling}"]
+    if report.dry_run:
+        rows = [[t.name, "x".join(str(n) for n in t.shape), t.qtype.name, f"{t.nbytes / 1e6:.3f}", t.reason]
+                for t in report.tensors]
+        lines.append(format_table(["tensor", "shape", "type", "MB", "why"], rows))
     rows = [[name, counts[name], f"{sizes[name] / 1e6:.2f}"] for name in sorted(counts, key=lambda n: -sizes[n])]
     lines.append(format_table(["type", "tensors", "MB"], rows))
     by_name = {tensor.name: tensor for tensor in report.tensors}

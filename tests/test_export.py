@@ -359,7 +359,7 @@ def test_tiny_families_give_transformers_logits_in_llama_cpp(tiny_factory, smoll
     model = build_tiny(directory, family, "float32", vocab_size=49152, **overrides)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a real vocabulary: llama.cpp needs merges
         shutil.copy(smollm2 / name, directory / name)
-    export(directory, tmp_path / "tiny.gguf", ExportOptions("f32", progress=False))
+    export(directory, tmp_path / "tiny.gguf", ExportOptions("f32", progress=False, scan=False))
     ids = [int(t) for t in random_tokens(40, seed=1, vocab=49152)]
     expected = torch_logits(model, ids)
     llm = llama_oracle.load(tmp_path / "tiny.gguf", n_ctx=64)
@@ -399,7 +399,7 @@ def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
     build_tiny(directory, "llama", "float32", vocab_size=len(tokens), bos_token_id=1, eos_token_id=2)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta)))
-    export(directory, tmp_path / "spm.gguf", ExportOptions("f32", progress=False))
+    export(directory, tmp_path / "spm.gguf", ExportOptions("f32", progress=False, scan=False))
     assert fields(tmp_path / "spm.gguf")["tokenizer.ggml.model"][0] == "llama"
     vocab = llama_cpp.Llama(str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
     for text in TEXTS + ["GNU General Public License", "<s>inside</s> text", "x", "  two  spaces"]:
@@ -438,5 +438,5 @@ def test_an_error_while_writing_removes_the_partial_file(smollm2, tmp_path, monk
 
     monkeypatch.setattr(swtool.quant, "quantize", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export(smollm2, tmp_path / "out.gguf", ExportOptions("q8_0", progress=False))
+        export(smollm2, tmp_path / "out.gguf", ExportOptions("q8_0", progress=False, scan=False))
     assert list(tmp_path.iterdir()) == []

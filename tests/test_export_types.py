@@ -77,7 +77,7 @@ def exported(tmp_path_factory):
             build_tiny(models[shape], family, "float32", **overrides)
             add_a_merge(models[shape])
         if (shape, kind) not in files:
-            files[shape, kind] = export(models[shape], out / f"{shape}-{kind}.gguf", ExportOptions(kind, progress=False)).path
+            files[shape, kind] = export(models[shape], out / f"{shape}-{kind}.gguf", ExportOptions(kind, progress=False, scan=False)).path
         return files[shape, kind]
 
     return make
@@ -137,7 +137,7 @@ def test_export_is_the_file_llama_quantize_writes(exported, tmp_path, shape, kin
 def test_quantize_reads_the_70b_shape_from_the_input(exported, tmp_path):
     """swtool quantize has no config.json: the layers and heads that make a 70B come from the GGUF's metadata."""
     f32 = exported("llama-70b", "f32")
-    ours = quantize_gguf(f32, tmp_path / "swtool.gguf", ExportOptions("q4_k_s", handling="none", progress=False)).path
+    ours = quantize_gguf(f32, tmp_path / "swtool.gguf", ExportOptions("q4_k_s", handling="none", progress=False, scan=False)).path
     assert_same_file(ours, llama_quantize(f32, tmp_path / "llama.gguf", llama_ftype("q4_k_s")))
 
 

@@ -294,9 +294,9 @@ class Architecture:
         """Write the `{arch}.*` metadata keys the converter writes, through a gguf.GGUFWriter."""
         raise NotImplementedError
 
-    def gguf_vocabulary(self, writer, directory):
-        """Vocabulary keys the family's converter writes besides the tokenizer's own (export_vocab.py
-        writes those): none by default."""
+    def gguf_vocabulary(self, writer, directory, kind):
+        """Vocabulary keys the family's converter writes besides the tokenizer's own, which export_vocab.py
+        has written (`kind`: "gpt2" or "llama", its tokenizer.ggml.model): none by default."""
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):

@@ -134,12 +134,14 @@ class Llama(Architecture):
             raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export "
                               f"(supported: none, linear, llama3)")
 
-    def gguf_vocabulary(self, writer, directory):
-        """LlamaModel.set_vocab (Llama, Mistral): tokenizer_config.json's add_prefix_space, when it says one."""
+    def gguf_vocabulary(self, writer, directory, kind):
+        """LlamaModel.set_vocab (Llama, Mistral): tokenizer_config.json's add_prefix_space, when it says one,
+        for a byte-level BPE (a SentencePiece vocabulary's own add_space_prefix overrides it there)."""
         from swtool.jsonfile import read_json
 
         path = Path(directory) / "tokenizer_config.json"
-        settings = read_json(path) if self.gguf_arch_name() == "llama" and path.is_file() else {}
+        wanted = self.gguf_arch_name() == "llama" and kind == "gpt2" and path.is_file()
+        settings = read_json(path) if wanted else {}
         add_prefix_space = settings.get("add_prefix_space") if isinstance(settings, dict) else None
         if isinstance(add_prefix_space, bool):
             writer.add_add_space_prefix(add_prefix_space)

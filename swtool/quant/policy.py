@@ -89,7 +89,22 @@ def parse_tensor_types(specs):
             qtype = quant_type(type_name)
         except SwtoolError as e:
             raise SwtoolError(f"--tensor-type {spec!r}: {e}") from None
-        rules.append((compiled, pattern, qtype))
+        rules.append((compiled, f"--tensor-type {pattern}={qtype.name.lower()}", qtype))
+    return rules
+
+
+def named_tensor_rules(output_type=None, embedding_type=None):
+    """llama-quantize's --output-tensor-type and --token-embedding-type, as rules for exactly
+    output.weight and token_embd.weight (a --tensor-type 'output\\.weight' also matches attn_output)."""
+    rules = []
+    for option, name, type_name in (("--output-tensor-type", "output.weight", output_type),
+                                    ("--token-embedding-type", "token_embd.weight", embedding_type)):
+        if type_name:
+            try:
+                qtype = quant_type(type_name)
+            except SwtoolError as e:
+                raise SwtoolError(f"{option} {type_name!r}: {e}") from None
+            rules.append((re.compile(rf"^{re.escape(name)}$"), f"{option} {qtype.name.lower()}", qtype))
     return rules
 
 
@@ -194,13 +209,14 @@ class Choice:
 
 
 def choose_type(name, shape, target, *, tied_output, n_layers, model_70b=False, rules=(), super_tensors=(),
-                keep_type=None):
+                keep_type=None, pure=False):
     """The Choice for tensor `name` of logical `shape` (outermost first; rows run along the last axis).
 
     tied_output: the file has no output.weight, so token_embd is also the output;
     model_70b: is_70b() of the model;
-    rules: parse_tensor_types(); super_tensors: names of tensors holding a super weight;
-    keep_type: their type (None: no super-weight handling of types).
+    rules: parse_tensor_types() and named_tensor_rules(); super_tensors: names of tensors holding a
+    super weight; keep_type: their type (None: no super-weight handling of types);
+    pure: llama-quantize --pure, no mix or output-tensor rule (every weight in the target type).
     """
     if not quantizable(name, shape):
         return Choice(T.F32, NOT_QUANTIZED)
@@ -208,9 +224,9 @@ def choose_type(name, shape, target, *, tied_output, n_layers, model_70b=False, 
     for pattern, text, qtype in rules:  # the user's word is final, except that rows must fit
         if pattern.search(name):
             chosen, note = fallback(qtype, cols)
-            return Choice(chosen, f"--tensor-type {text}" + (f"; {note}" if note else ""))
+            return Choice(chosen, text + (f"; {note}" if note else ""))
     planned, reason = target.qtype, f"--type {target.name}"
-    if target.qtype not in FLOAT_TYPES:
+    if target.qtype not in FLOAT_TYPES and not pure:
         if name == "output.weight" or (tied_output and name == "token_embd.weight"):
             planned, reason = _output_type(target, cols), "output tensor rule" + (" (tied)" if tied_output else "")
         elif target.mix:
