@@ -11,6 +11,17 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
 
 
+def pytest_report_header(config):
+    """Which bf16 kernels this run tests: bf16_pairs needs AVX-512 (tests/test_kernels.py)."""
+    from swtool import kernels
+
+    if kernels.pairs_available():
+        return "bf16 kernels: bf16_pairs (AVX-512) and dense.py's loop"
+    if os.environ.get("SWTOOL_ALLOW_NO_AVX512") == "1":
+        return "bf16 kernels: dense.py's loop only; no AVX-512 for numba here, bf16_pairs untested (SWTOOL_ALLOW_NO_AVX512=1)"
+    return "bf16 kernels: no AVX-512 for numba here: the bf16_pairs cases fail unless SWTOOL_ALLOW_NO_AVX512=1"
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct as a bf16 HF directory (built by `make fixtures` if missing)."""
