@@ -13,6 +13,7 @@ Oracles:
 import ctypes
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -383,7 +384,7 @@ def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
     from swtool.checkpoint.gguf_vocab import build_tokenizer, tokenizer_config
     from tiny import build_tiny
 
-    corpus = open("/usr/share/common-licenses/GPL-3").read().splitlines()
+    corpus = (Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt").read_text().splitlines()
     trainer_model = Tokenizer(models.BPE())
     trainer_model.normalizer = normalizers.Replace(" ", "▁")
     trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")

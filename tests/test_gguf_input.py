@@ -7,6 +7,7 @@ writer and quantizer, llama.cpp's naming and Q/K permutation, no swtool code).
 
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -265,7 +266,7 @@ def test_sentencepiece_vocabulary_tokenizes_as_llama_cpp(tmp_path):
     """A "llama" (SentencePiece) vocabulary: scores, byte fallback, BOS and the leading space."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    corpus = open("/usr/share/common-licenses/GPL-3").read().splitlines()
+    corpus = (Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt").read_text().splitlines()
     trainer_model = Tokenizer(models.BPE())
     trainer_model.normalizer = normalizers.Replace(" ", "▁")
     trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
