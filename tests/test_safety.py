@@ -10,6 +10,7 @@
 import hashlib
 import json
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -129,10 +130,21 @@ main()
 """
 
 
+def first_line(process, seconds=300):
+    """The first line a child prints on its stdout pipe (whole, with flush=True), waited for at most
+    `seconds`: a child that never gets there is killed and fails the test instead of hanging it."""
+    ready, _, _ = select.select([process.stdout], [], [], seconds)
+    if not ready:
+        process.kill()
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"no line from the child in {seconds} s; its stderr: {stderr}")
+    return process.stdout.readline()
+
+
 def run_until_writing(args, cwd=None):
     process = subprocess.Popen([sys.executable, "-c", PAUSED, *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=cwd)
-    line = process.stdout.readline()
+    line = first_line(process)
     assert line.startswith("WRITING"), (line, process.stderr.read() if process.poll() is not None else "")
     return process, Path(line.split(" ", 1)[1].strip())
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_safety import file_size_limit, hashes, one_error_line, swtool
+from test_safety import file_size_limit, first_line, hashes, one_error_line, swtool
 
 
 # --- swtool export ------------------------------------------------------------------------------------------------
@@ -45,7 +45,8 @@ def test_killed_export_leaves_no_partial_gguf(signum, code, smollm2, tmp_path):
     process = subprocess.Popen([sys.executable, "-c", EXPORT_PAUSED, "export", str(smollm2), "--type", "q8_0",
                                 "-o", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    assert process.stdout.readline().startswith("WRITING"), process.stderr.read()
+    line = first_line(process)
+    assert line.startswith("WRITING"), (line, process.stderr.read() if process.poll() is not None else "")
     (partial,) = tmp_path.glob(".smollm2-q8_0.gguf.*.tmp")
     assert partial.stat().st_size > 10_000_000  # the header and the first layers are written
     process.send_signal(signum)
