@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from tiny import Plant
-from cli_run import one_line_error, swtool
+from fixtures.tiny import Plant
+from fixtures.cli_run import one_line_error, swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"

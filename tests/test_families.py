@@ -15,7 +15,7 @@ from swtool.forward import forward
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
 from test_forward import reference_logits
-from tiny import Plant, random_tokens
+from fixtures.tiny import Plant, random_tokens
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from swtool.errors import SwtoolError
 from swtool.forward import forward
 from swtool.model import load_model
 from test_forward import reference_logits
-from tiny import random_tokens
+from fixtures.tiny import random_tokens
 
 TOKENS = random_tokens(19, seed=3)  # past the tiny sliding windows (5)
 

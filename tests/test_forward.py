@@ -10,7 +10,7 @@ import transformers
 
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
-from tiny import random_tokens
+from fixtures.tiny import random_tokens
 
 def reference_logits(directory, tokens):
     """transformers' own loading of the saved checkpoint, computed in float32."""

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import bad_files
+from fixtures import bad_files
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.checkpoint.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile
 from swtool.errors import SwtoolError
@@ -428,7 +428,7 @@ def _smollm2_bytes(header, size, path, data):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     path = builder.fetch_gguf()
     parsed = read_gguf(path)

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from hf_to_gguf import permute, read_hf_tensors, vocabulary_fields, write_gguf
+from fixtures.hf_to_gguf import permute, read_hf_tensors, vocabulary_fields, write_gguf
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.checkpoint.gguf_model import open_gguf
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
-from tiny import random_tokens, torch_logits
-from cli_run import one_line_error, swtool
+from fixtures.tiny import random_tokens, torch_logits
+from fixtures.cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
@@ -42,7 +42,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def original(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     return builder.fetch_gguf()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import bad_files
+from fixtures import bad_files
 from swtool.cli import main
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_run import one_line_error
+from fixtures.cli_run import one_line_error
 
 # peak memory is read from Linux's /proc/self/status (VmHWM) of the measured process: what these tests measure
 linux_peak_memory = pytest.mark.skipif(sys.platform != "linux", reason="reads peak memory from Linux's /proc/self/status")
@@ -96,7 +96,7 @@ def gguf_with_a_huge_array(good, tmp_path, size=256 << 20):
     relative to the aligned data section, stay valid); and the small file it was made from."""
     import gguf
 
-    from hf_to_gguf import vocabulary_fields, write_gguf
+    from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 
     small = write_gguf(good.model, tmp_path / "small.gguf", "f32", vocabulary=vocabulary_fields(good.gguf),
                        extra=[("test.big", bytes([7]) * 32, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)])
@@ -153,7 +153,7 @@ def test_inputs_built_to_blow_memory_up_fit_a_2_gib_address_space(good, tmp_path
 
 
 def test_a_gpt2_vocabulary_without_merges_is_refused_as_llama_cpp_does(good, tmp_path):
-    from hf_to_gguf import vocabulary_fields, write_gguf
+    from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 
     fields = [f for f in vocabulary_fields(good.gguf) if f[0] != "tokenizer.ggml.merges"]
     path = write_gguf(good.model, tmp_path / "no-merges.gguf", "f32", vocabulary=fields)
