@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_safety import file_size_limit, first_line, hashes, one_error_line, swtool
+from fixtures.cli_run import file_size_limit, first_line, hashes, invoke, one_error_line, swtool
 
 
 # --- swtool export ------------------------------------------------------------------------------------------------
@@ -91,8 +91,6 @@ def test_export_refuses_when_the_disk_cannot_hold_it(smollm2, tmp_path, monkeypa
 
 @pytest.mark.real
 def test_export_and_quantize_only_read_their_sources(smollm2, tmp_path, write_opens):
-    from test_safety import invoke
-
     before = hashes(smollm2)
     f16 = tmp_path / "smollm2-f16.gguf"
     code, _, stderr = invoke(["export", smollm2, "--type", "f16", "-o", f16, "--no-progress"])
