@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 fixtures: install $(SMOL)/config.json
 
 $(SMOL)/config.json: fixtures/smollm2.py
-	$(BIN)/python fixtures/smollm2.py $(SMOL)
+	$(BIN)/python -m fixtures.smollm2 $(SMOL)
 
 test: install fixtures
 	$(BIN)/pytest -q
@@ -41,7 +41,7 @@ demo: install fixtures
 # one run, one table: scans vs reading the bytes and vs transformers, eval, quantizers (bench/run.py runs
 # bench/eval.py and bench/quant.py itself); writes bench/results/*.json
 bench: install fixtures
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) fixtures/build bench/build
