@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 fixtures: install $(SMOL)/config.json $(CONVERTER)/convert_hf_to_gguf.py
 
 $(SMOL)/config.json: fixtures/smollm2.py
-	$(BIN)/python fixtures/smollm2.py $(SMOL)
+	$(BIN)/python -m fixtures.smollm2 $(SMOL)
 
 $(CONVERTER)/convert_hf_to_gguf.py: fixtures/llama_converter.py
 	$(BIN)/python fixtures/llama_converter.py $(CONVERTER)
@@ -46,7 +46,7 @@ demo: install fixtures
 # one run, one table: scans vs reading the bytes and vs transformers, eval, quantizers (bench/run.py runs
 # bench/eval.py and bench/quant.py itself); writes bench/results/*.json
 bench: install fixtures
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) fixtures/build bench/build

@@ -1,6 +1,6 @@
 """Audit benchmark: how long `swtool audit` takes when the coordinates are known.
 
-    python bench/audit.py [--runs 20]
+    python -m bench.audit [--runs 20]
 
 For the SmolLM2 fixture (bf16 safetensors), its original Q4_1 GGUF and the
 synthetic Llama-3.2-1B-shape checkpoint (2 shards, if bench/build/llama-1b exists),
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "fixtures"))
 SWTOOL = Path(sys.executable).parent / "swtool"
 
 
@@ -58,7 +57,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     runs = parser.parse_args().runs
-    import smollm2
+    from fixtures import smollm2
 
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Why bf16_pairs decodes pairs: loops of AVX-512 instructions, timed.
 
-    python bench/decode_ports.py
+    python -m bench.decode_ports
 
 Each loop is a block of the bf16 product with its loads taken out: per 32 bf16
 weights of a row, its decode instructions and the 32 multiply-adds of a 4 x 4 block
@@ -12,7 +12,6 @@ subnormals slow anything down. Results go to bench/results/decode_ports.json.
 """
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +21,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.run import machine
+from swtool.atomic import write_text_atomic
 
-from run import machine  # noqa: E402  (bench/run.py)
-from swtool.atomic import write_text_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 llvm.initialize_native_asmparser()  # numba compiles inline assembly only with it
 

@@ -1,6 +1,6 @@
 """Eval benchmark: `swtool eval` tokens per second against transformers, same model, text and chunks.
 
-    python bench/eval.py [--ctx 512] [--runs 2] [--text fixtures/prose.txt] [--threads N]
+    python -m bench.eval [--ctx 512] [--runs 2] [--text fixtures/prose.txt] [--threads N]
 
 On the SmolLM2 fixture (bf16 on disk, float32 arithmetic in both):
   - swtool, end to end: `swtool eval MODEL --text TEXT --ctx N --json` under /usr/bin/time -v
@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "fixtures"))
 SWTOOL = Path(sys.executable).parent / "swtool"
 MODEL = ROOT / "fixtures" / "build" / "smollm2"
 
@@ -105,7 +103,7 @@ def main():
     # torch first: swtool.kernels.jit sets OMP_WAIT_POLICY=PASSIVE for numba's OpenMP workers when it is imported,
     # and torch's own OpenMP runtime reads that variable when it loads; transformers runs as it would alone
     import torch  # noqa: F401
-    import smollm2
+    from fixtures import smollm2
 
     smollm2.build(MODEL)
     from swtool.tokenizer import encode

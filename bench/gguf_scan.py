@@ -1,7 +1,7 @@
 """GGUF scan benchmark: `swtool scan` of GGUF files with the fused block kernels against the old path.
 
-    python bench/gguf_scan.py [--runs 3] [--types q8_0,q4_k] [--threads N] [--omp-passive] [--no-crossover]
-    python bench/gguf_scan.py --only-crossover
+    python -m bench.gguf_scan [--runs 3] [--types q8_0,q4_k] [--threads N] [--omp-passive] [--no-crossover]
+    python -m bench.gguf_scan --only-crossover
 
 New path (swtool/kernels/gguf_blocks.py): the few rows of a scan multiply straight from the
 stored blocks; long inputs decode with swtool.quant's Numba dequantizers, then BLAS.
@@ -41,8 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "fixtures"))
+THIS = [sys.executable, "-m", "bench.gguf_scan"]  # this script again, in a child (run from the repository root)
 SWTOOL = Path(sys.executable).parent / "swtool"
 RESULTS = ROOT / "bench" / "results"
 BUILD = ROOT / "bench" / "build" / "gguf"
@@ -85,7 +84,7 @@ def remember_new_decode():
 
 
 def child(path, args):
-    """`python bench/gguf_scan.py --child old|new ARGS...`: the swtool CLI on ARGS with that path."""
+    """`python -m bench.gguf_scan --child old|new ARGS...`: the swtool CLI on ARGS with that path."""
     remember_new_decode()
     use_path(path)
     from swtool.cli import main
@@ -125,7 +124,7 @@ def scan_process(path, gguf, runs):
     best = None
     for _ in range(runs):
         cpu_before, _ = children_usage()
-        wall, stdout = run_process([sys.executable, __file__, "--child", path, "--",
+        wall, stdout = run_process([*THIS, "--child", path, "--",
                                     "scan", gguf, "--json", "--no-progress"])
         cpu_after, _ = children_usage()
         if best is None or wall < best[0]:
@@ -139,7 +138,7 @@ def peak_rss(path, gguf):
     """Peak RSS of one scan, as /usr/bin/time -v reports it (mapped file pages included)."""
     import re
 
-    result = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", path, "--",
+    result = subprocess.run(["/usr/bin/time", "-v", *THIS, "--child", path, "--",
                              "scan", str(gguf), "--json", "--no-progress"], capture_output=True, text=True,
                             env=environment(), check=True)
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) * 1024
@@ -225,13 +224,13 @@ def crossover_one_thread(types):
     env = environment() | {"OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as scratch:
         target = Path(scratch) / "crossover.json"
-        subprocess.run([sys.executable, __file__, "--crossover-child", str(target), ",".join(types)],
+        subprocess.run([*THIS, "--crossover-child", str(target), ",".join(types)],
                        env=env, check=True)
         return json.loads(target.read_text())
 
 
 def machine():
-    from run import machine as describe
+    from bench.run import machine as describe
 
     return describe()
 
@@ -252,12 +251,12 @@ def main():
         wanted["OMP_WAIT_POLICY"] = "PASSIVE"
     if any(os.environ.get(name) != value for name, value in wanted.items()):
         # read when Numba, OpenMP and OpenBLAS load: start again with them set (the children inherit them)
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], os.environ | wanted)
+        os.execve(sys.executable, [*THIS, *sys.argv[1:]], os.environ | wanted)
     remember_new_decode()
     if args.only_crossover:
         return save(None, measured_crossover())
 
-    results = {"machine": machine(), "command": " ".join(["python bench/gguf_scan.py"] + sys.argv[1:]),
+    results = {"machine": machine(), "command": " ".join(["python -m bench.gguf_scan"] + sys.argv[1:]),
                "threads": args.threads or "default", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "files": []}
     files = [("Q4_1 (original)", Q4_1_FILE)] + [(kind.upper() + " (export)", exported(kind))
@@ -266,7 +265,7 @@ def main():
         entry = {"file": label, "path": str(gguf.relative_to(ROOT)), "bytes": gguf.stat().st_size,
                  "tensor_types": tensor_types(gguf)}
         for path in ("old", "new"):
-            run_process([sys.executable, __file__, "--child", path, "--", "scan", gguf, "--json", "--no-progress"])
+            run_process([*THIS, "--child", path, "--", "scan", gguf, "--json", "--no-progress"])
             entry[path] = scan_process(path, gguf, args.runs)
             wall, cpu = scan_in_process(gguf, path, args.runs)
             entry[path].update(in_process_s=wall, in_process_cpu_s=cpu)
@@ -290,7 +289,7 @@ def main():
 
 def measured_crossover():
     print("crossover, one thread, 2048 x 8192 (CPU ms):", flush=True)
-    return {"machine": machine(), "command": " ".join(["python bench/gguf_scan.py"] + sys.argv[1:]),
+    return {"machine": machine(), "command": " ".join(["python -m bench.gguf_scan"] + sys.argv[1:]),
             "table": crossover_one_thread(["Q8_0", "Q4_1", "Q4_K", "Q6_K"])}
 
 

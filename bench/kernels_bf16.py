@@ -1,6 +1,6 @@
 """The bf16 product of a scan, kernel against kernel: swtool/kernels/bf16_pairs.py against dense.py's loop.
 
-    python bench/kernels_bf16.py [--tensors 16] [--repeats 3] [--prefetch 0,1024]
+    python -m bench.kernels_bf16 [--tensors 16] [--repeats 3] [--prefetch 0,1024]
 
 The matrices are Llama-7B MLP shaped (11008 x 4096 bf16, random), --tensors of them,
 so every pass streams them from memory as a scan does (1.4 GB for 16, more than the
@@ -19,12 +19,11 @@ from pathlib import Path
 import numba
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.run import machine
+from swtool.kernels import bf16_pairs, common, dense
+from swtool.atomic import write_text_atomic
 
-from run import machine  # noqa: E402  (bench/run.py)
-from swtool.kernels import bf16_pairs, common, dense  # noqa: E402
-from swtool.atomic import write_text_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = (11008, 4096)
 ROWS = 20

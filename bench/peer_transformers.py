@@ -1,6 +1,6 @@
 """The peer: finding a super weight as the paper's authors did, with transformers and torch.
 
-    python bench/peer_transformers.py MODEL_DIR --ids 1,2,3 [--dtype bfloat16]
+    python -m bench.peer_transformers MODEL_DIR --ids 1,2,3 [--dtype bfloat16]
 
 Loads the whole model with transformers (CPU, the checkpoint's bf16 kept), hooks
 every layer's mlp.down_proj, runs the prompt once and locates the super weight

@@ -1,6 +1,6 @@
 """Quantizer throughput: swtool's Numba kernels vs gguf-py's NumPy and ggml's C, side by side.
 
-    python bench/quant.py [--shape 4096x4096] [--types q8_0,q4_k,...] [--repeats 3]
+    python -m bench.quant [--shape 4096x4096] [--types q8_0,q4_k,...] [--repeats 3]
 
 One float32 matrix (N(0, 0.02) with a super-weight-sized outlier every 64 rows),
 quantized to every type by:
@@ -24,13 +24,12 @@ import numba
 import numpy as np
 import gguf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from bench.run import machine
+from fixtures.ggml_oracle import Ggml
+from swtool.atomic import write_text_atomic
+from swtool.quant import TYPES, quant_type, quantize
 
-from ggml_oracle import Ggml  # noqa: E402
-from run import machine  # noqa: E402  (bench/run.py)
-from swtool.atomic import write_text_atomic  # noqa: E402
-from swtool.quant import TYPES, quant_type, quantize  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, repeats):

@@ -1,6 +1,6 @@
 """`make bench`: swtool against the bytes it reads and against its peers, side by side in one run.
 
-    python bench/run.py [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant,kernels,gguf]
+    python -m bench.run [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant,kernels,gguf]
 
 The machine is shared and its load moves, so every comparison is made between
 numbers measured next to each other in this run, and both numbers are kept:
@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "fixtures"))
 BIN = Path(sys.executable).parent
 SWTOOL = BIN / "swtool"
 RESULTS = ROOT / "bench" / "results"
@@ -135,12 +133,12 @@ def timed(command, env):
 def checkpoint_for(shape):
     """(directory, planted super weight or None) of a benchmark checkpoint, built if missing."""
     if shape == "smollm2":
-        import smollm2
+        from fixtures import smollm2
 
         directory = ROOT / "fixtures" / "build" / "smollm2"
         smollm2.build(directory)
         return directory, None
-    import synth
+    from bench import synth
 
     directory = ROOT / "bench" / "build" / shape
     return directory, synth.generate(directory, shape, int(2e9), 0)
@@ -185,7 +183,7 @@ def bench_scan(shape, runs, cache_dir, peer):
               f"{row['bytes'] / 1e9:.1f} GB model", file=sys.stderr)
         row["transformers"] = {"skipped": f"{memory_available() / 1e9:.1f} GB available"}
     elif peer:
-        wall, rss, out, cpu = timed([sys.executable, ROOT / "bench" / "peer_transformers.py", directory,
+        wall, rss, out, cpu = timed([sys.executable, "-m", "bench.peer_transformers", directory,
                                      "--ids", ",".join(map(str, prompt_ids(directory)))], environment())
         result = json.loads(out.strip().splitlines()[-1])
         row["transformers"] = {"wall_s": wall, "peak_rss_bytes": rss, "cpu_s": cpu, **result}
@@ -221,8 +219,9 @@ def bench_first_run(shape, runs, cache_dir):
 
 
 def run_script(name, *args):
-    """Run bench/<name>.py, then read the results it wrote to bench/results/<name>.json (None if it failed)."""
-    done = subprocess.run([sys.executable, ROOT / "bench" / f"{name}.py", *args], env=environment())
+    """Run bench/<name>.py (python -m bench.<name>), then read the results it wrote to bench/results/<name>.json
+    (None if it failed)."""
+    done = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], env=environment())
     if done.returncode != 0:
         print(f"bench: bench/{name}.py failed (exit {done.returncode}); its rows are left out", file=sys.stderr)
         return None

@@ -5,7 +5,7 @@ stored as Hugging Face stores them (bf16, sharded, index, config, tokenizer),
 without downloading gigabytes. The weights are random, except for a planted
 mechanism that makes one weight a super weight, so a scan has a known answer.
 
-    python bench/synth.py bench/build/llama-1b --shape llama-1b [--shard-gb 2.0] [--seed 0]
+    python -m bench.synth bench/build/llama-1b --shape llama-1b [--shard-gb 2.0] [--seed 0]
 
 The planted mechanism, in layer L, with residual channel c, intermediate channel m
 and output row j drawn from the seed (see `plant_for`):

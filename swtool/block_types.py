@@ -3,7 +3,7 @@
 swtool.quant (quantize, dequantize, the export policy, super-weight isolation) and
 swtool.kernels (the fused products) derive everything they know about a type from
 TYPES below. The sizes are ggml's (gguf.GGML_QUANT_SIZES; tests/test_gguf_kernels.py and
-test_quant.py check that they agree, tests/ggml_oracle.py that gguf-py's agree with libggml's).
+test_quant.py check that they agree, fixtures/ggml_oracle.py that gguf-py's agree with libggml's).
 
 A leaf, importing nothing: a bf16 scan reads BLOCK_TYPES to know which dtypes the
 fused kernels multiply from their blocks, and must not pay for importing gguf or

@@ -1,21 +1,30 @@
 import builtins
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "fixtures"))
 
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
+
+
+def pytest_report_header(config):
+    """Which bf16 kernels this run tests: bf16_pairs needs AVX-512 (tests/test_kernels.py)."""
+    from swtool import kernels
+
+    if kernels.pairs_available():
+        return "bf16 kernels: bf16_pairs (AVX-512) and dense.py's loop"
+    if os.environ.get("SWTOOL_ALLOW_NO_AVX512") == "1":
+        return "bf16 kernels: dense.py's loop only; no AVX-512 for numba here, bf16_pairs untested (SWTOOL_ALLOW_NO_AVX512=1)"
+    return "bf16 kernels: no AVX-512 for numba here: the bf16_pairs cases fail unless SWTOOL_ALLOW_NO_AVX512=1"
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct as a bf16 HF directory (built by `make fixtures` if missing)."""
     if not (SMOLLM2_DIR / "config.json").is_file():
-        import smollm2 as builder
+        from fixtures import smollm2 as builder
 
         builder.build(SMOLLM2_DIR)
     return SMOLLM2_DIR
@@ -24,7 +33,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """Build (once per argument set) a tiny transformers model; returns (directory, torch model)."""
-    from tiny import build_tiny
+    from fixtures.tiny import build_tiny
 
     built = {}
 
@@ -42,7 +51,7 @@ def tiny_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def good(tmp_path_factory):
     """A tiny Llama as safetensors, in shards, as GGUF, and its scan catalog (fixtures/bad_files.py)."""
-    import bad_files
+    from fixtures import bad_files
 
     return bad_files.build_good(tmp_path_factory.mktemp("good"))
 

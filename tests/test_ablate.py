@@ -5,7 +5,6 @@ import hashlib
 import json
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from tiny import Plant
-from cli_run import one_line_error, swtool
+from fixtures.tiny import Plant
+from fixtures.cli_run import one_line_error, swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -35,11 +34,12 @@ def header_offset(shard, tensor, index):
     return 8 + n + entry["data_offsets"][0] + flat * DTYPE_BYTES[entry["dtype"]], DTYPE_BYTES[entry["dtype"]]
 
 
-def cmp_bytes(a, b):
-    """0-based positions where two equal-length files differ, from `cmp -l` (1-based byte numbers)."""
-    result = subprocess.run(["cmp", "-l", str(a), str(b)], capture_output=True, text=True)
-    assert result.returncode in (0, 1), result.stderr
-    return {int(line.split()[0]) - 1 for line in result.stdout.splitlines()}
+def cmp_bytes(a, b, chunk=1 << 26):
+    """0-based positions where two equal-length files differ, compared a chunk at a time from their maps."""
+    first, second = (np.memmap(path, np.uint8, mode="r") for path in (a, b))
+    assert first.size == second.size, (a, b)
+    return {start + int(i) for start in range(0, first.size, chunk)
+            for i in np.flatnonzero(first[start:start + chunk] != second[start:start + chunk])}
 
 
 def scan_catalog(model_dir, out):

@@ -20,8 +20,7 @@ from swtool.errors import SwtoolError
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
-from test_forward import reference_logits
-from tiny import Plant, random_tokens
+from fixtures.tiny import Plant, random_tokens, reference_logits
 
 
 def tolerance(expected):

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hf_to_gguf import vocabulary_fields, write_gguf
+from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 from swtool import gguf_keys, known
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.errors import SwtoolError
-from cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
@@ -78,7 +78,7 @@ def damaged(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def original_gguf(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     return builder.fetch_gguf()
 
@@ -450,7 +450,7 @@ def test_a_self_scan_of_an_unknown_broken_model_is_flagged_broken(ablated, tmp_p
 
 
 def test_a_self_scan_gives_no_verdict(tiny_factory):
-    from tiny import Plant
+    from fixtures.tiny import Plant
 
     model, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     report = audit_json(model, code=3)
@@ -464,7 +464,7 @@ def test_a_self_scan_gives_no_verdict(tiny_factory):
 
 
 def test_a_catalog_of_this_model_beside_it_is_the_reference(tiny_factory, tmp_path):
-    from tiny import Plant
+    from fixtures.tiny import Plant
 
     model, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     copy = linked_copy(model, tmp_path / "model")
@@ -480,7 +480,7 @@ def test_a_catalog_of_this_model_beside_it_is_the_reference(tiny_factory, tmp_pa
 
 
 def test_a_catalog_of_another_model_is_bad_input(smollm2, tiny_factory, tmp_path):
-    from tiny import Plant
+    from fixtures.tiny import Plant
 
     tiny, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     foreign = tmp_path / "tiny.json"

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from cli_run import digests, one_line_error, swtool
+from fixtures.cli_run import digests, one_line_error, swtool
 
 
 def edited(good, tmp_path, edit):
@@ -73,7 +73,7 @@ def test_a_hostile_journal_writes_nothing(good, tmp_path, case):
 def test_audit_reads_the_element_ablate_patches(tiny_factory, tmp_path, family, plant):
     """A stacked expert ([expert, row, col]) and a Conv1D weight stored [in, out] ([col, row]): audit
     reads each catalog entry where ablate writes it, so the ablated copy audits as zeroed."""
-    from tiny import Plant
+    from fixtures.tiny import Plant
 
     model, _ = tiny_factory(family, "bfloat16", plants=(Plant(**plant),))
     if family == "mixtral":  # re-saved by transformers in its stacked layout: [experts, out, in]

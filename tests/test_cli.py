@@ -9,7 +9,7 @@ import pytest
 
 from swtool.catalog import read_catalog, validate
 from swtool.errors import SwtoolError
-from tiny import Plant
+from fixtures.tiny import Plant
 
 PLANT = (Plant(1, 41, 101),)
 

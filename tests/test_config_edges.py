@@ -4,7 +4,7 @@ never a ZeroDivisionError traceback."""
 import json
 import shutil
 
-from cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool
 
 
 def with_config(source, destination, edit):

@@ -6,7 +6,7 @@ import pytest
 from swtool.detect import Settings, contributing_columns, find_spikes, scan, Spike
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
-from tiny import Plant
+from fixtures.tiny import Plant
 
 
 def run_scan(directory, **settings):

@@ -12,7 +12,7 @@ import pytest
 from swtool.detect import Settings, scan
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
-from tiny import Plant
+from fixtures.tiny import Plant
 
 # One row fed by two columns: the planted outlier weight (60 % of the spike) and an
 # ordinary weight, 0.1 (below 6 x the tensor's RMS, so never a candidate), reading a

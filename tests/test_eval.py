@@ -14,8 +14,8 @@ from swtool.experiments import stop_word_ids
 from swtool.forward import Edit, World, forward, head_logits, run_layers
 from swtool.model import load_model
 from swtool.tokenizer import encode, load_tokenizer
-from tiny import Plant, random_tokens
-from cli_run import one_line_error, swtool, swtool_without
+from fixtures.tiny import Plant, random_tokens
+from fixtures.cli_run import one_line_error, swtool, swtool_without
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"

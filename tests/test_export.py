@@ -13,15 +13,16 @@ Oracles:
 import ctypes
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-import llama_oracle
+from fixtures import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
-from cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
@@ -87,7 +88,7 @@ def exports(smollm2, catalog, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def original(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     return builder.fetch_gguf()
 
@@ -353,7 +354,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
     ("qwen2", {}),
 ], ids=["llama", "llama3-rope", "linear-rope", "mistral", "qwen2"])
 def test_tiny_families_give_transformers_logits_in_llama_cpp(tiny_factory, smollm2, tmp_path, family, overrides):
-    from tiny import build_tiny, random_tokens, torch_logits
+    from fixtures.tiny import build_tiny, random_tokens, torch_logits
 
     directory = tmp_path / "model"
     model = build_tiny(directory, family, "float32", vocab_size=49152, **overrides)
@@ -381,9 +382,9 @@ def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     from swtool.checkpoint.gguf_vocab import build_tokenizer, tokenizer_config
-    from tiny import build_tiny
+    from fixtures.tiny import build_tiny
 
-    corpus = open("/usr/share/common-licenses/GPL-3").read().splitlines()
+    corpus = (Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt").read_text().splitlines()
     trainer_model = Tokenizer(models.BPE())
     trainer_model.normalizer = normalizers.Replace(" ", "▁")
     trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")

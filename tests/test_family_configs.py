@@ -16,8 +16,7 @@ import pytest
 from swtool.errors import SwtoolError
 from swtool.forward import forward
 from swtool.model import load_model
-from test_forward import reference_logits
-from tiny import random_tokens
+from fixtures.tiny import random_tokens, reference_logits
 
 TOKENS = random_tokens(19, seed=3)  # past the tiny sliding windows (5)
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool
 
 TIMEOUT = 60  # seconds; the commands take about one
 

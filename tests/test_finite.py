@@ -73,7 +73,7 @@ def test_gguf_counts_match_gguf_py(qtype, tmp_path):
 
 
 def test_scan_of_a_model_with_nan_completes_flags_and_writes_standard_json(good, tmp_path):
-    import bad_files
+    from fixtures import bad_files
     from click.testing import CliRunner
 
     from swtool.catalog import read_catalog

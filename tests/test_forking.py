@@ -5,7 +5,7 @@ import numpy as np
 from swtool.forking import ForkingPass, prefix
 from swtool.forward import Edit, ScaleElements, forward
 from swtool.model import load_model
-from tiny import random_tokens
+from fixtures.tiny import random_tokens
 
 A = (1, Edit("model.layers.1.mlp.down_proj.weight", 5, 7))  # (layer, edit): zero W[5, 7] of layer 1
 B = (3, Edit("model.layers.3.mlp.down_proj.weight", 9, 11))

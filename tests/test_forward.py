@@ -10,13 +10,7 @@ import transformers
 
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
-from tiny import random_tokens
-
-def reference_logits(directory, tokens):
-    """transformers' own loading of the saved checkpoint, computed in float32."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([list(tokens)])).logits[0].numpy()
+from fixtures.tiny import random_tokens, reference_logits
 
 
 def test_sharded_checkpoint_matches_single_file(tiny_factory):

@@ -24,13 +24,15 @@ import resource
 import shutil
 import signal
 import struct
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import bad_files
+from fixtures import bad_files
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.checkpoint.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile
 from swtool.errors import SwtoolError
@@ -53,6 +55,14 @@ class Hang(Exception):
     pass
 
 
+def address_space_in_use():
+    """Bytes of address space this process has mapped, from Linux's /proc/self/statm; None elsewhere,
+    where no portable call tells it (there the alarm alone bounds an example)."""
+    if sys.platform != "linux":
+        return None
+    return int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+
+
 @contextlib.contextmanager
 def bounded(seconds=SECONDS_PER_EXAMPLE, extra_memory=EXTRA_MEMORY):
     """Run one example under an alarm and a cap on new address space: a hang raises Hang, an
@@ -62,17 +72,34 @@ def bounded(seconds=SECONDS_PER_EXAMPLE, extra_memory=EXTRA_MEMORY):
         raise Hang(f"an example ran for more than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)  # pytest-timeout's, if armed
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-    cap = in_use + extra_memory if hard == resource.RLIM_INFINITY else min(hard, in_use + extra_memory)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    in_use = address_space_in_use()
+    if in_use is not None:
+        cap = in_use + extra_memory if hard == resource.RLIM_INFINITY else min(hard, in_use + extra_memory)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay:  # the test's own timeout goes on counting from where it was
+            signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - started), 1e-3), outer_interval)
+
+
+def test_an_examples_alarm_leaves_the_tests_own_timeout_counting():
+    """pytest-timeout's alarm (ITIMER_REAL too) is armed again after each example, less the time it took."""
+    outer = signal.getitimer(signal.ITIMER_REAL)
+    signal.setitimer(signal.ITIMER_REAL, 500)
+    try:
+        with bounded(seconds=5):
+            assert signal.getitimer(signal.ITIMER_REAL)[0] <= 5
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *outer)  # the test's own timeout, as it was
+    assert 490 < remaining <= 500
 
 
 # --- values a mutation puts in place -------------------------------------------------------------
@@ -401,7 +428,7 @@ def _smollm2_bytes(header, size, path, data):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     path = builder.fetch_gguf()
     parsed = read_gguf(path)

@@ -14,7 +14,7 @@ import signal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cli_run import digests, swtool
+from fixtures.cli_run import digests, swtool
 from swtool.errors import SwtoolError
 
 SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))

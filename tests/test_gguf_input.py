@@ -7,20 +7,21 @@ writer and quantizer, llama.cpp's naming and Q/K permutation, no swtool code).
 
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from hf_to_gguf import permute, read_hf_tensors, vocabulary_fields, write_gguf
+from fixtures.hf_to_gguf import permute, read_hf_tensors, vocabulary_fields, write_gguf
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.checkpoint.gguf_model import open_gguf
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
-from tiny import random_tokens, torch_logits
-from cli_run import one_line_error, swtool
+from fixtures.tiny import random_tokens, torch_logits
+from fixtures.cli_run import one_line_error, swtool
 
 pytestmark = pytest.mark.real
 
@@ -41,7 +42,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def original(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     return builder.fetch_gguf()
 
@@ -265,7 +266,7 @@ def test_sentencepiece_vocabulary_tokenizes_as_llama_cpp(tmp_path):
     """A "llama" (SentencePiece) vocabulary: scores, byte fallback, BOS and the leading space."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    corpus = open("/usr/share/common-licenses/GPL-3").read().splitlines()
+    corpus = (Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt").read_text().splitlines()
     trainer_model = Tokenizer(models.BPE())
     trainer_model.normalizer = normalizers.Replace(" ", "▁")
     trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")

@@ -215,7 +215,7 @@ def old_path(monkeypatch):
 
 @pytest.fixture(scope="module")
 def q4_1_gguf(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     return builder.fetch_gguf()
 

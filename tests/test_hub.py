@@ -18,7 +18,7 @@ import pytest
 
 from swtool.checkpoint import hub
 from swtool.errors import SwtoolError
-from tiny import Plant
+from fixtures.tiny import Plant
 
 PLANT = (Plant(1, 41, 101),)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -126,7 +126,7 @@ def test_a_local_path_wins_over_an_id(cache, planted, tmp_path, monkeypatch):
 
 
 def test_a_gguf_repository_with_one_file(planted, tmp_path):
-    from hf_to_gguf import write_gguf
+    from fixtures.hf_to_gguf import write_gguf
 
     gguf_file = write_gguf(planted, tmp_path / "tiny.Q8_0.gguf", "q8_0")
     readme = tmp_path / "README.md"

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool
 
 LONG_INT = "1" * 4301
 

@@ -1,5 +1,7 @@
 """The fused kernels multiply straight from stored bits and agree with decode + BLAS."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -64,7 +66,6 @@ def test_every_bf16_exponent_decodes_exactly():
 def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expected):
     """swtool.kernels.jit sets OMP_WAIT_POLICY=PASSIVE before numba starts its OpenMP workers (they sleep
     between parallel regions instead of spinning); a policy set by the user is kept."""
-    import os
     import subprocess
     import sys
 
@@ -79,19 +80,64 @@ def test_openmp_workers_sleep_between_kernels_unless_the_user_chose(chosen, expe
     assert result.stdout.split() == ["omp", expected]
 
 
-# --- bf16_pairs: the AVX-512 kernel that reads bf16 weights as 32-bit pairs ------------------
+# --- bf16 products: bf16_pairs (AVX-512 CPUs) and dense.py's loop (every other CPU) ---------
+# Both kernels run the same tests. Without AVX-512 the bf16_pairs cases fail, so a runner without it cannot
+# pass having tested nothing of the kernel AVX-512 CPUs use, unless SWTOOL_ALLOW_NO_AVX512=1 accepts that:
+# then they are skipped with that reason, and the run's header says which kernels ran (tests/conftest.py).
 
-pairs_kernel = pytest.mark.skipif(not kernels.pairs_available(), reason="needs a CPU with AVX-512")
+ALLOW_NO_AVX512 = "SWTOOL_ALLOW_NO_AVX512"
 
 
-@pairs_kernel
-@pytest.mark.parametrize("n_columns", [1, 2, 31, 32, 33, 64, 95, 257, 4113])
-@pytest.mark.parametrize("n_rows", [1, 4, 5, 7, 10, 20])
-def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
-    """Whole vectors of 32 columns and the columns past the last one (odd widths too), with the
-    matrix starting 2 bytes past a 4-byte boundary (safetensors only aligns bf16 data to 2)."""
+def require_pairs_kernel():
+    """Return if bf16_pairs runs here; else skip (SWTOOL_ALLOW_NO_AVX512=1) or fail, saying why."""
+    if kernels.pairs_available():
+        return
+    if os.environ.get(ALLOW_NO_AVX512) == "1":
+        pytest.skip(f"no AVX-512 for numba here: bf16_pairs untested ({ALLOW_NO_AVX512}=1), dense.py's loop tested")
+    pytest.fail(f"no AVX-512 for numba here (CPU or NUMBA_CPU_NAME): bf16_pairs, the bf16 kernel of AVX-512 CPUs, "
+                f"cannot be tested; set {ALLOW_NO_AVX512}=1 to accept testing only dense.py's loop")
+
+
+@pytest.fixture(params=["bf16_pairs", "dense"])
+def bf16_product(request, monkeypatch):
+    """x @ W.T from bf16 bits through kernels.matmul_stored, on the kernel of the case: bf16_pairs, or
+    dense.py's loop, chosen as a CPU without AVX-512 chooses it (pairs_available() False).
+    Each call checks that the kernel of the case is the one that ran."""
     from swtool.kernels import bf16_pairs
 
+    if request.param == "bf16_pairs":
+        require_pairs_kernel()
+    else:
+        monkeypatch.setattr(kernels, "pairs_available", lambda: False)
+    pairs_calls = []
+    real_pairs = bf16_pairs.matmul
+    monkeypatch.setattr(bf16_pairs, "matmul", lambda x, stored: pairs_calls.append(x.shape) or real_pairs(x, stored))
+
+    def product(x, stored):
+        pairs_calls.clear()
+        out = kernels.matmul_stored(x, stored, "BF16")
+        assert bool(pairs_calls) == (request.param == "bf16_pairs"), f"matmul_stored did not run {request.param}"
+        return out
+
+    product.kernel = request.param
+    return product
+
+
+@pytest.mark.parametrize("allowed, outcome", [(None, pytest.fail.Exception), ("1", pytest.skip.Exception)])
+def test_without_avx512_the_pairs_cases_fail_unless_allowed(monkeypatch, allowed, outcome):
+    monkeypatch.setattr(kernels, "pairs_available", lambda: False)
+    monkeypatch.delenv(ALLOW_NO_AVX512, raising=False)
+    if allowed:
+        monkeypatch.setenv(ALLOW_NO_AVX512, allowed)
+    with pytest.raises(outcome, match="bf16_pairs"):
+        require_pairs_kernel()
+
+
+@pytest.mark.parametrize("n_columns", [1, 2, 31, 32, 33, 64, 95, 257, 4113])
+@pytest.mark.parametrize("n_rows", [1, 4, 5, 7, 10, 20])
+def test_bf16_kernel_matches_float64_at_every_width(bf16_product, n_columns, n_rows):
+    """Whole vectors of 32 columns and the columns past the last one (odd widths too), with the
+    matrix starting 2 bytes past a 4-byte boundary (safetensors only aligns bf16 data to 2)."""
     rng = np.random.default_rng(n_columns)
     weight = rng.standard_normal((37, n_columns)).astype(np.float32) * 0.05
     weight[5, n_columns // 2] = 40.0
@@ -102,20 +148,18 @@ def test_pairs_kernel_matches_float64_at_every_width(n_columns, n_rows):
     x = rng.standard_normal((n_rows, n_columns)).astype(np.float32)
     x[:, n_columns // 2] = 900.0
     expected = x.astype(np.float64) @ decode_float32(bits, "BF16").astype(np.float64).T
-    got = bf16_pairs.matmul(x, stored)
+    got = bf16_product(x, stored)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    portable = np.empty((common.padded_rows(x).shape[0], 37), np.float32)
-    dense.matmul_rows(common.padded_rows(x), stored, portable)  # dense.py's loop, for comparison
-    np.testing.assert_allclose(got, portable[:n_rows], rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    if bf16_product.kernel == "bf16_pairs":  # and bf16_pairs agrees with the loop it replaces
+        portable = np.empty((common.padded_rows(x).shape[0], 37), np.float32)
+        dense.matmul_rows(common.padded_rows(x), stored, portable)
+        np.testing.assert_allclose(got, portable[:n_rows], rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-@pairs_kernel
 @pytest.mark.parametrize("column", [0, 1, 30, 31])
-def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(column):
+def test_bf16_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(bf16_product, column):
     """A pair's even weight (shifted up) and odd weight (its low half cleared) are
     both exact, in every lane: out[0, r] = W[r, column] for patterns across all exponents."""
-    from swtool.kernels import bf16_pairs
-
     patterns = np.arange(0, 65536, 97, dtype=np.uint32).astype(np.uint16)
     patterns = patterns[(patterns & 0x7F80) != 0x7F80]  # finite: 0 * inf would be NaN
     stored = np.zeros((patterns.size, 64), dtype=np.uint16)
@@ -123,14 +167,13 @@ def test_pairs_kernel_decodes_every_bf16_exponent_in_both_halves_of_a_pair(colum
     stored[:, column ^ 1] = 0x4000  # the other half of the pair: 2.0, times a zero input
     x = np.zeros((1, 64), np.float32)
     x[0, column] = 1.0
-    got = bf16_pairs.matmul(x, stored)[0]
+    got = bf16_product(x, stored)[0]
     np.testing.assert_array_equal(got, (patterns.astype(np.uint32) << 16).view(np.float32))
 
 
 def test_pairs_kernel_is_off_when_numba_targets_a_generic_cpu(tmp_path):
     """NUMBA_CPU_NAME=generic (a portable cache) gets dense.py's loop, not the AVX-512 kernel,
     with the same result."""
-    import os
     import subprocess
     import sys
 

@@ -28,8 +28,7 @@ from swtool.errors import CheckpointError, SwtoolError
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
-from test_forward import reference_logits
-from tiny import Plant, random_tokens
+from fixtures.tiny import Plant, random_tokens, reference_logits
 
 PLANT = Plant(2, 41, 101, expert=2)
 STACKED_DOWN = "model.layers.{layer}.mlp.experts.down_proj"

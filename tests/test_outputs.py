@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from cli_run import digests, one_line_error, swtool
+from fixtures.cli_run import digests, one_line_error, swtool
 
 
 @pytest.fixture()

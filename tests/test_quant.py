@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from ggml_oracle import Ggml, GgmlUnavailable
+from fixtures.ggml_oracle import Ggml, GgmlUnavailable
 from swtool.checkpoint import open_checkpoint
 from swtool.errors import SwtoolError
 from swtool.quant import TYPES, block_size, dequantize, quantize, row_bytes

@@ -16,8 +16,8 @@ from swtool.quantsim import (TENSOR, Clip, QuantizeWeights, WeightSetting, parse
                              quantize_blockwise, quantized_matrices, run_activations, run_weights,
                              super_weight_positions, whole_reader)
 from swtool.tokenizer import encode
-from tiny import Plant, random_tokens
-from cli_run import one_line_error, swtool
+from fixtures.tiny import Plant, random_tokens
+from fixtures.cli_run import one_line_error, swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"

@@ -7,9 +7,7 @@
 - --force, --debug, and the sha256 of every source file after every command.
 """
 
-import hashlib
 import json
-import resource
 import shutil
 import signal
 import subprocess
@@ -17,48 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-import bad_files
-from swtool.cli import main
+from fixtures import bad_files
+from fixtures.cli_run import file_size_limit, first_line, hashes, invoke, one_error_line, swtool
 
 
 @pytest.fixture(scope="session")
 def corpus(good, tmp_path_factory):
     return bad_files.build_corpus(tmp_path_factory.mktemp("bad"), good)
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def hashes(*roots):
-    """{path: sha256} of every file under the given files or directories."""
-    found = {}
-    for root in map(Path, roots):
-        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
-            found[path] = sha256(path)
-    return found
-
-
-def invoke(argv):
-    """(exit code, stdout, stderr) of the CLI run in this process."""
-    result = CliRunner().invoke(main, [str(a) for a in argv])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def swtool(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True, **kwargs)
-
-
-def one_error_line(code, stdout, stderr):
-    """The one `error: FILE: ...` line of a failed run; nothing else on stdout or stderr."""
-    assert code == 2, (code, stderr)
-    assert stdout == ""
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ") and ": " in lines[0][len("error: "):], lines[0]
-    return lines[0]
 
 
 # --- the corpus of bad files ---------------------------------------------------------------------------------
@@ -132,7 +96,7 @@ main()
 def run_until_writing(args, cwd=None):
     process = subprocess.Popen([sys.executable, "-c", PAUSED, *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=cwd)
-    line = process.stdout.readline()
+    line = first_line(process)
     assert line.startswith("WRITING"), (line, process.stderr.read() if process.poll() is not None else "")
     return process, Path(line.split(" ", 1)[1].strip())
 
@@ -177,10 +141,6 @@ def test_killed_in_place_ablation_leaves_the_shard_and_restore_cleans_up(good, m
 
 
 # --- full disks and free space ----------------------------------------------------------------------------------
-
-def file_size_limit(nbytes):
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-
 
 def test_full_disk_while_copying_is_a_clean_error(good, model_copy, tmp_path):
     """RLIMIT_FSIZE below the shard's size: write() fails with EFBIG half-way through the copy."""

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_safety import file_size_limit, hashes, one_error_line, swtool
+from fixtures.cli_run import file_size_limit, first_line, hashes, invoke, one_error_line, swtool
 
 
 # --- swtool export ------------------------------------------------------------------------------------------------
@@ -45,7 +45,8 @@ def test_killed_export_leaves_no_partial_gguf(signum, code, smollm2, tmp_path):
     process = subprocess.Popen([sys.executable, "-c", EXPORT_PAUSED, "export", str(smollm2), "--type", "q8_0",
                                 "-o", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    assert process.stdout.readline().startswith("WRITING"), process.stderr.read()
+    line = first_line(process)
+    assert line.startswith("WRITING"), (line, process.stderr.read() if process.poll() is not None else "")
     (partial,) = tmp_path.glob(".smollm2-q8_0.gguf.*.tmp")
     assert partial.stat().st_size > 10_000_000  # the header and the first layers are written
     process.send_signal(signum)
@@ -90,8 +91,6 @@ def test_export_refuses_when_the_disk_cannot_hold_it(smollm2, tmp_path, monkeypa
 
 @pytest.mark.real
 def test_export_and_quantize_only_read_their_sources(smollm2, tmp_path, write_opens):
-    from test_safety import invoke
-
     before = hashes(smollm2)
     f16 = tmp_path / "smollm2-f16.gguf"
     code, _, stderr = invoke(["export", smollm2, "--type", "f16", "-o", f16, "--no-progress"])

@@ -2,7 +2,7 @@
 
 One small sweep (f16 and q2_k; none, keep:q8_0 and control:q8_0; one window of 512 tokens)
 runs through the real CLI with --out-dir, and each kept file is then scored again directly
-by llama-cpp-python (tests/llama_oracle.py, an implementation separate from
+by llama-cpp-python (fixtures/llama_oracle.py, an implementation separate from
 swtool/llama_score.py) on tokens from transformers' tokenizer. Sizes are checked against
 the files and llama.cpp's own count of bytes and parameters, stored types against gguf-py,
 the source's perplexity against a transformers forward pass.
@@ -18,11 +18,11 @@ import time
 import numpy as np
 import pytest
 
-import llama_oracle
+from fixtures import llama_oracle
 from swtool.coordinate import Coordinate
 from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
-from cli_run import one_line_error, swtool, swtool_without
+from fixtures.cli_run import one_line_error, swtool, swtool_without
 
 pytestmark = pytest.mark.real
 

@@ -11,7 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_run import one_line_error
+import pytest
+
+from fixtures.cli_run import one_line_error
+
+# peak memory is read from Linux's /proc/self/status (VmHWM) of the measured process: what these tests measure
+linux_peak_memory = pytest.mark.skipif(sys.platform != "linux", reason="reads peak memory from Linux's /proc/self/status")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +60,7 @@ def test_a_prefix_gives_the_whole_texts_first_tokens(smollm2, tmp_path):
         assert text_token_ids(smollm2, path, n) == whole[:n], n
 
 
+@linux_peak_memory
 def test_a_huge_text_is_read_only_as_far_as_max_tokens_needs(good, tmp_path):
     """A 1 GB sparse file (all NUL characters): eval with --max-tokens 64 reads a prefix; without
     --max-tokens it is refused by its length. Peak memory stays far below the file's size."""
@@ -90,7 +96,7 @@ def gguf_with_a_huge_array(good, tmp_path, size=256 << 20):
     relative to the aligned data section, stay valid); and the small file it was made from."""
     import gguf
 
-    from hf_to_gguf import vocabulary_fields, write_gguf
+    from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 
     small = write_gguf(good.model, tmp_path / "small.gguf", "f32", vocabulary=vocabulary_fields(good.gguf),
                        extra=[("test.big", bytes([7]) * 32, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)])
@@ -107,6 +113,7 @@ def gguf_with_a_huge_array(good, tmp_path, size=256 << 20):
     return big, small
 
 
+@linux_peak_memory
 def test_a_huge_numeric_metadata_array_costs_its_bytes_not_ten_times_them(good, tmp_path):
     """As Python ints a 256 MiB array took ~10 bytes of memory per byte of file."""
     import gguf
@@ -146,7 +153,7 @@ def test_inputs_built_to_blow_memory_up_fit_a_2_gib_address_space(good, tmp_path
 
 
 def test_a_gpt2_vocabulary_without_merges_is_refused_as_llama_cpp_does(good, tmp_path):
-    from hf_to_gguf import vocabulary_fields, write_gguf
+    from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 
     fields = [f for f in vocabulary_fields(good.gguf) if f[0] != "tokenizer.ggml.merges"]
     path = write_gguf(good.model, tmp_path / "no-merges.gguf", "f32", vocabulary=fields)
