@@ -27,7 +27,7 @@ $(SMOL)/config.json: fixtures/smollm2.py
 	$(BIN)/python -m fixtures.smollm2 $(SMOL)
 
 $(CONVERTER)/convert_hf_to_gguf.py: fixtures/llama_converter.py
-	$(BIN)/python fixtures/llama_converter.py $(CONVERTER)
+	$(BIN)/python -m fixtures.llama_converter $(CONVERTER)
 
 test: install fixtures
 	$(BIN)/pytest -q

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from swtool.cli import main
 from swtool.known import load as SHIPPED_KNOWN_TABLE
-from tiny import Plant
+from fixtures.tiny import Plant
 
 PLANT = Plant(1, 41, 101)
 DOWN = "model.layers.1.mlp.down_proj.weight"

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import transformers
 
-from hf_to_gguf import write_gguf
+from fixtures.hf_to_gguf import write_gguf
 from swtool.forward import forward
 from swtool.model import load_model
-from tiny import random_tokens, torch_logits
+from fixtures.tiny import random_tokens, torch_logits
 
 TOKENS = random_tokens(40, seed=7)  # well past the 16-position context of the linear-RoPE model
 

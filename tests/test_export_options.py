@@ -14,8 +14,8 @@ import json
 import gguf
 import pytest
 
-from cli_run import swtool
-from tiny import Plant
+from fixtures.cli_run import swtool
+from fixtures.tiny import Plant
 
 pytestmark = pytest.mark.llama_cpp
 
@@ -28,7 +28,7 @@ SHAPE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from tiny import build_tiny
+    from fixtures.tiny import build_tiny
 
     directory = tmp_path_factory.mktemp("planted")
     build_tiny(directory, "llama", "bfloat16", plants=[PLANT], **SHAPE)

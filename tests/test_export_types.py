@@ -16,11 +16,11 @@ import gguf
 import numpy as np
 import pytest
 
-import llama_oracle
+from fixtures import llama_oracle
 from swtool.forward import forward
 from swtool.gguf_export import ExportOptions, export, quantize_gguf
 from swtool.model import load_model
-from tiny import random_tokens
+from fixtures.tiny import random_tokens
 
 T = gguf.GGMLQuantizationType
 
@@ -65,7 +65,7 @@ def add_a_merge(directory):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """exported(shape, kind): swtool's export of SHAPES[shape] as `kind`, each model and file made once."""
-    from tiny import build_tiny
+    from fixtures.tiny import build_tiny
 
     models, files = {}, {}
     out = tmp_path_factory.mktemp("exports")
@@ -77,7 +77,8 @@ def exported(tmp_path_factory):
             build_tiny(models[shape], family, "float32", **overrides)
             add_a_merge(models[shape])
         if (shape, kind) not in files:
-            files[shape, kind] = export(models[shape], out / f"{shape}-{kind}.gguf", ExportOptions(kind, progress=False, scan=False)).path
+            options = ExportOptions(kind, progress=False, scan=False)
+            files[shape, kind] = export(models[shape], out / f"{shape}-{kind}.gguf", options).path
         return files[shape, kind]
 
     return make

@@ -14,12 +14,12 @@ A family joins by adding its fixtures/tiny.py name to READ (and EXPORT once expo
 import numpy as np
 import pytest
 
-from cli_run import swtool
-from converted import build_converted
-from gguf_compare import key_differences, read_contents, tensor_differences
+from fixtures.cli_run import swtool
+from fixtures.converted import build_converted
+from fixtures.gguf_compare import key_differences, read_contents, tensor_differences
 from swtool.forward import forward
 from swtool.model import load_model
-from tiny import Plant, random_tokens
+from fixtures.tiny import Plant, random_tokens
 
 pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]
 
@@ -108,7 +108,7 @@ def test_export_holds_what_the_converter_writes(converted, exported, family):
 
 @pytest.mark.parametrize("family", EXPORT)
 def test_llama_cpp_computes_transformers_logits_from_the_export(converted, exported, family):
-    import llama_oracle
+    from fixtures import llama_oracle
 
     model_dir, _ = converted(family)
     tokens = prompt(model_dir)

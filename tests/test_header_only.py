@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool
 
 ARCH = "bloom"
 

@@ -12,9 +12,9 @@ import gguf
 import numpy as np
 import pytest
 
-import llama_oracle
-from cli_run import one_line_error, swtool
-from ggml_oracle import Ggml
+from fixtures import llama_oracle
+from fixtures.cli_run import one_line_error, swtool
+from fixtures.ggml_oracle import Ggml
 from swtool.tokenizer import encode
 
 pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]
@@ -24,7 +24,7 @@ Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
 
 @pytest.fixture(scope="module")
 def original(smollm2):
-    import smollm2 as builder
+    from fixtures import smollm2 as builder
 
     return builder.fetch_gguf()
 
