@@ -20,7 +20,7 @@ from hf_to_gguf import vocabulary_fields, write_gguf
 from swtool import gguf_keys, known
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.errors import SwtoolError
-from cli_run import one_line_error, swtool
+from cli_run import one_line_error, swtool, swtool_in_process
 
 pytestmark = pytest.mark.real
 
@@ -125,7 +125,7 @@ def test_a_catalog_of_another_model_reports_missing_weights(smollm2, catalog, tm
     data["super_weights"][0].update(layer=31, tensor=down_proj(31), gguf_tensor="blk.31.ffn_down.weight")
     other.write_text(json.dumps(data))
     assert "super_weights/0 [31, 507, 90]: layer 31 of a model with 30 layers" in \
-        one_line_error(swtool("audit", smollm2, "--catalog", other))
+        one_line_error(swtool_in_process("audit", smollm2, "--catalog", other))
 
 
 def test_a_nan_super_weight_gives_strict_json(smollm2, catalog, tmp_path):
@@ -249,7 +249,7 @@ def test_inconsistent_swtool_metadata_is_bad_input(smollm2, tmp_path):
            (gguf_keys.ROW, [507], T.ARRAY, T.UINT32), (gguf_keys.COL, [90, 1229], T.ARRAY, T.UINT32),
            (gguf_keys.VALUE, [1.0, 2.0], T.ARRAY, T.FLOAT32), (gguf_keys.TENSOR, ["a", "b"], T.ARRAY, T.STRING)]
     path = write_gguf(smollm2, tmp_path / "bad.gguf", "q8_0", extra=bad)
-    assert "arrays differ in length" in one_line_error(swtool("audit", path))
+    assert "arrays differ in length" in one_line_error(swtool_in_process("audit", path))
 
 
 # --- inspect --------------------------------------------------------------------------
@@ -358,15 +358,15 @@ def test_models_are_matched_by_id_and_fingerprint():
 # --- bad input ------------------------------------------------------------------------
 
 def test_bad_input_is_one_line(smollm2, catalog, tmp_path, tiny_factory):
-    assert "no such file" in one_line_error(swtool("audit", tmp_path / "nothing", "--catalog", catalog))
+    assert "no such file" in one_line_error(swtool_in_process("audit", tmp_path / "nothing", "--catalog", catalog))
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")
-    assert "not valid JSON" in one_line_error(swtool("audit", smollm2, "--catalog", junk))
-    assert "not both" in one_line_error(swtool("audit", smollm2, "--catalog", catalog, "--known"))
-    assert "not a known model" in one_line_error(swtool("audit", smollm2, "--known-id", "acme/nothing"))
+    assert "not valid JSON" in one_line_error(swtool_in_process("audit", smollm2, "--catalog", junk))
+    assert "not both" in one_line_error(swtool_in_process("audit", smollm2, "--catalog", catalog, "--known"))
+    assert "not a known model" in one_line_error(swtool_in_process("audit", smollm2, "--known-id", "acme/nothing"))
     tiny, _ = tiny_factory("llama", "bfloat16")
-    assert "matches no model" in one_line_error(swtool("audit", tiny, "--known"))
-    assert "no such file" in one_line_error(swtool("inspect", tmp_path / "nothing"))
+    assert "matches no model" in one_line_error(swtool_in_process("audit", tiny, "--known"))
+    assert "no such file" in one_line_error(swtool_in_process("inspect", tmp_path / "nothing"))
 
 
 # --- GGUF exports written by swtool export ------------------------------------------------
@@ -485,7 +485,7 @@ def test_a_catalog_of_another_model_is_bad_input(smollm2, tiny_factory, tmp_path
     tiny, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     foreign = tmp_path / "tiny.json"
     assert swtool("scan", tiny, "-o", foreign, "--no-progress").returncode == 0
-    message = one_line_error(swtool("audit", smollm2, "--catalog", foreign))
+    message = one_line_error(swtool_in_process("audit", smollm2, "--catalog", foreign))
     assert "the catalog is for a model with 4 layers; this one has 30" in message and str(foreign) in message
     # inspect lists only the catalogs of the model, and says why the others are not
     beside = linked_copy(smollm2, tmp_path / "smollm2")

@@ -21,7 +21,7 @@ import pytest
 import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
-from cli_run import one_line_error, swtool
+from cli_run import one_line_error, swtool, swtool_in_process
 
 pytestmark = pytest.mark.real
 
@@ -410,17 +410,17 @@ def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
 
 def test_bad_input_gives_one_line_and_no_file(smollm2, catalog, original, tmp_path):
     out = tmp_path / "out.gguf"
-    assert "--type 'q4_x'" in one_line_error(swtool("export", smollm2, "-o", out, "--type", "q4_x"))
+    assert "--type 'q4_x'" in one_line_error(swtool_in_process("export", smollm2, "-o", out, "--type", "q4_x"))
     assert "bad regular expression" in one_line_error(
-        swtool("export", smollm2, "-o", out, "--type", "q4_0", "--tensor-type", "blk.(=q8_0"))
-    assert "use `swtool quantize`" in one_line_error(swtool("export", original, "-o", out, "--type", "q4_0"))
-    assert "stored as Q4_1" in one_line_error(swtool("quantize", original, "-o", out, "--type", "q4_0"))
+        swtool_in_process("export", smollm2, "-o", out, "--type", "q4_0", "--tensor-type", "blk.(=q8_0"))
+    assert "use `swtool quantize`" in one_line_error(swtool_in_process("export", original, "-o", out, "--type", "q4_0"))
+    assert "stored as Q4_1" in one_line_error(swtool_in_process("quantize", original, "-o", out, "--type", "q4_0"))
     wrong = json.loads(open(catalog).read())
     wrong["super_weights"][0]["value"] = 2.5
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
     assert "not for this model" in one_line_error(
-        swtool("export", smollm2, "-o", out, "--type", "q4_0", "--catalog", tmp_path / "wrong.json"))
-    assert "cannot write there" in one_line_error(swtool("export", smollm2, "-o", tmp_path / "no" / "x.gguf",
+        swtool_in_process("export", smollm2, "-o", out, "--type", "q4_0", "--catalog", tmp_path / "wrong.json"))
+    assert "cannot write there" in one_line_error(swtool_in_process("export", smollm2, "-o", tmp_path / "no" / "x.gguf",
                                                          "--type", "q4_0"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.json"]  # nothing written, no temporary left
 

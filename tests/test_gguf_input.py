@@ -20,7 +20,7 @@ from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
 from tiny import random_tokens, torch_logits
-from cli_run import one_line_error, swtool
+from cli_run import one_line_error, swtool, swtool_in_process
 
 pytestmark = pytest.mark.real
 
@@ -292,18 +292,18 @@ def test_bad_gguf_files_give_one_line(original, vocabulary, tmp_path):
     truncated = tmp_path / "truncated.gguf"
     with open(original, "rb") as f:
         truncated.write_bytes(f.read(40_000_000))
-    assert "truncated: tensor" in one_line_error(swtool("scan", truncated, "--no-progress"))
+    assert "truncated: tensor" in one_line_error(swtool_in_process("scan", truncated, "--no-progress"))
     short_header = tmp_path / "header.gguf"
     short_header.write_bytes(original.read_bytes()[:500_000])
-    assert "truncated" in one_line_error(swtool("scan", short_header, "--no-progress"))
+    assert "truncated" in one_line_error(swtool_in_process("scan", short_header, "--no-progress"))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGML" + bytes(100))
-    assert "not a GGUF file" in one_line_error(swtool("scan", junk, "--no-progress"))
+    assert "not a GGUF file" in one_line_error(swtool_in_process("scan", junk, "--no-progress"))
     corrupt = tmp_path / "corrupt.gguf"
     data = bytearray(original.read_bytes()[:2_000_000])
     data[24:32] = (10 ** 12).to_bytes(8, "little")  # the first key's length
     corrupt.write_bytes(bytes(data))
-    assert "runs past the end" in one_line_error(swtool("scan", corrupt, "--no-progress"))
+    assert "runs past the end" in one_line_error(swtool_in_process("scan", corrupt, "--no-progress"))
 
 
 def test_unsupported_tokenizer_and_architecture_are_named(original, vocabulary, tmp_path):
@@ -316,14 +316,14 @@ def test_unsupported_tokenizer_and_architecture_are_named(original, vocabulary, 
     data[at:at + 6] = b"exaone"  # same length, another pre-tokenizer
     with open(copy, "r+b") as f:
         f.write(bytes(data))
-    line = one_line_error(swtool("scan", copy, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", copy, "--no-progress"))
     assert "BPE pre-tokenizer 'exaone' is not supported" in line and "smollm" in line
     arch = vocab_only_gguf(tmp_path / "falcon.gguf", vocabulary)
     data = bytearray(arch.read_bytes())
     at = data.index(b"llama")
     data[at:at + 5] = b"bloom"  # general.architecture
     arch.write_bytes(bytes(data))
-    assert "GGUF architecture 'bloom' is not supported" in one_line_error(swtool("scan", arch, "--no-progress"))
+    assert "GGUF architecture 'bloom' is not supported" in one_line_error(swtool_in_process("scan", arch, "--no-progress"))
 
 
 # --- Llama 3.1-style RoPE: rope_freqs.weight ------------------------------------------

@@ -22,7 +22,7 @@ import llama_oracle
 from swtool.coordinate import Coordinate
 from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
-from cli_run import one_line_error, swtool, swtool_without
+from cli_run import one_line_error, swtool, swtool_in_process, swtool_without
 
 pytestmark = pytest.mark.real
 
@@ -220,9 +220,9 @@ def test_bad_input_is_one_line(smollm2, prose, tmp_path):
         (("--catalog", tmp_path / "none.json"), "no such file"),
     ]
     for args, message in cases:
-        line = one_line_error(swtool("sweep", smollm2, "--text", prose, "--no-progress", *args))
+        line = one_line_error(swtool_in_process("sweep", smollm2, "--text", prose, "--no-progress", *args))
         assert message in line, (args, line)
-    assert "no such file" in one_line_error(swtool("sweep", smollm2, "--text", tmp_path / "none.txt"))
+    assert "no such file" in one_line_error(swtool_in_process("sweep", smollm2, "--text", tmp_path / "none.txt"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -238,7 +238,7 @@ def test_plot_without_matplotlib_fails_at_once(smollm2, prose, tmp_path):
     result = swtool_without("matplotlib", "sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.png")
     assert "pip install 'swtool[plot]'" in one_line_error(result)
     assert "name the file .png, .svg or .pdf" in one_line_error(
-        swtool("sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.gif"))
+        swtool_in_process("sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.gif"))
     assert list(tmp_path.iterdir()) == []
 
 
