@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import swtool
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "fixtures"))
 
@@ -19,6 +21,34 @@ def smollm2():
 
         builder.build(SMOLLM2_DIR)
     return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_catalog(smollm2, tmp_path_factory):
+    """SmolLM2's catalog from one `swtool scan` (the real command), shared by every test that needs it
+    rather than a full scan per test module. Tests read it, never write it."""
+    path = tmp_path_factory.mktemp("smollm2-catalog") / "smollm2.catalog.json"
+    result = swtool("scan", smollm2, "-o", path, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
+    """exported(type, handling="keep") -> path of SmolLM2 exported with its catalog, each (type, handling)
+    written once per session and shared (tests read these files, never write them)."""
+    from swtool.gguf_export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("smollm2-exports")
+    written = {}
+
+    def exported(kind, handling="keep"):
+        if (kind, handling) not in written:
+            options = ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False)
+            written[kind, handling] = export(smollm2, out / f"smollm2-{kind}-{handling}.gguf", options).path
+        return written[kind, handling]
+
+    return exported
 
 
 @pytest.fixture(scope="session")

@@ -51,14 +51,14 @@ def scan_catalog(model_dir, out):
 # --- SmolLM2: the real model ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol_catalog(smollm2, tmp_path_factory):
-    return tmp_path_factory.mktemp("smol") / "catalog.json"
+def smol_catalog(smollm2_catalog):
+    return smollm2_catalog
 
 
 @pytest.mark.real
 def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transformers(smollm2, smol_catalog,
                                                                                        tmp_path):
-    catalog = scan_catalog(smollm2, smol_catalog)
+    catalog = json.loads(smol_catalog.read_text())
     sws = catalog["super_weights"]
     assert len(sws) == 4
     before = sha256s(smollm2)

@@ -222,11 +222,8 @@ def test_perplexity_agrees_with_transformers(smol, smol_torch, prose_ids):
 
 
 @pytest.fixture(scope="module")
-def smol_catalog(smollm2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("catalog") / "catalog.json"
-    result = swtool("scan", smollm2, "-o", out, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return out
+def smol_catalog(smollm2_catalog):
+    return smollm2_catalog
 
 
 def zeroed_in_torch(model, elements, factor=0.0):

@@ -22,6 +22,7 @@ import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
 from cli_run import one_line_error, swtool, swtool_in_process
+from gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
 
@@ -35,15 +36,15 @@ PROMPT = "The capital of France is"
 
 def fields(path):
     """{key: (value, types)} of a GGUF file, read by gguf-py."""
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     return {key: (field.contents(), [int(t) for t in field.types]) for key, field in reader.fields.items()
             if not key.startswith("GGUF.")}
 
 
 def tensors(path):
-    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, read by gguf-py."""
-    reader = gguf.GGUFReader(path)
-    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1).copy(),
+    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, read by gguf-py (read-only views)."""
+    reader = gguf_reader(path)
+    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1),
                      tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
 
 
@@ -70,19 +71,14 @@ def source_tensor(smollm2, hf_name):
 
 
 @pytest.fixture(scope="module")
-def catalog(smollm2, tmp_path_factory):
-    path = tmp_path_factory.mktemp("catalog") / "smollm2.catalog.json"
-    result = swtool("scan", smollm2, "-o", path, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return path
+def catalog(smollm2_catalog):
+    return smollm2_catalog
 
 
 @pytest.fixture(scope="module")
-def exports(smollm2, catalog, tmp_path_factory):
+def exports(smollm2_export):
     """{type: path}: SmolLM2 exported with its catalog and the default handling (keep, Q8_0)."""
-    out = tmp_path_factory.mktemp("exports")
-    return {kind: export(smollm2, out / f"smollm2-{kind}.gguf", ExportOptions(kind, catalog=str(catalog), progress=False)).path
-            for kind in ("f16", "q8_0", "q4_0", "q4_k")}
+    return {kind: smollm2_export(kind) for kind in ("f16", "q8_0", "q4_0", "q4_k")}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from swtool.forward import forward
 from swtool.model import load_model
 from tiny import random_tokens, torch_logits
 from cli_run import one_line_error, swtool, swtool_in_process
+from gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
 
@@ -68,7 +69,7 @@ def hf_values(smollm2):
 
 def test_header_matches_gguf_reader(original):
     ours = read_gguf(original)
-    reader = gguf.GGUFReader(original)
+    reader = gguf_reader(original)
     theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     assert ours.metadata == theirs
     assert ours.version == reader.fields["GGUF.version"].contents()
@@ -84,7 +85,7 @@ def test_header_matches_gguf_reader(original):
 def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
     """Each tensor in HF layout; permuted back as convert_hf_to_gguf does, it equals gguf-py's dequantization."""
     checkpoint = open_gguf(original)
-    reader = gguf.GGUFReader(original)
+    reader = gguf_reader(original)
     config = checkpoint.config
     by_gguf = {checkpoint.tensor(name).gguf_name: checkpoint.tensor(name) for name in checkpoint.names()}
     assert len(by_gguf) == len(reader.tensors) == 272
@@ -187,11 +188,11 @@ def scan_json(path):
     return json.loads(result.stdout)
 
 
-def test_scan_of_the_gguf_finds_the_safetensors_super_weights(original, written, smollm2):
+def test_scan_of_the_gguf_finds_the_safetensors_super_weights(original, written, smollm2_catalog):
     """The original Q4_1 file and the bf16 checkpoint made from it: same coordinates, values equal up to
     bf16 rounding (the checkpoint holds the Q4_1 values rounded to bf16); the Q8_0 file written back from
     the bf16 checkpoint: same coordinates, values within Q8_0's rounding."""
-    reference = scan_json(smollm2)["super_weights"]
+    reference = json.loads(smollm2_catalog.read_text())["super_weights"]  # `swtool scan` of the safetensors
     coordinates = [(sw["layer"], sw["row"], sw["col"]) for sw in reference]
     assert len(coordinates) >= 2
     for path, kind in ((original, "Q4_1"), (written["q8_0"], "Q8_0")):
