@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SMOL   := fixtures/build/smollm2
 
-.PHONY: install fixtures test lint fuzz demo bench clean
+.PHONY: install fixtures test check lint fuzz demo bench clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,14 @@ fixtures: install $(SMOL)/config.json
 $(SMOL)/config.json: fixtures/smollm2.py
 	$(BIN)/python fixtures/smollm2.py $(SMOL)
 
+# the 25 slowest tests printed at the end, to keep the suite's time in view
 test: install fixtures
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
+
+# the fast lane, for every edit: all but the tests that need SmolLM2 or llama.cpp (markers: pyproject.toml,
+# tests/conftest.py); `make test` runs everything
+check: install
+	$(BIN)/pytest -q --durations=10 -m "not smollm2 and not llama_cpp"
 
 # ruff's pyflakes and pycodestyle rules, as configured in pyproject.toml
 lint: install

@@ -1,4 +1,5 @@
 import builtins
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "fixtures"))
 
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `smollm2` every test that needs the real model, itself or through a fixture (the shared
+    catalog, the exports, the original GGUF), and `llama_cpp` every test that reaches llama.cpp, so
+    that `make check` can leave them out by marker, and a new test is marked without anyone thinking of it."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
+        if any(names_llama_cpp(function) for function in test_and_fixture_functions(item)):
+            item.add_marker(pytest.mark.llama_cpp)
+
+
+LLAMA_CPP_NAMES = {"llama_cpp", "llama_oracle"}  # the package, and tests/llama_oracle.py built on it
+
+
+def test_and_fixture_functions(item):
+    fixtures = getattr(item, "_fixtureinfo", None)
+    definitions = fixtures.name2fixturedefs.values() if fixtures else ()
+    return [getattr(item, "function", None)] + [definition.func for defs in definitions for definition in defs]
+
+
+def names_llama_cpp(function, seen=None):
+    """Whether `function`'s code, or a function of its module that it calls (at any depth), names
+    llama_cpp or llama_oracle: an `import llama_cpp` inside the test, or llama_oracle.load(...)."""
+    seen = set() if seen is None else seen
+    code = getattr(function, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = code_names(code)
+    if names & LLAMA_CPP_NAMES:
+        return True
+    module = function.__globals__
+    return any(names_llama_cpp(module[name], seen) for name in names if inspect.isfunction(module.get(name)))
+
+
+def code_names(code):
+    """The global and attribute names a code object uses, its nested functions' included."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if inspect.iscode(constant):
+            names |= code_names(constant)
+    return names
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
 from cli_run import one_line_error, swtool, swtool_in_process, swtool_without
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]  # swtool sweep scores each file in llama.cpp
 
 TYPES = "f16,q2_k"
 HANDLINGS = "none,keep:q8_0,control:q8_0"
