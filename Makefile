@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SMOL   := fixtures/build/smollm2
 CONVERTER := fixtures/build/llama.cpp
 
-.PHONY: install fixtures test lint fuzz demo bench clean
+.PHONY: install fixtures test check lint fuzz demo bench clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,14 @@ $(SMOL)/config.json: fixtures/smollm2.py
 $(CONVERTER)/convert_hf_to_gguf.py: fixtures/llama_converter.py
 	$(BIN)/python -m fixtures.llama_converter $(CONVERTER)
 
+# the 25 slowest tests printed at the end, to keep the suite's time in view
 test: install fixtures
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
+
+# the fast lane, for every edit: all but the tests that need SmolLM2 or llama.cpp (markers: pyproject.toml,
+# tests/conftest.py); `make test` runs everything
+check: install
+	$(BIN)/pytest -q --durations=10 -m "not smollm2 and not llama_cpp"
 
 # ruff's pyflakes and pycodestyle rules, as configured in pyproject.toml
 lint: install

@@ -1,8 +1,11 @@
 import builtins
+import inspect
 import os
 from pathlib import Path
 
 import pytest
+
+from fixtures.cli_run import swtool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +23,50 @@ def pytest_report_header(config):
     return "bf16 kernels: no AVX-512 for numba here: the bf16_pairs cases fail unless SWTOOL_ALLOW_NO_AVX512=1"
 
 
+def pytest_collection_modifyitems(items):
+    """Mark `smollm2` every test that needs the real model, itself or through a fixture (the shared
+    catalog, the exports, the original GGUF), and `llama_cpp` every test that reaches llama.cpp, so
+    that `make check` can leave them out by marker, and a new test is marked without anyone thinking of it."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
+        if any(names_llama_cpp(function) for function in test_and_fixture_functions(item)):
+            item.add_marker(pytest.mark.llama_cpp)
+
+
+LLAMA_CPP_NAMES = {"llama_cpp", "llama_oracle", "build_converted"}  # the package, fixtures/llama_oracle.py, the converter
+
+
+def test_and_fixture_functions(item):
+    fixtures = getattr(item, "_fixtureinfo", None)
+    definitions = fixtures.name2fixturedefs.values() if fixtures else ()
+    return [getattr(item, "function", None)] + [definition.func for defs in definitions for definition in defs]
+
+
+def names_llama_cpp(function, seen=None):
+    """Whether `function`'s code, or a function of its module that it calls (at any depth), names
+    llama_cpp or llama_oracle: an `import llama_cpp` inside the test, or llama_oracle.load(...)."""
+    seen = set() if seen is None else seen
+    code = getattr(function, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = code_names(code)
+    if names & LLAMA_CPP_NAMES:
+        return True
+    module = function.__globals__
+    return any(names_llama_cpp(module[name], seen) for name in names if inspect.isfunction(module.get(name)))
+
+
+def code_names(code):
+    """The global and attribute names a code object uses, its nested functions' included."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if inspect.iscode(constant):
+            names |= code_names(constant)
+    return names
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct as a bf16 HF directory (built by `make fixtures` if missing)."""
@@ -28,6 +75,34 @@ def smollm2():
 
         builder.build(SMOLLM2_DIR)
     return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_catalog(smollm2, tmp_path_factory):
+    """SmolLM2's catalog from one `swtool scan` (the real command), shared by every test that needs it
+    rather than a full scan per test module. Tests read it, never write it."""
+    path = tmp_path_factory.mktemp("smollm2-catalog") / "smollm2.catalog.json"
+    result = swtool("scan", smollm2, "-o", path, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
+    """exported(type, handling="keep") -> path of SmolLM2 exported with its catalog, each (type, handling)
+    written once per session and shared (tests read these files, never write them)."""
+    from swtool.gguf_export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("smollm2-exports")
+    written = {}
+
+    def exported(kind, handling="keep"):
+        if (kind, handling) not in written:
+            options = ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False)
+            written[kind, handling] = export(smollm2, out / f"smollm2-{kind}-{handling}.gguf", options).path
+        return written[kind, handling]
+
+    return exported
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from fixtures.tiny import Plant
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -51,14 +51,14 @@ def scan_catalog(model_dir, out):
 # --- SmolLM2: the real model ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol_catalog(smollm2, tmp_path_factory):
-    return tmp_path_factory.mktemp("smol") / "catalog.json"
+def smol_catalog(smollm2_catalog):
+    return smollm2_catalog
 
 
 @pytest.mark.real
 def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transformers(smollm2, smol_catalog,
                                                                                        tmp_path):
-    catalog = scan_catalog(smollm2, smol_catalog)
+    catalog = json.loads(smol_catalog.read_text())
     sws = catalog["super_weights"]
     assert len(sws) == 4
     before = sha256s(smollm2)
@@ -173,11 +173,11 @@ def test_in_place_and_restore_round_trip(sharded):
     for p in PLANTS:
         assert reference.get_parameter(f"model.layers.{p.layer}.mlp.down_proj.weight")[p.row, p.col].item() == 0.0
     # ablating again is refused (the values no longer match the catalog, and a journal exists)
-    assert "already" in one_line_error(swtool("ablate", model, "--catalog", catalog, "--in-place"))
+    assert "already" in one_line_error(swtool_in_process("ablate", model, "--catalog", catalog, "--in-place"))
     result = swtool("ablate", model, "--restore")
     assert result.returncode == 0, result.stderr
     assert sha256s(model) == before  # identical bytes, journal gone
-    assert "nothing was ablated in place" in one_line_error(swtool("ablate", model, "--restore"))
+    assert "nothing was ablated in place" in one_line_error(swtool_in_process("ablate", model, "--restore"))
 
 
 def test_restore_refuses_bytes_changed_since(sharded):
@@ -188,7 +188,7 @@ def test_restore_refuses_bytes_changed_since(sharded):
     data = bytearray(shard.read_bytes())
     data[change["offset"]] ^= 0x55
     shard.write_bytes(bytes(data))
-    assert "changed since the ablation" in one_line_error(swtool("ablate", model, "--restore"))
+    assert "changed since the ablation" in one_line_error(swtool_in_process("ablate", model, "--restore"))
 
 
 def test_bad_input_is_one_line_and_touches_nothing(tiny_factory, tmp_path):
@@ -210,11 +210,11 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_factory, tmp_path):
         (("-o", tmp_path / "d", "--scale", "nan"), "--scale must be a finite number"),
     ]
     for args, message in cases:
-        assert message in one_line_error(swtool("ablate", model, "--catalog", catalog, *args))
-    assert "--catalog is required" in one_line_error(swtool("ablate", model, "-o", tmp_path / "e"))
-    assert "no such file" in one_line_error(swtool("ablate", model, "--catalog", tmp_path / "none.json",
+        assert message in one_line_error(swtool_in_process("ablate", model, "--catalog", catalog, *args))
+    assert "--catalog is required" in one_line_error(swtool_in_process("ablate", model, "-o", tmp_path / "e"))
+    assert "no such file" in one_line_error(swtool_in_process("ablate", model, "--catalog", tmp_path / "none.json",
                                                    "-o", tmp_path / "f"))
     # the catalog of another model: the element does not hold the catalog's value
-    assert "the catalog says" in one_line_error(swtool("ablate", other, "--catalog", catalog, "-o", tmp_path / "g"))
+    assert "the catalog says" in one_line_error(swtool_in_process("ablate", other, "--catalog", catalog, "-o", tmp_path / "g"))
     assert sha256s(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "exists", "model"]

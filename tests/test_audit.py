@@ -20,7 +20,8 @@ from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 from swtool import gguf_keys, known
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.errors import SwtoolError
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
 
@@ -60,10 +61,8 @@ def patched_copy(source, destination, values):
 
 
 @pytest.fixture(scope="module")
-def catalog(smollm2, tmp_path_factory):
-    path = tmp_path_factory.mktemp("catalog") / "smollm2.json"
-    result = swtool("scan", smollm2, "-o", path, "--no-progress")
-    assert result.returncode == 0, result.stderr
+def catalog(smollm2_catalog):
+    path = smollm2_catalog
     assert [(sw["layer"], sw["row"], sw["col"]) for sw in json.loads(path.read_text())["super_weights"]] == SW
     return path
 
@@ -125,7 +124,7 @@ def test_a_catalog_of_another_model_reports_missing_weights(smollm2, catalog, tm
     data["super_weights"][0].update(layer=31, tensor=down_proj(31), gguf_tensor="blk.31.ffn_down.weight")
     other.write_text(json.dumps(data))
     assert "super_weights/0 [31, 507, 90]: layer 31 of a model with 30 layers" in \
-        one_line_error(swtool("audit", smollm2, "--catalog", other))
+        one_line_error(swtool_in_process("audit", smollm2, "--catalog", other))
 
 
 def test_a_nan_super_weight_gives_strict_json(smollm2, catalog, tmp_path):
@@ -190,7 +189,7 @@ def test_known_coordinates_match_by_fingerprint(smollm2, damaged):
 def test_gguf_weight_is_decoded_from_its_block_alone(original_gguf, catalog):
     report = audit_json(original_gguf, "--catalog", catalog, code=0)
     assert report["bytes_read"] == 20 * len(SW)  # one Q4_1 block (32 weights) each
-    reader = gguf.GGUFReader(original_gguf)
+    reader = gguf_reader(original_gguf)
     tensors = {t.name: t for t in reader.tensors}
     for (layer, row, col), finding in by_coordinate(report).items():
         tensor = tensors[f"blk.{layer}.ffn_down.weight"]
@@ -220,7 +219,7 @@ def recorded_ggufs(smollm2, catalog, original_gguf, tmp_path_factory):
 
 def test_swtool_metadata_round_trips_through_gguf_reader(recorded_ggufs):
     kept, _, entries = recorded_ggufs
-    reader = gguf.GGUFReader(kept)
+    reader = gguf_reader(kept)
     assert reader.fields[gguf_keys.FORMAT_VERSION_KEY].contents() == gguf_keys.FORMAT_VERSION
     assert reader.fields[gguf_keys.ROW].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]
     assert reader.fields[gguf_keys.VALUE].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]
@@ -249,7 +248,7 @@ def test_inconsistent_swtool_metadata_is_bad_input(smollm2, tmp_path):
            (gguf_keys.ROW, [507], T.ARRAY, T.UINT32), (gguf_keys.COL, [90, 1229], T.ARRAY, T.UINT32),
            (gguf_keys.VALUE, [1.0, 2.0], T.ARRAY, T.FLOAT32), (gguf_keys.TENSOR, ["a", "b"], T.ARRAY, T.STRING)]
     path = write_gguf(smollm2, tmp_path / "bad.gguf", "q8_0", extra=bad)
-    assert "arrays differ in length" in one_line_error(swtool("audit", path))
+    assert "arrays differ in length" in one_line_error(swtool_in_process("audit", path))
 
 
 # --- inspect --------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def test_inspect_safetensors(smollm2, damaged, catalog):
 
 def test_inspect_gguf(original_gguf, recorded_ggufs):
     info = json.loads(swtool("inspect", original_gguf, "--json").stdout)
-    reader = gguf.GGUFReader(original_gguf)
+    reader = gguf_reader(original_gguf)
     kinds = {}
     for t in reader.tensors:
         kinds.setdefault(t.tensor_type.name, [0, 0])
@@ -358,29 +357,27 @@ def test_models_are_matched_by_id_and_fingerprint():
 # --- bad input ------------------------------------------------------------------------
 
 def test_bad_input_is_one_line(smollm2, catalog, tmp_path, tiny_factory):
-    assert "no such file" in one_line_error(swtool("audit", tmp_path / "nothing", "--catalog", catalog))
+    assert "no such file" in one_line_error(swtool_in_process("audit", tmp_path / "nothing", "--catalog", catalog))
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")
-    assert "not valid JSON" in one_line_error(swtool("audit", smollm2, "--catalog", junk))
-    assert "not both" in one_line_error(swtool("audit", smollm2, "--catalog", catalog, "--known"))
-    assert "not a known model" in one_line_error(swtool("audit", smollm2, "--known-id", "acme/nothing"))
+    assert "not valid JSON" in one_line_error(swtool_in_process("audit", smollm2, "--catalog", junk))
+    assert "not both" in one_line_error(swtool_in_process("audit", smollm2, "--catalog", catalog, "--known"))
+    assert "not a known model" in one_line_error(swtool_in_process("audit", smollm2, "--known-id", "acme/nothing"))
     tiny, _ = tiny_factory("llama", "bfloat16")
-    assert "matches no model" in one_line_error(swtool("audit", tiny, "--known"))
-    assert "no such file" in one_line_error(swtool("inspect", tmp_path / "nothing"))
+    assert "matches no model" in one_line_error(swtool_in_process("audit", tiny, "--known"))
+    assert "no such file" in one_line_error(swtool_in_process("inspect", tmp_path / "nothing"))
 
 
 # --- GGUF exports written by swtool export ------------------------------------------------
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
-def test_audit_of_swtool_export(smollm2, catalog, tmp_path, qtype):
+def test_audit_of_swtool_export(smollm2, catalog, smollm2_export, qtype):
     """An export keeps its super weights: the audit reads them from their blocks and from
     the swtool.* keys; the block values are checked here with gguf-py's own dequantizer."""
-    out = tmp_path / f"smollm2-{qtype}.gguf"
-    exported = swtool("export", smollm2, "-o", out, "--type", qtype, "--catalog", catalog, "--no-progress")
-    assert exported.returncode == 0, exported.stderr
+    out = smollm2_export(qtype)  # with the catalog, the default handling
     report = audit_json(out, "--catalog", catalog, code=0)
     assert report["format"] == "gguf"
-    reader = gguf.GGUFReader(out)
+    reader = gguf_reader(out)
     tensors = {t.name: t for t in reader.tensors}
     for (layer, row, col), finding in by_coordinate(report).items():
         assert finding["status"] == "intact"
@@ -485,7 +482,7 @@ def test_a_catalog_of_another_model_is_bad_input(smollm2, tiny_factory, tmp_path
     tiny, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     foreign = tmp_path / "tiny.json"
     assert swtool("scan", tiny, "-o", foreign, "--no-progress").returncode == 0
-    message = one_line_error(swtool("audit", smollm2, "--catalog", foreign))
+    message = one_line_error(swtool_in_process("audit", smollm2, "--catalog", foreign))
     assert "the catalog is for a model with 4 layers; this one has 30" in message and str(foreign) in message
     # inspect lists only the catalogs of the model, and says why the others are not
     beside = linked_copy(smollm2, tmp_path / "smollm2")
@@ -504,12 +501,9 @@ def test_a_fifo_beside_the_model_does_not_block(smollm2, tmp_path):
 
 
 @pytest.mark.parametrize("handling, statuses, code", [("none", ["unprotected"] * 4, 1), ("keep", ["intact"] * 4, 0)])
-def test_a_super_weight_left_at_two_bits_is_unprotected(smollm2, catalog, tmp_path, handling, statuses, code):
-    out = tmp_path / f"smollm2-q2_k-{handling}.gguf"
-    exported = swtool("export", smollm2, "-o", out, "--type", "q2_k", "--sw-handling", handling,
-                      "--catalog", catalog, "--no-progress")
-    assert exported.returncode == 0, exported.stderr
-    reader = gguf.GGUFReader(out)
+def test_a_super_weight_left_at_two_bits_is_unprotected(smollm2_export, handling, statuses, code):
+    out = smollm2_export("q2_k", handling)  # with the catalog
+    reader = gguf_reader(out)
     stored = {t.name: t.tensor_type for t in reader.tensors}
     report = audit_json(out, code=code)
     assert report["expectations"] == "the GGUF's swtool.* metadata"

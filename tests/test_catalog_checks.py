@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fixtures.cli_run import digests, one_line_error, swtool
+from fixtures.cli_run import digests, one_line_error, swtool, swtool_in_process
 
 
 def edited(good, tmp_path, edit):
@@ -35,7 +35,7 @@ def test_an_entry_that_contradicts_itself_is_bad_input(good, tmp_path, case):
     path = edited(good, tmp_path, edit)
     for argv in (["audit", good.model, "--catalog", path], ["ablate", good.model, "--catalog", path, "-o", tmp_path / "out"],
                  ["export", good.model, "--catalog", path, "-o", tmp_path / "out.gguf", "--type", "f32"]):
-        line = one_line_error(swtool(*argv))
+        line = one_line_error(swtool_in_process(*argv))
         assert "edited.json: invalid catalog: super_weights/" in line and message in line, (argv, line)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
 
@@ -63,7 +63,7 @@ def test_a_hostile_journal_writes_nothing(good, tmp_path, case):
     journal["changes"][0] = hostile(journal["changes"][0])[case]
     (model / JOURNAL).write_text(json.dumps(journal))
     before = digests(model)
-    line = one_line_error(swtool("ablate", model, "--restore"))
+    line = one_line_error(swtool_in_process("ablate", model, "--restore"))
     assert JOURNAL in line and ("not restoring" in line or "not a valid" in line), line
     assert digests(model) == before
 

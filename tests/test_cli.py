@@ -10,6 +10,7 @@ import pytest
 from swtool.catalog import read_catalog, validate
 from swtool.errors import SwtoolError
 from fixtures.tiny import Plant
+from fixtures.cli_run import swtool_in_process
 
 PLANT = (Plant(1, 41, 101),)
 
@@ -68,11 +69,37 @@ def one_line_error(result):
     return lines[0]
 
 
+# one bad input per command, with the options it requires: the tables of bad inputs in the other test
+# files run in process (cli_run.swtool_in_process); here each command's real entry point runs too
+BAD_INPUT = {
+    "ablate": ["ablate", "{tmp}/model", "--catalog", "{tmp}/catalog.json", "-o", "{tmp}/out"],
+    "audit": ["audit", "{tmp}/model"],
+    "eval": ["eval", "{tmp}/model", "--text", "{tmp}/text.txt"],
+    "export": ["export", "{tmp}/model", "-o", "{tmp}/out.gguf", "--type", "q8_0"],
+    "inspect": ["inspect", "{tmp}/model"],
+    "quantize": ["quantize", "{tmp}/model.gguf", "-o", "{tmp}/out.gguf", "--type", "q8_0"],
+    "quantsim": ["quantsim", "{tmp}/model", "--text", "{tmp}/text.txt"],
+    "scan": ["scan", "{tmp}/model"],
+    "scan-usage": ["scan", "--no-progress"],  # a click usage error, turned into one line by the group
+    "sweep": ["sweep", "{tmp}/model", "--text", "{tmp}/text.txt"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_a_real_process_gives_the_one_line_error_the_in_process_runner_sees(case, tmp_path):
+    argv = [arg.format(tmp=tmp_path) for arg in BAD_INPUT[case]]
+    real, here = swtool(*argv), swtool_in_process(*argv)
+    line = one_line_error(real)
+    assert line == one_line_error(here)
+    assert "no such file" in line or "Missing argument 'MODEL'" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_truncated_shard(planted):
     shard = planted / "model.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    line = one_line_error(swtool("scan", planted, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", planted, "--no-progress"))
     assert "model.safetensors: truncated" in line
 
 
@@ -81,7 +108,7 @@ def test_corrupt_header(planted):
     data = bytearray(shard.read_bytes())
     data[8:12] = b"#!?x"
     shard.write_bytes(bytes(data))
-    line = one_line_error(swtool("scan", planted, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", planted, "--no-progress"))
     assert "corrupt header" in line
 
 
@@ -91,7 +118,7 @@ def test_missing_shard(tiny_factory, tmp_path):
     shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
     assert len(shards) > 2
     shards[1].unlink()
-    line = one_line_error(swtool("scan", tmp_path / "m", "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", tmp_path / "m", "--no-progress"))
     assert f"missing shard {shards[1].name}" in line
 
 
@@ -99,7 +126,7 @@ def test_unknown_model_type_names_the_supported_families(planted):
     config = json.loads((planted / "config.json").read_text())
     config["model_type"] = "mamba"
     (planted / "config.json").write_text(json.dumps(config))
-    line = one_line_error(swtool("scan", planted, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", planted, "--no-progress"))
     assert "unsupported model_type 'mamba'" in line
     assert "llama" in line and "mistral" in line and "qwen2" in line
 
@@ -109,15 +136,15 @@ def test_missing_tensor_and_wrong_shape(planted):
     config["num_hidden_layers"] = 5  # the checkpoint has 4
     (planted / "config.json").write_text(json.dumps(config))
     assert "missing tensor 'model.layers.4.input_layernorm.weight'" in one_line_error(
-        swtool("scan", planted, "--no-progress"))
+        swtool_in_process("scan", planted, "--no-progress"))
     config["num_hidden_layers"], config["hidden_size"] = 4, 32
     (planted / "config.json").write_text(json.dumps(config))
-    assert "config.json implies" in one_line_error(swtool("scan", planted, "--no-progress"))
+    assert "config.json implies" in one_line_error(swtool_in_process("scan", planted, "--no-progress"))
 
 
 def test_not_a_model(tmp_path):
-    assert "no such file" in one_line_error(swtool("scan", tmp_path / "nothing", "--no-progress"))
-    assert "no model.safetensors" in one_line_error(swtool("scan", tmp_path, "--no-progress"))
+    assert "no such file" in one_line_error(swtool_in_process("scan", tmp_path / "nothing", "--no-progress"))
+    assert "no model.safetensors" in one_line_error(swtool_in_process("scan", tmp_path, "--no-progress"))
 
 
 def test_source_files_are_not_modified_by_a_scan(planted, tmp_path):

@@ -4,7 +4,7 @@ never a ZeroDivisionError traceback."""
 import json
 import shutil
 
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 
 def with_config(source, destination, edit):
@@ -18,7 +18,7 @@ def with_config(source, destination, edit):
 def test_longrope_with_a_trained_context_of_one_token(tiny_factory, tmp_path):
     directory, _ = tiny_factory("phi3-longrope", "float32")
     model = with_config(directory, tmp_path / "phi3", lambda c: c.update(original_max_position_embeddings=1))
-    line = one_line_error(swtool("scan", model, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", model, "--no-progress"))
     assert "longrope's original_max_position_embeddings = 1 is not a context of at least 2 tokens" in line
 
 
@@ -33,5 +33,5 @@ def test_llama3_rope_with_an_empty_smoothing_band(tiny_factory, tmp_path):
         config["rope_theta"] = 10000.0
 
     model = with_config(directory, tmp_path / "llama", edit)
-    line = one_line_error(swtool("scan", model, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", model, "--no-progress"))
     assert "llama3 RoPE scaling needs high_freq_factor (4) above low_freq_factor (4)" in line

@@ -15,7 +15,7 @@ from swtool.forward import Edit, World, forward, head_logits, run_layers
 from swtool.model import load_model
 from swtool.tokenizer import encode, load_tokenizer
 from fixtures.tiny import Plant, random_tokens
-from fixtures.cli_run import one_line_error, swtool, swtool_without
+from fixtures.cli_run import one_line_error, swtool, swtool_without, swtool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -222,11 +222,8 @@ def test_perplexity_agrees_with_transformers(smol, smol_torch, prose_ids):
 
 
 @pytest.fixture(scope="module")
-def smol_catalog(smollm2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("catalog") / "catalog.json"
-    result = swtool("scan", smollm2, "-o", out, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return out
+def smol_catalog(smollm2_catalog):
+    return smollm2_catalog
 
 
 def zeroed_in_torch(model, elements, factor=0.0):
@@ -387,16 +384,16 @@ def test_eval_bad_input_is_one_line(tiny_planted, tmp_path):
         (("--catalog", tmp_path / "none.json"), "no such file"),
     ]
     for args, message in cases:
-        assert message in one_line_error(swtool("eval", directory, "--text", text, "--no-progress", *args)), args
-    assert "no such file" in one_line_error(swtool("eval", directory, "--text", tmp_path / "none.txt"))
-    assert "at least 2 are needed" in one_line_error(swtool("eval", directory, "--text", short))
-    assert "Missing option '--text'" in one_line_error(swtool("eval", directory))
+        assert message in one_line_error(swtool_in_process("eval", directory, "--text", text, "--no-progress", *args)), args
+    assert "no such file" in one_line_error(swtool_in_process("eval", directory, "--text", tmp_path / "none.txt"))
+    assert "at least 2 are needed" in one_line_error(swtool_in_process("eval", directory, "--text", short))
+    assert "Missing option '--text'" in one_line_error(swtool_in_process("eval", directory))
 
 
 def test_catalog_of_another_model_is_refused(tiny_planted, tiny_factory):
     _, catalog, text = tiny_planted
     other, _ = tiny_factory("llama", "bfloat16")
-    line = one_line_error(swtool("eval", other, "--text", text, "--catalog", catalog, "--no-progress"))
+    line = one_line_error(swtool_in_process("eval", other, "--text", text, "--catalog", catalog, "--no-progress"))
     assert "the catalog says" in line
 
 

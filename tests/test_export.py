@@ -22,7 +22,8 @@ import pytest
 from fixtures import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
 
@@ -36,15 +37,15 @@ PROMPT = "The capital of France is"
 
 def fields(path):
     """{key: (value, types)} of a GGUF file, read by gguf-py."""
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     return {key: (field.contents(), [int(t) for t in field.types]) for key, field in reader.fields.items()
             if not key.startswith("GGUF.")}
 
 
 def tensors(path):
-    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, read by gguf-py."""
-    reader = gguf.GGUFReader(path)
-    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1).copy(),
+    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, read by gguf-py (read-only views)."""
+    reader = gguf_reader(path)
+    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1),
                      tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
 
 
@@ -71,19 +72,14 @@ def source_tensor(smollm2, hf_name):
 
 
 @pytest.fixture(scope="module")
-def catalog(smollm2, tmp_path_factory):
-    path = tmp_path_factory.mktemp("catalog") / "smollm2.catalog.json"
-    result = swtool("scan", smollm2, "-o", path, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return path
+def catalog(smollm2_catalog):
+    return smollm2_catalog
 
 
 @pytest.fixture(scope="module")
-def exports(smollm2, catalog, tmp_path_factory):
+def exports(smollm2_export):
     """{type: path}: SmolLM2 exported with its catalog and the default handling (keep, Q8_0)."""
-    out = tmp_path_factory.mktemp("exports")
-    return {kind: export(smollm2, out / f"smollm2-{kind}.gguf", ExportOptions(kind, catalog=str(catalog), progress=False)).path
-            for kind in ("f16", "q8_0", "q4_0", "q4_k")}
+    return {kind: smollm2_export(kind) for kind in ("f16", "q8_0", "q4_0", "q4_k")}
 
 
 @pytest.fixture(scope="module")
@@ -411,17 +407,17 @@ def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
 
 def test_bad_input_gives_one_line_and_no_file(smollm2, catalog, original, tmp_path):
     out = tmp_path / "out.gguf"
-    assert "--type 'q4_x'" in one_line_error(swtool("export", smollm2, "-o", out, "--type", "q4_x"))
+    assert "--type 'q4_x'" in one_line_error(swtool_in_process("export", smollm2, "-o", out, "--type", "q4_x"))
     assert "bad regular expression" in one_line_error(
-        swtool("export", smollm2, "-o", out, "--type", "q4_0", "--tensor-type", "blk.(=q8_0"))
-    assert "--allow-requantize" in one_line_error(swtool("export", original, "-o", out, "--type", "q4_0"))
-    assert "already quantized (Q4_1)" in one_line_error(swtool("quantize", original, "-o", out, "--type", "q4_0"))
+        swtool_in_process("export", smollm2, "-o", out, "--type", "q4_0", "--tensor-type", "blk.(=q8_0"))
+    assert "--allow-requantize" in one_line_error(swtool_in_process("export", original, "-o", out, "--type", "q4_0"))
+    assert "already quantized (Q4_1)" in one_line_error(swtool_in_process("quantize", original, "-o", out, "--type", "q4_0"))
     wrong = json.loads(open(catalog).read())
     wrong["super_weights"][0]["value"] = 2.5
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
     assert "not for this model" in one_line_error(
-        swtool("export", smollm2, "-o", out, "--type", "q4_0", "--catalog", tmp_path / "wrong.json"))
-    assert "cannot write there" in one_line_error(swtool("export", smollm2, "-o", tmp_path / "no" / "x.gguf",
+        swtool_in_process("export", smollm2, "-o", out, "--type", "q4_0", "--catalog", tmp_path / "wrong.json"))
+    assert "cannot write there" in one_line_error(swtool_in_process("export", smollm2, "-o", tmp_path / "no" / "x.gguf",
                                                          "--type", "q4_0"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.json"]  # nothing written, no temporary left
 

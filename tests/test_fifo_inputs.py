@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 TIMEOUT = 60  # seconds; the commands take about one
 
@@ -25,7 +25,7 @@ def test_a_fifo_in_the_model(good, tmp_path, name):
     if not (model / name).exists():
         (model / name).write_text("{}")
     fifo_in_place_of(model / name)
-    result = swtool("scan", model, "--no-progress", timeout=TIMEOUT)
+    result = swtool_in_process("scan", model, "--no-progress", timeout=TIMEOUT)
     line = one_line_error(result)
     assert f"{name}: is a FIFO, not a regular file" in line, line
 
@@ -43,11 +43,11 @@ def test_a_fifo_as_gguf_catalog_text_or_index(good, tmp_path):
         (["eval", good.model, "--text", fifo, "--no-progress"], "fifo"),
     ]
     for argv, named in cases:
-        line = one_line_error(swtool(*argv, timeout=TIMEOUT))
+        line = one_line_error(swtool_in_process(*argv, timeout=TIMEOUT))
         assert f"{named}: is a FIFO, not a regular file" in line, (argv, line)
     sharded = shutil.copytree(good.sharded, tmp_path / "sharded")
     fifo_in_place_of(sharded / "model.safetensors.index.json")
-    line = one_line_error(swtool("scan", sharded, "--no-progress", timeout=TIMEOUT))
+    line = one_line_error(swtool_in_process("scan", sharded, "--no-progress", timeout=TIMEOUT))
     assert "model.safetensors.index.json: is a FIFO" in line, line
 
 
@@ -55,5 +55,5 @@ def test_a_device_as_text_or_catalog(good):
     """/dev/zero never ends: read whole, it would fill memory; it is refused before any read."""
     for argv, named in ((["eval", good.model, "--text", "/dev/zero", "--max-tokens", "64"], "/dev/zero"),
                         (["audit", good.model, "--catalog", "/dev/zero"], "/dev/zero")):
-        line = one_line_error(swtool(*argv, "--no-progress", timeout=TIMEOUT))
+        line = one_line_error(swtool_in_process(*argv, "--no-progress", timeout=TIMEOUT))
         assert f"{named}: is a character device, not a regular file" in line, (argv, line)

@@ -21,7 +21,8 @@ from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
 from fixtures.tiny import random_tokens, torch_logits
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
 
@@ -69,7 +70,7 @@ def hf_values(smollm2):
 
 def test_header_matches_gguf_reader(original):
     ours = read_gguf(original)
-    reader = gguf.GGUFReader(original)
+    reader = gguf_reader(original)
     theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     assert ours.metadata == theirs
     assert ours.version == reader.fields["GGUF.version"].contents()
@@ -85,7 +86,7 @@ def test_header_matches_gguf_reader(original):
 def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
     """Each tensor in HF layout; permuted back as convert_hf_to_gguf does, it equals gguf-py's dequantization."""
     checkpoint = open_gguf(original)
-    reader = gguf.GGUFReader(original)
+    reader = gguf_reader(original)
     config = checkpoint.config
     by_gguf = {checkpoint.tensor(name).gguf_name: checkpoint.tensor(name) for name in checkpoint.names()}
     assert len(by_gguf) == len(reader.tensors) == 272
@@ -188,11 +189,11 @@ def scan_json(path):
     return json.loads(result.stdout)
 
 
-def test_scan_of_the_gguf_finds_the_safetensors_super_weights(original, written, smollm2):
+def test_scan_of_the_gguf_finds_the_safetensors_super_weights(original, written, smollm2_catalog):
     """The original Q4_1 file and the bf16 checkpoint made from it: same coordinates, values equal up to
     bf16 rounding (the checkpoint holds the Q4_1 values rounded to bf16); the Q8_0 file written back from
     the bf16 checkpoint: same coordinates, values within Q8_0's rounding."""
-    reference = scan_json(smollm2)["super_weights"]
+    reference = json.loads(smollm2_catalog.read_text())["super_weights"]  # `swtool scan` of the safetensors
     coordinates = [(sw["layer"], sw["row"], sw["col"]) for sw in reference]
     assert len(coordinates) >= 2
     for path, kind in ((original, "Q4_1"), (written["q8_0"], "Q8_0")):
@@ -293,18 +294,18 @@ def test_bad_gguf_files_give_one_line(original, vocabulary, tmp_path):
     truncated = tmp_path / "truncated.gguf"
     with open(original, "rb") as f:
         truncated.write_bytes(f.read(40_000_000))
-    assert "truncated: tensor" in one_line_error(swtool("scan", truncated, "--no-progress"))
+    assert "truncated: tensor" in one_line_error(swtool_in_process("scan", truncated, "--no-progress"))
     short_header = tmp_path / "header.gguf"
     short_header.write_bytes(original.read_bytes()[:500_000])
-    assert "truncated" in one_line_error(swtool("scan", short_header, "--no-progress"))
+    assert "truncated" in one_line_error(swtool_in_process("scan", short_header, "--no-progress"))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGML" + bytes(100))
-    assert "not a GGUF file" in one_line_error(swtool("scan", junk, "--no-progress"))
+    assert "not a GGUF file" in one_line_error(swtool_in_process("scan", junk, "--no-progress"))
     corrupt = tmp_path / "corrupt.gguf"
     data = bytearray(original.read_bytes()[:2_000_000])
     data[24:32] = (10 ** 12).to_bytes(8, "little")  # the first key's length
     corrupt.write_bytes(bytes(data))
-    assert "runs past the end" in one_line_error(swtool("scan", corrupt, "--no-progress"))
+    assert "runs past the end" in one_line_error(swtool_in_process("scan", corrupt, "--no-progress"))
 
 
 def test_unsupported_tokenizer_and_architecture_are_named(original, vocabulary, tmp_path):
@@ -317,14 +318,14 @@ def test_unsupported_tokenizer_and_architecture_are_named(original, vocabulary, 
     data[at:at + 6] = b"exaone"  # same length, another pre-tokenizer
     with open(copy, "r+b") as f:
         f.write(bytes(data))
-    line = one_line_error(swtool("scan", copy, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", copy, "--no-progress"))
     assert "BPE pre-tokenizer 'exaone' is not supported" in line and "smollm" in line
     arch = vocab_only_gguf(tmp_path / "falcon.gguf", vocabulary)
     data = bytearray(arch.read_bytes())
     at = data.index(b"llama")
     data[at:at + 5] = b"bloom"  # general.architecture
     arch.write_bytes(bytes(data))
-    assert "GGUF architecture 'bloom' is not supported" in one_line_error(swtool("scan", arch, "--no-progress"))
+    assert "GGUF architecture 'bloom' is not supported" in one_line_error(swtool_in_process("scan", arch, "--no-progress"))
 
 
 # --- Llama 3.1-style RoPE: rope_freqs.weight ------------------------------------------

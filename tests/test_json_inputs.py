@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
 
 LONG_INT = "1" * 4301
 
@@ -40,14 +40,14 @@ def header_with_token(path, token):
 def test_config_and_catalog_values(good, tmp_path, token):
     model = shutil.copytree(good.model, tmp_path / "model")
     with_token(model / "config.json", ["hidden_size"], token)
-    line = one_line_error(swtool("scan", model, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", model, "--no-progress"))
     assert "config.json" in line and "not plain JSON" in line, line
     catalog = tmp_path / "catalog.json"
     shutil.copy(good.catalog, catalog)
     with_token(catalog, ["super_weights", 0, "value"], token)
     for command in (["audit", good.model, "--catalog", catalog], ["ablate", good.model, "--catalog", catalog,
                                                                  "-o", tmp_path / "out"]):
-        line = one_line_error(swtool(*command))
+        line = one_line_error(swtool_in_process(*command))
         assert "catalog.json" in line and "not plain JSON" in line, (command, line)
     assert not (tmp_path / "out").exists()
 
@@ -56,15 +56,15 @@ def test_config_and_catalog_values(good, tmp_path, token):
 def test_index_header_and_tokenizer_config(good, tmp_path, token):
     sharded = shutil.copytree(good.sharded, tmp_path / "sharded")
     with_token(sharded / "model.safetensors.index.json", ["metadata", "total_size"], token)
-    line = one_line_error(swtool("scan", sharded, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", sharded, "--no-progress"))
     assert "model.safetensors.index.json" in line and "not plain JSON" in line, line
     model = shutil.copytree(good.model, tmp_path / "model")
     header_with_token(model / "model.safetensors", token)
-    line = one_line_error(swtool("inspect", model))
+    line = one_line_error(swtool_in_process("inspect", model))
     assert "model.safetensors" in line and "not plain JSON" in line, line
     model = shutil.copytree(good.model, tmp_path / "model2")
     (model / "tokenizer_config.json").write_text('{"add_bos_token": true, "model_max_length": %s}' % token)
-    line = one_line_error(swtool("scan", model, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", model, "--no-progress"))
     assert "tokenizer_config.json" in line and "not plain JSON" in line, line
 
 
@@ -73,5 +73,5 @@ def test_ablation_journal(good, tmp_path):
     assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
     journal = model / "swtool-ablation-journal.json"
     with_token(journal, ["scale"], "NaN")
-    line = one_line_error(swtool("ablate", model, "--restore"))
+    line = one_line_error(swtool_in_process("ablate", model, "--restore"))
     assert "swtool-ablation-journal.json" in line and "not plain JSON" in line, line

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from fixtures.cli_run import digests, one_line_error, swtool
+from fixtures.cli_run import digests, one_line_error, swtool, swtool_in_process
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_no_output_replaces_an_input(inputs):
     ]
     before = digests(root)
     for argv in cases:
-        line = one_line_error(swtool(*argv, "--force", "--no-progress"))
+        line = one_line_error(swtool_in_process(*argv, "--force", "--no-progress"))
         assert "a file this command reads; it is never replaced, even with --force" in line, (argv, line)
         assert digests(root) == before, argv
 
@@ -54,7 +54,7 @@ def test_no_output_replaces_an_input(inputs):
 def test_one_path_for_two_outputs_is_refused(inputs):
     root, model, *_ = inputs
     out = root / "x.svg"
-    line = one_line_error(swtool("scan", model, "-o", out, "--plot", out, "--no-progress"))
+    line = one_line_error(swtool_in_process("scan", model, "-o", out, "--plot", out, "--no-progress"))
     assert "given for two outputs" in line
     assert not out.exists()
 
@@ -112,7 +112,7 @@ def test_sweep_out_dir_never_replaces_an_input(good, tmp_path):
     text = out / "good-model-q8_0-none.gguf"
     shutil.copy(good.text, text)
     before = digests(out)
-    line = one_line_error(swtool("sweep", good.model, "--text", text, "--out-dir", out, "--types", "q8_0",
+    line = one_line_error(swtool_in_process("sweep", good.model, "--text", text, "--out-dir", out, "--types", "q8_0",
                                  "--handlings", "none", "--ctx", "32", "--force", "--no-progress"))
     assert "a file this command reads; it is never replaced, even with --force" in line
     assert digests(out) == before
@@ -129,7 +129,7 @@ def test_an_output_in_a_read_only_folder_names_the_output(good, tmp_path):
         folder.chmod(0o555)
     out = folder / "catalog.json"
     try:
-        line = one_line_error(swtool("scan", good.model, "-o", out, "--no-progress"))
+        line = one_line_error(swtool_in_process("scan", good.model, "-o", out, "--no-progress"))
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(folder)], check=True)

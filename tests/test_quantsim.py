@@ -17,7 +17,7 @@ from swtool.quantsim import (TENSOR, Clip, QuantizeWeights, WeightSetting, parse
                              super_weight_positions, whole_reader)
 from swtool.tokenizer import encode
 from fixtures.tiny import Plant, random_tokens
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -314,9 +314,9 @@ def test_cli_bad_input_is_one_line(tiny_sw, tiny_text, tmp_path):
         (("--catalog", other), "no such file"),
     ]
     for args, message in cases:
-        line = one_line_error(swtool("quantsim", directory, "--text", tiny_text, "--no-progress", *args))
+        line = one_line_error(swtool_in_process("quantsim", directory, "--text", tiny_text, "--no-progress", *args))
         assert message in line, (args, line)
-    assert "Missing option '--text'" in one_line_error(swtool("quantsim", directory))
+    assert "Missing option '--text'" in one_line_error(swtool_in_process("quantsim", directory))
     assert not list(tmp_path.iterdir())
 
 

@@ -28,6 +28,12 @@ def tokenizer(smollm2):
     return transformers.AutoTokenizer.from_pretrained(smollm2)
 
 
+@pytest.fixture(scope="module")
+def scanned(model):
+    """(found, report) of one scan of the paper's prompt, shared by the tests that check it."""
+    return scan(model, encode(model.directory, DEFAULT_PROMPT), Settings(DEFAULT_PROMPT))
+
+
 @pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Apple Inc. is a worldwide tech"])
 def test_greedy_text_matches_transformers(model, reference, tokenizer, prompt):
     ids = tokenizer(prompt)["input_ids"]
@@ -50,11 +56,11 @@ def prompt_nll(reference, ids):
         return float(reference(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
 
 
-def test_scan_finds_weights_whose_removal_collapses_the_prompt(model, reference, tokenizer):
+def test_scan_finds_weights_whose_removal_collapses_the_prompt(model, reference, tokenizer, scanned):
     """Checked in transformers, not in swtool: zeroing what the scan found must wreck the model,
     zeroing as many of the largest other weights of the same tensors (the paper's control) must not."""
     ids = encode(model.directory, DEFAULT_PROMPT)
-    found, report = scan(model, ids, Settings(DEFAULT_PROMPT))
+    found, report = scanned
     assert 1 <= len(found) <= 8
     assert all(sw.verification["verified"] for sw in found)
     baseline = prompt_nll(reference, ids)
@@ -95,10 +101,10 @@ def test_scan_finds_weights_whose_removal_collapses_the_prompt(model, reference,
     assert report["nll_all_removed"] == pytest.approx(ablated, rel=1e-3)
 
 
-def test_super_activation_seen_by_transformers(model, reference):
+def test_super_activation_seen_by_transformers(model, reference, scanned):
     """The scan's super activation is the residual stream value transformers reports after that layer."""
     ids = encode(model.directory, DEFAULT_PROMPT)
-    found, _ = scan(model, ids, Settings(DEFAULT_PROMPT))
+    found, _ = scanned
     with torch.no_grad():
         hidden = reference(torch.tensor([ids]), output_hidden_states=True).hidden_states
     for sw in found:

@@ -22,9 +22,9 @@ from fixtures import llama_oracle
 from swtool.coordinate import Coordinate
 from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
-from fixtures.cli_run import one_line_error, swtool, swtool_without
+from fixtures.cli_run import one_line_error, swtool, swtool_without, swtool_in_process
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]  # swtool sweep scores each file in llama.cpp
 
 TYPES = "f16,q2_k"
 HANDLINGS = "none,keep:q8_0,control:q8_0"
@@ -220,9 +220,9 @@ def test_bad_input_is_one_line(smollm2, prose, tmp_path):
         (("--catalog", tmp_path / "none.json"), "no such file"),
     ]
     for args, message in cases:
-        line = one_line_error(swtool("sweep", smollm2, "--text", prose, "--no-progress", *args))
+        line = one_line_error(swtool_in_process("sweep", smollm2, "--text", prose, "--no-progress", *args))
         assert message in line, (args, line)
-    assert "no such file" in one_line_error(swtool("sweep", smollm2, "--text", tmp_path / "none.txt"))
+    assert "no such file" in one_line_error(swtool_in_process("sweep", smollm2, "--text", tmp_path / "none.txt"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -238,7 +238,7 @@ def test_plot_without_matplotlib_fails_at_once(smollm2, prose, tmp_path):
     result = swtool_without("matplotlib", "sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.png")
     assert "pip install 'swtool[plot]'" in one_line_error(result)
     assert "name the file .png, .svg or .pdf" in one_line_error(
-        swtool("sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.gif"))
+        swtool_in_process("sweep", smollm2, "--text", prose, "--plot", tmp_path / "p.gif"))
     assert list(tmp_path.iterdir()) == []
 
 
