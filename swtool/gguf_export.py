@@ -377,10 +377,14 @@ def tensor_order(tensor):
 def hf_tensors(model):
     """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint, as the family converts it."""
     arch, checkpoint = model.arch, model.checkpoint
+    restacked, replaced = arch.gguf_restacked(checkpoint.tensor)
+    sources = {hf_name: (shape, checkpoint.tensor(hf_name).read)
+               for hf_name, shape in arch.tensor_shapes().items() if hf_name not in replaced}
+    sources.update(restacked)
     tensors = {}
-    for hf_name, shape in arch.tensor_shapes().items():
+    for hf_name, (shape, read) in sources.items():
         name = arch.gguf_name(hf_name)
-        tensor = OutTensor(name, tuple(shape), checkpoint.tensor(hf_name).read)
+        tensor = OutTensor(name, tuple(shape), read)
         stored_rows = arch.gguf_stored_rows(name, shape[0])
         if stored_rows is not None:  # the file's row i is the source's row row_order[i]
             tensor.row_order = np.argsort(stored_rows)
