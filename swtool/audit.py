@@ -248,7 +248,9 @@ def targets_from_metadata(model, recorded):
     by_gguf_name = {model.checkpoint.tensor(name).gguf_name: name for name in model.checkpoint.names()}
     targets = []
     for sw in recorded:
-        tensor = by_gguf_name.get(sw["gguf_tensor"], model.arch.down_proj_name(sw["layer"]))
+        tensor = by_gguf_name.get(sw["gguf_tensor"])
+        if tensor is None:  # asked only then: a mixture's layer has no down projection without its expert
+            tensor = model.arch.down_proj_name(sw["layer"], sw.get("expert"))
         targets.append(Target(Coordinate.of(sw), tensor, expected=float(sw["value"])))
     return targets
 

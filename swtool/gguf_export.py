@@ -157,12 +157,11 @@ def protected_weights(catalog, source, n_layers, orders):
                           f"this one has {n_layers}")
     found = []
     for sw in catalog["super_weights"]:
-        if sw.get("expert") is not None:
-            raise SwtoolError(f"{catalog_path}: super weights in mixture experts are not supported for export")
         col = sw["col"]
         if sw["layer"] in orders:  # the input was reordered by an earlier export: where that column is now
             col = orders[sw["layer"]].index(col)
-        found.append(ProtectedWeight(Coordinate(sw["layer"], sw["row"], col), float(sw["value"]), sw["gguf_tensor"]))
+        at = Coordinate(sw["layer"], sw["row"], col, sw.get("expert"))
+        found.append(ProtectedWeight(at, float(sw["value"]), sw["gguf_tensor"]))
     return found, catalog["detection"].get("prompt")
 
 
@@ -170,15 +169,17 @@ def check_super_weights(super_weights, tensors, source):
     """Each super weight's tensor exists and holds the catalog's value; the source's exact value is kept."""
     for sw in super_weights:
         tensor = tensors.get(sw.tensor)
-        if tensor is None or len(tensor.shape) != 2:
-            raise SwtoolError(f"{source}: the catalog's tensor {sw.tensor!r} is not a matrix of this model")
-        n_rows, n_cols = tensor.shape
-        if not (0 <= sw.at.row < n_rows and 0 <= sw.at.col < n_cols):
-            raise SwtoolError(f"{source}: {sw.tensor} of shape {[n_rows, n_cols]} has no element [{sw.at.row}, {sw.at.col}]")
-        actual = float(tensor.read(np.array([sw.at.row]))[0, sw.at.col])
+        # an expert's weight is element [expert, row, col] of the stacked experts [experts, out, in]
+        index = (sw.at.row, sw.at.col) if sw.at.expert is None else (sw.at.expert, sw.at.row, sw.at.col)
+        if tensor is None or len(tensor.shape) != len(index):
+            what = "a matrix" if sw.at.expert is None else "a stack of experts"
+            raise SwtoolError(f"{source}: the catalog's tensor {sw.tensor!r} is not {what} of this model")
+        if not all(0 <= i < n for i, n in zip(index, tensor.shape)):
+            raise SwtoolError(f"{source}: {sw.tensor} of shape {list(tensor.shape)} has no element {list(index)}")
+        actual = float(tensor.read(np.array([index[0]]))[(0,) + index[1:]])
         # bf16 -> f16 conversions move a value by < 0.1 %; a different model moves it much more
         if not abs(actual - sw.value) <= 0.01 * abs(sw.value) + 1e-6:
-            raise SwtoolError(f"{source}: {sw.tensor}[{sw.at.row}, {sw.at.col}] is {actual:.6g}, the catalog says "
+            raise SwtoolError(f"{source}: {sw.tensor}{list(index)} is {actual:.6g}, the catalog says "
                               f"{sw.value:.6g}: the catalog is not for this model")
         sw.value = actual
 
@@ -191,10 +192,10 @@ def isolate(tensors, super_weights, orders):
 
     for layer in sorted({sw.at.layer for sw in super_weights}):
         here = [sw for sw in super_weights if sw.at.layer == layer]
-        down = tensors[f"blk.{layer}.ffn_down.weight"]
+        down = tensors.get(f"blk.{layer}.ffn_down.weight")
         partners = [tensors.get(f"blk.{layer}.{kind}.{part}") for kind in ("ffn_gate", "ffn_up")
                     for part in ("weight", "bias")]
-        if any(sw.tensor != down.name for sw in here) or tensors.get(f"blk.{layer}.ffn_gate.weight") is None:
+        if down is None or any(sw.tensor != down.name for sw in here) or partners[0] is None:
             raise SwtoolError(f"--sw-handling isolate needs the super weights in a gated MLP's ffn_down "
                               f"(blk.{layer}.ffn_gate/ffn_up/ffn_down)")
         if GGML_QUANT_SIZES[down.qtype][0] == 1:  # a float type: nothing shares a scale with the super weight
@@ -220,8 +221,8 @@ def super_weight_fields(super_weights, prompt, handling, orders):
     import gguf
 
     T = gguf.GGUFValueType
-    entries = [{"layer": sw.at.layer, "row": sw.at.row, "col": sw.at.col, "value": sw.value, "gguf_tensor": sw.tensor}
-               for sw in super_weights]
+    entries = [{"layer": sw.at.layer, "row": sw.at.row, "col": sw.at.col, "value": sw.value, "gguf_tensor": sw.tensor,
+                "expert": sw.at.expert} for sw in super_weights]
     if not entries:  # nothing to record: no swtool.* keys at all
         return []
     fields = gguf_keys.metadata_fields(entries, prompt)
@@ -432,11 +433,15 @@ def tensor_order(tensor):
 def hf_tensors(model):
     """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint, as the family converts it."""
     arch, checkpoint = model.arch, model.checkpoint
+    restacked, replaced = arch.gguf_restacked(checkpoint.tensor)
+    sources = {hf_name: (shape, checkpoint.tensor(hf_name).read)
+               for hf_name, shape in arch.tensor_shapes().items() if hf_name not in replaced}
+    sources.update(restacked)
     tensors = {}
-    for hf_name, shape in arch.tensor_shapes().items():
+    for hf_name, (shape, read) in sources.items():
         name = arch.gguf_name(hf_name)
-        source = checkpoint.tensor(hf_name)
-        tensor = OutTensor(name, tuple(shape), source.read, source_type=source.dtype)
+        source_type = checkpoint.tensor(hf_name).dtype if hf_name not in restacked else None
+        tensor = OutTensor(name, tuple(shape), read, source_type=source_type)
         stored_rows = arch.gguf_stored_rows(name, shape[0])
         if stored_rows is not None:  # the file's row i is the source's row row_order[i]
             tensor.row_order = np.argsort(stored_rows)
@@ -597,7 +602,8 @@ def format_export(report):
         for sw in report.super_weights:
             tensor = by_name[sw.tensor]
             why = tensor.reason + ("; channels reordered: a block of its own" if tensor.col_order is not None else "")
-            rows.append([sw.tensor, sw.at.row, sw.at.col, f"{sw.value:.6g}", tensor.qtype.name, why])
+            held_by = sw.tensor + ("" if sw.at.expert is None else f" (expert {sw.at.expert})")
+            rows.append([held_by, sw.at.row, sw.at.col, f"{sw.value:.6g}", tensor.qtype.name, why])
         lines.append(format_table(["super weight in", "row", "col", "value", "stored as", "why"], rows))
     fallbacks = sorted({t.reason.split("; ", 1)[1] for t in report.tensors if "; rows of" in t.reason})
     lines += [f"fallback: {text}" for text in fallbacks]

@@ -10,6 +10,9 @@ one entry per super weight, in the catalog's order:
   swtool.super_weights.col       ARRAY[UINT32]   input channel m
   swtool.super_weights.value     ARRAY[FLOAT32]  the weight in the source checkpoint, exactly (bf16/f16 fit a float32)
   swtool.super_weights.tensor    ARRAY[STRING]   llama.cpp name of the tensor (blk.2.ffn_down.weight)
+  swtool.super_weights.expert    ARRAY[INT32]    the mixture expert, -1 for none: the weight is element
+                                                 [expert, row, col] of blk.N.ffn_down_exps (written only
+                                                 when some super weight is in an expert)
   swtool.detection.prompt        STRING          the prompt the scan used (optional)
   swtool.export.handling         STRING          what `swtool export`/`quantize` did with them: "keep:F16", "isolate", "none"
   swtool.ffn_order.{L}           ARRAY[UINT32]   after "isolate" (quant/isolate.py): the source intermediate channel of
@@ -35,6 +38,8 @@ VALUE = "swtool.super_weights.value"
 TENSOR = "swtool.super_weights.tensor"
 PROMPT = "swtool.detection.prompt"
 PER_WEIGHT = (LAYER, ROW, COL, VALUE, TENSOR)
+EXPERT = "swtool.super_weights.expert"
+NO_EXPERT = -1  # EXPERT's entry for a dense MLP's or a shared expert's super weight
 HANDLING = "swtool.export.handling"
 FFN_ORDER_PREFIX = "swtool.ffn_order."
 
@@ -74,6 +79,9 @@ def metadata_fields(super_weights, prompt=None):
         (VALUE, [float(sw["value"]) for sw in super_weights], T.ARRAY, T.FLOAT32),
         (TENSOR, [str(sw["gguf_tensor"]) for sw in super_weights], T.ARRAY, T.STRING),
     ]
+    if any(sw.get("expert") is not None for sw in super_weights):
+        fields.append((EXPERT, [NO_EXPERT if sw.get("expert") is None else int(sw["expert"]) for sw in super_weights],
+                       T.ARRAY, T.INT32))
     if prompt:
         fields.append((PROMPT, prompt, T.STRING, None))
     return fields
@@ -84,7 +92,8 @@ def has_swtool_metadata(metadata):
 
 
 def read_super_weights(metadata, source):
-    """The super weights a GGUF's metadata records, [{layer, row, col, value, gguf_tensor}], or None.
+    """The super weights a GGUF's metadata records, [{layer, row, col, value, gguf_tensor}] (and `expert`
+    when the file records experts), or None.
 
     Inconsistent keys (arrays of different lengths, an unknown format version) are an error, not ignored.
     """
@@ -93,8 +102,8 @@ def read_super_weights(metadata, source):
     version = metadata.get(FORMAT_VERSION_KEY)
     if version != FORMAT_VERSION:
         raise SwtoolError(f"{source}: {FORMAT_VERSION_KEY} is {version!r}; this swtool reads version {FORMAT_VERSION}")
-    columns = []
-    for key in PER_WEIGHT:
+    columns, keys = [], PER_WEIGHT + ((EXPERT,) if EXPERT in metadata else ())
+    for key in keys:
         value = metadata.get(key)
         if not is_array(value):
             raise SwtoolError(f"{source}: metadata {key} is missing or not an array")
@@ -102,10 +111,14 @@ def read_super_weights(metadata, source):
             raise SwtoolError(f"{source}: metadata {key} holds an element of the wrong type or out of range")
         columns.append(list(value))
     if len({len(column) for column in columns}) != 1:
-        lengths = ", ".join(f"{key}: {len(column)}" for key, column in zip(PER_WEIGHT, columns))
+        lengths = ", ".join(f"{key}: {len(column)}" for key, column in zip(keys, columns))
         raise SwtoolError(f"{source}: the swtool.super_weights arrays differ in length ({lengths})")
-    return [{"layer": layer, "row": row, "col": col, "value": value, "gguf_tensor": tensor}
-            for layer, row, col, value, tensor in zip(*columns)]
+    recorded = [{"layer": layer, "row": row, "col": col, "value": value, "gguf_tensor": tensor}
+                for layer, row, col, value, tensor in zip(*columns[:5])]
+    if EXPERT in metadata:
+        for sw, expert in zip(recorded, columns[5]):
+            sw["expert"] = None if expert == NO_EXPERT else expert
+    return recorded
 
 
 def _element_ok(key, value):
@@ -118,4 +131,4 @@ def _element_ok(key, value):
         return False
     if key == VALUE:
         return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, int) and value >= 0
+    return isinstance(value, int) and value >= (NO_EXPERT if key == EXPERT else 0)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from swtool.cli import main
 from swtool.known import load as SHIPPED_KNOWN_TABLE
-from fixtures.tiny import Plant
+from fixtures.tiny import Plant, stacked_copy
 
 PLANT = Plant(1, 41, 101)
 DOWN = "model.layers.1.mlp.down_proj.weight"
@@ -463,15 +463,6 @@ def test_ablate_json_lists_each_patch_as_the_files_hold_it(planted, tmp_path):
     assert dtype == "BF16" and sw["value"] == stored_value(directory, DOWN, (PLANT.row, PLANT.col)) == PLANT.value
     assert new == halved.view(torch.int16).numpy().tobytes()
     assert differing_bytes(directory / "model.safetensors", out / "model.safetensors") <= {offset, offset + 1}
-
-
-def stacked_copy(per_expert, out):
-    """A mixture re-saved by transformers 5 in its own stacked-experts layout (it saves per-expert
-    tensors by default)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(per_expert, dtype="auto")
-    model.save_pretrained(out, save_original_format=False)
-    (out / "tokenizer.json").write_bytes((per_expert / "tokenizer.json").read_bytes())
-    return out
 
 
 # family, tensor holding the planted weight, and where the file stores W[row, col] of expert 2 / the Conv1D

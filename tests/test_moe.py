@@ -28,19 +28,11 @@ from swtool.errors import CheckpointError, SwtoolError
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
-from fixtures.tiny import Plant, random_tokens, reference_logits
+from fixtures.tiny import Plant, random_tokens, reference_logits, stacked_copy
 
 PLANT = Plant(2, 41, 101, expert=2)
 STACKED_DOWN = "model.layers.{layer}.mlp.experts.down_proj"
 PER_EXPERT_DOWN = "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight"
-
-
-def stacked_copy(per_expert_dir, out_dir):
-    """The same model re-saved by transformers in its stacked-experts layout."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(per_expert_dir, dtype="auto")
-    model.save_pretrained(out_dir, save_original_format=False)
-    shutil.copy(per_expert_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    return out_dir
 
 
 def tensor_names(directory):

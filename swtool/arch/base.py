@@ -186,7 +186,8 @@ class Architecture:
 
     def adapt(self, names):
         """Called once with the checkpoint's tensor names, before tensor_shapes(). Families whose
-        checkpoints come in several layouts (per-expert or stacked mixture experts) pick theirs here."""
+        checkpoints come in several layouts (per-expert or stacked mixture experts) pick theirs here.
+        GGUF input calls it with llama.cpp's names first, to list the tensors the file holds."""
         if self.moe is not None:
             self.moe.adapt(names)
 
@@ -285,6 +286,15 @@ class Architecture:
         """The row of the GGUF tensor that holds each row of the Hugging Face one (an int array
         [n_rows]), or None when the converter keeps the rows in their order (most tensors)."""
         return None
+
+    def gguf_restacked(self, tensor):
+        """Tensors the converter makes by stacking several checkpoint tensors or splitting one (a
+        mixture's experts: moe.Mixture.gguf_restacked): ({Hugging Face name in the layout llama.cpp
+        stores: (shape, read(rows))}, the checkpoint names they stand for). `tensor(name)` gives a
+        checkpoint tensor. Export names and writes them like the others; none by default."""
+        if self.moe is not None:
+            return self.moe.gguf_restacked(tensor)
+        return {}, set()
 
     def gguf_extra_tensors(self):
         """{llama.cpp name: float32 array} of tensors the converter adds (none by default)."""

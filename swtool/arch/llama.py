@@ -11,7 +11,8 @@ num_key_value_heads < num_attention_heads.
 GGUF: llama.cpp converts Llama and Mistral as its "llama" architecture, whose Q and K
 rows it permutes (its RoPE rotates neighbouring pairs, Hugging Face's the two halves
 of each head), and Qwen2 as "qwen2", unpermuted. Llama 3.1-style RoPE scaling travels
-as a `rope_freqs.weight` tensor of per-frequency divisors.
+as a `rope_freqs.weight` tensor of per-frequency divisors. A "llama" file with
+`llama.expert_count` is a Mixtral (mixtral.py), read here as its config says.
 """
 
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Index
+from swtool.arch.moe import mixture_config_from_gguf
 from swtool.arch.rope import inv_freq, rope_settings
 from swtool.errors import SwtoolError
 
@@ -108,31 +110,11 @@ class Llama(Architecture):
         return {} if factors is None else {ROPE_FREQS: factors}
 
     def gguf_hyperparameters(self, writer):
-        """The `{arch}.*` keys of convert_hf_to_gguf's LlamaModel / Qwen2Model."""
-        import gguf
-
-        config = self.config
-        writer.add_context_length(int(config["max_position_embeddings"]))
-        writer.add_embedding_length(self.hidden_size)
-        writer.add_block_count(self.n_layers)
-        writer.add_feed_forward_length(self.intermediate_size)
-        writer.add_head_count(self.heads.n)
-        writer.add_head_count_kv(self.heads.n_kv)
-        theta, scaling = rope_settings(config)
-        writer.add_rope_freq_base(theta)
-        writer.add_layer_norm_rms_eps(self.eps)
-        if self.args.head_dim is not None:
-            writer.add_key_length(self.heads.dim)
-            writer.add_value_length(self.heads.dim)
-        writer.add_vocab_size(self.vocab_size)
-        writer.add_rope_dimension_count(self.heads.dim)
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-        elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
-            raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export "
-                              f"(supported: none, linear, llama3)")
+        """The `{arch}.*` keys of convert_hf_to_gguf's LlamaModel (Llama, Mistral, Mixtral) / Qwen2Model."""
+        text_model_hyperparameters(self, writer)
+        if self.gguf_arch_name() == "llama":  # LlamaModel's own, beyond TextModel's
+            writer.add_vocab_size(self.vocab_size)
+            writer.add_rope_dimension_count(self.heads.dim)
 
     def gguf_vocabulary(self, writer, directory, kind):
         """LlamaModel.set_vocab (Llama, Mistral): tokenizer_config.json's add_prefix_space, when it says one,
@@ -148,35 +130,79 @@ class Llama(Architecture):
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
-        hidden, n_head = hparams("embedding_length"), hparams("attention.head_count")
-        head_dim = hparams("attention.key_length", hidden // n_head)
-        if hparams("attention.value_length", head_dim) != head_dim:
-            raise hparams.error("keys and values of different sizes do not fit a llama-style config")
-        if hparams("rope.dimension_count", head_dim) != head_dim:
-            raise hparams.error("partial rotary embeddings do not fit a llama-style config")
-        model_type = hparams.arch  # "llama" or "qwen2", as the file says
-        config = {
-            "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
-            "model_type": model_type,
-            "hidden_size": hidden,
-            "intermediate_size": hparams("feed_forward_length"),
-            "num_hidden_layers": hparams("block_count"),
-            "num_attention_heads": n_head,
-            "num_key_value_heads": hparams("attention.head_count_kv", n_head),
-            "head_dim": head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": hparams.float32(hparams("attention.layer_norm_rms_epsilon", kind=float)),
-            "rope_theta": hparams.float32(hparams("rope.freq_base", 10000.0, kind=float)),
-            "rope_scaling": rope_scaling_from_gguf(hparams),
-            "max_position_embeddings": hparams("context_length"),
-        }
+        model_type = hparams.arch  # "llama" or "qwen2", as the file says; "llama" with experts is Mixtral
+        if model_type == "llama" and f"llama.{EXPERT_COUNT}" in hparams.meta:
+            model_type = "mixtral"
+        config = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
+                  **decoder_config_from_gguf(hparams)}
         if model_type == "llama":
             config["attention_bias"] = "blk.0.attn_q.bias" in gguf_tensors
             config["attention_dropout"] = 0.0
             config["mlp_bias"] = "blk.0.ffn_down.bias" in gguf_tensors
+        if model_type == "mixtral":
+            config.update(mixture_config_from_gguf(hparams, normalised=True))  # llama.cpp's Mixtral normalises
         if ROPE_FREQS in gguf_tensors:
             config["rope_scaling"] = freq_factor_scaling(gguf_tensors[ROPE_FREQS], config, hparams)
         return config
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+EXPERT_COUNT = "expert_count"
+
+
+def decoder_config_from_gguf(hparams):
+    """config.json's keys that llama-like GGUF architectures all store the same way: sizes, heads,
+    RMS epsilon, RoPE (as convert_hf_to_gguf's TextModel writes them)."""
+    hidden, n_head = hparams("embedding_length"), hparams("attention.head_count")
+    head_dim = hparams("attention.key_length", hidden // n_head)
+    if hparams("attention.value_length", head_dim) != head_dim:
+        raise hparams.error("keys and values of different sizes do not fit a llama-style config")
+    if hparams("rope.dimension_count", head_dim) != head_dim:
+        raise hparams.error("partial rotary embeddings do not fit a llama-style config")
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": hparams("feed_forward_length"),
+        "num_hidden_layers": hparams("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": hparams("attention.head_count_kv", n_head),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": hparams.float32(hparams("attention.layer_norm_rms_epsilon", kind=float)),
+        "rope_theta": hparams.float32(hparams("rope.freq_base", 10000.0, kind=float)),
+        "rope_scaling": rope_scaling_from_gguf(hparams),
+        "max_position_embeddings": hparams("context_length"),
+    }
+
+
+def text_model_hyperparameters(arch, writer, rms_norm_eps=None):
+    """The `{arch}.*` keys convert_hf_to_gguf's TextModel.set_gguf_parameters writes for a llama-like
+    family: sizes, heads, RoPE, RMS epsilon (`rms_norm_eps` when the family's converter overrides the
+    config's), expert counts, head_dim when config.json gives one."""
+    import gguf
+
+    config = arch.config
+    writer.add_block_count(arch.n_layers)
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(arch.hidden_size)
+    writer.add_feed_forward_length(arch.args.intermediate_size)  # a mixture's dense one: what the config says
+    writer.add_head_count(arch.heads.n)
+    writer.add_head_count_kv(arch.heads.n_kv)
+    theta, scaling = rope_settings(config)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
+        raise SwtoolError(f"RoPE scaling {rope_type!r} is not supported for export "
+                          f"(supported: none, linear, llama3)")
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(arch.args.rms_norm_eps if rms_norm_eps is None else rms_norm_eps)
+    if arch.moe is not None:
+        writer.add_expert_count(arch.moe.n_experts)
+        writer.add_expert_used_count(arch.moe.top_k)
+    if arch.config.get("head_dim") is not None:
+        writer.add_key_length(arch.heads.dim)
+        writer.add_value_length(arch.heads.dim)
 
 
 def llama_attention(arch, ctx, layer, h):

@@ -9,11 +9,16 @@ The down projection of expert e is its `w2`. Per-expert checkpoints keep the exp
 `model.layers.N.block_sparse_moe.experts.E.w{1,2,3}.weight` (router `block_sparse_moe.gate`);
 transformers 5's stacked layout is moe.py's. Routing and both layouts: see moe.py.
 A `sliding_window` in the config applies to every layer, as in Mistral.
+
+GGUF: llama.cpp converts Mixtral as Llama (its "llama" architecture, Q and K rows permuted,
+LlamaModel's keys and vocabulary) plus llama.expert_count / expert_used_count, its experts
+stacked per matrix (blk.N.ffn_{gate,up,down}_exps); a "llama" file with experts reads back
+as Mixtral (Llama.config_from_gguf).
 """
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture
-from swtool.arch.llama import llama_attention
+from swtool.arch.llama import Llama, llama_attention
 from swtool.arch.moe import Mixture, MixtureArgs
 
 
@@ -32,8 +37,19 @@ class Mixtral(Architecture):
         self.moe = Mixture(self, args.intermediate_size, normalise=True, module="block_sparse_moe",
                            matrices=("w1", "w3", "w2"))
 
+    # --- GGUF: Llama's, the expert counts included (llama.text_model_hyperparameters) ----------
+    gguf_exports = True
+    gguf_derived = Llama.gguf_derived
+    gguf_stored_rows = Llama.gguf_stored_rows
+    gguf_extra_tensors = Llama.gguf_extra_tensors
+    gguf_hyperparameters = Llama.gguf_hyperparameters
+    gguf_vocabulary = Llama.gguf_vocabulary
+
     def gguf_arch(self):
         return "LLAMA"  # llama.cpp converts Mixtral as llama, its experts stacked
+
+    def gguf_arch_name(self):
+        return "llama"
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

@@ -17,6 +17,11 @@ gate_proj/up_proj/down_proj otherwise):
       model.layers.N.mlp.gate.weight                   [experts, hidden]
       model.layers.N.mlp.experts.gate_up_proj          [experts, 2 ff, hidden]  gate rows, then up rows
       model.layers.N.mlp.experts.down_proj             [experts, hidden, ff]
+  - stacked apart (a GGUF file: llama.cpp's converter stacks each matrix on its own,
+    blk.N.ffn_{gate,up,down}_exps.weight; GGUF input presents them under these names):
+      model.layers.N.mlp.experts.gate_proj             [experts, ff, hidden]
+      model.layers.N.mlp.experts.up_proj               [experts, ff, hidden]
+      model.layers.N.mlp.experts.down_proj             [experts, hidden, ff]
 
 Qwen-style configs may keep some layers dense (a plain gated MLP, `mlp.{gate,up,down}_proj`):
 layer i is sparse unless i is in `mlp_only_layers` or (i + 1) is not a multiple of
@@ -39,6 +44,9 @@ from swtool.arch.base import DOWN_IN, DOWN_OUT, Count, DecoderArgs, Layers
 from swtool.errors import SwtoolError
 
 STACKED_DOWN = re.compile(r"model\.layers\.\d+\.mlp\.experts\.down_proj")
+# a stacked tensor: transformers 5 names them without the ".weight" suffix, and so does GGUF input
+STACKED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)")
+GGUF_STACKED_DOWN = re.compile(r"blk\.\d+\.ffn_down_exps\.weight")  # what adapt() sees of a GGUF file
 # the expert label of an always-on shared expert (Qwen2-MoE) in observe_expert and down_proj_name:
 # it sees every token, and its down projection is a plain 2-D matrix, not a numbered expert
 SHARED = "shared"
@@ -89,10 +97,14 @@ class Mixture:
         self.n_experts, self.top_k, self.expert_ff = args.num_experts, args.num_experts_per_tok, expert_ff
         self.normalise_top_k = normalise
         self.sparse_step, self.dense_layers = args.decoder_sparse_step, set(args.mlp_only_layers)
+        self.n_layers = arch.n_layers
         self.stacked = False  # per-expert tensors until adapt() sees the stacked ones
+        self.fused = False  # stacked gate and up in one gate_up_proj (transformers 5), or apart (GGUF)
 
     def adapt(self, names):
-        self.stacked = any(STACKED_DOWN.fullmatch(name) for name in names)
+        """The layout of a checkpoint's names, or of a GGUF file's (llama.cpp's names: stacked apart)."""
+        self.stacked = any(STACKED_DOWN.fullmatch(name) or GGUF_STACKED_DOWN.fullmatch(name) for name in names)
+        self.fused = any(name.endswith(".mlp.experts.gate_up_proj") for name in names)
 
     def is_sparse(self, layer):
         return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
@@ -125,12 +137,37 @@ class Mixture:
         dense = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", hf_name)
         if per_expert:
             hf_name = f"{per_expert[1]}.{per_expert[2]}"
-        elif STACKED_DOWN.fullmatch(hf_name):
+        elif STACKED.fullmatch(hf_name):
             hf_name += ".weight"  # transformers 5 names the stacked parameter without the suffix
         elif dense and not self.is_sparse(int(dense[1])):
             # gguf-py's MoE maps leave out dense MLPs; llama.cpp's generic names for them
             return f"blk.{dense[1]}.ffn_{dense[2]}.weight"
         return name_map(hf_name)
+
+    def gguf_restacked(self, tensor):
+        """The experts as llama.cpp's converter writes them, one [experts, out, in] tensor per matrix
+        and layer, from a checkpoint whose layout differs: ({name in the stacked-apart layout: (shape,
+        read(experts))}, the checkpoint names they stand for). Per-expert tensors are stacked,
+        transformers 5's gate_up_proj split into its gate and up halves (Qwen2MoeModel.modify_tensors).
+        `tensor(name)`: the checkpoint's tensor."""
+        restacked, replaced = {}, set()
+        if self.stacked and not self.fused:
+            return restacked, replaced  # llama.cpp's own layout
+        d, ff, n = self.hidden_size, self.expert_ff, self.n_experts
+        for layer in filter(self.is_sparse, range(self.n_layers)):
+            base = f"model.layers.{layer}.mlp.experts."
+            if self.stacked:  # fused gate_up_proj; down_proj is already llama.cpp's
+                fused = tensor(base + "gate_up_proj")
+                restacked[base + "gate_proj"] = ((n, ff, d), lambda rows, t=fused: t.read(rows)[:, :ff])
+                restacked[base + "up_proj"] = ((n, ff, d), lambda rows, t=fused: t.read(rows)[:, ff:])
+                replaced.add(base + "gate_up_proj")
+                continue
+            for matrix, stacked_name in enumerate(("gate_proj", "up_proj", "down_proj")):
+                names = [self.expert_name(layer, expert, matrix) for expert in range(n)]
+                shape = (n, d, ff) if matrix == 2 else (n, ff, d)
+                restacked[base + stacked_name] = (shape, stacked_reader([tensor(name) for name in names]))
+                replaced.update(names)
+        return restacked, replaced
 
     def tensors(self, layer, dense_ff):
         """Layer `layer`'s MLP tensors: router and experts, or a dense gated MLP of `dense_ff` channels."""
@@ -139,8 +176,12 @@ class Mixture:
             return blocks.gated_mlp_tensors(f"model.layers.{layer}.mlp", d, dense_ff)
         shapes = {self.router_name(layer): (n, d)}
         if self.stacked:
-            shapes[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = (n, 2 * ff, d)
-            shapes[f"model.layers.{layer}.mlp.experts.down_proj"] = (n, d, ff)
+            base = f"model.layers.{layer}.mlp.experts."
+            if self.fused:
+                shapes[base + "gate_up_proj"] = (n, 2 * ff, d)
+            else:
+                shapes[base + "gate_proj"] = shapes[base + "up_proj"] = (n, ff, d)
+            shapes[base + "down_proj"] = (n, d, ff)
             return shapes
         for expert in range(n):
             shapes[self.expert_name(layer, expert, 0)] = shapes[self.expert_name(layer, expert, 1)] = (ff, d)
@@ -185,8 +226,12 @@ class Mixture:
         """One expert's gated MLP on the rows it receives: x [1, N, hidden] -> [1, N, hidden]."""
         if self.stacked:
             base = f"model.layers.{layer}.mlp.experts."
-            gate_up = ctx.linear(x, base + "gate_up_proj", world=routed.world, expert=expert)
-            gate, up = np.split(gate_up, 2, axis=-1)  # gate rows first, then up rows
+            if self.fused:
+                gate_up = ctx.linear(x, base + "gate_up_proj", world=routed.world, expert=expert)
+                gate, up = np.split(gate_up, 2, axis=-1)  # gate rows first, then up rows
+            else:
+                gate = ctx.linear(x, base + "gate_proj", world=routed.world, expert=expert)
+                up = ctx.linear(x, base + "up_proj", world=routed.world, expert=expert)
             down, down_expert = base + "down_proj", expert
         else:
             gate = ctx.linear(x, self.expert_name(layer, expert, 0), world=routed.world)
@@ -197,3 +242,22 @@ class Mixture:
         y = ctx.linear(act, down, world=routed.world, expert=down_expert)
         ctx.observe_expert(DOWN_OUT, layer, expert, routed, y[0])
         return y
+
+
+def stacked_reader(experts):
+    """read(rows) of the [experts, out, in] stack of the 2-D tensors `experts`: rows pick experts."""
+    def read(rows=None):
+        picked = np.arange(len(experts))[slice(None) if rows is None else rows]
+        return np.stack([experts[int(e)].read() for e in np.atleast_1d(picked)])
+    return read
+
+
+def mixture_config_from_gguf(hparams, normalised):
+    """config.json's mixture keys from a GGUF file: expert counts, and whether the top-k weights are
+    divided by their sum: `{arch}.expert_weights_norm` when the file says, else `normalised`, what
+    llama.cpp does for the architecture (the converter writes the key for few of them)."""
+    norm = hparams.meta.get(f"{hparams.arch}.expert_weights_norm", normalised)
+    if not isinstance(norm, bool):
+        raise hparams.error(f"metadata {hparams.arch}.expert_weights_norm = {norm!r} is not true or false")
+    return {"num_experts": hparams("expert_count"), "num_experts_per_tok": hparams("expert_used_count"),
+            "norm_topk_prob": norm}

@@ -27,6 +27,10 @@ Unlike OLMo 2, the sub-blocks normalise their input (input_layernorm,
 post_attention_layernorm) and nothing after. The q/k norms span the whole
 projection (all heads at once, as OLMo 2's), and `clip_qkv`, when set, clamps
 q, k and v after those norms. Routing and both expert layouts: moe.py.
+
+GGUF (OLMoE): llama.cpp's "olmoe" (OlmoeModel: TextModel's keys, the RMS epsilon always 1e-5),
+the whole-projection q/k norms as attn_q_norm / attn_k_norm. The converter writes no key for
+clip_qkv, and llama.cpp's olmoe neither clamps nor divides the top-k weights by their sum.
 """
 
 from dataclasses import dataclass
@@ -35,9 +39,11 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
-from swtool.arch.moe import Mixture, MixtureArgs
+from swtool.arch.llama import decoder_config_from_gguf, text_model_hyperparameters
+from swtool.arch.moe import Mixture, MixtureArgs, mixture_config_from_gguf
 
 OLMO_LAYER_NORM_EPS = 1e-5  # OlmoLayerNorm ignores the config and uses this
+OLMOE_GGUF_RMS_EPS = 1e-5  # OlmoeModel.set_gguf_parameters writes this, whatever the config says
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,8 +153,24 @@ class Olmoe(Architecture):
         self.clip_qkv = args.clip_qkv
         self.moe = Mixture(self, args.intermediate_size, normalise=args.norm_topk_prob)
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("olmoe",)
+
     def gguf_arch(self):
         return "OLMOE"
+
+    def gguf_arch_name(self):
+        return "olmoe"
+
+    def gguf_hyperparameters(self, writer):
+        text_model_hyperparameters(self, writer, rms_norm_eps=OLMOE_GGUF_RMS_EPS)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        return {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", **decoder_config_from_gguf(hparams),
+                **mixture_config_from_gguf(hparams, normalised=False),
+                "attention_bias": "blk.0.attn_q.bias" in gguf_tensors}
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

@@ -12,6 +12,10 @@ shared_expert_intermediate_size) in every sparse layer. Its output is part of "d
 its down projection's input is observed like an expert's (label SHARED, every token, the
 sigmoid gate as its weight), so scan traces a spike to it as well as to the routed experts.
 Routing, layouts and dense layers: moe.py.
+
+GGUF: llama.cpp's "qwen2moe" (Qwen2MoeModel: TextModel's keys, expert_feed_forward_length and
+expert_shared_feed_forward_length), the shared expert as ffn_{gate,up,down}_shexp and its gate
+as ffn_gate_inp_shexp; llama.cpp does not divide the top-k weights by their sum.
 """
 
 from dataclasses import dataclass
@@ -20,9 +24,10 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import DOWN_IN, DOWN_OUT, RESID, RESID_MID, Architecture, Count, Index
-from swtool.arch.llama import llama_attention
-from swtool.arch.moe import SHARED, Mixture, MixtureArgs, Routed
+from swtool.arch.llama import decoder_config_from_gguf, llama_attention, text_model_hyperparameters
+from swtool.arch.moe import SHARED, Mixture, MixtureArgs, Routed, mixture_config_from_gguf
 from swtool.arch.qwen3 import qwen_window
+from swtool.errors import SwtoolError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +36,12 @@ class Qwen2MoeArgs(MixtureArgs):
     shared_expert_intermediate_size: Count
     qkv_bias: bool = True  # Qwen2's q/k/v biases, a config flag here
     max_window_layers: Index = 28
+    sliding_window: Index = None  # transformers 5 saves 0 when use_sliding_window is off
+
+    def check(self):
+        super().check()
+        if self.use_sliding_window and self.sliding_window == 0:
+            raise SwtoolError("config.json: use_sliding_window with sliding_window = 0")
 
 
 class Qwen2Moe(Architecture):
@@ -54,8 +65,29 @@ class Qwen2Moe(Architecture):
             return f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"
         return self.moe.down_proj_name(layer, expert)
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("qwen2moe",)
+
     def gguf_arch(self):
         return "QWEN2MOE"
+
+    def gguf_arch_name(self):
+        return "qwen2moe"
+
+    def gguf_hyperparameters(self, writer):
+        text_model_hyperparameters(self, writer)
+        writer.add_expert_feed_forward_length(self.moe.expert_ff)
+        writer.add_expert_shared_feed_forward_length(self.shared_ff)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                **decoder_config_from_gguf(hparams), **mixture_config_from_gguf(hparams, normalised=False),
+                "moe_intermediate_size": hparams("expert_feed_forward_length"),
+                "shared_expert_intermediate_size": hparams("expert_shared_feed_forward_length"),
+                "qkv_bias": "blk.0.attn_q.bias" in gguf_tensors,
+                "attention_bias": "blk.0.attn_output.bias" in gguf_tensors}
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

@@ -18,13 +18,19 @@ Qwen3-MoE: Qwen3's attention (an RMSNorm on every q/k head) and a sparse mixture
 Experts are `mlp.experts.E.{gate,up,down}_proj` (Hub) or stacked (transformers 5), sized
 moe_intermediate_size; layers that decoder_sparse_step / mlp_only_layers keep dense have
 Qwen3's plain MLP (intermediate_size). Routing, layouts and dense layers: moe.py.
+
+GGUF: llama.cpp's "qwen3" and "qwen3moe" (Qwen3Model, Qwen3MoeModel: TextModel's keys, plus
+expert_feed_forward_length for the experts' moe_intermediate_size), rows unpermuted, the
+q/k norms as attn_q_norm / attn_k_norm. llama.cpp's qwen3moe has no dense MLP layers and
+always divides the top-k weights by their sum, which is what a file reads back as.
 """
 
 from dataclasses import dataclass
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, Count, DecoderArgs, Index
-from swtool.arch.moe import Mixture, MixtureArgs
+from swtool.arch.llama import decoder_config_from_gguf, text_model_hyperparameters
+from swtool.arch.moe import Mixture, MixtureArgs, mixture_config_from_gguf
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,8 +53,23 @@ class Qwen3(Architecture):
         self.activation = blocks.activation(args.hidden_act)
         self.attn_bias, self.mlp_bias = args.attention_bias, args.mlp_bias
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("qwen3",)
+
     def gguf_arch(self):
         return "QWEN3"
+
+    def gguf_arch_name(self):
+        return "qwen3"
+
+    def gguf_hyperparameters(self, writer):
+        text_model_hyperparameters(self, writer)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **decoder_config_from_gguf(hparams),
+                "attention_bias": "blk.0.attn_q.bias" in gguf_tensors}
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()
@@ -96,8 +117,26 @@ class Qwen3Moe(Architecture):
         self.attn_bias = args.attention_bias
         self.moe = Mixture(self, args.moe_intermediate_size, normalise=args.norm_topk_prob)
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("qwen3moe",)
+
     def gguf_arch(self):
         return "QWEN3MOE"
+
+    def gguf_arch_name(self):
+        return "qwen3moe"
+
+    def gguf_hyperparameters(self, writer):
+        text_model_hyperparameters(self, writer)
+        writer.add_expert_feed_forward_length(self.moe.expert_ff)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                **decoder_config_from_gguf(hparams), **mixture_config_from_gguf(hparams, normalised=True),
+                "moe_intermediate_size": hparams("expert_feed_forward_length"),
+                "attention_bias": "blk.0.attn_q.bias" in gguf_tensors}
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

@@ -25,7 +25,7 @@ import mmap
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 
@@ -94,6 +94,15 @@ class GGUFTensor:
             return rows if rows is None or isinstance(rows, slice) else np.asarray(rows)
         hf_rows = np.arange(self.shape[0]) if rows is None else np.arange(self.shape[0])[rows]
         return self.row_order[hf_rows]
+
+    def sub(self, index):
+        """Entry `index` of the first axis as a tensor of its own: expert e of stacked experts
+        [experts, out, in] (blk.N.ffn_down_exps) -> its [out, in] matrix, whose blocks are one run."""
+        if len(self.shape) < 2 or not 0 <= index < self.shape[0] or self.row_order is not None:
+            raise CheckpointError(self.path, f"tensor {self.name!r} of shape {list(self.shape)} "
+                                             f"has no entry {index} along its first axis")
+        size = self.nbytes // self.shape[0]
+        return replace(self, shape=self.shape[1:], offset=self.offset + index * size, nbytes=size)
 
     def with_stored(self, use, rows=None):
         """use(stored) on the memory-mapped bits of `rows` (None = all rows); the map is closed after.
