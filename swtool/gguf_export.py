@@ -305,10 +305,16 @@ def rule_notes(rules, tensors):
 
 
 def check_options(options):
+    """Every option's value, before anything is read (a scan is not run for a command that will fail)."""
+    from swtool.quant.policy import named_tensor_rules, parse_target, parse_tensor_types
+
     if options.handling not in HANDLINGS:
         raise SwtoolError(f"--sw-handling {options.handling!r}: expected one of {', '.join(HANDLINGS)}")
     if options.keep_type.lower() not in KEEP_TYPES:
         raise SwtoolError(f"--keep-type {options.keep_type!r}: expected one of {', '.join(KEEP_TYPES)}")
+    parse_target(options.type)
+    parse_tensor_types(options.tensor_types)
+    named_tensor_rules(options.output_tensor_type, options.token_embedding_type)
 
 
 def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
@@ -367,6 +373,9 @@ def export(model_path, out_path, options):
 
         raise SwtoolError(f"export supports model_type {', '.join(gguf_export_model_types())}; "
                           f"{model_path} is {model.arch.model_type!r}")
+    from swtool.export_vocab import read_tokenizer_json
+
+    read_tokenizer_json(model.checkpoint.directory)  # a vocabulary that cannot be written fails before a scan
     arch_name = model.arch.gguf_arch_name()
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
@@ -481,6 +490,12 @@ def quantize_gguf(in_path, out_path, options):
     tensors = {name: OutTensor(name, info.shape, info.read, raw=info, source_type=info.dtype)
                for name, info in source.tensors.items()}
     orders = gguf_keys.read_ffn_orders(meta)
+    n_head = meta.get(f"{arch_name}.attention.head_count")
+    n_head_kv = meta.get(f"{arch_name}.attention.head_count_kv", n_head)  # llama.cpp's default: no GQA
+    model_70b = is_70b(arch_name, n_layers, n_head, n_head_kv)
+    tied = "output.weight" not in tensors
+    plan(tensors, options, [], tied, n_layers, model_70b)
+    requantizing(tensors, options, in_path)  # refused before a scan, not after it
     super_weights, prompt, notes = [], meta.get(gguf_keys.PROMPT), []
     recorded = gguf_keys.read_super_weights(meta, in_path) or []
     if options.catalog:
@@ -496,28 +511,9 @@ def quantize_gguf(in_path, out_path, options):
     else:
         notes.append("--no-scan, no --catalog and no swtool.* record in the input: the super weights are "
                      "neither recorded nor protected")
-    n_head = meta.get(f"{arch_name}.attention.head_count")
-    n_head_kv = meta.get(f"{arch_name}.attention.head_count_kv", n_head)  # llama.cpp's default: no GQA
-    model_70b = is_70b(arch_name, n_layers, n_head, n_head_kv)
-    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
+    target, rules_matched = plan(tensors, options, super_weights, tied, n_layers, model_70b)
     notes += rules_matched
-    from gguf import GGMLQuantizationType
-
-    requantized = Counter()
-    for tensor in tensors.values():
-        if tensor.reason == NOT_QUANTIZED:  # as llama-quantize: norms, 1-D tensors ... are copied as they are
-            tensor.qtype, tensor.reason = GGMLQuantizationType[tensor.raw.dtype], "copied (not a quantizable weight)"
-        if tensor.raw.dtype in ("F32", "F16", "BF16") or tensor.raw.dtype == tensor.qtype.name:
-            continue
-        if not options.allow_requantize:
-            raise SwtoolError(f"{in_path}: tensor {tensor.name} is already quantized ({tensor.raw.dtype}); "
-                              f"--allow-requantize decodes and quantizes it again (as llama-quantize), "
-                              f"at a quality bounded by {tensor.raw.dtype}'s")
-        if not tensor.raw.readable:
-            raise SwtoolError(f"{in_path}: tensor {tensor.name} is stored as {tensor.raw.dtype}, which swtool "
-                              f"cannot decode to re-quantize")
-        requantized[tensor.raw.dtype] += 1
-        tensor.reason += f", re-quantized from {tensor.raw.dtype}"
+    requantized = requantizing(tensors, options, in_path)
     handle_super_weights(tensors, options, super_weights, orders, in_path)
     handling = handling_label(options, super_weights, orders, tensors)
 
@@ -539,6 +535,29 @@ def quantize_gguf(in_path, out_path, options):
                      f"not only by {target.name}'s")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
                         options.dry_run)
+
+
+def requantizing(tensors, options, in_path):
+    """Planned GGUF tensors: those not quantized are copied; a tensor already block-quantized into
+    another type needs --allow-requantize and a decoder. Returns {source type: tensors re-quantized}."""
+    from gguf import GGMLQuantizationType
+
+    requantized = Counter()
+    for tensor in tensors.values():
+        if tensor.reason == NOT_QUANTIZED:  # as llama-quantize: norms, 1-D tensors ... are copied as they are
+            tensor.qtype, tensor.reason = GGMLQuantizationType[tensor.raw.dtype], "copied (not a quantizable weight)"
+        if tensor.raw.dtype in ("F32", "F16", "BF16") or tensor.raw.dtype == tensor.qtype.name:
+            continue
+        if not options.allow_requantize:
+            raise SwtoolError(f"{in_path}: tensor {tensor.name} is already quantized ({tensor.raw.dtype}); "
+                              f"--allow-requantize decodes and quantizes it again (as llama-quantize), "
+                              f"at a quality bounded by {tensor.raw.dtype}'s")
+        if not tensor.raw.readable:
+            raise SwtoolError(f"{in_path}: tensor {tensor.name} is stored as {tensor.raw.dtype}, which swtool "
+                              f"cannot decode to re-quantize")
+        requantized[tensor.raw.dtype] += 1
+        tensor.reason += f", re-quantized from {tensor.raw.dtype}"
+    return requantized
 
 
 REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
