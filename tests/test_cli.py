@@ -161,10 +161,20 @@ def test_invalid_catalog_is_rejected_with_its_location(tmp_path):
         read_catalog(bad)
 
 
-def test_help_is_fast_and_does_not_import_numpy():
-    code = "import sys; from swtool.cli import main; print('numpy' in sys.modules, 'numba' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.split() == ["False", "False"]
+@pytest.mark.parametrize("argv", [["--help"], ["scan", "--help"], ["export", "--help"]])
+def test_help_is_fast_and_does_not_import_numpy(argv):
+    """--help runs the command line for real and prints its usage, without importing numpy or numba."""
+    code = ("import sys\nfrom swtool.cli import main\ntry:\n    main(sys.argv[1:], prog_name='swtool')\nexcept SystemExit as e:\n"
+            "    print(e.code, 'numpy' in sys.modules, 'numba' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert result.stderr.split() == ["0", "False", "False"], result.stderr
+    command = " ".join(argv[:-1])
+    assert result.stdout.startswith(f"Usage: swtool {command}".rstrip() + " [OPTIONS]")
+    assert "--help" in result.stdout
+    if not command:
+        assert {"scan", "eval", "export", "quantize", "audit"} <= set(line.split()[0] for line in
+                                                                       result.stdout.split("Commands:")[1].splitlines()
+                                                                       if line.strip())
 
 
 def test_the_console_script_flushes_everything_before_its_fast_exit(planted, tmp_path):

@@ -129,14 +129,14 @@ def test_llama_cpp_tokenizes_the_export_like_transformers(exports, smollm2):
 
 # --- llama.cpp runs the exports ----------------------------------------------------------
 
-def test_f16_export_perplexity_within_1_percent_of_swtool_eval(f16_llama, smollm2, prose_ids):
+def test_f16_export_perplexity_is_swtool_evals(f16_llama, smollm2, prose_ids):
     from swtool.evaluate import perplexity
     from swtool.model import load_model
 
     ours, count = llama_oracle.perplexity(f16_llama, prose_ids, 512, 2)
     reference, reference_count = perplexity(load_model(smollm2), prose_ids[:1024], ctx=512)
     assert count == reference_count == 1022
-    assert abs(ours / reference - 1) < 0.01, (ours, reference)
+    assert ours == pytest.approx(reference, rel=1e-4)  # measured gap: 9.2e-6 relative (llama.cpp's f16 KV cache)
 
 
 def test_f16_export_generates_what_transformers_generates(f16_llama, smollm2):
@@ -311,13 +311,30 @@ def test_isolation_gives_a_planted_super_weight_a_clean_block(qtype):
 
     plain, plain_back = row_error(weight)
     isolated, isolated_back = row_error(weight[:, order])
-    assert isolated <= plain
-    if gguf.GGML_QUANT_SIZES[qtype][0] == 32:
-        assert isolated < 0.9 * plain, (plain, isolated)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    # each super weight keeps its column; only its own block and one donor block trade columns
+    assert order[100] == 100 and order[1500] == 1500
+    moved = np.flatnonzero(order != np.arange(2048))
+    touched = set(moved // block)
+    assert len(touched) <= 4
+    assert len(moved) <= 2 * 2 * (block - 1)
+    if moved.size:
+        assert {100 // block, 1500 // block} & touched
+        assert isolated < plain, (plain, isolated)
+    else:
+        assert isolated == plain
+    if block == 32:  # every 32-element type finds a donor, and the super weights' blocks get cleaner
+        assert moved.size == 2 * 2 * 31 and isolated < 0.9 * plain, (plain, isolated)
+        for col in (100, 1500):
+            mates = [c for c in range(col // 32 * 32, col // 32 * 32 + 32) if c != col]
+            plain_loss = np.square(plain_back[7, mates] - weight[7, mates]).sum()
+            isolated_loss = np.square(isolated_back[7, mates] - weight[7, order[mates]]).sum()
+            assert isolated_loss < 0.95 * plain_loss, (col, plain_loss, isolated_loss)  # measured: 0.32 to 0.92
     for col in (100, 1500):
-        stored = int(np.flatnonzero(order == col)[0])
         true = weight[7, col]
-        assert abs(isolated_back[7, stored] - true) <= abs(plain_back[7, col] - true) + 1e-3
+        assert abs(isolated_back[7, col] - true) <= abs(plain_back[7, col] - true) + 1e-3
+        if qtype in (T.Q4_0, T.Q5_0):  # d = S / -8 (or / -16) is an f16: the super weight comes back exact
+            assert isolated_back[7, col] == true
 
 
 def test_quantize_copies_metadata_and_carries_the_record(exports, tmp_path):

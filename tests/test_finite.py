@@ -106,3 +106,35 @@ def test_check_finite_on_a_clean_model_reports_nothing(good):
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["nonfinite_weights"] == []
     assert "warning" not in result.stderr
+
+
+def test_check_finite_finds_a_nan_the_prompt_never_reaches(good, tmp_path):
+    """A NaN in the embedding row of a token the prompt does not hold leaves every activation finite,
+    so only --check-finite's read of every weight can find it; without the flag the scan does not look."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from swtool.cli import main
+
+    model = tmp_path / "unused-row-nan"
+    shutil.copytree(good.model, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    unused = tensors["model.embed_tokens.weight"].shape[0] - 1  # a byte-level id above every byte and special
+    tensors["model.embed_tokens.weight"][unused, 5] = float("nan")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+    def scan(*flags):
+        result = CliRunner().invoke(main, ["scan", str(model), "--json", "--no-progress", *flags])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout), result.stderr
+
+    checked, warned = scan("--check-finite")
+    assert checked["nonfinite_weights"] == [{"tensor": "model.embed_tokens.weight", "nan": 1, "inf": 0}]
+    assert "warning:" in warned and "model.embed_tokens.weight (1 NaN)" in warned
+    assert unused not in checked["detection"]["tokens"]
+    assert math.isfinite(checked["detection"]["nll_intact"])  # the prompt never met the NaN
+    unchecked, quiet = scan()
+    assert not unchecked.get("nonfinite_weights") and "warning" not in quiet
+    assert unchecked["super_weights"] == checked["super_weights"] != []

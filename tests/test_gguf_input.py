@@ -110,13 +110,42 @@ def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
         np.testing.assert_array_equal(block, whole[130, 64:96])
 
 
-def test_hf_names_config_and_tokenizer_files(original, smollm2):
+# HuggingFaceTB/SmolLM2-135M-Instruct's config.json on the Hub (the fixture's config.json is written
+# from swtool's own reading of the GGUF, so it cannot be the reference); head_dim = 576 / 9 is implied
+UPSTREAM_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "hidden_act": "silu",
+    "rms_norm_eps": 1e-05, "rope_theta": 100000.0, "rope_scaling": None, "max_position_embeddings": 8192,
+    "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "vocab_size": 49152,
+    "tie_word_embeddings": True, "use_cache": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+# config key -> the GGUF metadata key gguf-py reads for it
+GGUF_KEYS = {"hidden_size": "llama.embedding_length", "intermediate_size": "llama.feed_forward_length",
+             "num_hidden_layers": "llama.block_count", "num_attention_heads": "llama.attention.head_count",
+             "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.rope.dimension_count",
+             "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+             "max_position_embeddings": "llama.context_length", "vocab_size": "llama.vocab_size",
+             "bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
+             "pad_token_id": "tokenizer.ggml.padding_token_id"}
+LLAMA_LAYER_TENSORS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                       "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def test_hf_names_config_and_tokenizer_files(original):
+    """The names and config swtool gives the GGUF against Hugging Face's own (upstream config, Llama's
+    module names) and gguf-py (its metadata reader and its HF -> llama.cpp name map)."""
     checkpoint = open_gguf(original)
-    assert sorted(checkpoint.names()) == sorted(read_hf_tensors(smollm2))
-    assert checkpoint.tensor("model.layers.2.mlp.down_proj.weight").gguf_name == "blk.2.ffn_down.weight"
-    reference = json.loads((smollm2 / "config.json").read_text())
-    for key, value in checkpoint.config.items():
-        assert reference[key] == value, key
+    hf_names = ["model.embed_tokens.weight", "model.norm.weight"] + [  # tied: no lm_head.weight
+        f"model.layers.{i}.{module}.weight" for i in range(30) for module in LLAMA_LAYER_TENSORS]
+    assert sorted(checkpoint.names()) == sorted(hf_names)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+    reader = gguf.GGUFReader(original)
+    assert {checkpoint.tensor(name).gguf_name for name in hf_names} == {t.name for t in reader.tensors}
+    for name in hf_names:
+        assert checkpoint.tensor(name).gguf_name == name_map.get_name(name, try_suffixes=(".weight",)), name
+    assert checkpoint.config == UPSTREAM_CONFIG
+    for key, gguf_key in GGUF_KEYS.items():
+        assert checkpoint.config[key] == pytest.approx(reader.fields[gguf_key].contents(), rel=1e-7), key
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.directory)

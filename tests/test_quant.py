@@ -171,13 +171,19 @@ def test_smollm2_tensors_match_ggml(ggml, smollm2_tensors, qtype):
             check_against_ggml(ggml, weight, qtype)
 
 
-def test_smollm2_super_weight_survives_q4_0_as_ggml_says(smollm2_tensors):
-    """The known damage: in Q4_0 the super weight sets its block's scale and survives, its block-mates shrink."""
+def test_smollm2_super_weight_survives_q4_0_as_ggml_says(ggml, smollm2_tensors):
+    """The known damage, in ggml's own Q4_0: the super weight sets its block's scale and survives
+    exactly (d = -5.3125 / -8 is an f16), its block-mates fall on that coarse grid, the smaller ones
+    to zero; swtool quantizes and reads the same."""
     weight = smollm2_tensors["model.layers.2.mlp.down_proj.weight"]
-    back = dequantize(quantize(weight, T.Q4_0), T.Q4_0, weight.shape)
-    assert back[507, 430] == pytest.approx(weight[507, 430], rel=1e-3)  # -5.3: the block's max sets d
+    data = ggml.quantize(weight, T.Q4_0)
+    back = ggml.dequantize(data, T.Q4_0, weight.shape)
+    assert back[507, 430] == weight[507, 430] == -5.3125  # the block's max sets d
     block = slice(416, 448)
-    assert np.count_nonzero(back[507, block]) < np.count_nonzero(weight[507, block])
+    step = 5.3125 / 8
+    np.testing.assert_array_equal(back[507, block], step * np.round(back[507, block] / step))
+    assert np.count_nonzero(weight[507, block]) == 32 and np.count_nonzero(back[507, block]) < 32
+    assert_same_floats(dequantize(quantize(weight, T.Q4_0), T.Q4_0, weight.shape), back)
 
 
 # ---------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_source_perplexity_is_transformers_and_f16_scores_as_the_source(swept, s
     assert result["source"]["perplexity"] == pytest.approx(np.exp(nll), rel=1e-3)
     assert result["source"]["predictions"] == 511
     f16 = rows_by_key(result)[("f16", "none")]["perplexity"]
-    assert abs(f16 / result["source"]["perplexity"] - 1) < 0.002
+    assert f16 == pytest.approx(result["source"]["perplexity"], rel=0.002)
 
 
 def test_keeping_the_super_weights_helps_at_2_bits_and_the_control_does_not(swept):
