@@ -135,14 +135,8 @@ class Llama(Architecture):
                               f"(supported: none, linear, llama3)")
 
     def gguf_vocabulary(self, writer, directory):
-        """LlamaModel.set_vocab (Llama, Mistral): tokenizer_config.json's add_prefix_space, when it says one."""
-        from swtool.jsonfile import read_json
-
-        path = Path(directory) / "tokenizer_config.json"
-        settings = read_json(path) if self.gguf_arch_name() == "llama" and path.is_file() else {}
-        add_prefix_space = settings.get("add_prefix_space") if isinstance(settings, dict) else None
-        if isinstance(add_prefix_space, bool):
-            writer.add_add_space_prefix(add_prefix_space)
+        if self.gguf_arch_name() == "llama":
+            add_prefix_space_key(writer, directory)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
@@ -175,6 +169,17 @@ class Llama(Architecture):
         if ROPE_FREQS in gguf_tensors:
             config["rope_scaling"] = freq_factor_scaling(gguf_tensors[ROPE_FREQS], config, hparams)
         return config
+
+
+def add_prefix_space_key(writer, directory):
+    """LlamaModel.set_vocab (Llama, Mistral, Granite): tokenizer_config.json's add_prefix_space, when it says one."""
+    from swtool.jsonfile import read_json
+
+    path = Path(directory) / "tokenizer_config.json"
+    settings = read_json(path) if path.is_file() else {}
+    add_prefix_space = settings.get("add_prefix_space") if isinstance(settings, dict) else None
+    if isinstance(add_prefix_space, bool):
+        writer.add_add_space_prefix(add_prefix_space)
 
 
 def llama_attention(arch, ctx, layer, h):
