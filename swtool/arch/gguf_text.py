@@ -85,3 +85,11 @@ def rotary_fraction(hparams, head_dim):
         raise hparams.error(f"metadata {hparams.arch}.rope.dimension_count = {rotary} does not fit "
                             f"heads of {head_dim} dims")
     return rotary / head_dim
+
+
+def gguf_flag(hparams, key, default):
+    """A boolean `{arch}.*` key, or `default` when the file has none."""
+    value = hparams.meta.get(f"{hparams.arch}.{key}", default)
+    if not isinstance(value, bool):
+        raise hparams.error(f"metadata {hparams.arch}.{key} = {value!r} is not true or false")
+    return value
