@@ -440,25 +440,46 @@ def tensor_order(tensor):
 
 
 def hf_tensors(model):
-    """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint, as the family converts it."""
+    """{llama.cpp name: OutTensor} for every tensor of a Hugging Face checkpoint, as the family converts it.
+
+    Weights stored [in, out] (GPT-2's Conv1D) are written as W [out, in], as the converter
+    transposes them; tensors that share a llama.cpp name (StableLM's per-head norms) are
+    stacked along a new first axis, in the order tensor_shapes() lists them."""
+    from swtool.checkpoint.transposed import TransposedTensor
+
     arch, checkpoint = model.arch, model.checkpoint
-    restacked, replaced = arch.gguf_restacked(checkpoint.tensor)
-    sources = {hf_name: (shape, checkpoint.tensor(hf_name).read)
-               for hf_name, shape in arch.tensor_shapes().items() if hf_name not in replaced}
-    sources.update(restacked)
+    restacked, replaced = arch.gguf_restacked(checkpoint.tensor)  # a mixture's experts, as the converter stacks them
+    parts = {}
+    for hf_name in arch.tensor_shapes():
+        if hf_name in replaced:
+            continue
+        info = checkpoint.tensor(hf_name)
+        parts.setdefault(arch.gguf_name(hf_name), []).append(
+            TransposedTensor(info) if arch.stored_transposed(hf_name) else info)
     tensors = {}
-    for hf_name, (shape, read) in sources.items():
+    for name, infos in parts.items():
+        tensors[name] = (OutTensor(name, tuple(infos[0].shape), infos[0].read, source_type=infos[0].dtype)
+                         if len(infos) == 1 else stacked(name, infos))
+    for hf_name, (shape, read) in restacked.items():
         name = arch.gguf_name(hf_name)
-        source_type = checkpoint.tensor(hf_name).dtype if hf_name not in restacked else None
-        tensor = OutTensor(name, tuple(shape), read, source_type=source_type)
-        stored_rows = arch.gguf_stored_rows(name, shape[0])
+        tensors[name] = OutTensor(name, tuple(shape), read)
+    for name, tensor in tensors.items():
+        stored_rows = arch.gguf_stored_rows(name, tensor.shape[0])
         if stored_rows is not None:  # the file's row i is the source's row row_order[i]
             tensor.row_order = np.argsort(stored_rows)
-        tensors[name] = tensor
     for name, values in arch.gguf_extra_tensors().items():
         tensors[name] = OutTensor(name, values.shape,
                                   lambda rows, values=values: values if rows is None else values[rows])
     return tensors
+
+
+def stacked(name, infos):
+    """One OutTensor [len(infos), *shape] whose row i is the tensor infos[i]."""
+    def read(rows=None):
+        picked = range(len(infos)) if rows is None else np.arange(len(infos))[rows]
+        return np.stack([infos[i].read() for i in picked])
+
+    return OutTensor(name, (len(infos),) + tuple(infos[0].shape), read)
 
 
 def add_general(writer, model):

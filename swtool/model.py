@@ -70,6 +70,8 @@ def _interpret(checkpoint, config_source):
             raise CheckpointError(config_source, f"num_local_experts = {experts}, but the checkpoint holds "
                                                  f"only {len(names)} tensors")
         arch.adapt(set(names))
+        if getattr(checkpoint, "format", None) == "gguf":
+            arch.use_gguf_layout()
         return arch, arch.tensor_shapes()
     except SwtoolError as e:  # a family's "config.json: ..." message: name the actual file
         if not str(e).startswith("config.json"):

@@ -248,6 +248,12 @@ class Architecture:
     gguf_reads = ()  # llama.cpp architectures (general.architecture) this family reads back
     gguf_derived = ()  # GGUF tensors that config_from_gguf turns into config (not weights)
 
+    def use_gguf_layout(self):
+        """Called before tensor_shapes() when the tensors come from a GGUF file. A family whose
+        Hugging Face tensors are laid out otherwise than llama.cpp's converter writes them (GPT-2's
+        Conv1D weights, which it transposes; StableLM's per-head norms, which it stacks) switches
+        to the GGUF layout here; names (HF-style, gguf_name) and math stay the family's."""
+
     def gguf_arch(self):
         """gguf.MODEL_ARCH member name llama.cpp uses for this model (e.g. "LLAMA")."""
         raise NotImplementedError

@@ -18,6 +18,11 @@ Attention scores are scaled by 1/sqrt(head_dim) (unless scale_attn_weights is
 false) and also by 1/(layer + 1) with scale_attn_by_inverse_layer_idx.
 Tensor names start with "transformer." when transformers saved the model, and
 without it in the original OpenAI-converted checkpoints on the Hub.
+
+GGUF: llama.cpp's converter writes GPT-2 as "gpt2" with the Conv1D weights
+transposed to [out, in]; read from a GGUF file, the family takes them as they are
+(use_gguf_layout), so nothing is transposed twice. Its feed_forward_length is
+4 x n_embd whatever n_inner says: the file's tensors say the width.
 """
 
 from dataclasses import dataclass
@@ -30,6 +35,8 @@ from swtool.arch.base import RESID, RESID_MID, Architecture, Args, Count, Positi
 from swtool.errors import SwtoolError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GPT2Args(Args):
     # GPT-2's own names win over the generic ones: transformers reads only them
@@ -62,6 +69,7 @@ class GPT2(Architecture):
         self.scale_attn_weights = args.scale_attn_weights
         self.scale_by_layer = args.scale_attn_by_inverse_layer_idx
         self.prefix = "transformer."
+        self.conv1d_transposed = True  # Conv1D weights stored [in, out]; a GGUF file's are [out, in]
 
     def adapt(self, names):
         """OpenAI-converted Hub checkpoints name tensors without the "transformer." prefix."""
@@ -75,11 +83,14 @@ class GPT2(Architecture):
     def gguf_arch(self):
         return "GPT2"
 
+    def use_gguf_layout(self):
+        self.conv1d_transposed = False
+
     def stored_transposed(self, hf_name):
-        return hf_name.endswith(CONV1D)
+        return self.conv1d_transposed and hf_name.endswith(CONV1D)
 
     def tensor_shapes(self):
-        """Stored shapes: Conv1D weights are [in, out]."""
+        """Stored shapes: Conv1D weights are [in, out] (a GGUF file's [out, in])."""
         d, ff, p = self.hidden_size, self.intermediate_size, self.prefix
         shapes = {p + "wte.weight": (self.vocab_size, d), p + "wpe.weight": (self.n_positions, d),
                   **self.norm.tensors(p + "ln_f", d)}
@@ -91,7 +102,8 @@ class GPT2(Architecture):
             shapes.update(self.norm.tensors(h + "ln_1", d))
             shapes.update(self.norm.tensors(h + "ln_2", d))
             for name, (n_in, n_out) in conv1d.items():
-                shapes.update({f"{h}{name}.weight": (n_in, n_out), f"{h}{name}.bias": (n_out,)})
+                stored = (n_in, n_out) if self.conv1d_transposed else (n_out, n_in)
+                shapes.update({f"{h}{name}.weight": stored, f"{h}{name}.bias": (n_out,)})
         return shapes
 
     # --- math ------------------------------------------------------------------------
@@ -107,20 +119,52 @@ class GPT2(Architecture):
         x = x + self.attention(ctx, layer, self.norm(ctx, x, h + "ln_1"))
         ctx.observe(RESID_MID, layer, x)
         x = x + blocks.plain_mlp(ctx, layer, self.norm(ctx, x, h + "ln_2"), h + "mlp.c_fc.weight",
-                                 h + "mlp.c_proj.weight", self.activation, bias=True, transposed=True)
+                                 h + "mlp.c_proj.weight", self.activation, bias=True,
+                                 transposed=self.conv1d_transposed)
         ctx.observe(RESID, layer, x)
         return x
 
     def attention(self, ctx, layer, h):
         p = f"{self.prefix}h.{layer}.attn."
-        qkv = ctx.linear(h, p + "c_attn.weight", bias=True, transposed=True)
+        qkv = ctx.linear(h, p + "c_attn.weight", bias=True, transposed=self.conv1d_transposed)
         q, k, v = np.split(qkv, 3, axis=-1)  # all queries, then all keys, then all values
         out = blocks.attend(ctx, self.heads, q, k, v, scale=self.attention_scale(layer))  # learned positions
-        return ctx.linear(out, p + "c_proj.weight", bias=True, transposed=True)
+        return ctx.linear(out, p + "c_proj.weight", bias=True, transposed=self.conv1d_transposed)
 
     def attention_scale(self, layer):
         scale = self.heads.dim ** -0.5 if self.scale_attn_weights else 1.0
         return scale / (layer + 1) if self.scale_by_layer else scale
+
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("gpt2",)
+
+    def gguf_arch_name(self):
+        return "gpt2"
+
+    def gguf_hyperparameters(self, writer):
+        """GPT2Model.set_gguf_parameters' keys, except that feed_forward_length is the MLP's width
+        (the converter writes 4 x n_embd, which llama.cpp then refuses for any other n_inner)."""
+        if self.scale_by_layer or not self.scale_attn_weights:
+            raise SwtoolError("llama.cpp's gpt2 architecture scales attention by 1/sqrt(head_dim) only: "
+                              "scale_attn_by_inverse_layer_idx and scale_attn_weights false cannot be exported")
+        writer.add_block_count(self.n_layers)
+        writer.add_context_length(self.n_positions)
+        writer.add_embedding_length(self.hidden_size)
+        writer.add_feed_forward_length(self.intermediate_size)
+        writer.add_head_count(self.heads.n)
+        writer.add_layer_norm_eps(self.norm.eps)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        up = gguf_tensors.get("blk.0.ffn_up.weight")
+        if up is None or len(up.shape) != 2:
+            raise hparams.error("no 2-D tensor blk.0.ffn_up.weight, which says the MLP's width")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "n_layer": hparams("block_count"), "n_embd": hparams("embedding_length"),
+                "n_head": hparams("attention.head_count"), "n_positions": hparams("context_length"),
+                "n_inner": up.shape[0], "activation_function": "gelu_new",
+                "layer_norm_epsilon": hparams.float32(hparams("attention.layer_norm_epsilon", kind=float))}
 
     def head(self, ctx, x):
         x = self.norm(ctx, x, self.prefix + "ln_f")

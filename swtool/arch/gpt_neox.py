@@ -22,12 +22,21 @@ head, that head's q, k and v ([heads, 3, head_size]), not all queries first.
 Only `rotary_pct` (transformers 5: partial_rotary_factor; 0.25 when absent) of
 each head rotates, with base `rotary_emb_base` (or rope_theta). The LM head is
 `embed_out` in Hub checkpoints (transformers 5 calls the module lm_head).
+
+GGUF: llama.cpp's converter writes GPT-NeoX as "gptneox" with keys of its own (no
+RoPE base: llama.cpp assumes 10000) and reorders the rows of query_key_value (and
+its bias) to all queries, then all keys, then all values (gguf_stored_rows).
 """
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+from swtool.arch.gguf_text import LLAMA_CPP_ROPE_BASE, gguf_flag, rotary_fraction, text_model_config
+from swtool.arch.rope import rope_settings, rotary_dim
+from swtool.errors import SwtoolError
 
 NEOX_ROTARY_DEFAULT = 0.25  # GPTNeoXConfig's rotary_pct when config.json names none
 HEAD_NAMES = ("embed_out.weight", "lm_head.weight")  # Hub checkpoints, then transformers 5's module name
@@ -71,8 +80,50 @@ class GPTNeoX(Architecture):
     def down_proj_name(self, layer):
         return f"gpt_neox.layers.{layer}.mlp.dense_4h_to_h.weight"
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("gptneox",)
+
     def gguf_arch(self):
         return "GPTNEOX"
+
+    def gguf_arch_name(self):
+        return "gptneox"
+
+    def gguf_stored_rows(self, gguf_name, n_rows):
+        """attn_qkv holds all queries, then all keys, then all values: HF row (head h, part s, dim i)
+        is stored at s * hidden + h * head_dim + i."""
+        if gguf_name.split(".")[-2] != "attn_qkv":
+            return None
+        head, part, i = np.unravel_index(np.arange(n_rows), (self.heads.n, 3, self.heads.dim))
+        return part * self.hidden_size + head * self.heads.dim + i
+
+    def gguf_hyperparameters(self, writer):
+        """GPTNeoXModel.set_gguf_parameters' keys. It writes no RoPE base, so llama.cpp takes 10000;
+        swtool writes the base when it is another, which the converter's file would lose."""
+        writer.add_context_length(self.config["max_position_embeddings"])
+        writer.add_embedding_length(self.hidden_size)
+        writer.add_block_count(self.n_layers)
+        writer.add_feed_forward_length(self.intermediate_size)
+        writer.add_rope_dimension_count(rotary_dim(self.rope_config, self.heads.dim, NEOX_ROTARY_DEFAULT))
+        writer.add_head_count(self.heads.n)
+        writer.add_parallel_residual(self.parallel)
+        writer.add_layer_norm_eps(self.norm.eps)
+        theta, scaling = rope_settings(self.rope_config)
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise SwtoolError("RoPE scaling is not supported for a GPT-NeoX export (llama.cpp's converter writes none)")
+        if theta != LLAMA_CPP_ROPE_BASE:
+            writer.add_rope_freq_base(theta)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        config = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", **text_model_config(hparams),
+                  "hidden_act": "gelu",
+                  "layer_norm_eps": hparams.float32(hparams("attention.layer_norm_epsilon", kind=float)),
+                  "attention_bias": "blk.0.attn_qkv.bias" in gguf_tensors,
+                  "use_parallel_residual": gguf_flag(hparams, "use_parallel_residual", True)}
+        config["partial_rotary_factor"] = rotary_fraction(hparams, config["hidden_size"] // config["num_attention_heads"])
+        return config
 
     def tensor_shapes(self):
         d, ff = self.hidden_size, self.intermediate_size

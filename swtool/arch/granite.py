@@ -7,6 +7,10 @@
 
 attention_multiplier replaces 1/sqrt(head_dim). "down_out" is observed raw,
 before residual_multiplier scales it on its way into the residual stream.
+
+GGUF: llama.cpp's converter writes Granite as Llama (Q and K permuted, its keys)
+under "granite", with the multipliers as attention.scale, embedding_scale,
+residual_scale and logit_scale, each only when it is not 0. It ignores head_dim.
 """
 
 from dataclasses import dataclass
@@ -15,6 +19,9 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Number, Positive
+from swtool.arch.gguf_text import text_model_config, text_model_keys
+from swtool.arch.llama import PERMUTED, add_prefix_space_key, unpermute_order
+from swtool.errors import SwtoolError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +50,54 @@ class Granite(Architecture):
         self.attention_multiplier = args.attention_multiplier
         self.logits_scaling = np.float32(args.logits_scaling)
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("granite",)
+    # (config.json key, GGUFWriter method, the `{arch}.*` key it writes)
+    GGUF_MULTIPLIERS = (("attention_multiplier", "add_attention_scale", "attention.scale"),
+                        ("embedding_multiplier", "add_embedding_scale", "embedding_scale"),
+                        ("residual_multiplier", "add_residual_scale", "residual_scale"),
+                        ("logits_scaling", "add_logit_scale", "logit_scale"))
+
     def gguf_arch(self):
         return "GRANITE"
+
+    def gguf_arch_name(self):
+        return "granite"
+
+    def gguf_stored_rows(self, gguf_name, n_rows):
+        kind = gguf_name.split(".")[-2]  # weights and biases alike, as LlamaModel permutes them
+        if kind not in PERMUTED:
+            return None
+        return unpermute_order(n_rows, self.heads.n if kind == "attn_q" else self.heads.n_kv)
+
+    def gguf_hyperparameters(self, writer):
+        """GraniteModel.set_gguf_parameters: LlamaModel's keys without head_dim, then the multipliers."""
+        if self.args.head_dim not in (None, self.hidden_size // self.heads.n):
+            raise SwtoolError(f"head_dim {self.args.head_dim}: llama.cpp's granite architecture has heads "
+                              f"of hidden_size / num_attention_heads = {self.hidden_size // self.heads.n} dims")
+        text_model_keys(writer, {k: v for k, v in self.config.items() if k != "head_dim"}, self.n_layers)
+        writer.add_vocab_size(self.vocab_size)
+        writer.add_rope_dimension_count(self.heads.dim)
+        for key, method, _ in self.GGUF_MULTIPLIERS:
+            if self.config.get(key):  # the converter skips a multiplier that is absent or 0
+                getattr(writer, method)(self.config[key])
+
+    def gguf_vocabulary(self, writer, directory, kind):
+        if kind == "gpt2":  # GraniteModel's set_vocab is LlamaModel's
+            add_prefix_space_key(writer, directory)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        config = {"architectures": ["GraniteForCausalLM"], "model_type": "granite", **text_model_config(hparams),
+                  "hidden_act": "silu",
+                  "rms_norm_eps": hparams.float32(hparams("attention.layer_norm_rms_epsilon", kind=float)),
+                  "attention_bias": "blk.0.attn_q.bias" in gguf_tensors,
+                  "mlp_bias": "blk.0.ffn_down.bias" in gguf_tensors}
+        for key, _, gguf_key in cls.GGUF_MULTIPLIERS:
+            value = hparams(gguf_key, None, required=False, kind=float)
+            config[key] = hparams.float32(value) if value is not None else 1.0
+        return config
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()

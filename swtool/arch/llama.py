@@ -119,14 +119,8 @@ class Llama(Architecture):
     def gguf_vocabulary(self, writer, directory, kind):
         """LlamaModel.set_vocab (Llama, Mistral): tokenizer_config.json's add_prefix_space, when it says one,
         for a byte-level BPE (a SentencePiece vocabulary's own add_space_prefix overrides it there)."""
-        from swtool.jsonfile import read_json
-
-        path = Path(directory) / "tokenizer_config.json"
-        wanted = self.gguf_arch_name() == "llama" and kind == "gpt2" and path.is_file()
-        settings = read_json(path) if wanted else {}
-        add_prefix_space = settings.get("add_prefix_space") if isinstance(settings, dict) else None
-        if isinstance(add_prefix_space, bool):
-            writer.add_add_space_prefix(add_prefix_space)
+        if self.gguf_arch_name() == "llama" and kind == "gpt2":
+            add_prefix_space_key(writer, directory)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
@@ -203,6 +197,17 @@ def text_model_hyperparameters(arch, writer, rms_norm_eps=None):
     if arch.config.get("head_dim") is not None:
         writer.add_key_length(arch.heads.dim)
         writer.add_value_length(arch.heads.dim)
+
+
+def add_prefix_space_key(writer, directory):
+    """LlamaModel.set_vocab (Llama, Mistral, Granite): tokenizer_config.json's add_prefix_space, when it says one."""
+    from swtool.jsonfile import read_json
+
+    path = Path(directory) / "tokenizer_config.json"
+    settings = read_json(path) if path.is_file() else {}
+    add_prefix_space = settings.get("add_prefix_space") if isinstance(settings, dict) else None
+    if isinstance(add_prefix_space, bool):
+        writer.add_add_space_prefix(add_prefix_space)
 
 
 def llama_attention(arch, ctx, layer, h):

@@ -28,6 +28,9 @@ post_attention_layernorm) and nothing after. The q/k norms span the whole
 projection (all heads at once, as OLMo 2's), and `clip_qkv`, when set, clamps
 q, k and v after those norms. Routing and both expert layouts: moe.py.
 
+GGUF: llama.cpp's converter writes OLMo as "olmo", permuting Q and K rows as for
+Llama and recording clip_qkv as attention.clamp_kqv, and OLMo 2 as "olmo2", unpermuted.
+
 GGUF (OLMoE): llama.cpp's "olmoe" (OlmoeModel: TextModel's keys, the RMS epsilon always 1e-5),
 the whole-projection q/k norms as attn_q_norm / attn_k_norm. The converter writes no key for
 clip_qkv, and llama.cpp's olmoe neither clamps nor divides the top-k weights by their sum.
@@ -39,7 +42,8 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
-from swtool.arch.llama import decoder_config_from_gguf, text_model_hyperparameters
+from swtool.arch.gguf_text import text_model_config, text_model_keys
+from swtool.arch.llama import PERMUTED, decoder_config_from_gguf, text_model_hyperparameters, unpermute_order
 from swtool.arch.moe import Mixture, MixtureArgs, mixture_config_from_gguf
 
 OLMO_LAYER_NORM_EPS = 1e-5  # OlmoLayerNorm ignores the config and uses this
@@ -67,8 +71,37 @@ class Olmo(Architecture):
         self.attn_bias = args.attention_bias
         self.clip_qkv = args.clip_qkv
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("olmo",)
+
     def gguf_arch(self):
         return "OLMO"
+
+    def gguf_arch_name(self):
+        return "olmo"
+
+    def gguf_stored_rows(self, gguf_name, n_rows):
+        """OlmoModel permutes the Q and K weights as LlamaModel does, but not their biases."""
+        kind, part = gguf_name.split(".")[-2:]
+        if kind not in PERMUTED or part != "weight":
+            return None
+        return unpermute_order(n_rows, self.heads.n if kind == "attn_q" else self.heads.n_kv)
+
+    def gguf_hyperparameters(self, writer):
+        """OlmoModel.set_gguf_parameters: TextModel's keys, OlmoLayerNorm's fixed epsilon, clip_qkv."""
+        text_model_keys(writer, self.config, self.n_layers)
+        writer.add_layer_norm_eps(OLMO_LAYER_NORM_EPS)
+        if self.clip_qkv is not None:
+            writer.add_clamp_kqv(self.clip_qkv)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        config = olmo_config_from_gguf(hparams, gguf_tensors, "olmo", "OlmoForCausalLM")
+        clip = hparams("attention.clamp_kqv", None, required=False, kind=float)
+        if clip is not None:
+            config["clip_qkv"] = hparams.float32(clip)
+        return config
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()  # no norm weights: OLMo's LayerNorms have none
@@ -108,8 +141,23 @@ class Olmo2(Architecture):
         self.attn_bias = args.attention_bias
         self.clip_qkv = None  # OLMo 2 has no qkv clipping
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("olmo2",)
+
     def gguf_arch(self):
         return "OLMO2"
+
+    def gguf_arch_name(self):
+        return "olmo2"
+
+    def gguf_hyperparameters(self, writer):
+        """Olmo2Model.set_gguf_parameters: TextModel's keys (OLMo 2 has no sliding window)."""
+        text_model_keys(writer, self.config, self.n_layers)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        return olmo_config_from_gguf(hparams, gguf_tensors, "olmo2", "Olmo2ForCausalLM")
 
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()
@@ -189,6 +237,19 @@ class Olmoe(Architecture):
         x = x + self.moe(ctx, layer, self.norm(ctx, x, p + "post_attention_layernorm"))
         ctx.observe(RESID, layer, x)
         return x
+
+
+def olmo_config_from_gguf(hparams, gguf_tensors, model_type, architecture):
+    """config.json of an OLMo or OLMo 2 GGUF: TextModel's keys, the RMSNorm epsilon, q/k/v/o biases."""
+    config = {"architectures": [architecture], "model_type": model_type, **text_model_config(hparams),
+              "hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in gguf_tensors}
+    eps = hparams("attention.layer_norm_rms_epsilon", None, required=False, kind=float)
+    if eps is not None:
+        config["rms_norm_eps"] = hparams.float32(eps)
+    head_dim = hparams("attention.key_length", None, required=False)
+    if head_dim is not None:
+        config["head_dim"] = head_dim
+    return config
 
 
 def clip(x, limit):

@@ -15,6 +15,11 @@ Every norm is a LayerNorm with weight and bias (eps = layer_norm_eps). Only
 `use_qkv_bias` puts biases on q/k/v (not on o_proj). `qk_layernorm` adds a
 LayerNorm without bias to each query and key head, one weight vector per head
 (`self_attn.q_layernorm.norms.{h}.weight`), before RoPE.
+
+GGUF: llama.cpp's converter writes StableLM as "stablelm" with keys of its own
+(no RoPE base: llama.cpp assumes 10000) and stacks each layer's per-head norms
+into one [heads, head_dim] tensor, blk.N.attn_{q,k}_norm; read from a GGUF file,
+the family uses that stacked tensor (`self_attn.q_layernorm.weight`) as it is.
 """
 
 import re
@@ -25,6 +30,9 @@ import numpy as np
 from swtool import ops
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+from swtool.arch.gguf_text import LLAMA_CPP_ROPE_BASE, gguf_flag, rotary_fraction, text_model_config
+from swtool.arch.rope import rope_settings, rotary_dim
+from swtool.errors import SwtoolError
 
 STABLELM_ROTARY_DEFAULT = 0.25  # StableLmConfig's partial_rotary_factor when config.json names none
 PER_HEAD_NORM = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qk]_layernorm)\.norms\.\d+\.weight$")
@@ -54,6 +62,10 @@ class StableLm(Architecture):
         self.qkv_bias = args.use_qkv_bias
         self.parallel = args.use_parallel_residual
         self.qk_norm = args.qk_layernorm
+        self.stacked_norms = False  # the per-head norms as one [heads, head_dim] tensor (a GGUF file's)
+
+    def use_gguf_layout(self):
+        self.stacked_norms = True
 
     def gguf_arch(self):
         return "STABLELM"
@@ -63,13 +75,52 @@ class StableLm(Architecture):
         stacked = PER_HEAD_NORM.match(hf_name)
         return super().gguf_name(stacked.group(1) + ".weight" if stacked else hf_name)
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("stablelm",)
+
+    def gguf_arch_name(self):
+        return "stablelm"
+
+    def gguf_hyperparameters(self, writer):
+        """StableLMModel.set_gguf_parameters' keys. It writes no RoPE base, so llama.cpp takes 10000;
+        swtool writes the base when it is another, which the converter's file would lose."""
+        writer.add_context_length(self.config["max_position_embeddings"])
+        writer.add_embedding_length(self.hidden_size)
+        writer.add_block_count(self.n_layers)
+        writer.add_feed_forward_length(self.intermediate_size)
+        writer.add_rope_dimension_count(rotary_dim(self.config, self.heads.dim, STABLELM_ROTARY_DEFAULT))
+        writer.add_head_count(self.heads.n)
+        writer.add_head_count_kv(self.heads.n_kv)
+        writer.add_parallel_residual(self.parallel)
+        writer.add_layer_norm_eps(self.norm.eps)
+        theta, scaling = rope_settings(self.config)
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise SwtoolError("RoPE scaling is not supported for a StableLM export (llama.cpp's converter writes none)")
+        if theta != LLAMA_CPP_ROPE_BASE:
+            writer.add_rope_freq_base(theta)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        config = {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", **text_model_config(hparams),
+                  "hidden_act": "silu",
+                  "layer_norm_eps": hparams.float32(hparams("attention.layer_norm_epsilon", kind=float)),
+                  "use_qkv_bias": "blk.0.attn_q.bias" in gguf_tensors,
+                  "qk_layernorm": "blk.0.attn_q_norm.weight" in gguf_tensors,
+                  "use_parallel_residual": gguf_flag(hparams, "use_parallel_residual", True)}
+        config["partial_rotary_factor"] = rotary_fraction(hparams, config["hidden_size"] // config["num_attention_heads"])
+        return config
+
     def tensor_shapes(self):
         d, shapes = self.hidden_size, self.model_tensors()
         for layer in range(self.n_layers):
             p = f"model.layers.{layer}."
             shapes.update(self.norm.tensors(p + "input_layernorm", d))
             shapes.update(blocks.attention_tensors(p + "self_attn", d, self.heads, self.qkv_bias))
-            if self.qk_norm:
+            if self.qk_norm and self.stacked_norms:
+                shapes[f"{p}self_attn.q_layernorm.weight"] = (self.heads.n, self.heads.dim)
+                shapes[f"{p}self_attn.k_layernorm.weight"] = (self.heads.n_kv, self.heads.dim)
+            elif self.qk_norm:
                 for h in range(self.heads.n):
                     shapes[f"{p}self_attn.q_layernorm.norms.{h}.weight"] = (self.heads.dim,)
                 for h in range(self.heads.n_kv):
@@ -106,5 +157,9 @@ class StableLm(Architecture):
 
     def per_head_norm(self, ctx, x, prefix):
         """x [W, heads, T, d]: head h normalised by a bias-free LayerNorm with its own weight norms.{h}."""
-        weights = np.stack([ctx.weight(f"{prefix}.norms.{h}.weight") for h in range(x.shape[1])])
+        if self.stacked_norms:
+            weights = ctx.weight(prefix + ".weight")
+        else:
+            weights = np.stack([ctx.weight(f"{prefix}.norms.{h}.weight") for h in range(x.shape[1])])
         return ops.layer_norm(x, weights[None, :, None, :], None, self.norm.eps)
+

@@ -8,12 +8,17 @@ The down projection is `mlp.c_proj` (an nn.Linear, [hidden, intermediate]).
 included; norms are LayerNorms with bias (eps = norm_epsilon). A
 `sliding_window` in the config applies to every layer. Embeddings are tied
 unless the config says otherwise.
+
+GGUF: llama.cpp's converter writes StarCoder2 as "starcoder2" with TextModel's keys
+and the tensors unchanged. It keeps no sliding window: llama.cpp attends to the
+whole context, so a file read back has none either.
 """
 
 from dataclasses import dataclass
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
+from swtool.arch.gguf_text import text_model_config, text_model_keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,8 +46,26 @@ class Starcoder2(Architecture):
     def down_proj_name(self, layer):
         return f"model.layers.{layer}.mlp.c_proj.weight"
 
+    # --- GGUF ------------------------------------------------------------------------
+    gguf_exports = True
+    gguf_reads = ("starcoder2",)
+
     def gguf_arch(self):
         return "STARCODER2"
+
+    def gguf_arch_name(self):
+        return "starcoder2"
+
+    def gguf_hyperparameters(self, writer):
+        """StarCoder2Model: TextModel.set_gguf_parameters' keys."""
+        text_model_keys(writer, self.config, self.n_layers)
+
+    @classmethod
+    def config_from_gguf(cls, hparams, gguf_tensors):
+        return {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", **text_model_config(hparams),
+                "hidden_act": "gelu_pytorch_tanh",
+                "norm_epsilon": hparams.float32(hparams("attention.layer_norm_epsilon", kind=float)),
+                "use_bias": "blk.0.attn_q.bias" in gguf_tensors}
 
     def tensor_shapes(self):
         d, ff, shapes = self.hidden_size, self.intermediate_size, self.model_tensors()

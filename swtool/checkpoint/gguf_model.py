@@ -9,10 +9,11 @@ architecture (Architecture.gguf_reads; the family's module in arch/ says how):
 
   1. metadata -> a config dict in config.json's terms (`hf_config`, the family's
      config_from_gguf; the keys every architecture shares are read here);
-  2. the architecture that config selects, adapted to the file's names (a mixture's
-     experts are stacked one tensor per matrix), lists its tensors (tensor_shapes()) and
-     llama.cpp's name for each (gguf_name(), from gguf-py's own name map), so the
-     reverse map is built from them and no name table is kept here;
+  2. the architecture that config selects, switched to the converter's layout where
+     its own differs (use_gguf_layout(): GPT-2's transposed Conv1D weights, StableLM's
+     stacked norms), lists its tensors (tensor_shapes()) and llama.cpp's name for each
+     (gguf_name(), from gguf-py's own name map), so the reverse map is built from
+     them and no name table is kept here;
   3. tensors whose rows the converter reordered get a row order that undoes it
      (gguf_stored_rows()).
 
@@ -231,6 +232,7 @@ def open_gguf(path, header_only=False):
         return HeaderOnlyGGUF.open(path, gguf)
     config = hf_config(gguf.metadata, gguf.tensors, path)
     arch = architecture_for(config, path)
+    arch.use_gguf_layout()
     arch.adapt(set(gguf.tensors))  # llama.cpp's names tell the layout (a mixture's experts: stacked apart)
     return GGUFCheckpoint(path, gguf, config, hf_tensors(gguf, arch, config, path))
 
