@@ -335,9 +335,7 @@ def export(model_path, out_path, options):
         model.arch.gguf_hyperparameters(writer)
         writer.add_file_type(target.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        from swtool.export_vocab import add_vocabulary
-
-        add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
+        model.arch.gguf_tokenizer(writer, model.checkpoint.directory)
         model.arch.gguf_vocabulary(writer, model.checkpoint.directory)
         for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
@@ -347,7 +345,7 @@ def export(model_path, out_path, options):
     notes = [] if options.catalog else ["no --catalog: the super weights are neither recorded nor protected "
                                         "(swtool scan MODEL -o catalog.json makes one)"]
     window = model.arch.sliding_window(0)
-    if window is not None and window < int(model.checkpoint.config["max_position_embeddings"]):
+    if window is not None and not model.arch.gguf_windows and window < int(model.checkpoint.config["max_position_embeddings"]):
         notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
                      f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes)
@@ -380,7 +378,8 @@ def hf_tensors(model):
     tensors = {}
     for hf_name, shape in arch.tensor_shapes().items():
         name = arch.gguf_name(hf_name)
-        tensor = OutTensor(name, tuple(shape), checkpoint.tensor(hf_name).read)
+        tensor = OutTensor(name, tuple(shape), offset_reader(checkpoint.tensor(hf_name).read,
+                                                             arch.gguf_value_offset(name)))
         stored_rows = arch.gguf_stored_rows(name, shape[0])
         if stored_rows is not None:  # the file's row i is the source's row row_order[i]
             tensor.row_order = np.argsort(stored_rows)
@@ -389,6 +388,13 @@ def hf_tensors(model):
         tensors[name] = OutTensor(name, values.shape,
                                   lambda rows, values=values: values if rows is None else values[rows])
     return tensors
+
+
+def offset_reader(read, offset):
+    """`read`, with the family's stored offset added to every value (float32, as the converter adds it)."""
+    if not offset:
+        return read
+    return lambda rows: read(rows) + np.float32(offset)
 
 
 def add_general(writer, model):

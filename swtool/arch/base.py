@@ -245,6 +245,7 @@ class Architecture:
     gguf_exports = False  # does `swtool export` write this family?
     gguf_reads = ()  # llama.cpp architectures (general.architecture) this family reads back
     gguf_derived = ()  # GGUF tensors that config_from_gguf turns into config (not weights)
+    gguf_windows = False  # does llama.cpp apply this family's sliding windows? (export notes when it does not)
 
     def gguf_arch(self):
         """gguf.MODEL_ARCH member name llama.cpp uses for this model (e.g. "LLAMA")."""
@@ -285,6 +286,11 @@ class Architecture:
         [n_rows]), or None when the converter keeps the rows in their order (most tensors)."""
         return None
 
+    def gguf_value_offset(self, gguf_name):
+        """What the converter adds to every value of this tensor (Gemma stores its norm weights
+        as 1 + w): export adds it, GGUF input subtracts it. 0.0 for most tensors."""
+        return 0.0
+
     def gguf_extra_tensors(self):
         """{llama.cpp name: float32 array} of tensors the converter adds (none by default)."""
         return {}
@@ -292,6 +298,13 @@ class Architecture:
     def gguf_hyperparameters(self, writer):
         """Write the `{arch}.*` metadata keys the converter writes, through a gguf.GGUFWriter."""
         raise NotImplementedError
+
+    def gguf_tokenizer(self, writer, directory):
+        """The vocabulary's tokenizer.* keys as the family's converter builds them (its set_vocab):
+        by default from tokenizer.json (export_vocab.add_vocabulary)."""
+        from swtool.export_vocab import add_vocabulary
+
+        add_vocabulary(writer, directory, self.vocab_size)
 
     def gguf_vocabulary(self, writer, directory):
         """Vocabulary keys the family's converter writes besides the tokenizer's own (export_vocab.py
