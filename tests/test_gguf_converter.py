@@ -24,8 +24,8 @@ from tiny import Plant, random_tokens
 pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]
 
 PLANT = Plant(layer=1, row=3, col=5)
-READ = ["llama", "mistral", "gemma", "gemma2", "gemma3"]
-EXPORT = ["llama", "mistral", "gemma", "gemma2", "gemma3"]
+READ = ["llama", "mistral", "gemma", "gemma2", "gemma3", "phi3", "phi3-longrope"]
+EXPORT = ["llama", "mistral", "gemma", "gemma2", "gemma3", "phi3", "phi3-longrope"]
 # {family: {key: why swtool writes it differently}}; keys swtool adds (swtool.*) are never compared
 INTENDED = {}
 LOGIT_GAP = 2e-5  # of the largest |logit|, f32 weights on both sides
