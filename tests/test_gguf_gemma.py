@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from cli_run import swtool
+from cli_run import one_line_error, swtool
 from converted import CONVERTER_RULES, PROSE, build_converted, write_sentencepiece_tokenizer
 from gguf_compare import key_differences, read_contents, tensor_differences
 from swtool.errors import CheckpointError
@@ -119,6 +119,22 @@ def test_eval_text_counts_the_tokens_llama_cpp_makes(converted, tmp_path):
     result = swtool("eval", gguf_path, "--text", tmp_path / "text.txt", "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tokens"] == len(llama_cpp_tokens(gguf_path, text))
+
+
+# --- what llama.cpp would run differently is refused ----------------------------------------
+
+@pytest.mark.parametrize("family, message", [
+    ("gemma2", "query_pre_attn_scalar 24 cannot be exported: llama.cpp's gemma2 scales attention by 1/sqrt(16)"),
+    ("gemma3", "sliding layers [0, 2] cannot be exported: llama.cpp's gemma3 slides layer i unless (i + 1) is a "
+               "multiple of 6"),
+])
+def test_export_refuses_what_llama_cpp_derives_differently(tiny_factory, tmp_path, family, message):
+    """The converter does not store query_pre_attn_scalar nor the sliding layers; llama.cpp derives them.
+    fixtures/tiny.py's Gemma 2 scales by 24 (head_dim 16), its Gemma 3 slides layers 0 and 2 of 4."""
+    model_dir, _ = tiny_factory(family, **({"query_pre_attn_scalar": 16} if family == "gemma3" else {}))
+    error = one_line_error(swtool("export", model_dir, "-o", tmp_path / "out.gguf", "--type", "f32", "--no-progress"))
+    assert message in error
+    assert not (tmp_path / "out.gguf").exists()
 
 
 # --- Gemma 3 multimodal: its language model ----------------------------------------------
