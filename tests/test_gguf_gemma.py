@@ -121,6 +121,45 @@ def test_eval_text_counts_the_tokens_llama_cpp_makes(converted, tmp_path):
     assert json.loads(result.stdout)["tokens"] == len(llama_cpp_tokens(gguf_path, text))
 
 
+# --- one tokenizer file of the two ---------------------------------------------------------
+
+def copy_without(model_dir, out_dir, *names):
+    import shutil
+
+    shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("*.gguf"))
+    for name in names:
+        (out_dir / name).unlink()
+    return out_dir
+
+
+def test_a_checkpoint_with_only_tokenizer_model_exports_the_converters_vocabulary(converted, tmp_path):
+    import llama_converter
+
+    model_dir, _ = converted("gemma")
+    bare = copy_without(model_dir, tmp_path / "bare", "tokenizer.json", "tokenizer_config.json")
+    llama_converter.convert(bare, tmp_path / "theirs.gguf", "f32")
+    result = swtool("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    ours, theirs = read_contents(tmp_path / "ours.gguf"), read_contents(tmp_path / "theirs.gguf")
+    assert key_differences(ours, theirs, ("gemma.", "tokenizer.")) == []
+    assert "tokenizer.ggml.scores" in ours.keys
+
+
+def test_a_checkpoint_with_only_tokenizer_json_exports_a_vocabulary_that_splits_as_it(converted, tmp_path):
+    """llama.cpp's converter needs tokenizer.model for Gemma; swtool falls back to tokenizer.json."""
+    import llama_cpp
+    from tokenizers import Tokenizer
+
+    model_dir, _ = converted("gemma")
+    bare = copy_without(model_dir, tmp_path / "bare", "tokenizer.model")
+    result = swtool("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    tokenizer = Tokenizer.from_file(str(bare / "tokenizer.json"))
+    vocab = llama_cpp.Llama(str(tmp_path / "ours.gguf"), vocab_only=True, verbose=False)
+    for text in TEXTS[:2] + TEXTS[5:]:
+        assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text).ids, text
+
+
 # --- what llama.cpp would run differently is refused ----------------------------------------
 
 @pytest.mark.parametrize("family, message", [

@@ -144,7 +144,7 @@ class Gemma(Architecture):
 
     def gguf_vocabulary(self, writer, directory):
         writer.add_eot_token_id(EOT_TOKEN)
-        writer.add_add_space_prefix(False)
+        no_space_prefix(writer, directory)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
@@ -240,7 +240,7 @@ class Gemma2(Architecture):
         write_gemma_tokenizer(self, writer, directory)
 
     def gguf_vocabulary(self, writer, directory):
-        writer.add_add_space_prefix(False)
+        no_space_prefix(writer, directory)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
@@ -379,8 +379,7 @@ class Gemma3(Architecture):
         write_gemma_tokenizer(self, writer, directory)
 
     def gguf_vocabulary(self, writer, directory):
-        if (directory / "tokenizer.model").is_file():
-            writer.add_add_space_prefix(False)
+        no_space_prefix(writer, directory)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
@@ -473,6 +472,13 @@ def write_gemma_tokenizer(arch, writer, directory):
         add_sentencepiece_vocabulary(writer, directory, arch.vocab_size)
     else:
         Architecture.gguf_tokenizer(arch, writer, directory)
+
+
+def no_space_prefix(writer, directory):
+    """The converters' add_space_prefix = false after a tokenizer.model vocabulary (a tokenizer.json one
+    has already said whether its tokenizer prepends a space)."""
+    if (directory / "tokenizer.model").is_file():
+        writer.add_add_space_prefix(False)
 
 
 def llama_cpp_query_scalar(model_type, n_layers, hidden, n_head, head_dim):
