@@ -186,3 +186,77 @@ def adds_space_prefix(data):
         if step.get("type") == "Metaspace":
             return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
     return False
+
+
+# --- SentencePiece: tokenizer.model, as convert_hf_to_gguf's _create_vocab_sentencepiece ----------------
+
+SPM_TYPES = {2: UNKNOWN, 3: CONTROL, 5: UNUSED, 6: BYTE}  # SentencePiece's piece types; others are NORMAL
+
+
+def sentencepiece_tokens(directory, vocab_size):
+    """(tokens, scores, types) of tokenizer.model padded to vocab_size with [PADn] (score -10000, UNUSED),
+    before any added token: the first half of _create_vocab_sentencepiece and of Phi-3's set_vocab."""
+    from swtool.sentencepiece_model import read_pieces
+
+    path = directory / "tokenizer.model"
+    if not path.is_file():
+        raise SwtoolError(f"{directory}: no tokenizer.model; llama.cpp's converter builds this family's "
+                          f"vocabulary from it")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores, types = [-10000.0] * vocab_size, [UNUSED] * vocab_size
+    for token_id, (piece, score, kind) in enumerate(read_pieces(path)[:vocab_size]):
+        tokens[token_id], scores[token_id], types[token_id] = piece, score, SPM_TYPES.get(kind, NORMAL)
+    for token, token_id in added_tokens_json(directory).items():
+        if token_id < vocab_size:
+            tokens[token_id], scores[token_id], types[token_id] = token, -1000.0, USER_DEFINED
+    return tokens, scores, types
+
+
+def added_tokens_json(directory):
+    """added_tokens.json ({token: id}), or {}."""
+    path = directory / "added_tokens.json"
+    data = read_json(path) if path.is_file() else {}
+    if not isinstance(data, dict) or not all(type(i) is int and i >= 0 for i in data.values()):
+        raise SwtoolError(f"{path}: not an object of token ids")
+    return data
+
+
+def added_tokens_decoder(directory):
+    """tokenizer_config.json's added_tokens_decoder as [(id, content, special)], or []."""
+    path = directory / "tokenizer_config.json"
+    config = read_json(path) if path.is_file() else {}
+    decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
+    found = []
+    for key, entry in (decoder or {}).items():
+        if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise SwtoolError(f"{path}: added_tokens_decoder entry {key!r} is not an id with its content")
+        found.append((int(key), entry["content"], bool(entry.get("special"))))
+    return found
+
+
+def add_sentencepiece_vocabulary(writer, directory, vocab_size):
+    """tokenizer.* from tokenizer.model as convert_hf_to_gguf's _set_vocab_sentencepiece writes them:
+    the pieces with their scores and types, added tokens (special or special-looking ones CONTROL,
+    others USER_DEFINED with "▁" as a space, score -1000), then gguf-py's SpecialVocab."""
+    tokens, scores, types = sentencepiece_tokens(directory, vocab_size)
+    for token_id, token, special in added_tokens_decoder(directory):
+        if token_id >= vocab_size:
+            continue
+        if special or looks_special(token):
+            types[token_id] = CONTROL
+        else:
+            token, types[token_id] = token.replace("▁", " "), USER_DEFINED
+        tokens[token_id], scores[token_id] = token, -1000.0
+    write_sentencepiece(writer, directory, tokens, scores, types)
+
+
+def write_sentencepiece(writer, directory, tokens, scores, types):
+    """A "llama" (SentencePiece) vocabulary's keys, then SpecialVocab's special ids, add_bos/eos and chat template."""
+    import gguf
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)

@@ -400,9 +400,7 @@ def export(model_path, out_path, options):
         model.arch.gguf_hyperparameters(writer)
         writer.add_file_type(target.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        from swtool.export_vocab import add_vocabulary
-
-        kind = add_vocabulary(writer, model.checkpoint.directory, model.arch.vocab_size)
+        kind = model.arch.gguf_tokenizer(writer, model.checkpoint.directory)
         model.arch.gguf_vocabulary(writer, model.checkpoint.directory, kind)
         for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
@@ -411,7 +409,7 @@ def export(model_path, out_path, options):
     if not options.dry_run:
         write_gguf(out_path, arch_name, add_metadata, ordered, options.progress)
     window = model.arch.sliding_window(0)
-    if window is not None and window < int(model.checkpoint.config["max_position_embeddings"]):
+    if window is not None and not model.arch.gguf_windows and window < int(model.checkpoint.config["max_position_embeddings"]):
         notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
                      f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
@@ -464,6 +462,7 @@ def hf_tensors(model):
         name = arch.gguf_name(hf_name)
         tensors[name] = OutTensor(name, tuple(shape), read)
     for name, tensor in tensors.items():
+        tensor.read = offset_reader(tensor.read, arch.gguf_value_offset(name))
         stored_rows = arch.gguf_stored_rows(name, tensor.shape[0])
         if stored_rows is not None:  # the file's row i is the source's row row_order[i]
             tensor.row_order = np.argsort(stored_rows)
@@ -480,6 +479,13 @@ def stacked(name, infos):
         return np.stack([infos[i].read() for i in picked])
 
     return OutTensor(name, (len(infos),) + tuple(infos[0].shape), read)
+
+
+def offset_reader(read, offset):
+    """`read`, with the family's stored offset added to every value (float32, as the converter adds it)."""
+    if not offset:
+        return read
+    return lambda rows: read(rows) + np.float32(offset)
 
 
 def add_general(writer, model):

@@ -25,9 +25,11 @@ pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]
 
 PLANT = Plant(layer=1, row=3, col=5)
 READ = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "olmo", "olmo2",
-        "granite", "starcoder2", "stablelm", "stablelm-parallel", "gpt-neox", "gpt-neox-sequential", "gpt2", "gpt2-untied"]
+        "granite", "starcoder2", "stablelm", "stablelm-parallel", "gpt-neox", "gpt-neox-sequential", "gpt2", "gpt2-untied",
+        "gemma", "gemma2", "gemma3", "phi3", "phi3-longrope"]
 EXPORT = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "olmo", "olmo2",
-          "granite", "starcoder2", "stablelm", "stablelm-parallel", "gpt-neox", "gpt2", "gpt2-untied"]
+          "granite", "starcoder2", "stablelm", "stablelm-parallel", "gpt-neox", "gpt2", "gpt2-untied",
+          "gemma", "gemma2", "gemma3", "phi3", "phi3-longrope"]
 # {family: {key: why swtool writes it differently}}; keys swtool adds (swtool.*) are never compared
 INTENDED = {"gpt2": {"gpt2.feed_forward_length": "the converter writes 4 x n_embd whatever n_inner says (160 here), "
                                                 "so llama.cpp refuses its file; swtool writes the MLP's width"}}

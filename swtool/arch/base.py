@@ -247,6 +247,7 @@ class Architecture:
     gguf_exports = False  # does `swtool export` write this family?
     gguf_reads = ()  # llama.cpp architectures (general.architecture) this family reads back
     gguf_derived = ()  # GGUF tensors that config_from_gguf turns into config (not weights)
+    gguf_windows = False  # does llama.cpp apply this family's sliding windows? (export notes when it does not)
 
     def use_gguf_layout(self):
         """Called before tensor_shapes() when the tensors come from a GGUF file. A family whose
@@ -302,6 +303,11 @@ class Architecture:
             return self.moe.gguf_restacked(tensor)
         return {}, set()
 
+    def gguf_value_offset(self, gguf_name):
+        """What the converter adds to every value of this tensor (Gemma stores its norm weights
+        as 1 + w): export adds it, GGUF input subtracts it. 0.0 for most tensors."""
+        return 0.0
+
     def gguf_extra_tensors(self):
         """{llama.cpp name: float32 array} of tensors the converter adds (none by default)."""
         return {}
@@ -310,9 +316,17 @@ class Architecture:
         """Write the `{arch}.*` metadata keys the converter writes, through a gguf.GGUFWriter."""
         raise NotImplementedError
 
+    def gguf_tokenizer(self, writer, directory):
+        """The vocabulary's tokenizer.* keys as the family's converter builds them (its set_vocab):
+        by default from tokenizer.json (export_vocab.add_vocabulary). Returns the kind written
+        (tokenizer.ggml.model: "gpt2" or "llama")."""
+        from swtool.export_vocab import add_vocabulary
+
+        return add_vocabulary(writer, directory, self.vocab_size)
+
     def gguf_vocabulary(self, writer, directory, kind):
-        """Vocabulary keys the family's converter writes besides the tokenizer's own, which export_vocab.py
-        has written (`kind`: "gpt2" or "llama", its tokenizer.ggml.model): none by default."""
+        """Vocabulary keys the family's converter writes besides the tokenizer's own, which gguf_tokenizer
+        has written (`kind`: its tokenizer.ggml.model): none by default."""
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):

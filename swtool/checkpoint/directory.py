@@ -4,10 +4,14 @@ Three layouts are accepted, as transformers writes them:
   - one `model.safetensors`;
   - shards `model-0000x-of-0000N.safetensors` listed in `model.safetensors.index.json`;
   - a path to a single `.safetensors` file with a `config.json` beside it.
+
+A multimodal checkpoint is seen as its language model (language_model.py).
 """
 
+from dataclasses import replace
 from pathlib import Path
 
+from swtool.checkpoint.language_model import text_model
 from swtool.checkpoint.safetensors import SafetensorsFile
 from swtool.errors import CheckpointError
 from swtool.jsonfile import read_json
@@ -19,11 +23,12 @@ SINGLE_NAME = "model.safetensors"
 class Checkpoint:
     """Tensors by Hugging Face name across all shards, plus the model's config."""
 
-    def __init__(self, directory, files, config, tensor_to_file):
+    def __init__(self, directory, files, config, tensor_to_file, stored_names=None):
         self.directory = Path(directory)
         self.files = files  # {Path: SafetensorsFile}
         self.config = config
         self._tensor_to_file = tensor_to_file  # {name: Path}
+        self._stored_names = stored_names or {}  # {name: name in the file}, for a multimodal model's text part
 
     def __contains__(self, name):
         return name in self._tensor_to_file
@@ -36,7 +41,9 @@ class Checkpoint:
         path = self._tensor_to_file.get(name)
         if path is None:
             raise CheckpointError(self.directory, f"missing tensor {name!r}")
-        return self.files[path][name]
+        stored = self._stored_names.get(name, name)
+        info = self.files[path][stored]
+        return info if stored == name else replace(info, name=name)  # named as the rest of swtool names it
 
     def total_bytes(self):
         return sum(p.stat().st_size for p in self.files)
@@ -70,7 +77,10 @@ def open_checkpoint(path):
     index = directory / INDEX_NAME
     if path.is_dir() and index.exists():
         tensor_to_file = _check_index(index, files)
-    return Checkpoint(directory, files, config, tensor_to_file)
+    config, stored_names = text_model(config, tensor_to_file)  # a multimodal checkpoint: its language model
+    if stored_names is not None:
+        tensor_to_file = {name: tensor_to_file[stored] for name, stored in stored_names.items()}
+    return Checkpoint(directory, files, config, tensor_to_file, stored_names)
 
 
 def _shards_of(directory):

@@ -74,6 +74,7 @@ class GGUFTensor:
     block_size: int  # elements per block (1 for plain types)
     type_size: int  # bytes per block
     row_order: object = None  # np.ndarray [rows] or None
+    value_offset: float = 0.0  # what the converter added to every value (read() subtracts it; with_stored does not)
 
     @property
     def quantized(self):
@@ -131,8 +132,10 @@ class GGUFTensor:
 
     def _decode(self, stored):
         if not self.quantized:
-            return decode_float32(stored, PLAIN_TYPES[self.dtype][1])
-        return dequantize_blocks(stored, self.dtype, self.shape[-1])
+            values = decode_float32(stored, PLAIN_TYPES[self.dtype][1])
+        else:
+            values = dequantize_blocks(stored, self.dtype, self.shape[-1])
+        return values - np.float32(self.value_offset) if self.value_offset else values
 
     def block_of(self, row, col):
         """(absolute offset, byte length, index inside the block) of the block holding HF [row, col]."""
@@ -162,7 +165,7 @@ class GGUFTensor:
             values = gguf.quants.dequantize(raw[None, :], gguf.GGMLQuantizationType[self.dtype])[0]
         else:
             values = decode_float32(raw.view(PLAIN_TYPES[self.dtype][0]), PLAIN_TYPES[self.dtype][1])
-        return np.asarray(values, dtype=np.float32), index
+        return np.asarray(values, dtype=np.float32) - np.float32(self.value_offset), index
 
 
 @dataclass

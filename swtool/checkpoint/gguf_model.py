@@ -15,7 +15,8 @@ architecture (Architecture.gguf_reads; the family's module in arch/ says how):
      (gguf_name(), from gguf-py's own name map), so the reverse map is built from
      them and no name table is kept here;
   3. tensors whose rows the converter reordered get a row order that undoes it
-     (gguf_stored_rows()).
+     (gguf_stored_rows()), and values it offset (Gemma's 1 + w norms) lose the
+     offset when read (gguf_value_offset()).
 
 The result has the interface of checkpoint.directory.Checkpoint (config,
 tensor(name), names(), files, directory ...), so forward, detect and audit run on
@@ -147,7 +148,7 @@ def hf_tensors(gguf, arch, config, source):
             raise CheckpointError(source, f"tensor {gguf_name!r} has shape {list(info.shape)}, "
                                           f"the metadata implies {list(shapes[hf_name])}")
         order = arch.gguf_stored_rows(gguf_name, info.shape[0])
-        tensors[hf_name] = replace(info, name=hf_name, row_order=order)
+        tensors[hf_name] = replace(info, name=hf_name, row_order=order, value_offset=arch.gguf_value_offset(gguf_name))
     return tensors
 
 
