@@ -93,3 +93,24 @@ def gguf_flag(hparams, key, default):
     if not isinstance(value, bool):
         raise hparams.error(f"metadata {hparams.arch}.{key} = {value!r} is not true or false")
     return value
+
+
+def layer_norm_rope_keys(writer, arch, rope_config, rotary_dims, family, head_count_kv=None):
+    """The keys GPTNeoXModel and StableLMModel write alike (LayerNorm blocks, partial RoPE, parallel
+    residual or not). Neither writes a RoPE base, so llama.cpp takes 10000; swtool writes the base
+    when it is another, which the converter's file would lose."""
+    writer.add_context_length(arch.config["max_position_embeddings"])
+    writer.add_embedding_length(arch.hidden_size)
+    writer.add_block_count(arch.n_layers)
+    writer.add_feed_forward_length(arch.intermediate_size)
+    writer.add_rope_dimension_count(rotary_dims)
+    writer.add_head_count(arch.heads.n)
+    if head_count_kv is not None:
+        writer.add_head_count_kv(head_count_kv)
+    writer.add_parallel_residual(arch.parallel)
+    writer.add_layer_norm_eps(arch.norm.eps)
+    theta, scaling = rope_settings(rope_config)
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise SwtoolError(f"RoPE scaling is not supported for a {family} export (llama.cpp's converter writes none)")
+    if theta != LLAMA_CPP_ROPE_BASE:
+        writer.add_rope_freq_base(theta)

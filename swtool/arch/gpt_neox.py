@@ -34,9 +34,8 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
-from swtool.arch.gguf_text import LLAMA_CPP_ROPE_BASE, gguf_flag, rotary_fraction, text_model_config
-from swtool.arch.rope import rope_settings, rotary_dim
-from swtool.errors import SwtoolError
+from swtool.arch.gguf_text import gguf_flag, layer_norm_rope_keys, rotary_fraction, text_model_config
+from swtool.arch.rope import rotary_dim
 
 NEOX_ROTARY_DEFAULT = 0.25  # GPTNeoXConfig's rotary_pct when config.json names none
 HEAD_NAMES = ("embed_out.weight", "lm_head.weight")  # Hub checkpoints, then transformers 5's module name
@@ -99,21 +98,9 @@ class GPTNeoX(Architecture):
         return part * self.hidden_size + head * self.heads.dim + i
 
     def gguf_hyperparameters(self, writer):
-        """GPTNeoXModel.set_gguf_parameters' keys. It writes no RoPE base, so llama.cpp takes 10000;
-        swtool writes the base when it is another, which the converter's file would lose."""
-        writer.add_context_length(self.config["max_position_embeddings"])
-        writer.add_embedding_length(self.hidden_size)
-        writer.add_block_count(self.n_layers)
-        writer.add_feed_forward_length(self.intermediate_size)
-        writer.add_rope_dimension_count(rotary_dim(self.rope_config, self.heads.dim, NEOX_ROTARY_DEFAULT))
-        writer.add_head_count(self.heads.n)
-        writer.add_parallel_residual(self.parallel)
-        writer.add_layer_norm_eps(self.norm.eps)
-        theta, scaling = rope_settings(self.rope_config)
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise SwtoolError("RoPE scaling is not supported for a GPT-NeoX export (llama.cpp's converter writes none)")
-        if theta != LLAMA_CPP_ROPE_BASE:
-            writer.add_rope_freq_base(theta)
+        """GPTNeoXModel.set_gguf_parameters' keys."""
+        rotary_dims = rotary_dim(self.rope_config, self.heads.dim, NEOX_ROTARY_DEFAULT)
+        layer_norm_rope_keys(writer, self, self.rope_config, rotary_dims, "GPT-NeoX")
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):

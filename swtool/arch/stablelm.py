@@ -30,9 +30,8 @@ import numpy as np
 from swtool import ops
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, DecoderArgs, Positive
-from swtool.arch.gguf_text import LLAMA_CPP_ROPE_BASE, gguf_flag, rotary_fraction, text_model_config
-from swtool.arch.rope import rope_settings, rotary_dim
-from swtool.errors import SwtoolError
+from swtool.arch.gguf_text import gguf_flag, layer_norm_rope_keys, rotary_fraction, text_model_config
+from swtool.arch.rope import rotary_dim
 
 STABLELM_ROTARY_DEFAULT = 0.25  # StableLmConfig's partial_rotary_factor when config.json names none
 PER_HEAD_NORM = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qk]_layernorm)\.norms\.\d+\.weight$")
@@ -83,22 +82,9 @@ class StableLm(Architecture):
         return "stablelm"
 
     def gguf_hyperparameters(self, writer):
-        """StableLMModel.set_gguf_parameters' keys. It writes no RoPE base, so llama.cpp takes 10000;
-        swtool writes the base when it is another, which the converter's file would lose."""
-        writer.add_context_length(self.config["max_position_embeddings"])
-        writer.add_embedding_length(self.hidden_size)
-        writer.add_block_count(self.n_layers)
-        writer.add_feed_forward_length(self.intermediate_size)
-        writer.add_rope_dimension_count(rotary_dim(self.config, self.heads.dim, STABLELM_ROTARY_DEFAULT))
-        writer.add_head_count(self.heads.n)
-        writer.add_head_count_kv(self.heads.n_kv)
-        writer.add_parallel_residual(self.parallel)
-        writer.add_layer_norm_eps(self.norm.eps)
-        theta, scaling = rope_settings(self.config)
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise SwtoolError("RoPE scaling is not supported for a StableLM export (llama.cpp's converter writes none)")
-        if theta != LLAMA_CPP_ROPE_BASE:
-            writer.add_rope_freq_base(theta)
+        """StableLMModel.set_gguf_parameters' keys."""
+        rotary_dims = rotary_dim(self.config, self.heads.dim, STABLELM_ROTARY_DEFAULT)
+        layer_norm_rope_keys(writer, self, self.config, rotary_dims, "StableLM", head_count_kv=self.heads.n_kv)
 
     @classmethod
     def config_from_gguf(cls, hparams, gguf_tensors):
