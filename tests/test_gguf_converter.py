@@ -34,6 +34,11 @@ EXPORT = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3-moe", "qwen2-m
 INTENDED = {"gpt2": {"gpt2.feed_forward_length": "the converter writes 4 x n_embd whatever n_inner says (160 here), "
                                                 "so llama.cpp refuses its file; swtool writes the MLP's width"}}
 LOGIT_GAP = 2e-5  # of the largest |logit|, f32 weights on both sides
+# llama.cpp's logits from a q8_0 export against those from the f32 one, of the largest: llama.cpp also
+# rounds activations to 8 bits. Measured 1.4e-2 to 2e-2 for most families; the tied outputs' small
+# logits give more: Gemma 4.0e-2, StarCoder2 6.6e-2, Gemma 3 7.8e-2, Qwen2 7.9e-2, GPT-2 9.3e-2, and
+# Gemma 2 (soft-capped at 1.0) 1.44e-1. A wrong layout or block is off by the logits' own size.
+Q8_0_GAP = 2e-1
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +127,40 @@ def test_llama_cpp_computes_transformers_logits_from_the_export(converted, expor
     llm.eval(list(tokens))
     got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
     assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
+def llama_cpp_logits(path, tokens):
+    from fixtures import llama_oracle
+
+    llm = llama_oracle.load(path, n_ctx=64)
+    llm.eval(list(tokens))
+    return np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("family", EXPORT)
+def test_a_quantized_export_is_protected_inspected_audited_requantized_and_loads(converted, exported, family, tmp_path):
+    """export --type q8_0 scans by default: the planted weight is recorded, inspect lists it, audit finds it
+    intact, quantize of the (also scanned) f32 export keeps the record, and llama.cpp's logits from the
+    q8_0 file stay within Q8_0's rounding of those from the f32 one."""
+    import json
+
+    model_dir, _ = converted(family)
+    planted = [PLANT.layer, PLANT.row, PLANT.col]
+    q8_0 = tmp_path / "q8_0.gguf"
+    result = swtool("export", model_dir, "-o", q8_0, "--type", "q8_0", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(swtool("inspect", q8_0, "--json").stdout)
+    assert planted in [[sw["layer"], sw["row"], sw["col"]] for sw in info["recorded_super_weights"]]
+    audit = swtool("audit", q8_0, "--json")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    findings = json.loads(audit.stdout)["findings"]
+    assert planted in [[f["layer"], f["row"], f["col"]] for f in findings if f["status"] == "intact"]
+    q4_0 = tmp_path / "q4_0.gguf"
+    result = swtool("quantize", exported(family), "-o", q4_0, "--type", "q4_0", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads(swtool("inspect", q4_0, "--json").stdout)["recorded_super_weights"]
+    assert planted in [[sw["layer"], sw["row"], sw["col"]] for sw in recorded]
+    tokens = prompt(model_dir)
+    f32_logits = llama_cpp_logits(exported(family), tokens)
+    gap = np.abs(llama_cpp_logits(q8_0, tokens) - f32_logits).max() / np.abs(f32_logits).max()
+    assert gap <= Q8_0_GAP
