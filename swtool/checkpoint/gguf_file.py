@@ -20,6 +20,7 @@ quantized row is a run of blocks, each covering `block_size` consecutive
 columns, so one weight can be recovered by decoding its block alone.
 """
 
+import contextlib
 import functools
 import mmap
 import os
@@ -343,8 +344,13 @@ def read_gguf(path):
         raise CheckpointError(path, "no such file") from None
     try:
         return _parse(path, memoryview(mapping), size)
-    finally:
-        close_map(mapping)  # an error's traceback may still hold a view of the header
+    except BaseException:
+        # unmapped now, unless the error's traceback still holds a view of the header: then when it
+        # goes. Not close_map's gc.collect(), whose cost grows with the process's heap, for every bad file
+        with contextlib.suppress(BufferError):
+            mapping.close()
+        raise
+    # on success the header's lazy arrays may hold views of the map: it is unmapped when they go
 
 
 def _parse(path, buffer, size):
