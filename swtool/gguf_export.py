@@ -142,6 +142,9 @@ def scanned_super_weights(model, options, orders):
     if not model.arch.runs:
         return [], None, (f"no --catalog, and swtool cannot scan a {model.arch.model_type} model: the super "
                           f"weights are neither recorded nor protected")
+    if not (Path(model.directory) / "tokenizer.json").is_file():
+        return [], None, ("no --catalog, and no tokenizer.json to tokenize the scan's prompt (a scan of a copy "
+                          "with one makes the catalog): the super weights are neither recorded nor protected")
     catalog, _ = scan_catalog(model, None, progress=options.progress)
     found, prompt = protected_weights(catalog, model.path, model.arch.n_layers, orders)
     return found, prompt, (f"no --catalog: scanned the model with the default prompt, {len(found)} super "
@@ -375,7 +378,9 @@ def export(model_path, out_path, options):
                           f"{model_path} is {model.arch.model_type!r}")
     from swtool.export_vocab import read_tokenizer_json
 
-    read_tokenizer_json(model.checkpoint.directory)  # a vocabulary that cannot be written fails before a scan
+    directory = model.checkpoint.directory  # a vocabulary that cannot be written fails before a scan
+    if (directory / "tokenizer.json").is_file() or not (directory / "tokenizer.model").is_file():
+        read_tokenizer_json(directory)  # (a family may build its vocabulary from tokenizer.model alone)
     arch_name = model.arch.gguf_arch_name()
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
