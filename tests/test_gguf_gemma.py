@@ -140,6 +140,7 @@ def test_a_checkpoint_with_only_tokenizer_model_exports_the_converters_vocabular
     llama_converter.convert(bare, tmp_path / "theirs.gguf", "f32")
     result = swtool("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
     assert result.returncode == 0, result.stderr
+    assert "no tokenizer.json to tokenize the scan's prompt" in result.stdout  # unprotected, and says so
     ours, theirs = read_contents(tmp_path / "ours.gguf"), read_contents(tmp_path / "theirs.gguf")
     assert key_differences(ours, theirs, ("gemma.", "tokenizer.")) == []
     assert "tokenizer.ggml.scores" in ours.keys
