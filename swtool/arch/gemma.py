@@ -58,6 +58,7 @@ import numpy as np
 
 from swtool.arch import blocks
 from swtool.arch.base import RESID, RESID_MID, Architecture, Count, DecoderArgs, Positive, null_is_off
+from swtool.arch.gguf_text import add_rope_scaling
 from swtool.arch.rope import rope_settings
 from swtool.errors import SwtoolError
 
@@ -348,17 +349,10 @@ class Gemma3(Architecture):
 
     def gguf_hyperparameters(self, writer):
         """Gemma3Model.set_gguf_parameters (over TextModel's): global layers' RoPE, the sliding layers' base."""
-        import gguf
-
         check_llama_cpp_rules(self, "gemma3")
         write_gemma_hyperparameters(self, writer)
         full_theta, scaling = rope_settings(self.rope_config("full_attention"))
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-        elif rope_type != "default":
-            raise SwtoolError(f"gemma3 RoPE scaling {rope_type!r} is not supported for export (supported: none, linear)")
+        add_rope_scaling(writer, scaling)
         writer.add_rope_freq_base(full_theta)
         sliding_theta = self.named_sliding_theta()
         if sliding_theta is not None:
