@@ -343,7 +343,7 @@ def print_summary(rows):
 
 
 def print_markdown(results):
-    """The table of bench/results/bench.json as Markdown, for the README."""
+    """The table of bench/results/bench.json as Markdown, for docs/performance.md."""
     m = results["machine"]
     print(f"`{results['command']}` on {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, "
           f"load average {m['load_average'][0]:.1f} before and {results['machine_after']['load_average'][0]:.1f} "

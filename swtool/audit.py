@@ -43,7 +43,7 @@ from swtool.catalog import catalogs_beside
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 
-DEFAULT_TOLERANCE = 0.05  # relative; Q4_1/Q8_0/bf16 copies of the same weights stay within 1% (README)
+DEFAULT_TOLERANCE = 0.05  # relative; Q4_1/Q8_0/bf16 copies of the same weights stay within 1% (docs/audit.md)
 OUTLIER_RATIO = 5.0  # |w| / RMS of its row, for coordinates that come without a value
 BROKEN_MARGIN = 1.1  # a prompt NLL above this times ln(vocab) means a broken model (broken_prompt)
 LOW_BITS = 4.0  # a GGUF type below this many bits per weight (Q2_K, Q3_K, IQ2/IQ3 ...) needs protection

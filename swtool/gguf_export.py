@@ -39,7 +39,7 @@ from swtool.errors import SwtoolError
 from swtool.quant.policy import KEPT, NOT_QUANTIZED, is_70b
 
 HANDLINGS = ("keep", "isolate", "none")
-DEFAULT_KEEP_TYPE = "q8_0"  # README, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
+DEFAULT_KEEP_TYPE = "q8_0"  # docs/gguf.md, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
 KEEP_TYPES = ("f16", "bf16", "q8_0", "f32")
 CHUNK_BYTES = 64 << 20  # float32 bytes read, reordered and quantized at a time
 

@@ -322,7 +322,7 @@ def test_cli_bad_input_is_one_line(tiny_sw, tiny_text, tmp_path):
 
 # --- SmolLM2: agreement with transformers, and the paper's findings where this model shows them ----
 
-# SmolLM2-135M's four super weights (README, "SmolLM2's super weights"; tests/test_smollm2.py checks
+# SmolLM2-135M's four super weights (docs/detection.md, "SmolLM2's super weights"; tests/test_smollm2.py checks
 # in transformers that zeroing them wrecks the model)
 SMOL_SUPER_WEIGHTS = [{"layer": layer, "row": 507, "col": col, "tensor": f"model.layers.{layer}.mlp.down_proj.weight",
                        "expert": None} for layer, col in ((2, 90), (2, 430), (11, 1229), (11, 1487))]
@@ -338,7 +338,7 @@ def test_smollm2_weight_quantsim_matches_transformers_and_the_paper(smollm2, smo
     """Block 1024, RTN and clip zscore:9 + restore, on 512 tokens of prose: transformers running the
     reference-quantized weights gives the same perplexity, to float32 rounding.
     Where SmolLM2 shows the paper's finding: with one block per tensor, RTN breaks the model and
-    handling the super weights keeps it far better (README: quantsim, weights); larger blocks hurt."""
+    handling the super weights keeps it far better (docs/experiments.md, quantsim); larger blocks hurt."""
     model = load_model(smollm2)
     settings = [WeightSetting(4, size, aware, Clip("zscore", 9.0)) for size in (1024, TENSOR) for aware in (False, True)]
     rtn_1024, aware_1024, rtn_tensor, aware_tensor = (

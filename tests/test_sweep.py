@@ -179,7 +179,7 @@ def test_source_perplexity_is_transformers_and_f16_scores_as_the_source(swept, s
 def test_keeping_the_super_weights_helps_at_2_bits_and_the_control_does_not(swept):
     """The paper's direction, where SmolLM2's numbers support it: at q2_k, keeping the two super-weight
     tensors in Q8_0 cuts perplexity by more than a third; the same bytes on two other ffn_down tensors
-    do not come close. (At q3_k and above SmolLM2 shows no consistent effect; README.)"""
+    do not come close. (At q3_k and above SmolLM2 shows no consistent effect; docs/gguf.md, sweep.)"""
     by_key = rows_by_key(swept[0])
     none = by_key[("q2_k", "none")]["perplexity"]
     keep = by_key[("q2_k", "keep:q8_0")]["perplexity"]

@@ -25,10 +25,10 @@ from swtool.kernels import bf16_pairs, dense
 from swtool.kernels.common import padded_rows
 
 # Above this many input rows decode + BLAS wins over the fused bf16 kernels (they cost the same
-# at about 80 rows on a 2048 x 8192 matrix, one core; README, "Memory and speed").
+# at about 80 rows on a 2048 x 8192 matrix, one core; docs/performance.md).
 FUSED_MAX_ROWS = 80
 # The block types' crossover is lower: a block costs more to decode than bf16, and decode + BLAS
-# uses swtool.quant's Numba dequantizer (bench/gguf_scan.py --only-crossover; README, "GGUF scan speed").
+# uses swtool.quant's Numba dequantizer (bench/gguf_scan.py --only-crossover; docs/performance.md, "GGUF scan speed").
 BLOCK_MAX_ROWS = 48
 
 

@@ -20,7 +20,7 @@ of its loads. Every product is a float32 multiply-add of the exact weight: only 
 order of the additions differs from dense.py (each lane sums its even products, then
 its odd ones).
 
-Measured with `python -m bench.kernels_bf16` (README, "Memory and speed"; the numbers
+Measured with `python -m bench.kernels_bf16` (docs/performance.md; the numbers
 behind the constants below: docs/kernel-measurements.md).
 """
 

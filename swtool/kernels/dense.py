@@ -9,7 +9,7 @@ weight is read once, from the memory map, and never materialised as float32.
 Weights stored [out, in] go through `matmul_rows` and common.py's 4 x 4 register
 block; weights stored transposed through `matmul_columns`. The same decode gives
 the whole-tensor statistics detect.py needs (`sum_of_squares`, `count_larger`).
-Speeds: README, "Memory and speed".
+Speeds: docs/performance.md.
 """
 
 import numba

@@ -4,7 +4,7 @@ by swtool/kernels/common.py for the kernels and swtool/quant/bits.py for the qua
 LLVM vectorises for 256-bit registers on Intel CPUs with AVX-512, a guard against
 the clock drop wide instructions once caused. swtool's kernels are bound by
 float32 multiply-adds, and 512-bit vectors make the fused bf16 product faster
-(README, "Memory and speed"). So the "prefer 256-bit" tuning is switched off, for
+(docs/performance.md). So the "prefer 256-bit" tuning is switched off, for
 this process, through numba's own setting for CPU features (NUMBA_CPU_FEATURES, as
 numba's test suite does to get 512-bit code).
 
@@ -18,7 +18,7 @@ Threads: numba's OpenMP workers, by default, keep spinning for a while after eac
 parallel region, on the cores that NumPy's BLAS threads (attention, the long-input
 products), the next kernel or another program need. swtool sets OMP_WAIT_POLICY=PASSIVE
 (unless the environment sets it) so they sleep instead: a little slower on a quiet
-machine, much faster when other work shares the cores (README, "Threads").
+machine, much faster when other work shares the cores (docs/performance.md, "Threads").
 """
 
 import os
