@@ -1,4 +1,4 @@
-"""GGUF block quantizers, bit-exact with ggml's reference quantizers.
+"""GGUF block quantizers, bit-exact with ggml's quantizers, with or without an importance matrix.
 
     from gguf import GGMLQuantizationType as T
     from swtool.quant import quantize, dequantize
@@ -15,19 +15,19 @@ with an importance vector (one non-negative weight per column, what llama-quanti
 takes from an imatrix file), ggml's importance-weighted `quantize_row_*_impl`
 (Q8_0 and the float types have no use for it and ignore it);
 `dequantize` the same floats as ggml's `to_float` (tests/test_quant.py checks
-both against libggml). The bytes are what a GGUF file stores for a tensor of
+both against libggml, tests/test_quant_importance.py the weighted bytes). The bytes are what a GGUF file stores for a tensor of
 that type: hand them to gguf's writer with `raw_dtype=qtype`.
 
 Blocks run along the last axis (ggml's ne[0], a Hugging Face weight's columns),
-so cols must be a multiple of the type's block size (32, or 256 for K-quants).
+so cols must be a multiple of the type's block size (32, or 256 for K-quants and IQ4_XS).
 Rows are quantized in parallel (Numba prange); kernels compile on first use
 (about 5 s per type) and are cached on disk. Numba keys that cache on each
 kernel's own source file only: after editing bits.py or search.py, delete
 swtool/quant/__pycache__/*.nb* or the kernels that call them stay stale.
 
 Modules: bits.py (float/half/int helpers), floats.py (F32/F16/BF16),
-simple.py (32-blocks), search.py (the K-quant scale searches), kquants.py (K-quants),
-blocks.py (the block decoders). Each type's sizes, enum, file type and functions:
+simple.py (32-blocks), search.py (the scale searches), kquants.py (K-quants),
+iquants.py (IQ4_NL, IQ4_XS), blocks.py (the block decoders). Each type's sizes, enum, file type and functions:
 swtool/block_types.py.
 """
 
@@ -79,7 +79,7 @@ def quant_type(qtype):
 
 
 def block_size(qtype):
-    """Elements per block: 1 for F32/F16/BF16, 32 for Q*_0/Q*_1, 256 for K-quants."""
+    """Elements per block: 1 for F32/F16/BF16, 32 for Q*_0/Q*_1/IQ4_NL, 256 for K-quants/IQ4_XS."""
     return block_types.BY_NAME[quant_type(qtype).name].block_values
 
 
