@@ -265,21 +265,10 @@ def weighted_q5_1(x, weights, out, codes, lanes):
 
 
 @numba.njit(**JIT)
-def weighted_row(kind, x, importance, y, nbytes):
-    """One row of a 32-block type under importance weights; kind 0..3: Q4_0, Q4_1, Q5_0, Q5_1."""
-    sigma2 = mean_square(x)
-    weights, codes, lanes = np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
-    for b in range(x.shape[0] // QK):
-        block, out = x[b * QK:(b + 1) * QK], y[b * nbytes:(b + 1) * nbytes]
-        block_weights(block, importance[b * QK:(b + 1) * QK], sigma2, weights)
-        if kind == 0:
-            weighted_q4_0(block, weights, out, codes, lanes)
-        elif kind == 1:
-            weighted_q4_1(block, weights, out, codes, lanes)
-        elif kind == 2:
-            weighted_q5_0(block, weights, out, codes, lanes)
-        else:
-            weighted_q5_1(block, weights, out, codes, lanes)
+def weighted_block(x, importance, sigma2, b, weights):
+    """Block b of the row x, its weights (from the row's mean square sigma2) put into `weights`."""
+    block_weights(x[b * QK:(b + 1) * QK], importance[b * QK:(b + 1) * QK], sigma2, weights)
+    return x[b * QK:(b + 1) * QK]
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +320,10 @@ def quantize_q4_0(values, importance, out, bad):
         if bad[r]:
             continue
         if importance.shape[0]:
-            weighted_row(0, x, importance, y, Q4_0_BYTES)
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q4_0(block, weights, y[b * Q4_0_BYTES:(b + 1) * Q4_0_BYTES], L, lanes)
         else:
             for b in range(x.shape[0] // QK):
                 block_q4_0(x[b * QK:(b + 1) * QK], y[b * Q4_0_BYTES:(b + 1) * Q4_0_BYTES])
@@ -345,7 +337,10 @@ def quantize_q4_1(values, importance, out, bad):
         if bad[r]:
             continue
         if importance.shape[0]:
-            weighted_row(1, x, importance, y, Q4_1_BYTES)
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q4_1(block, weights, y[b * Q4_1_BYTES:(b + 1) * Q4_1_BYTES], L, lanes)
         else:
             for b in range(x.shape[0] // QK):
                 block_q4_1(x[b * QK:(b + 1) * QK], y[b * Q4_1_BYTES:(b + 1) * Q4_1_BYTES])
@@ -360,7 +355,10 @@ def quantize_q5_0(values, importance, out, bad):
         if bad[r]:
             continue
         if importance.shape[0]:
-            weighted_row(2, x, importance, y, Q5_0_BYTES)
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q5_0(block, weights, y[b * Q5_0_BYTES:(b + 1) * Q5_0_BYTES], L, lanes)
         else:
             for b in range(x.shape[0] // QK):
                 block_q5_0(x[b * QK:(b + 1) * QK], y[b * Q5_0_BYTES:(b + 1) * Q5_0_BYTES], codes)
@@ -375,7 +373,10 @@ def quantize_q5_1(values, importance, out, bad):
         if bad[r]:
             continue
         if importance.shape[0]:
-            weighted_row(3, x, importance, y, Q5_1_BYTES)
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q5_1(block, weights, y[b * Q5_1_BYTES:(b + 1) * Q5_1_BYTES], L, lanes)
         else:
             for b in range(x.shape[0] // QK):
                 block_q5_1(x[b * QK:(b + 1) * QK], y[b * Q5_1_BYTES:(b + 1) * Q5_1_BYTES], codes)
