@@ -8,6 +8,9 @@ quantized to every type by:
   - gguf-py's gguf.quants.quantize (NumPy; it has no K-quant quantizer);
   - ggml's ggml_quantize_chunk through ctypes, one thread (libggml-base.so from
     llama-cpp-python, the same call llama-quantize makes per chunk).
+The types that use an importance matrix are timed with one as well (an
+imatrix-shaped vector, one weight per column: swtool.quant.quantize(..., importance=)
+against ggml_quantize_chunk with that imatrix), in a second table.
 Throughput is MB of float32 input per second of wall time, best of --repeats;
 CPU time per MB is recorded too (the machine is shared: wall times move with
 its load, CPU times much less). swtool's bytes are also checked against ggml's.
@@ -51,6 +54,40 @@ def test_matrix(rows, cols, seed=0):
     return values
 
 
+def importance_vector(cols, seed=1):
+    """An imatrix-like weight per column: mean squares, chi-square spread, a few columns 1e4 times the rest."""
+    rng = np.random.default_rng(seed)
+    weights = rng.chisquare(1, cols) * 1e-2 + 1e-6
+    weights[rng.choice(cols, 4, replace=False)] *= 1e4
+    return weights.astype(np.float32)
+
+
+# the types whose ggml quantizer reads an imatrix (Q8_0 and the float types ignore it)
+WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+
+
+def bench_importance(qtype, values, ggml, repeats):
+    """swtool vs ggml with an importance vector, for a type that uses one; None for the others."""
+    if qtype.name not in WEIGHTED:
+        return None
+    megabytes = values.nbytes / 1e6
+    threads = numba.get_num_threads()
+    importance = importance_vector(values.shape[1])
+    quantize(values[:2], qtype, importance=importance)  # compile outside the timing
+    wall, cpu, ours = timed(lambda: quantize(values, qtype, importance=importance), repeats)
+    row = {"swtool": {"threads": threads, "mb_per_s": megabytes / wall, "cpu_s_per_mb": cpu / megabytes}}
+    numba.set_num_threads(1)
+    try:
+        wall, cpu, _ = timed(lambda: quantize(values, qtype, importance=importance), repeats)
+    finally:
+        numba.set_num_threads(threads)
+    row["swtool_1_thread"] = {"mb_per_s": megabytes / wall, "cpu_s_per_mb": cpu / megabytes}
+    wall, cpu, reference = timed(lambda: ggml.quantize(values, qtype, importance), repeats)
+    row["ggml_c_1_thread"] = {"mb_per_s": megabytes / wall, "cpu_s_per_mb": cpu / megabytes}
+    row["same_bytes_as_ggml"] = bool(np.array_equal(ours, reference))
+    return row
+
+
 def bench_type(qtype, values, ggml, repeats):
     megabytes = values.nbytes / 1e6
     threads = numba.get_num_threads()
@@ -77,7 +114,24 @@ def bench_type(qtype, values, ggml, repeats):
     wall, cpu, reference = timed(lambda: ggml.quantize(values, qtype), repeats)
     row["ggml_c_1_thread"] = {"mb_per_s": megabytes / wall, "cpu_s_per_mb": cpu / megabytes}
     row["same_bytes_as_ggml"] = bool(np.array_equal(ours, reference))
+    row["with_importance"] = bench_importance(qtype, values, ggml, repeats)
     return row
+
+
+def print_importance_table(rows, threads):
+    header = (f"{'type':<6} {f'swtool ({threads} thr)':>15} {'swtool (1 thr)':>15} {'ggml C (1 thr)':>15} | "
+              f"{'1 thr vs C':>10} {'CPU vs C':>8} | same bytes")
+    print("\nwith an importance vector (imatrix):")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        w = r.get("with_importance")
+        if not w:
+            continue
+        ours, one, c = w["swtool"], w["swtool_1_thread"], w["ggml_c_1_thread"]
+        print(f"{r['type']:<6} {ours['mb_per_s']:>10.0f} MB/s {one['mb_per_s']:>10.0f} MB/s "
+              f"{c['mb_per_s']:>10.0f} MB/s | {one['mb_per_s'] / c['mb_per_s']:>9.2f}x "
+              f"{c['cpu_s_per_mb'] / one['cpu_s_per_mb']:>7.2f}x | {'yes' if w['same_bytes_as_ggml'] else 'NO'}")
 
 
 def print_table(rows, threads):
@@ -116,6 +170,7 @@ def main():
     print(f"{rows}x{cols} float32 ({values.nbytes / 1e6:.0f} MB), best of {args.repeats}; "
           f"load average {load_before[0]:.1f} before, {machine()['load_average'][0]:.1f} after")
     print_table(results, numba.get_num_threads())
+    print_importance_table(results, numba.get_num_threads())
     out = ROOT / "bench" / "results" / "quant.json"
     out.parent.mkdir(exist_ok=True)
     report = {"machine": machine(), "load_average_before": load_before,

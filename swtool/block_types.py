@@ -27,8 +27,11 @@ class BlockType:
     block_bytes: int  # bytes per block (ggml's type_size)
     file_type: int  # llama_ftype written as general.file_type for a file whose weights are mostly this type
     code_bits: int  # bits of a value's code in a block (0 for the float types): the grid of isolate.py
+    # (for the IQ4 types, whose 16 levels are not evenly spaced, only the grid's coarseness)
     fallback: str  # llama.cpp's tensor_type_fallback for rows its block does not fit; None: F16
-    quantizer: str  # swtool.quant.<module>.<function>: float32 rows -> this type's bytes (ggml's bytes)
+    # swtool.quant.<module>.<function>(values, importance, out, bad): float32 rows -> this type's bytes
+    # (ggml's bytes), weighted by `importance` (float32 [cols]; empty for none) where ggml's type uses it
+    quantizer: str
     # swtool.quant.<module>.<function>: a float type's row decoder (what dequantize calls), or a block
     # type's segment loop in blocks.py (Numba needs its branch in decode_segment, at the type's kind)
     decoder: str
@@ -49,6 +52,8 @@ TYPES = (
     BlockType("Q4_K", 12,  256,   144,  14,   4,   "Q5_0",  "kquants.quantize_q4_k", "blocks.segment_q4_k"),
     BlockType("Q5_K", 13,  256,   176,  16,   5,   "Q5_1",  "kquants.quantize_q5_k", "blocks.segment_q5_k"),
     BlockType("Q6_K", 14,  256,   210,  18,   6,   "Q8_0",  "kquants.quantize_q6_k", "blocks.segment_q6_k"),
+    BlockType("IQ4_NL", 20, 32,   18,   25,   4,   None,    "iquants.quantize_iq4_nl", "blocks.segment_iq4_nl"),
+    BlockType("IQ4_XS", 23, 256,  136,  30,   4,   "IQ4_NL", "iquants.quantize_iq4_xs", "blocks.segment_iq4_xs"),
 )
 
 BY_NAME = {block_type.name: block_type for block_type in TYPES}

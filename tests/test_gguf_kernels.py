@@ -1,4 +1,4 @@
-"""Fused GGUF block kernels (swtool/kernels/gguf_blocks.py): x @ W.T straight from Q8_0 ... Q6_K blocks.
+"""Fused GGUF block kernels (swtool/kernels/gguf_blocks.py): x @ W.T straight from Q8_0 ... Q6_K, IQ4_NL, IQ4_XS blocks.
 
 The reference is gguf-py's dequantizer (gguf.quants.dequantize, NumPy, independent of
 swtool) followed by a float64 NumPy matmul. Blocks come from gguf-py's quantizer where it

@@ -191,7 +191,7 @@ def test_smollm2_super_weight_survives_q4_0_as_ggml_says(ggml, smollm2_tensors):
 
 HALF_FIELDS = {  # byte offsets of the half-precision scales inside one block
     T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
-    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,),
 }
 
 

@@ -1,8 +1,9 @@
 """Numba kernels: y = x @ W.T reading W in its GGUF block format, for the few tokens of a scan.
 
-A GGUF weight is a run of blocks per row (swtool/quant/simple.py and kquants.py
-give the layouts): Q8_0 ... Q5_1 hold 32 values behind one or two half scales,
-the K-quants (Q2_K ... Q6_K) 256 values in sub-blocks with small integer scales.
+A GGUF weight is a run of blocks per row (swtool/quant/simple.py, kquants.py and
+iquants.py give the layouts): Q8_0 ... Q5_1 hold 32 values behind one or two half scales,
+the K-quants (Q2_K ... Q6_K) 256 values in sub-blocks with small integer scales,
+IQ4_NL and IQ4_XS codes of 16 uneven levels (32 values a block, 256 a super-block).
 The plain reader decodes the whole matrix to float32 and then calls BLAS, which
 touches every weight three times (read the block, write f32, read f32) and, with
 gguf-py's NumPy dequantizer, makes a dozen temporary arrays per tensor.
@@ -14,7 +15,9 @@ register block, accumulating in float32. So each stored block is read once from
 the memory map, decoded once, and the decoded floats serve all input rows before
 they are dropped; the matrix never exists as float32.
 
-The decoders are swtool.quant.blocks', the ones behind swtool.quant.dequantize:
+The decoders are swtool.quant.blocks', the ones behind swtool.quant.dequantize
+(Numba's disk cache of matmul_blocks_rows holds them compiled in: after adding a
+branch to decode_segment, delete swtool/kernels/__pycache__/*.nb* too):
 they give the same floats as ggml's `dequantize_row_*` (compiled without fastmath,
 so no fused multiply-add changes a rounding); only the dot products use FAST
 (reassociation and contraction), so results differ from dequantize + a float64

@@ -1,4 +1,4 @@
-"""GGUF block quantizers, bit-exact with ggml's reference quantizers.
+"""GGUF block quantizers, bit-exact with ggml's quantizers, with or without an importance matrix.
 
     from gguf import GGMLQuantizationType as T
     from swtool.quant import quantize, dequantize
@@ -6,22 +6,28 @@
     data = quantize(weight, T.Q4_K)          # float32 [rows, cols] -> uint8 [rows, row_bytes(T.Q4_K, cols)]
     back = dequantize(data, T.Q4_K, weight.shape)   # -> float32 [rows, cols]
 
-`quantize` gives the same bytes as ggml's `ggml_quantize_chunk` with no
-importance matrix, i.e. ggml's `quantize_row_*_ref`, for every type here;
+    data = quantize(weight, T.Q4_K, importance=imatrix_column_weights)   # float32 [cols]
+
+`quantize` gives the same bytes as ggml's `ggml_quantize_chunk(type, src, dst, 0,
+rows, cols, imatrix)` for every type here: with no importance, ggml's
+`quantize_row_*_ref` (IQ4_NL/IQ4_XS: their chunk path, which searches more scales);
+with an importance vector (one non-negative weight per column, what llama-quantize
+takes from an imatrix file), ggml's importance-weighted `quantize_row_*_impl`
+(Q8_0 and the float types have no use for it and ignore it);
 `dequantize` the same floats as ggml's `to_float` (tests/test_quant.py checks
-both against libggml). The bytes are what a GGUF file stores for a tensor of
+both against libggml, tests/test_quant_importance.py the weighted bytes). The bytes are what a GGUF file stores for a tensor of
 that type: hand them to gguf's writer with `raw_dtype=qtype`.
 
 Blocks run along the last axis (ggml's ne[0], a Hugging Face weight's columns),
-so cols must be a multiple of the type's block size (32, or 256 for K-quants).
+so cols must be a multiple of the type's block size (32, or 256 for K-quants and IQ4_XS).
 Rows are quantized in parallel (Numba prange); kernels compile on first use
 (about 5 s per type) and are cached on disk. Numba keys that cache on each
 kernel's own source file only: after editing bits.py or search.py, delete
 swtool/quant/__pycache__/*.nb* or the kernels that call them stay stale.
 
 Modules: bits.py (float/half/int helpers), floats.py (F32/F16/BF16),
-simple.py (32-blocks), search.py (the K-quant scale searches), kquants.py (K-quants),
-blocks.py (the block decoders). Each type's sizes, enum, file type and functions:
+simple.py (32-blocks), search.py (the scale searches), kquants.py (K-quants),
+iquants.py (IQ4_NL, IQ4_XS), blocks.py (the block decoders). Each type's sizes, enum, file type and functions:
 swtool/block_types.py.
 """
 
@@ -73,7 +79,7 @@ def quant_type(qtype):
 
 
 def block_size(qtype):
-    """Elements per block: 1 for F32/F16/BF16, 32 for Q*_0/Q*_1, 256 for K-quants."""
+    """Elements per block: 1 for F32/F16/BF16, 32 for Q*_0/Q*_1/IQ4_NL, 256 for K-quants/IQ4_XS."""
     return block_types.BY_NAME[quant_type(qtype).name].block_values
 
 
@@ -97,11 +103,12 @@ def check_row_length(qtype, cols):
                           f"got rows of {cols}")
 
 
-def quantize(values, qtype):
+def quantize(values, qtype, importance=None):
     """float array [..., cols] -> uint8 [..., row_bytes]: ggml's bytes for `qtype`.
 
     Any float dtype is accepted and converted to float32 first (ggml quantizes
     float32). NaN or Inf anywhere is an error, as is cols not divisible by the block size.
+    `importance`: None, or one weight per column (float, finite, >= 0), ggml's quant_weights.
     """
     qtype = quant_type(qtype)
     values = np.asarray(values)
@@ -109,16 +116,31 @@ def quantize(values, qtype):
         raise SwtoolError(f"quantize needs a float array with at least one axis; got {values.dtype} {values.shape}")
     cols = values.shape[-1]
     check_row_length(qtype, cols)
+    weights = _importance(importance, cols)
     rows = np.ascontiguousarray(values.reshape(-1, cols), dtype=np.float32)
     out = np.empty((rows.shape[0], row_bytes(qtype, cols)), dtype=np.uint8)
     bad = np.zeros(rows.shape[0], dtype=np.bool_)
     if rows.size:
-        _kernels(qtype)[0](rows, out, bad)
+        _kernels(qtype)[0](rows, weights, out, bad)
     if bad.any():
         first = int(np.argmax(bad))
         raise SwtoolError(f"cannot quantize to {qtype.name}: row {first} holds NaN or Inf "
                           f"({int(bad.sum())} such rows)")
     return out.reshape(values.shape[:-1] + (out.shape[1],))
+
+
+def _importance(importance, cols):
+    """The quantizers' importance argument: float32 [cols], or an empty array for none."""
+    if importance is None:
+        return np.empty(0, dtype=np.float32)
+    weights = np.asarray(importance)
+    if weights.shape != (cols,) or not np.issubdtype(weights.dtype, np.floating):
+        raise SwtoolError(f"importance must be a float vector of one weight per column ({cols}); "
+                          f"got {weights.dtype} {weights.shape}")
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise SwtoolError("importance weights must be finite and non-negative")
+    return weights
 
 
 def dequantize(data, qtype, shape):

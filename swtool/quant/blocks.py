@@ -13,6 +13,7 @@ import numpy as np
 
 from swtool.block_types import KIND, block_shape
 from swtool.quant.bits import JIT, get_fp16
+from swtool.quant.iquants import KVALUES
 from swtool.quant.kquants import q3_k_scale, scale_min_k4
 
 # Each type's kind (the branch decode_segment takes) and block shape as module-level ints, which
@@ -27,6 +28,8 @@ Q3_K, (Q3_K_VALUES, Q3_K_BYTES) = KIND["Q3_K"], block_shape("Q3_K")
 Q4_K, (Q4_K_VALUES, Q4_K_BYTES) = KIND["Q4_K"], block_shape("Q4_K")
 Q5_K, (Q5_K_VALUES, Q5_K_BYTES) = KIND["Q5_K"], block_shape("Q5_K")
 Q6_K, (Q6_K_VALUES, Q6_K_BYTES) = KIND["Q6_K"], block_shape("Q6_K")
+IQ4_NL, (IQ4_NL_VALUES, IQ4_NL_BYTES) = KIND["IQ4_NL"], block_shape("IQ4_NL")
+IQ4_XS, (IQ4_XS_VALUES, IQ4_XS_BYTES) = KIND["IQ4_XS"], block_shape("IQ4_XS")
 
 
 # --- one block -> float32, as ggml's dequantize_row_* (no fastmath: the roundings are ggml's) ----------
@@ -175,6 +178,32 @@ def _q6_k(blk, y):
             out[l + 96] = s4 * np.float32(((high >> 4) | (((bits >> 6) & 3) << 4)) - 32)
 
 
+@numba.njit(**JIT)
+def _iq4_32(qs, dl, y):
+    """32 non-linear 4-bit codes (16 bytes, Q4_0's nibble order) times dl: dl * KVALUES[q]."""
+    for j in range(16):
+        q = qs[j]
+        y[j] = dl * np.float32(KVALUES[q & 0xF])
+        y[j + 16] = dl * np.float32(KVALUES[q >> 4])
+
+
+@numba.njit(**JIT)
+def _iq4_nl(blk, y):
+    """IQ4_NL (18 bytes): d, then 32 codes of the 16 levels KVALUES."""
+    _iq4_32(blk[2:], get_fp16(blk, 0), y)
+
+
+@numba.njit(**JIT)
+def _iq4_xs(blk, y):
+    """IQ4_XS (136 bytes): d, scales_h (u16), scales_l[4], qs[128]; block ib of 32 has scale d * (ls - 32),
+    ls's low 4 bits a nibble of scales_l[ib / 2], its top 2 bits bits 2ib..2ib+1 of scales_h."""
+    d = get_fp16(blk, 0)
+    scales_h = np.int32(blk[2]) | (np.int32(blk[3]) << 8)
+    for ib in range(8):
+        ls = ((np.int32(blk[4 + ib // 2]) >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4)
+        _iq4_32(blk[8 + 16 * ib:], d * np.float32(ls - 32), y[32 * ib:32 * ib + 32])
+
+
 # one type's blocks over a segment: block size and bytes as constants, so the loop vectorises
 
 @numba.njit(**JIT)
@@ -248,6 +277,20 @@ def segment_q6_k(row, start, width, y):
 
 
 @numba.njit(**JIT)
+def segment_iq4_nl(row, start, width, y):
+    for i in range(width // IQ4_NL_VALUES):
+        at = (start // IQ4_NL_VALUES + i) * IQ4_NL_BYTES
+        _iq4_nl(row[at:at + IQ4_NL_BYTES], y[IQ4_NL_VALUES * i:IQ4_NL_VALUES * i + IQ4_NL_VALUES])
+
+
+@numba.njit(**JIT)
+def segment_iq4_xs(row, start, width, y):
+    for i in range(width // IQ4_XS_VALUES):
+        at = (start // IQ4_XS_VALUES + i) * IQ4_XS_BYTES
+        _iq4_xs(row[at:at + IQ4_XS_BYTES], y[IQ4_XS_VALUES * i:IQ4_XS_VALUES * i + IQ4_XS_VALUES])
+
+
+@numba.njit(**JIT)
 def decode_segment(kind, row, start, width, y, block_values):
     """Columns [start, start + width) of one stored row (its bytes) into y[:width]; both multiples of the block.
 
@@ -272,8 +315,12 @@ def decode_segment(kind, row, start, width, y, block_values):
         segment_q4_k(row, start, width, y)
     elif kind == Q5_K:
         segment_q5_k(row, start, width, y)
-    else:
+    elif kind == Q6_K:
         segment_q6_k(row, start, width, y)
+    elif kind == IQ4_NL:
+        segment_iq4_nl(row, start, width, y)
+    else:
+        segment_iq4_xs(row, start, width, y)
 
 
 @numba.njit(parallel=True, **JIT)

@@ -2,7 +2,8 @@
 
 F16 and BF16 round as ggml_quantize_chunk does (ggml_fp32_to_fp16_row and
 ggml_fp32_to_bf16_row_ref: nearest even), little-endian, two bytes an element.
-Same driver conventions as simple.py: out[rows, row_bytes] uint8, bad[row] for NaN/Inf rows.
+Same driver conventions as simple.py: out[rows, row_bytes] uint8, bad[row] for NaN/Inf rows
+(and an `importance` argument, which a float type has no use for).
 """
 
 import numba
@@ -12,7 +13,7 @@ from swtool.quant.bits import JIT, bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp3
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_f32(values, out, bad):
+def quantize_f32(values, importance, out, bad):  # importance: unused
     for r in numba.prange(values.shape[0]):
         x, y = values[r].view(np.uint32), out[r].view(np.uint32)
         bad[r] = has_nonfinite(values[r])
@@ -22,7 +23,7 @@ def quantize_f32(values, out, bad):
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_f16(values, out, bad):
+def quantize_f16(values, importance, out, bad):  # importance: unused
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r].view(np.uint16)
         bad[r] = has_nonfinite(x)
@@ -32,7 +33,7 @@ def quantize_f16(values, out, bad):
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_bf16(values, out, bad):
+def quantize_bf16(values, importance, out, bad):  # importance: unused
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r].view(np.uint16)
         bad[r] = has_nonfinite(x)

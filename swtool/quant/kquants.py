@@ -16,16 +16,27 @@ Every type works in three steps per super-block:
   3. every value re-quantized against its sub-block's *stored* scale (d rounded
      to half times the integer scale), which is what a reader will multiply by.
 
-The `quantize_*` row drivers run in parallel over rows; each row gets its own
-scratch arrays. They set bad[row] for rows holding NaN/Inf (left unwritten).
+With importance weights (ggml's `quantize_row_q*_K_impl`, what ggml_quantize_chunk
+runs when given an imatrix) steps 1 and 2 change, step 3 does not:
+  1. each value weighs importance[j] * sqrt(sigma2 + x[j]**2), sigma2 from the
+     super-block's mean square (Q6_K: importance[j] alone), in make_qkx3_quants
+     (Q2_K, Q4_K, Q5_K) or make_qx_quants (Q3_K, Q6_K);
+  2. the sub-block scales are themselves searched against d, weighted by their
+     sub-block's summed weights: make_qp_quants (Q2_K, Q4_K, Q5_K), make_qx_quants
+     (Q3_K); Q6_K keeps its plain step 2.
+
+The `quantize_*(values, importance, out, bad)` row drivers run in parallel over
+rows; each row gets its own scratch arrays. `importance` is float32 [cols], or empty
+for none. They set bad[row] for rows holding NaN/Inf (left unwritten).
 """
 
 import numba
 import numpy as np
 
 from swtool.block_types import block_shape
-from swtool.quant.bits import JIT, has_nonfinite, nearest_int, put_fp16, to_int8
-from swtool.quant.search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants, new_lanes
+from swtool.quant.bits import JIT, get_fp16, has_nonfinite, nearest_int, put_fp16, to_int8
+from swtool.quant.search import (GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qkx3_quants, make_qp_quants,
+                                 make_qx_quants, new_lanes)
 
 QK_K = 256
 # bytes per super-block, as module-level ints: compile-time constants for Numba
@@ -47,6 +58,26 @@ def _pack_2bit(L, out, at):
                                        | (L[half + l + 64] << 4) | (L[half + l + 96] << 6)) & 0xFF
 
 
+@numba.njit(**JIT)
+def _super_block_weights(x, importance, sigma2, weights, sums):
+    """Per value importance[j] * sqrt(sigma2 + x[j]**2) into weights, each sub-block's sum into sums."""
+    size = x.shape[0] // sums.shape[0]
+    for j in range(sums.shape[0]):
+        total = np.float32(0.0)
+        for l in range(size * j, size * j + size):
+            weights[l] = importance[l] * np.float32(np.sqrt(sigma2 + x[l] * x[l]))
+            total += weights[l]
+        sums[j] = total
+
+
+@numba.njit(**JIT)
+def _sum_squares(x):
+    total = np.float32(0.0)
+    for j in range(x.shape[0]):
+        total += x[j] * x[j]
+    return total
+
+
 # ---------------------------------------------------------------------------
 # the 6-bit scale/min packing of Q4_K and Q5_K (12 bytes for 8 pairs)
 
@@ -59,8 +90,8 @@ def _put_scale_min_k4(out, at, j, scale, the_min):
         out[at + j + 4] = the_min
     else:
         out[at + j + 4] = (scale & 0xF) | ((the_min & 0xF) << 4)
-        out[at + j - 4] |= (scale >> 4) << 6
-        out[at + j] |= (the_min >> 4) << 6
+        out[at + j - 4] |= ((scale >> 4) << 6) & 0xFF  # uint8_t |= : the bits above 8 fall away
+        out[at + j] |= ((the_min >> 4) << 6) & 0xFF
 
 
 @numba.njit(**JIT)
@@ -108,7 +139,12 @@ def block_q2_k(x, out, L, lanes, weights, scales, mins):
         dmin = put_fp16(out, 82, max_min / np.float32(15.0))
     else:
         dmin = put_fp16(out, 82, np.float32(0.0))
-    # 3. codes against the stored scales
+    _codes_q2_k(x, out, d, dmin, L)
+
+
+@numba.njit(**JIT)
+def _codes_q2_k(x, out, d, dmin, L):
+    """Step 3 of Q2_K: codes 0..3 against the stored scales and mins, packed into qs."""
     for j in range(16):
         dj = d * np.float32(out[j] & 0xF)
         if dj == 0:
@@ -119,17 +155,36 @@ def block_q2_k(x, out, L, lanes, weights, scales, mins):
     _pack_2bit(L, out, 16)
 
 
+@numba.njit(**JIT)
+def weighted_q2_k(x, qw, out, L, lanes, weights, scales, mins, sums, Ls, Lm):
+    _super_block_weights(x, qw, _sum_squares(x) / np.float32(QK_K), weights, sums)
+    for j in range(16):
+        scales[j], mins[j] = make_qkx3_quants(x[16 * j:16 * j + 16], weights[16 * j:16 * j + 16], 3,
+                                              L[16 * j:16 * j + 16], lanes)
+    d = put_fp16(out, 80, make_qp_quants(scales, 15, Ls, sums))
+    dmin = put_fp16(out, 82, make_qp_quants(mins, 15, Lm, sums))
+    for j in range(16):
+        out[j] = (Ls[j] | (Lm[j] << 4)) & 0xFF
+    _codes_q2_k(x, out, d, dmin, L)
+
+
 @numba.njit(parallel=True, **JIT)
-def quantize_q2_k(values, out, bad):
+def quantize_q2_k(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, lanes = np.empty(QK_K, np.int32), new_lanes()
-        weights, scales, mins = np.empty(32, np.float32), np.empty(16, np.float32), np.empty(16, np.float32)
-        if not bad[r]:
-            for b in range(x.shape[0] // QK_K):
-                block_q2_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q2_K_BYTES:(b + 1) * Q2_K_BYTES],
-                           L, lanes, weights, scales, mins)
+        L, lanes, Ls, Lm = np.empty(QK_K, np.int32), new_lanes(), np.empty(16, np.int32), np.empty(16, np.int32)
+        weights, scales, mins, sums = (np.empty(QK_K, np.float32), np.empty(16, np.float32),
+                                       np.empty(16, np.float32), np.empty(16, np.float32))
+        if bad[r]:
+            continue
+        for b in range(x.shape[0] // QK_K):
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], y[b * Q2_K_BYTES:(b + 1) * Q2_K_BYTES]
+            if importance.shape[0]:
+                weighted_q2_k(xb, importance[b * QK_K:(b + 1) * QK_K], yb, L, lanes, weights, scales, mins,
+                              sums, Ls, Lm)
+            else:
+                block_q2_k(xb, yb, L, lanes, weights, scales, mins)
 
 
 # ---------------------------------------------------------------------------
@@ -158,16 +213,27 @@ def block_q3_k(x, out, L, scales):
     if max_scale != 0:
         iscale = np.float32(-32.0) / max_scale
         for j in range(16):
-            l = _clamp(to_int8(nearest_int(iscale * scales[j])), -32, 31) + 32
-            if j < 8:
-                out[96 + j] = l & 0xF
-            else:
-                out[96 + j - 8] |= (l & 0xF) << 4
-            out[104 + j % 4] |= (l >> 4) << (2 * (j // 4))
-        d = put_fp16(out, 108, np.float32(1.0) / iscale)
+            _put_q3_k_scale(out, j, _clamp(to_int8(nearest_int(iscale * scales[j])), -32, 31) + 32)
+        put_fp16(out, 108, np.float32(1.0) / iscale)
     else:
-        d = put_fp16(out, 108, np.float32(0.0))
-    # 3. codes -4..3 against the stored scales
+        put_fp16(out, 108, np.float32(0.0))
+    _codes_q3_k(x, out, L)
+
+
+@numba.njit(**JIT)
+def _put_q3_k_scale(out, j, l):
+    """Scale code l (0..63) of sub-block j: low nibble into bytes 96..103, top 2 bits into 104..107."""
+    if j < 8:
+        out[96 + j] = l & 0xF
+    else:
+        out[96 + j - 8] |= (l & 0xF) << 4
+    out[104 + j % 4] |= (l >> 4) << (2 * (j // 4))
+
+
+@numba.njit(**JIT)
+def _codes_q3_k(x, out, L):
+    """Step 3 of Q3_K: codes against the stored scales, into hmask and qs."""
+    d = get_fp16(out, 108)
     for j in range(16):
         dj = d * np.float32(q3_k_scale(out, j))
         if dj == 0:
@@ -184,15 +250,35 @@ def block_q3_k(x, out, L, scales):
     _pack_2bit(L, out, 32)
 
 
+@numba.njit(**JIT)
+def weighted_q3_k(x, qw, out, L, lanes, weights, scales, sums, Ls):
+    _super_block_weights(x, qw, np.float32(2.0) * _sum_squares(x) / np.float32(QK_K), weights, sums)
+    for j in range(16):
+        scales[j] = make_qx_quants(x[16 * j:16 * j + 16], 4, L[16 * j:16 * j + 16], lanes, weights[16 * j:16 * j + 16])
+    for k in range(12):
+        out[96 + k] = 0
+    d_block = make_qx_quants(scales, 32, Ls, lanes, sums)
+    for j in range(16):
+        _put_q3_k_scale(out, j, Ls[j])
+    put_fp16(out, 108, d_block)
+    _codes_q3_k(x, out, L)
+
+
 @numba.njit(parallel=True, **JIT)
-def quantize_q3_k(values, out, bad):
+def quantize_q3_k(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, scales = np.empty(QK_K, np.int32), np.empty(16, np.float32)
-        if not bad[r]:
-            for b in range(x.shape[0] // QK_K):
-                block_q3_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q3_K_BYTES:(b + 1) * Q3_K_BYTES], L, scales)
+        L, scales, lanes, Ls = np.empty(QK_K, np.int32), np.empty(16, np.float32), new_lanes(), np.empty(16, np.int32)
+        weights, sums = np.empty(QK_K, np.float32), np.empty(16, np.float32)
+        if bad[r]:
+            continue
+        for b in range(x.shape[0] // QK_K):
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], y[b * Q3_K_BYTES:(b + 1) * Q3_K_BYTES]
+            if importance.shape[0]:
+                weighted_q3_k(xb, importance[b * QK_K:(b + 1) * QK_K], yb, L, lanes, weights, scales, sums, Ls)
+            else:
+                block_q3_k(xb, yb, L, scales)
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +298,7 @@ def _scales_mins_k4(x, out, nmax, rmin, nstep, L, lanes, weights, scales, mins):
         av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
-        scales[j], mins[j] = make_qkx2_quants(xs, weights, nmax, rmin, np.float32(0.1), nstep, False,
+        scales[j], mins[j] = make_qkx2_quants(xs, weights[:32], nmax, rmin, np.float32(0.1), nstep, False,
                                               L[32 * j:32 * j + 32], lanes)
         if scales[j] > max_scale:  # ggml's strict compares: a -0.0 never replaces the +0.0 start
             max_scale = scales[j]
@@ -230,6 +316,20 @@ def _scales_mins_k4(x, out, nmax, rmin, nstep, L, lanes, weights, scales, mins):
 
 
 @numba.njit(**JIT)
+def _weighted_scales_mins_k4(x, qw, out, nmax, cap, L, lanes, weights, scales, mins, sums, Ls, Lm):
+    """Steps 1-2 of Q4_K/Q5_K under importance weights; `cap` the MIN(63, .) Q5_K puts on its codes."""
+    _super_block_weights(x, qw, np.float32(2.0) * _sum_squares(x) / np.float32(QK_K), weights, sums)
+    for j in range(8):
+        scales[j], mins[j] = make_qkx3_quants(x[32 * j:32 * j + 32], weights[32 * j:32 * j + 32], nmax,
+                                              L[32 * j:32 * j + 32], lanes)
+    d_block = make_qp_quants(scales, 63, Ls, sums)
+    m_block = make_qp_quants(mins, 63, Lm, sums)
+    for j in range(8):
+        _put_scale_min_k4(out, 4, j, min(cap, Ls[j]), min(cap, Lm[j]))
+    return put_fp16(out, 0, d_block), put_fp16(out, 2, m_block)
+
+
+@numba.njit(**JIT)
 def _codes_k4(x, out, d, dmin, nmax, L):
     """Step 3 of Q4_K/Q5_K: codes 0..nmax against each sub-block's stored scale and min."""
     for j in range(8):
@@ -243,8 +343,12 @@ def _codes_k4(x, out, d, dmin, nmax, L):
 
 
 @numba.njit(**JIT)
-def block_q4_k(x, out, L, lanes, weights, scales, mins):
-    d, dmin = _scales_mins_k4(x, out, 15, np.float32(-1.0), 20, L, lanes, weights, scales, mins)
+def block_q4_k(x, qw, out, L, lanes, weights, scales, mins, sums, Ls, Lm):
+    """One Q4_K super-block; under importance weights if qw (its 256 importances) is not empty."""
+    if qw.shape[0]:
+        d, dmin = _weighted_scales_mins_k4(x, qw, out, 15, 255, L, lanes, weights, scales, mins, sums, Ls, Lm)
+    else:
+        d, dmin = _scales_mins_k4(x, out, 15, np.float32(-1.0), 20, L, lanes, weights, scales, mins)
     _codes_k4(x, out, d, dmin, 15, L)
     # byte l of each 32-byte group: code l (low nibble) and code l + 32 (high) of a 64-value stretch
     for group in range(4):
@@ -253,8 +357,12 @@ def block_q4_k(x, out, L, lanes, weights, scales, mins):
 
 
 @numba.njit(**JIT)
-def block_q5_k(x, out, L, lanes, weights, scales, mins):
-    d, dmin = _scales_mins_k4(x, out, 31, np.float32(-0.5), 15, L, lanes, weights, scales, mins)
+def block_q5_k(x, qw, out, L, lanes, weights, scales, mins, sums, Ls, Lm):
+    """One Q5_K super-block; under importance weights if qw (its 256 importances) is not empty."""
+    if qw.shape[0]:
+        d, dmin = _weighted_scales_mins_k4(x, qw, out, 31, 63, L, lanes, weights, scales, mins, sums, Ls, Lm)
+    else:
+        d, dmin = _scales_mins_k4(x, out, 31, np.float32(-0.5), 15, L, lanes, weights, scales, mins)
     _codes_k4(x, out, d, dmin, 31, L)
     # as Q4_K for the low 4 bits (at 48); bit 4 of code 64g + l -> bit 2g of qh[l], of 64g + 32 + l -> bit 2g + 1
     for l in range(32):
@@ -272,41 +380,43 @@ def block_q5_k(x, out, L, lanes, weights, scales, mins):
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q4_k(values, out, bad):
+def quantize_q4_k(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, lanes = np.empty(QK_K, np.int32), new_lanes()
-        weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
+        L, lanes, Ls, Lm = np.empty(QK_K, np.int32), new_lanes(), np.empty(8, np.int32), np.empty(8, np.int32)
+        weights, scales, mins, sums = (np.empty(QK_K, np.float32), np.empty(8, np.float32),
+                                       np.empty(8, np.float32), np.empty(8, np.float32))
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q4_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q4_K_BYTES:(b + 1) * Q4_K_BYTES],
-                           L, lanes, weights, scales, mins)
+                block_q4_k(x[b * QK_K:(b + 1) * QK_K], importance[b * QK_K:(b + 1) * QK_K],
+                           y[b * Q4_K_BYTES:(b + 1) * Q4_K_BYTES], L, lanes, weights, scales, mins, sums, Ls, Lm)
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q5_k(values, out, bad):
+def quantize_q5_k(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        L, lanes = np.empty(QK_K, np.int32), new_lanes()
-        weights, scales, mins = np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
+        L, lanes, Ls, Lm = np.empty(QK_K, np.int32), new_lanes(), np.empty(8, np.int32), np.empty(8, np.int32)
+        weights, scales, mins, sums = (np.empty(QK_K, np.float32), np.empty(8, np.float32),
+                                       np.empty(8, np.float32), np.empty(8, np.float32))
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q5_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q5_K_BYTES:(b + 1) * Q5_K_BYTES],
-                           L, lanes, weights, scales, mins)
+                block_q5_k(x[b * QK_K:(b + 1) * QK_K], importance[b * QK_K:(b + 1) * QK_K],
+                           y[b * Q5_K_BYTES:(b + 1) * Q5_K_BYTES], L, lanes, weights, scales, mins, sums, Ls, Lm)
 
 
 # ---------------------------------------------------------------------------
 # Q6_K
 
 @numba.njit(**JIT)
-def block_q6_k(x, out, L, lanes, scales):
-    # 1. a signed scale per 16 (codes -32..31, weights x**2)
+def block_q6_k(x, qw, out, L, lanes, scales):
+    # 1. a signed scale per 16 (codes -32..31, weights x**2, or the importances qw when not empty)
     max_scale = np.float32(0.0)
     max_abs_scale = np.float32(0.0)
     for j in range(16):
-        scales[j] = make_qx_quants(x[16 * j:16 * j + 16], 32, L[16 * j:16 * j + 16], lanes)
+        scales[j] = make_qx_quants(x[16 * j:16 * j + 16], 32, L[16 * j:16 * j + 16], lanes, qw[16 * j:16 * j + 16])
         if abs(scales[j]) > max_abs_scale:
             max_abs_scale = abs(scales[j])
             max_scale = scales[j]
@@ -337,11 +447,12 @@ def block_q6_k(x, out, L, lanes, scales):
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q6_k(values, out, bad):
+def quantize_q6_k(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         L, lanes, scales = np.empty(QK_K, np.int32), new_lanes(), np.empty(16, np.float32)
         if not bad[r]:
             for b in range(x.shape[0] // QK_K):
-                block_q6_k(x[b * QK_K:(b + 1) * QK_K], y[b * Q6_K_BYTES:(b + 1) * Q6_K_BYTES], L, lanes, scales)
+                block_q6_k(x[b * QK_K:(b + 1) * QK_K], importance[b * QK_K:(b + 1) * QK_K],
+                           y[b * Q6_K_BYTES:(b + 1) * Q6_K_BYTES], L, lanes, scales)

@@ -9,6 +9,12 @@ returns what ggml's function returns:
   make_qx_quants    symmetric, codes -nmax..nmax-1, least squares over 19 trial scales (Q6_K)
   make_q3_quants    symmetric, refined code by code (Q3_K)
   make_qkx2_quants  asymmetric (scale and min), weighted least squares over trial scales (Q2_K, Q4_K, Q5_K)
+  make_qkx3_quants  the same with ggml's settings for importance weights (and Q4_1, Q5_1 under them)
+  make_qp_quants    non-negative, codes 0..nmax: the super-block scales under importance weights
+
+With importance weights (ggml's quant_weights, `importance` in swtool) the quantizers
+call these with per-value weights qw[j] * sqrt(sigma2 + x[j]**2) instead of their
+fixed ones; make_qx_quants takes an empty weights array for its fixed x**2.
 
 Float operations follow the C expressions term by term (see bits.py for why).
 
@@ -84,10 +90,11 @@ def _signed_absmax(x):
 
 
 @numba.njit(**JIT)
-def make_qx_quants(x, nmax, L, lanes):
-    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): codes L in 0..2*nmax-1, returns the scale.
+def make_qx_quants(x, nmax, L, lanes, weights):
+    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw): codes L in 0..2*nmax-1, returns the scale.
 
-    Weights are x**2 (rmse_type 1). Trial 0 is iscale = -nmax/max; then
+    `weights` is ggml's qw, one per value, or empty for qw=NULL: then the weights
+    are x**2 (rmse_type 1). Trial 0 is iscale = -nmax/max; then
     -(nmax + 0.1*k)/max for k = -9..9 (k = 0 is trial 0 again, skipped). The
     winner has the largest sum(w*x*l)**2 / sum(w*l*l), compared in ggml's order.
     """
@@ -97,6 +104,7 @@ def make_qx_quants(x, nmax, L, lanes):
         for i in range(n):
             L[i] = 0
         return np.float32(0.0)
+    weighted = weights.shape[0] > 0
     fmax = np.float32(nmax)
     iscale, sumlx, suml2 = lanes[0], lanes[1], lanes[2]
     iscale[:] = -fmax / biggest
@@ -108,7 +116,7 @@ def make_qx_quants(x, nmax, L, lanes):
     sumlx[:] = 0
     suml2[:] = 0
     for i in range(n):
-        w = x[i] * x[i]
+        w = weights[i] if weighted else x[i] * x[i]
         wx = w * x[i]
         for t in range(TRIALS):  # |iscale * x| <= nmax + 0.9 as |x| <= |max|: in _rint's range
             l = min(max(_rint(iscale[t] * x[i]), -fmax), fmax - np.float32(1.0))
@@ -175,8 +183,8 @@ def make_q3_quants(x, nmax, L):
 
 
 @numba.njit(**JIT)
-def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, lo, hi, sum_w, sum_x, use_mad, lanes):
-    """Trials k = first..nstep of make_qkx2_quants, side by side, all with ggml's current `min` = shift.
+def _refit_trials(x, weights, nmax, rmin, rdelta, first, last, shift, lo, hi, sum_w, sum_x, use_mad, lanes):
+    """Trials k = first..last of make_qkx2_quants (at most TRIALS of them), side by side, all with ggml's current `min` = shift.
 
     Lane t holds trial first + t: its iscale, the least-squares (scale, min) refit
     (scale NaN where ggml skips the trial, D <= 0) and the refit's weighted error.
@@ -186,7 +194,7 @@ def _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, lo, hi, s
     iscale, scale, the_min, error = lanes[0], lanes[1], lanes[2], lanes[3]
     sum_l, sum_l2, sum_xl = lanes[4], lanes[5], lanes[6]
     width = hi - shift  # ggml: max - min
-    n_trials = nstep + 1 - first
+    n_trials = last + 1 - first
     n_lanes = min(TRIALS, (n_trials + 7) // 8 * 8)  # whole vectors of 8
     for t in range(n_lanes):
         k = first + min(t, n_trials - 1)  # spare lanes repeat the last trial
@@ -281,10 +289,11 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, L, lanes):
     iscales, scales, mins, errors = lanes[0], lanes[1], lanes[2], lanes[3]
     first = 0
     while first <= nstep:
+        last = min(nstep, first + TRIALS - 1)  # TRIALS at a time (make_qkx3_quants has 37)
         shift = the_min
-        _refit_trials(x, weights, nmax, rmin, rdelta, first, nstep, shift, lo, hi, sum_w, sum_x, use_mad, lanes)
+        _refit_trials(x, weights, nmax, rmin, rdelta, first, last, shift, lo, hi, sum_w, sum_x, use_mad, lanes)
         moved = False
-        for t in range(nstep + 1 - first):
+        for t in range(last + 1 - first):
             if scales[t] == scales[t] and errors[t] < best_error:  # NaN scale: ggml skipped it
                 best_error = errors[t]
                 scale = scales[t]
@@ -295,7 +304,88 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, L, lanes):
                     moved = True
                     break
         if not moved:
-            break
+            first = last + 1
     for i in range(n):
         L[i] = _clamp(nearest_int(best_iscale * (x[i] - best_shift)), 0, nmax)
     return scale, -the_min
+
+
+@numba.njit(**JIT)
+def make_qkx3_quants(x, weights, nmax, L, lanes):
+    """ggml make_qkx3_quants with weights, as the importance-weighted quantizers call it
+    (rmin -0.9, rdelta 0.05, 37 trials, squared error): the same search as make_qkx2_quants."""
+    return make_qkx2_quants(x, weights, nmax, np.float32(-0.9), np.float32(0.05), 36, False, L, lanes)
+
+
+@numba.njit(**JIT)
+def _qp_error(x, weights, iscale, nmax, clamp):
+    """sum(w * (x - l/iscale)**2), l = nearest_int(iscale * x) (capped at nmax if `clamp`), in element order."""
+    scale = np.float32(1.0) / iscale
+    error = np.float32(0.0)
+    for i in range(x.shape[0]):
+        l = nearest_int(iscale * x[i])
+        if clamp:
+            l = min(nmax, l)
+        else:
+            l &= 0xFF  # ggml keeps the first codes in uint8_t L[]
+        diff = x[i] - scale * np.float32(l)
+        error += weights[i] * diff * diff
+    return error
+
+
+@numba.njit(**JIT)
+def make_qp_quants(x, nmax, L, weights):
+    """ggml make_qp_quants: codes L in 0..nmax for the non-negative x ~ scale * L; returns the scale.
+
+    The K-quants' super-block scales under importance weights: x are the sub-block scales
+    (or mins), weights their sub-blocks' summed weights. The best of iscale = (nmax + 0.1*k)/max,
+    k = -4..4, by weighted squared error, then up to 5 sweeps moving one code at a time
+    (as make_q3_quants) when that raises sum(w*x*l)**2 / sum(w*l*l). L holds what
+    ggml's uint8_t L[] holds (codes wrap modulo 256) and the sweeps read it back so.
+    """
+    n = x.shape[0]
+    biggest = np.float32(0.0)
+    for i in range(n):
+        biggest = biggest if biggest > x[i] else x[i]  # ggml's MAX(max, x[i])
+    if biggest < GROUP_MAX_EPS:  # all zero
+        for i in range(n):
+            L[i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(nmax) / biggest
+    best_error = _qp_error(x, weights, iscale, nmax, False)
+    for k in range(-4, 5):
+        if k != 0:
+            trial = (np.float32(0.1) * np.float32(k) + np.float32(nmax)) / biggest
+            error = _qp_error(x, weights, trial, nmax, True)
+            if error < best_error:
+                best_error = error
+                iscale = trial
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = l & 0xFF
+        w = weights[i]
+        sumlx += w * x[i] * np.float32(l)
+        suml2 += w * np.float32(l) * np.float32(l)
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = weights[i]
+            fl = np.float32(L[i])
+            slx = sumlx - w * x[i] * fl
+            sl2 = suml2 - w * fl * fl
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    fnew = np.float32(new_l)
+                    slx += w * x[i] * fnew
+                    sl2 += w * fnew * fnew
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else np.float32(0.0)

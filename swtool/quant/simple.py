@@ -14,9 +14,15 @@ minimum m) followed by the packed integers. Ports of ggml's
 4-bit codes: element j in the low nibble of qs[j], element j + 16 in the high
 nibble. The 5-bit types keep bit 4 of element j in bit j of the 32-bit qh.
 
-`quantize_*` fill out[rows, row_bytes] from values[rows, cols] in parallel over
-rows and set bad[row] for rows holding NaN/Inf (left unwritten);
-`dequantize_*` do the reverse into out[rows, cols].
+With importance weights (ggml's `quantize_row_q*_impl`, what ggml_quantize_chunk
+runs when given an imatrix) each block's scale is searched instead, weighting value j
+by w[j] = importance[j] * sqrt(sigma2 + x[j]**2), sigma2 the row's mean square:
+make_qx_quants for Q4_0/Q5_0 (codes against the float scale, which is then
+stored as a half), make_qkx3_quants for Q4_1/Q5_1 (scale and min). Q8_0 ignores them.
+
+`quantize_*(values, importance, out, bad)` fill out[rows, row_bytes] from
+values[rows, cols] in parallel over rows and set bad[row] for rows holding NaN/Inf
+(left unwritten); `importance` is float32 [cols], or empty for none.
 """
 
 import numba
@@ -24,6 +30,7 @@ import numpy as np
 
 from swtool.block_types import block_shape
 from swtool.quant.bits import JIT, has_nonfinite, put_fp16, roundf_int, to_int8, trunc_int
+from swtool.quant.search import make_qkx3_quants, make_qx_quants, new_lanes
 
 QK = 32
 # bytes per block, as module-level ints: compile-time constants for Numba
@@ -205,6 +212,66 @@ def block_q5_1(x, out, codes):
 
 
 # ---------------------------------------------------------------------------
+# one block each, under importance weights
+
+@numba.njit(**JIT)
+def mean_square(x):
+    """sum(x**2) / len(x), summed in element order as ggml does."""
+    total = np.float32(0.0)
+    for j in range(x.shape[0]):
+        total += x[j] * x[j]
+    return total / np.float32(x.shape[0])
+
+
+@numba.njit(**JIT)
+def block_weights(x, importance, sigma2, weights):
+    """ggml's weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j])."""
+    for j in range(x.shape[0]):
+        weights[j] = importance[j] * np.float32(np.sqrt(sigma2 + x[j] * x[j]))
+
+
+@numba.njit(**JIT)
+def _pack_4bit(codes, out, at):
+    for j in range(QK // 2):
+        out[at + j] = (codes[j] | (codes[j + 16] << 4)) & 0xFF
+
+
+@numba.njit(**JIT)
+def weighted_q4_0(x, weights, out, codes, lanes):
+    put_fp16(out, 0, make_qx_quants(x, 8, codes, lanes, weights))
+    _pack_4bit(codes, out, 2)
+
+
+@numba.njit(**JIT)
+def weighted_q5_0(x, weights, out, codes, lanes):
+    put_fp16(out, 0, make_qx_quants(x, 16, codes, lanes, weights))
+    _pack_5bit(codes, out, 2)
+
+
+@numba.njit(**JIT)
+def weighted_q4_1(x, weights, out, codes, lanes):
+    d, the_min = make_qkx3_quants(x, weights, 15, codes, lanes)
+    put_fp16(out, 0, d)
+    put_fp16(out, 2, -the_min)
+    _pack_4bit(codes, out, 4)
+
+
+@numba.njit(**JIT)
+def weighted_q5_1(x, weights, out, codes, lanes):
+    d, the_min = make_qkx3_quants(x, weights, 31, codes, lanes)
+    put_fp16(out, 0, d)
+    put_fp16(out, 2, -the_min)
+    _pack_5bit(codes, out, 4)
+
+
+@numba.njit(**JIT)
+def weighted_block(x, importance, sigma2, b, weights):
+    """Block b of the row x, its weights (from the row's mean square sigma2) put into `weights`."""
+    block_weights(x[b * QK:(b + 1) * QK], importance[b * QK:(b + 1) * QK], sigma2, weights)
+    return x[b * QK:(b + 1) * QK]
+
+
+# ---------------------------------------------------------------------------
 # rows, in parallel
 
 @numba.njit(inline="always", **JIT)
@@ -225,7 +292,7 @@ def _q8_0_codes(x, inv, out):
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q8_0(values, out, bad):
+def quantize_q8_0(values, importance, out, bad):  # importance: ignored, as ggml does
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         row_bad = False  # NaN or Inf: an infinity shows in amax, a NaN in the codes loop
@@ -246,42 +313,70 @@ def quantize_q8_0(values, out, bad):
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q4_0(values, out, bad):
+def quantize_q4_0(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        if not bad[r]:
+        if bad[r]:
+            continue
+        if importance.shape[0]:
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q4_0(block, weights, y[b * Q4_0_BYTES:(b + 1) * Q4_0_BYTES], L, lanes)
+        else:
             for b in range(x.shape[0] // QK):
                 block_q4_0(x[b * QK:(b + 1) * QK], y[b * Q4_0_BYTES:(b + 1) * Q4_0_BYTES])
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q4_1(values, out, bad):
+def quantize_q4_1(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
-        if not bad[r]:
+        if bad[r]:
+            continue
+        if importance.shape[0]:
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q4_1(block, weights, y[b * Q4_1_BYTES:(b + 1) * Q4_1_BYTES], L, lanes)
+        else:
             for b in range(x.shape[0] // QK):
                 block_q4_1(x[b * QK:(b + 1) * QK], y[b * Q4_1_BYTES:(b + 1) * Q4_1_BYTES])
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q5_0(values, out, bad):
+def quantize_q5_0(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         codes = np.empty(QK, dtype=np.int64)
-        if not bad[r]:
+        if bad[r]:
+            continue
+        if importance.shape[0]:
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q5_0(block, weights, y[b * Q5_0_BYTES:(b + 1) * Q5_0_BYTES], L, lanes)
+        else:
             for b in range(x.shape[0] // QK):
                 block_q5_0(x[b * QK:(b + 1) * QK], y[b * Q5_0_BYTES:(b + 1) * Q5_0_BYTES], codes)
 
 
 @numba.njit(parallel=True, **JIT)
-def quantize_q5_1(values, out, bad):
+def quantize_q5_1(values, importance, out, bad):
     for r in numba.prange(values.shape[0]):
         x, y = values[r], out[r]
         bad[r] = has_nonfinite(x)
         codes = np.empty(QK, dtype=np.int64)
-        if not bad[r]:
+        if bad[r]:
+            continue
+        if importance.shape[0]:
+            sigma2, weights, L, lanes = mean_square(x), np.empty(QK, np.float32), np.empty(QK, np.int32), new_lanes()
+            for b in range(x.shape[0] // QK):
+                block = weighted_block(x, importance, sigma2, b, weights)
+                weighted_q5_1(block, weights, y[b * Q5_1_BYTES:(b + 1) * Q5_1_BYTES], L, lanes)
+        else:
             for b in range(x.shape[0] // QK):
                 block_q5_1(x[b * QK:(b + 1) * QK], y[b * Q5_1_BYTES:(b + 1) * Q5_1_BYTES], codes)
