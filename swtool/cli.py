@@ -311,14 +311,13 @@ def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, ac
     prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the passes, not after them
     from swtool.evaluate import make_chunks, text_token_ids
     from swtool.model import load_model
-    from swtool.quantsim import format_quantsim, run
+    from swtool.quantsim import describe_run, format_quantsim, run
 
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
     super_weights, source = quantsim_super_weights(loaded, catalog, not no_progress)
-    result = {"model": str(loaded.path), "text": str(text_path), "tokens": len(ids), "ctx": chunks.ctx,
-              "chunks": len(chunks.tokens), "super_weights_from": source}
+    result = describe_run(loaded, text_path, len(ids), chunks, source)
     result.update(run(loaded, chunks, super_weights, options, progress=not no_progress, batch_tokens=batch_tokens))
     if plot:
         from swtool.plot import plot_quantsim
@@ -570,8 +569,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
     """
-    import json
-
+    from swtool.jsonfile import strict_json
     from swtool.llama_score import require_llama
 
     require_llama("swtool sweep")  # before anything is read or exported
@@ -592,12 +590,12 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     if output:
         from swtool.atomic import write_text_atomic
 
-        write_text_atomic(output, json.dumps(result.to_json(), indent=2) + "\n")
+        write_text_atomic(output, strict_json(result.to_json()) + "\n")
     if plot:
         from swtool.plot import plot_sweep
 
         plot_sweep(plot, result, f"{model}: {text_path}, {result.windows} x {result.ctx} tokens")
-    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_sweep(result))
+    click.echo(strict_json(result.to_json()) if as_json else format_sweep(result))
     if plot and not as_json:
         click.echo(f"plot written to {plot}")
 
