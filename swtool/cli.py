@@ -371,7 +371,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         if catalog or output or in_place or only:
             raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
         journal = ab.restore_in_place(model)
-        click.echo(strict_json(journal) if as_json else
+        click.echo(strict_json(ab.describe_restore(model, journal)) if as_json else
                    f"{model}: restored {len(journal['changes'])} element(s) from {ab.JOURNAL_NAME}")
         return
     if not catalog:
@@ -385,6 +385,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         patches = ab.plan_patches(checkpoint, chosen, scale)
     except ab.CatalogMismatch as e:
         raise SwtoolError(f"{catalog}: {e}") from None
+    done = None
     if in_place:
         ab.ablate_in_place(checkpoint, patches, scale, catalog)
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
@@ -393,7 +394,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
-        click.echo(strict_json([p.to_json() for p in patches]))
+        click.echo(strict_json(ab.describe_ablation(model, catalog, scale, patches, output, done)))
         return
     click.echo(ab.format_patches(patches))
     click.echo(where)
