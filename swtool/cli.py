@@ -454,9 +454,9 @@ def inspect_command(model, as_json, download):
 
 def gguf_options(command):
     """The options `export` and `quantize` share (applied bottom-up, so listed in reverse)."""
+    command = output_options(json_help="Print what was written (or planned, with --dry-run) as JSON on stdout "
+                                       "instead of tables.")(command)
     options = [
-        click.option("--force", is_flag=True, help=FORCE_HELP),
-        click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
         click.option("--dry-run", is_flag=True,
                      help="Print every tensor's planned type, size and reason, and the notes; write nothing."),
         click.option("--pure", is_flag=True,
@@ -509,6 +509,15 @@ def export_options(opts):
         pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
 
 
+def print_export(report, source, opts):
+    """export's and quantize's summary: the tables, or with --json describe_export."""
+    from swtool.gguf_export import describe_export, format_export
+    from swtool.jsonfile import strict_json
+
+    click.echo(strict_json(describe_export(report, source, export_options(opts))) if opts["as_json"]
+               else format_export(report))
+
+
 @main.command("export")
 @click.argument("model", type=click.Path())
 @gguf_options
@@ -518,9 +527,9 @@ def export_command(model, **opts):
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
-    from swtool.gguf_export import export, format_export
+    from swtool.gguf_export import export
 
-    click.echo(format_export(export(model, opts["output"], export_options(opts))))
+    print_export(export(model, opts["output"], export_options(opts)), model, opts)
 
 
 @main.command("quantize")
@@ -534,9 +543,9 @@ def quantize_command(gguf_file, **opts):
     re-quantized only with --allow-requantize.
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(gguf_file, opts["catalog"]))  # before anything is read
-    from swtool.gguf_export import format_export, quantize_gguf
+    from swtool.gguf_export import quantize_gguf
 
-    click.echo(format_export(quantize_gguf(gguf_file, opts["output"], export_options(opts))))
+    print_export(quantize_gguf(gguf_file, opts["output"], export_options(opts)), gguf_file, opts)
 
 
 @main.command("sweep")
