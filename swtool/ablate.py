@@ -42,6 +42,7 @@ from swtool.jsonfile import read_json
 CATALOG_NAME = "swtool-ablation.json"
 JOURNAL_NAME = "swtool-ablation-journal.json"
 JOURNAL_SCHEMA = "swtool.ablation-journal/1"
+SCHEMA_ID = "swtool.ablate/1"  # what `swtool ablate --json` prints: swtool/schema/ablate.schema.json
 VALUE_RTOL = 1e-2  # a catalog value may come from another float dtype of the same model
 
 
@@ -327,6 +328,20 @@ def replace_patched(path, edits):
     with atomic_path(path, nbytes=path.stat().st_size) as tmp:  # the copy sits beside the original until the rename
         shutil.copy2(path, tmp)  # bytes, mode and times
         write_bytes_at(tmp, edits)
+
+
+def describe_ablation(model, catalog, scale, patches, output=None, files=None):
+    """What `swtool ablate --json` prints after -o OUTDIR (`files`: ablated_copy's linked/copied/patched)
+    or --in-place (output None)."""
+    return {"schema": SCHEMA_ID, "action": "copy" if output else "in-place", "model": str(model),
+            "catalog": str(catalog), "scale": scale, "output": str(output) if output else None, "files": files,
+            "patches": [p.to_json() for p in patches]}
+
+
+def describe_restore(model, journal):
+    """What `swtool ablate --restore --json` prints: the journal's ablation, now undone."""
+    return {"schema": SCHEMA_ID, "action": "restore", "model": str(model), "catalog": journal.get("catalog"),
+            "scale": journal.get("scale"), "output": None, "files": None, "patches": journal["changes"]}
 
 
 def format_patches(patches):

@@ -8,7 +8,6 @@ a malformed one.
 import hashlib
 import json
 from dataclasses import asdict
-from importlib import resources
 
 from swtool import __version__
 from swtool.atomic import write_text_atomic
@@ -20,7 +19,9 @@ SCHEMA_ID = "swtool.catalog/1"
 
 
 def schema():
-    return json.loads(resources.files("swtool").joinpath("schema/catalog.schema.json").read_text())
+    from swtool import schemas
+
+    return schemas.load("catalog")
 
 
 def sha256_file(path, chunk=16 * 1024 * 1024):
@@ -97,13 +98,9 @@ def super_weights_for(model, catalog=None, prompt=None, progress=False):
 
 def validate(catalog, source="catalog"):
     """Raise SwtoolError with the first schema violation, naming where it is."""
-    import jsonschema
+    from swtool import schemas
 
-    validator = jsonschema.Draft202012Validator(schema())
-    error = next(iter(sorted(validator.iter_errors(catalog), key=lambda e: list(e.path))), None)
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise SwtoolError(f"{source}: invalid catalog at {where}: {error.message}")
+    schemas.validate("catalog", catalog, source)
 
 
 def write_catalog(catalog, path):

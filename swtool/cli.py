@@ -311,14 +311,13 @@ def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, ac
     prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the passes, not after them
     from swtool.evaluate import make_chunks, text_token_ids
     from swtool.model import load_model
-    from swtool.quantsim import format_quantsim, run
+    from swtool.quantsim import describe_run, format_quantsim, run
 
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
     super_weights, source = quantsim_super_weights(loaded, catalog, not no_progress)
-    result = {"model": str(loaded.path), "text": str(text_path), "tokens": len(ids), "ctx": chunks.ctx,
-              "chunks": len(chunks.tokens), "super_weights_from": source}
+    result = describe_run(loaded, text_path, len(ids), chunks, source)
     result.update(run(loaded, chunks, super_weights, options, progress=not no_progress, batch_tokens=batch_tokens))
     if plot:
         from swtool.plot import plot_quantsim
@@ -372,7 +371,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         if catalog or output or in_place or only:
             raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
         journal = ab.restore_in_place(model)
-        click.echo(strict_json(journal) if as_json else
+        click.echo(strict_json(ab.describe_restore(model, journal)) if as_json else
                    f"{model}: restored {len(journal['changes'])} element(s) from {ab.JOURNAL_NAME}")
         return
     if not catalog:
@@ -386,6 +385,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         patches = ab.plan_patches(checkpoint, chosen, scale)
     except ab.CatalogMismatch as e:
         raise SwtoolError(f"{catalog}: {e}") from None
+    done = None
     if in_place:
         ab.ablate_in_place(checkpoint, patches, scale, catalog)
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
@@ -394,7 +394,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
-        click.echo(strict_json([p.to_json() for p in patches]))
+        click.echo(strict_json(ab.describe_ablation(model, catalog, scale, patches, output, done)))
         return
     click.echo(ab.format_patches(patches))
     click.echo(where)
@@ -454,9 +454,9 @@ def inspect_command(model, as_json, download):
 
 def gguf_options(command):
     """The options `export` and `quantize` share (applied bottom-up, so listed in reverse)."""
+    command = output_options(json_help="Print what was written (or planned, with --dry-run) as JSON on stdout "
+                                       "instead of tables.")(command)
     options = [
-        click.option("--force", is_flag=True, help=FORCE_HELP),
-        click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
         click.option("--dry-run", is_flag=True,
                      help="Print every tensor's planned type, size and reason, and the notes; write nothing."),
         click.option("--pure", is_flag=True,
@@ -509,6 +509,15 @@ def export_options(opts):
         pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
 
 
+def print_export(report, source, opts):
+    """export's and quantize's summary: the tables, or with --json describe_export."""
+    from swtool.gguf_export import describe_export, format_export
+    from swtool.jsonfile import strict_json
+
+    click.echo(strict_json(describe_export(report, source, export_options(opts))) if opts["as_json"]
+               else format_export(report))
+
+
 @main.command("export")
 @click.argument("model", type=click.Path())
 @gguf_options
@@ -518,9 +527,9 @@ def export_command(model, **opts):
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
-    from swtool.gguf_export import export, format_export
+    from swtool.gguf_export import export
 
-    click.echo(format_export(export(model, opts["output"], export_options(opts))))
+    print_export(export(model, opts["output"], export_options(opts)), model, opts)
 
 
 @main.command("quantize")
@@ -534,9 +543,9 @@ def quantize_command(gguf_file, **opts):
     re-quantized only with --allow-requantize.
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(gguf_file, opts["catalog"]))  # before anything is read
-    from swtool.gguf_export import format_export, quantize_gguf
+    from swtool.gguf_export import quantize_gguf
 
-    click.echo(format_export(quantize_gguf(gguf_file, opts["output"], export_options(opts))))
+    print_export(quantize_gguf(gguf_file, opts["output"], export_options(opts)), gguf_file, opts)
 
 
 @main.command("sweep")
@@ -570,8 +579,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
     """
-    import json
-
+    from swtool.jsonfile import strict_json
     from swtool.llama_score import require_llama
 
     require_llama("swtool sweep")  # before anything is read or exported
@@ -592,12 +600,12 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     if output:
         from swtool.atomic import write_text_atomic
 
-        write_text_atomic(output, json.dumps(result.to_json(), indent=2) + "\n")
+        write_text_atomic(output, strict_json(result.to_json()) + "\n")
     if plot:
         from swtool.plot import plot_sweep
 
         plot_sweep(plot, result, f"{model}: {text_path}, {result.windows} x {result.ctx} tokens")
-    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_sweep(result))
+    click.echo(strict_json(result.to_json()) if as_json else format_sweep(result))
     if plot and not as_json:
         click.echo(f"plot written to {plot}")
 

@@ -11,6 +11,8 @@ from math import prod
 
 from swtool.errors import SwtoolError
 
+SCHEMA_ID = "swtool.inspect/1"  # what `swtool inspect --json` prints: swtool/schema/inspect.schema.json
+
 
 def describe_model(spec, download=False):
     """A dict describing MODEL `spec` (JSON-ready)."""
@@ -29,6 +31,7 @@ def describe_model(spec, download=False):
         sizes[info.dtype] += info.nbytes
         params += prod(info.shape)
     info = {
+        "schema": SCHEMA_ID,
         "path": str(spec),
         "format": "gguf" if is_gguf else "safetensors",
         "architecture": (config.get("architectures") or [model.arch.model_type])[0],

@@ -27,6 +27,7 @@ from swtool.forward import Edit, ScaleElements, World
 # Words whose probability the paper reports rising when the super weights go (its Figure 5).
 STOP_WORDS = ("the", "a", "an", "and", "or", "but", "of", "to", "in", "on", "at", "for", "with", "from",
               "by", "as", "is", "was", "are", "were", "be", "it", "that", "this", ".", ",", ";", ":")
+SCHEMA_ID = "swtool.eval/1"  # what `swtool eval --json` prints: swtool/schema/eval.schema.json
 NOT_CONTROL = ("embed", "lm_head", "norm", "wte", "wpe")  # name parts of tensors the paper's control skips
 CONTROL_CHUNK_BYTES = 64 * 1024 * 1024  # the control's top-N pre-pass decodes this much of a matrix at a time
 
@@ -270,6 +271,7 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
             entry["perplexity_ratio"] = score.perplexity / original
         worlds.append(entry)
     result = {
+        "schema": SCHEMA_ID,
         "model": str(model.path),
         "text": str(text_path),
         "tokens": n_tokens,

@@ -41,6 +41,7 @@ from swtool.quant.policy import KEPT, NOT_QUANTIZED, is_70b
 HANDLINGS = ("keep", "isolate", "none")
 DEFAULT_KEEP_TYPE = "q8_0"  # docs/gguf.md, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
 KEEP_TYPES = ("f16", "bf16", "q8_0", "f32")
+SCHEMA_ID = "swtool.export/1"  # what `swtool export/quantize --json` print: swtool/schema/export.schema.json
 CHUNK_BYTES = 64 << 20  # float32 bytes read, reordered and quantized at a time
 
 
@@ -266,6 +267,7 @@ class ExportReport:
     super_weights: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     dry_run: bool = False
+    super_weights_from: str = "none"  # "catalog", "gguf metadata" (the input's swtool.* record), "scan" or "none"
 
     @property
     def file_size(self):
@@ -384,12 +386,14 @@ def export(model_path, out_path, options):
     arch_name = model.arch.gguf_arch_name()
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
-    super_weights, prompt, orders, notes = [], None, {}, []
+    super_weights, prompt, orders, notes, found_by = [], None, {}, [], "none"
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, {})
+        found_by = "catalog"
     elif options.scan:
         super_weights, prompt, note = scanned_super_weights(model, options, {})
         notes.append(note)
+        found_by = "scan" if prompt is not None else "none"  # None: it could not be scanned (the note says why)
     else:
         notes.append("--no-scan and no --catalog: the super weights are neither recorded nor protected")
     model_70b = is_70b(arch_name, n_layers, model.arch.heads.n, model.arch.heads.n_kv)
@@ -418,7 +422,7 @@ def export(model_path, out_path, options):
         notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
                      f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
-                        options.dry_run)
+                        options.dry_run, found_by)
 
 
 def handling_label(options, super_weights, orders, tensors):
@@ -528,18 +532,21 @@ def quantize_gguf(in_path, out_path, options):
     tied = "output.weight" not in tensors
     plan(tensors, options, [], tied, n_layers, model_70b)
     requantizing(tensors, options, in_path)  # refused before a scan, not after it
-    super_weights, prompt, notes = [], meta.get(gguf_keys.PROMPT), []
+    super_weights, prompt, notes, found_by = [], meta.get(gguf_keys.PROMPT), [], "none"
     recorded = gguf_keys.read_super_weights(meta, in_path) or []
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, orders)
+        found_by = "catalog"
     elif recorded:  # a file swtool exported before: its own record
         super_weights = [ProtectedWeight(Coordinate.of(sw), float(sw["value"]), sw["gguf_tensor"])
                          for sw in recorded]
+        found_by = "gguf metadata"
     elif options.scan:
         from swtool.model import load_model
 
         super_weights, prompt, note = scanned_super_weights(load_model(in_path, header_only=True), options, orders)
         notes.append(note)
+        found_by = "scan" if prompt is not None else "none"  # None: it could not be scanned (the note says why)
     else:
         notes.append("--no-scan, no --catalog and no swtool.* record in the input: the super weights are "
                      "neither recorded nor protected")
@@ -566,7 +573,7 @@ def quantize_gguf(in_path, out_path, options):
         notes.append(f"re-quantized {sources}: the quality is bounded by the source's quantization, "
                      f"not only by {target.name}'s")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
-                        options.dry_run)
+                        options.dry_run, found_by)
 
 
 def requantizing(tensors, options, in_path):
@@ -660,3 +667,38 @@ def format_export(report):
     lines += [f"fallback: {text}" for text in fallbacks]
     lines += [f"note: {text}" for text in report.notes]
     return "\n".join(lines)
+
+
+def describe_export(report, source, options):
+    """What `swtool export --json` and `swtool quantize --json` print: the file, its types, the super weights
+    and how they were handled (`source`: the model or GGUF file given; `options`: the ExportOptions)."""
+    types = {}
+    for tensor in report.tensors:
+        entry = types.setdefault(tensor.qtype.name, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += int(tensor.nbytes)
+    by_name = {tensor.name: tensor for tensor in report.tensors}
+    super_weights = []
+    for sw in report.super_weights:
+        tensor = by_name[sw.tensor]
+        super_weights.append({"layer": sw.at.layer, "row": sw.at.row, "col": sw.at.col, "expert": sw.at.expert,
+                              "gguf_tensor": sw.tensor, "value": float(sw.value), "stored_as": tensor.qtype.name,
+                              "reordered": tensor.col_order is not None, "reason": tensor.reason})
+    return {
+        "schema": SCHEMA_ID,
+        "input": str(source),
+        "output": str(report.path),
+        "dry_run": report.dry_run,
+        "architecture": report.arch,
+        "type": report.target,
+        "file_bytes": None if report.dry_run else int(report.file_size),
+        "tensor_bytes": int(sum(tensor.nbytes for tensor in report.tensors)),
+        "handling": report.handling,
+        "super_weights_from": report.super_weights_from,
+        "catalog": str(options.catalog) if options.catalog else None,
+        "super_weights": super_weights,
+        "types": dict(sorted(types.items(), key=lambda item: -item[1]["bytes"])),
+        "tensors": [{"name": t.name, "shape": [int(n) for n in t.shape], "type": t.qtype.name, "bytes": int(t.nbytes),
+                     "reason": t.reason} for t in report.tensors],
+        "notes": list(report.notes),
+    }

@@ -42,6 +42,7 @@ from swtool.errors import SwtoolError
 
 TENSOR = "tensor"  # block size: the whole tensor is one block
 CLIP_METHODS = ("zscore", "percentile", "none")
+SCHEMA_ID = "swtool.quantsim/1"  # what `swtool quantsim --json` prints: swtool/schema/quantsim.schema.json
 ACTIVATION_WORLDS = ("unquantized", "int8", "int8, super activation kept")
 
 
@@ -368,6 +369,13 @@ def weight_settings(options):
     """RTN and super-weight-aware per block size, in table order."""
     return [WeightSetting(options.bits, size, aware, options.clip)
             for size in options.block_sizes for aware in (False, True)]
+
+
+def describe_run(model, text_path, n_tokens, chunks, super_weights_from):
+    """The head of `swtool quantsim`'s JSON result (what was scored and where the super weights came from);
+    run() adds the tables."""
+    return {"schema": SCHEMA_ID, "model": str(model.path), "text": str(text_path), "tokens": n_tokens,
+            "ctx": chunks.ctx, "chunks": len(chunks.tokens), "super_weights_from": super_weights_from}
 
 
 def run(model, chunks, super_weights, options, progress=True, batch_tokens=None):

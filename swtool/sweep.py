@@ -28,6 +28,7 @@ from swtool.errors import SwtoolError
 
 DEFAULT_TYPES = "q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0"
 DEFAULT_HANDLINGS = "none,keep:q8_0,control:q8_0"
+SCHEMA_ID = "swtool.sweep/1"  # what `swtool sweep --json` prints and -o writes: swtool/schema/sweep.schema.json
 HANDLING_NAMES = ("none", "keep", "isolate", "control")
 
 
@@ -178,7 +179,7 @@ class Sweep:
     def to_json(self):
         import llama_cpp
 
-        return {"model": self.model, "text": self.text, "ctx": self.ctx, "windows": self.windows,
+        return {"schema": SCHEMA_ID, "model": self.model, "text": self.text, "ctx": self.ctx, "windows": self.windows,
                 "llama_cpp_python": llama_cpp.__version__, "threads": self.threads, "catalog": self.catalog,
                 "source": {"scored_by": "swtool eval", "perplexity": self.source_perplexity,
                            "predictions": self.source_predictions},

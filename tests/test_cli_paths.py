@@ -451,7 +451,7 @@ def test_ablate_json_lists_each_patch_as_the_files_hold_it(planted, tmp_path):
     out = tmp_path / "half"
     code, stdout, stderr = invoke("ablate", directory, "--catalog", catalog, "-o", out, "--scale", 0.5, "--json")
     assert code == 0, stderr
-    (patch,) = json.loads(stdout)
+    (patch,) = json.loads(stdout)["patches"]
     (sw,) = json.loads(catalog.read_text())["super_weights"]
     offset, size, dtype = element_bytes(directory / "model.safetensors", DOWN, (PLANT.row, PLANT.col))
     old = (directory / "model.safetensors").read_bytes()[offset:offset + size]
@@ -494,7 +494,7 @@ def test_ablate_changes_the_one_stored_scalar_of_a_stacked_expert_or_conv1d(fami
     differs = (before[tensor] != after[tensor]).nonzero().tolist()
     assert differs == [list(index)]
     offset, size, _ = element_bytes(directory / "model.safetensors", tensor, index)
-    assert json.loads(stdout)[0]["offset"] == offset
+    assert json.loads(stdout)["patches"][0]["offset"] == offset
     assert differing_bytes(directory / "model.safetensors", out / "model.safetensors") <= set(range(offset, offset + size))
 
 
