@@ -24,7 +24,9 @@ from fixtures.tiny import Plant, random_tokens, reference_logits
 
 
 def tolerance(expected):
-    return 2e-5 * max(1.0, np.abs(expected).max())
+    """Against transformers: measured gaps at most 8.7e-7 x max |expected| over these layouts, logits and
+    tap points alike (a relative floor: hidden states are small in these tiny models)."""
+    return 1e-5 * np.abs(expected).max()
 
 
 def rewrite(directory, out, rename=lambda name: name, config=None):
@@ -181,8 +183,9 @@ def test_observers_see_what_transformers_computes(tiny_factory, family):
             np.testing.assert_allclose(seen[("resid", layer)], expected, rtol=0, atol=tolerance(expected))
     # the parallel/sequential residual split: resid - resid_mid is the MLP's contribution
     scale = json.loads((directory / "config.json").read_text()).get("residual_multiplier", 1.0)
+    # float32 rounding of the residual sum only: measured gap 4.0e-8 x max |resid| (under one ulp)
     np.testing.assert_allclose(seen[("resid", 1)] - seen[("resid_mid", 1)], scale * seen[("down_out", 1)],
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=5e-7 * np.abs(seen[("resid", 1)]).max())
 
 
 # --- llama.cpp names ------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def rewritten(tiny_factory, family, tmp_path, edit):
 def assert_same_as_transformers_and_original(original, copy):
     got = forward(load_model(copy), TOKENS)[0]
     expected = reference_logits(copy, TOKENS)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())  # gap <= 2.5e-6 x max
     np.testing.assert_allclose(got, forward(load_model(original), TOKENS)[0], rtol=0, atol=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_qwen3_window_is_off_unless_use_sliding_window(tiny_factory, tmp_path):
     original, copy = rewritten(tiny_factory, "qwen3", tmp_path, window_off)
     got = forward(load_model(copy), TOKENS)[0]
     expected = reference_logits(copy, TOKENS)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())  # gap 3.9e-7 x max
     assert not np.allclose(got, forward(load_model(original), TOKENS)[0], atol=1e-3)  # the window mattered
 
 

@@ -173,7 +173,7 @@ def test_logits_match_transformers_reading_the_same_gguf(original):
     with torch.no_grad():
         expected = reference(torch.tensor([PROMPT_IDS])).logits[0].numpy()
     got = forward(load_model(original), PROMPT_IDS)[0]
-    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, atol=5e-6 * np.abs(expected).max())  # measured gap 1.1e-6 x max
 
 
 def test_written_ggufs_hold_the_safetensors_values(written, hf_values):
@@ -196,7 +196,7 @@ def test_written_ggufs_hold_the_safetensors_values(written, hf_values):
 def test_f32_gguf_gives_the_safetensors_logits(written, smollm2):
     expected = forward(load_model(smollm2), PROMPT_IDS)
     got = forward(load_model(written["f32"]), PROMPT_IDS)
-    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, atol=5e-6 * np.abs(expected).max())  # measured gap 1.1e-6 x max
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-bias", "qwen2"])
@@ -207,7 +207,7 @@ def test_tiny_families_as_gguf_match_transformers(family, tiny_factory, tmp_path
     tokens = random_tokens(11, seed=3)
     expected = torch_logits(model, tokens)
     got = forward(load_model(path), tokens)[0]
-    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, atol=5e-6 * np.abs(expected).max())  # measured gap 4.1e-7 x max
 
 
 # --- the scan ------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_llama3_rope_freqs_gguf_matches_transformers(tiny_factory, tmp_path):
     assert "rope_freqs.weight" in read_gguf(path).tensors
     tokens = random_tokens(40, seed=5)
     expected = torch_logits(model, tokens)
-    tolerance = 2e-5 * np.abs(expected).max()
+    tolerance = 5e-6 * np.abs(expected).max()
     got = forward(load_model(path), tokens)[0]
     assert np.abs(got - expected).max() < tolerance
     config = json.loads((directory / "config.json").read_text())

@@ -239,7 +239,7 @@ def test_smollm2_q4_1_logits_and_scan_match_the_old_path(q4_1_gguf, old_path, sp
     old_zeroed = forward_module.forward(model, ids, transforms=[zero])[0]
     old_found, old_report = scan(model, ids, Settings(PROMPT))
 
-    # the tolerance test_gguf_input.py holds swtool's logits to transformers' with
+    # measured gap 4.9e-6 x max: the two paths round differently through SmolLM2's 30 layers
     for new, old in ((new_logits, old_logits), (new_zeroed, old_zeroed)):
         np.testing.assert_allclose(new, old, atol=2e-5 * np.abs(old).max())
     assert forward_module.mean_nll(new_zeroed[None], ids)[0] > forward_module.mean_nll(new_logits[None], ids)[0] + 2

@@ -71,7 +71,7 @@ def test_per_expert_and_stacked_layouts_give_identical_logits(tiny_factory, tmp_
     got_stacked = forward(load_model(stacked), tokens)
     np.testing.assert_array_equal(got_stacked, forward(load_model(per_expert), tokens))
     expected = reference_logits(stacked, tokens)  # transformers reading the stacked layout
-    np.testing.assert_allclose(got_stacked[0], expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(got_stacked[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_edits_hit_one_experts_weight_as_transform_and_as_world(tiny_factory, tmp_path, layout):
@@ -91,7 +91,7 @@ def test_edits_hit_one_experts_weight_as_transform_and_as_world(tiny_factory, tm
     name, edit = expert_element(layout, layer, 1, row, col)
     edit = Edit(edit.tensor, row, col, factor, edit.expert)
     loaded = load_model(directory)
-    tolerance = 2e-5 * max(1.0, np.abs(expected).max())
+    tolerance = 1e-5 * np.abs(expected).max()
     by_transform = forward(loaded, tokens, transforms=[ScaleElements([edit])])[0]
     np.testing.assert_allclose(by_transform, expected, rtol=0, atol=tolerance)
     by_world = forward(loaded, tokens, worlds=[World("intact"), World("scaled", (edit,))])
@@ -129,7 +129,7 @@ def test_each_world_routes_its_own_tokens(tiny_factory, tmp_path, layout):
     _, edit = expert_element(layout, PLANT.layer, PLANT.expert, PLANT.row, PLANT.col)
     got = forward(load_model(directory), tokens, worlds=[World("intact"), World("removed", (edit,))])
     for world, expected in enumerate((intact.logits[0].numpy(), ablated.logits[0].numpy())):
-        np.testing.assert_allclose(got[world], expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+        np.testing.assert_allclose(got[world], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_scan_of_stacked_layout_names_the_expert_and_the_stacked_tensor(tiny_factory, tmp_path):
@@ -195,7 +195,9 @@ QWEN_STYLE = ["qwen3-moe", "qwen2-moe", "olmoe"]
 
 
 def tolerance(expected):
-    return 2e-5 * max(1.0, np.abs(expected).max())
+    """Against transformers: measured gaps at most 3.4e-6 x max |expected| (the routed cases, where float
+    sums of different order meet a top-k choice), 7e-7 elsewhere."""
+    return 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("family", QWEN_STYLE)
