@@ -42,6 +42,7 @@ import numpy as np
 from swtool.catalog import catalogs_beside
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
+from swtool.table import plural
 
 DEFAULT_TOLERANCE = 0.05  # relative; Q4_1/Q8_0/bf16 copies of the same weights stay within 1% (README)
 OUTLIER_RATIO = 5.0  # |w| / RMS of its row, for coordinates that come without a value
@@ -483,7 +484,7 @@ def format_audit(report):
             counts[f.status] = counts.get(f.status, 0) + 1
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
         lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance:.0%}); "
-                     f"read {report.bytes_read} bytes of weights in {report.read_ms:.1f} ms "
+                     f"read {plural(report.bytes_read, 'byte')} of weights in {report.read_ms:.1f} ms "
                      f"({report.elapsed_ms:.0f} ms in all)")
     elif report.verdict == "unverified":
         lines.append("no verdict: nothing to compare with (give --catalog, --known-id or --reference)")

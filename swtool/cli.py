@@ -367,13 +367,14 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     from swtool.coordinate import Coordinate
     from swtool.checkpoint import open_checkpoint
     from swtool.errors import SwtoolError
+    from swtool.table import plural
 
     if restore:
         if catalog or output or in_place or only:
             raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
         journal = ab.restore_in_place(model)
         click.echo(strict_json(journal) if as_json else
-                   f"{model}: restored {len(journal['changes'])} element(s) from {ab.JOURNAL_NAME}")
+                   f"{model}: restored {plural(len(journal['changes']), 'element')} from {ab.JOURNAL_NAME}")
         return
     if not catalog:
         raise click.UsageError("--catalog is required (or --restore)")
@@ -391,7 +392,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
     else:
         done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy, force)
-        where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
+        where = (f"wrote {output}: {plural(len(done['patched']), 'file')} patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
         click.echo(strict_json([p.to_json() for p in patches]))

@@ -37,6 +37,7 @@ from swtool.atomic import check_destination
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.quant.policy import KEPT, NOT_QUANTIZED, is_70b
+from swtool.table import plural
 
 HANDLINGS = ("keep", "isolate", "none")
 DEFAULT_KEEP_TYPE = "q8_0"  # README, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
@@ -147,8 +148,8 @@ def scanned_super_weights(model, options, orders):
                           "with one makes the catalog): the super weights are neither recorded nor protected")
     catalog, _ = scan_catalog(model, None, progress=options.progress)
     found, prompt = protected_weights(catalog, model.path, model.arch.n_layers, orders)
-    return found, prompt, (f"no --catalog: scanned the model with the default prompt, {len(found)} super "
-                           f"weight{'s' if len(found) != 1 else ''} found (--no-scan to skip)")
+    return found, prompt, (f"no --catalog: scanned the model with the default prompt, "
+                           f"{plural(len(found), 'super weight')} found (--no-scan to skip)")
 
 
 def protected_weights(catalog, source, n_layers, orders):
@@ -156,7 +157,7 @@ def protected_weights(catalog, source, n_layers, orders):
     catalog_path = source
     recorded_layers = catalog["model"].get("num_layers")
     if recorded_layers != n_layers:
-        raise SwtoolError(f"{catalog_path}: the catalog is for a model with {recorded_layers} layers; "
+        raise SwtoolError(f"{catalog_path}: the catalog is for a model with {plural(recorded_layers, 'layer')}; "
                           f"this one has {n_layers}")
     found = []
     for sw in catalog["super_weights"]:
@@ -303,7 +304,7 @@ def rule_notes(rules, tensors):
             notes.append(f"{text} matched no tensor")
         elif text.startswith("--tensor-type"):
             shown = ", ".join(matched[:3]) + (f" ... {matched[-1]}" if len(matched) > 3 else "")
-            notes.append(f"{text} matched {len(matched)} tensor{'s' if len(matched) > 1 else ''}: {shown}")
+            notes.append(f"{text} matched {plural(len(matched), 'tensor')}: {shown}")
     return notes
 
 
@@ -638,7 +639,7 @@ def format_export(report):
         counts[tensor.qtype.name] += 1
         sizes[tensor.qtype.name] += tensor.nbytes
     verb = "would write (dry run, nothing written)" if report.dry_run else "wrote"
-    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {len(report.tensors)} tensors, "
+    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {plural(len(report.tensors), 'tensor')}, "
              f"{report.file_size / 1e6:.1f} MB{' of tensors' if report.dry_run else ''}; "
              f"super weights: {report.handling}"]
     if report.dry_run:
