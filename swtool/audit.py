@@ -221,6 +221,25 @@ def element_of(info, target):
     return info, row, col
 
 
+def parse_tolerance(text):
+    """--tolerance: a fraction below 1 (0.05) or a percent (5%); the fraction. A bare number of 1 or
+    more is refused rather than read as 100 % or more: `--tolerance 5` meant 5 %, never 500 %."""
+    spelled = str(text).strip()
+    percent = spelled.endswith("%")
+    try:
+        value = float(spelled[:-1] if percent else spelled)
+    except ValueError:
+        raise SwtoolError(f"--tolerance {text!r}: expected a fraction such as 0.05 or a percent such as 5%") from None
+    if not math.isfinite(value) or value < 0:
+        raise SwtoolError(f"--tolerance {text!r}: expected a fraction such as 0.05 or a percent such as 5%, at least 0")
+    if percent:
+        return value / 100
+    if value >= 1:
+        raise SwtoolError(f"--tolerance {text}: a bare number is a fraction (0.05 = 5%); "
+                          f"for {value:g} percent write --tolerance {value:g}%")
+    return value
+
+
 def _relative_change(value, expected):
     if expected == 0.0:
         return 0.0 if value == 0.0 else float("inf")
@@ -483,7 +502,7 @@ def format_audit(report):
         for f in report.findings:
             counts[f.status] = counts.get(f.status, 0) + 1
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-        lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance:.0%}); "
+        lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance * 100:g}%); "
                      f"read {plural(report.bytes_read, 'byte')} of weights in {report.read_ms:.1f} ms "
                      f"({report.elapsed_ms:.0f} ms in all)")
     elif report.verdict == "unverified":

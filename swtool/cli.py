@@ -408,8 +408,9 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
 @click.option("--known-id", metavar="ID", help="Check the published super weights of this model (see: swtool catalog known).")
 @click.option("--reference", metavar="REF_MODEL",
               help="Compare with another checkpoint of the same model (e.g. the base of a fine-tune).")
-@click.option("--tolerance", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
-              help="Largest relative change that still counts as intact.")
+@click.option("--tolerance", default="5%", show_default=True, metavar="FRACTION|PERCENT%",
+              help="Largest relative change that still counts as intact: a fraction below 1 (0.05) or a percent "
+                   "(5%); a bare number of 1 or more is refused, as it would allow a change of 100% or more.")
 @click.option("--prompt", default=None, help=PROMPT_HELP + " Used when a scan is needed.")
 @click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
 @output_options(json_help="Print the audit as JSON on stdout.", force_help=None,
@@ -425,11 +426,12 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     """
     from swtool.jsonfile import strict_json
 
-    from swtool.audit import audit as run_audit, format_audit
+    from swtool.audit import audit as run_audit, format_audit, parse_tolerance
     from swtool.errors import SwtoolError
 
     if catalog and (known or known_id):
         raise SwtoolError("give --catalog or --known/--known-id, not both")
+    tolerance = parse_tolerance(tolerance)
     report = run_audit(model, catalog=catalog, known=known, known_id=known_id, reference=reference,
                        tolerance=tolerance, download=download, prompt=prompt, progress=not no_progress)
     if as_json:

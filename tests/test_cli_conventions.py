@@ -1,0 +1,96 @@
+"""Command-line conventions every command shares (issue 17): counts with the right noun,
+audit's --tolerance spelled as a fraction or a percent, one MODEL argument, `-o -` as stdout,
+progress bars only on a terminal, --threads."""
+
+import json
+import re
+
+import pytest
+
+from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.tiny import Plant
+
+PLANT = (Plant(1, 41, 101),)
+TEXT = "The super weight is one scalar. Zeroing it wrecks the model, the paper says. "
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_factory, tmp_path_factory):
+    """(model directory, its catalog, a short text): one super weight, one chunk of text at --ctx 512."""
+    directory, _ = tiny_factory("llama", "bfloat16", plants=PLANT)
+    work = tmp_path_factory.mktemp("conventions")
+    catalog = work / "catalog.json"
+    assert swtool("scan", directory, "-o", catalog, "--no-progress").returncode == 0
+    text = work / "text.txt"
+    text.write_text(TEXT)
+    return directory, catalog, text
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+# --- plurals ------------------------------------------------------------------------
+
+def test_plural_helper():
+    from swtool.table import plural
+
+    assert [plural(n, "chunk") for n in (0, 1, 2)] == ["0 chunks", "1 chunk", "2 chunks"]
+    assert plural(1, "pass", "passes") == "1 pass" and plural(3, "pass", "passes") == "3 passes"
+    assert plural(1, "matrix", "matrices") == "1 matrix" and plural(2, "matrix", "matrices") == "2 matrices"
+
+
+ONE_PLURAL = re.compile(r"(?<![\d.,])1 (chunks|tokens|layers|passes|super weights|files?\(s\)|files|tensors|predictions|"
+                        r"windows?\(s\)|windows|keys|metadata keys|worlds|elements?\(s\)|elements|bytes|matrices|"
+                        r"candidates|prompts|weights|threads)\b")
+
+
+def test_a_count_of_one_takes_the_singular(tiny, tmp_path):
+    """Runs whose outputs count one chunk, one pass, one super weight, one patched file ...: no '1 chunks'."""
+    directory, catalog, text = tiny
+    copy = tmp_path / "ablated"
+    outputs = {
+        "scan": ok(swtool("scan", directory, "--no-progress")),
+        "eval": ok(swtool("eval", directory, "--text", text, "--catalog", catalog, "--no-progress")),
+        "quantsim": ok(swtool("quantsim", directory, "--text", text, "--catalog", catalog, "--block-sizes", "32",
+                              "--no-progress")),
+        "ablate": ok(swtool("ablate", directory, "--catalog", catalog, "-o", copy)),
+        "inspect": ok(swtool("inspect", copy)),  # its ablation record lists 1 super weight
+        "audit": ok(swtool("audit", directory, "--catalog", catalog)),
+    }
+    seen = {name: result.stdout + result.stderr for name, result in outputs.items()}
+    assert "1 pass over the weights" in seen["scan"] and "with the super weight removed" in seen["scan"]
+    assert "in 1 chunk of 512" in seen["eval"] and "in 1 chunk of 512" in seen["quantsim"]
+    assert ": 1 file patched" in seen["ablate"]
+    assert "(1 super weight, an ablation record)" in seen["inspect"]
+    assert "1 super weight from catalog" in seen["audit"]
+    for name, output in seen.items():
+        assert not ONE_PLURAL.search(output), (name, ONE_PLURAL.search(output), output)
+
+
+# --- audit --tolerance ----------------------------------------------------------------
+
+def test_tolerance_is_a_fraction_or_a_percent(tiny, tmp_path):
+    """0.05 and 5% are the same tolerance; a bare 5 (once silently 500 %) is one line naming 5%."""
+    directory, catalog, _ = tiny
+    scaled = tmp_path / "scaled"  # the super weight times 0.9: a 10 % change
+    ok(swtool("ablate", directory, "--catalog", catalog, "--scale", "0.9", "-o", scaled))
+    (scaled / "swtool-ablation.json").unlink()  # judged against the catalog alone, not as a recorded ablation
+
+    def status(tolerance, code):
+        result = swtool_in_process("audit", scaled, "--catalog", catalog, "--json", "--tolerance", tolerance)
+        assert result.returncode == code, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        return report["tolerance"], report["findings"][0]["status"]
+
+    assert status("0.05", 1) == status("5%", 1) == (0.05, "changed")
+    assert status("0.15", 0) == status("15%", 0) == (0.15, "intact")
+    assert status("0.5%", 1) == (0.005, "changed")
+    line = one_line_error(swtool_in_process("audit", scaled, "--catalog", catalog, "--tolerance", "5"))
+    assert "--tolerance 5%" in line
+    for bad in ("1", "-0.1", "-5%", "five", "nan"):
+        assert "--tolerance" in one_line_error(swtool_in_process("audit", scaled, "--catalog", catalog,
+                                                                 "--tolerance", bad)), bad
+    table = ok(swtool_in_process("audit", scaled, "--catalog", catalog, "--tolerance", "12.5%")).stdout
+    assert "(tolerance 12.5%)" in table
