@@ -65,15 +65,15 @@ def control_edits(model, super_weights, n, progress=False):
     A streaming pre-pass: one matrix (in row chunks) at a time, keeping a running top n,
     so the model is never loaded whole. Ties break by tensor order, then flat index.
     """
-    from tqdm import tqdm
+    from swtool.progress import progress_bar
 
     if n < 1:
         raise SwtoolError(f"--control-top must be at least 1, got {n}")
     exclude = {(sw["tensor"], sw["row"], sw["col"]) for sw in super_weights}
     names = control_matrices(model)
     best_abs, best_tensor, best_flat = np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    for t, name in enumerate(tqdm(names, desc=f"control: top {plural(n, 'weight')}", unit="tensor",
-                                  disable=not progress, leave=False)):
+    for t, name in enumerate(progress_bar(names, progress, desc=f"control: top {plural(n, 'weight')}",
+                                          unit="tensor", leave=False)):
         info = model.checkpoint.tensor(name)
         if model.arch.stored_transposed(name):
             info = TransposedTensor(info)  # GPT-2's Conv1D: read as W [out, in], so rows/cols mean what edits mean

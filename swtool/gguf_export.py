@@ -324,9 +324,8 @@ def check_options(options):
 def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
     """Write the file: metadata and tensor table, then each tensor's bytes; atomically."""
     import gguf
-    from tqdm import tqdm
-
     from swtool.atomic import atomic_path
+    from swtool.progress import progress_bar
 
     total = sum(tensor.nbytes for tensor in tensors)
     with atomic_path(out_path, nbytes=total) as tmp:  # refuses at once if the disk cannot hold the tensors
@@ -339,8 +338,8 @@ def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(out_path).name, disable=not progress,
-                      leave=False) as bar:
+            with progress_bar(None, progress, total=total, unit="B", unit_scale=True, desc=Path(out_path).name,
+                              leave=False) as bar:
                 for tensor in tensors:
                     bar.set_postfix_str(f"{tensor.name} {tensor.qtype.name}", refresh=False)
                     writer.write_tensor_data(_Payload(tensor, bar), tensor_endianess=gguf.GGUFEndian.LITTLE)

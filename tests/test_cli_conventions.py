@@ -94,3 +94,70 @@ def test_tolerance_is_a_fraction_or_a_percent(tiny, tmp_path):
                                                                  "--tolerance", bad)), bad
     table = ok(swtool_in_process("audit", scaled, "--catalog", catalog, "--tolerance", "12.5%")).stdout
     assert "(tolerance 12.5%)" in table
+
+
+# --- progress bars: on a terminal only ----------------------------------------------------
+
+BAR = re.compile(r"it/s|s/it|\d+%\||\|[█▏▎▍▌▋▊▉ ]*\|")
+
+
+def test_no_bar_when_stderr_is_not_a_terminal(tiny):
+    """Captured (a pipe, as in a CI log or `2> file`), stderr holds no bar for any command that draws one."""
+    directory, catalog, text = tiny
+    for args in (("scan", directory), ("eval", directory, "--text", text, "--catalog", catalog),
+                 ("quantsim", directory, "--text", text, "--catalog", catalog, "--block-sizes", "32"),
+                 ("eval", directory, "--text", text, "--catalog", catalog, "--control-top", "3")):
+        result = ok(swtool(*args))
+        assert not BAR.search(result.stderr) and "pass 1" not in result.stderr, (args, result.stderr)
+
+
+def run_with_terminal_stderr(*args, timeout=300):
+    """`python -m swtool ARGS` with stderr on a pseudo-terminal and stdout on a pipe: (code, stdout, terminal)."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    process = subprocess.Popen([sys.executable, "-m", "swtool", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    seen, out, deadline = b"", b"", time.monotonic() + timeout
+    streams = {leader: "tty", process.stdout.fileno(): "out"}
+    try:
+        while streams:
+            ready, _, _ = select.select(list(streams), [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                process.kill()
+                pytest.fail(f"swtool {args}: still running after {timeout} s")
+            for fd in ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # the terminal's other end closed (EIO on Linux)
+                    chunk = b""
+                if not chunk:
+                    del streams[fd]
+                elif streams[fd] == "tty":
+                    seen += chunk
+                else:
+                    out += chunk
+        return process.wait(timeout=60), out.decode(), seen.decode(errors="replace")
+    finally:
+        os.close(leader)
+        process.stdout.close()
+
+
+def test_a_bar_is_drawn_on_a_terminal_and_not_with_no_progress(tiny):
+    directory, _, _ = tiny
+    code, stdout, terminal = run_with_terminal_stderr("scan", directory, "--json")
+    assert code == 0, terminal
+    assert "scan pass 1" in terminal and BAR.search(terminal), terminal
+    assert json.loads(stdout)["super_weights"][0]["layer"] == 1  # the bar never reaches stdout
+    code, stdout, terminal = run_with_terminal_stderr("scan", directory, "--json", "--no-progress")
+    assert code == 0 and "scan pass" not in terminal and not BAR.search(terminal), terminal
