@@ -130,6 +130,21 @@ def prepare_outputs(force, *paths, plot=None, inputs=()):
             check_destination(path, force)
 
 
+def model_argument(command):
+    """MODEL and --download, the same on every command that reads a model (checkpoint/source.py)."""
+    command = click.option("--download", is_flag=True, help=DOWNLOAD_HELP)(command)
+    return click.argument("model", type=click.Path())(command)
+
+
+def resolve_model(spec, download, missing_hint=None):
+    """The local file or directory MODEL names (a path as given, or a Hub id's cached snapshot, fetched
+    first with --download), or the one-line error. Every command resolves its MODEL here before reading
+    it; the library then finds an id in the cache, so MODEL keeps the name the user gave."""
+    from swtool.checkpoint.source import resolve_source
+
+    return resolve_source(spec, download, missing_hint)
+
+
 @click.group(cls=SwtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="swtool")
 @click.option("--debug", is_flag=True, help="On an error, print the Python traceback before the one-line message.")
@@ -138,7 +153,7 @@ def main(debug):
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--prompt", default=None, help=PROMPT_HELP)
 @click.option("--max-iter", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Zero what was found and rescan at most this many times.")
@@ -146,7 +161,6 @@ def main(debug):
               help="A layer spikes when its max |down_proj output| is this many times the median layer's.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here.")
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
-@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
                    "needs matplotlib).")
@@ -170,7 +184,8 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
 
     prepare_outputs(force, output, plot=plot, inputs=(model,))
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    loaded = load_model(model, download=download)
+    resolve_model(model, download)
+    loaded = load_model(model)
     settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
         catalog, report = scan_catalog(loaded, prompt, settings, progress=not no_progress, with_hashes=with_hashes)
@@ -218,7 +233,7 @@ def text_options(command):
 
 
 @main.command("eval")
-@click.argument("model", type=click.Path())
+@model_argument
 @text_options
 @click.option("--zero", multiple=True, metavar="L:ROW:COL",
               help="Zero layer L's down_proj[ROW, COL] on the fly, in every world (repeatable).")
@@ -237,8 +252,11 @@ def text_options(command):
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
 @output_options(json_help="Print the result as JSON on stdout instead of a table.")
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
-                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force):
-    """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
+                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force, download):
+    """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.jsonfile import strict_json
 
     from swtool.ablate import CatalogMismatch
@@ -255,6 +273,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
                       restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
+    resolve_model(model, download)
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
@@ -279,7 +298,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
 
 
 @main.command("quantsim")
-@click.argument("model", type=click.Path())
+@model_argument
 @text_options
 @click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Weight bits (INT, min-max).")
 @click.option("--block-sizes", default="32,128,1024,16384,tensor", show_default=True, metavar="N,N,..|tensor",
@@ -297,9 +316,12 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
               help="Rows x ctx of one pass; a longer text takes several passes.")
 @output_options(json_help="Print the result as JSON on stdout instead of tables.")
 def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, activations, no_weights, ctx, max_tokens,
-                     score_second_half, plot, batch_tokens, as_json, no_progress, force):
+                     score_second_half, plot, batch_tokens, as_json, no_progress, force, download):
     """Perplexity of MODEL with simulated quantization (no file written): block-wise INT weights, plain
-    round-to-nearest vs super-weight-aware, and optionally int8 activations with the super activation kept."""
+    round-to-nearest vs super-weight-aware, and optionally int8 activations with the super activation kept.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.jsonfile import strict_json
 
     from swtool.quantsim import QuantsimOptions, parse_block_sizes, parse_clip
@@ -313,6 +335,7 @@ def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, ac
     from swtool.model import load_model
     from swtool.quantsim import format_quantsim, run
 
+    resolve_model(model, download)
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
@@ -348,7 +371,7 @@ def quantsim_super_weights(model, catalog, progress):
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--catalog", type=click.Path(), help="The catalog whose super weights to change (swtool scan -o).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the ablated copy to this new directory.")
 @click.option("--scale", default=0.0, show_default=True, type=float, help="Multiply the super weights by this (0 removes them).")
@@ -358,31 +381,40 @@ def quantsim_super_weights(model, catalog, progress):
 @click.option("--restore", is_flag=True, help="Undo an --in-place ablation of MODEL from its journal.")
 @output_options(json_help="Print what changed as JSON on stdout.", progress_help=None,
                 force_help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
-def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force):
-    """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ."""
+def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force, download):
+    """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ.
+
+    MODEL: a checkpoint directory or .safetensors file, or a Hugging Face id org/name[@revision] (copied
+    with -o only: --in-place would change the files the Hugging Face cache shares).
+    """
     from swtool.jsonfile import strict_json
 
     from swtool import ablate as ab
     from swtool.catalog import read_catalog
     from swtool.coordinate import Coordinate
     from swtool.checkpoint import open_checkpoint
+    from swtool.checkpoint.hub import hub_id_of_path
     from swtool.errors import SwtoolError
     from swtool.table import plural
 
+    if restore and (catalog or output or in_place or only):
+        raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
+    if not restore and not catalog:
+        raise click.UsageError("--catalog is required (or --restore)")
+    if not restore and bool(output) == in_place:
+        raise click.UsageError("give exactly one of -o OUTDIR and --in-place")
+    local = resolve_model(model, download)
+    if (in_place or restore) and hub_id_of_path(local):
+        raise SwtoolError(f"{model}: is in the Hugging Face cache, whose files are shared; "
+                          f"{'--in-place' if in_place else '--restore'} would change them (write a copy with -o OUTDIR)")
     if restore:
-        if catalog or output or in_place or only:
-            raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
-        journal = ab.restore_in_place(model)
+        journal = ab.restore_in_place(local)
         click.echo(strict_json(journal) if as_json else
                    f"{model}: restored {plural(len(journal['changes']), 'element')} from {ab.JOURNAL_NAME}")
         return
-    if not catalog:
-        raise click.UsageError("--catalog is required (or --restore)")
-    if bool(output) == in_place:
-        raise click.UsageError("give exactly one of -o OUTDIR and --in-place")
     cat = read_catalog(catalog)
     chosen = ab.select(cat["super_weights"], [Coordinate.parse(o, "--only") for o in only])
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(local)
     try:
         patches = ab.plan_patches(checkpoint, chosen, scale)
     except ab.CatalogMismatch as e:
@@ -402,7 +434,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
 
 
 @main.command("audit")
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--catalog", type=click.Path(dir_okay=False), help="The super weights to check: a scan catalog.")
 @click.option("--known", is_flag=True, help="Check the published super weights of the model (matched by id or config).")
 @click.option("--known-id", metavar="ID", help="Check the published super weights of this model (see: swtool catalog known).")
@@ -412,7 +444,6 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
               help="Largest relative change that still counts as intact: a fraction below 1 (0.05) or a percent "
                    "(5%); a bare number of 1 or more is refused, as it would allow a change of 100% or more.")
 @click.option("--prompt", default=None, help=PROMPT_HELP + " Used when a scan is needed.")
-@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
 @output_options(json_help="Print the audit as JSON on stdout.", force_help=None,
                 progress_help="No progress bar on stderr (when a scan runs).")
 def audit_command(model, catalog, known, known_id, reference, tolerance, prompt, as_json, download, no_progress):
@@ -423,6 +454,9 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     compare with. Without an option the reference is, first that applies: a GGUF's swtool.* metadata,
     the known table (swtool catalog known), a catalog of this model beside it; else a scan of the
     model itself, whose findings are unverified.
+
+    MODEL and REF_MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id
+    org/name[@revision] (--download fetches either).
     """
     from swtool.jsonfile import strict_json
 
@@ -432,8 +466,10 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     if catalog and (known or known_id):
         raise SwtoolError("give --catalog or --known/--known-id, not both")
     tolerance = parse_tolerance(tolerance)
+    for spec in (model, reference) if reference else (model,):
+        resolve_model(spec, download)
     report = run_audit(model, catalog=catalog, known=known, known_id=known_id, reference=reference,
-                       tolerance=tolerance, download=download, prompt=prompt, progress=not no_progress)
+                       tolerance=tolerance, prompt=prompt, progress=not no_progress)
     if as_json:
         click.echo(strict_json(report.to_json()))
     else:
@@ -442,16 +478,19 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
 
 
 @main.command("inspect")
-@click.argument("model", type=click.Path())
-@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+@model_argument
 @output_options(json_help="Print the description as JSON on stdout.", progress_help=None, force_help=None)
 def inspect_command(model, as_json, download):
-    """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights."""
+    """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.jsonfile import strict_json
 
     from swtool.describe import describe_model, format_description
 
-    info = describe_model(model, download=download)
+    resolve_model(model, download)
+    info = describe_model(model)
     click.echo(strict_json(info) if as_json else format_description(info))
 
 
@@ -513,21 +552,23 @@ def export_options(opts):
 
 
 @main.command("export")
-@click.argument("model", type=click.Path())
+@model_argument
 @gguf_options
-def export_command(model, **opts):
+def export_command(model, download, **opts):
     """Write MODEL (a Hugging Face checkpoint, or a GGUF file to change its type) as a GGUF file for llama.cpp.
 
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
     from swtool.gguf_export import export, format_export
 
+    resolve_model(model, download)
     click.echo(format_export(export(model, opts["output"], export_options(opts))))
 
 
 @main.command("quantize")
-@click.argument("gguf_file", metavar="IN.GGUF", type=click.Path(dir_okay=False))
+@click.argument("gguf_file", metavar="IN.GGUF", type=click.Path())
 @gguf_options
 def quantize_command(gguf_file, **opts):
     """Quantize a GGUF file to another type; all its metadata and vocabulary are copied.
@@ -535,15 +576,30 @@ def quantize_command(gguf_file, **opts):
     The super weights protected are, first that applies: --catalog's, those the file records
     (swtool.* metadata of a swtool export), or a scan of the file. Tensors already quantized are
     re-quantized only with --allow-requantize.
+
+    IN.GGUF: a .gguf file, a directory holding one, or the Hugging Face id org/name[@revision] of a
+    cached repository holding one. There is no --download: swtool downloads safetensors checkpoints
+    only (export takes those), never a repository's .gguf files.
     """
-    prepare_outputs(opts["force"], opts["output"], inputs=(gguf_file, opts["catalog"]))  # before anything is read
+    from swtool.checkpoint.hub import parse_hub_id
+    from swtool.checkpoint.source import gguf_file_of
+    from swtool.errors import SwtoolError
+
+    repo = (parse_hub_id(gguf_file) or ("org/name",))[0]
+    local = resolve_model(gguf_file, False, missing_hint=f"quantize does not download: fetch the .gguf file "
+                                                         f"first (hf download {repo} FILE.gguf)")
+    source = gguf_file_of(local)
+    if source is None and local.is_dir():
+        raise SwtoolError(f"{gguf_file}: holds no .gguf file; swtool export writes one from a Hugging Face checkpoint")
+    source = source or local  # any other file: read_gguf says what it is instead
+    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"]))  # before anything is read
     from swtool.gguf_export import format_export, quantize_gguf
 
-    click.echo(format_export(quantize_gguf(gguf_file, opts["output"], export_options(opts))))
+    click.echo(format_export(quantize_gguf(source, opts["output"], export_options(opts))))
 
 
 @main.command("sweep")
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
 @click.option("--types", default="q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0", show_default=True, metavar="T,T,..",
               help="Export types (as swtool export --type), comma-separated.")
@@ -568,10 +624,11 @@ def quantize_command(gguf_file, **opts):
                 progress_help="No progress lines or bars on stderr.",
                 force_help="Replace -o, --plot and files of the same names in --out-dir.")
 def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, plot,
-                  as_json, no_progress, force):
+                  as_json, no_progress, force, download):
     """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
+    MODEL: a checkpoint directory or .safetensors file, or a Hugging Face id org/name[@revision].
     """
     import json
 
@@ -585,6 +642,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     from swtool.evaluate import read_text
 
     text = read_text(text_path)
+    resolve_model(model, download)
 
     def log(line):
         if not no_progress:

@@ -363,13 +363,14 @@ def same_path(a, b):
 
 def export(model_path, out_path, options):
     """Write `model_path` (a Hugging Face checkpoint) as a GGUF file at `out_path`; returns a Report."""
-    from swtool.checkpoint.gguf_file import is_gguf
+    from swtool.checkpoint.source import gguf_file_of, resolve_source
     from swtool.model import load_model
 
     check_options(options)
     check_destination(out_path, force=True)  # a directory to write in (the CLI has refused existing files)
-    if Path(model_path).is_file() and is_gguf(model_path):  # a GGUF changes type, its metadata copied
-        return quantize_gguf(model_path, out_path, options)
+    gguf = gguf_file_of(resolve_source(model_path))  # a GGUF file, a directory or Hub id holding one
+    if gguf is not None:  # a GGUF changes type, its metadata copied
+        return quantize_gguf(gguf, out_path, options)
     model = load_model(model_path)
     if not model.arch.gguf_exports:
         from swtool.arch import gguf_export_model_types

@@ -194,14 +194,14 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
               threads=1, force=False, progress=True, log=None):
     """Export and score every type x handling; returns a Sweep. `log(line)` reports each file as it is done."""
     from swtool import llama_score
-    from swtool.checkpoint.gguf_file import is_gguf
+    from swtool.checkpoint.source import gguf_file_of, resolve_source
     from swtool.evaluate import perplexity
     from swtool.model import load_model
     from swtool.tokenizer import encode
 
     log = log or (lambda line: None)
     llama_score.require_llama("swtool sweep")
-    if Path(model_path).is_file() and is_gguf(model_path):
+    if gguf_file_of(resolve_source(model_path)) is not None:
         raise SwtoolError(f"{model_path} is a GGUF file; sweep exports a Hugging Face checkpoint "
                           f"(as swtool export)")
     if ctx < 2:
