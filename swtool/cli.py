@@ -4,6 +4,7 @@ Exit codes: 0 success, 2 bad input (one `error: ...` line on stderr).
 """
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -115,11 +116,15 @@ def output_options(json_help=None, progress_help="No progress bar on stderr.", f
     return decorate
 
 
+STDOUT = "-"  # -o -: the output's bytes on stdout, and nothing else there (tables and notes go to stderr)
+
+
 def prepare_outputs(force, *paths, plot=None, inputs=()):
     """Before any work: an output that is one of the `inputs`' files, or named twice, is refused;
-    an existing output is refused unless --force; a plot needs matplotlib."""
+    an existing output is refused unless --force; a plot needs matplotlib. `-` is stdout."""
     from swtool.atomic import check_destination, refuse_replacing_inputs
 
+    paths = tuple(path for path in paths if path != STDOUT)
     refuse_replacing_inputs((*paths, plot), inputs)
     if plot:
         from swtool.plot import require_matplotlib
@@ -128,6 +133,12 @@ def prepare_outputs(force, *paths, plot=None, inputs=()):
     for path in (*paths, plot):
         if path:
             check_destination(path, force)
+
+
+def no_stdout_directory(option, path):
+    """A directory output cannot be `-`: one line."""
+    if path == STDOUT:
+        raise click.UsageError(f"{option} -: a directory is written there, which stdout cannot hold; name a directory")
 
 
 def model_argument(command):
@@ -159,7 +170,7 @@ def main(debug):
               help="Zero what was found and rescan at most this many times.")
 @click.option("--spike-ratio", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
               help="A layer spikes when its max |down_proj output| is this many times the median layer's.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here (- for stdout).")
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
@@ -174,6 +185,8 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
 
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
+    import json
+
     import numpy as np
 
     from swtool.catalog import format_scan, scan_catalog, to_json, write_catalog
@@ -193,13 +206,24 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
         catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
         if catalog["nonfinite_weights"]:
             click.echo(f"warning: {model}: {describe_nonfinite(catalog['nonfinite_weights'])}", err=True)
-    if output:
+    if output == STDOUT:
+        from swtool.catalog import validate
+
+        text = to_json(catalog)
+        validate(json.loads(text), "the catalog")  # as write_catalog checks what it writes
+    elif output:
         write_catalog(catalog, output)
     if plot:
         from swtool.plot import plot_scan
 
         plot_scan(plot, loaded, report)
-    if as_json:
+    if output == STDOUT:  # the catalog alone on stdout, the table on stderr
+        click.echo(text, nl=False)
+        if not as_json:
+            click.echo(format_scan(catalog), err=True)
+        if plot:
+            click.echo(f"plot written to {plot}", err=True)
+    elif as_json:
         click.echo(to_json(catalog), nl=False)
     else:
         click.echo(format_scan(catalog))
@@ -403,6 +427,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         raise click.UsageError("--catalog is required (or --restore)")
     if not restore and bool(output) == in_place:
         raise click.UsageError("give exactly one of -o OUTDIR and --in-place")
+    no_stdout_directory("-o", output)
     local = resolve_model(model, download)
     if (in_place or restore) and hub_id_of_path(local):
         raise SwtoolError(f"{model}: is in the Hugging Face cache, whose files are shared; "
@@ -532,7 +557,8 @@ def gguf_options(command):
                      help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, or a llama-quantize mix: "
                           "q3_k_s/m/l, q4_k_s/m, q5_k_s/m (any case). Unlike llama-quantize, where Q3_K, Q4_K and "
                           "Q5_K are aliases of the _M mixes, q3_k..q6_k here put every weight in that one type."),
-        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write."),
+        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                     help="The .gguf file to write (- for stdout; the report then goes to stderr)."),
     ]
     for option in options:
         command = option(command)
@@ -551,6 +577,25 @@ def export_options(opts):
         pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
 
 
+def write_gguf_output(opts, write):
+    """`write(path)` the GGUF file -o names and print its report; for `-o -` the file is written in a
+    temporary directory, copied to stdout and removed, and the report goes to stderr."""
+    import shutil
+    import tempfile
+
+    from swtool.gguf_export import format_export
+
+    if opts["output"] != STDOUT:
+        click.echo(format_export(write(opts["output"])))
+        return
+    with tempfile.TemporaryDirectory(prefix="swtool-") as work:
+        report = write(Path(work) / "stdout.gguf")
+        if not opts["dry_run"]:
+            with open(report.path, "rb") as written:
+                shutil.copyfileobj(written, click.get_binary_stream("stdout"), 1 << 20)
+        click.echo(format_export(report).replace(str(report.path), "-"), err=True)  # (it reads the file's size)
+
+
 @main.command("export")
 @model_argument
 @gguf_options
@@ -561,10 +606,10 @@ def export_command(model, download, **opts):
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
-    from swtool.gguf_export import export, format_export
+    from swtool.gguf_export import export
 
     resolve_model(model, download)
-    click.echo(format_export(export(model, opts["output"], export_options(opts))))
+    write_gguf_output(opts, lambda out: export(model, out, export_options(opts)))
 
 
 @main.command("quantize")
@@ -593,9 +638,9 @@ def quantize_command(gguf_file, **opts):
         raise SwtoolError(f"{gguf_file}: holds no .gguf file; swtool export writes one from a Hugging Face checkpoint")
     source = source or local  # any other file: read_gguf says what it is instead
     prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"]))  # before anything is read
-    from swtool.gguf_export import format_export, quantize_gguf
+    from swtool.gguf_export import quantize_gguf
 
-    click.echo(format_export(quantize_gguf(source, opts["output"], export_options(opts))))
+    write_gguf_output(opts, lambda out: quantize_gguf(source, out, export_options(opts)))
 
 
 @main.command("sweep")
@@ -617,7 +662,8 @@ def quantize_command(gguf_file, **opts):
                    "directory that is removed.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="llama.cpp threads (one keeps runs on a busy machine comparable).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the result as JSON to this file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Also write the result as JSON to this file (- for stdout, instead of the table).")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write perplexity against bits per weight, a line per handling, as .png/.svg/.pdf (needs matplotlib).")
 @output_options(json_help="Print the result as JSON on stdout instead of a table.",
@@ -637,6 +683,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     require_llama("swtool sweep")  # before anything is read or exported
     from swtool.sweep import format_sweep, parse_handlings, parse_types, run_sweep
 
+    no_stdout_directory("--out-dir", out_dir)
     type_names, handling_list = parse_types(types), parse_handlings(handlings)
     prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog))  # before the exports
     from swtool.evaluate import read_text
@@ -650,7 +697,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
 
     result = run_sweep(model, text_path, text, type_names, handling_list, catalog, ctx, n_windows, out_dir,
                        threads, force, not no_progress, log)
-    if output:
+    if output and output != STDOUT:
         from swtool.atomic import write_text_atomic
 
         write_text_atomic(output, json.dumps(result.to_json(), indent=2) + "\n")
@@ -658,6 +705,10 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
         from swtool.plot import plot_sweep
 
         plot_sweep(plot, result, f"{model}: {text_path}, {result.windows} x {result.ctx} tokens")
+    if output == STDOUT:  # the file's bytes alone on stdout; the table on stderr
+        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(format_sweep(result), err=True)
+        return
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_sweep(result))
     if plot and not as_json:
         click.echo(f"plot written to {plot}")

@@ -161,3 +161,40 @@ def test_a_bar_is_drawn_on_a_terminal_and_not_with_no_progress(tiny):
     assert json.loads(stdout)["super_weights"][0]["layer"] == 1  # the bar never reaches stdout
     code, stdout, terminal = run_with_terminal_stderr("scan", directory, "--json", "--no-progress")
     assert code == 0 and "scan pass" not in terminal and not BAR.search(terminal), terminal
+
+
+# --- -o - is stdout -------------------------------------------------------------------------
+
+def binary_run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True)
+
+
+def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
+    """scan's catalog and export's/quantize's GGUF: with -o -, stdout holds exactly the bytes -o FILE
+    writes, and nothing else (the table, the report and bars go to stderr); no file named '-' appears."""
+    from fixtures.bad_files import byte_vocabulary
+    from fixtures.hf_to_gguf import write_gguf
+    from fixtures.tiny import TINY
+
+    directory, catalog, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    piped = binary_run("scan", directory, "-o", "-")
+    assert piped.returncode == 0, piped.stderr
+    ok(swtool("scan", directory, "-o", tmp_path / "catalog.json", "--no-progress"))
+    assert piped.stdout == (tmp_path / "catalog.json").read_bytes()
+    assert b"layer  row  col" in piped.stderr  # the table, on stderr
+    source = write_gguf(directory, tmp_path / "tiny.gguf", "f32", vocabulary=byte_vocabulary(directory, TINY["vocab_size"]))
+    for command in ("export", "quantize"):
+        piped = binary_run(command, source, "--type", "q8_0", "--catalog", catalog, "-o", "-")
+        assert piped.returncode == 0, piped.stderr
+        ok(swtool(command, source, "--type", "q8_0", "--catalog", catalog, "-o", tmp_path / f"{command}.gguf",
+                  "--no-progress"))
+        assert piped.stdout == (tmp_path / f"{command}.gguf").read_bytes() and piped.stdout[:4] == b"GGUF"
+        assert piped.stderr.decode().startswith("wrote -: llama, --type q8_0")
+    assert not (tmp_path / "-").exists()
+    line = one_line_error(swtool("ablate", directory, "--catalog", catalog, "-o", "-"))
+    assert "-o -: a directory is written there" in line
+    assert not (tmp_path / "-").exists()
