@@ -147,6 +147,32 @@ def model_argument(command):
     return click.argument("model", type=click.Path())(command)
 
 
+def use_threads(n):
+    """-t N: swtool's Numba kernels, and NumPy's BLAS when it is not loaded yet, on N threads (None: as
+    the environment says, by default every core). Environment variables where the library is not
+    loaded yet (a real process: nothing is, so `swtool --help` stays instant), numba.set_num_threads
+    where it is (in process, at most the pool numba started with)."""
+    import os
+
+    if n is None:
+        return
+    if "numba" in sys.modules:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    else:
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
+    if "numpy" not in sys.modules:  # BLAS reads these when numpy loads it
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(n)
+
+
+def threads_option(expose=False, help_text="Compute on N threads (default: every core, or NUMBA_NUM_THREADS)."):
+    """-t/--threads N, the same on every command that computes; applied as soon as it is parsed."""
+    return click.option("-t", "--threads", type=click.IntRange(min=1), default=None, metavar="N", help=help_text,
+                        expose_value=expose, callback=lambda ctx, param, value: (use_threads(value), value)[1])
+
+
 def resolve_model(spec, download, missing_hint=None):
     """The local file or directory MODEL names (a path as given, or a Hub id's cached snapshot, fetched
     first with --download), or the one-line error. Every command resolves its MODEL here before reading
@@ -172,6 +198,7 @@ def main(debug):
               help="A layer spikes when its max |down_proj output| is this many times the median layer's.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here (- for stdout).")
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
+@threads_option()
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
                    "needs matplotlib).")
@@ -274,6 +301,7 @@ def text_options(command):
               help="Write each world's max |down_proj output| per layer as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
+@threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of a table.")
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
                  control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force, download):
@@ -338,6 +366,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
               help="Write perplexity per block size (and the activation settings) as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Rows x ctx of one pass; a longer text takes several passes.")
+@threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of tables.")
 def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, activations, no_weights, ctx, max_tokens,
                      score_second_half, plot, batch_tokens, as_json, no_progress, force, download):
@@ -469,6 +498,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
               help="Largest relative change that still counts as intact: a fraction below 1 (0.05) or a percent "
                    "(5%); a bare number of 1 or more is refused, as it would allow a change of 100% or more.")
 @click.option("--prompt", default=None, help=PROMPT_HELP + " Used when a scan is needed.")
+@threads_option(help_text="Compute a scan, when one is needed, on N threads (default: every core).")
 @output_options(json_help="Print the audit as JSON on stdout.", force_help=None,
                 progress_help="No progress bar on stderr (when a scan runs).")
 def audit_command(model, catalog, known, known_id, reference, tolerance, prompt, as_json, download, no_progress):
@@ -560,7 +590,7 @@ def gguf_options(command):
         click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
                      help="The .gguf file to write (- for stdout; the report then goes to stderr)."),
     ]
-    for option in options:
+    for option in [*options, threads_option()]:
         command = option(command)
     return command
 
@@ -660,8 +690,8 @@ def quantize_command(gguf_file, **opts):
 @click.option("--out-dir", type=click.Path(file_okay=False),
               help="Keep the GGUF files (and a scanned catalog) here; by default they go to a temporary "
                    "directory that is removed.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="llama.cpp threads (one keeps runs on a busy machine comparable).")
+@threads_option(expose=True, help_text="swtool's and llama.cpp's threads (default: swtool on every core, llama.cpp "
+                                       "on one, which keeps runs on a busy machine comparable).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Also write the result as JSON to this file (- for stdout, instead of the table).")
 @click.option("--plot", type=click.Path(dir_okay=False),
@@ -696,7 +726,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
             click.echo(line, err=True)
 
     result = run_sweep(model, text_path, text, type_names, handling_list, catalog, ctx, n_windows, out_dir,
-                       threads, force, not no_progress, log)
+                       threads or 1, force, not no_progress, log)
     if output and output != STDOUT:
         from swtool.atomic import write_text_atomic
 

@@ -198,3 +198,36 @@ def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
     line = one_line_error(swtool("ablate", directory, "--catalog", catalog, "-o", "-"))
     assert "-o -: a directory is written there" in line
     assert not (tmp_path / "-").exists()
+
+
+# --- -t/--threads -------------------------------------------------------------------------------
+
+def test_threads_do_not_change_results(tiny, tmp_path):
+    """-t 1 and -t 2: the same catalog bytes and the same perplexities; -t 0 is one line."""
+    directory, catalog, text = tiny
+    catalogs, evaluations = [], []
+    for n in (1, 2):
+        out = tmp_path / f"catalog-{n}.json"
+        ok(swtool("scan", directory, "-t", n, "-o", out, "--no-progress"))
+        catalogs.append(out.read_bytes())
+        evaluations.append(json.loads(ok(swtool("eval", directory, "--text", text, "--catalog", catalog,
+                                                "--threads", n, "--json", "--no-progress")).stdout))
+    assert catalogs[0] == catalogs[1]
+    assert evaluations[0] == evaluations[1]
+    for command in (("scan", directory), ("eval", directory, "--text", text),
+                    ("export", directory, "--type", "q8_0", "-o", tmp_path / "x.gguf"), ("audit", directory)):
+        line = one_line_error(swtool_in_process(*command, "-t", "0"))
+        assert "'-t' / '--threads': 0 is not in the range x>=1" in line, (command, line)
+
+
+def test_threads_reach_numba(tiny):
+    """In process (numba already loaded): -t sets numba's thread count for the command."""
+    import numba
+
+    directory, _, _ = tiny
+    before = numba.get_num_threads()
+    try:
+        ok(swtool_in_process("scan", directory, "-t", "1", "--no-progress"))
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
