@@ -42,6 +42,7 @@ import numpy as np
 from swtool.catalog import catalogs_beside
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
+from swtool.table import plural
 
 DEFAULT_TOLERANCE = 0.05  # relative; Q4_1/Q8_0/bf16 copies of the same weights stay within 1% (docs/audit.md)
 OUTLIER_RATIO = 5.0  # |w| / RMS of its row, for coordinates that come without a value
@@ -218,6 +219,25 @@ def element_of(info, target):
     if len(info.shape) != 2 or not (0 <= row < info.shape[0] and 0 <= col < info.shape[1]):
         return None, None, None
     return info, row, col
+
+
+def parse_tolerance(text):
+    """--tolerance: a fraction below 1 (0.05) or a percent (5%); the fraction. A bare number of 1 or
+    more is refused rather than read as 100 % or more: `--tolerance 5` meant 5 %, never 500 %."""
+    spelled = str(text).strip()
+    percent = spelled.endswith("%")
+    try:
+        value = float(spelled[:-1] if percent else spelled)
+    except ValueError:
+        raise SwtoolError(f"--tolerance {text!r}: expected a fraction such as 0.05 or a percent such as 5%") from None
+    if not math.isfinite(value) or value < 0:
+        raise SwtoolError(f"--tolerance {text!r}: expected a fraction such as 0.05 or a percent such as 5%, at least 0")
+    if percent:
+        return value / 100
+    if value >= 1:
+        raise SwtoolError(f"--tolerance {text}: a bare number is a fraction (0.05 = 5%); "
+                          f"for {value:g} percent write --tolerance {value:g}%")
+    return value
 
 
 def _relative_change(value, expected):
@@ -482,8 +502,8 @@ def format_audit(report):
         for f in report.findings:
             counts[f.status] = counts.get(f.status, 0) + 1
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-        lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance:.0%}); "
-                     f"read {report.bytes_read} bytes of weights in {report.read_ms:.1f} ms "
+        lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance * 100:g}%); "
+                     f"read {plural(report.bytes_read, 'byte')} of weights in {report.read_ms:.1f} ms "
                      f"({report.elapsed_ms:.0f} ms in all)")
     elif report.verdict == "unverified":
         lines.append("no verdict: nothing to compare with (give --catalog, --known-id or --reference)")

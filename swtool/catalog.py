@@ -14,6 +14,7 @@ from swtool.atomic import write_text_atomic
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.inputfile import open_regular
+from swtool.table import plural
 
 SCHEMA_ID = "swtool.catalog/1"
 
@@ -138,7 +139,7 @@ def entry_problem(catalog):
         layer, row, col, expert = sw["layer"], sw["row"], sw["col"], sw.get("expert")
         where = f"super_weights/{i} [{layer}, {row}, {col}]"
         if layer >= n_layers:
-            return f"{where}: layer {layer} of a model with {n_layers} layers"
+            return f"{where}: layer {layer} of a model with {plural(n_layers, 'layer')}"
         if f".{layer}." not in sw["tensor"] or not sw["gguf_tensor"].startswith(f"blk.{layer}."):
             return f"{where}: tensor {sw['tensor']!r} / {sw['gguf_tensor']!r} is not in layer {layer}"
         index = sw.get("tensor_index")
@@ -165,7 +166,8 @@ def mismatch(catalog, model, strict=False):
 
     recorded = catalog["model"]
     if recorded["num_layers"] != model.arch.n_layers:
-        return f"the catalog is for a model with {recorded['num_layers']} layers; this one has {model.arch.n_layers}"
+        return (f"the catalog is for a model with {plural(recorded['num_layers'], 'layer')}; "
+                f"this one has {model.arch.n_layers}")
     theirs, ours = recorded["model_type"], model.arch.model_type
     # a GGUF read from its header alone is named by llama.cpp's architecture, not a config model_type
     if model.arch.runs and SAME_FAMILY.get(theirs, theirs) != SAME_FAMILY.get(ours, ours):
@@ -217,12 +219,12 @@ def catalogs_beside(model):
 
 def format_scan(catalog):
     """The human table of a scan."""
-    from swtool.table import format_table
+    from swtool.table import format_table, plural
 
     model, detection = catalog["model"], catalog["detection"]
-    passes = detection["passes"]
-    lines = [f"{model['path']}: {model['architecture']}, {model['num_layers']} layers, "
-             f"prompt of {len(detection['tokens'])} tokens, {passes} pass{'es' if passes != 1 else ''} over the weights"]
+    lines = [f"{model['path']}: {model['architecture']}, {plural(model['num_layers'], 'layer')}, "
+             f"prompt of {plural(len(detection['tokens']), 'token')}, "
+             f"{plural(detection['passes'], 'pass', 'passes')} over the weights"]
     if catalog.get("nonfinite_weights"):
         from swtool.finite import describe_nonfinite
 
@@ -251,6 +253,7 @@ def format_scan(catalog):
     lines.append("input/output: down_proj activations at [token, col] / [token, row]; SA: super activation "
                  "|residual[token, row]| after the layer;\nNLL: the prompt's mean negative log-likelihood; "
                  "-w: with this weight zeroed; -row: with every super weight of this row and layer zeroed")
-    lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
+    removed = "the super weight" if len(sws) == 1 else f"all {len(sws)}"
+    lines.append(f"prompt NLL with {removed} removed: {detection['nll_intact']:.3f} -> "
                  f"{detection['nll_all_removed']:.3f}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Exit codes: 0 success, 2 bad input (one `error: ...` line on stderr).
 """
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -115,11 +116,15 @@ def output_options(json_help=None, progress_help="No progress bar on stderr.", f
     return decorate
 
 
+STDOUT = "-"  # -o -: the output's bytes on stdout, and nothing else there (tables and notes go to stderr)
+
+
 def prepare_outputs(force, *paths, plot=None, inputs=()):
     """Before any work: an output that is one of the `inputs`' files, or named twice, is refused;
-    an existing output is refused unless --force; a plot needs matplotlib."""
+    an existing output is refused unless --force; a plot needs matplotlib. `-` is stdout."""
     from swtool.atomic import check_destination, refuse_replacing_inputs
 
+    paths = tuple(path for path in paths if path != STDOUT)
     refuse_replacing_inputs((*paths, plot), inputs)
     if plot:
         from swtool.plot import require_matplotlib
@@ -130,6 +135,53 @@ def prepare_outputs(force, *paths, plot=None, inputs=()):
             check_destination(path, force)
 
 
+def no_stdout_directory(option, path):
+    """A directory output cannot be `-`: one line."""
+    if path == STDOUT:
+        raise click.UsageError(f"{option} -: a directory is written there, which stdout cannot hold; name a directory")
+
+
+def model_argument(command):
+    """MODEL and --download, the same on every command that reads a model (checkpoint/source.py)."""
+    command = click.option("--download", is_flag=True, help=DOWNLOAD_HELP)(command)
+    return click.argument("model", type=click.Path())(command)
+
+
+def use_threads(n):
+    """-t N: swtool's Numba kernels, and NumPy's BLAS when it is not loaded yet, on N threads (None: as
+    the environment says, by default every core). Environment variables where the library is not
+    loaded yet (a real process: nothing is, so `swtool --help` stays instant), numba.set_num_threads
+    where it is (in process, at most the pool numba started with)."""
+    import os
+
+    if n is None:
+        return
+    if "numba" in sys.modules:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    else:
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
+    if "numpy" not in sys.modules:  # BLAS reads these when numpy loads it
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(n)
+
+
+def threads_option(expose=False, help_text="Compute on N threads (default: every core, or NUMBA_NUM_THREADS)."):
+    """-t/--threads N, the same on every command that computes; applied as soon as it is parsed."""
+    return click.option("-t", "--threads", type=click.IntRange(min=1), default=None, metavar="N", help=help_text,
+                        expose_value=expose, callback=lambda ctx, param, value: (use_threads(value), value)[1])
+
+
+def resolve_model(spec, download, missing_hint=None):
+    """The local file or directory MODEL names (a path as given, or a Hub id's cached snapshot, fetched
+    first with --download), or the one-line error. Every command resolves its MODEL here before reading
+    it; the library then finds an id in the cache, so MODEL keeps the name the user gave."""
+    from swtool.checkpoint.source import resolve_source
+
+    return resolve_source(spec, download, missing_hint)
+
+
 @click.group(cls=SwtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="swtool")
 @click.option("--debug", is_flag=True, help="On an error, print the Python traceback before the one-line message.")
@@ -138,15 +190,15 @@ def main(debug):
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--prompt", default=None, help=PROMPT_HELP)
 @click.option("--max-iter", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Zero what was found and rescan at most this many times.")
 @click.option("--spike-ratio", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
               help="A layer spikes when its max |down_proj output| is this many times the median layer's.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the catalog JSON here (- for stdout).")
 @click.option("--hash", "with_hashes", is_flag=True, help="Record the sha256 of every weight file.")
-@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+@threads_option()
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write max |down_proj output| per layer, intact and without the found weights (.png/.svg/.pdf; "
                    "needs matplotlib).")
@@ -160,6 +212,8 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
 
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
+    import json
+
     import numpy as np
 
     from swtool.catalog import format_scan, scan_catalog, to_json, write_catalog
@@ -170,7 +224,8 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
 
     prepare_outputs(force, output, plot=plot, inputs=(model,))
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    loaded = load_model(model, download=download)
+    resolve_model(model, download)
+    loaded = load_model(model)
     settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
         catalog, report = scan_catalog(loaded, prompt, settings, progress=not no_progress, with_hashes=with_hashes)
@@ -178,13 +233,24 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
         catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
         if catalog["nonfinite_weights"]:
             click.echo(f"warning: {model}: {describe_nonfinite(catalog['nonfinite_weights'])}", err=True)
-    if output:
+    if output == STDOUT:
+        from swtool.catalog import validate
+
+        text = to_json(catalog)
+        validate(json.loads(text), "the catalog")  # as write_catalog checks what it writes
+    elif output:
         write_catalog(catalog, output)
     if plot:
         from swtool.plot import plot_scan
 
         plot_scan(plot, loaded, report)
-    if as_json:
+    if output == STDOUT:  # the catalog alone on stdout, the table on stderr
+        click.echo(text, nl=False)
+        if not as_json:
+            click.echo(format_scan(catalog), err=True)
+        if plot:
+            click.echo(f"plot written to {plot}", err=True)
+    elif as_json:
         click.echo(to_json(catalog), nl=False)
     else:
         click.echo(format_scan(catalog))
@@ -218,7 +284,7 @@ def text_options(command):
 
 
 @main.command("eval")
-@click.argument("model", type=click.Path())
+@model_argument
 @text_options
 @click.option("--zero", multiple=True, metavar="L:ROW:COL",
               help="Zero layer L's down_proj[ROW, COL] on the fly, in every world (repeatable).")
@@ -235,10 +301,14 @@ def text_options(command):
               help="Write each world's max |down_proj output| per layer as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
+@threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of a table.")
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
-                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force):
-    """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments."""
+                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force, download):
+    """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.jsonfile import strict_json
 
     from swtool.ablate import CatalogMismatch
@@ -255,6 +325,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
                       restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
+    resolve_model(model, download)
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
@@ -279,7 +350,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
 
 
 @main.command("quantsim")
-@click.argument("model", type=click.Path())
+@model_argument
 @text_options
 @click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Weight bits (INT, min-max).")
 @click.option("--block-sizes", default="32,128,1024,16384,tensor", show_default=True, metavar="N,N,..|tensor",
@@ -295,11 +366,15 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
               help="Write perplexity per block size (and the activation settings) as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Rows x ctx of one pass; a longer text takes several passes.")
+@threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of tables.")
 def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, activations, no_weights, ctx, max_tokens,
-                     score_second_half, plot, batch_tokens, as_json, no_progress, force):
+                     score_second_half, plot, batch_tokens, as_json, no_progress, force, download):
     """Perplexity of MODEL with simulated quantization (no file written): block-wise INT weights, plain
-    round-to-nearest vs super-weight-aware, and optionally int8 activations with the super activation kept."""
+    round-to-nearest vs super-weight-aware, and optionally int8 activations with the super activation kept.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.jsonfile import strict_json
 
     from swtool.quantsim import QuantsimOptions, parse_block_sizes, parse_clip
@@ -313,6 +388,7 @@ def quantsim_command(model, text_path, bits, block_sizes, clip_text, catalog, ac
     from swtool.model import load_model
     from swtool.quantsim import describe_run, format_quantsim, run
 
+    resolve_model(model, download)
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
@@ -347,7 +423,7 @@ def quantsim_super_weights(model, catalog, progress):
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--catalog", type=click.Path(), help="The catalog whose super weights to change (swtool scan -o).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the ablated copy to this new directory.")
 @click.option("--scale", default=0.0, show_default=True, type=float, help="Multiply the super weights by this (0 removes them).")
@@ -357,30 +433,41 @@ def quantsim_super_weights(model, catalog, progress):
 @click.option("--restore", is_flag=True, help="Undo an --in-place ablation of MODEL from its journal.")
 @output_options(json_help="Print what changed as JSON on stdout.", progress_help=None,
                 force_help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
-def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force):
-    """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ."""
+def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force, download):
+    """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ.
+
+    MODEL: a checkpoint directory or .safetensors file, or a Hugging Face id org/name[@revision] (copied
+    with -o only: --in-place would change the files the Hugging Face cache shares).
+    """
     from swtool.jsonfile import strict_json
 
     from swtool import ablate as ab
     from swtool.catalog import read_catalog
     from swtool.coordinate import Coordinate
     from swtool.checkpoint import open_checkpoint
+    from swtool.checkpoint.hub import hub_id_of_path
     from swtool.errors import SwtoolError
+    from swtool.table import plural
 
-    if restore:
-        if catalog or output or in_place or only:
-            raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
-        journal = ab.restore_in_place(model)
-        click.echo(strict_json(ab.describe_restore(model, journal)) if as_json else
-                   f"{model}: restored {len(journal['changes'])} element(s) from {ab.JOURNAL_NAME}")
-        return
-    if not catalog:
+    if restore and (catalog or output or in_place or only):
+        raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
+    if not restore and not catalog:
         raise click.UsageError("--catalog is required (or --restore)")
-    if bool(output) == in_place:
+    if not restore and bool(output) == in_place:
         raise click.UsageError("give exactly one of -o OUTDIR and --in-place")
+    no_stdout_directory("-o", output)
+    local = resolve_model(model, download)
+    if (in_place or restore) and hub_id_of_path(local):
+        raise SwtoolError(f"{model}: is in the Hugging Face cache, whose files are shared; "
+                          f"{'--in-place' if in_place else '--restore'} would change them (write a copy with -o OUTDIR)")
+    if restore:
+        journal = ab.restore_in_place(local)
+        click.echo(strict_json(ab.describe_restore(model, journal)) if as_json else
+                   f"{model}: restored {plural(len(journal['changes']), 'element')} from {ab.JOURNAL_NAME}")
+        return
     cat = read_catalog(catalog)
     chosen = ab.select(cat["super_weights"], [Coordinate.parse(o, "--only") for o in only])
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(local)
     try:
         patches = ab.plan_patches(checkpoint, chosen, scale)
     except ab.CatalogMismatch as e:
@@ -391,7 +478,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
     else:
         done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy, force)
-        where = (f"wrote {output}: {len(done['patched'])} file(s) patched, {len(done['linked'])} hard-linked, "
+        where = (f"wrote {output}: {plural(len(done['patched']), 'file')} patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
         click.echo(strict_json(ab.describe_ablation(model, catalog, scale, patches, output, done)))
@@ -401,16 +488,17 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
 
 
 @main.command("audit")
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--catalog", type=click.Path(dir_okay=False), help="The super weights to check: a scan catalog.")
 @click.option("--known", is_flag=True, help="Check the published super weights of the model (matched by id or config).")
 @click.option("--known-id", metavar="ID", help="Check the published super weights of this model (see: swtool catalog known).")
 @click.option("--reference", metavar="REF_MODEL",
               help="Compare with another checkpoint of the same model (e.g. the base of a fine-tune).")
-@click.option("--tolerance", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
-              help="Largest relative change that still counts as intact.")
+@click.option("--tolerance", default="5%", show_default=True, metavar="FRACTION|PERCENT%",
+              help="Largest relative change that still counts as intact: a fraction below 1 (0.05) or a percent "
+                   "(5%); a bare number of 1 or more is refused, as it would allow a change of 100% or more.")
 @click.option("--prompt", default=None, help=PROMPT_HELP + " Used when a scan is needed.")
-@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+@threads_option(help_text="Compute a scan, when one is needed, on N threads (default: every core).")
 @output_options(json_help="Print the audit as JSON on stdout.", force_help=None,
                 progress_help="No progress bar on stderr (when a scan runs).")
 def audit_command(model, catalog, known, known_id, reference, tolerance, prompt, as_json, download, no_progress):
@@ -421,16 +509,22 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
     compare with. Without an option the reference is, first that applies: a GGUF's swtool.* metadata,
     the known table (swtool catalog known), a catalog of this model beside it; else a scan of the
     model itself, whose findings are unverified.
+
+    MODEL and REF_MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id
+    org/name[@revision] (--download fetches either).
     """
     from swtool.jsonfile import strict_json
 
-    from swtool.audit import audit as run_audit, format_audit
+    from swtool.audit import audit as run_audit, format_audit, parse_tolerance
     from swtool.errors import SwtoolError
 
     if catalog and (known or known_id):
         raise SwtoolError("give --catalog or --known/--known-id, not both")
+    tolerance = parse_tolerance(tolerance)
+    for spec in (model, reference) if reference else (model,):
+        resolve_model(spec, download)
     report = run_audit(model, catalog=catalog, known=known, known_id=known_id, reference=reference,
-                       tolerance=tolerance, download=download, prompt=prompt, progress=not no_progress)
+                       tolerance=tolerance, prompt=prompt, progress=not no_progress)
     if as_json:
         click.echo(strict_json(report.to_json()))
     else:
@@ -439,16 +533,19 @@ def audit_command(model, catalog, known, known_id, reference, tolerance, prompt,
 
 
 @main.command("inspect")
-@click.argument("model", type=click.Path())
-@click.option("--download", is_flag=True, help=DOWNLOAD_HELP)
+@model_argument
 @output_options(json_help="Print the description as JSON on stdout.", progress_help=None, force_help=None)
 def inspect_command(model, as_json, download):
-    """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights."""
+    """Architecture, tensors, dtypes, sizes and files of MODEL, and what is known of its super weights.
+
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
     from swtool.jsonfile import strict_json
 
     from swtool.describe import describe_model, format_description
 
-    info = describe_model(model, download=download)
+    resolve_model(model, download)
+    info = describe_model(model)
     click.echo(strict_json(info) if as_json else format_description(info))
 
 
@@ -490,9 +587,10 @@ def gguf_options(command):
                      help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, or a llama-quantize mix: "
                           "q3_k_s/m/l, q4_k_s/m, q5_k_s/m (any case). Unlike llama-quantize, where Q3_K, Q4_K and "
                           "Q5_K are aliases of the _M mixes, q3_k..q6_k here put every weight in that one type."),
-        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write."),
+        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                     help="The .gguf file to write (- for stdout; the report then goes to stderr)."),
     ]
-    for option in options:
+    for option in [*options, threads_option()]:
         command = option(command)
     return command
 
@@ -509,31 +607,51 @@ def export_options(opts):
         pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
 
 
-def print_export(report, source, opts):
+def print_export(report, source, opts, err=False):
     """export's and quantize's summary: the tables, or with --json describe_export."""
     from swtool.gguf_export import describe_export, format_export
     from swtool.jsonfile import strict_json
 
-    click.echo(strict_json(describe_export(report, source, export_options(opts))) if opts["as_json"]
-               else format_export(report))
+    text = (strict_json(describe_export(report, source, export_options(opts))) if opts["as_json"]
+            else format_export(report))
+    click.echo(text.replace(str(report.path), "-") if err else text, err=err)
+
+
+def write_gguf_output(opts, source, write):
+    """`write(path)` the GGUF file -o names and print its report; for `-o -` the file is written in a
+    temporary directory, copied to stdout and removed, and the report goes to stderr."""
+    import shutil
+    import tempfile
+
+    if opts["output"] != STDOUT:
+        print_export(write(opts["output"]), source, opts)
+        return
+    with tempfile.TemporaryDirectory(prefix="swtool-") as work:
+        report = write(Path(work) / "stdout.gguf")
+        if not opts["dry_run"]:
+            with open(report.path, "rb") as written:
+                shutil.copyfileobj(written, click.get_binary_stream("stdout"), 1 << 20)
+        print_export(report, source, opts, err=True)  # (it reads the file's size)
 
 
 @main.command("export")
-@click.argument("model", type=click.Path())
+@model_argument
 @gguf_options
-def export_command(model, **opts):
+def export_command(model, download, **opts):
     """Write MODEL (a Hugging Face checkpoint, or a GGUF file to change its type) as a GGUF file for llama.cpp.
 
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
     prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
     from swtool.gguf_export import export
 
-    print_export(export(model, opts["output"], export_options(opts)), model, opts)
+    resolve_model(model, download)
+    write_gguf_output(opts, model, lambda out: export(model, out, export_options(opts)))
 
 
 @main.command("quantize")
-@click.argument("gguf_file", metavar="IN.GGUF", type=click.Path(dir_okay=False))
+@click.argument("gguf_file", metavar="IN.GGUF", type=click.Path())
 @gguf_options
 def quantize_command(gguf_file, **opts):
     """Quantize a GGUF file to another type; all its metadata and vocabulary are copied.
@@ -541,15 +659,30 @@ def quantize_command(gguf_file, **opts):
     The super weights protected are, first that applies: --catalog's, those the file records
     (swtool.* metadata of a swtool export), or a scan of the file. Tensors already quantized are
     re-quantized only with --allow-requantize.
+
+    IN.GGUF: a .gguf file, a directory holding one, or the Hugging Face id org/name[@revision] of a
+    cached repository holding one. There is no --download: swtool downloads safetensors checkpoints
+    only (export takes those), never a repository's .gguf files.
     """
-    prepare_outputs(opts["force"], opts["output"], inputs=(gguf_file, opts["catalog"]))  # before anything is read
+    from swtool.checkpoint.hub import parse_hub_id
+    from swtool.checkpoint.source import gguf_file_of
+    from swtool.errors import SwtoolError
+
+    repo = (parse_hub_id(gguf_file) or ("org/name",))[0]
+    local = resolve_model(gguf_file, False, missing_hint=f"quantize does not download: fetch the .gguf file "
+                                                         f"first (hf download {repo} FILE.gguf)")
+    source = gguf_file_of(local)
+    if source is None and local.is_dir():
+        raise SwtoolError(f"{gguf_file}: holds no .gguf file; swtool export writes one from a Hugging Face checkpoint")
+    source = source or local  # any other file: read_gguf says what it is instead
+    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"]))  # before anything is read
     from swtool.gguf_export import quantize_gguf
 
-    print_export(quantize_gguf(gguf_file, opts["output"], export_options(opts)), gguf_file, opts)
+    write_gguf_output(opts, gguf_file, lambda out: quantize_gguf(source, out, export_options(opts)))
 
 
 @main.command("sweep")
-@click.argument("model", type=click.Path())
+@model_argument
 @click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
 @click.option("--types", default="q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0", show_default=True, metavar="T,T,..",
               help="Export types (as swtool export --type), comma-separated.")
@@ -565,19 +698,21 @@ def quantize_command(gguf_file, **opts):
 @click.option("--out-dir", type=click.Path(file_okay=False),
               help="Keep the GGUF files (and a scanned catalog) here; by default they go to a temporary "
                    "directory that is removed.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="llama.cpp threads (one keeps runs on a busy machine comparable).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the result as JSON to this file.")
+@threads_option(expose=True, help_text="swtool's and llama.cpp's threads (default: swtool on every core, llama.cpp "
+                                       "on one, which keeps runs on a busy machine comparable).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Also write the result as JSON to this file (- for stdout, instead of the table).")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write perplexity against bits per weight, a line per handling, as .png/.svg/.pdf (needs matplotlib).")
 @output_options(json_help="Print the result as JSON on stdout instead of a table.",
                 progress_help="No progress lines or bars on stderr.",
                 force_help="Replace -o, --plot and files of the same names in --out-dir.")
 def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, plot,
-                  as_json, no_progress, force):
+                  as_json, no_progress, force, download):
     """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
+    MODEL: a checkpoint directory or .safetensors file, or a Hugging Face id org/name[@revision].
     """
     from swtool.jsonfile import strict_json
     from swtool.llama_score import require_llama
@@ -585,19 +720,21 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
     require_llama("swtool sweep")  # before anything is read or exported
     from swtool.sweep import format_sweep, parse_handlings, parse_types, run_sweep
 
+    no_stdout_directory("--out-dir", out_dir)
     type_names, handling_list = parse_types(types), parse_handlings(handlings)
     prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog))  # before the exports
     from swtool.evaluate import read_text
 
     text = read_text(text_path)
+    resolve_model(model, download)
 
     def log(line):
         if not no_progress:
             click.echo(line, err=True)
 
     result = run_sweep(model, text_path, text, type_names, handling_list, catalog, ctx, n_windows, out_dir,
-                       threads, force, not no_progress, log)
-    if output:
+                       threads or 1, force, not no_progress, log)
+    if output and output != STDOUT:
         from swtool.atomic import write_text_atomic
 
         write_text_atomic(output, strict_json(result.to_json()) + "\n")
@@ -605,6 +742,10 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
         from swtool.plot import plot_sweep
 
         plot_sweep(plot, result, f"{model}: {text_path}, {result.windows} x {result.ctx} tokens")
+    if output == STDOUT:  # the file's bytes alone on stdout; the table on stderr
+        click.echo(strict_json(result.to_json()))
+        click.echo(format_sweep(result), err=True)
+        return
     click.echo(strict_json(result.to_json()) if as_json else format_sweep(result))
     if plot and not as_json:
         click.echo(f"plot written to {plot}")

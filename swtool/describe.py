@@ -97,8 +97,10 @@ def catalogs_of(model):
 
 def format_description(info):
     """The human summary of `describe_model`."""
+    from swtool.table import plural
+
     lines = [f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}"]
-    lines.append(f"  shape       {info['layers']} layers, hidden {info['hidden_size']}, intermediate "
+    lines.append(f"  shape       {plural(info['layers'], 'layer')}, hidden {info['hidden_size']}, intermediate "
                  f"{info['intermediate_size']}, heads {info['attention_heads']}/{info['kv_heads']}, "
                  f"vocabulary {info['vocab_size']}")
     lines.append(f"  tensors     {info['tensors']}, {info['parameters'] / 1e6:.1f}M parameters")
@@ -108,15 +110,15 @@ def format_description(info):
     lines.append(f"  files       {len(info['files'])}: {files}")
     if "gguf" in info:
         g = info["gguf"]
-        lines.append(f"  gguf        version {g['version']}, {g['metadata_keys']} metadata keys, llama.cpp arch "
+        lines.append(f"  gguf        version {g['version']}, {plural(g['metadata_keys'], 'metadata key')}, llama.cpp arch "
                      f"{g['llama_cpp_architecture']}, tokenizer {g['tokenizer']}/{g['pre_tokenizer']}")
     recorded = info["recorded_super_weights"]
     if recorded:
         shown = ", ".join(f"{sw['layer']} [{sw['row']}, {sw['col']}]" for sw in recorded)
-        lines.append(f"  swtool.*    {len(info['swtool_metadata'])} keys; super weights {shown}")
+        lines.append(f"  swtool.*    {plural(len(info['swtool_metadata']), 'key')}; super weights {shown}")
     else:
-        lines.append(f"  swtool.*    {len(info['swtool_metadata']) or 'no'} metadata keys")
-    catalogs = ", ".join(f"{c['file']} ({c['super_weights']} super weights"
+        lines.append(f"  swtool.*    {plural(len(info['swtool_metadata']), 'metadata key')}".replace(" 0 ", " no "))
+    catalogs = ", ".join(f"{c['file']} ({plural(c['super_weights'], 'super weight')}"
                          f"{', an ablation record' if c.get('ablation') else ''})" for c in info["catalogs"])
     lines.append(f"  catalog     {catalogs or 'none beside it'}")
     for other in info["other_catalogs"]:

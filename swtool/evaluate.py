@@ -32,6 +32,7 @@ import numpy as np
 
 from swtool.arch.base import DOWN_OUT
 from swtool.errors import SwtoolError
+from swtool.table import plural
 from swtool.inputfile import open_regular
 from swtool.forward import World, head_logits, run_layers
 
@@ -148,7 +149,8 @@ def evaluate(model, chunks, plan, progress=True, batch_tokens=DEFAULT_BATCH_TOKE
     for i, start in enumerate(range(0, len(chunks.tokens), per_pass)):
         part = Chunks(chunks.tokens[start:start + per_pass], chunks.lengths[start:start + per_pass],
                       chunks.first_scored)
-        label = f"eval pass {i + 1}/{n_passes} ({n_worlds} worlds x {len(part.tokens)} chunks)" if progress else None
+        label = (f"eval pass {i + 1}/{n_passes} ({plural(n_worlds, 'world')} x {plural(len(part.tokens), 'chunk')})"
+                 if progress else None)
         _one_pass(model, part, plan, scores, label)
     return scores
 

@@ -23,6 +23,7 @@ from swtool.checkpoint.transposed import TransposedTensor
 from swtool.arch.base import DOWN_OUT
 from swtool.errors import SwtoolError
 from swtool.forward import Edit, ScaleElements, World
+from swtool.table import plural
 
 # Words whose probability the paper reports rising when the super weights go (its Figure 5).
 STOP_WORDS = ("the", "a", "an", "and", "or", "but", "of", "to", "in", "on", "at", "for", "with", "from",
@@ -65,15 +66,15 @@ def control_edits(model, super_weights, n, progress=False):
     A streaming pre-pass: one matrix (in row chunks) at a time, keeping a running top n,
     so the model is never loaded whole. Ties break by tensor order, then flat index.
     """
-    from tqdm import tqdm
+    from swtool.progress import progress_bar
 
     if n < 1:
         raise SwtoolError(f"--control-top must be at least 1, got {n}")
     exclude = {(sw["tensor"], sw["row"], sw["col"]) for sw in super_weights}
     names = control_matrices(model)
     best_abs, best_tensor, best_flat = np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    for t, name in enumerate(tqdm(names, desc=f"control: top {n} weights", unit="tensor",
-                                  disable=not progress, leave=False)):
+    for t, name in enumerate(progress_bar(names, progress, desc=f"control: top {plural(n, 'weight')}",
+                                          unit="tensor", leave=False)):
         info = model.checkpoint.tensor(name)
         if model.arch.stored_transposed(name):
             info = TransposedTensor(info)  # GPT-2's Conv1D: read as W [out, in], so rows/cols mean what edits mean
@@ -188,7 +189,7 @@ def zero_edits(model, coordinates):
     for at in coordinates:
         layer, row, col = at.layer, at.row, at.col
         if layer >= model.arch.n_layers:
-            raise SwtoolError(f"--zero {layer}:{row}:{col}: the model has {model.arch.n_layers} layers")
+            raise SwtoolError(f"--zero {layer}:{row}:{col}: the model has {plural(model.arch.n_layers, 'layer')}")
         name = model.arch.down_proj_name(layer)
         shape = model.checkpoint.tensor(name).shape
         if model.arch.stored_transposed(name):
@@ -300,10 +301,11 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
 
 def format_eval(result):
     """The human table of an evaluation."""
-    from swtool.table import format_table
+    from swtool.table import format_table, plural
 
-    lines = [f"{result['model']}: {result['text']}, {result['tokens']} tokens in {result['chunks']} chunks of "
-             f"{result['ctx']}; {result['worlds'][0]['predictions']} predictions scored ({result['scored']})"]
+    lines = [f"{result['model']}: {result['text']}, {plural(result['tokens'], 'token')} in "
+             f"{plural(result['chunks'], 'chunk')} of {result['ctx']}; "
+             f"{plural(result['worlds'][0]['predictions'], 'prediction')} scored ({result['scored']})"]
     if result["zeroed"]:
         lines.append("zeroed in every world: " + ", ".join(":".join(map(str, c)) for c in result["zeroed"]))
     if "super_weights_scaled_by" in result:
@@ -320,7 +322,7 @@ def format_eval(result):
     lines.append(format_table(header, rows))
     shown = ", ".join(repr(t) for t in list(result["stop_words"])[:6])
     lines.append("weights: elements edited in that world; stop words: mean next-token probability of "
-                 f"{len(result['stop_words'])} stop-word tokens ({shown}, ...)")
+                 f"{plural(len(result['stop_words']), 'stop-word token')} ({shown}, ...)")
     if compare:
         by_name = {w["name"]: w for w in result["worlds"]}
         original, removed = by_name["original"], by_name["removed"]

@@ -264,13 +264,13 @@ def forward(model, tokens, worlds=None, transforms=(), observers=(), progress=No
 
 
 def layer_progress(layers, label):
-    """`layers`, with a per-layer progress bar on stderr when `label` is given (tqdm is imported only
-    then: a command run with --no-progress does not load it)."""
+    """`layers`, with a per-layer progress bar on stderr when `label` is given and stderr is a terminal
+    (swtool/progress.py; tqdm is imported only then: a command run with --no-progress does not load it)."""
     if label is None:
         return layers
-    from tqdm import tqdm
+    from swtool.progress import progress_bar
 
-    return tqdm(layers, desc=label, unit="layer", leave=False)
+    return progress_bar(layers, desc=label, unit="layer", leave=False)
 
 
 def run_layers(model, tokens, worlds=None, transforms=(), observers=(), progress=None, activation_transforms=()):

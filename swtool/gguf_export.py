@@ -37,6 +37,7 @@ from swtool.atomic import check_destination
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.quant.policy import KEPT, NOT_QUANTIZED, is_70b
+from swtool.table import plural
 
 HANDLINGS = ("keep", "isolate", "none")
 DEFAULT_KEEP_TYPE = "q8_0"  # docs/gguf.md, "What --keep-type costs": as good as f16 in perplexity, at about half the bytes
@@ -148,8 +149,8 @@ def scanned_super_weights(model, options, orders):
                           "with one makes the catalog): the super weights are neither recorded nor protected")
     catalog, _ = scan_catalog(model, None, progress=options.progress)
     found, prompt = protected_weights(catalog, model.path, model.arch.n_layers, orders)
-    return found, prompt, (f"no --catalog: scanned the model with the default prompt, {len(found)} super "
-                           f"weight{'s' if len(found) != 1 else ''} found (--no-scan to skip)")
+    return found, prompt, (f"no --catalog: scanned the model with the default prompt, "
+                           f"{plural(len(found), 'super weight')} found (--no-scan to skip)")
 
 
 def protected_weights(catalog, source, n_layers, orders):
@@ -157,7 +158,7 @@ def protected_weights(catalog, source, n_layers, orders):
     catalog_path = source
     recorded_layers = catalog["model"].get("num_layers")
     if recorded_layers != n_layers:
-        raise SwtoolError(f"{catalog_path}: the catalog is for a model with {recorded_layers} layers; "
+        raise SwtoolError(f"{catalog_path}: the catalog is for a model with {plural(recorded_layers, 'layer')}; "
                           f"this one has {n_layers}")
     found = []
     for sw in catalog["super_weights"]:
@@ -305,7 +306,7 @@ def rule_notes(rules, tensors):
             notes.append(f"{text} matched no tensor")
         elif text.startswith("--tensor-type"):
             shown = ", ".join(matched[:3]) + (f" ... {matched[-1]}" if len(matched) > 3 else "")
-            notes.append(f"{text} matched {len(matched)} tensor{'s' if len(matched) > 1 else ''}: {shown}")
+            notes.append(f"{text} matched {plural(len(matched), 'tensor')}: {shown}")
     return notes
 
 
@@ -325,9 +326,8 @@ def check_options(options):
 def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
     """Write the file: metadata and tensor table, then each tensor's bytes; atomically."""
     import gguf
-    from tqdm import tqdm
-
     from swtool.atomic import atomic_path
+    from swtool.progress import progress_bar
 
     total = sum(tensor.nbytes for tensor in tensors)
     with atomic_path(out_path, nbytes=total) as tmp:  # refuses at once if the disk cannot hold the tensors
@@ -340,8 +340,8 @@ def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(out_path).name, disable=not progress,
-                      leave=False) as bar:
+            with progress_bar(None, progress, total=total, unit="B", unit_scale=True, desc=Path(out_path).name,
+                              leave=False) as bar:
                 for tensor in tensors:
                     bar.set_postfix_str(f"{tensor.name} {tensor.qtype.name}", refresh=False)
                     writer.write_tensor_data(_Payload(tensor, bar), tensor_endianess=gguf.GGUFEndian.LITTLE)
@@ -365,13 +365,14 @@ def same_path(a, b):
 
 def export(model_path, out_path, options):
     """Write `model_path` (a Hugging Face checkpoint) as a GGUF file at `out_path`; returns a Report."""
-    from swtool.checkpoint.gguf_file import is_gguf
+    from swtool.checkpoint.source import gguf_file_of, resolve_source
     from swtool.model import load_model
 
     check_options(options)
     check_destination(out_path, force=True)  # a directory to write in (the CLI has refused existing files)
-    if Path(model_path).is_file() and is_gguf(model_path):  # a GGUF changes type, its metadata copied
-        return quantize_gguf(model_path, out_path, options)
+    gguf = gguf_file_of(resolve_source(model_path))  # a GGUF file, a directory or Hub id holding one
+    if gguf is not None:  # a GGUF changes type, its metadata copied
+        return quantize_gguf(gguf, out_path, options)
     model = load_model(model_path)
     if not model.arch.gguf_exports:
         from swtool.arch import gguf_export_model_types
@@ -645,7 +646,7 @@ def format_export(report):
         counts[tensor.qtype.name] += 1
         sizes[tensor.qtype.name] += tensor.nbytes
     verb = "would write (dry run, nothing written)" if report.dry_run else "wrote"
-    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {len(report.tensors)} tensors, "
+    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {plural(len(report.tensors), 'tensor')}, "
              f"{report.file_size / 1e6:.1f} MB{' of tensors' if report.dry_run else ''}; "
              f"super weights: {report.handling}"]
     if report.dry_run:

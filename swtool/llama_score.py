@@ -47,7 +47,9 @@ def windows(ids, ctx, n_windows):
     """The first n_windows full windows of ctx tokens of `ids`."""
     ids = [int(i) for i in ids]
     if n_windows < 1 or len(ids) < ctx * n_windows:
-        raise SwtoolError(f"{len(ids)} tokens do not fill {n_windows} window(s) of {ctx}")
+        from swtool.table import plural
+
+        raise SwtoolError(f"{plural(len(ids), 'token')} do not fill {plural(n_windows, 'window')} of {ctx}")
     return [ids[i * ctx:(i + 1) * ctx] for i in range(n_windows)]
 
 

@@ -8,6 +8,7 @@ from swtool.checkpoint import Checkpoint
 from swtool.checkpoint.source import open_source
 from swtool.config_check import check_config
 from swtool.errors import CheckpointError, SwtoolError
+from swtool.table import plural
 
 
 @dataclass
@@ -64,11 +65,11 @@ def _interpret(checkpoint, config_source):
         # tensor_shapes() below lists every layer (and every expert of a per-expert mixture): bound them
         if arch.n_layers > len(names):  # every layer has tensors
             raise CheckpointError(config_source, f"num_hidden_layers = {arch.n_layers}, but the checkpoint "
-                                                 f"holds only {len(names)} tensors")
+                                                 f"holds only {plural(len(names), 'tensor')}")
         experts = checkpoint.config.get("num_local_experts") or 0
         if experts > max(len(names), MAX_STACKED_EXPERTS):  # per-expert tensors, or a few stacked ones
             raise CheckpointError(config_source, f"num_local_experts = {experts}, but the checkpoint holds "
-                                                 f"only {len(names)} tensors")
+                                                 f"only {plural(len(names), 'tensor')}")
         arch.adapt(set(names))
         if getattr(checkpoint, "format", None) == "gguf":
             arch.use_gguf_layout()

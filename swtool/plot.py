@@ -3,6 +3,8 @@
     pip install 'swtool[plot]'
 """
 
+from itertools import cycle
+
 from swtool.atomic import atomic_path
 from swtool.errors import SwtoolError
 
@@ -44,7 +46,7 @@ def plot_profiles(path, profiles, title, ylabel="max |down_proj output|"):
     plt = _pyplot(path)
 
     figure, axes = plt.subplots(figsize=(7, 3.6), dpi=120)
-    for (label, values), marker in zip(profiles.items(), "osD^v<>x+*"):
+    for (label, values), marker in zip(profiles.items(), cycle("osD^v<>x+*")):  # every profile, however many
         axes.plot(range(len(values)), values, marker=marker, markersize=3.5, linewidth=1.2, label=label)
     axes.set_yscale("log")
     axes.set_xlabel("layer")
@@ -133,6 +135,5 @@ def plot_scan(path, model, report):
 
 
 def plot_eval(path, result, title):
-    """Each eval world's max |down_proj output| per layer (the sweep's scaled worlds left out)."""
-    profiles = {w["name"]: w["peak_down_proj_output"] for w in result["worlds"] if not w["name"].startswith("scale")}
-    plot_profiles(path, profiles, title)
+    """Each eval world's max |down_proj output| per layer, --sweep's scaled worlds included."""
+    plot_profiles(path, {w["name"]: w["peak_down_proj_output"] for w in result["worlds"]}, title)

@@ -420,18 +420,20 @@ def _kept_summary(kept):
 
 def format_quantsim(result):
     """The human tables of `swtool quantsim`."""
-    from swtool.table import format_table
+    from swtool.table import format_table, plural, plural_noun
 
     base = result["baseline"]
-    lines = [f"{result['model']}: {result['text']}, {result['tokens']} tokens in {result['chunks']} chunks of "
-             f"{result['ctx']}; {base['predictions']} predictions scored; unquantized perplexity {base['perplexity']:.4f}"]
+    lines = [f"{result['model']}: {result['text']}, {plural(result['tokens'], 'token')} in "
+             f"{plural(result['chunks'], 'chunk')} of {result['ctx']}; {plural(base['predictions'], 'prediction')} "
+             f"scored; unquantized perplexity {base['perplexity']:.4f}"]
     sws = result["super_weights"]
     where = ", ".join(f"{sw['layer']}:{sw['row']}:{sw['col']}" for sw in sws) or "none found"
     lines.append(f"super weights ({result['super_weights_from']}): {where}")
     if "weights" in result:
         w = result["weights"]
         lines.append("")
-        lines.append(f"weights: INT{w['bits']} {w['scheme']}, {w['matrices']} matrices ({w['elements']:,} elements; "
+        lines.append(f"weights: INT{w['bits']} {w['scheme']}, {plural(w['matrices'], 'matrix', 'matrices')} "
+                     f"({w['elements']:,} {plural_noun(w['elements'], 'element')}; "
                      f"not norms, embeddings, LM head); activations unquantized")
         by_size = {}
         for entry in w["settings"]:

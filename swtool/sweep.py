@@ -25,6 +25,7 @@ from math import prod
 from pathlib import Path
 
 from swtool.errors import SwtoolError
+from swtool.table import plural
 
 DEFAULT_TYPES = "q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0"
 DEFAULT_HANDLINGS = "none,keep:q8_0,control:q8_0"
@@ -194,14 +195,14 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
               threads=1, force=False, progress=True, log=None):
     """Export and score every type x handling; returns a Sweep. `log(line)` reports each file as it is done."""
     from swtool import llama_score
-    from swtool.checkpoint.gguf_file import is_gguf
+    from swtool.checkpoint.source import gguf_file_of, resolve_source
     from swtool.evaluate import perplexity
     from swtool.model import load_model
     from swtool.tokenizer import encode
 
     log = log or (lambda line: None)
     llama_score.require_llama("swtool sweep")
-    if Path(model_path).is_file() and is_gguf(model_path):
+    if gguf_file_of(resolve_source(model_path)) is not None:
         raise SwtoolError(f"{model_path} is a GGUF file; sweep exports a Hugging Face checkpoint "
                           f"(as swtool export)")
     if ctx < 2:
@@ -211,9 +212,9 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
     ids = encode(model.directory, text)
     available = len(ids) // ctx
     if available == 0:
-        raise SwtoolError(f"{text_path}: {len(ids)} tokens do not fill one window of --ctx {ctx}")
+        raise SwtoolError(f"{text_path}: {plural(len(ids), 'token')} do not fill one window of --ctx {ctx}")
     if n_windows is not None and n_windows > available:
-        raise SwtoolError(f"--windows {n_windows}: {text_path} has {len(ids)} tokens, {available} window(s) "
+        raise SwtoolError(f"--windows {n_windows}: {text_path} has {plural(len(ids), 'token')}, {plural(available, 'window')} "
                           f"of {ctx}")
     windows = llama_score.windows(ids, ctx, n_windows or available)
     with work_directory(out_dir) as work:
@@ -240,7 +241,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         controls = control_layers(super_weights, model.arch.n_layers) if super_weights else []
         # 4. the source scored by swtool's own eval on the same windows
         source_ppl, source_count = perplexity(model, [t for w in windows for t in w], ctx=ctx, progress=progress)
-        log(f"source (swtool eval): perplexity {source_ppl:.4f} over {source_count} predictions")
+        log(f"source (swtool eval): perplexity {source_ppl:.4f} over {plural(source_count, 'prediction')}")
         catalog_label = f"{catalog} (scanned)" if scanned and out_dir is not None else (
             "scanned, not kept" if scanned else catalog)
         result = Sweep(str(model_path), str(text_path), ctx, len(windows), threads, catalog_label,
@@ -333,11 +334,11 @@ def catalog_super_weights(catalog, n_layers):
 
 def format_sweep(result):
     """The human table: one row per file, bytes against perplexity, and the change against `none`."""
-    from swtool.table import format_table
+    from swtool.table import format_table, plural
 
-    lines = [f"{result.model}: {result.text}, {result.windows} window(s) of {result.ctx} tokens "
-             f"({result.source_predictions} predictions), each GGUF scored in llama.cpp "
-             f"({result.threads} thread{'s' if result.threads > 1 else ''})"]
+    lines = [f"{result.model}: {result.text}, {plural(result.windows, 'window')} of {plural(result.ctx, 'token')} "
+             f"({plural(result.source_predictions, 'prediction')}), each GGUF scored in llama.cpp "
+             f"({plural(result.threads, 'thread')})"]
     plain = {row.type: row for row in result.rows if row.handling == "none"}
     header = ["type", "super weights", "stored as", "MB", "bits/weight", "+MB", "perplexity", "vs none",
               "vs source"]

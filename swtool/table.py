@@ -1,4 +1,16 @@
-"""Plain-text tables for the terminal: right-aligned numbers, left-aligned text."""
+"""Plain-text tables for the terminal: right-aligned numbers, left-aligned text; counted nouns."""
+
+
+def plural(n, singular, plural_form=None):
+    """'1 chunk', '2 chunks', '0 chunks': the count and the noun it takes (`plural_form` when not noun+s).
+
+    Every line swtool prints with a count goes through this, so '1 chunks' cannot come back."""
+    return f"{n} {plural_noun(n, singular, plural_form)}"
+
+
+def plural_noun(n, singular, plural_form=None):
+    """The noun alone, as plural() would choose it for `n`."""
+    return singular if n == 1 else (plural_form or singular + "s")
 
 
 def format_table(header, rows):

@@ -131,6 +131,21 @@ def good(tmp_path_factory):
     return bad_files.build_good(tmp_path_factory.mktemp("good"))
 
 
+@pytest.fixture
+def bars_drawn(monkeypatch):
+    """Progress bars drawn in this process although its stderr is no terminal (swtool/progress.py draws
+    them on a terminal only): for tests that read which passes a run made from the bars' labels."""
+    import sys
+
+    import swtool.progress
+    from tqdm import tqdm
+
+    def progress_bar(iterable=None, enabled=True, **options):
+        return tqdm(iterable, file=sys.stderr, disable=not enabled, **options)
+
+    monkeypatch.setattr(swtool.progress, "progress_bar", progress_bar)
+
+
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 

@@ -120,7 +120,7 @@ def reference_peaks(model, ids, ctx):
 
 # --- eval -------------------------------------------------------------------------------------------------
 
-def test_eval_in_several_passes_equals_one_pass_and_transformers(planted):
+def test_eval_in_several_passes_equals_one_pass_and_transformers(planted, bars_drawn):
     """--batch-tokens 64 with two worlds (original, removed) of 32-token chunks: one chunk per pass,
     eight passes; every number equals the one-pass run's and transformers'."""
     directory, catalog, text = planted
@@ -238,15 +238,15 @@ def activation_references(directory, ids):
     return found
 
 
-def test_quantsim_in_several_passes_equals_one_pass_and_transformers(wide):
+def test_quantsim_in_several_passes_equals_one_pass_and_transformers(wide, bars_drawn):
     """Weights (RTN and super-weight-aware, blocks of 32) and int8 activations (three worlds), one
     32-token chunk per pass (eight passes per setting) against one pass and transformers."""
     directory, catalog, text = wide
     args = ("quantsim", directory, "--text", text, "--ctx", CTX, "--catalog", catalog, "--block-sizes", "32",
             "--clip", "zscore:2", "--activations", "int8", "--no-progress")
     code, stdout, progress = invoke(*args[:-1], "--batch-tokens", CTX, "--json")  # the progress bar on stderr
-    assert code == 0 and "eval pass 8/8 (3 worlds x 1 chunks)" in progress  # the activation worlds
-    assert "eval pass 8/8 (1 worlds x 1 chunks)" in progress  # each weight setting
+    assert code == 0 and "eval pass 8/8 (3 worlds x 1 chunk)" in progress  # the activation worlds
+    assert "eval pass 8/8 (1 world x 1 chunk)" in progress  # each weight setting
     several, one = json.loads(stdout), invoke_json(*args)
     ids = text_ids(directory, TEXT)
     weights = [s["perplexity"] for s in several["weights"]["settings"]]
@@ -328,7 +328,7 @@ def test_scan_max_iter_stops_after_that_many_passes(two_rows):
     assert found == [(1, 20, 33, 1)]
     assert catalog["detection"]["settings"]["max_iter"] == 1
     code, table, _ = invoke("scan", two_rows, "--max-iter", 1, "--no-progress")
-    assert code == 0 and "prompt NLL with all 1 removed" in table
+    assert code == 0 and "prompt NLL with the super weight removed" in table
 
 
 def test_scan_spike_ratio_is_against_the_median_layer(two_rows):

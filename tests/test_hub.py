@@ -187,3 +187,114 @@ def test_download_asks_only_for_the_needed_files(tmp_path, monkeypatch):
     fetched.clear()
     hub.resolve("acme/small", download=True, cache=tmp_path)
     assert fetched[1] == ["model.safetensors"]
+
+
+# --- one MODEL argument: every command that reads a model takes a Hub id, and --download ---------------
+
+TEXT = "The super weight is one scalar. Zeroing it wrecks the model, the paper says. " * 2
+
+
+@pytest.fixture
+def gguf_cache(planted, cache, tmp_path):
+    """`cache` with acme/tiny-GGUF too: a repository whose one weight file is a .gguf (Q8_0) and a README."""
+    from fixtures.hf_to_gguf import write_gguf
+
+    gguf_file = write_gguf(planted, tmp_path / "tiny.Q8_0.gguf", "q8_0")
+    readme = tmp_path / "README.md"
+    readme.write_text("a tiny model\n")
+    add_snapshot(cache, "acme/tiny-GGUF", COMMIT, {"tiny.Q8_0.gguf": gguf_file, "README.md": readme})
+    return cache
+
+
+def every_command(model, tmp_path, catalog):
+    """{command: argv} of every command that reads a model, MODEL given as `model`."""
+    tmp_path.mkdir(exist_ok=True)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    return {
+        "scan": ["scan", model, "--json", "--no-progress"],
+        "eval": ["eval", model, "--text", text, "--catalog", catalog, "--json", "--no-progress"],
+        "quantsim": ["quantsim", model, "--text", text, "--catalog", catalog, "--block-sizes", "32", "--json",
+                     "--no-progress"],
+        "ablate": ["ablate", model, "--catalog", catalog, "-o", tmp_path / "ablated", "--json"],
+        "audit": ["audit", model, "--catalog", catalog, "--json"],
+        "inspect": ["inspect", model, "--json"],
+        "export": ["export", model, "--catalog", catalog, "--type", "q8_0", "-o", tmp_path / "out.gguf", "--no-progress"],
+        "sweep": ["sweep", model, "--text", text, "--types", "q8_0", "--handlings", "none", "--ctx", "16",
+                  "--no-progress"],
+    }
+
+
+def test_every_command_reads_a_cached_id(cache, planted, tmp_path):
+    """scan, eval, quantsim, ablate, audit and inspect give for acme/tiny what they give for its directory;
+    export and sweep reach the cached snapshot's files (the tiny tokenizer has no merges, which export refuses)."""
+    catalog = tmp_path / "catalog.json"
+    assert swtool("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
+    by_id = every_command("acme/tiny", tmp_path / "id", catalog)
+    by_path = every_command(planted, tmp_path / "path", catalog)
+    snapshot = cache / "models--acme--tiny" / "snapshots" / COMMIT
+    for command in ("scan", "eval", "quantsim", "ablate", "audit", "inspect"):
+        got, expected = swtool(*by_id[command], cache=cache), swtool(*by_path[command], cache=cache)
+        assert got.returncode == expected.returncode == 0, (command, got.stderr)
+        got, expected = json.loads(got.stdout), json.loads(expected.stdout)
+        if command == "scan":
+            assert got["super_weights"] == expected["super_weights"]
+        elif command in ("eval", "quantsim"):
+            assert [got[k] for k in ("tokens", "chunks")] == [expected[k] for k in ("tokens", "chunks")]
+            assert json.dumps(got).count("perplexity") == json.dumps(expected).count("perplexity") > 0
+            assert got.get("worlds", got.get("weights")) == expected.get("worlds", expected.get("weights"))
+        elif command == "ablate":
+            assert got["patches"] == expected["patches"]  # the same patch, read from the snapshot's (symlinked) shard
+            assert (tmp_path / "id" / "ablated" / "model.safetensors").read_bytes() == \
+                (tmp_path / "path" / "ablated" / "model.safetensors").read_bytes()
+        elif command == "audit":
+            assert [f["status"] for f in got["findings"]] == [f["status"] for f in expected["findings"]] == ["intact"]
+        else:
+            assert got["tensors"] == expected["tensors"]
+    for command in ("export", "sweep"):
+        result = swtool(*by_id[command], cache=cache)
+        if command == "sweep" and "pip install 'swtool[llama]'" in result.stderr:
+            continue  # llama-cpp-python is an optional extra
+        assert f"{snapshot / 'tokenizer.json'}: a BPE vocabulary without merges" in one_line_error(result), command
+
+
+def test_export_and_quantize_read_a_cached_gguf_repository(gguf_cache, tmp_path):
+    for command in ("export", "quantize"):
+        out = tmp_path / f"{command}.gguf"
+        result = swtool(command, "acme/tiny-GGUF", "--type", "q8_0", "-o", out, "--no-scan", "--no-progress",
+                        cache=gguf_cache)  # (--no-scan: this GGUF has no vocabulary to tokenize a prompt)
+        assert result.returncode == 0, result.stderr
+        assert out.read_bytes()[:4] == b"GGUF"
+    assert (tmp_path / "export.gguf").read_bytes() == (tmp_path / "quantize.gguf").read_bytes()
+
+
+def test_an_id_not_cached_is_one_line_naming_download(cache, planted, tmp_path):
+    """Without --download: exit 2, one line naming the cache searched and --download; with it, offline,
+    huggingface_hub is asked and refuses (HF_HUB_OFFLINE); quantize, which downloads nothing, says so."""
+    catalog = tmp_path / "catalog.json"
+    assert swtool("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
+    for command, argv in every_command("acme/absent", tmp_path, catalog).items():
+        line = one_line_error(swtool(*argv, cache=cache))
+        if command == "sweep" and "pip install 'swtool[llama]'" in line:
+            continue
+        assert "acme/absent: not a local path, and not in the Hugging Face cache" in line, (command, line)
+        assert "--download" in line, (command, line)
+        line = one_line_error(swtool(*argv, "--download", cache=cache))
+        assert "acme/absent: --download asked for, but HF_HUB_OFFLINE is set" in line, (command, line)
+    line = one_line_error(swtool("quantize", "acme/absent", "--type", "q8_0", "-o", tmp_path / "q.gguf", cache=cache))
+    assert "quantize does not download" in line and "hf download acme/absent" in line
+    assert not list(tmp_path.glob("*.gguf")) and not (tmp_path / "ablated").exists()
+
+
+def test_in_place_ablation_of_a_cache_entry_is_refused(cache, planted, tmp_path):
+    catalog = tmp_path / "catalog.json"
+    assert swtool("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
+    snapshot = cache / "models--acme--tiny" / "snapshots" / COMMIT
+    before = {p: p.read_bytes() for p in (cache / "models--acme--tiny" / "blobs").iterdir()}
+    for model in ("acme/tiny", snapshot):
+        line = one_line_error(swtool("ablate", model, "--catalog", catalog, "--in-place", cache=cache))
+        assert "is in the Hugging Face cache" in line and "--in-place" in line and "-o OUTDIR" in line, line
+        line = one_line_error(swtool("ablate", model, "--restore", cache=cache))
+        assert "is in the Hugging Face cache" in line and "--restore" in line, line
+    assert {p: p.read_bytes() for p in (cache / "models--acme--tiny" / "blobs").iterdir()} == before
+    assert all(p.is_symlink() for p in snapshot.iterdir())

@@ -48,8 +48,9 @@ def repo_cache_path(repo_id, cache=None):
     return Path(cache or cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def resolve(spec, download=False, cache=None):
-    """The local snapshot directory of Hub id `spec` (org/name[@revision]); downloads only with `download`."""
+def resolve(spec, download=False, cache=None, missing_hint=None):
+    """The local snapshot directory of Hub id `spec` (org/name[@revision]); downloads only with `download`.
+    `missing_hint`: the advice of the error for an id not in the cache (default: pass --download)."""
     parsed = parse_hub_id(spec)
     if parsed is None:
         raise SwtoolError(f"{spec}: not a Hugging Face model id (org/name[@revision])")
@@ -57,10 +58,13 @@ def resolve(spec, download=False, cache=None):
     cache = Path(cache or cache_dir())
     if download:
         return _download(spec, repo_id, revision, cache)
-    return _cached(spec, repo_id, revision, cache)
+    return _cached(spec, repo_id, revision, cache, missing_hint or DOWNLOAD_HINT)
 
 
-def _cached(spec, repo_id, revision, cache):
+DOWNLOAD_HINT = "pass --download to fetch its config, tokenizer and weights"
+
+
+def _cached(spec, repo_id, revision, cache, missing_hint=DOWNLOAD_HINT):
     """The cached snapshot, without any network access; a clear error naming the place searched."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
@@ -73,7 +77,7 @@ def _cached(spec, repo_id, revision, cache):
     except LocalEntryNotFoundError:
         at = f" at revision {revision!r}" if revision else ""
         raise SwtoolError(f"{spec}: not a local path, and not in the Hugging Face cache{at} (searched {where}); "
-                          f"pass --download to fetch its config, tokenizer and weights") from None
+                          f"{missing_hint}") from None
     except IncompleteSnapshotError:
         raise SwtoolError(f"{spec}: the cached snapshot in {where} lacks config.json; "
                           f"pass --download to complete it") from None
