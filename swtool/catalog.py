@@ -43,8 +43,14 @@ def config_sha256(config):
 def build_catalog(model, prompts, tokens, settings, super_weights, reports, with_hashes=False):
     """The catalog dict of one scan of `prompts` (texts; `tokens`: their token ids; `reports`: scan_prompts's
     per-prompt reports; `super_weights`: detect.merge_prompts's list). `detection.prompt`, `tokens`
-    and the NLLs are the first prompt's, as in a catalog of version 1; `detection.prompts` has them all."""
+    and the NLLs are the first prompt's, as in a catalog of version 1; `detection.prompts` has them all.
+    A scan of one prompt may also be given as detect.scan has it: prompt, tokens, found, report."""
+    from swtool.detect import merge_prompts
     from swtool.known import fingerprint_of
+
+    if isinstance(prompts, str):
+        prompts, tokens, reports = [prompts], [tokens], [reports]
+        super_weights = merge_prompts([(super_weights, reports[0])])
 
     files = []
     for path in model.checkpoint.files:
@@ -265,20 +271,21 @@ def format_scan(catalog, wide=False):
     for sw in sws:
         v = sw["verification"]
         tensor = sw["gguf_tensor"] if gguf else sw["tensor"]
-        counts = [f"{sw.get('found_in', 1)}/{n}", f"{sw.get('verified_in', int(v['verified']))}/{n}"]
+        found = f"{sw.get('found_in', 1)}/{n}"
+        verified = f"{sw.get('verified_in', int(v['verified']))}/{n} {verified_by(sw)}"  # 4/5 NLL,set; 2/5 weak (NLL)
         start = [sw["layer"], sw["row"], sw["col"]] + [sw.get("expert")] * mixture + [tensor, f"{sw['value']:.4g}"]
         if wide:
             rows.append(start + [sw["dtype"], sw["rank"], sw["token"], f"{sw['input_activation']:.4g}",
                                  f"{sw['output_activation']:.4g}", f"{v['super_activation_intact']:.4g}",
                                  f"{v['super_activation_removed']:.4g}", f"{v['super_activation_set_removed']:.4g}",
                                  f"{v['nll_intact']:.3f}", f"{v['nll_removed']:.3f}", f"{v['nll_set_removed']:.3f}",
-                                 *counts, verified_by(sw)])
+                                 found, verified])
         else:
-            rows.append(start + [*counts, nll_effect(sw), verified_by(sw)])
+            rows.append(start + [found, nll_effect(sw), verified])
     header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value"]
     if wide:
         header += ["dtype", "rank", "token", "input", "output", "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row"]
-    header += ["found", "verified"] + ([] if wide else ["NLL -w"]) + ["verified by"]
+    header += ["found"] + ([] if wide else ["NLL -w"]) + ["verified by"]
     lines.append(format_table(header, rows))
     if mixture:
         lines.append("expert: the mixture expert holding the weight; ffn_down_exps stacks experts, "
@@ -290,10 +297,10 @@ def format_scan(catalog, wide=False):
                      + ("; in the first prompt that found it" if n > 1 else ""))
     else:
         lines.append("NLL -w: change of the prompt's mean NLL with the weight zeroed alone"
-                     + (" (lowest..highest over the prompts that found it)" if n > 1 else ""))
-    lines.append("found, verified: in how many prompts; verified by: zeroing it alone collapses the super activation\n"
-                 "(activation) or raises the NLL (NLL), or only zeroing its row's set does (set); "
-                 + ("weak: verified in half the prompts or fewer" if n > 1 else "weak: none of these"))
+                     + (", lowest..highest over prompts" if n > 1 else ""))
+    lines.append("found: in how many prompts; verified by: in how many, and which test passed: activation (zeroing\n"
+                 "it alone collapses the super activation), NLL (it raises the prompt's NLL), set (only zeroing its\n"
+                 "row's set does); " + ("weak: verified in half the prompts or fewer" if n > 1 else "weak: none"))
     if n == 1:
         lines.append(f"prompt NLL with all {len(sws)} removed: {detection['nll_intact']:.3f} -> "
                      f"{detection['nll_all_removed']:.3f}")

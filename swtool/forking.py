@@ -28,6 +28,8 @@ it, positions start at 0 in every row as in a pass of that prompt alone, and the
 padded positions are cut off before an observer or the NLL sees them. A prompt's
 numbers are therefore those of a pass of that prompt alone, up to float32
 rounding in products of another shape (tests/test_scan_prompts.py measures it).
+RoPE with dynamic NTK or longrope scaling changes its frequencies with the
+length past the trained context: prompts that long are refused in a mixed batch.
 
 Two ways to read from disk faster were tried and measured, and left out:
 reading ahead (posix_fadvise WILLNEED on the next layers' bytes, from a
@@ -40,6 +42,8 @@ and 42 s: direct compaction under memory pressure).
 
 import numpy as np
 
+from swtool.arch.rope import length_limit
+from swtool.errors import SwtoolError
 from swtool.forward import Pass, World, layer_progress
 
 
@@ -70,6 +74,11 @@ class ForkingPass:
         self.observers = [observer] if single else list(observer)
         self.lengths = [len(p) for p in self.prompts]
         self.n_tokens = max(self.lengths)
+        limit = length_limit(model.checkpoint.config)
+        if limit is not None and self.n_tokens > limit and min(self.lengths) < self.n_tokens:
+            raise SwtoolError(f"a prompt of {self.n_tokens} tokens is longer than the {int(limit)} up to which this "
+                              f"model's RoPE frequencies do not depend on the length: padded with shorter "
+                              f"prompts, those would not be scanned as alone; scan it alone")
         # right padding with each prompt's first token (a valid id): causal attention keeps it out of the real tokens
         self.tokens = np.stack([np.concatenate([p, np.full(self.n_tokens - len(p), p[0], dtype=np.int64)])
                                 for p in self.prompts])
