@@ -1,8 +1,11 @@
 """The catalog: a versioned JSON record of a model's super weights and how they were found.
 
-Schema `swtool.catalog/1` lives in swtool/schema/catalog.schema.json; every
+Schema `swtool.catalog/2` lives in swtool/schema/catalog.schema.json; every
 catalog is validated against it when read, so ablate/audit/export never act on
-a malformed one.
+a malformed one. Version 2 adds the scan's prompts (detection.prompts) and, per
+super weight, in how many prompts it was found and verified (found_in,
+verified_in, per_prompt) and which test verified it (verification.verified_by);
+catalogs of version 1, which have one prompt and none of these, are still read.
 """
 
 import hashlib
@@ -16,7 +19,8 @@ from swtool.errors import SwtoolError
 from swtool.inputfile import open_regular
 from swtool.table import plural
 
-SCHEMA_ID = "swtool.catalog/1"
+SCHEMA_ID = "swtool.catalog/2"
+READABLE = ("swtool.catalog/1", SCHEMA_ID)  # the versions read_catalog accepts
 
 
 def schema():
@@ -38,9 +42,17 @@ def config_sha256(config):
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def build_catalog(model, prompt, tokens, settings, super_weights, report, with_hashes=False):
-    """The catalog dict of one scan."""
+def build_catalog(model, prompts, tokens, settings, super_weights, reports, with_hashes=False):
+    """The catalog dict of one scan of `prompts` (texts; `tokens`: their token ids; `reports`: scan_prompts's
+    per-prompt reports; `super_weights`: detect.merge_prompts's list). `detection.prompt`, `tokens`
+    and the NLLs are the first prompt's, as in a catalog of version 1; `detection.prompts` has them all.
+    A scan of one prompt may also be given as detect.scan has it: prompt, tokens, found, report."""
+    from swtool.detect import merge_prompts
     from swtool.known import fingerprint_of
+
+    if isinstance(prompts, str):
+        prompts, tokens, reports = [prompts], [tokens], [reports]
+        super_weights = merge_prompts([(super_weights, reports[0])])
 
     files = []
     for path in model.checkpoint.files:
@@ -62,30 +74,38 @@ def build_catalog(model, prompt, tokens, settings, super_weights, report, with_h
             "files": files,
         },
         "detection": {
-            "prompt": prompt,
-            "tokens": [int(t) for t in tokens],
+            "prompt": prompts[0],
+            "tokens": [int(t) for t in tokens[0]],
             "settings": {k: v for k, v in asdict(settings).items() if k != "prompt"},
-            "passes": report["passes"],
-            "nll_intact": report["nll_intact"],
-            "nll_all_removed": report["nll_all_removed"],
+            "passes": reports[0]["passes"],
+            "nll_intact": reports[0]["nll_intact"],
+            "nll_all_removed": reports[0]["nll_all_removed"],
+            "prompts": [{"prompt": text, "tokens": [int(t) for t in ids], "nll_intact": report["nll_intact"],
+                         "nll_all_removed": report["nll_all_removed"]}
+                        for text, ids, report in zip(prompts, tokens, reports)],
         },
         "super_weights": [sw.to_json() for sw in super_weights],
-        "profile": report["profile"],
+        "profile": reports[0]["profile"],
     }
 
 
 def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False):
     """(catalog, the scan's report) of `model`: the one way a command turns a model into its super weights.
 
-    `settings` default to scan's; `prompt` to the paper's (tokenizer.DEFAULT_PROMPT)."""
-    from swtool.detect import Settings, scan
-    from swtool.tokenizer import DEFAULT_PROMPT, encode
+    `prompt`: one prompt, or a list of prompts scanned in the same read of the weights
+    (detect.scan_prompts); the paper's (tokenizer.DEFAULT_PROMPT) when None. `settings`
+    default to scan's. The report is the first prompt's, with every prompt's under "prompts"."""
+    from swtool.detect import Settings, merge_prompts, scan_prompts
+    from swtool.tokenizer import DEFAULT_PROMPT, encode, load_tokenizer
 
-    prompt = DEFAULT_PROMPT if prompt is None else prompt
-    settings = settings or Settings(prompt=prompt)
-    tokens = encode(model.directory, prompt)
-    found, report = scan(model, tokens, settings, progress=progress)
-    return build_catalog(model, prompt, tokens, settings, found, report, with_hashes), report
+    prompts = [DEFAULT_PROMPT] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+    settings = settings or Settings(prompt=prompts[0])
+    tokenizer = load_tokenizer(model.directory) if len(prompts) > 1 else None
+    tokens = [encode(model.directory, text, tokenizer) for text in prompts]
+    results = scan_prompts(model, tokens, settings, progress=progress)
+    reports = [report for _, report in results]
+    catalog = build_catalog(model, prompts, tokens, settings, merge_prompts(results), reports, with_hashes)
+    return catalog, {**reports[0], "prompts": reports}
 
 
 def super_weights_for(model, catalog=None, prompt=None, progress=False):
@@ -217,14 +237,23 @@ def catalogs_beside(model):
     return found
 
 
-def format_scan(catalog):
-    """The human table of a scan."""
-    from swtool.table import format_table, plural
+def format_scan(catalog, wide=False):
+    """The human table of a scan: compact (about 100 columns), or with `wide` every measurement of
+    the first prompt that found each weight. Tensors are named as the input names them: llama.cpp's
+    names for a GGUF file, Hugging Face's for safetensors."""
+    from swtool.table import format_table
 
     model, detection = catalog["model"], catalog["detection"]
+    prompts = detection.get("prompts") or [{"prompt": detection["prompt"], "tokens": detection["tokens"],
+                                            "nll_intact": detection["nll_intact"],
+                                            "nll_all_removed": detection.get("nll_all_removed")}]
+    n = len(prompts)
+    lengths = sorted(len(p["tokens"]) for p in prompts)
+    said = (f"prompt of {plural(lengths[0], 'token')}" if n == 1 else
+            f"{n} prompts of {lengths[0]}-{lengths[-1]} tokens" if lengths[0] != lengths[-1] else
+            f"{n} prompts of {plural(lengths[0], 'token')}")
     lines = [f"{model['path']}: {model['architecture']}, {plural(model['num_layers'], 'layer')}, "
-             f"prompt of {plural(len(detection['tokens']), 'token')}, "
-             f"{plural(detection['passes'], 'pass', 'passes')} over the weights"]
+             f"{said}, {plural(detection['passes'], 'pass', 'passes')} over the weights"]
     if catalog.get("nonfinite_weights"):
         from swtool.finite import describe_nonfinite
 
@@ -234,26 +263,73 @@ def format_scan(catalog):
     if not sws:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
         return "\n".join(lines)
+    gguf = any(f["name"].endswith(".gguf") for f in model["files"])
     mixture = any(sw.get("expert") is not None for sw in sws)  # name the expert only where there are experts
-    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value", "dtype", "rank", "token", "input",
-              "output", "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row", "verified"]
     rows = []
     for sw in sws:
         v = sw["verification"]
-        rows.append([sw["layer"], sw["row"], sw["col"]] + [sw.get("expert")] * mixture + [
-                     sw["gguf_tensor"], f"{sw['value']:.4g}", sw["dtype"],
-                     sw["rank"], sw["token"], f"{sw['input_activation']:.4g}", f"{sw['output_activation']:.4g}",
-                     f"{v['super_activation_intact']:.4g}", f"{v['super_activation_removed']:.4g}",
-                     f"{v['super_activation_set_removed']:.4g}", f"{v['nll_intact']:.3f}",
-                     f"{v['nll_removed']:.3f}", f"{v['nll_set_removed']:.3f}", "yes" if v["verified"] else "weak"])
+        tensor = sw["gguf_tensor"] if gguf else sw["tensor"]
+        found = f"{sw.get('found_in', 1)}/{n}"
+        verified = f"{sw.get('verified_in', int(v['verified']))}/{n} {verified_by(sw)}"  # 4/5 NLL,set; 2/5 weak (NLL)
+        start = [sw["layer"], sw["row"], sw["col"]] + [sw.get("expert")] * mixture + [tensor, f"{sw['value']:.4g}"]
+        if wide:
+            rows.append(start + [sw["dtype"], sw["rank"], sw["token"], f"{sw['input_activation']:.4g}",
+                                 f"{sw['output_activation']:.4g}", f"{v['super_activation_intact']:.4g}",
+                                 f"{v['super_activation_removed']:.4g}", f"{v['super_activation_set_removed']:.4g}",
+                                 f"{v['nll_intact']:.3f}", f"{v['nll_removed']:.3f}", f"{v['nll_set_removed']:.3f}",
+                                 found, verified])
+        else:
+            rows.append(start + [found, nll_effect(sw), verified])
+    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value"]
+    if wide:
+        header += ["dtype", "rank", "token", "input", "output", "SA", "SA -w", "SA -row", "NLL", "NLL -w", "NLL -row"]
+    header += ["found"] + ([] if wide else ["NLL -w"]) + ["verified by"]
     lines.append(format_table(header, rows))
     if mixture:
         lines.append("expert: the mixture expert holding the weight; ffn_down_exps stacks experts, "
                      "the weight is its element [expert, row, col]")
-    lines.append("input/output: down_proj activations at [token, col] / [token, row]; SA: super activation "
-                 "|residual[token, row]| after the layer;\nNLL: the prompt's mean negative log-likelihood; "
-                 "-w: with this weight zeroed; -row: with every super weight of this row and layer zeroed")
+    if wide:
+        lines.append("input/output: down_proj activations at [token, col] / [token, row]; SA: super activation "
+                     "|residual[token, row]| after the layer;\nNLL: the prompt's mean negative log-likelihood; "
+                     "-w: with this weight zeroed; -row: with every super weight of this row and layer zeroed"
+                     + ("; in the first prompt that found it" if n > 1 else ""))
+    else:
+        lines.append("NLL -w: change of the prompt's mean NLL with the weight zeroed alone"
+                     + (", lowest..highest over prompts" if n > 1 else ""))
+    lines.append("found: in how many prompts; verified by: in how many, and which test passed: activation (zeroing\n"
+                 "it alone collapses the super activation), NLL (it raises the prompt's NLL), set (only zeroing its\n"
+                 "row's set does); " + ("weak: verified in half the prompts or fewer" if n > 1 else "weak: none"))
     removed = "the super weight" if len(sws) == 1 else f"all {len(sws)}"
-    lines.append(f"prompt NLL with {removed} removed: {detection['nll_intact']:.3f} -> "
-                 f"{detection['nll_all_removed']:.3f}")
+    if n == 1:
+        lines.append(f"prompt NLL with {removed} removed: {detection['nll_intact']:.3f} -> "
+                     f"{detection['nll_all_removed']:.3f}")
+    else:
+        lines.append(f"prompt NLL, intact -> with {removed} removed:")
+        for i, prompt in enumerate(prompts):
+            after = prompt.get("nll_all_removed")
+            lines.append(f"  {i + 1}. {prompt['nll_intact']:.3f} -> " + ("-" if after is None else f"{after:.3f}")
+                         + f"  {prompt['prompt']!r}")
     return "\n".join(lines)
+
+
+def nll_effect(sw):
+    """The change of the prompt's NLL with the weight zeroed alone: '+4.86', or over the prompts that
+    found it '-0.38..+1.44' (lowest..highest)."""
+    entries = [e["verification"] for e in (sw.get("per_prompt") or [sw]) if e is not None]
+    rises = sorted(e["nll_removed"] - e["nll_intact"] for e in entries
+                   if e.get("nll_removed") is not None and e.get("nll_intact") is not None)
+    if not rises:
+        return "-"
+    return f"{rises[0]:+.2f}" if rises[0] == rises[-1] else f"{rises[0]:+.2f}..{rises[-1]:+.2f}"
+
+
+def verified_by(sw):
+    """'activation,NLL', 'set', ... for a verified weight; 'weak', with the tests of the prompts that
+    did verify it, for one that is not (a version-1 catalog says only 'yes' or 'weak')."""
+    v = sw["verification"]
+    tests = v.get("verified_by")
+    if tests is None:
+        return "yes" if v["verified"] else "weak"
+    if v["verified"]:
+        return ",".join(tests)
+    return f"weak ({','.join(tests)})" if tests else "weak"

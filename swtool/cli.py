@@ -189,9 +189,18 @@ def main(debug):
     """Find, catalog and handle the super weights of LLM checkpoints, on a CPU."""
 
 
+SCAN_PROMPTS_HELP = ("Detection prompt; repeat it for several, scanned in the same read of the weights "
+                     "(default: the built-in set, the paper's \"Apple Inc. is a worldwide tech company.\" first; "
+                     "see docs/prompts.md).")
+
+
 @main.command()
 @model_argument
-@click.option("--prompt", default=None, help=PROMPT_HELP)
+@click.option("--prompt", "prompts", multiple=True, help=SCAN_PROMPTS_HELP)
+@click.option("--prompts-file", type=click.Path(dir_okay=False),
+              help="UTF-8 text file of prompts, one per line (blank lines skipped), after any --prompt.")
+@click.option("--wide", is_flag=True, help="Every measurement in the table (dtype, rank, activations, NLLs), "
+                                            "not the compact one.")
 @click.option("--max-iter", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Zero what was found and rescan at most this many times.")
 @click.option("--spike-ratio", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
@@ -206,11 +215,15 @@ def main(debug):
               help="Read every weight once more and report tensors holding NaN or Inf (done anyway when the "
                    "scan's activations are not finite).")
 @output_options(json_help="Print the catalog JSON on stdout instead of a table.")
-def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_progress, download, plot, check_finite,
-         force):
+def scan(model, prompts, prompts_file, wide, max_iter, spike_ratio, output, as_json, with_hashes, no_progress,
+         download, plot, check_finite, force):
     """Locate the super weights of MODEL.
 
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+
+    Every prompt is scanned on its own (its spikes, candidates and verification), all of them as
+    extra rows of one read of the weights. Each candidate reports in how many prompts it was found
+    and verified; it counts as verified when verified in more than half of them, and as weak otherwise.
     """
     import json
 
@@ -220,16 +233,17 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
     from swtool.detect import Settings
     from swtool.finite import describe_nonfinite, nonfinite_weights, report_is_finite
     from swtool.model import load_model
-    from swtool.tokenizer import DEFAULT_PROMPT
+    from swtool.tokenizer import DEFAULT_PROMPTS, read_prompts
 
-    prepare_outputs(force, output, plot=plot, inputs=(model,))
-    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    prepare_outputs(force, output, plot=plot, inputs=(model, prompts_file))
+    prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
+    prompts = prompts or list(DEFAULT_PROMPTS)
     resolve_model(model, download)
     loaded = load_model(model)
-    settings = Settings(prompt=prompt, max_iter=max_iter, spike_ratio=spike_ratio)
+    settings = Settings(prompt=prompts[0], max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
-        catalog, report = scan_catalog(loaded, prompt, settings, progress=not no_progress, with_hashes=with_hashes)
-    if check_finite or not report_is_finite(report):  # NaN/Inf weights: flagged, the scan still completes
+        catalog, report = scan_catalog(loaded, prompts, settings, progress=not no_progress, with_hashes=with_hashes)
+    if check_finite or not all(map(report_is_finite, report["prompts"])):  # NaN/Inf weights: flagged, the scan still completes
         catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
         if catalog["nonfinite_weights"]:
             click.echo(f"warning: {model}: {describe_nonfinite(catalog['nonfinite_weights'])}", err=True)
@@ -247,13 +261,13 @@ def scan(model, prompt, max_iter, spike_ratio, output, as_json, with_hashes, no_
     if output == STDOUT:  # the catalog alone on stdout, the table on stderr
         click.echo(text, nl=False)
         if not as_json:
-            click.echo(format_scan(catalog), err=True)
+            click.echo(format_scan(catalog, wide=wide), err=True)
         if plot:
             click.echo(f"plot written to {plot}", err=True)
     elif as_json:
         click.echo(to_json(catalog), nl=False)
     else:
-        click.echo(format_scan(catalog))
+        click.echo(format_scan(catalog, wide=wide))
         if output:
             click.echo(f"catalog written to {output}")
         if plot:

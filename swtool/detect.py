@@ -24,6 +24,14 @@ then, from the layer where it departs from one the pass has. The last worlds
 also yield the verification: the prompt's mean NLL and the super activation
 with each weight zeroed vs intact.
 
+Several prompts (`scan_prompts`) are scanned in the same single read: each has
+its own worlds, recorder, online search and decisions, exactly as a scan of that
+prompt alone, and their rows share every block call (forking.py's lanes; the
+prompts are padded to the longest, which causal attention keeps out of the real
+tokens). `merge_prompts` then lists each candidate once, with in how many prompts
+it was found and verified; it counts as verified when verified in more than half
+of the prompts (VERIFIED_RULE).
+
 Mixtures of experts (Mixtral): a layer has one down projection per expert, and
 each sees only the tokens routed to it. The layer's output is then the
 router-weighted sum of its experts' down projections; a spike in it is traced to
@@ -85,6 +93,11 @@ class SuperWeight:
     # stored [in, out] (GPT-2); [expert, row, col] in a stacked-experts tensor
     tensor_index: list | None = None
     verification: dict = field(default_factory=dict)
+    # across the prompts of a scan (merge_prompts): in how many it was found, and verified; and per
+    # prompt, null where not found, else that prompt's token, activations, iteration and verification
+    found_in: int | None = None
+    verified_in: int | None = None
+    per_prompt: list | None = None
 
     @property
     def at(self):
@@ -278,52 +291,102 @@ def scan(model, tokens, settings, progress=False, fork_online=True):
     one is then computed by `_decide`, pass by pass, as the multi-pass scan did
     (the tests check both ways give the same result).
     """
-    if len(tokens) < 2:
-        raise SwtoolError("the prompt must have at least 2 tokens to score its likelihood")
-    recorder = Recorder()
-    stream = ForkingPass(model, tokens, recorder)
+    (result,) = scan_prompts(model, [tokens], settings, progress, fork_online)
+    return result
+
+
+def scan_prompts(model, prompts, settings, progress=False, fork_online=True):
+    """`scan` of every prompt (token id lists) in one read of the weights: [(found, report)], one per prompt.
+
+    Each prompt's result is what `scan` of it alone gives (its own spikes, worlds,
+    decisions and verification), up to float32 rounding in batched products of
+    another shape; the prompts' worlds are extra rows of the same block calls.
+    `merge_prompts` turns the results into one list with per-prompt counts.
+    """
+    for i, tokens in enumerate(prompts):
+        if len(tokens) < 2:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            raise SwtoolError(f"{which} must have at least 2 tokens to score its likelihood")
+    recorders = [Recorder() for _ in prompts]
+    stream = ForkingPass(model, list(prompts), recorders)
+    lanes = [stream.lane(p) for p in range(len(prompts))]
     weights = WeightStats(model)
-    online = OnlineSearch(model, stream, recorder, weights, settings)
-    _stream_once(stream, online if fork_online else None, "scan pass 1" if progress else None)
-    found, worlds, decision_passes = _decide(model, stream, recorder, weights, settings, progress)
-    nll = _nll(stream, worlds, tokens)
-    _verify(found, worlds, recorder, nll, settings)
-    removed = world_key(found)
-    report = {
-        "passes": 1 + stream.rounds,  # reads of the checkpoint; `complete` rounds re-read from some layer on
-        "weight_reads": stream.blocks_run / model.arch.n_layers,  # layers computed / layers: 1.0 = each once
-        "decision_passes": decision_passes,  # passes the pass-by-pass algorithm makes (iterations + 1)
-        "nll_intact": float(nll[INTACT]),
-        "nll_all_removed": float(nll[removed]) if found else None,
-        "profile": layer_profile(recorder, INTACT),
-        "profile_removed": layer_profile(recorder, removed) if found else None,
-    }
-    return found, report
+    online = [OnlineSearch(model, lane, recorder, weights, settings) for lane, recorder in zip(lanes, recorders)]
+    _stream_once(stream, lanes, online if fork_online else None, "scan pass 1" if progress else None)
+
+    def complete(requests):
+        label = f"scan pass {stream.rounds + 2} (worlds pass 1 lacked)" if progress else None
+        stream.complete([lanes[p].pair(key) for p, keys in requests.items() for key in keys], progress=label)
+
+    decided = _drive([_decide(model, lane, recorder, weights, settings)
+                      for lane, recorder in zip(lanes, recorders)], complete)
+    nll = _nll(stream, lanes, [worlds for _, worlds, _ in decided], prompts)
+    results = []
+    for recorder, (found, worlds, decision_passes), nll_p in zip(recorders, decided, nll):
+        _verify(found, worlds, recorder, nll_p, settings)
+        removed = world_key(found)
+        results.append((found, {
+            "passes": 1 + stream.rounds,  # reads of the checkpoint; `complete` rounds re-read from some layer on
+            "weight_reads": stream.blocks_run / model.arch.n_layers,  # layers computed / layers: 1.0 = each once
+            "decision_passes": decision_passes,  # passes the pass-by-pass algorithm makes (iterations + 1)
+            "nll_intact": float(nll_p[INTACT]),
+            "nll_all_removed": float(nll_p[removed]) if found else None,
+            "profile": layer_profile(recorder, INTACT),
+            "profile_removed": layer_profile(recorder, removed) if found else None,
+        }))
+    return results
 
 
-def _stream_once(stream, online, progress):
-    """The single pass: every layer for the live worlds, then the online search may fork new ones there."""
-    live = {INTACT}
+def _drive(steps, run):
+    """Run generators side by side, one round at a time: each yields a request (world keys to compute),
+    `run({index: request})` serves every pending request of a round at once (one block call or one
+    `complete` for all prompts); returns each generator's return value."""
+    results, requests = [None] * len(steps), {}
+
+    def advance(i):
+        try:
+            requests[i] = next(steps[i])
+        except StopIteration as stop:
+            results[i] = stop.value
+
+    for i in range(len(steps)):
+        advance(i)
+    while requests:
+        run(dict(requests))
+        pending = list(requests)
+        requests.clear()
+        for i in pending:
+            advance(i)
+    return results
+
+
+def _stream_once(stream, lanes, online, progress):
+    """The single pass: every layer for the live worlds of every prompt, then the online searches may
+    fork new ones there (each prompt's forks of a round share one block call)."""
+    live = [{INTACT} for _ in lanes]
     for layer in layer_progress(range(stream.arch.n_layers), progress):
-        stream.compute(layer, live)
+        stream.compute(layer, [lane.pair(key) for lane, keys in zip(lanes, live) for key in keys])
         if online is not None:
-            live = online.after_layer(layer, live)
+            live = _drive([search.after_layer(layer, keys) for search, keys in zip(online, live)],
+                          lambda requests: stream.compute(
+                              layer, [lanes[p].pair(key) for p, keys in requests.items() for key in keys]))
 
 
-def _decide(model, stream, recorder, weights, settings, progress):
+def _decide(model, stream, recorder, weights, settings):
     """The decisions of passes 1, 2, ... (module docstring, steps 2-5) on whole recorded worlds.
 
     Pass p looks for spikes in the world with everything found by passes 1..p-1
     zeroed, over all its layers. Each world it needs was usually carried by the
     single pass; one that was not is computed now, from the layer where it departs
-    from one that was. Returns (found, the verification worlds, number of passes).
+    from one that was: a generator, it yields the world keys it needs complete
+    (`_drive` completes every prompt's at once). Returns (found, the verification
+    worlds, number of passes).
     """
     found, passes = [], 0
     while True:
         key = world_key(found)
         # with the worlds that verify what is found so far: the pass-by-pass scan ran them together
-        label = f"scan pass {stream.rounds + 2} (worlds pass 1 lacked)" if progress else None
-        stream.complete([key, *verification_worlds(found).values()], progress=label)
+        yield [key, *verification_worlds(found).values()]
         passes += 1
         new = []
         if passes <= settings.max_iter:
@@ -346,12 +409,16 @@ def verification_worlds(found):
     return worlds
 
 
-def _nll(stream, worlds, tokens):
-    """{world key: the prompt's mean NLL} of the verification worlds, through the head in one batch."""
-    keys = sorted(set(worlds.values()), key=world_order)
-    logits = stream.logits(keys)
-    values = mean_nll(np.stack([logits[key] for key in keys]), tokens)
-    return {key: float(value) for key, value in zip(keys, values)}
+def _nll(stream, lanes, worlds, prompts):
+    """Per prompt, {world key: the prompt's mean NLL} of its verification worlds `worlds[p]`, through
+    the head in one batch for every prompt."""
+    keys = [sorted(set(by_name.values()), key=world_order) for by_name in worlds]
+    logits = stream.logits([lane.pair(key) for lane, mine in zip(lanes, keys) for key in mine])
+    result = []
+    for lane, mine, tokens in zip(lanes, keys, prompts):
+        values = mean_nll(np.stack([logits[lane.pair(key)] for key in mine]), tokens)
+        result.append({key: float(value) for key, value in zip(mine, values)})
+    return result
 
 
 def _key(sw):
@@ -389,13 +456,16 @@ class OnlineSearch:
         return keys | set(verification_worlds(every).values())
 
     def after_layer(self, layer, live):
-        """Search `layer` (just computed for `live`), fork what the finds need; return the live worlds."""
+        """Search `layer` (just computed for `live`), fork what the finds need; return the live worlds.
+
+        A generator: it yields the world keys to compute at `layer` before it goes on, so that
+        `_drive` runs the forks of every prompt in one block call."""
         dropped = self._resolve(layer)
         for p in range(min(len(self.found), self.settings.max_iter)):
             world = world_key(self.found_before(p))
             if not self._computable(world, layer):
                 continue  # a world lost to a dropped guess: `_decide` computes it if it matters
-            self.stream.compute(layer, [world])  # forks it if pass p - 1 found a weight in this layer
+            yield [world]  # computed (forked) here if pass p - 1 found a weight in this layer
             known = {_key(sw) for sw in self.found_before(p + 1)}
             spike, new = self._search(layer, world, known, iteration=p + 1)
             if new:
@@ -405,7 +475,7 @@ class OnlineSearch:
                     self.found.append([])
                 # fork every world the finds add, the next pass's included, in one run of this layer
                 needed = self.needed()
-                self.stream.compute(layer, [key for key in needed if self._computable(key, layer)])
+                yield [key for key in needed if self._computable(key, layer)]
         needed = self.needed()
         # keep what a pending guess would replace, so that dropping the guess needs no recomputation
         keep = live if self.pending or dropped else set()
@@ -577,13 +647,16 @@ def _verify(found, worlds, recorder, nll, settings):
     def activation(sw, key):
         return abs(float(recorder.at(RESID, sw.layer, key)[sw.token, sw.row]))
 
-    def matters(sw, key):
-        """Does world `key` lose the super activation or the prompt's likelihood?"""
-        return (activation(sw, key) < settings.verify_activation_drop * activation(sw, INTACT)
-                or nll[key] - nll[INTACT] > settings.verify_nll_rise)
+    def tests(sw, key):
+        """The tests world `key` passes: it loses the super activation, the prompt's likelihood."""
+        return [name for name, passed in (
+            ("activation", activation(sw, key) < settings.verify_activation_drop * activation(sw, INTACT)),
+            ("NLL", nll[key] - nll[INTACT] > settings.verify_nll_rise)) if passed]
 
     for sw in found:
         alone, together = worlds[("alone", _key(sw))], worlds[("set", (sw.layer, sw.row))]
+        # the tests zeroing it alone passes, or "set": it passes only with the others of its spike
+        verified_by = tests(sw, alone) or (["set"] if tests(sw, together) else [])
         sw.verification = {
             "nll_intact": nll[INTACT],
             "nll_removed": nll[alone],
@@ -592,8 +665,44 @@ def _verify(found, worlds, recorder, nll, settings):
             "super_activation_removed": activation(sw, alone),
             "super_activation_set_removed": activation(sw, together),
             # alone, or with the other weights that feed the same spike (two weights in one row)
-            "verified": bool(matters(sw, alone) or matters(sw, together)),
+            "verified": bool(verified_by),
+            "verified_by": verified_by,
         }
+
+
+VERIFIED_RULE = "verified in more than half of the prompts"
+VERIFIED_BY = ("activation", "NLL", "set")  # the tests, in the order a list of them is written
+
+
+def merge_prompts(results):
+    """One list of SuperWeights from `scan_prompts`'s results: each candidate once, in the order the
+    prompts found them, with `found_in` and `verified_in` (how many prompts) and `per_prompt`.
+
+    Its other fields are those of the first prompt that found it (its token, activations,
+    iteration, verification measurements); `verification["verified"]` is the verdict across
+    prompts (VERIFIED_RULE: a candidate found in fewer prompts counts as not verified in the
+    others) and `verification["verified_by"]` the tests that verified it in those prompts.
+    """
+    from copy import deepcopy
+
+    n, merged = len(results), {}
+    for p, (found, _) in enumerate(results):
+        for sw in found:
+            if _key(sw) not in merged:
+                merged[_key(sw)] = deepcopy(sw)
+                merged[_key(sw)].per_prompt = [None] * n
+            merged[_key(sw)].per_prompt[p] = {
+                "token": sw.token, "input_activation": sw.input_activation,
+                "output_activation": sw.output_activation, "super_activation": sw.super_activation,
+                "iteration": sw.iteration, "verification": dict(sw.verification)}
+    for sw in merged.values():
+        seen = [entry for entry in sw.per_prompt if entry is not None]
+        verified = [entry for entry in seen if entry["verification"]["verified"]]
+        sw.found_in, sw.verified_in = len(seen), len(verified)
+        tests = {name for entry in verified for name in entry["verification"]["verified_by"]}
+        sw.verification["verified"] = 2 * len(verified) > n
+        sw.verification["verified_by"] = [name for name in VERIFIED_BY if name in tests]
+    return list(merged.values())
 
 
 def layer_profile(recorder, world):

@@ -9,6 +9,16 @@ from swtool.errors import SwtoolError
 from swtool.jsonfile import read_json, read_limited
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
+# `swtool scan`'s default prompts (docs/prompts.md): the paper's first, then short ones of other kinds
+# (small talk, code, a story, another language), each scanned on its own in the same read of the weights
+DEFAULT_PROMPTS = (
+    DEFAULT_PROMPT,
+    "The weather today is",
+    "def fibonacci(n):",
+    "Once upon a time, a small dragon",
+    "Le chat dort sur le canapé.",
+)
+MAX_PROMPTS_BYTES = 1 << 20  # a --prompts-file larger than this is refused
 
 
 def load_tokenizer(directory):
@@ -57,3 +67,18 @@ def _bos_to_add(directory, tokenizer):
 
 def decode(directory, ids):
     return load_tokenizer(directory).decode(ids, skip_special_tokens=False)
+
+
+def read_prompts(path, max_bytes=MAX_PROMPTS_BYTES):
+    """The prompts of a UTF-8 text file, one per line (a trailing CR is dropped, blank lines are
+    skipped); a one-line error for a file with none, one that is not UTF-8, or not a regular file."""
+    raw = read_limited(path, "text file of prompts", max_bytes)  # missing, FIFO, directory, too large: one line
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SwtoolError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line.removesuffix("\r") for line in text.split("\n")]
+    prompts = [line for line in prompts if line.strip()]
+    if not prompts:
+        raise SwtoolError(f"{path}: no prompt in the file (one prompt per line; blank lines are skipped)")
+    return prompts

@@ -9,6 +9,7 @@ import pytest
 
 from swtool.catalog import read_catalog, validate
 from swtool.errors import SwtoolError
+from swtool.tokenizer import DEFAULT_PROMPTS
 from fixtures.tiny import Plant
 from fixtures.cli_run import swtool_in_process
 
@@ -33,14 +34,18 @@ def test_scan_prints_a_table_and_writes_a_valid_catalog(planted, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].split()[:5] == ["layer", "row", "col", "tensor", "value"]
-    assert lines[3].split()[:4] == ["1", "41", "101", "blk.1.ffn_down.weight"]
+    # the input's own names: Hugging Face's for safetensors (a GGUF input keeps llama.cpp's, test_scan_prompts.py)
+    assert lines[3].split()[:4] == ["1", "41", "101", "model.layers.1.mlp.down_proj.weight"]
     assert "scan pass" not in result.stderr and "it/s" not in result.stderr  # no bar: stderr is no terminal
     catalog = read_catalog(out)
-    assert catalog["schema"] == "swtool.catalog/1"
+    assert catalog["schema"] == "swtool.catalog/2"
     (sw,) = catalog["super_weights"]
     assert (sw["layer"], sw["row"], sw["col"]) == (1, 41, 101)
     assert sw["tensor"] == "model.layers.1.mlp.down_proj.weight"
+    # the default prompt set, the paper's prompt first (detection.prompt is the first prompt's)
     assert catalog["detection"]["prompt"] == "Apple Inc. is a worldwide tech company."
+    assert [p["prompt"] for p in catalog["detection"]["prompts"]] == list(DEFAULT_PROMPTS)
+    assert (sw["found_in"], sw["verified_in"]) == (len(DEFAULT_PROMPTS), len(DEFAULT_PROMPTS))
     assert catalog["detection"]["tokens"][0] == 256  # BOS from the tokenizer's post-processor
     assert len(catalog["profile"]) == 4
     assert not list(tmp_path.glob(".catalog.json.*"))  # no temporary left behind

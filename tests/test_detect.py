@@ -88,13 +88,14 @@ PLANTINGS = {
 
 def decision(sw):
     """What a scan decides about a weight: which it is and whether zeroing it matters."""
-    return (sw.layer, sw.row, sw.col, sw.value, sw.rank, sw.token, sw.iteration, sw.verification["verified"])
+    return (sw.layer, sw.row, sw.col, sw.value, sw.rank, sw.token, sw.iteration, sw.verification["verified"],
+            tuple(sw.verification["verified_by"]))
 
 
 def measurements(sw):
     """What a scan measures about it."""
     return [sw.input_activation, sw.output_activation, sw.contribution, sw.super_activation,
-            *(value for key, value in sorted(sw.verification.items()) if key != "verified")]
+            *(value for key, value in sorted(sw.verification.items()) if key not in ("verified", "verified_by"))]
 
 
 @pytest.mark.parametrize("planting", PLANTINGS, ids=list(PLANTINGS))

@@ -41,7 +41,7 @@ def test_forks_made_during_the_pass_match_whole_passes(tiny_factory):
     assert stream.blocks_run == 6 + 2
     # worlds share their prefixes: {A, B} is {A} until layer 3, {A} is intact until layer 1
     assert prefix(ab, 2) == a and prefix(a, 0) == intact
-    assert set(stream.outputs[2]) == {intact, a}
+    assert set(stream.outputs[2]) == {(0, intact), (0, a)}  # (prompt, prefix): one prompt here
     logits = stream.logits([intact, a, ab])
     for key, edits in ((intact, []), (a, [A]), (ab, [A, B])):
         expected = zeroed_logits(model, tokens, edits)

@@ -170,7 +170,8 @@ def test_cli_table_names_the_expert(tiny_factory, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].split()[:5] == ["layer", "row", "col", "expert", "tensor"]
-    assert lines[3].split()[:5] == ["2", "41", "101", "2", "blk.2.ffn_down_exps.weight"]
+    # a safetensors input: its own tensor name (a GGUF input would say blk.2.ffn_down_exps.weight)
+    assert lines[3].split()[:5] == ["2", "41", "101", "2", "model.layers.2.block_sparse_moe.experts.2.w2.weight"]
     (entry,) = json.loads((tmp_path / "catalog.json").read_text())["super_weights"]
     assert entry["expert"] == 2 and entry["tensor"] == "model.layers.2.block_sparse_moe.experts.2.w2.weight"
 

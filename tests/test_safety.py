@@ -199,7 +199,7 @@ def test_force_replaces_an_output_and_only_with_force(good, tmp_path):
     assert out.read_text() == "old\n"
     code, _, stderr = invoke(["scan", good.model, "-o", out, "--no-progress", "--force"])
     assert code == 0, stderr
-    assert json.loads(out.read_text())["schema"] == "swtool.catalog/1"
+    assert json.loads(out.read_text())["schema"] == "swtool.catalog/2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json"]
 
 

@@ -42,6 +42,18 @@ def inv_freq(config, rotary_dim, n_tokens=0):
                       f"(supported: default, linear, dynamic, llama3, longrope)")
 
 
+def length_limit(config):
+    """The prompt length above which the config's frequencies change with the length (dynamic NTK,
+    longrope), or None when they never do."""
+    _, scaling = rope_settings(config)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "dynamic":
+        return scaling.get("original_max_position_embeddings") or config.get("max_position_embeddings", 2048)
+    if rope_type in ("longrope", "su"):
+        return _original_context(config, scaling)
+    return None
+
+
 def rotary_dim(config, head_dim, default=1.0):
     """How many of a head's dims rotate: head_dim x partial_rotary_factor (GPT-NeoX calls it rotary_pct).
 
