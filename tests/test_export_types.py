@@ -42,6 +42,8 @@ SHAPES = {
                           num_key_value_heads=2)),
     # 8 experts, as Mixtral-8x7B: attn_v and attn_k Q8_0 in every file type, attn_output Q5_K in some
     "mixtral": ("mixtral", dict(hidden_size=256, intermediate_size=256, num_hidden_layers=8, num_local_experts=8)),
+    # one attn_qkv matrix, which llama.cpp's rules treat as attn_v
+    "phi3": ("phi3", dict(hidden_size=256, intermediate_size=256, num_hidden_layers=8)),
 }
 MIXES = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
 # the plain types llama-quantize has a file type for
@@ -52,7 +54,7 @@ CASES = ([("wide", kind) for kind in MIXES + LLAMA_PLAIN]
          + [("fallback", kind) for kind in ("q3_k_s", "q3_k_m", "q5_k_m", "iq4_xs")]
          + [("llama-70b", "q3_k_m"), ("llama-65b", "q3_k_m"), ("qwen2-72b", "q4_k_s")]
          + [("gqa", "iq4_nl"), ("gqa", "iq4_xs")]
-         + [("mixtral", kind) for kind in ("q4_0", "q3_k_m", "q4_k_m", "iq4_xs")])
+         + [("mixtral", kind) for kind in ("q4_0", "q3_k_m", "q4_k_m", "iq4_xs")] + [("phi3", "q3_k_m")])
 
 # llama.cpp's logits of a plain-type file against swtool's, relative to swtool's largest: llama.cpp
 # multiplies the weights by activations rounded to 8 bits (Q8_K for the K-quants, Q8_0/Q8_1 for the

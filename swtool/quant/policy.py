@@ -176,8 +176,9 @@ def is_70b(arch_name, n_layers, n_head, n_head_kv, n_expert=0):
 
 # The rules of llama_tensor_get_type_impl, for the llama-quantize file type `ftype` (Target.rules:
 # "q4_k_m", "q4_0", "iq4_xs" ...) and the tensor of layer `i`; `planned` is the file type's own
-# ggml type. llama.cpp counts attn_v tensors, and reads the layer of ffn_down from the name when the
-# model has experts: in the families swtool writes, every layer has one of each, so both are `i`.
+# ggml type. llama.cpp counts the attn_v(-like) and ffn_down tensors, or reads the layer of ffn_down
+# from the name when the model has experts: in the families swtool writes, every layer has one of
+# each, so both are `i`.
 
 def _attn_v_type(ftype, planned, i, model):
     """attn_v: several query heads share each of its rows (n_gqa), so llama.cpp gives it more bits."""
@@ -224,12 +225,17 @@ def _attn_output_type(ftype, planned, model):
     return {"q3_k_m": T.Q4_K, "q3_k_l": T.Q5_K}.get(ftype, planned)
 
 
+# llama.cpp's attn_v-like tensors (category_is_attn_v): the fused query-key-value matrix of Phi-3,
+# GPT-2 and GPT-NeoX gets attn_v's rules
+ATTN_V_LIKE = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")
+
+
 def _rule_type(ftype, name, planned, model, has_imatrix):
     """llama-quantize's type for a tensor of a block under file type `ftype` (`planned` if no rule names it)."""
     i = layer_of(name)
     if i is None:
         return planned
-    if "attn_v.weight" in name:
+    if any(part in name for part in ATTN_V_LIKE):
         return _attn_v_type(ftype, planned, i, model)
     if "attn_k.weight" in name:
         return T.Q8_0 if model.n_expert == 8 else planned
