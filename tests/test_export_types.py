@@ -221,4 +221,5 @@ def test_model_facts_of_the_hyperparameters():
     assert ModelFacts.of("llama", 32, 32, 8, 8) == ModelFacts(32, n_gqa=4, n_expert=8, is_70b=False)
     assert ModelFacts.of("llama", 80, 64, 8).is_70b and not ModelFacts.of("llama", 80, 64, 64).is_70b
     assert not ModelFacts.of("llama", 80, 64, 8, 8).is_70b  # llama.cpp sizes 8 experts as a Mixtral
+    assert ModelFacts.of("olmo", 80, 64, 64).is_70b  # llama.cpp's olmo: 80 layers are a 70B, whatever the heads
     assert ModelFacts.of("llama", 16, 9, None) == ModelFacts(16, n_gqa=1)  # no head_count_kv: no GQA
