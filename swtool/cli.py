@@ -598,9 +598,10 @@ def gguf_options(command):
         click.option("--catalog", type=click.Path(dir_okay=False),
                      help="A scan catalog (swtool scan -o): its super weights are recorded and protected."),
         click.option("--type", "qtype", required=True, metavar="TYPE",
-                     help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, or a llama-quantize mix: "
-                          "q3_k_s/m/l, q4_k_s/m, q5_k_s/m (any case). Unlike llama-quantize, where Q3_K, Q4_K and "
-                          "Q5_K are aliases of the _M mixes, q3_k..q6_k here put every weight in that one type."),
+                     help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, iq4_nl, iq4_xs, or a "
+                          "llama-quantize mix: q3_k_s/m/l, q4_k_s/m, q5_k_s/m (any case). Unlike llama-quantize, where "
+                          "Q3_K, Q4_K and Q5_K are aliases of the _M mixes and Q2_K is a mix, q2_k..q5_k here put every "
+                          "weight in that one type."),
         click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
                      help="The .gguf file to write (- for stdout; the report then goes to stderr)."),
     ]

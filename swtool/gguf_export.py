@@ -36,7 +36,7 @@ from swtool import gguf_keys
 from swtool.atomic import check_destination
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
-from swtool.quant.policy import KEPT, NOT_QUANTIZED, is_70b
+from swtool.quant.policy import KEPT, NOT_QUANTIZED, ModelFacts
 from swtool.table import plural
 
 HANDLINGS = ("keep", "isolate", "none")
@@ -276,8 +276,8 @@ class ExportReport:
         return sum(t.nbytes for t in self.tensors) if self.dry_run else self.path.stat().st_size
 
 
-def plan(tensors, options, super_weights, tied_output, n_layers, model_70b):
-    """Choose every tensor's type (model_70b: policy.is_70b of the model)."""
+def plan(tensors, options, super_weights, tied_output, model):
+    """Choose every tensor's type (model: the policy.ModelFacts its rules read)."""
     from swtool.quant import quant_type
     from swtool.quant.policy import choose_type, named_tensor_rules, parse_target, parse_tensor_types
 
@@ -287,9 +287,9 @@ def plan(tensors, options, super_weights, tied_output, n_layers, model_70b):
     keep = quant_type(options.keep_type) if options.handling == "keep" else None
     holders = {sw.tensor for sw in super_weights}
     for tensor in tensors.values():
-        choice = choose_type(tensor.name, tensor.shape, target, tied_output=tied_output, n_layers=n_layers,
-                             model_70b=model_70b, rules=rules, super_tensors=holders, keep_type=keep,
-                             pure=options.pure)
+        choice = choose_type(tensor.name, tensor.shape, target, model, tied_output=tied_output,
+                             has_imatrix=False,  # no importance matrices yet (issue 18)
+                             rules=rules, super_tensors=holders, keep_type=keep, pure=options.pure)
         tensor.qtype, tensor.reason = choice.qtype, choice.reason
         if options.leave_output_tensor and tensor.name == "output.weight" and tensor.source_type:
             tensor.qtype, tensor.reason = quant_type(tensor.source_type), "--leave-output-tensor: as stored"
@@ -397,8 +397,9 @@ def export(model_path, out_path, options):
         found_by = "scan" if prompt is not None else "none"  # None: it could not be scanned (the note says why)
     else:
         notes.append("--no-scan and no --catalog: the super weights are neither recorded nor protected")
-    model_70b = is_70b(arch_name, n_layers, model.arch.heads.n, model.arch.heads.n_kv)
-    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, n_layers, model_70b)
+    facts = ModelFacts.of(arch_name, n_layers, model.arch.heads.n, model.arch.heads.n_kv,
+                          model.arch.moe.n_experts if model.arch.moe is not None else 0)
+    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, facts)
     notes += rules_matched
     handle_super_weights(tensors, options, super_weights, orders, model_path)
     handling = handling_label(options, super_weights, orders, tensors)
@@ -527,11 +528,11 @@ def quantize_gguf(in_path, out_path, options):
     tensors = {name: OutTensor(name, info.shape, info.read, raw=info, source_type=info.dtype)
                for name, info in source.tensors.items()}
     orders = gguf_keys.read_ffn_orders(meta)
-    n_head = meta.get(f"{arch_name}.attention.head_count")
-    n_head_kv = meta.get(f"{arch_name}.attention.head_count_kv", n_head)  # llama.cpp's default: no GQA
-    model_70b = is_70b(arch_name, n_layers, n_head, n_head_kv)
+    facts = ModelFacts.of(arch_name, n_layers, meta.get(f"{arch_name}.attention.head_count"),
+                          meta.get(f"{arch_name}.attention.head_count_kv"),  # llama.cpp's default: no GQA
+                          meta.get(f"{arch_name}.expert_count", 0))
     tied = "output.weight" not in tensors
-    plan(tensors, options, [], tied, n_layers, model_70b)
+    plan(tensors, options, [], tied, facts)
     requantizing(tensors, options, in_path)  # refused before a scan, not after it
     super_weights, prompt, notes, found_by = [], meta.get(gguf_keys.PROMPT), [], "none"
     recorded = gguf_keys.read_super_weights(meta, in_path) or []
@@ -551,7 +552,7 @@ def quantize_gguf(in_path, out_path, options):
     else:
         notes.append("--no-scan, no --catalog and no swtool.* record in the input: the super weights are "
                      "neither recorded nor protected")
-    target, rules_matched = plan(tensors, options, super_weights, tied, n_layers, model_70b)
+    target, rules_matched = plan(tensors, options, super_weights, tied, facts)
     notes += rules_matched
     requantized = requantizing(tensors, options, in_path)
     handle_super_weights(tensors, options, super_weights, orders, in_path)
