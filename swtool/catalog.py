@@ -108,6 +108,27 @@ def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=
     return catalog, {**reports[0], "prompts": reports}
 
 
+def default_prompts(model):
+    """(prompts, note): scan's default prompts for `model` (tokenizer.DEFAULT_PROMPTS), or, where its RoPE
+    frequencies change with the length past a limit some of them cross (dynamic NTK, longrope), those that
+    stay within it, with a note saying what was left out: prompts of other lengths past the limit cannot
+    share one padded pass (forking.ForkingPass). When none fits, the paper's prompt alone, which a pass of
+    one prompt scans at any length."""
+    from swtool.arch.rope import length_limit
+    from swtool.tokenizer import DEFAULT_PROMPTS, encode, load_tokenizer
+
+    limit = length_limit(model.checkpoint.config)
+    if limit is None:
+        return list(DEFAULT_PROMPTS), None
+    tokenizer = load_tokenizer(model.directory)
+    fitting = [text for text in DEFAULT_PROMPTS if len(encode(model.directory, text, tokenizer)) <= limit]
+    if len(fitting) == len(DEFAULT_PROMPTS):
+        return fitting, None
+    kept = fitting or [DEFAULT_PROMPTS[0]]
+    return kept, (f"{plural(len(DEFAULT_PROMPTS) - len(kept), 'default prompt')} left out: longer than the "
+                  f"{int(limit)} tokens past which this model's RoPE frequencies depend on the length")
+
+
 def super_weights_for(model, catalog=None, prompt=None, progress=False):
     """(catalog dict, where it came from): the catalog file `catalog`, checked against `model`
     (another model's is a one-line error), or else a scan of `model`."""

@@ -229,17 +229,20 @@ def scan(model, prompts, prompts_file, wide, max_iter, spike_ratio, output, as_j
 
     import numpy as np
 
-    from swtool.catalog import format_scan, scan_catalog, to_json, write_catalog
+    from swtool.catalog import default_prompts, format_scan, scan_catalog, to_json, write_catalog
     from swtool.detect import Settings
     from swtool.finite import describe_nonfinite, nonfinite_weights, report_is_finite
     from swtool.model import load_model
-    from swtool.tokenizer import DEFAULT_PROMPTS, read_prompts
+    from swtool.tokenizer import read_prompts
 
     prepare_outputs(force, output, plot=plot, inputs=(model, prompts_file))
     prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
-    prompts = prompts or list(DEFAULT_PROMPTS)
     resolve_model(model, download)
     loaded = load_model(model)
+    if not prompts:
+        prompts, note = default_prompts(loaded)
+        if note:
+            click.echo(f"note: {note}", err=True)
     settings = Settings(prompt=prompts[0], max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
         catalog, report = scan_catalog(loaded, prompts, settings, progress=not no_progress, with_hashes=with_hashes)

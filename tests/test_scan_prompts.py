@@ -222,3 +222,30 @@ def test_one_read_for_every_prompt(smollm2):
     result = swtool("scan", smollm2, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "5 prompts of 4-10 tokens, 1 pass over the weights" in result.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("family", ["phi3-longrope", "llama-dynamic"])
+def test_default_prompts_past_a_length_dependent_rope_are_left_out_with_a_note(tiny_factory, family, tmp_path):
+    """Dynamic NTK and longrope change every frequency once a sequence passes their limit (16 tokens
+    here), so default prompts past it cannot share a padded pass with shorter ones: the scan keeps those
+    that fit (or the paper's alone, which one pass scans at any length) and says so."""
+    from swtool.arch.rope import length_limit
+
+    directory, _ = tiny_factory(family, "float32")
+    limit = int(length_limit(json.loads((directory / "config.json").read_text())))
+    lengths = {text: len(encode(directory, text)) for text in DEFAULT_PROMPTS}
+    fitting = [text for text in DEFAULT_PROMPTS if lengths[text] <= limit]
+    assert len(fitting) < len(DEFAULT_PROMPTS)  # the case this test is about
+    result = swtool_in_process("scan", directory, "-o", tmp_path / "c.json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    expected = fitting or [DEFAULT_PROMPT]
+    left_out = len(DEFAULT_PROMPTS) - len(expected)
+    assert f"note: {left_out} default prompt{'s' if left_out != 1 else ''} left out: longer than the {limit} tokens" \
+        in result.stderr
+    catalog = json.loads((tmp_path / "c.json").read_text())
+    assert [p["prompt"] for p in catalog["detection"]["prompts"]] == expected
+    # prompts the user names are never dropped: mixed lengths past the limit are one line
+    long_prompt = max(DEFAULT_PROMPTS, key=lengths.get)
+    short_prompt = min(DEFAULT_PROMPTS, key=lengths.get)
+    refused = swtool_in_process("scan", directory, "--prompt", long_prompt, "--prompt", short_prompt)
+    assert refused.returncode == 2 and "scan it alone" in refused.stderr
