@@ -28,8 +28,13 @@ coordinate whose weight is no longer |w| >= OUTLIER_RATIO x its row's RMS), `not
 LOW_BITS bits per weight with handling `none` or none recorded), `unverified` (a self-scan's
 finding), or `intact`. Disputed published coordinates are shown but do not decide the exit code.
 
+A known-table entry may say that a published census found no catastrophic super weight in the
+model (known.py's none_found). Named (--known, --known-id), it gives no findings and no verdict
+(exit 3): nothing published to compare with, so neither intact nor damaged. Matched without an
+option, it is noted and passed over, as if the table had no entry for the model.
+
 Exit codes: 0 all intact; 1 any missing, damaged, ablated or unprotected, or a broken model;
-2 bad input; 3 no verdict (a self-scan: nothing to compare with).
+2 bad input; 3 no verdict (a self-scan, or a known entry with none found: nothing to compare with).
 """
 
 import math
@@ -101,6 +106,7 @@ class AuditReport:
     findings: list = field(default_factory=list)
     reference: str | None = None
     known_model: str | None = None
+    known_none: str | None = None  # the known entry says a census found no super weight: what it says
     elapsed_ms: float = 0.0  # the whole audit: opening and validating the checkpoint(s), any scan, the reads
     read_ms: float = 0.0  # reading and judging the super weights alone
     bytes_read: int = 0
@@ -255,11 +261,20 @@ def targets_from_catalog(catalog):
 
 
 def targets_from_known(model, known_model):
+    """Targets of a known entry's coordinates; one with an expert is read in that expert's down
+    projection (its own tensor, or its slice of the layer's stacked experts)."""
     targets = []
     for sw in known_model.super_weights:
         note = sw.get("conflict", "") if sw.get("disputed") else ""
-        targets.append(Target(Coordinate.of(sw), model.arch.down_proj_name(sw["layer"]),
-                              disputed=bool(sw.get("disputed")), note=note))
+        at = Coordinate.of(sw)
+        if at.expert is None:
+            tensor = model.arch.down_proj_name(at.layer)
+        elif getattr(model.arch, "moe", None) is None:
+            raise SwtoolError(f"{known_model.id}'s super weights are in mixture experts (layer {at.layer} expert "
+                              f"{at.expert}); this model has no experts")
+        else:
+            tensor = model.arch.down_proj_name(at.layer, at.expert)
+        targets.append(Target(at, tensor, disputed=bool(sw.get("disputed")), note=note))
     return targets
 
 
@@ -417,6 +432,14 @@ def targets_from_known_table(spec, model, report, known_id, required):
                                   f"(see swtool catalog known); use --catalog, or no option to scan")
             return []
         match, how = found.model, f"matched by {found.how}"
+    if match.none_found is not None:  # nothing to compare with: no verdict if named, else the next source
+        words = known_table.none_found_words(match)
+        if not required:
+            report.notes.append(f"known table not used: {match.id} has no published super weight ({words})")
+            return []
+        report.known_model, report.known_none = match.id, words
+        report.expectations = f"the known table's entry for {match.id} ({how}): no published super weight"
+        return []
     report.known_model, report.expectations = match.id, f"the known coordinates of {match.id} ({how})"
     return targets_from_known(model, match)
 
@@ -492,6 +515,8 @@ def format_audit(report):
     lines += [f"note: {note}" for note in report.notes]
     if report.findings:
         lines.append(format_table(*_table(report)))
+    elif report.known_none:
+        lines.append(f"no published super weight to check ({report.known_none})")
     else:
         lines.append("no super weight to check: the scan found none")
     if report.broken:
@@ -505,6 +530,8 @@ def format_audit(report):
         lines.append(f"{summary}: {_verdict_words(report)} (tolerance {report.tolerance * 100:g}%); "
                      f"read {plural(report.bytes_read, 'byte')} of weights in {report.read_ms:.1f} ms "
                      f"({report.elapsed_ms:.0f} ms in all)")
+    elif report.known_none:
+        lines.append("no verdict: nothing published to compare with (give --catalog or --reference)")
     elif report.verdict == "unverified":
         lines.append("no verdict: nothing to compare with (give --catalog, --known-id or --reference)")
     explained = {}  # one line per reason, naming the weights it applies to

@@ -72,11 +72,23 @@ def describe_model(spec, download=False):
     except SwtoolError as e:
         info["known"] = {"error": str(e)}
     else:
-        info["known"] = None if match is None else {
-            "id": match.model.id, "name": match.model.name, "matched_by": match.how,
-            "differences": {k: list(v) for k, v in match.differences.items()},
-            "super_weights": [[sw["layer"], sw["row"], sw["col"]] for sw in match.model.super_weights]}
+        info["known"] = None if match is None else known_info(match)
     return info
+
+
+def known_info(match):
+    """The JSON of a known.Match: `experts` (parallel to super_weights) only for an entry with
+    expert coordinates, `none_found` only for an entry that says a census found none."""
+    from swtool import known
+
+    entry = {"id": match.model.id, "name": match.model.name, "matched_by": match.how,
+             "differences": {k: list(v) for k, v in match.differences.items()},
+             "super_weights": [[sw["layer"], sw["row"], sw["col"]] for sw in match.model.super_weights]}
+    if any(sw.get("expert") is not None for sw in match.model.super_weights):
+        entry["experts"] = [sw.get("expert") for sw in match.model.super_weights]
+    if match.model.none_found is not None:
+        entry["none_found"] = known.none_found_words(match.model)
+    return entry
 
 
 def catalogs_of(model):
@@ -129,7 +141,11 @@ def format_description(info):
     elif "error" in known:
         lines.append(f"  known       {known['error']}")
     else:
-        coords = ", ".join(f"{layer} [{row}, {col}]" for layer, row, col in known["super_weights"])
+        experts = known.get("experts") or [None] * len(known["super_weights"])
+        coords = ", ".join(f"{layer} [{row}, {col}]" + ("" if expert is None else f" expert {expert}")
+                           for (layer, row, col), expert in zip(known["super_weights"], experts))
+        if "none_found" in known:
+            coords = f"no published super weight ({known['none_found']})"
         lines.append(f"  known       {known['name']} ({known['id']}, matched by {known['matched_by']}): {coords}")
     return "\n".join(lines)
 

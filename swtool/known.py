@@ -6,6 +6,11 @@ all agree (they fix where the down projections and their coordinates are), and
 among the entries that pass, the one agreeing on most of the other keys
 (vocabulary size, context length: what tells Llama-7B from Llama-2-7B) wins.
 A tie between entries with different coordinates is reported, never guessed.
+
+An entry's coordinates may name a mixture expert (`expert`: the expert whose down projection
+holds the weight). An entry may instead say that a published census found no catastrophic
+super weight in the model (`none_found`): it has no coordinates, and an audit held to it gives
+no verdict (audit.py), since there is nothing published to compare with.
 """
 
 import json
@@ -26,8 +31,15 @@ class KnownModel:
     id: str
     aliases: list
     fingerprint: dict
-    super_weights: list  # [{"layer", "row", "col", "sources", "disputed"?, "conflict"?}]
+    super_weights: list  # [{"layer", "row", "col", "expert"?, "sources", "disputed"?, "conflict"?}]
     notes: str = ""
+    none_found: dict | None = None  # {"sources", "detail", ...}: a census found no catastrophic super weight
+
+    @classmethod
+    def of(cls, entry):
+        """The KnownModel of one entry of the data file's `models`."""
+        return cls(entry["name"], entry["id"], entry.get("aliases", []), entry["fingerprint"], entry["super_weights"],
+                   entry.get("notes", ""), entry.get("none_found"))
 
 
 @dataclass
@@ -40,9 +52,7 @@ class Match:
 def load():
     """(data dict as stored, [KnownModel])."""
     data = json.loads(resources.files("swtool").joinpath("data/known_super_weights.json").read_text())
-    models = [KnownModel(m["name"], m["id"], m.get("aliases", []), m["fingerprint"], m["super_weights"],
-                         m.get("notes", "")) for m in data["models"]]
-    return data, models
+    return data, [KnownModel.of(m) for m in data["models"]]
 
 
 def _normal(config_value, key, config):
@@ -109,7 +119,14 @@ def identify(config, model_id=None):
 
 
 def _coordinates(model):
-    return tuple((sw["layer"], sw["row"], sw["col"]) for sw in model.super_weights)
+    return tuple((sw["layer"], sw["row"], sw["col"], sw.get("expert")) for sw in model.super_weights)
+
+
+def none_found_words(model):
+    """What a none_found entry says, in one line: "census: ..."; None for an entry with coordinates."""
+    if model.none_found is None:
+        return None
+    return f"{'+'.join(model.none_found['sources'])}: {model.none_found['detail']}"
 
 
 def format_known(data, models):
@@ -120,9 +137,19 @@ def format_known(data, models):
     for model in models:
         for sw in model.super_weights:
             flag = " (disputed)" if sw.get("disputed") else ""
-            rows.append([model.name, model.id, sw["layer"], sw["row"], sw["col"], "+".join(sw["sources"]) + flag])
-    lines = [format_table(["model", "id", "layer", "row", "col", "sources"], rows),
-             "coordinates: model.layers[layer].mlp.down_proj.weight[row, col], 0-based; sources:"]
+            expert = "-" if sw.get("expert") is None else sw["expert"]
+            rows.append([model.name, model.id, sw["layer"], sw["row"], sw["col"], expert,
+                         "+".join(sw["sources"]) + flag])
+        if model.none_found is not None:
+            rows.append([model.name, model.id, "none", "-", "-", "-", "+".join(model.none_found["sources"]) + " (none found)"])
+    lines = [format_table(["model", "id", "layer", "row", "col", "expert", "sources"], rows),
+             "coordinates: model.layers[layer].mlp.down_proj.weight[row, col], 0-based; with an expert, "
+             "that expert's down projection (mlp.experts[expert].down_proj); "
+             "none: a census found no catastrophic super weight; sources:"]
     lines += [f"  {key}: {text}" for key, text in data["sources"].items()]
-    lines += [f"{model.name}: {model.notes}" for model in models if model.notes]
+    for model in models:
+        said = ([f"None found ({none_found_words(model)})."] if model.none_found else []) + \
+            ([model.notes] if model.notes else [])
+        if said:
+            lines.append(f"{model.name}: {' '.join(said)}")
     return "\n".join(lines)

@@ -328,7 +328,7 @@ def test_the_table_holds_the_published_coordinates():
             assert sw["sources"] and all(source in data["sources"] for source in sw["sources"])
     listed = swtool("catalog", "known")
     assert listed.returncode == 0
-    assert ["Llama-7B", "huggyllama/llama-7b", "2", "3968", "7003", "repo+T2"] in \
+    assert ["Llama-7B", "huggyllama/llama-7b", "2", "3968", "7003", "-", "repo+T2"] in \
         [line.split() for line in listed.stdout.splitlines()]
     assert json.loads(swtool("catalog", "known", "--json").stdout) == data
 
