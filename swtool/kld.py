@@ -169,3 +169,44 @@ class KldComparison:
 
     def __call__(self, world, chunk, positions, logits):
         self.worlds[world].add(self.reference.rows(chunk, positions), logits)
+
+
+# --- swtool eval --kld-reference -------------------------------------------------------
+
+def check_same_vocabulary(model, reference, model_ids, reference_ids, reference_name):
+    """Refuse, in one line, a reference whose distributions are not over the same tokens, or whose
+    tokenizer cuts the text into other tokens (the chunks would not be the same windows)."""
+    from swtool.tokenizer import load_tokenizer
+
+    what = f"--kld-reference {reference_name}"
+    if model.arch.vocab_size != reference.arch.vocab_size:
+        raise SwtoolError(f"{what}: a vocabulary of {reference.arch.vocab_size} tokens, the model's has "
+                          f"{model.arch.vocab_size}; the KL divergence compares distributions over the same tokens")
+    ours = load_tokenizer(model.directory).get_vocab(with_added_tokens=True)
+    theirs = load_tokenizer(reference.directory).get_vocab(with_added_tokens=True)
+    if ours != theirs:
+        token = min(set(ours.items()) ^ set(theirs.items()), key=lambda item: (item[1], item[0]))[0]
+
+        def where(vocabulary):
+            return f"id {vocabulary[token]}" if token in vocabulary else "absent"
+
+        raise SwtoolError(f"{what}: another vocabulary than the model's (token {token!r}: {where(ours)} in the "
+                          f"model's, {where(theirs)} in the reference's); the KL divergence compares "
+                          f"distributions over the same tokens")
+    if list(model_ids) != list(reference_ids):
+        first = next((i for i, (a, b) in enumerate(zip(model_ids, reference_ids)) if a != b),
+                     min(len(model_ids), len(reference_ids)))
+        raise SwtoolError(f"{what}: its tokenizer cuts the text into other tokens than the model's "
+                          f"(from token {first} on); the KL divergence needs the same chunks")
+
+
+def reference_pass(reference, chunks, directory, progress=True, batch_tokens=None):
+    """The reference scored on `chunks` by swtool's pass, its logits kept in `directory`:
+    (ReferenceLogits, its WorldScore)."""
+    from swtool.evaluate import DEFAULT_BATCH_TOKENS, Plan, evaluate
+    from swtool.forward import World
+
+    logits = ReferenceLogits(chunks, reference.arch.vocab_size, directory)
+    (score,) = evaluate(reference, chunks, Plan([World("reference")]), progress=progress,
+                        batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, logits_sink=logits.store)
+    return logits, score

@@ -72,6 +72,11 @@ def _(o):
             "--no-progress"]
 
 
+@case("eval --kld-reference", "eval")
+def _(o):
+    return ["eval", o.good.sharded, "--text", o.good.text, "--ctx", 64, "--kld-reference", o.good.model, "--no-progress"]
+
+
 @case("eval compare", "eval")
 def _(o):
     return ["eval", o.good.model, "--text", o.good.text, "--ctx", 64, "--catalog", o.good.catalog, "--sweep", "0,1,2",
