@@ -314,6 +314,10 @@ def text_options(command):
 @click.option("--restore-activation", is_flag=True,
               help="Compare: super weights zeroed, the super activation written back (the paper's restore).")
 @click.option("--sweep", metavar="S,S,..", help="Compare: super weights scaled by each factor, e.g. 0,0.5,1,1.5,2,3.")
+@click.option("--kld-reference", metavar="REFERENCE",
+              help="Also the KL divergence of each world's next-token distributions from REFERENCE's (a model "
+                   "with the same vocabulary, e.g. the source of a GGUF), both through swtool's pass, on the "
+                   "same chunks: mean, 99th percentile, same top token, as llama-perplexity --kl-divergence.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Write each world's max |down_proj output| per layer as .png/.svg/.pdf (needs matplotlib).")
 @click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
@@ -321,7 +325,8 @@ def text_options(command):
 @threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of a table.")
 def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
-                 control_top, restore_activation, sweep, plot, batch_tokens, as_json, no_progress, force, download):
+                 control_top, restore_activation, sweep, kld_reference, plot, batch_tokens, as_json, no_progress,
+                 force, download):
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments.
 
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
@@ -337,7 +342,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.model import load_model
     from swtool.tokenizer import load_tokenizer
 
-    prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog))  # before the pass, not after it
+    prepare_outputs(force, plot=plot, inputs=(model, text_path, catalog, kld_reference))  # before the pass
     options = EvalOptions(zero=tuple(Coordinate.parse(z) for z in zero),
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
@@ -346,14 +351,36 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
     chunks = make_chunks(ids, ctx, score_second_half)
+    reference = None
+    if kld_reference is not None:  # refused before any pass if its tokens are not the model's
+        from swtool.kld import check_same_vocabulary
+
+        resolve_model(kld_reference, download)
+        reference = load_model(kld_reference)
+        check_same_vocabulary(loaded, reference, ids, text_token_ids(reference.directory, text_path, max_tokens),
+                              kld_reference)
     try:
         plan, report = build_plan(loaded, options, progress=not no_progress)
     except CatalogMismatch as e:
         raise SwtoolError(f"{catalog}: {e}") from None
-    scores = evaluate(loaded, chunks, plan, progress=not no_progress, batch_tokens=batch_tokens)
+    if reference is None:
+        scores, kld = evaluate(loaded, chunks, plan, progress=not no_progress, batch_tokens=batch_tokens), None
+    else:
+        import tempfile
+
+        from swtool.kld import KldComparison, reference_pass
+
+        with tempfile.TemporaryDirectory(prefix="swtool-kld-") as logits_dir:
+            reference_logits, reference_score = reference_pass(reference, chunks, logits_dir, not no_progress,
+                                                               batch_tokens)
+            comparison = KldComparison(reference_logits, len(plan.worlds))
+            scores = evaluate(loaded, chunks, plan, progress=not no_progress, batch_tokens=batch_tokens,
+                              logits_sink=comparison)
+            del reference_logits
+        kld = (kld_reference, reference_score, [world.stats() for world in comparison.worlds])
     tokenizer = load_tokenizer(loaded.directory)
     result = describe_eval(loaded, text_path, len(ids), chunks, plan, report, scores, tokenizer,
-                      stop_word_ids(tokenizer), options)
+                      stop_word_ids(tokenizer), options, kld)
     if plot:
         from swtool.plot import plot_eval
 

@@ -139,8 +139,13 @@ class Plan:
     hook_factories: list = field(default_factory=list)
 
 
-def evaluate(model, chunks, plan, progress=True, batch_tokens=DEFAULT_BATCH_TOKENS):
-    """Score `chunks` in every world of `plan`: [WorldScore], in plan.worlds order."""
+def evaluate(model, chunks, plan, progress=True, batch_tokens=DEFAULT_BATCH_TOKENS, logits_sink=None):
+    """Score `chunks` in every world of `plan`: [WorldScore], in plan.worlds order.
+
+    `logits_sink(world, chunk, positions, logits)`, if given, sees the head's logits [len(positions),
+    vocab] float32 of the scored positions of each chunk (its index in `chunks`), a block at a time,
+    before they are reduced; it must copy what it keeps (swtool.kld: KL divergence).
+    """
     n_worlds, n_layers = len(plan.worlds), model.arch.n_layers
     scores = [WorldScore(w.name, probability_sum=np.zeros(model.arch.vocab_size), peak_down_out=np.zeros(n_layers))
               for w in plan.worlds]
@@ -151,11 +156,11 @@ def evaluate(model, chunks, plan, progress=True, batch_tokens=DEFAULT_BATCH_TOKE
                       chunks.first_scored)
         label = (f"eval pass {i + 1}/{n_passes} ({plural(n_worlds, 'world')} x {plural(len(part.tokens), 'chunk')})"
                  if progress else None)
-        _one_pass(model, part, plan, scores, label)
+        _one_pass(model, part, plan, scores, label, start, logits_sink)
     return scores
 
 
-def _one_pass(model, part, plan, scores, label):
+def _one_pass(model, part, plan, scores, label, first_chunk=0, logits_sink=None):
     """One streaming pass over the weights for these chunks in every world; adds to `scores`."""
     n_worlds, n_chunks = len(plan.worlds), len(part.tokens)
     profile = PeakProfile(n_worlds, model.arch.n_layers, part.valid())
@@ -169,6 +174,9 @@ def _one_pass(model, part, plan, scores, label):
             w, b = divmod(row, n_chunks)
             if not scored[b, tokens].any():
                 continue
+            if logits_sink is not None:  # before score_predictions turns the logits into probabilities
+                positions = np.arange(tokens.start, tokens.stop)[scored[b, tokens]]
+                logits_sink(w, first_chunk + b, positions, logits[local][scored[b, tokens]])
             nll, probabilities = score_predictions(logits[local], targets[b, tokens], scored[b, tokens])
             scores[w].nll_sum += nll
             scores[w].count += int(scored[b, tokens].sum())
@@ -198,11 +206,12 @@ def score_predictions(logits, targets, scored):
 
 
 def perplexity(model, ids, ctx=512, transforms=(), score_second_half=False, progress=False,
-               batch_tokens=DEFAULT_BATCH_TOKENS):
-    """Perplexity of token ids through `model` with weight `transforms`: (perplexity, scored predictions)."""
+               batch_tokens=DEFAULT_BATCH_TOKENS, logits_sink=None):
+    """Perplexity of token ids through `model` with weight `transforms`: (perplexity, scored predictions).
+    `logits_sink`: as evaluate()'s, the chunks being make_chunks(ids, ctx, score_second_half)."""
     chunks = make_chunks(ids, ctx, score_second_half)
     (score,) = evaluate(model, chunks, Plan([World("model")], list(transforms)), progress=progress,
-                        batch_tokens=batch_tokens)
+                        batch_tokens=batch_tokens, logits_sink=logits_sink)
     return score.perplexity, score.count
 
 

@@ -255,8 +255,9 @@ def build_plan(model, options, progress=False):
     return Plan(report.worlds, transforms, report.hook_factories), report
 
 
-def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, tokenizer, stop_ids, options):
-    """The JSON-ready result of `swtool eval`: one entry per world, plus what was scored and changed."""
+def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, tokenizer, stop_ids, options, kld=None):
+    """The JSON-ready result of `swtool eval`: one entry per world, plus what was scored and changed.
+    `kld`: (the reference's name, its WorldScore, a KldStats per world) with --kld-reference."""
     stop = np.array(list(stop_ids.values()), dtype=np.int64)
     original = scores[0].perplexity if report is not None else None
     everywhere = sum(len(t.edits) for t in plan.transforms)  # --zero, --ablate, --scale-super: in every world
@@ -270,6 +271,8 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
                  "peak_down_proj_output": [float(v) for v in score.peak_down_out]}
         if original is not None:
             entry["perplexity_ratio"] = score.perplexity / original
+        if kld is not None:
+            entry["kld"] = kld[2][len(worlds)].to_json()
         worlds.append(entry)
     result = {
         "schema": SCHEMA_ID,
@@ -296,6 +299,9 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
                                for s in options.sweep]
     elif options.ablate or options.scale_super is not None:
         result["super_weights_scaled_by"] = 0.0 if options.ablate else options.scale_super
+    if kld is not None:
+        name, score, _ = kld
+        result["kld_reference"] = {"model": str(name), "perplexity": score.perplexity, "predictions": score.count}
     return result
 
 
@@ -311,18 +317,26 @@ def format_eval(result):
     if "super_weights_scaled_by" in result:
         lines.append(f"the catalog's super weights multiplied by {result['super_weights_scaled_by']:g}")
     compare = "perplexity_ratio" in result["worlds"][0]
-    header = ["world", "weights", "perplexity", "NLL"] + (["x original"] if compare else []) + [
-        "stop words", "top next token"]
+    kld = "kld_reference" in result
+    header = ["world", "weights", "perplexity", "NLL"] + (["x original"] if compare else []) + (
+        ["KLD", "KLD 99%", "same top"] if kld else []) + ["stop words", "top next token"]
     rows = []
     for w in result["worlds"]:
         top = w["top_tokens"][0]
         rows.append([w["name"], w["weights_edited"], f"{w['perplexity']:.6g}", f"{w['nll']:.4f}"]
                     + ([f"{w['perplexity_ratio']:.4g}"] if compare else [])
+                    + ([f"{w['kld']['mean']:.4g}", f"{w['kld']['p99']:.4g}", f"{100 * w['kld']['same_top']:.2f} %"]
+                       if kld else [])
                     + [f"{w['stop_word_probability']:.4f}", f"{top['text']!r} {top['probability']:.3f}"])
     lines.append(format_table(header, rows))
     shown = ", ".join(repr(t) for t in list(result["stop_words"])[:6])
     lines.append("weights: elements edited in that world; stop words: mean next-token probability of "
                  f"{plural(len(result['stop_words']), 'stop-word token')} ({shown}, ...)")
+    if kld:
+        reference = result["kld_reference"]
+        lines.append(f"KLD: KL divergence of each world's next-token distributions from {reference['model']}'s "
+                     f"(perplexity {reference['perplexity']:.6g}) at the same predictions (nats), mean and 99th "
+                     "percentile; same top: predictions whose most likely token is the reference's")
     if compare:
         by_name = {w["name"]: w for w in result["worlds"]}
         original, removed = by_name["original"], by_name["removed"]

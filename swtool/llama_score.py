@@ -55,22 +55,44 @@ def windows(ids, ctx, n_windows):
 
 def window_nll(llm, window):
     """(summed NLL, predictions) of one window: every position's logits against the next token."""
+    nll, n, _ = _window(llm, window)
+    return nll, n
+
+
+def _window(llm, window):
+    """(summed NLL, predictions, llama.cpp's logits [predictions, vocab] float32) of one window."""
     llm.reset()
     llm.eval(window)
-    logits = np.asarray(llm.scores[:len(window) - 1], dtype=np.float64)  # [positions, vocab]
+    raw = np.array(llm.scores[:len(window) - 1], dtype=np.float32)  # a copy: the next eval overwrites scores
+    logits = raw.astype(np.float64)  # [positions, vocab]
     # log-sum-exp with the row maximum taken out, so large logits do not overflow
     peak = logits.max(axis=1)
     log_total = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
     targets = np.asarray(window[1:])
-    return float(np.sum(log_total - logits[np.arange(len(targets)), targets])), len(targets)
+    return float(np.sum(log_total - logits[np.arange(len(targets)), targets])), len(targets), raw
 
 
 def perplexity(llm, token_windows):
     """(perplexity, predictions scored) of the windows, each an independent sequence."""
-    total, count = 0.0, 0
-    for window in token_windows:
-        nll, n = window_nll(llm, window)
+    ppl, count, _ = score(llm, token_windows)
+    return ppl, count
+
+
+def score(llm, token_windows, reference=None):
+    """(perplexity, predictions scored, KldStats or None) of the windows, each an independent sequence.
+
+    `reference(i)`: the reference's logits [predictions, vocab] at window i's predictions (every position
+    but the last, as scored here), e.g. swtool.kld.ReferenceLogits.rows(i, range(ctx - 1)); with it, the
+    KL divergence of llama.cpp's distributions from the reference's (swtool.kld) window by window.
+    """
+    from swtool.kld import KldAccumulator
+
+    total, count, kld = 0.0, 0, KldAccumulator()
+    for i, window in enumerate(token_windows):
+        nll, n, logits = _window(llm, window)
         total += nll
         count += n
-    return float(np.exp(total / count)), count
-
+        if reference is not None:
+            kld.add(reference(i), logits)
+        del logits
+    return float(np.exp(total / count)), count, kld.stats() if reference is not None else None

@@ -4,7 +4,11 @@ For every type and handling, `swtool export` writes the model (gguf_export.py, a
 llama.cpp loads the file and scores the same token windows of a text (llama_score.py),
 and the file is removed again unless the files are kept (--out-dir). The result is a
 table of bytes (file size, bits per weight) against perplexity, next to the source's
-own perplexity from swtool's eval on the same windows.
+own perplexity from swtool's eval on the same windows, and the KL divergence of each
+file's next-token distributions in llama.cpp from the source's in swtool's eval, at the
+same predictions (swtool/kld.py: mean, 99th percentile, same top token, as llama.cpp's
+`llama-perplexity --kl-divergence` reports them). The source's logits wait on disk in a
+temporary directory (4 x vocabulary bytes per prediction) and are read a window at a time.
 
 Handlings (--handlings, comma-separated):
   none          plain quantization (the super weights only recorded);
@@ -148,6 +152,7 @@ class Row:
     super_weight_tensors: dict  # llama.cpp name -> the ggml type it was stored in
     control_tensors: dict  # the control's tensors -> their ggml type
     seconds: float  # export and scoring, wall time
+    kld: object = None  # swtool.kld.KldStats: llama.cpp's distributions against the source's
 
     @property
     def bits_per_weight(self):
@@ -158,7 +163,8 @@ class Row:
                 "tensor_bytes": self.tensor_bytes, "parameters": self.parameters,
                 "bits_per_weight": self.bits_per_weight, "perplexity": self.perplexity,
                 "predictions": self.predictions, "super_weight_tensors": self.super_weight_tensors,
-                "control_tensors": self.control_tensors, "seconds": self.seconds}
+                "control_tensors": self.control_tensors, "seconds": self.seconds,
+                "kld": self.kld.to_json() if self.kld is not None else None}
 
 
 @dataclass
@@ -196,7 +202,8 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
     """Export and score every type x handling; returns a Sweep. `log(line)` reports each file as it is done."""
     from swtool import llama_score
     from swtool.checkpoint.source import gguf_file_of, resolve_source
-    from swtool.evaluate import perplexity
+    from swtool.evaluate import make_chunks, perplexity
+    from swtool.kld import ReferenceLogits
     from swtool.model import load_model
     from swtool.tokenizer import encode
 
@@ -217,7 +224,8 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         raise SwtoolError(f"--windows {n_windows}: {text_path} has {plural(len(ids), 'token')}, {plural(available, 'window')} "
                           f"of {ctx}")
     windows = llama_score.windows(ids, ctx, n_windows or available)
-    with work_directory(out_dir) as work:
+    flat = [t for w in windows for t in w]
+    with work_directory(out_dir) as work, tempfile.TemporaryDirectory(prefix="swtool-kld-") as logits_dir:
         # 2. names of the files, refused up front if they exist (no export is wasted on it)
         plan = [(qtype, handling) for qtype in types for handling in handlings]
         stem = Path(str(model_path).rstrip("/")).name or "model"
@@ -239,8 +247,10 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         if needs_catalog and not super_weights:
             raise SwtoolError(f"{catalog}: lists no super weights, so only --handlings none has anything to compare")
         controls = control_layers(super_weights, model.arch.n_layers) if super_weights else []
-        # 4. the source scored by swtool's own eval on the same windows
-        source_ppl, source_count = perplexity(model, [t for w in windows for t in w], ctx=ctx, progress=progress)
+        # 4. the source scored by swtool's own eval on the same windows, its logits kept for the KL divergence
+        source_logits = ReferenceLogits(make_chunks(flat, ctx), model.arch.vocab_size, logits_dir)
+        source_ppl, source_count = perplexity(model, flat, ctx=ctx, progress=progress,
+                                              logits_sink=source_logits.store)
         log(f"source (swtool eval): perplexity {source_ppl:.4f} over {plural(source_count, 'prediction')}")
         catalog_label = f"{catalog} (scanned)" if scanned and out_dir is not None else (
             "scanned, not kept" if scanned else catalog)
@@ -257,25 +267,28 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
             path = paths[(qtype, handling.label)]
             options = export_options(qtype, handling, catalog, controls, progress)
             row = score_file(model_path, path, options, windows, ctx, threads, holders,
-                             control_names if handling.name == "control" else set())
+                             control_names if handling.name == "control" else set(),
+                             lambda i: source_logits.rows(i, range(ctx - 1)))
             row.handling, row.seconds = handling.label, round(time.time() - start, 1)
             if out_dir is None:
                 path.unlink()  # one temporary file at a time on disk
             result.rows.append(row)
             log(f"[{number}/{len(todo)}] {qtype} {handling.label}: {row.file_bytes / 1e6:.2f} MB, "
-                f"{row.bits_per_weight:.3f} bits/weight, perplexity {row.perplexity:.4f} ({row.seconds:.0f} s)")
+                f"{row.bits_per_weight:.3f} bits/weight, perplexity {row.perplexity:.4f}, "
+                f"KLD {row.kld.mean:.4g} ({row.seconds:.0f} s)")
     return result
 
 
-def score_file(model_path, path, options, windows, ctx, threads, holders, control_names):
-    """Export one file and score it in llama.cpp; a Row, its handling label and time still to fill in."""
+def score_file(model_path, path, options, windows, ctx, threads, holders, control_names, reference=None):
+    """Export one file and score it in llama.cpp; a Row, its handling label and time still to fill in.
+    `reference(i)`: the source's logits at window i's predictions, for the KL divergence."""
     from swtool import llama_score
     from swtool.gguf_export import export
 
     report = export(model_path, path, options)
     llm = llama_score.load(path, ctx, threads)
     try:
-        ppl, count = llama_score.perplexity(llm, windows)
+        ppl, count, kld = llama_score.score(llm, windows, reference)
     finally:
         llama_score.close(llm)
     stored = {t.name: t.qtype.name for t in report.tensors}
@@ -284,7 +297,7 @@ def score_file(model_path, path, options, windows, ctx, threads, holders, contro
                parameters=sum(prod(t.shape) for t in report.tensors),
                perplexity=ppl, predictions=count,
                super_weight_tensors={name: stored[name] for name in sorted(holders)},
-               control_tensors={name: stored[name] for name in sorted(control_names)}, seconds=None)
+               control_tensors={name: stored[name] for name in sorted(control_names)}, seconds=None, kld=kld)
 
 
 class work_directory:
@@ -341,8 +354,8 @@ def format_sweep(result):
              f"({plural(result.threads, 'thread')})"]
     plain = {row.type: row for row in result.rows if row.handling == "none"}
     header = ["type", "super weights", "stored as", "MB", "bits/weight", "+MB", "perplexity", "vs none",
-              "vs source"]
-    rows = [["source", "swtool eval", "", "", "", "", f"{result.source_perplexity:.4f}", "", ""]]
+              "vs source", "KLD", "KLD 99%", "same top"]
+    rows = [["source", "swtool eval", "", "", "", "", f"{result.source_perplexity:.4f}", "", "", "", "", ""]]
     for row in result.rows:
         base = plain.get(row.type)
         extra = f"{(row.file_bytes - base.file_bytes) / 1e6:+.2f}" if base and base is not row else ""
@@ -352,12 +365,21 @@ def format_sweep(result):
             stored += " (control: " + "/".join(sorted(set(row.control_tensors.values()))) + ")"
         rows.append([row.type, row.handling, stored, f"{row.file_bytes / 1e6:.2f}", f"{row.bits_per_weight:.3f}",
                      extra, f"{row.perplexity:.4f}", change,
-                     f"{100 * (row.perplexity / result.source_perplexity - 1):+.1f} %"])
+                     f"{100 * (row.perplexity / result.source_perplexity - 1):+.1f} %"] + kld_cells(row.kld))
     lines.append(format_table(header, rows))
     lines.append("stored as: the type of the tensors that hold super weights; MB: the file's size (+MB against "
                  "none); bits/weight: the tensors' bytes x 8 / parameters, as llama.cpp counts them")
+    lines.append("KLD: KL divergence of llama.cpp's next-token distributions from the source's, per prediction "
+                 "(nats), mean and 99th percentile; same top: predictions whose most likely token is the source's")
     if result.skipped:
         lines.append("skipped, the same file as none: " + ", ".join(f"{t} {h}" for t, h in result.skipped))
     if result.out_dir:
         lines.append(f"files kept in {result.out_dir}")
     return "\n".join(lines)
+
+
+def kld_cells(kld):
+    """The table's KLD, KLD 99% and same top cells of one row (blank without a KLD)."""
+    if kld is None:
+        return ["", "", ""]
+    return [f"{kld.mean:.4g}", f"{kld.p99:.4g}", f"{100 * kld.same_top:.2f} %"]

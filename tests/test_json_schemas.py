@@ -72,6 +72,11 @@ def _(o):
             "--no-progress"]
 
 
+@case("eval --kld-reference", "eval")
+def _(o):
+    return ["eval", o.good.sharded, "--text", o.good.text, "--ctx", 64, "--kld-reference", o.good.model, "--no-progress"]
+
+
 @case("eval compare", "eval")
 def _(o):
     return ["eval", o.good.model, "--text", o.good.text, "--ctx", 64, "--catalog", o.good.catalog, "--sweep", "0,1,2",
@@ -258,9 +263,11 @@ def test_the_cases_give_the_shapes_they_are_meant_to(outputs):
 
 def sweep_output(row_count=1):
     """A Sweep's to_json as the command prints it, without llama.cpp (its version is all to_json asks of it)."""
+    from swtool.kld import KldStats
     from swtool.sweep import Row, Sweep
 
-    rows = [Row("q4_0", "keep:q8_0", 1000 + i, 900, 4000, 12.5, 63, {"blk.1.ffn_down.weight": "Q8_0"}, {}, 0.5)
+    kld = KldStats(63, 0.01, 0.002, 0.005, 0.02, 0.1, 0.3, 0.95)
+    rows = [Row("q4_0", "keep:q8_0", 1000 + i, 900, 4000, 12.5, 63, {"blk.1.ffn_down.weight": "Q8_0"}, {}, 0.5, kld)
             for i in range(row_count)]
     result = Sweep("model", "text.txt", 64, 1, 1, "catalog.json", 11.0, 63, rows, [("f16", "keep:q8_0")], None)
     with mock.patch.dict(sys.modules, {"llama_cpp": types.SimpleNamespace(__version__="0.0-test")}):
