@@ -711,6 +711,9 @@ def quantize_command(gguf_file, **opts):
               help="N tokens the model samples itself (temperature 1, --seed) from BOS, in sequences of --ctx; "
                    "costs one pass per position (no KV cache).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, each its own sequence (repeatable).")
+@click.option("--in-file", "in_files", multiple=True, type=click.Path(dir_okay=False),
+              help="An imatrix file (GGUF or .dat) to add to what is computed, as llama-imatrix --in-file "
+                   "(repeatable).")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
               help="Tokens per chunk (imatrix.chunk_size).")
 @click.option("--chunks", type=click.IntRange(min=1), metavar="N", help="Use only the first N chunks of --text.")
@@ -721,8 +724,8 @@ def quantize_command(gguf_file, **opts):
               help="Tokens of one pass (one read of the weights); more take several passes.")
 @threads_option()
 @output_options(json_help="Print a summary as JSON on stdout: per tensor, counts, energy and top columns.")
-def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated, prompts, ctx, chunks, seed, top,
-                    batch_tokens, as_json, no_progress, force, download):
+def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated, prompts, in_files, ctx, chunks, seed,
+                    top, batch_tokens, as_json, no_progress, force, download):
     """Compute an importance matrix of MODEL as llama.cpp's llama-imatrix does, for llama-quantize --imatrix.
 
     Per linear of every block, the sum of x² per input column over the tokens (a mixture's experts over
@@ -741,8 +744,9 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
                                f"{' (got ' + ', '.join(sources) + ')' if sources else ''}")
     if chunks is not None and not text_path:
         raise click.UsageError("--chunks counts chunks of --text")
-    prepare_outputs(force, output, inputs=(model, text_path))
+    prepare_outputs(force, output, inputs=(model, text_path, *in_files))
     fmt = im.format_for(output, fmt)
+    earlier = [im.read_imatrix(path) for path in in_files]  # bad files fail before the model is read
     from swtool.model import load_model
     from swtool.tokenizer import encode, load_tokenizer
 
@@ -772,6 +776,8 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
     start = time.perf_counter()
     importance = im.collect(loaded, sequences, [dataset], ctx, progress=progress, batch_tokens=batch_tokens)
     seconds = time.perf_counter() - start
+    if earlier:
+        importance = im.merge([*earlier, importance], ctx)
     data = im.gguf_bytes(importance) if fmt == "gguf" else im.dat_bytes(importance)
     if output == STDOUT:
         click.get_binary_stream("stdout").write(data)

@@ -111,6 +111,30 @@ class Importance:
         return entries, size
 
 
+def merge(importances, chunk_size):
+    """Several importance matrices added up, as llama-imatrix --in-file accumulates them: sums and counts
+    per tensor (a .dat file's converted with `chunk_size`, see gguf_form), the datasets in order, the
+    chunk count = the largest count over chunk_size. A tensor of another shape is a one-line error."""
+    entries, datasets = {}, []
+    for importance in importances:
+        form, _ = importance.gguf_form(chunk_size)
+        for name, entry in form.items():
+            if name not in entries:
+                entries[name] = Entry(entry.sums.copy(), entry.counts.copy())
+                continue
+            into = entries[name]
+            if into.sums.size != entry.sums.size:
+                raise SwtoolError(f"{name}: {entry.sums.size} sums in one importance matrix, "
+                                  f"{into.sums.size} in another")
+            if into.n_mat == 1 and entry.n_mat > 1:  # a flat (.dat-made) entry meets a per-expert one
+                into.sums, into.counts = into.sums.reshape(entry.sums.shape), np.repeat(into.counts, entry.n_mat)
+            into.sums += entry.sums.reshape(into.sums.shape)
+            into.counts += entry.counts if entry.n_mat == into.n_mat else entry.counts[0]
+        datasets += importance.datasets
+    largest = max((int(e.counts.max()) for e in entries.values() if e.counts.size), default=0)
+    return Importance(dict(sorted(entries.items())), datasets, largest // chunk_size, chunk_size)
+
+
 # --- collecting ----------------------------------------------------------------------------------
 
 EXPERT_2D = re.compile(r"model\.layers\.\d+\.\w+\.experts\.(\d+)\.\w+\.weight")  # a per-expert checkpoint's
