@@ -164,6 +164,10 @@ class Collector:
     def __init__(self, arch):
         self.arch = arch
         self.sums, self.counts, self._targets = {}, {}, {}
+        # q/k/v (and gate/up) multiply the same array one after the other: its column sums are made once.
+        # Nothing writes into a block's activations between those products (an activation transform
+        # that does returns a new array from linear_input, which is then what is observed).
+        self._last = (None, None)
 
     def observe(self, point, layer, x):
         """The block points (DOWN_IN ...): nothing to do, every linear's input comes through observe_linear."""
@@ -176,7 +180,11 @@ class Collector:
         if not targets:
             return
         flat = x.reshape(-1, x.shape[-1])
-        squares = np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
+        if self._last[0] is x:
+            squares = self._last[1]
+        else:
+            squares = np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
+            self._last = (x, squares)
         for gguf_name, index, n_mat in targets:
             if gguf_name not in self.sums:
                 self.sums[gguf_name] = np.zeros((n_mat, flat.shape[1]))
@@ -205,6 +213,7 @@ def collect(model, sequences, datasets, chunk_size, progress=False, batch_tokens
         label = (f"imatrix pass {i + 1}/{len(batches)} ({plural(len(batch), 'sequence')} x {batch.shape[1]} tokens)"
                  if progress else None)
         run_layers(model, batch, observers=[collector], progress=label)
+        collector._last = (None, None)
     n_tokens = sum(len(s) for s in sequences)
     if not collector.sums:
         raise SwtoolError(f"{model.path}: no linear of a block saw an input")
