@@ -332,7 +332,7 @@ def _check_values(path, name, sums, counts):
         raise SwtoolError(f"{path}: {name}: a sum of squares is negative ({float(sums.min()):g})")
     if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(counts != np.round(counts)):
         bad = counts[~(np.isfinite(counts) & (counts >= 0) & (counts == np.round(counts)))][0]
-        raise SwtoolError(f"{path}: {name}: count {bad!r} is not a whole number of rows")
+        raise SwtoolError(f"{path}: {name}: count {float(bad):g} is not a whole number of rows (0 or more)")
 
 
 def _read_gguf(path):
