@@ -1,6 +1,6 @@
 """`make bench`: swtool against the bytes it reads and against its peers, side by side in one run.
 
-    python -m bench.run [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,quant,kernels,gguf]
+    python -m bench.run [--shapes smollm2,llama-1b,llama-7b] [--runs 3] [--skip peer,eval,imatrix,quant,kernels,gguf]
 
 The machine is shared and its load moves, so every comparison is made between
 numbers measured next to each other in this run, and both numbers are kept:
@@ -17,7 +17,8 @@ numbers measured next to each other in this run, and both numbers are kept:
       (bench/peer_transformers.py), under /usr/bin/time -v the same way;
   - Numba: the first scan with an empty kernel cache (everything compiled) against
     the cached ones (NUMBA_CACHE_DIR of this run);
-  - eval tokens/s against transformers on SmolLM2 (bench/eval.py), quantizer MB/s
+  - eval tokens/s against transformers on SmolLM2 (bench/eval.py), `swtool imatrix --text` tokens/s on
+    8192 tokens against transformers' forward pass (bench/imatrix.py), quantizer MB/s
     against gguf-py and ggml's C (bench/quant.py), the bf16 product alone, swtool/kernels/bf16_pairs.py
     against dense.py's loop (bench/kernels_bf16.py, bench/decode_ports.py), and GGUF scans with the fused block
     kernels against the old decode-everything path (bench/gguf_scan.py, one thread), each
@@ -290,6 +291,15 @@ def summary_rows(results):
         rows.append(("eval SmolLM2 tokens/s vs transformers", f"{ours['tokens_per_s']:.0f}",
                      f"{theirs['tokens_per_s']:.0f}", f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x",
                      f"ppl {ours['perplexity']:.3f} vs {theirs['perplexity']:.3f}"))
+    imatrix = results.get("imatrix")
+    if imatrix:
+        by = {r["what"]: r for r in imatrix["results"]}
+        ours = next(r for w, r in by.items() if w.startswith("swtool imatrix --text"))
+        theirs = next(r for w, r in by.items() if w == "transformers float32 (forward)")
+        rows.append((f"imatrix --text SmolLM2 tokens/s vs transformers forward ({imatrix['tokens']} tokens)",
+                     f"{ours['tokens_per_s']:.0f}", f"{theirs['tokens_per_s']:.0f}",
+                     f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x",
+                     "target >= 1x; swtool end to end (start-up, load, write), transformers the forward alone"))
     quant = results.get("quant")
     if quant:
         for r in quant["results"]:
@@ -359,7 +369,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2,llama-1b,llama-7b")
     parser.add_argument("--runs", type=int, default=3, help="scans per checkpoint (best is kept)")
-    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, quant, kernels, gguf, first-run, startup")
+    parser.add_argument("--skip", default="", help="comma-separated: peer, eval, imatrix, quant, kernels, gguf, first-run, "
+                                                   "startup")
     parser.add_argument("--markdown", action="store_true",
                         help="print the table of bench/results/bench.json as Markdown (runs nothing)")
     args = parser.parse_args()
@@ -379,6 +390,8 @@ def main():
         results["scans"] = [bench_scan(shape, args.runs, cache_dir, peer) for shape in shapes]
     if "eval" not in skip and peer:
         results["eval"] = run_script("eval", "--runs", str(args.runs))  # one run was too noisy: 0.6x-1.2x
+    if "imatrix" not in skip and peer:
+        results["imatrix"] = run_script("imatrix", "--runs", str(args.runs))
     if "quant" not in skip:
         results["quant"] = run_script("quant")
     if "kernels" not in skip:  # the bf16 product alone: bf16_pairs against dense.py's loop

@@ -726,6 +726,99 @@ def quantize_command(gguf_file, **opts):
     write_gguf_output(opts, gguf_file, lambda out: quantize_gguf(source, out, export_options(opts)))
 
 
+@main.command("imatrix")
+@model_argument
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The importance matrix file to write (- for stdout; the summary then goes to stderr).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,
+              help="llama.cpp's GGUF imatrix or its legacy .dat (default: dat for a .dat suffix, else gguf).")
+@click.option("--text", "text_path", type=click.Path(),
+              help="UTF-8 text file, cut into chunks of --ctx tokens as llama-imatrix cuts it (whole chunks only, "
+                   "each starting with BOS when the model adds one).")
+@click.option("--random-tokens", type=click.IntRange(min=1), metavar="N",
+              help="N token ids drawn uniformly over the vocabulary (--seed), in sequences of --ctx.")
+@click.option("--self-generated", type=click.IntRange(min=1), metavar="N",
+              help="N tokens the model samples itself (temperature 1, --seed) from BOS, in sequences of --ctx; "
+                   "costs one pass per position (no KV cache).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt, each its own sequence (repeatable).")
+@click.option("--in-file", "in_files", multiple=True, type=click.Path(dir_okay=False),
+              help="An imatrix file (GGUF or .dat) to add to what is computed, as llama-imatrix --in-file "
+                   "(repeatable).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per chunk (imatrix.chunk_size).")
+@click.option("--chunks", type=click.IntRange(min=1), metavar="N", help="Use only the first N chunks of --text.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --random-tokens and --self-generated.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Columns per tensor in the --json summary (largest mean x² first).")
+@click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of one pass (one read of the weights); more take several passes.")
+@threads_option()
+@output_options(json_help="Print a summary as JSON on stdout: per tensor, counts, energy and top columns.")
+def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated, prompts, in_files, ctx, chunks, seed,
+                    top, batch_tokens, as_json, no_progress, force, download):
+    """Compute an importance matrix of MODEL as llama.cpp's llama-imatrix does, for llama-quantize --imatrix.
+
+    Per linear of every block, the sum of x² per input column over the tokens (a mixture's experts over
+    the tokens routed to each), collected in one streaming pass over the weights per batch of sequences.
+    MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
+    """
+    import time
+
+    from swtool import imatrix as im
+    from swtool.jsonfile import strict_json
+
+    sources = [name for name, given in (("--text", text_path), ("--random-tokens", random_tokens),
+                                        ("--self-generated", self_generated), ("--prompt", prompts)) if given]
+    if len(sources) != 1:
+        raise click.UsageError(f"give exactly one of --text, --random-tokens, --self-generated and --prompt"
+                               f"{' (got ' + ', '.join(sources) + ')' if sources else ''}")
+    if chunks is not None and not text_path:
+        raise click.UsageError("--chunks counts chunks of --text")
+    prepare_outputs(force, output, inputs=(model, text_path, *in_files))
+    fmt = im.format_for(output, fmt)
+    earlier = [im.read_imatrix(path) for path in in_files]  # bad files fail before the model is read
+    from swtool.model import load_model
+    from swtool.tokenizer import encode, load_tokenizer
+
+    resolve_model(model, download)
+    loaded = load_model(model)
+    progress = not no_progress
+    if text_path:
+        from swtool.evaluate import text_token_ids
+
+        tokenizer = load_tokenizer(loaded.directory)
+        ids = text_token_ids(loaded.directory, text_path, chunks * ctx if chunks else None)
+        sequences = im.text_sequences(ids, ctx, im.bos_id(loaded.directory, tokenizer), chunks)
+        kind, dataset = "text", str(text_path)
+    elif prompts:
+        tokenizer = load_tokenizer(loaded.directory)
+        sequences = [encode(loaded.directory, prompt, tokenizer) for prompt in prompts]
+        kind, dataset = "prompts", f"swtool:prompts:{len(prompts)}"
+    else:
+        tokenizer = load_tokenizer(loaded.directory)
+        bos = im.bos_id(loaded.directory, tokenizer)
+        if random_tokens:
+            sequences = im.random_sequences(random_tokens, ctx, loaded.arch.vocab_size, bos, seed)
+            kind, dataset = "random-tokens", f"swtool:random-tokens:{random_tokens}:seed={seed}"
+        else:
+            sequences = im.self_generated_sequences(loaded, self_generated, ctx, bos, seed, progress)
+            kind, dataset = "self-generated", f"swtool:self-generated:{self_generated}:seed={seed}"
+    start = time.perf_counter()
+    importance = im.collect(loaded, sequences, [dataset], ctx, progress=progress, batch_tokens=batch_tokens)
+    seconds = time.perf_counter() - start
+    if earlier:
+        importance = im.merge([*earlier, importance], ctx)
+    data = im.gguf_bytes(importance) if fmt == "gguf" else im.dat_bytes(importance)
+    if output == STDOUT:
+        click.get_binary_stream("stdout").write(data)
+        click.get_binary_stream("stdout").flush()
+    else:
+        im.write_bytes(output, data)
+    summary = im.describe(loaded, importance, output, fmt, kind, dataset, sequences, seconds, top)
+    text = strict_json(summary) if as_json else im.format_summary(summary)
+    click.echo(text, err=output == STDOUT)
+
+
 @main.command("sweep")
 @model_argument
 @click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")

@@ -14,7 +14,9 @@ Three kinds of plug-in:
     (DOWN_IN, DOWN_OUT, RESID_MID, RESID: the down projection's input and output,
     the residual stream after attention and after the block), with shape
     [rows, tokens, channels]; recording any other point is an error. An observer with
-    an `observe_expert` method also sees each expert of a mixture (see below);
+    an `observe_expert` method also sees each expert of a mixture (see below), and one
+    with an `observe_linear(name, expert, x)` method the input of every linear (LINEAR_IN:
+    q/k/v/o, gate/up/down, routers, each expert's rows only), as that product multiplies it;
   - activation transforms change an activation as it flows: callables
     (point, layer, x, ctx) -> replacement or None, run before the observers at
     the same points. A replacement is written into x in place, so the block
@@ -186,6 +188,7 @@ class Pass:
                               f"expected [*, {x.shape[-1]}]")
         n_out, n_in = info.shape
         x = self._linear_input(name, x)
+        self.observe_linear(name, expert, x)
         x2 = np.ascontiguousarray(x.reshape(-1, n_in), dtype=np.float32)
         out = np.empty((x2.shape[0], n_out), dtype=np.float32)
         # few rows and an untouched weight: multiply straight from the stored bits (kernels.py)
@@ -242,6 +245,13 @@ class Pass:
         for observer in self.observers:
             observer.observe(point, layer, x)
         return x
+
+    def observe_linear(self, name, expert, x):
+        """LINEAR_IN (arch/base.py): the input x of linear `name` (slice `expert` of a stacked tensor, or
+        None) as it is multiplied, for the observers that look at every linear's input (swtool/imatrix.py)."""
+        for observer in self.observers:
+            if hasattr(observer, "observe_linear"):
+                observer.observe_linear(name, expert, x)
 
     def observe_expert(self, point, layer, expert, routed, x):
         """Expert `expert` of layer `layer` at `point` (DOWN_IN, DOWN_OUT): x [N, channels]

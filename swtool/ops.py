@@ -125,13 +125,47 @@ def attention(q, k, v, mask, scale, softcap=None):
         return _attend(q, k, v, mask, scale, softcap)
     out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=np.float32)
     visible = np.isfinite(mask)
+    blocks = []
     for start in range(0, n_tokens, QUERY_BLOCK):
         stop = min(n_tokens, start + QUERY_BLOCK)
         seen = np.flatnonzero(visible[start:stop].any(axis=0))  # never empty: a query sees itself
-        first, last = seen[0], seen[-1] + 1
-        out[..., start:stop, :] = _attend(q[..., start:stop, :], k[..., first:last, :], v[..., first:last, :],
-                                          mask[start:stop, first:last], scale, softcap)
+        blocks.append((start, stop, seen[0], seen[-1] + 1))
+
+    def attend(part):  # part: (batch rows, heads)
+        for start, stop, first, last in blocks:
+            out[part + (slice(start, stop),)] = _attend(
+                q[part + (slice(start, stop),)], k[part + (slice(first, last),)], v[part + (slice(first, last),)],
+                mask[start:stop, first:last], scale, softcap)
+
+    _over_threads(attend, q.shape[:2])
     return out
+
+
+def _over_threads(work, shape):
+    """work((rows, heads)) over parts of the [rows, heads] grid, split along rows when there are enough of
+    them, else along heads: on as many Python threads as BLAS has, each multiplying single-threaded
+    (swtool/blas.py explains why); in this thread when there is one thread."""
+    from swtool.blas import blas_threads, configured_threads
+
+    n_threads = min(max(shape), configured_threads())
+    if n_threads <= 1:
+        with blas_threads(1):
+            work((slice(None), slice(None)))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    axis = 0 if shape[0] >= n_threads else 1
+    n_threads = min(n_threads, shape[axis])
+    bounds = np.linspace(0, shape[axis], n_threads + 1).astype(int)
+
+    def run(i):
+        part = [slice(None), slice(None)]
+        part[axis] = slice(bounds[i], bounds[i + 1])
+        with blas_threads(1):
+            work(tuple(part))
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        list(pool.map(run, range(n_threads)))
 
 
 def _attend(q, k, v, mask, scale, softcap):

@@ -24,6 +24,7 @@ COMMAND_SCHEMAS = {
     "export": "export",
     "quantize": "export",  # the same report as export
     "sweep": "sweep",
+    "imatrix": "imatrix",
     "catalog known": "known",
 }
 

@@ -173,7 +173,7 @@ def binary_run(*args):
 
 
 def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
-    """scan's catalog and export's/quantize's GGUF: with -o -, stdout holds exactly the bytes -o FILE
+    """scan's catalog, export's/quantize's GGUF and imatrix's file: with -o -, stdout holds exactly the bytes -o FILE
     writes, and nothing else (the table, the report and bars go to stderr); no file named '-' appears."""
     from fixtures.bad_files import byte_vocabulary
     from fixtures.hf_to_gguf import write_gguf
@@ -194,6 +194,13 @@ def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
                   "--no-progress"))
         assert piped.stdout == (tmp_path / f"{command}.gguf").read_bytes() and piped.stdout[:4] == b"GGUF"
         assert piped.stderr.decode().startswith("wrote -: llama, --type q8_0")
+    assert not (tmp_path / "-").exists()
+    for name in ("imatrix.gguf", "imatrix.dat"):  # the format from --format, as -o - has no suffix
+        fmt = name.split(".")[1]
+        piped = binary_run("imatrix", directory, "--random-tokens", 40, "--ctx", 20, "--format", fmt, "-o", "-")
+        assert piped.returncode == 0, piped.stderr
+        ok(swtool("imatrix", directory, "--random-tokens", 40, "--ctx", 20, "-o", tmp_path / name, "--no-progress"))
+        assert piped.stdout == (tmp_path / name).read_bytes() and piped.stderr.decode().startswith(f"wrote - ({fmt})")
     assert not (tmp_path / "-").exists()
     line = one_line_error(swtool("ablate", directory, "--catalog", catalog, "-o", "-"))
     assert "-o -: a directory is written there" in line

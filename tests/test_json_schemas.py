@@ -187,6 +187,16 @@ def _(o):
             "--no-progress"]
 
 
+@case("imatrix text", "imatrix")
+def _(o):
+    return ["imatrix", o.good.model, "--text", o.good.text, "--ctx", 16, "-o", o.root / "imatrix.gguf", "--no-progress"]
+
+
+@case("imatrix random dat", "imatrix")
+def _(o):
+    return ["imatrix", o.good.model, "--random-tokens", 40, "--ctx", 16, "-o", o.root / "imatrix.dat", "--no-progress"]
+
+
 @case("catalog known", "known")
 def _(o):
     return ["catalog", "known"]
@@ -253,6 +263,9 @@ def test_the_cases_give_the_shapes_they_are_meant_to(outputs):
     assert outputs("export dry run")["file_bytes"] is None and outputs("export dry run")["super_weights"] == []
     (sw,) = outputs("quantize scanned isolate")["super_weights"]
     assert sw["reordered"] and outputs("quantize scanned isolate")["handling"] == "isolate"
+    assert (outputs("imatrix text")["format"], outputs("imatrix text")["source"]["kind"]) == ("gguf", "text")
+    assert (outputs("imatrix random dat")["format"], outputs("imatrix random dat")["source"]["kind"]) == (
+        "dat", "random-tokens")
     kept = outputs("export keep")
     assert kept["file_bytes"] == (outputs.root / "keep.gguf").stat().st_size
     assert sum(t["bytes"] for t in kept["tensors"]) == kept["tensor_bytes"] == sum(
@@ -294,7 +307,8 @@ def test_sweep_json_is_valid(outputs):
 
 # per schema, the case whose output the mutations start from
 SAMPLE = {"catalog": "scan safetensors", "eval": "eval compare", "quantsim": "quantsim weights", "ablate": "ablate -o",
-          "audit": "audit gguf keep", "inspect": "inspect gguf recorded", "export": "export keep", "known": "catalog known"}
+          "audit": "audit gguf keep", "inspect": "inspect gguf recorded", "export": "export keep", "known": "catalog known",
+          "imatrix": "imatrix text"}
 
 
 def sample(outputs, name):

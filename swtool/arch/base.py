@@ -23,6 +23,10 @@ DOWN_OUT = "down_out"  # its raw output, before any post-norm or multiplier
 RESID_MID = "resid_mid"  # the residual stream after attention, before the MLP adds to it
 RESID = "resid"  # the residual stream after the block
 POINTS = (DOWN_IN, DOWN_OUT, RESID_MID, RESID)
+# Not a point of a block but of every matrix product: observers with an `observe_linear(name, expert, x)`
+# method see the input x [rows, tokens, in] of each ctx.linear (named by its weight, and for a stacked
+# mixture tensor its expert), after any activation transform: what the product multiplies (forward.py).
+LINEAR_IN = "linear_in"
 
 
 # --- config.json as a family reads it ---------------------------------------------------
