@@ -17,7 +17,7 @@ from swtool.atomic import write_text_atomic
 from swtool.coordinate import Coordinate
 from swtool.errors import SwtoolError
 from swtool.inputfile import open_regular
-from swtool.table import plural
+from swtool.table import format_table, plural
 
 SCHEMA_ID = "swtool.catalog/2"
 READABLE = ("swtool.catalog/1", SCHEMA_ID)  # the versions read_catalog accepts
@@ -47,7 +47,7 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
     per-prompt reports; `super_weights`: detect.merge_prompts's list). `detection.prompt`, `tokens`
     and the NLLs are the first prompt's, as in a catalog of version 1; `detection.prompts` has them all.
     A scan of one prompt may also be given as detect.scan has it: prompt, tokens, found, report."""
-    from swtool.detect import merge_prompts
+    from swtool.detect import merge_prompts, merge_renormalised
     from swtool.known import fingerprint_of
 
     if isinstance(prompts, str):
@@ -85,6 +85,7 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
                         for text, ids, report in zip(prompts, tokens, reports)],
         },
         "super_weights": [sw.to_json() for sw in super_weights],
+        "renormalised_spikes": [spike.to_json() for spike in merge_renormalised(reports)],
         "profile": reports[0]["profile"],
     }
 
@@ -262,8 +263,6 @@ def format_scan(catalog, wide=False):
     """The human table of a scan: compact (about 100 columns), or with `wide` every measurement of
     the first prompt that found each weight. Tensors are named as the input names them: llama.cpp's
     names for a GGUF file, Hugging Face's for safetensors."""
-    from swtool.table import format_table
-
     model, detection = catalog["model"], catalog["detection"]
     prompts = detection.get("prompts") or [{"prompt": detection["prompt"], "tokens": detection["tokens"],
                                             "nll_intact": detection["nll_intact"],
@@ -280,11 +279,20 @@ def format_scan(catalog, wide=False):
 
         lines.append(f"WARNING: {describe_nonfinite(catalog['nonfinite_weights'])}; activations after them are not "
                      f"finite, so what follows is not a verdict on this model")
-    sws = catalog["super_weights"]
-    if not sws:
-        lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
-        return "\n".join(lines)
     gguf = any(f["name"].endswith(".gguf") for f in model["files"])
+    if catalog["super_weights"]:
+        lines += _super_weight_lines(catalog, prompts, gguf, wide)
+    else:
+        lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
+    if catalog.get("renormalised_spikes"):
+        lines += _renormalised_lines(catalog["renormalised_spikes"], n, gguf)
+    return "\n".join(lines)
+
+
+def _super_weight_lines(catalog, prompts, gguf, wide):
+    """The table of the super weights, its legend and the prompts' NLL with them removed."""
+    sws, detection, n = catalog["super_weights"], catalog["detection"], len(prompts)
+    lines = []
     mixture = any(sw.get("expert") is not None for sw in sws)  # name the expert only where there are experts
     rows = []
     for sw in sws:
@@ -330,7 +338,30 @@ def format_scan(catalog, wide=False):
             after = prompt.get("nll_all_removed")
             lines.append(f"  {i + 1}. {prompt['nll_intact']:.3f} -> " + ("-" if after is None else f"{after:.3f}")
                          + f"  {prompt['prompt']!r}")
-    return "\n".join(lines)
+    return lines
+
+
+def _renormalised_lines(spikes, n, gguf):
+    """The table of the renormalised spikes (detect.RenormalisedSpike): listed as weak, not super weights."""
+    mixture = any(spike.get("expert") is not None for spike in spikes)
+    norms = sorted({spike["norm"].split(".")[-2] for spike in spikes if spike.get("norm")}) or ["output norm"]
+    rows = [[spike["layer"], spike["row"], spike["col"]] + [spike.get("expert")] * mixture
+            + [spike["gguf_tensor"] if gguf else spike["tensor"], f"{spike['value']:.4g}",
+               f"{spike.get('found_in', 1)}/{n}", _number(spike["output_activation"]), _number(spike["after_norm"]),
+               f"weak: {spike['reason']}"]
+            for spike in spikes]
+    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value", "found", "before norm",
+                                                                 "after norm", "verified by"]
+    return [f"down_proj output spikes that {', '.join(norms)} caps (not super weights):",
+            format_table(header, rows),
+            "before/after norm: down_proj output [token, row], and what the norm adds to the residual there"
+            + (" (in the first prompt that found it)" if n > 1 else "") + ";\nweak: renormalised: the norm "
+            "rescales the spike, so it creates no massive activation; ablate, audit and export\n"
+            "leave these weights alone"]
+
+
+def _number(value):
+    return "-" if value is None else f"{value:.4g}"
 
 
 def nll_effect(sw):

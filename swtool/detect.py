@@ -107,6 +107,42 @@ class SuperWeight:
         return asdict(self)
 
 
+RENORMALISED = "renormalised"  # why a RenormalisedSpike is not a super weight (the table: weak: renormalised)
+
+
+@dataclass
+class RenormalisedSpike:
+    """An outlier weight feeding a down_proj output spike that the block's output norm caps
+    (`Architecture.mlp_output_norm`): the spike reaches the residual stream rescaled, creates no
+    massive activation there, and so is not a super weight (`renormalised_spikes`)."""
+
+    layer: int
+    row: int
+    col: int
+    expert: int | None
+    tensor: str
+    gguf_tensor: str
+    value: float
+    dtype: str
+    rank: int
+    token: int
+    input_activation: float  # down_proj input x[token, col]
+    output_activation: float  # down_proj output y[token, row]: the spike, before the norm
+    contribution: float  # x[token, col] * W[row, col]
+    after_norm: float  # what the norm passes on to the residual at [token, row]
+    residual: float  # residual stream [token, row] after the layer
+    norm: str  # the norm's weight tensor (Hugging Face name)
+    reason: str = RENORMALISED
+    tensor_index: list | None = None
+    # across the prompts of a scan (merge_renormalised): in how many it was found, and per prompt
+    # null where not found, else that prompt's token and activations
+    found_in: int | None = None
+    per_prompt: list | None = None
+
+    def to_json(self):
+        return asdict(self)
+
+
 def world_key(removed):
     """The key of the world with these SuperWeights zeroed (forking.py): {(layer, Edit)}."""
     return frozenset((sw.layer, Edit(sw.tensor, sw.row, sw.col, 0.0, sw.expert)) for sw in removed)
@@ -326,6 +362,7 @@ def scan_prompts(model, prompts, settings, progress=False, fork_online=True):
         _verify(found, worlds, recorder, nll_p, settings)
         removed = world_key(found)
         results.append((found, {
+            "renormalised": renormalised_spikes(model, recorder, weights, found, settings),
             "passes": 1 + stream.rounds,  # reads of the checkpoint; `complete` rounds re-read from some layer on
             "weight_reads": stream.blocks_run / model.arch.n_layers,  # layers computed / layers: 1.0 = each once
             "decision_passes": decision_passes,  # passes the pass-by-pass algorithm makes (iterations + 1)
@@ -583,6 +620,62 @@ def _candidates(model, recorder, weights, world, found, settings, iteration):
         new.extend(_spike_weights(model, recorder, weights, world, spike, known, settings, iteration,
                                   super_activation=float(intact_resid[spike.layer, spike.token, spike.row])))
     return new
+
+
+def renormalised_spikes(model, recorder, weights, found, settings):
+    """[RenormalisedSpike] of the intact world: in a block whose MLP output passes through a norm,
+    each spike (step 1) that the norm shrinks so that it creates no massive residual value (step 2),
+    traced to its outlier weights as a super weight's spike is (steps 4-5).
+
+    Such a norm divides the raw output by its RMS: once one channel dominates, it leaves the
+    block at about sqrt(hidden) x the norm's gain on that channel, however large the spike. A
+    massive activation then comes from that gain (real Gemma checkpoints), not from one weight;
+    the weight's spike is reported with its size before and after the norm, as not a super weight.
+    """
+    norm = model.arch.mlp_output_norm
+    if norm is None:
+        return []
+    down_out = np.asarray(recorder.world(DOWN_OUT, INTACT))
+    resid_mid, resid = recorder.world(RESID_MID, INTACT), recorder.world(RESID, INTACT)
+    spiking_rows = {(sw.layer, sw.row) for sw in found}
+    listed = []
+    for spike in find_spikes(down_out, settings.spike_ratio):
+        if (spike.layer, spike.row) in spiking_rows or creates_massive_activation(spike, resid_mid, resid, settings):
+            continue  # a super weight's spike, or one judged as such (steps 2-3)
+        at = (spike.layer, spike.token, spike.row)
+        residual = float(resid[at])
+        after_norm = residual - float(resid_mid[at])  # the block adds the norm's output to the residual
+        if abs(after_norm) >= abs(spike.output):
+            continue  # the norm did not shrink it: not what keeps it from being massive
+        for sw in _spike_weights(model, recorder, weights, INTACT, spike, set(), settings, 1, residual):
+            listed.append(RenormalisedSpike(
+                layer=sw.layer, row=sw.row, col=sw.col, expert=sw.expert, tensor=sw.tensor,
+                gguf_tensor=sw.gguf_tensor, value=sw.value, dtype=sw.dtype, rank=sw.rank, token=sw.token,
+                input_activation=sw.input_activation, output_activation=sw.output_activation,
+                contribution=sw.contribution, after_norm=after_norm, residual=residual,
+                norm=f"model.layers.{spike.layer}.{norm}.weight", tensor_index=sw.tensor_index))
+    return listed
+
+
+def merge_renormalised(reports):
+    """One list of RenormalisedSpikes from `scan_prompts`'s reports: each weight once, in the order the
+    prompts found it, its fields the first finding prompt's, with `found_in` and `per_prompt`."""
+    from copy import deepcopy
+
+    n, merged = len(reports), {}
+    for p, report in enumerate(reports):
+        for spike in report.get("renormalised", ()):
+            key = _key(spike)
+            if key not in merged:
+                merged[key] = deepcopy(spike)
+                merged[key].per_prompt = [None] * n
+            merged[key].per_prompt[p] = {
+                "token": spike.token, "input_activation": spike.input_activation,
+                "output_activation": spike.output_activation, "after_norm": spike.after_norm,
+                "residual": spike.residual}
+    for spike in merged.values():
+        spike.found_in = sum(entry is not None for entry in spike.per_prompt)
+    return list(merged.values())
 
 
 def _spike_weights(model, recorder, weights, world, spike, known, settings, iteration, super_activation):

@@ -174,6 +174,10 @@ class DecoderArgs(Args):
 class Architecture:
     model_types = ()  # config.json `model_type` values this class handles
     runs = True  # a forward pass exists (checkpoint/gguf_model.py's HeaderOnlyArchitecture has none)
+    # the norm the MLP's output passes through before the residual add (Gemma 2/3, OLMo 2:
+    # "post_feedforward_layernorm"), None where down_proj's output is added as it is: such a norm
+    # caps a down_proj spike, which the scan then lists as renormalised (detect.renormalised_spikes)
+    mlp_output_norm = None
 
     Args = Args  # the family's config.json keys (a dataclass subclassing Args)
 

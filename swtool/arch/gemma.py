@@ -196,6 +196,7 @@ class Gemma2Args(DecoderArgs):
 
 
 class Gemma2(Architecture):
+    mlp_output_norm = "post_feedforward_layernorm"
     model_types = ("gemma2",)
     Args = Gemma2Args
 
@@ -318,6 +319,7 @@ class Gemma3Args(DecoderArgs):
 
 
 class Gemma3(Architecture):
+    mlp_output_norm = "post_feedforward_layernorm"
     model_types = ("gemma3_text",)
     Args = Gemma3Args
 

@@ -127,6 +127,7 @@ class Olmo(Architecture):
 
 
 class Olmo2(Architecture):
+    mlp_output_norm = "post_feedforward_layernorm"
     model_types = ("olmo2",)
     Args = OlmoArgs
 
