@@ -47,3 +47,125 @@ def test_renormalised_spike_that_survives_the_weight_is_reported_weak(tiny_facto
     assert v["super_activation_removed"] > 0.5 * v["super_activation_intact"]
     assert abs(v["nll_removed"] - v["nll_intact"]) < 0.1
     assert not v["verified"]
+
+
+# The planted weight alone makes layer 2's down_proj output spike (thousands of times the other
+# layers'), but the norm keeps its random gains: it caps the spike below a massive residual value.
+CAPPED = Plant(2, 41, 101, norm_gain=False)
+
+
+def oracle_taps(torch_model, tokens, layer):
+    """transformers' own values at `layer`: down_proj's output, post_feedforward_layernorm's output
+    (forward hooks on the HF modules), and the hidden states after every layer; each [T, hidden]."""
+    import torch
+
+    block, taps = torch_model.model.layers[layer], {}
+
+    def keep(name):
+        return lambda module, inputs, output: taps.__setitem__(name, output[0].detach().double().numpy())
+
+    handles = [block.mlp.down_proj.register_forward_hook(keep("down")),
+               block.post_feedforward_layernorm.register_forward_hook(keep("after_norm"))]
+    try:
+        with torch.no_grad():
+            out = torch_model(torch.tensor([tokens]), output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden = [h[0].double().numpy() for h in out.hidden_states[1:]]  # [0] is the embedding
+    return taps["down"], taps["after_norm"], hidden
+
+
+def scan_capped(tiny_factory, family):
+    """The catalog of a scan with the default prompts (all five) of `family` with CAPPED planted."""
+    from swtool.catalog import default_prompts, scan_catalog
+
+    directory, torch_model = tiny_factory(family, "float32", plants=(CAPPED,))
+    model = load_model(directory)
+    catalog, _ = scan_catalog(model, default_prompts(model)[0])
+    return catalog, torch_model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_spike_the_norm_caps_is_listed_renormalised_with_transformers_sizes(tiny_factory, family):
+    import numpy as np
+
+    catalog, torch_model = scan_capped(tiny_factory, family)
+    assert catalog["super_weights"] == []  # no persistent massive activation: not a super weight
+    (spike,) = catalog["renormalised_spikes"]
+    assert (spike["layer"], spike["row"], spike["col"], spike["expert"]) == (2, 41, 101, None)
+    assert (spike["tensor"], spike["gguf_tensor"]) == ("model.layers.2.mlp.down_proj.weight", "blk.2.ffn_down.weight")
+    assert spike["reason"] == "renormalised" and spike["value"] == CAPPED.value and spike["rank"] == 1
+    assert spike["norm"] == "model.layers.2.post_feedforward_layernorm.weight"
+    down, after_norm, hidden = oracle_taps(torch_model, catalog["detection"]["tokens"], 2)
+    t, row = spike["token"], spike["row"]
+    # the spike is the largest down_proj output of the layer, thousands of times every other layer's
+    assert np.unravel_index(np.argmax(np.abs(down)), down.shape) == (t, row)
+    others = [np.abs(oracle_taps(torch_model, catalog["detection"]["tokens"], layer)[0]).max() for layer in (0, 1, 3)]
+    assert abs(down[t, row]) > 1000 * max(others)
+    # its size before and after the norm, as transformers computes them
+    assert spike["output_activation"] == pytest.approx(down[t, row], rel=1e-4)
+    assert spike["after_norm"] == pytest.approx(after_norm[t, row], rel=1e-4)
+    assert spike["residual"] == pytest.approx(hidden[2][t, row], rel=1e-4, abs=1e-4)
+    # why it is not a super weight, in transformers' numbers: the norm shrinks it fourfold or more, and
+    # the residual it leaves is not massive next to the token's other channels (scan's 10x median)
+    assert abs(after_norm[t, row]) < abs(down[t, row]) / 4
+    assert abs(hidden[2][t, row]) < 10 * np.median(np.abs(hidden[2][t]))
+    assert spike["found_in"] == len(catalog["detection"]["prompts"]) == 5
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+def test_renormalised_spike_is_printed_weak_and_not_protected(tiny_factory, family):
+    from swtool.audit import targets_from_catalog
+    from swtool.catalog import format_scan
+    from swtool.gguf_export import protected_weights
+
+    catalog, _ = scan_capped(tiny_factory, family)
+    table = format_scan(catalog).splitlines()
+    assert "no super weight found: no down_proj output spike creates a persistent massive activation" in table
+    assert "down_proj output spikes that post_feedforward_layernorm caps (not super weights):" in table
+    (row,) = [line for line in table if line.endswith("weak: renormalised")]
+    spike = catalog["renormalised_spikes"][0]
+    assert row.split() == ["2", "41", "101", "model.layers.2.mlp.down_proj.weight", "4", "5/5",
+                           f"{spike['output_activation']:.4g}", f"{spike['after_norm']:.4g}", "weak:", "renormalised"]
+    # commands that act on super weights never see it
+    assert targets_from_catalog(catalog) == []
+    assert protected_weights(catalog, "catalog", 4, {}) == ([], catalog["detection"]["prompt"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo2"])
+def test_a_spike_that_reaches_the_residual_stays_a_verified_super_weight(tiny_factory, family):
+    """Llama adds down_proj's output as it is; Gemma 2 and OLMo 2 with the norm's gain on the row let
+    the massive activation through: the planted weight is a verified super weight, nothing renormalised."""
+    from swtool.catalog import scan_catalog
+
+    directory, _ = tiny_factory(family, "float32", plants=(Plant(2, 41, 101),))
+    catalog, _ = scan_catalog(load_model(directory))
+    assert [(sw["layer"], sw["row"], sw["col"]) for sw in catalog["super_weights"]] == [(2, 41, 101)]
+    assert catalog["super_weights"][0]["verification"]["verified"]
+    assert catalog["renormalised_spikes"] == []
+
+
+def test_capped_llama_plant_is_still_a_verified_super_weight(tiny_factory):
+    """norm_gain means nothing to a block without an output norm: Llama's spike is a super weight."""
+    from swtool.catalog import scan_catalog
+
+    directory, _ = tiny_factory("llama", "float32", plants=(CAPPED,))
+    catalog, _ = scan_catalog(load_model(directory))
+    assert [(sw["layer"], sw["row"], sw["col"]) for sw in catalog["super_weights"]] == [(2, 41, 101)]
+    assert catalog["super_weights"][0]["verification"]["verified"]
+    assert catalog["renormalised_spikes"] == []
+
+
+def test_catalog_without_renormalised_spikes_still_reads(tiny_factory, tmp_path):
+    """A catalog written before renormalised_spikes existed (same schema version) reads and prints."""
+    import json
+
+    from swtool.catalog import format_scan, read_catalog
+
+    catalog, _ = scan_capped(tiny_factory, "olmo2")
+    del catalog["renormalised_spikes"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(catalog))
+    assert format_scan(read_catalog(path)).splitlines()[1:] == [
+        "no super weight found: no down_proj output spike creates a persistent massive activation"]
