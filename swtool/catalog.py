@@ -354,10 +354,10 @@ def _renormalised_lines(spikes, n, gguf):
                                                                  "after norm", "verified by"]
     return [f"down_proj output spikes that {', '.join(norms)} caps (not super weights):",
             format_table(header, rows),
-            "before/after norm: down_proj output [token, row], and what the norm adds to the residual there"
-            + (" (in the first prompt that found it)" if n > 1 else "") + ";\nweak: renormalised: the norm "
-            "rescales the spike, so it creates no massive activation; ablate, audit and export\n"
-            "leave these weights alone"]
+            "before norm: the down_proj output at [token, row]; after norm: what the norm adds to the residual there"
+            + ("," if n > 1 else ""),
+            ("in the first prompt that found it. " if n > 1 else "") + "weak: renormalised: the norm rescales the "
+            "spike, so it creates no\nmassive activation: not a super weight; ablate, audit and export leave it alone"]
 
 
 def _number(value):

@@ -169,3 +169,26 @@ def test_catalog_without_renormalised_spikes_still_reads(tiny_factory, tmp_path)
     path.write_text(json.dumps(catalog))
     assert format_scan(read_catalog(path)).splitlines()[1:] == [
         "no super weight found: no down_proj output spike creates a persistent massive activation"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+def test_renormalised_spike_is_listed_from_the_converters_gguf(tmp_path, family):
+    """llama.cpp's convert_hf_to_gguf.py writes the model (Gemma's norms stored as 1 + w): scanning its
+    file lists the same spike, with the same sizes, as scanning the Hugging Face directory (the same
+    token ids: the two tokenizers need not agree on a text)."""
+    from swtool.catalog import format_scan, scan_catalog
+    from fixtures.converted import build_converted
+
+    model_dir, gguf_path = build_converted(tmp_path, family, plants=[CAPPED])
+    gguf_model = load_model(gguf_path)
+    catalog, _ = scan_catalog(gguf_model)
+    assert catalog["super_weights"] == []
+    tokens = catalog["detection"]["tokens"]
+    found, report = scan(load_model(model_dir), tokens, Settings(DEFAULT_PROMPT))
+    assert found == []
+    (ours,), (theirs,) = report["renormalised"], catalog["renormalised_spikes"]
+    assert (theirs["layer"], theirs["row"], theirs["col"], theirs["token"]) == (2, 41, 101, ours.token)
+    for key in ("output_activation", "after_norm", "residual"):
+        assert theirs[key] == pytest.approx(getattr(ours, key), rel=1e-4)
+    (row,) = [line for line in format_scan(catalog).splitlines() if line.endswith("weak: renormalised")]
+    assert row.split()[:4] == ["2", "41", "101", "blk.2.ffn_down.weight"]
