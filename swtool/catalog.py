@@ -6,6 +6,9 @@ a malformed one. Version 2 adds the scan's prompts (detection.prompts) and, per
 super weight, in how many prompts it was found and verified (found_in,
 verified_in, per_prompt) and which test verified it (verification.verified_by);
 catalogs of version 1, which have one prompt and none of these, are still read.
+`renormalised_spikes` (added within version 2, absent from older catalogs) lists the weights of
+down_proj spikes that a post-FFN norm caps (detect.RenormalisedSpike): not super weights, so no
+command that acts on super weights reads it.
 """
 
 import hashlib

@@ -32,6 +32,12 @@ tokens). `merge_prompts` then lists each candidate once, with in how many prompt
 it was found and verified; it counts as verified when verified in more than half
 of the prompts (VERIFIED_RULE).
 
+Blocks that renormalise the MLP's output (Gemma 2/3, OLMo 2: `Architecture.mlp_output_norm`) cap a
+spike at about sqrt(hidden) x the norm's gain before it reaches the residual. Steps 1-5 look at the
+raw down_proj output, so a spike whose gain lets it through is a super weight as anywhere; one the
+norm caps fails step 2, and its outlier weights are listed apart (`renormalised_spikes`, the
+catalog's renormalised_spikes): not super weights, with the spike's size before and after the norm.
+
 Mixtures of experts (Mixtral): a layer has one down projection per expert, and
 each sees only the tokens routed to it. The layer's output is then the
 router-weighted sum of its experts' down projections; a spike in it is traced to
