@@ -80,11 +80,12 @@ def oracle_taps(torch_model, tokens, layer):
 
 def scan_capped(tiny_factory, family):
     """The catalog of a scan with the default prompts (all five) of `family` with CAPPED planted."""
-    from swtool.catalog import default_prompts, scan_catalog
+    from swtool.catalog import default_prompts, scan_catalog, validate
 
     directory, torch_model = tiny_factory(family, "float32", plants=(CAPPED,))
     model = load_model(directory)
     catalog, _ = scan_catalog(model, default_prompts(model)[0])
+    validate(catalog)  # what -o writes
     return catalog, torch_model
 
 
