@@ -288,7 +288,7 @@ def format_scan(catalog, wide=False):
     else:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
     if catalog.get("renormalised_spikes"):
-        lines += _renormalised_lines(catalog["renormalised_spikes"], n, gguf)
+        lines += _renormalised_lines(catalog["renormalised_spikes"], n, gguf, wide)
     return "\n".join(lines)
 
 
@@ -344,21 +344,28 @@ def _super_weight_lines(catalog, prompts, gguf, wide):
     return lines
 
 
-def _renormalised_lines(spikes, n, gguf):
-    """The table of the renormalised spikes (detect.RenormalisedSpike): listed as weak, not super weights."""
+def _renormalised_lines(spikes, n, gguf, wide=False):
+    """The table of the renormalised spikes (detect.RenormalisedSpike): listed as weak, not super weights;
+    `wide` adds the weight's dtype and rank, the token, the down_proj input and the residual."""
     mixture = any(spike.get("expert") is not None for spike in spikes)
     norms = sorted({spike["norm"].split(".")[-2] for spike in spikes if spike.get("norm")}) or ["output norm"]
-    rows = [[spike["layer"], spike["row"], spike["col"]] + [spike.get("expert")] * mixture
-            + [spike["gguf_tensor"] if gguf else spike["tensor"], f"{spike['value']:.4g}",
-               f"{spike.get('found_in', 1)}/{n}", _number(spike["output_activation"]), _number(spike["after_norm"]),
-               f"weak: {spike['reason']}"]
-            for spike in spikes]
-    header = ["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value", "found", "before norm",
-                                                                 "after norm", "verified by"]
+    rows = []
+    for spike in spikes:
+        row = [spike["layer"], spike["row"], spike["col"]] + [spike.get("expert")] * mixture + [
+            spike["gguf_tensor"] if gguf else spike["tensor"], f"{spike['value']:.4g}"]
+        if wide:
+            row += [spike.get("dtype", "-"), spike.get("rank", "-"), spike["token"],
+                    _number(spike.get("input_activation"))]
+        row += [f"{spike.get('found_in', 1)}/{n}", _number(spike["output_activation"]), _number(spike["after_norm"])]
+        rows.append(row + [_number(spike.get("residual"))] * wide + [f"weak: {spike['reason']}"])
+    header = (["layer", "row", "col"] + ["expert"] * mixture + ["tensor", "value"]
+              + ["dtype", "rank", "token", "input"] * wide + ["found", "before norm", "after norm"]
+              + ["residual"] * wide + ["verified by"])
     return [f"down_proj output spikes that {', '.join(norms)} caps (not super weights):",
             format_table(header, rows),
             "before norm: the down_proj output at [token, row]; after norm: what the norm adds to the residual there"
-            + ("," if n > 1 else ""),
+            + (";\ninput: the down_proj input at [token, col]; residual: the residual at [token, row] after the layer"
+               if wide else "") + ("," if n > 1 else ""),
             ("in the first prompt that found it. " if n > 1 else "") + "weak: renormalised: the norm rescales the "
             "spike, so it creates no\nmassive activation: not a super weight; ablate, audit and export leave it alone"]
 

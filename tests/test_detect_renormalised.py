@@ -156,6 +156,9 @@ def test_renormalised_spike_is_printed_weak_and_not_protected(tiny_factory, fami
     spike = catalog["renormalised_spikes"][0]
     assert row.split() == ["2", "41", "101", "model.layers.2.mlp.down_proj.weight", "4", "5/5",
                            f"{spike['output_activation']:.4g}", f"{spike['after_norm']:.4g}", "weak:", "renormalised"]
+    (wide,) = [line for line in format_scan(catalog, wide=True).splitlines() if line.endswith("weak: renormalised")]
+    assert wide.split()[4:10] == ["4", "F32", "1", str(spike["token"]), f"{spike['input_activation']:.4g}", "5/5"]
+    assert wide.split()[12] == f"{spike['residual']:.4g}"
     # commands that act on super weights never see it
     assert targets_from_catalog(catalog) == []
     assert protected_weights(catalog, "catalog", 4, {}) == ([], catalog["detection"]["prompt"])
