@@ -223,3 +223,23 @@ def test_renormalised_spike_is_listed_from_the_converters_gguf(tmp_path, family)
         assert theirs[key] == pytest.approx(getattr(ours, key), rel=1e-4)
     (row,) = [line for line in format_scan(catalog).splitlines() if line.endswith("weak: renormalised")]
     assert row.split()[:4] == ["2", "41", "101", "blk.2.ffn_down.weight"]
+
+
+def test_super_weight_and_renormalised_spike_in_one_model(tiny_factory):
+    """OLMo 2 (no norm before its MLP, so the second plant's input is not shrunk by the first's
+    super activation), 8 layers: a plant whose row has the norm's gain is a verified super weight,
+    one whose spike the norm caps is listed apart, and the table prints both."""
+    from swtool.catalog import format_scan, scan_catalog
+
+    plants = (Plant(1, 30, 50), Plant(4, 41, 101, norm_gain=False))
+    directory, _ = tiny_factory("olmo2", "float32", plants=plants, num_hidden_layers=8)
+    catalog, _ = scan_catalog(load_model(directory))
+    assert [(sw["layer"], sw["row"], sw["col"], sw["verification"]["verified"]) for sw in catalog["super_weights"]] \
+        == [(1, 30, 50, True)]
+    assert [(s["layer"], s["row"], s["col"]) for s in catalog["renormalised_spikes"]] == [(4, 41, 101)]
+    table = format_scan(catalog).splitlines()
+    (found,) = [line for line in table if line.split()[:3] == ["1", "30", "50"]]
+    (listed,) = [line for line in table if line.split()[:3] == ["4", "41", "101"]]
+    assert found.endswith("1/1 activation") and listed.endswith("weak: renormalised")
+    assert table.index(found) < table.index("down_proj output spikes that post_feedforward_layernorm caps "
+                                            "(not super weights):") < table.index(listed)
