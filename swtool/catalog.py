@@ -6,6 +6,7 @@ a malformed one. Version 2 adds the scan's prompts (detection.prompts) and, per
 super weight, in how many prompts it was found and verified (found_in,
 verified_in, per_prompt) and which test verified it (verification.verified_by);
 catalogs of version 1, which have one prompt and none of these, are still read.
+A mixture's catalog may also have `super_experts` (experts.py), an optional section.
 """
 
 import hashlib
@@ -61,7 +62,7 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
             entry["sha256"] = sha256_file(path)
         files.append(entry)
     architectures = model.checkpoint.config.get("architectures") or [model.arch.model_type]
-    return {
+    catalog = {
         "schema": SCHEMA_ID,
         "tool": {"name": "swtool", "version": __version__},
         "model": {
@@ -87,6 +88,9 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
         "super_weights": [sw.to_json() for sw in super_weights],
         "profile": reports[0]["profile"],
     }
+    if reports[0].get("super_experts") is not None:  # a mixture's (experts.py), over every prompt
+        catalog["super_experts"] = reports[0]["super_experts"]
+    return catalog
 
 
 def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False):
@@ -283,7 +287,7 @@ def format_scan(catalog, wide=False):
     sws = catalog["super_weights"]
     if not sws:
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
-        return "\n".join(lines)
+        return "\n".join(lines + super_expert_lines(catalog, n))
     gguf = any(f["name"].endswith(".gguf") for f in model["files"])
     mixture = any(sw.get("expert") is not None for sw in sws)  # name the expert only where there are experts
     rows = []
@@ -330,7 +334,16 @@ def format_scan(catalog, wide=False):
             after = prompt.get("nll_all_removed")
             lines.append(f"  {i + 1}. {prompt['nll_intact']:.3f} -> " + ("-" if after is None else f"{after:.3f}")
                          + f"  {prompt['prompt']!r}")
-    return "\n".join(lines)
+    return "\n".join(lines + super_expert_lines(catalog, n))
+
+
+def super_expert_lines(catalog, n_prompts):
+    """The table's lines about a mixture's super experts (none for a catalog without the section)."""
+    if catalog.get("super_experts") is None:
+        return []
+    from swtool.experts import format_super_experts
+
+    return format_super_experts(catalog["super_experts"], n_prompts)
 
 
 def nll_effect(sw):

@@ -191,10 +191,11 @@ def format_super_experts(section, n_prompts=1):
               "verified by"]
     control = ", ".join(f"{c['layer']}:{c['expert']}" for c in section["control"]) or "none available"
     over = f", mean over {n_prompts} prompts" if n_prompts > 1 else ""
-    notes = [f"SA: super activation |residual[token, channel]| after the layer; -e: the expert removed (the router "
-             f"never picks it); ctrl: as many other experts removed ({control});",
-             f"NLL: change of the prompt's mean NLL{over}; all {len(experts)} removed: "
-             f"{section['nll_intact']:.3f} -> {section['nll_all_removed']:.3f} (control {section['nll_control']:.3f})"]
+    which = "the super expert" if len(experts) == 1 else f"all {len(experts)}"
+    notes = ["SA: super activation |residual[token, channel]| after the layer; -e: with the expert removed (the",
+             f"router never picks it); ctrl: with as many other experts removed (layer:expert {control});",
+             f"NLL: change of the prompt's mean NLL{over}; with {which} removed {section['nll_intact']:.3f} -> "
+             f"{section['nll_all_removed']:.3f} (control {section['nll_control']:.3f})"]
     if section["experts_observed"] <= 200:
         notes.append("with at most 200 experts observed the largest always passes the percentile: removal decides")
     return [head + ":", format_table(header, rows)] + notes

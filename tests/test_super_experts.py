@@ -1,0 +1,205 @@
+"""Super experts (Su et al. 2025) in tiny Mixtral, Qwen3-MoE and OLMoE with a planted one: the scan lists
+it by the paper's criterion, verifies it by removal against a control, and transformers, with the same
+experts excluded from its own router, gives the removed-expert NLL, super activation and perplexity.
+
+The planted super expert is fixtures/tiny.py's plant_mixtral: one expert of layer 2 whose gate/up rows
+read the embedding's large channel and whose down projection has one large weight, with a router row
+that sends every token to it; its down projection's output is hundreds where the others' are ~1.
+
+Removing an expert in transformers (the oracle): torch.nn.functional.linear is wrapped so the product
+with that layer's router weight has the expert's logit at -inf; transformers' own router then takes the
+softmax, the top k and (Mixtral, Qwen3-MoE with norm_topk_prob) their renormalisation, as it always does.
+"""
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from swtool.catalog import build_catalog, validate
+from swtool.detect import Settings, scan
+from swtool.forward import DropExpert, World, forward, mean_nll
+from swtool.model import load_model
+from swtool.tokenizer import DEFAULT_PROMPT, encode
+from fixtures.tiny import Plant
+
+PLANT = Plant(2, 41, 101, expert=2)
+FAMILIES = ["mixtral", "qwen3-moe", "olmoe"]
+
+
+def hf_model(directory):
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def hf_without(model, experts):
+    """transformers' `model` with these (layer, expert) pairs excluded from its routers' choice."""
+    dropped = {}
+    for layer, expert in experts:
+        dropped.setdefault(id(model.model.layers[layer].mlp.gate.weight), []).append(expert)
+    original = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        out = original(x, weight, bias)
+        if id(weight) in dropped:
+            out = out.clone()
+            out[..., dropped[id(weight)]] = -torch.inf
+        return out
+
+    torch.nn.functional.linear = linear
+    try:
+        yield model
+    finally:
+        torch.nn.functional.linear = original
+
+
+def hf_run(model, tokens, experts=()):
+    """(mean NLL of tokens[1:], hidden states after each layer [layers + 1, T, hidden]) in transformers."""
+    ids = torch.tensor([list(tokens)])
+    with hf_without(model, experts), torch.no_grad():
+        out = model(ids, labels=ids, output_hidden_states=True)
+    return float(out.loss), np.stack([h[0].numpy() for h in out.hidden_states])
+
+
+def hf_expert_maxima(model, tokens):
+    """{(layer, expert): max |down_proj output|} over the tokens transformers routes to each expert,
+    computed here in torch from the layer's normalised input and transformers' routing."""
+    maxima, inputs = {}, {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda module, args, i=i: inputs.__setitem__(i, args[0][0]))
+             for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        model(torch.tensor([list(tokens)]))
+        for hook in hooks:
+            hook.remove()
+        for i, h in inputs.items():
+            mlp = model.model.layers[i].mlp
+            _, _, chosen = mlp.gate(h)
+            experts = mlp.experts
+            for e in range(experts.num_experts):
+                rows = (chosen == e).any(dim=-1)
+                if not rows.any():
+                    continue
+                gate, up = torch.nn.functional.linear(h[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+                y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+                maxima[i, e] = float(y.abs().max())
+    return maxima
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def planted(request, tiny_factory_module):
+    directory, _ = tiny_factory_module(request.param, "float32", plants=(PLANT,))
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, report = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    return request.param, directory, model, tokens, found, report
+
+
+@pytest.fixture(scope="module")
+def tiny_factory_module(tmp_path_factory):
+    from fixtures.tiny import build_tiny
+
+    built = {}
+
+    def make(family, dtype, plants=()):
+        if (family, plants) not in built:
+            out = tmp_path_factory.mktemp(f"super-expert-{family}")
+            built[family, plants] = (out, build_tiny(out, family, dtype, plants=plants))
+        return built[family, plants]
+
+    return make
+
+
+def test_planted_super_expert_is_found_by_the_papers_criterion(planted):
+    family, directory, _, tokens, _, report = planted
+    section = report["super_experts"]
+    (se,) = section["experts"]
+    assert (se["layer"], se["expert"]) == (PLANT.layer, PLANT.expert)
+    assert se["channel"] == PLANT.row  # its largest output is the planted weight's row
+    # the criterion's measurements against transformers' experts (computed in torch from its routing)
+    expected = hf_expert_maxima(hf_model(directory), tokens)
+    assert section["experts_observed"] == len(expected)
+    assert se["max_output"] == pytest.approx(expected[PLANT.layer, PLANT.expert], rel=1e-5)
+    values = np.array(list(expected.values()))
+    assert section["threshold"] == pytest.approx(np.percentile(values, 99.5), rel=1e-5)
+    assert section["largest"] == pytest.approx(values.max(), rel=1e-5)
+    others = sorted(v for at, v in expected.items() if at != (PLANT.layer, PLANT.expert))
+    assert se["max_output"] > 100 * others[-1]  # planted: far above every other expert
+    assert se["ratio"] == 1.0 and se["percentile"] == 100.0
+
+
+def test_planted_super_expert_is_verified_by_removal_against_transformers(planted):
+    """The NLL and super activation with the super expert removed, and with the control's expert removed,
+    are transformers' with the same experts excluded from its router."""
+    family, directory, _, tokens, _, report = planted
+    section = report["super_experts"]
+    (se,) = section["experts"]
+    v = se["verification"]
+    (control,) = [(c["layer"], c["expert"]) for c in section["control"]]
+    assert control[0] == PLANT.layer and control[1] != PLANT.expert  # as many others, from the same layer
+    model = hf_model(directory)
+    at = (PLANT.layer + 1, se["token"], se["channel"])  # hidden_states[l + 1]: the residual after layer l
+    for world, experts in (("intact", ()), ("removed", [(PLANT.layer, PLANT.expert)]), ("control", [control])):
+        nll, hidden = hf_run(model, tokens, experts)
+        assert v[f"nll_{world}"] == pytest.approx(nll, rel=1e-5), world
+        assert v[f"super_activation_{world}"] == pytest.approx(abs(hidden[at]), rel=1e-4, abs=1e-4), world
+    assert v["super_activation_intact"] > 100 and v["massive"]
+    assert v["super_activation_removed"] < 1e-3 * v["super_activation_intact"]  # the expert made it
+    assert v["super_activation_control"] == pytest.approx(v["super_activation_intact"], rel=1e-3)
+    assert v["verified"] and v["verified_by"] == ["activation"]
+    assert section["nll_all_removed"] == pytest.approx(v["nll_removed"], rel=1e-6)
+
+
+def test_removal_world_matches_transformers_logits(planted):
+    """A DropExpert world of the forward pass beside the intact one: each row is transformers'."""
+    family, directory, model, tokens, _, _ = planted
+    removed = [(PLANT.layer, PLANT.expert), (1, 0)]
+    worlds = [World("intact"), World("removed", tuple(DropExpert(*at) for at in removed))]
+    logits = forward(model, tokens, worlds)
+    hf = hf_model(directory)
+    for row, experts in zip(logits, ((), removed)):
+        with hf_without(hf, experts), torch.no_grad():
+            expected = hf(torch.tensor([list(tokens)])).logits[0].numpy()
+        np.testing.assert_allclose(row, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert not np.allclose(logits[0], logits[1])
+    assert mean_nll(logits, tokens).shape == (2,)
+
+
+def test_catalog_section_is_valid_and_in_the_table(planted, tmp_path):
+    from swtool.catalog import format_scan
+
+    _, _, model, tokens, found, report = planted
+    catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found, report)
+    validate(json.loads(json.dumps(catalog)))
+    assert catalog["super_experts"]["experts"][0]["expert"] == PLANT.expert
+    table = format_scan(catalog)
+    assert "super experts (Su et al. 2025" in table
+    line = next(line for line in table.splitlines() if line.split()[:2] == [str(PLANT.layer), str(PLANT.expert)]
+                and line.endswith("activation"))
+    assert "100.0" in line
+
+
+def test_random_mixture_lists_its_largest_expert_unverified(tiny_factory):
+    """Without a plant the criterion still names the largest expert (fewer than 201 observed), and
+    removing it neither collapses a massive activation nor raises the NLL: not verified."""
+    directory, _ = tiny_factory("mixtral", "float32")
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, report = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    assert found == []
+    (se,) = report["super_experts"]["experts"]
+    assert se["ratio"] == 1.0
+    assert not se["verification"]["massive"] and not se["verification"]["verified"]
+
+
+def test_dense_model_has_no_super_expert_section(tiny_factory):
+    directory, _ = tiny_factory("llama", "float32", plants=(Plant(1, 20, 33),))
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    _, report = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    assert report["super_experts"] is None
+    catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), *scan(model, tokens,
+                                                                                            Settings(DEFAULT_PROMPT)))
+    assert "super_experts" not in catalog
