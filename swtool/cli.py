@@ -305,6 +305,9 @@ def text_options(command):
 @text_options
 @click.option("--zero", multiple=True, metavar="L:ROW:COL",
               help="Zero layer L's down_proj[ROW, COL] on the fly, in every world (repeatable).")
+@click.option("--drop-expert", "drop_experts", multiple=True, metavar="L:E",
+              help="Mixtures: remove expert E of layer L in every world; the router never picks it and weighs "
+                   "the experts it picks instead as the model does (repeatable).")
 @click.option("--catalog", type=click.Path(),
               help="A scan catalog. Alone: compare the model with and without its super weights.")
 @click.option("--ablate", is_flag=True, help="Evaluate with the catalog's super weights zeroed.")
@@ -324,7 +327,7 @@ def text_options(command):
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
 @threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of a table.")
-def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
+def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, drop_experts, catalog, ablate, scale_super,
                  control_top, restore_activation, sweep, kld_reference, plot, batch_tokens, as_json, no_progress,
                  force, download):
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments.
@@ -338,6 +341,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.coordinate import Coordinate
     from swtool.errors import SwtoolError
     from swtool.evaluate import evaluate, make_chunks, text_token_ids
+    from swtool.experts import parse_expert
     from swtool.experiments import EvalOptions, build_plan, describe_eval, format_eval, parse_scales, stop_word_ids
     from swtool.model import load_model
     from swtool.tokenizer import load_tokenizer
@@ -346,7 +350,8 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     options = EvalOptions(zero=tuple(Coordinate.parse(z) for z in zero),
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
-                      restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
+                      restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else (),
+                      drop_experts=tuple(parse_expert(text) for text in drop_experts))
     resolve_model(model, download)
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)

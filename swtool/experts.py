@@ -34,6 +34,7 @@ import numpy as np
 
 from swtool.arch.base import RESID
 from swtool.arch.moe import SHARED
+from swtool.errors import SwtoolError
 from swtool.forward import DropExpert
 from swtool.table import plural
 
@@ -199,3 +200,34 @@ def format_super_experts(section, n_prompts=1):
     if section["experts_observed"] <= 200:
         notes.append("with at most 200 experts observed the largest always passes the percentile: removal decides")
     return [head + ":", format_table(header, rows)] + notes
+
+
+def parse_expert(text, option="--drop-expert"):
+    """'L:E' as typed on the command line -> (layer, expert); a one-line error otherwise."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise SwtoolError(f"{option} {text!r}: expected LAYER:EXPERT, two non-negative integers like 2:92")
+    return int(parts[0]), int(parts[1])
+
+
+def drop_expert_edits(model, experts, option="--drop-expert"):
+    """DropExpert edits removing these (layer, expert) pairs, checked against the model: a mixture, a sparse
+    layer, an expert it has, and at least num_experts_per_tok experts left in each layer."""
+    moe = model.arch.moe
+    if experts and moe is None:
+        raise SwtoolError(f"{option}: {model.path} is a {model.arch.model_type} model, not a mixture of experts")
+    per_layer = {}
+    for layer, expert in experts:
+        where = f"{option} {layer}:{expert}"
+        if layer >= model.arch.n_layers:
+            raise SwtoolError(f"{where}: the model has {plural(model.arch.n_layers, 'layer')}")
+        if not moe.is_sparse(layer):
+            raise SwtoolError(f"{where}: layer {layer} is a dense MLP, it has no experts")
+        if expert >= moe.n_experts:
+            raise SwtoolError(f"{where}: layer {layer} has {plural(moe.n_experts, 'expert')} (0-based)")
+        per_layer.setdefault(layer, set()).add(expert)
+    for layer, removed in per_layer.items():
+        if moe.n_experts - len(removed) < moe.top_k:
+            raise SwtoolError(f"{option}: removing {plural(len(removed), 'expert')} of layer {layer} leaves fewer "
+                              f"than the {moe.top_k} each token is routed to")
+    return tuple(DropExpert(layer, expert) for layer in sorted(per_layer) for expert in sorted(per_layer[layer]))

@@ -13,6 +13,7 @@ softmax, the top k and (Mixtral, Qwen3-MoE with norm_topk_prob) their renormalis
 
 import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from swtool.tokenizer import DEFAULT_PROMPT, encode
 from fixtures.tiny import Plant
 
 PLANT = Plant(2, 41, 101, expert=2)
+PROSE = Path(__file__).resolve().parents[1] / "fixtures" / "prose.txt"
 FAMILIES = ["mixtral", "qwen3-moe", "olmoe"]
 
 
@@ -203,3 +205,65 @@ def test_dense_model_has_no_super_expert_section(tiny_factory):
     catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), *scan(model, tokens,
                                                                                             Settings(DEFAULT_PROMPT)))
     assert "super_experts" not in catalog
+
+
+def hf_perplexity(directory, ids, ctx, experts=()):
+    """exp(mean NLL) of `ids` in chunks of `ctx`, every prediction of a chunk scored, by transformers
+    with `experts` excluded from its routers."""
+    model, nll, count = hf_model(directory), 0.0, 0
+    with hf_without(model, experts), torch.no_grad():
+        for start in range(0, len(ids), ctx):
+            chunk = torch.tensor([ids[start:start + ctx]])
+            nll += model(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    return float(np.exp(nll / count)), count
+
+
+def test_eval_drop_expert_perplexity_is_transformers(planted):
+    """`eval --drop-expert` (repeatable) against transformers with the same experts excluded from its router;
+    the super expert's removal takes the layer's peak down_proj output from hundreds to ordinary."""
+    from tokenizers import Tokenizer
+
+    from fixtures.cli_run import swtool
+
+    family, directory, *_ = planted
+    ctx, max_tokens = 64, 192
+    ids = Tokenizer.from_file(str(directory / "tokenizer.json")).encode(PROSE.read_text()).ids[:max_tokens]
+
+    def swtool_eval(*drops):
+        args = [arg for drop in drops for arg in ("--drop-expert", drop)]
+        out = swtool("eval", directory, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens, "--json",
+                     "--no-progress", *args)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    intact = swtool_eval()
+    assert "experts_dropped" not in intact
+    removed = swtool_eval("2:2", "1:0")
+    assert removed["experts_dropped"] == [[1, 0], [2, 2]]
+    (world,), (intact_world,) = removed["worlds"], intact["worlds"]
+    expected, count = hf_perplexity(directory, ids, ctx, [(2, 2), (1, 0)])
+    assert world["predictions"] == count and world["weights_edited"] == 0
+    assert world["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert intact_world["perplexity"] == pytest.approx(hf_perplexity(directory, ids, ctx)[0], rel=1e-5)
+    assert abs(world["perplexity"] / intact_world["perplexity"] - 1) > 1e-4  # the removal shows at that tolerance
+    assert intact_world["peak_down_proj_output"][2] > 100 > 10 * world["peak_down_proj_output"][2]
+
+
+def test_drop_expert_bad_input_is_one_line(planted, tiny_factory):
+    from fixtures.cli_run import one_line_error, swtool_in_process
+
+    family, directory, *_ = planted
+    cases = [("9:0", "the model has 4 layers"), ("2:4", "layer 2 has 4 experts"),
+             ("2-1", "expected LAYER:EXPERT"), ("2:x", "expected LAYER:EXPERT")]
+    if family == "qwen3-moe":
+        cases.append(("3:0", "layer 3 is a dense MLP"))  # mlp_only_layers
+    for drop, message in cases:
+        assert message in one_line_error(swtool_in_process(
+            "eval", directory, "--text", PROSE, "--max-tokens", 64, "--no-progress", "--drop-expert", drop)), drop
+    many = [arg for e in (0, 1, 3) for arg in ("--drop-expert", f"2:{e}")]
+    assert "leaves fewer than the 2" in one_line_error(swtool_in_process(
+        "eval", directory, "--text", PROSE, "--max-tokens", 64, "--no-progress", *many))
+    dense, _ = tiny_factory("llama", "float32")
+    assert "not a mixture of experts" in one_line_error(swtool_in_process(
+        "eval", dense, "--text", PROSE, "--max-tokens", 64, "--no-progress", "--drop-expert", "1:0"))
