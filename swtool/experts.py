@@ -57,6 +57,9 @@ class SuperExpert:
     ratio: float  # max_output / the largest expert's
     tensor: str  # Hugging Face name of its down projection (stacked tensors: slice `expert`)
     gguf_tensor: str  # llama.cpp's (blk.N.ffn_down_exps.weight: slice `expert`)
+    # row `channel` of its down projection, what audit checks: its largest |w| (col, value, where the
+    # file stores it) and the RMS of its other weights
+    down_proj_row: dict = field(default_factory=dict)
     verification: dict = field(default_factory=dict)
 
     def to_json(self):
@@ -113,6 +116,24 @@ def control_experts(chosen, routed, n_experts, seed=CONTROL_SEED):
     return control
 
 
+def down_proj_row(model, layer, expert, row):
+    """{row, col, value, rms_others, tensor_index}: the largest |w| of row `row` of the expert's down
+    projection, where the file stores it, and the RMS of the row's other weights (what audit reads back)."""
+    from swtool.detect import down_proj_matrix, stored_index
+
+    matrix = down_proj_matrix(model, layer, expert)
+    weights = matrix.read(rows=[row])[0]
+    col = int(np.argmax(np.abs(weights)))
+    return {"row": row, "col": col, "value": float(weights[col]), "rms_others": others_rms(weights, col),
+            "tensor_index": stored_index(model, matrix, expert, row, col)}
+
+
+def others_rms(weights, col):
+    """The RMS of a row's weights but the one at `col`: a large weight there would hide what the rest do."""
+    rest = np.delete(weights, col)
+    return float(np.sqrt(np.mean(np.square(rest, dtype=np.float64)))) if rest.size else 0.0
+
+
 def plan(model, recorders):
     """(SuperExperts without verification, control [(layer, expert)], {name: world key}, criterion numbers)."""
     maxima = expert_maxima(recorders)
@@ -124,7 +145,8 @@ def plan(model, recorders):
         tensor = model.arch.down_proj_name(layer, expert)
         found.append(SuperExpert(layer, expert, peak, value, token, channel, prompt,
                                  percentile=float(100.0 * np.mean(values <= peak)), ratio=peak / largest,
-                                 tensor=tensor, gguf_tensor=model.arch.gguf_name(tensor)))
+                                 tensor=tensor, gguf_tensor=model.arch.gguf_name(tensor),
+                                 down_proj_row=down_proj_row(model, layer, expert, channel)))
     control = control_experts(chosen, routed_experts(recorders), model.arch.moe.n_experts)
     worlds = {"intact": INTACT}
     if found:

@@ -267,3 +267,53 @@ def test_drop_expert_bad_input_is_one_line(planted, tiny_factory):
     dense, _ = tiny_factory("llama", "float32")
     assert "not a mixture of experts" in one_line_error(swtool_in_process(
         "eval", dense, "--text", PROSE, "--max-tokens", 64, "--no-progress", "--drop-expert", "1:0"))
+
+
+def test_audit_checks_the_super_experts_down_proj_row(planted, tmp_path):
+    """audit reads back the super expert's down_proj row: intact as scanned; the row rescaled elsewhere
+    than its largest weight is `changed` (its RMS), the row zeroed is `zeroed`; each a copy written by
+    safetensors with only that row changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.cli_run import swtool
+
+    family, directory, model, tokens, found, report = planted
+    catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found, report)
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(catalog))
+    (se,) = catalog["super_experts"]["experts"]
+    row = se["down_proj_row"]
+    assert (row["row"], row["col"], row["value"]) == (PLANT.row, PLANT.col, pytest.approx(PLANT.value))
+
+    def audit(target):
+        out = swtool("audit", target, "--catalog", path, "--json")
+        data = json.loads(out.stdout)
+        (finding,) = [f for f in data["findings"] if f["super_expert"]]
+        return out.returncode, finding
+
+    code, finding = audit(directory)
+    assert code == 0 and finding["status"] == "intact"
+    tensors = load_file(directory / "model.safetensors")
+    weight = tensors[se["tensor"]]
+    scanned_row = (weight[se["expert"], row["row"]] if weight.dim() == 3 else weight[row["row"]]).clone()
+    assert int(scanned_row.abs().argmax()) == row["col"]
+    scanned_row[row["col"]] = float("nan")
+    expected_rms = float(torch.sqrt(torch.nanmean(torch.square(scanned_row))))  # the others
+    assert finding["expected_row_rms"] == pytest.approx(expected_rms, rel=1e-6)
+    for change, status in (("rescaled", "changed"), ("zeroed", "zeroed")):
+        edited = {name: t.clone() for name, t in tensors.items()}
+        matrix = edited[se["tensor"]][se["expert"]] if weight.dim() == 3 else edited[se["tensor"]]
+        if change == "rescaled":
+            keep = matrix[row["row"], row["col"]].item()
+            matrix[row["row"]] *= 3.0
+            matrix[row["row"], row["col"]] = keep  # its largest weight as scanned: only the RMS tells
+        else:
+            matrix[row["row"]] = 0.0
+        copy = tmp_path / change
+        shutil.copytree(directory, copy)
+        save_file(edited, copy / "model.safetensors", metadata={"format": "pt"})
+        code, finding = audit(copy)
+        assert code == 1 and finding["status"] == status, (change, finding)
+        assert finding["row_rms"] == pytest.approx(3 * expected_rms if change == "rescaled" else 0.0, rel=1e-3)
