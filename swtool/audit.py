@@ -509,13 +509,18 @@ def mark_ablated(report, record, path):
     """Weights that hold what an `swtool ablate` record says it wrote there: "ablated as recorded"."""
     scale = record["ablation"].get("scale")
     written = {Coordinate.of(sw): sw["value"] for sw in record["super_weights"]}
+    # ablate --drop-expert: every weight of these experts' down projections is 0
+    zeroed = {(e["layer"], e["expert"]) for e in record["ablation"].get("experts_zeroed", ())}
     for finding in report.findings:
         value = written.get(Coordinate(finding.layer, finding.row, finding.col, finding.expert))
+        if (finding.layer, finding.expert) in zeroed and value is None:
+            value = 0.0
         if value is None or finding.value is None or not math.isfinite(finding.value):
             continue
         if _relative_change(finding.value, value) <= report.tolerance:
             finding.status = "ablated"
-            finding.note = f"ablated as recorded in {Path(path).name} (scale {scale:g})"
+            finding.note = (f"ablated as recorded in {Path(path).name} "
+                            + ("(expert zeroed)" if (finding.layer, finding.expert) in zeroed else f"(scale {scale:g})"))
 
 
 def judge_storage(report, checkpoint):

@@ -317,3 +317,82 @@ def test_audit_checks_the_super_experts_down_proj_row(planted, tmp_path):
         code, finding = audit(copy)
         assert code == 1 and finding["status"] == status, (change, finding)
         assert finding["row_rms"] == pytest.approx(3 * expected_rms if change == "rescaled" else 0.0, rel=1e-3)
+
+
+def test_ablate_drop_expert_zeroes_its_down_projection_and_restores(planted, tmp_path):
+    """`ablate --drop-expert`: a copy whose only change is the expert's whole down projection, zeros,
+    which transformers reads and whose perplexity swtool and transformers agree on; it is not router
+    exclusion (the expert is still picked): eval --drop-expert scores differently. --in-place journals
+    the matrix and --restore puts every byte back."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from fixtures.cli_run import digests, swtool
+    from swtool import schemas
+
+    family, directory, model, tokens, found, report = planted
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps(build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found,
+                                                report)))
+    out = tmp_path / "ablated"
+    result = swtool("ablate", directory, "--catalog", catalog, "--drop-expert", "2:2", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    schemas.validate("ablate", described, "ablate --json")
+    assert described["patches"] == [] and [(e["layer"], e["expert"]) for e in described["experts_zeroed"]] == [(2, 2)]
+    before, after = load_file(directory / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after)
+    down = model.arch.down_proj_name(2, 2)
+    for name in before:
+        expected = before[name].clone()
+        if name == down:
+            (expected[2] if expected.dim() == 3 else expected).zero_()  # the one matrix ablate changes
+        assert torch.equal(expected, after[name]), name
+
+    ctx, max_tokens = 64, 192
+    ids = Tokenizer.from_file(str(directory / "tokenizer.json")).encode(PROSE.read_text()).ids[:max_tokens]
+    expected, _ = hf_perplexity(out, ids, ctx)  # transformers reading the copy
+    result = swtool("eval", out, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens, "--json", "--no-progress")
+    (world,) = json.loads(result.stdout)["worlds"]
+    assert world["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert world["peak_down_proj_output"][2] < 10  # the super expert's output is gone ...
+    excluded, _ = hf_perplexity(directory, ids, ctx, [(2, 2)])
+    assert abs(excluded / expected - 1) > 1e-4  # ... but the router still picks it: not the same model
+
+    inplace = tmp_path / "inplace"
+    shutil.copytree(directory, inplace)
+    original = digests(inplace)
+    result = swtool("ablate", inplace, "--catalog", catalog, "--drop-expert", "2:2", "--in-place")
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(load_file(inplace / "model.safetensors")[down], after[down])
+    result = swtool("ablate", inplace, "--restore")
+    assert result.returncode == 0 and "and 1 expert" in result.stdout, result.stderr
+    assert digests(inplace) == original
+
+
+def test_stacked_layout_names_the_stacked_tensor_and_ablates_one_slice(tiny_factory_module, tmp_path):
+    """transformers 5's stacked experts [experts, hidden, ff]: the super expert is slice 2 of
+    mlp.experts.down_proj; audit reads [expert, row, col] there, ablate zeroes that slice alone."""
+    from safetensors.torch import load_file
+
+    from fixtures.cli_run import swtool
+    from fixtures.tiny import stacked_copy
+
+    per_expert, _ = tiny_factory_module("mixtral", "float32", plants=(PLANT,))
+    directory = stacked_copy(per_expert, tmp_path / "stacked")
+    catalog = tmp_path / "catalog.json"
+    result = swtool("scan", directory, "--prompt", DEFAULT_PROMPT, "--no-progress", "-o", catalog)
+    assert result.returncode == 0, result.stderr
+    (se,) = json.loads(catalog.read_text())["super_experts"]["experts"]
+    assert (se["layer"], se["expert"], se["tensor"]) == (2, 2, "model.layers.2.mlp.experts.down_proj")
+    assert se["down_proj_row"]["tensor_index"] == [2, PLANT.row, PLANT.col]
+    result = swtool("audit", directory, "--catalog", catalog)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "ablated"
+    assert swtool("ablate", directory, "--catalog", catalog, "--drop-expert", "2:2", "-o", out).returncode == 0
+    before = load_file(directory / "model.safetensors")[se["tensor"]]
+    after = load_file(out / "model.safetensors")[se["tensor"]]
+    assert torch.count_nonzero(after[2]) == 0
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
