@@ -17,6 +17,8 @@ then computed as the family computes them):
   - a control: as many other experts removed, one from each super expert's layer,
     drawn (seed CONTROL_SEED) among the experts the prompts route tokens to that are
     not super experts (among the layer's other experts when the prompts route to none).
+A world that would leave a layer fewer experts than each token is routed to is left
+out (its numbers are null): a super expert that cannot be removed alone is not verified.
 The prompt NLL is the mean over the prompts of each prompt's mean NLL; the super
 activation is |residual[token, channel]| after the expert's layer at the token and
 channel of its a, in the prompt where a was seen. A super expert is verified when
@@ -104,10 +106,20 @@ def routed_experts(recorders):
     return routed
 
 
-def control_experts(chosen, routed, n_experts, seed=CONTROL_SEED):
-    """One other expert per super expert, from its layer: [(layer, expert)] (see the module docstring)."""
+def removable(experts, moe):
+    """Can these (layer, expert) pairs all be removed: does every layer keep num_experts_per_tok experts?"""
+    layers = [layer for layer, _ in experts]
+    return all(moe.n_experts - layers.count(layer) >= moe.top_k for layer in set(layers))
+
+
+def control_experts(chosen, routed, moe, seed=CONTROL_SEED):
+    """One other expert per super expert, from its layer: [(layer, expert)] (see the module docstring);
+    fewer where a layer would be left with fewer experts than a token is routed to."""
     rng, super_set, control = np.random.default_rng(seed), set(chosen), []
+    n_experts = moe.n_experts
     for layer, _ in chosen:
+        if not removable(control + [(layer, -1)], moe):
+            continue
         taken = super_set | set(control)
         pool = sorted(e for e in routed.get(layer, ()) if (layer, e) not in taken)
         pool = pool or sorted(e for e in range(n_experts) if (layer, e) not in taken)
@@ -147,12 +159,14 @@ def plan(model, recorders):
                                  percentile=float(100.0 * np.mean(values <= peak)), ratio=peak / largest,
                                  tensor=tensor, gguf_tensor=model.arch.gguf_name(tensor),
                                  down_proj_row=down_proj_row(model, layer, expert, channel)))
-    control = control_experts(chosen, routed_experts(recorders), model.arch.moe.n_experts)
+    moe = model.arch.moe
+    control = control_experts(chosen, routed_experts(recorders), moe)
+    # a world that would leave a layer fewer experts than a token is routed to cannot be run: left out
+    candidates = {("alone", layer, expert): [(layer, expert)] for layer, expert in chosen}
+    candidates.update({"all": chosen} if found else {})
+    candidates.update({"control": control} if control else {})
     worlds = {"intact": INTACT}
-    if found:
-        worlds.update({("alone", se.layer, se.expert): removal([(se.layer, se.expert)]) for se in found})
-        worlds["all"] = removal(chosen)
-        worlds["control"] = removal(control)
+    worlds.update({name: removal(pairs) for name, pairs in candidates.items() if removable(pairs, moe)})
     numbers = {"experts_observed": len(maxima), "threshold": threshold, "largest": largest}
     return found, control, worlds, numbers
 
@@ -161,24 +175,26 @@ def verify(found, control, worlds, recorders, nll, numbers, settings):
     """Fill each SuperExpert's verification; the catalog's `super_experts` section.
     `nll`: per prompt {world key: the prompt's mean NLL}."""
     def mean_nll(key):
-        return float(np.mean([by_key[key] for by_key in nll]))
+        return None if key is None else float(np.mean([by_key[key] for by_key in nll]))
 
     def activation(se, key):
-        return abs(float(recorders[se.prompt].at(RESID, se.layer, key)[se.token, se.channel]))
+        return None if key is None else abs(float(recorders[se.prompt].at(RESID, se.layer, key)[se.token, se.channel]))
 
     for se in found:
-        removed, intact, ctrl = worlds["alone", se.layer, se.expert], worlds["intact"], worlds["control"]
+        removed, intact, ctrl = worlds.get(("alone", se.layer, se.expert)), worlds["intact"], worlds.get("control")
         resid = recorders[se.prompt].at(RESID, se.layer, INTACT)[se.token]
         massive = activation(se, intact) >= settings.spike_ratio * float(np.median(np.abs(resid)))
         v = {"nll_intact": mean_nll(intact), "nll_removed": mean_nll(removed), "nll_control": mean_nll(ctrl),
              "super_activation_intact": activation(se, intact), "super_activation_removed": activation(se, removed),
              "super_activation_control": activation(se, ctrl), "massive": bool(massive)}
-        tests = [name for name, passed in (
-            ("activation", massive and v["super_activation_removed"]
-             < settings.verify_activation_drop * v["super_activation_intact"]),
-            ("NLL", v["nll_removed"] - v["nll_intact"] > settings.verify_nll_rise)) if passed]
-        beyond_control = (v["nll_removed"] > v["nll_control"]
-                          or v["super_activation_removed"] < v["super_activation_control"])
+        tests, beyond_control = [], False
+        if removed is not None:  # None: removing it would leave a layer too few experts (every one routed)
+            tests = [name for name, passed in (
+                ("activation", massive and v["super_activation_removed"]
+                 < settings.verify_activation_drop * v["super_activation_intact"]),
+                ("NLL", v["nll_removed"] - v["nll_intact"] > settings.verify_nll_rise)) if passed]
+            beyond_control = ctrl is None or (v["nll_removed"] > v["nll_control"]
+                                              or v["super_activation_removed"] < v["super_activation_control"])
         v["verified"] = bool(tests) and beyond_control
         v["verified_by"] = tests if beyond_control else []
         se.verification = v
@@ -186,8 +202,8 @@ def verify(found, control, worlds, recorders, nll, numbers, settings):
                "control_seed": CONTROL_SEED,
                "control": [{"layer": layer, "expert": expert} for layer, expert in control],
                "nll_intact": mean_nll(worlds["intact"]),
-               "nll_all_removed": mean_nll(worlds["all"]) if found else None,
-               "nll_control": mean_nll(worlds["control"]) if found else None,
+               "nll_all_removed": mean_nll(worlds.get("all")),
+               "nll_control": mean_nll(worlds.get("control")),
                "experts": [se.to_json() for se in found]}
     return section
 
@@ -206,10 +222,9 @@ def format_super_experts(section, n_prompts=1):
     for se in experts:
         v = se["verification"]
         rows.append([se["layer"], se["expert"], f"{se['value']:.4g}", f"{se['percentile']:.1f}", f"{se['ratio']:.3g}",
-                     f"{v['super_activation_intact']:.4g}", f"{v['super_activation_removed']:.4g}",
-                     f"{v['super_activation_control']:.4g}", f"{v['nll_removed'] - v['nll_intact']:+.3f}",
-                     f"{v['nll_control'] - v['nll_intact']:+.3f}",
-                     ",".join(v["verified_by"]) if v["verified"] else "no"])
+                     _number(v["super_activation_intact"]), _number(v["super_activation_removed"]),
+                     _number(v["super_activation_control"]), _rise(v["nll_removed"], v["nll_intact"]),
+                     _rise(v["nll_control"], v["nll_intact"]), ",".join(v["verified_by"]) if v["verified"] else "no"])
     header = ["layer", "expert", "max out", "pct", "x largest", "SA", "SA -e", "SA ctrl", "NLL -e", "NLL ctrl",
               "verified by"]
     control = ", ".join(f"{c['layer']}:{c['expert']}" for c in section["control"]) or "none available"
@@ -217,11 +232,22 @@ def format_super_experts(section, n_prompts=1):
     which = "the super expert" if len(experts) == 1 else f"all {len(experts)}"
     notes = ["SA: super activation |residual[token, channel]| after the layer; -e: with the expert removed (the",
              f"router never picks it); ctrl: with as many other experts removed (layer:expert {control});",
-             f"NLL: change of the prompt's mean NLL{over}; with {which} removed {section['nll_intact']:.3f} -> "
-             f"{section['nll_all_removed']:.3f} (control {section['nll_control']:.3f})"]
+             f"NLL: change of the prompt's mean NLL{over}; with {which} removed {_number(section['nll_intact'], '.3f')}"
+             f" -> {_number(section['nll_all_removed'], '.3f')} (control {_number(section['nll_control'], '.3f')})"]
+    if any(value is None for se in experts for value in se["verification"].values()) or None in (
+            section["nll_all_removed"], section["nll_control"]):
+        notes.append("-: not measured, removing that many experts would leave a layer fewer than a token is routed to")
     if section["experts_observed"] <= 200:
         notes.append("with at most 200 experts observed the largest always passes the percentile: removal decides")
     return [head + ":", format_table(header, rows)] + notes
+
+
+def _number(value, spec=".4g"):
+    return "-" if value is None else format(value, spec)
+
+
+def _rise(value, base):
+    return "-" if value is None or base is None else f"{value - base:+.3f}"
 
 
 def parse_expert(text, option="--drop-expert"):

@@ -396,3 +396,24 @@ def test_stacked_layout_names_the_stacked_tensor_and_ablates_one_slice(tiny_fact
     after = load_file(out / "model.safetensors")[se["tensor"]]
     assert torch.count_nonzero(after[2]) == 0
     assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+
+
+def test_expert_that_cannot_be_removed_is_listed_unverified(tiny_factory):
+    """Every token routed to all 4 experts (num_experts_per_tok 4): no expert can be removed, so the
+    planted super expert is listed with no removal measured, and not verified; the scan still completes."""
+    from swtool.catalog import format_scan
+
+    directory, _ = tiny_factory("mixtral", "float32", plants=(PLANT,), num_experts_per_tok=4)
+    model = load_model(directory)
+    tokens = encode(model.directory, DEFAULT_PROMPT)
+    found, report = scan(model, tokens, Settings(DEFAULT_PROMPT))
+    section = report["super_experts"]
+    (se,) = section["experts"]
+    assert (se["layer"], se["expert"]) == (PLANT.layer, PLANT.expert) and section["control"] == []
+    v = se["verification"]
+    assert v["nll_removed"] is None and v["super_activation_removed"] is None and v["nll_control"] is None
+    assert not v["verified"] and v["massive"]
+    assert section["nll_all_removed"] is None
+    catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found, report)
+    validate(json.loads(json.dumps(catalog)))
+    assert "-: not measured" in format_scan(catalog)
