@@ -32,7 +32,9 @@ reading only the 2-D slice e; `rows`, `Edit.row/col` then address that slice.
 Worlds are extra batch rows: the same prompt through models that differ by a few
 edited weights (the intact model, the model without candidate A, ...). An edit
 of W[j, m] changes only output channel j of that linear by (f - 1)·W[j, m]·x[m],
-so all worlds share one read of each weight.
+so all worlds share one read of each weight. A world of a mixture may also remove
+whole experts (`DropExpert`): the router masks their logits in that world's rows
+(`Pass.drop_experts`, moe.Mixture.routed).
 
 Batch rows: tokens [T] is one sequence, tokens [B, T] are B sequences of equal
 length (the chunks of a text, for perplexity). Every world runs every sequence:
