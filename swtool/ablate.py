@@ -21,6 +21,15 @@
 then replaces each affected shard by a patched copy renamed over it (atomic per
 shard; hard links to the old file keep the old bytes). --restore puts the
 journalled bytes back the same way and deletes the journal.
+
+    swtool ablate MODEL --catalog C --drop-expert L:E -o OUTDIR   (mixtures; repeatable)
+
+zeroes expert E's whole down projection in layer L (its bytes, a contiguous run in the
+shard), instead of the super weights (--only adds chosen ones back). The expert then adds
+nothing where a token is routed to it, but the router still picks it: this is not the
+removal `eval --drop-expert` and scan's verification make (the router never picks the expert
+and weighs the others as the model does), and for a router that divides the top-k weights by
+their sum the two differ (docs/detection.md measures it).
 """
 
 import json
@@ -63,6 +72,48 @@ class Patch:
                 "tensor": sw["tensor"], "file": self.file.name, "offset": self.offset, "dtype": self.dtype,
                 "old_bytes": self.old.hex(), "new_bytes": self.new.hex(),
                 "old_value": decode_bytes(self.old, self.dtype), "new_value": decode_bytes(self.new, self.dtype)}
+
+
+@dataclass
+class ExpertPatch:
+    """A mixture expert's whole down projection zeroed: one contiguous run of bytes (a per-expert tensor,
+    or slice `expert` of a stacked one), so the expert adds nothing wherever the router sends a token."""
+
+    layer: int
+    expert: int
+    tensor: str
+    file: Path
+    offset: int  # absolute byte offset of the matrix's first element in `file`
+    dtype: str
+    old: bytes
+
+    @property
+    def new(self):
+        return bytes(len(self.old))  # +0.0 is all zero bits in F32, F16 and BF16
+
+    def to_json(self, with_bytes=False):
+        """What --json and the ablation record say; the journal (`with_bytes`) also keeps the old bytes."""
+        import hashlib
+
+        entry = {"layer": self.layer, "expert": self.expert, "tensor": self.tensor, "file": self.file.name,
+                 "offset": self.offset, "nbytes": len(self.old), "dtype": self.dtype,
+                 "old_sha256": hashlib.sha256(self.old).hexdigest()}
+        return {**entry, "old_bytes": self.old.hex()} if with_bytes else entry
+
+
+def plan_expert_patches(model, experts):
+    """[ExpertPatch] zeroing the down projection of each (layer, expert), checked as eval --drop-expert checks."""
+    from swtool.detect import down_proj_matrix
+    from swtool.experts import drop_expert_edits
+
+    patches = []
+    for drop in drop_expert_edits(model, experts):
+        matrix = down_proj_matrix(model, drop.layer, drop.expert)
+        if matrix.dtype not in FLOAT_DTYPES:
+            raise SwtoolError(f"{matrix.path}: {matrix.name} is {matrix.dtype}; swtool patches {', '.join(FLOAT_DTYPES)}")
+        old = read_element(matrix.path, matrix.offset, matrix.nbytes)
+        patches.append(ExpertPatch(drop.layer, drop.expert, matrix.name, matrix.path, matrix.offset, matrix.dtype, old))
+    return patches
 
 
 class CatalogMismatch(SwtoolError):
@@ -157,7 +208,7 @@ def write_bytes_at(path, edits):
         os.fsync(f.fileno())
 
 
-def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force=False):
+def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force=False, expert_patches=()):
     """Write OUTDIR (see the module docstring); returns {"linked": [...], "copied": [...], "patched": [...]}.
 
     `force` replaces an existing OUTDIR, but only one an earlier ablate wrote (it holds
@@ -180,7 +231,7 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force
                           f"{source_dir} --restore` first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     by_file = {}
-    for patch in patches:
+    for patch in [*patches, *expert_patches]:
         by_file.setdefault(patch.file.name, []).append(patch)
     ensure_free_space(out_dir, _bytes_to_copy(source_dir, out_dir.parent, set(by_file), copy))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -197,7 +248,7 @@ def ablated_copy(checkpoint, catalog, patches, scale, out_dir, copy=False, force
             else:
                 shutil.copy(source, target)
                 done["copied"].append(source.name)
-        record = changes_catalog(catalog, patches, scale, source_dir, out_dir, tmp)
+        record = changes_catalog(catalog, patches, scale, source_dir, out_dir, tmp, expert_patches)
         write_text_atomic(tmp / CATALOG_NAME, json.dumps(record, indent=2) + "\n")
         # mkdtemp/mkstemp made these owner-only; give them the modes a plain mkdir/open would
         os.chmod(tmp / CATALOG_NAME, 0o666 & ~_umask())
@@ -232,8 +283,9 @@ def _try_link(source, target):
         return False  # another file system, or links not allowed: copy instead
 
 
-def changes_catalog(catalog, patches, scale, source_dir, out_dir, written_dir):
-    """The input catalog narrowed to the patched super weights, describing the files in out_dir."""
+def changes_catalog(catalog, patches, scale, source_dir, out_dir, written_dir, expert_patches=()):
+    """The input catalog narrowed to the patched super weights, describing the files in out_dir
+    (and, after --drop-expert, `ablation.experts_zeroed`)."""
     record = json.loads(json.dumps(catalog))  # a deep copy
     record["model"]["path"] = str(out_dir)
     record["model"]["files"] = [{"name": entry["name"], "size": (written_dir / entry["name"]).stat().st_size}
@@ -245,13 +297,15 @@ def changes_catalog(catalog, patches, scale, source_dir, out_dir, written_dir):
         changed.append(sw)
     record["super_weights"] = changed
     record["ablation"] = {"source": str(source_dir), "scale": scale, "changes": [p.to_json() for p in patches]}
+    if expert_patches:
+        record["ablation"]["experts_zeroed"] = [p.to_json() for p in expert_patches]
     from swtool.catalog import validate
 
     validate(record, str(out_dir / CATALOG_NAME))
     return record
 
 
-def ablate_in_place(checkpoint, patches, scale, catalog_path):
+def ablate_in_place(checkpoint, patches, scale, catalog_path, expert_patches=()):
     """Journal the original bytes, then patch each affected shard atomically."""
     journal_path = checkpoint.directory / JOURNAL_NAME
     if journal_path.exists():
@@ -259,8 +313,11 @@ def ablate_in_place(checkpoint, patches, scale, catalog_path):
                           f"run `swtool ablate {checkpoint.directory} --restore` first")
     journal = {"schema": JOURNAL_SCHEMA, "catalog": str(catalog_path), "scale": scale,
                "changes": [p.to_json() for p in patches]}
+    if expert_patches:  # the whole matrices' old bytes: what --restore writes back
+        journal["experts_zeroed"] = [p.to_json(with_bytes=True) for p in expert_patches]
     write_text_atomic(journal_path, json.dumps(journal, indent=2) + "\n")  # first: a crash leaves it restorable
-    for name, edits in _by_file([(p.file.name, p.offset, p.new) for p in patches]).items():
+    everything = [*patches, *expert_patches]
+    for name, edits in _by_file([(p.file.name, p.offset, p.new) for p in everything]).items():
         replace_patched(checkpoint.directory / name, edits)
     return journal
 
@@ -276,6 +333,8 @@ def restore_in_place(directory):
         changes = journal["changes"]
         assert journal["schema"] == JOURNAL_SCHEMA
         edits = [journalled_edit(journal_path, change) for change in changes]
+        edits += [journalled_edit(journal_path, change, whole_matrix=True)
+                  for change in journal.get("experts_zeroed", ())]
     except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
         raise SwtoolError(f"{journal_path}: not a valid swtool ablation journal") from None
     pending = []
@@ -284,8 +343,9 @@ def restore_in_place(directory):
         if current == new:
             pending.append((file.name, offset, old))
         elif current != old:  # already restored bytes are fine (a crash between shards)
-            raise SwtoolError(f"{file}: byte {offset} holds {current.hex()}, neither the ablated "
-                              f"{new.hex()} nor the original {old.hex()}; changed since the ablation, not restoring")
+            shown = (f"holds {current.hex()}, neither the ablated {new.hex()} nor the original {old.hex()}"
+                     if len(old) <= 8 else f"(an expert's {len(old)} bytes) holds neither the zeros written nor the original")
+            raise SwtoolError(f"{file}: byte {offset} {shown}; changed since the ablation, not restoring")
     for name, file_edits in _by_file(pending).items():
         replace_patched(journal_path.parent / name, file_edits)
     for file in {edit[0] for edit in edits}:  # an --in-place run killed by SIGKILL leaves its copy behind
@@ -296,19 +356,23 @@ def restore_in_place(directory):
     return journal
 
 
-def journalled_edit(journal_path, change):
+def journalled_edit(journal_path, change, whole_matrix=False):
     """(file, offset, old bytes, new bytes) of one journal entry, checked as hostile input: the file
     is a .safetensors shard beside the journal, and the bytes are one whole element of its
-    tensor `change["tensor"]`. A journal can then never make --restore write anywhere else."""
+    tensor `change["tensor"]` (`whole_matrix`: an expert's down projection, a run of whole elements
+    inside that tensor, zeroed). A journal can then never make --restore write anywhere else."""
     from swtool.checkpoint.safetensors import SafetensorsFile
 
     name, offset = change["file"], change["offset"]
-    old, new = bytes.fromhex(change["old_bytes"]), bytes.fromhex(change["new_bytes"])
+    old = bytes.fromhex(change["old_bytes"])
+    new = bytes(len(old)) if whole_matrix else bytes.fromhex(change["new_bytes"])
     if Path(name).name != name or not name.endswith(".safetensors"):
         raise SwtoolError(f"{journal_path}: names {name!r}, which is not a shard beside it; not restoring")
     file = journal_path.parent / name
     info = SafetensorsFile(file).tensors.get(change["tensor"])
-    if (info is None or type(offset) is not int or len(old) != len(new) or len(old) != info.itemsize
+    size_ok = (0 < len(old) <= info.nbytes and len(old) % info.itemsize == 0) if whole_matrix and info else (
+        info is not None and len(old) == info.itemsize)
+    if (info is None or type(offset) is not int or len(old) != len(new) or not size_ok
             or not info.offset <= offset <= info.offset + info.nbytes - len(old)
             or (offset - info.offset) % info.itemsize):
         raise SwtoolError(f"{journal_path}: the change at byte {offset} of {name} is not one element of a "
@@ -330,18 +394,24 @@ def replace_patched(path, edits):
         write_bytes_at(tmp, edits)
 
 
-def describe_ablation(model, catalog, scale, patches, output=None, files=None):
+def describe_ablation(model, catalog, scale, patches, output=None, files=None, expert_patches=()):
     """What `swtool ablate --json` prints after -o OUTDIR (`files`: ablated_copy's linked/copied/patched)
     or --in-place (output None)."""
-    return {"schema": SCHEMA_ID, "action": "copy" if output else "in-place", "model": str(model),
-            "catalog": str(catalog), "scale": scale, "output": str(output) if output else None, "files": files,
-            "patches": [p.to_json() for p in patches]}
+    result = {"schema": SCHEMA_ID, "action": "copy" if output else "in-place", "model": str(model),
+              "catalog": str(catalog), "scale": scale, "output": str(output) if output else None, "files": files,
+              "patches": [p.to_json() for p in patches]}
+    if expert_patches:
+        result["experts_zeroed"] = [p.to_json() for p in expert_patches]
+    return result
 
 
 def describe_restore(model, journal):
     """What `swtool ablate --restore --json` prints: the journal's ablation, now undone."""
-    return {"schema": SCHEMA_ID, "action": "restore", "model": str(model), "catalog": journal.get("catalog"),
-            "scale": journal.get("scale"), "output": None, "files": None, "patches": journal["changes"]}
+    result = {"schema": SCHEMA_ID, "action": "restore", "model": str(model), "catalog": journal.get("catalog"),
+              "scale": journal.get("scale"), "output": None, "files": None, "patches": journal["changes"]}
+    if journal.get("experts_zeroed"):  # without their old bytes (a whole matrix each): the journal had them
+        result["experts_zeroed"] = [{k: v for k, v in e.items() if k != "old_bytes"} for e in journal["experts_zeroed"]]
+    return result
 
 
 def format_patches(patches):
@@ -354,3 +424,11 @@ def format_patches(patches):
         rows.append([j["layer"], j["row"], j["col"], j["tensor"], j["file"], j["offset"], j["dtype"],
                      f"{j['old_value']:.6g}", f"{j['new_value']:.6g}", f"{j['old_bytes']}->{j['new_bytes']}"])
     return format_table(["layer", "row", "col", "tensor", "file", "byte offset", "dtype", "old", "new", "bytes"], rows)
+
+
+def format_expert_patches(patches):
+    """The human table of the experts whose down projection ablate zeroed."""
+    from swtool.table import format_table
+
+    rows = [[p.layer, p.expert, p.tensor, p.file.name, p.offset, len(p.old), p.dtype] for p in patches]
+    return format_table(["layer", "expert", "down projection zeroed", "file", "byte offset", "bytes", "dtype"], rows)

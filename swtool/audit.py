@@ -14,6 +14,10 @@ Where the coordinates and expected values come from, first that applies:
 
 Every catalog is checked against the model first: another model's catalog is bad input (exit 2).
 
+A mixture's catalog also lists super experts (experts.py): for each, the row of its down
+projection that writes its massive output is checked, its largest weight as a super weight's
+value and the RMS of its other weights within the same tolerance (`super_expert` findings).
+
 What is read per super weight, and nothing more:
   - safetensors: the element's 2 or 4 bytes, at its offset in the file;
   - GGUF: the one quantization block that holds it, dequantized alone;
@@ -68,6 +72,7 @@ class Target:
     index: tuple | None = None  # the element as stored (a catalog's tensor_index), when known
     disputed: bool = False
     note: str = ""
+    row_rms: float | None = None  # a super expert's: the RMS of its down_proj row's other weights when scanned
 
 
 @dataclass
@@ -90,6 +95,10 @@ class Finding:
     bits: float | None = None  # GGUF: bits per weight of the tensor's type
     disputed: bool = False
     note: str = ""
+    # a mixture's super expert (experts.py): the largest weight of its down_proj row, and the RMS of the others
+    super_expert: bool = False
+    row_rms: float | None = None  # as read now
+    expected_row_rms: float | None = None  # as the catalog recorded it
 
     @property
     def present(self):
@@ -191,6 +200,8 @@ def judge(target, checkpoint, tolerance, recorded=None):
     if not math.isfinite(value):  # NaN compares as "within tolerance" of anything: never intact
         finding.status = "not finite"
         return finding, nbytes
+    if target.row_rms is not None:
+        return judge_expert_row(finding, target, info, row, tolerance, nbytes)
     if target.expected is not None:
         change = _relative_change(value, target.expected)
         finding.relative_change = change
@@ -206,6 +217,30 @@ def judge(target, checkpoint, tolerance, recorded=None):
         elif finding.row_ratio < OUTLIER_RATIO:
             finding.status = "not outlier"
     return finding, nbytes
+
+
+def judge_expert_row(finding, target, info, row, tolerance, nbytes):
+    """A super expert's down_proj row: its largest weight within the tolerance of the catalog's, and so
+    the RMS of its other weights (a row rescaled or overwritten elsewhere changes it): intact, zeroed or changed."""
+    from swtool.checkpoint.safetensors import DTYPES
+    from swtool.experts import others_rms
+
+    weights = info.read(rows=[row])[0]
+    row_bytes = getattr(info, "row_bytes", None) or weights.size * DTYPES[info.dtype][0]
+    finding.super_expert, finding.expected_row_rms = True, target.row_rms
+    finding.row_rms = others_rms(weights, finding.col)
+    finding.relative_change = _relative_change(finding.value, target.expected)
+    rms_change = _relative_change(finding.row_rms, target.row_rms)
+    if not math.isfinite(finding.row_rms):
+        finding.status = "not finite"
+    elif finding.row_rms == 0.0 and target.row_rms != 0.0:
+        finding.status, finding.note = "zeroed", "the super expert's down_proj row is all zeros"
+    elif finding.value == 0.0 and target.expected != 0.0:
+        finding.status = "zeroed"
+    elif finding.relative_change > tolerance or rms_change > tolerance:
+        finding.status = "changed"
+        finding.note = f"RMS of the row's other weights {finding.row_rms:.6g}, the catalog says {target.row_rms:.6g}"
+    return finding, nbytes + row_bytes
 
 
 def element_of(info, target):
@@ -255,9 +290,16 @@ def _relative_change(value, expected):
 # --- where the coordinates come from ---------------------------------------------
 
 def targets_from_catalog(catalog):
-    return [Target(Coordinate.of(sw), sw["tensor"], expected=float(sw["value"]),
-                   index=tuple(sw["tensor_index"]) if sw.get("tensor_index") else None)
-            for sw in catalog["super_weights"]]
+    """Its super weights, then the down_proj row of each super expert (a mixture's catalog)."""
+    targets = [Target(Coordinate.of(sw), sw["tensor"], expected=float(sw["value"]),
+                      index=tuple(sw["tensor_index"]) if sw.get("tensor_index") else None)
+               for sw in catalog["super_weights"]]
+    for se in (catalog.get("super_experts") or {}).get("experts", ()):
+        row = se["down_proj_row"]
+        targets.append(Target(Coordinate(se["layer"], row["row"], row["col"], se["expert"]), se["tensor"],
+                              expected=float(row["value"]), index=tuple(row["tensor_index"]),
+                              row_rms=float(row["rms_others"]), note="super expert's down_proj row"))
+    return targets
 
 
 def targets_from_known(model, known_model):
@@ -467,13 +509,18 @@ def mark_ablated(report, record, path):
     """Weights that hold what an `swtool ablate` record says it wrote there: "ablated as recorded"."""
     scale = record["ablation"].get("scale")
     written = {Coordinate.of(sw): sw["value"] for sw in record["super_weights"]}
+    # ablate --drop-expert: every weight of these experts' down projections is 0
+    zeroed = {(e["layer"], e["expert"]) for e in record["ablation"].get("experts_zeroed", ())}
     for finding in report.findings:
         value = written.get(Coordinate(finding.layer, finding.row, finding.col, finding.expert))
+        if (finding.layer, finding.expert) in zeroed and value is None:
+            value = 0.0
         if value is None or finding.value is None or not math.isfinite(finding.value):
             continue
         if _relative_change(finding.value, value) <= report.tolerance:
             finding.status = "ablated"
-            finding.note = f"ablated as recorded in {Path(path).name} (scale {scale:g})"
+            finding.note = (f"ablated as recorded in {Path(path).name} "
+                            + ("(expert zeroed)" if (finding.layer, finding.expert) in zeroed else f"(scale {scale:g})"))
 
 
 def judge_storage(report, checkpoint):
@@ -509,8 +556,10 @@ def format_audit(report):
     """The human table of an audit."""
     from swtool.table import format_table
 
-    n = len(report.findings)
-    lines = [f"{report.model} ({report.format}): {n} super weight{'' if n == 1 else 's'} from {report.expectations}"
+    rows = sum(f.super_expert for f in report.findings)
+    n = len(report.findings) - rows
+    what = f"{n} super weight{'' if n == 1 else 's'}" + (f" and {plural(rows, 'super expert row')}" if rows else "")
+    lines = [f"{report.model} ({report.format}): {what} from {report.expectations}"
              + (f", compared with {report.reference}" if report.reference else "")]
     lines += [f"note: {note}" for note in report.notes]
     if report.findings:
@@ -556,6 +605,7 @@ def _table(report):
         status = f.status + (" (disputed)" if f.disputed else "")
         status += " (no reference)" if f.status == "unverified" else ""
         status += " as recorded" if f.status == "ablated" else ""
+        status += " (super expert row)" if f.super_expert else ""
         row = [f.layer, f.row, f.col, f.gguf_tensor or f.tensor, f.dtype or "-", _num(f.value), _num(f.expected),
                "-" if f.relative_change is None else f"{f.relative_change:.2%}", status]
         if recorded:

@@ -9,6 +9,7 @@ catalogs of version 1, which have one prompt and none of these, are still read.
 `renormalised_spikes` (added within version 2, absent from older catalogs) lists the weights of
 down_proj spikes that a post-FFN norm caps (detect.RenormalisedSpike): not super weights, so no
 command that acts on super weights reads it.
+A mixture's catalog may also have `super_experts` (experts.py), an optional section.
 """
 
 import hashlib
@@ -64,7 +65,7 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
             entry["sha256"] = sha256_file(path)
         files.append(entry)
     architectures = model.checkpoint.config.get("architectures") or [model.arch.model_type]
-    return {
+    catalog = {
         "schema": SCHEMA_ID,
         "tool": {"name": "swtool", "version": __version__},
         "model": {
@@ -91,6 +92,9 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
         "renormalised_spikes": [spike.to_json() for spike in merge_renormalised(reports)],
         "profile": reports[0]["profile"],
     }
+    if reports[0].get("super_experts") is not None:  # a mixture's (experts.py), over every prompt
+        catalog["super_experts"] = reports[0]["super_experts"]
+    return catalog
 
 
 def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False):
@@ -289,7 +293,7 @@ def format_scan(catalog, wide=False):
         lines.append("no super weight found: no down_proj output spike creates a persistent massive activation")
     if catalog.get("renormalised_spikes"):
         lines += _renormalised_lines(catalog["renormalised_spikes"], n, gguf, wide)
-    return "\n".join(lines)
+    return "\n".join(lines + super_expert_lines(catalog, n))
 
 
 def _super_weight_lines(catalog, prompts, gguf, wide):
@@ -372,6 +376,15 @@ def _renormalised_lines(spikes, n, gguf, wide=False):
 
 def _number(value):
     return "-" if value is None else f"{value:.4g}"
+
+
+def super_expert_lines(catalog, n_prompts):
+    """The table's lines about a mixture's super experts (none for a catalog without the section)."""
+    if catalog.get("super_experts") is None:
+        return []
+    from swtool.experts import format_super_experts
+
+    return format_super_experts(catalog["super_experts"], n_prompts)
 
 
 def nll_effect(sw):

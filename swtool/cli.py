@@ -305,6 +305,9 @@ def text_options(command):
 @text_options
 @click.option("--zero", multiple=True, metavar="L:ROW:COL",
               help="Zero layer L's down_proj[ROW, COL] on the fly, in every world (repeatable).")
+@click.option("--drop-expert", "drop_experts", multiple=True, metavar="L:E",
+              help="Mixtures: remove expert E of layer L in every world; the router never picks it and weighs "
+                   "the experts it picks instead as the model does (repeatable).")
 @click.option("--catalog", type=click.Path(),
               help="A scan catalog. Alone: compare the model with and without its super weights.")
 @click.option("--ablate", is_flag=True, help="Evaluate with the catalog's super weights zeroed.")
@@ -324,7 +327,7 @@ def text_options(command):
               help="Rows x ctx of one pass; a longer text (or more worlds) takes several passes.")
 @threads_option()
 @output_options(json_help="Print the result as JSON on stdout instead of a table.")
-def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, catalog, ablate, scale_super,
+def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, drop_experts, catalog, ablate, scale_super,
                  control_top, restore_activation, sweep, kld_reference, plot, batch_tokens, as_json, no_progress,
                  force, download):
     """Perplexity of a text through MODEL, with weights changed on the fly, and the paper's experiments.
@@ -338,6 +341,7 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     from swtool.coordinate import Coordinate
     from swtool.errors import SwtoolError
     from swtool.evaluate import evaluate, make_chunks, text_token_ids
+    from swtool.experts import parse_expert
     from swtool.experiments import EvalOptions, build_plan, describe_eval, format_eval, parse_scales, stop_word_ids
     from swtool.model import load_model
     from swtool.tokenizer import load_tokenizer
@@ -346,7 +350,8 @@ def eval_command(model, text_path, ctx, max_tokens, score_second_half, zero, cat
     options = EvalOptions(zero=tuple(Coordinate.parse(z) for z in zero),
                       super_weights=read_catalog(catalog)["super_weights"] if catalog else None,
                       ablate=ablate, scale_super=scale_super, control_top=control_top,
-                      restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else ())
+                      restore_activation=restore_activation, sweep=tuple(parse_scales(sweep)) if sweep else (),
+                      drop_experts=tuple(parse_expert(text) for text in drop_experts))
     resolve_model(model, download)
     loaded = load_model(model)
     ids = text_token_ids(loaded.directory, text_path, max_tokens)
@@ -472,12 +477,15 @@ def quantsim_super_weights(model, catalog, progress):
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the ablated copy to this new directory.")
 @click.option("--scale", default=0.0, show_default=True, type=float, help="Multiply the super weights by this (0 removes them).")
 @click.option("--only", multiple=True, metavar="L:ROW:COL", help="Only this catalog entry (repeatable).")
+@click.option("--drop-expert", "drop_experts", multiple=True, metavar="L:E",
+              help="Mixtures: zero expert E's whole down projection in layer L instead of the super weights (with "
+                   "--only, besides those); the router still picks it (repeatable; see docs/ablate.md).")
 @click.option("--copy", is_flag=True, help="Copy unchanged files byte for byte instead of hard-linking them.")
 @click.option("--in-place", is_flag=True, help="Patch MODEL itself (atomically, with a journal for --restore).")
 @click.option("--restore", is_flag=True, help="Undo an --in-place ablation of MODEL from its journal.")
 @output_options(json_help="Print what changed as JSON on stdout.", progress_help=None,
                 force_help="Replace OUTDIR if it already exists (only an earlier ablate -o output).")
-def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json, force, download):
+def ablate(model, catalog, output, scale, only, drop_experts, copy, in_place, restore, as_json, force, download):
     """Write a copy of MODEL with the catalog's super weights scaled (0 = removed); only their bytes differ.
 
     MODEL: a checkpoint directory or .safetensors file, or a Hugging Face id org/name[@revision] (copied
@@ -493,7 +501,7 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
     from swtool.errors import SwtoolError
     from swtool.table import plural
 
-    if restore and (catalog or output or in_place or only):
+    if restore and (catalog or output or in_place or only or drop_experts):
         raise click.UsageError("--restore takes only MODEL (the journal says what to undo)")
     if not restore and not catalog:
         raise click.UsageError("--catalog is required (or --restore)")
@@ -506,28 +514,49 @@ def ablate(model, catalog, output, scale, only, copy, in_place, restore, as_json
                           f"{'--in-place' if in_place else '--restore'} would change them (write a copy with -o OUTDIR)")
     if restore:
         journal = ab.restore_in_place(local)
+        experts_restored = len(journal.get("experts_zeroed", ()))
         click.echo(strict_json(ab.describe_restore(model, journal)) if as_json else
-                   f"{model}: restored {plural(len(journal['changes']), 'element')} from {ab.JOURNAL_NAME}")
+                   f"{model}: restored {plural(len(journal['changes']), 'element')}"
+                   + (f" and {plural(experts_restored, 'expert')}" if experts_restored else "")
+                   + f" from {ab.JOURNAL_NAME}")
         return
+    from swtool.experts import parse_expert
+
     cat = read_catalog(catalog)
-    chosen = ab.select(cat["super_weights"], [Coordinate.parse(o, "--only") for o in only])
+    experts = [parse_expert(text) for text in drop_experts]
+    # --drop-expert alone zeroes experts, not the super weights; --only names super weights to zero besides
+    chosen = ab.select(cat["super_weights"], [Coordinate.parse(o, "--only") for o in only]) if (
+        only or not experts) else []
     checkpoint = open_checkpoint(local)
     try:
         patches = ab.plan_patches(checkpoint, chosen, scale)
     except ab.CatalogMismatch as e:
         raise SwtoolError(f"{catalog}: {e}") from None
+    expert_patches = []
+    if experts:
+        from swtool.catalog import mismatch
+        from swtool.model import load_model
+
+        loaded = load_model(local)
+        problem = mismatch(cat, loaded)
+        if problem:
+            raise SwtoolError(f"{catalog}: {problem}")
+        expert_patches = ab.plan_expert_patches(loaded, experts)
     done = None
     if in_place:
-        ab.ablate_in_place(checkpoint, patches, scale, catalog)
+        ab.ablate_in_place(checkpoint, patches, scale, catalog, expert_patches)
         where = f"{model} patched in place; undo with: swtool ablate {model} --restore"
     else:
-        done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy, force)
+        done = ab.ablated_copy(checkpoint, cat, patches, scale, output, copy, force, expert_patches)
         where = (f"wrote {output}: {plural(len(done['patched']), 'file')} patched, {len(done['linked'])} hard-linked, "
                  f"{len(done['copied'])} copied; what changed: {output}/{ab.CATALOG_NAME}")
     if as_json:
-        click.echo(strict_json(ab.describe_ablation(model, catalog, scale, patches, output, done)))
+        click.echo(strict_json(ab.describe_ablation(model, catalog, scale, patches, output, done, expert_patches)))
         return
-    click.echo(ab.format_patches(patches))
+    if patches:
+        click.echo(ab.format_patches(patches))
+    if expert_patches:
+        click.echo(ab.format_expert_patches(expert_patches))
     click.echo(where)
 
 

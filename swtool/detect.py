@@ -47,6 +47,8 @@ and the catalog names that expert. A shared expert (Qwen2-MoE) sees every token 
 is scaled by its sigmoid gate: it is one more source of the spike, judged by
 gate * x[t, m] * W[j, m]; its down projection is a plain 2-D matrix
 (`mlp.shared_expert.down_proj.weight`), so its catalog entry has expert null.
+A mixture's scan also lists its super experts, whole experts whose down projection
+makes the largest outputs, and verifies each by removing it (experts.py).
 """
 
 from dataclasses import asdict, dataclass, field
@@ -170,6 +172,9 @@ class Recorder:
         self.data = {point: {} for point in POINTS}  # point -> layer -> {prefix: [T, channels]}
         self.experts = {}  # layer -> {prefix: {expert: (tokens, router weights, down_in [n, ff])}}
         self.peaks = {}  # layer -> {prefix: max |down_proj output|}
+        # layer -> {prefix: {expert: (max |y|, token, channel, y there)}}: each expert's own down_proj
+        # output y, before its router weight (experts.py: super experts)
+        self.expert_peaks = {}
 
     def observe(self, point, layer, key, x):
         if point not in self.data:
@@ -181,6 +186,10 @@ class Recorder:
     def observe_expert(self, point, layer, expert, key, tokens, weights, x):
         if point == DOWN_IN:
             self.experts.setdefault(layer, {}).setdefault(key, {})[expert] = (tokens, weights, x.copy())
+        elif point == DOWN_OUT and len(x):
+            row, channel = np.unravel_index(np.argmax(np.abs(x)), x.shape)
+            self.expert_peaks.setdefault(layer, {}).setdefault(key, {})[expert] = (
+                float(abs(x[row, channel])), int(tokens[row]), int(channel), float(x[row, channel]))
 
     def at(self, point, layer, key):
         """World `key`'s activation at `point` of `layer`: [T, channels]."""
@@ -363,6 +372,8 @@ def scan_prompts(model, prompts, settings, progress=False, fork_online=True):
     decided = _drive([_decide(model, lane, recorder, weights, settings)
                       for lane, recorder in zip(lanes, recorders)], complete)
     nll = _nll(stream, lanes, [worlds for _, worlds, _ in decided], prompts)
+    experts = _super_experts(model, stream, lanes, recorders, prompts, settings, progress) \
+        if model.arch.moe is not None else None
     results = []
     for recorder, (found, worlds, decision_passes), nll_p in zip(recorders, decided, nll):
         _verify(found, worlds, recorder, nll_p, settings)
@@ -376,8 +387,21 @@ def scan_prompts(model, prompts, settings, progress=False, fork_online=True):
             "nll_all_removed": float(nll_p[removed]) if found else None,
             "profile": layer_profile(recorder, INTACT),
             "profile_removed": layer_profile(recorder, removed) if found else None,
+            "super_experts": experts,  # a mixture's, over every prompt (experts.py); None otherwise
         }))
     return results
+
+
+def _super_experts(model, stream, lanes, recorders, prompts, settings, progress):
+    """A mixture's super experts (experts.py), their removal worlds computed in every prompt's lane:
+    the catalog's `super_experts` section."""
+    from swtool import experts
+
+    found, control, worlds, numbers = experts.plan(model, recorders)
+    label = f"scan pass {stream.rounds + 2} (super experts removed)" if progress else None
+    stream.complete([lane.pair(key) for lane in lanes for key in set(worlds.values())], progress=label)
+    nll = _nll(stream, lanes, [worlds] * len(lanes), prompts)
+    return experts.verify(found, control, worlds, recorders, nll, numbers, settings)
 
 
 def _drive(steps, run):

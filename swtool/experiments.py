@@ -22,7 +22,8 @@ import numpy as np
 from swtool.checkpoint.transposed import TransposedTensor
 from swtool.arch.base import DOWN_OUT
 from swtool.errors import SwtoolError
-from swtool.forward import Edit, ScaleElements, World
+from swtool.experts import drop_expert_edits
+from swtool.forward import DropExpert, Edit, ScaleElements, World
 from swtool.table import plural
 
 # Words whose probability the paper reports rising when the super weights go (its Figure 5).
@@ -211,6 +212,7 @@ class EvalOptions:
     control_top: int | None = None
     restore_activation: bool = False
     sweep: tuple = ()
+    drop_experts: tuple = ()  # (layer, expert) removed from the router's choice in every world
 
     def experiments(self):
         return self.control_top is not None or self.restore_activation or bool(self.sweep)
@@ -224,7 +226,6 @@ def build_plan(model, options, progress=False):
     next to the super weights removed and any experiments asked for.
     """
     from swtool.ablate import locate
-    from swtool.evaluate import Plan
 
     sws = options.super_weights
     changes_super = options.ablate or options.scale_super is not None
@@ -239,6 +240,16 @@ def build_plan(model, options, progress=False):
                           "use one or the other")
     for sw in sws or ():
         locate(model.checkpoint, sw)  # the catalog must describe this checkpoint
+    plan, report = _plan(model, options, sws, changes_super, progress)
+    drops = drop_expert_edits(model, options.drop_experts)  # a world edit, in every world
+    plan.worlds = [World(world.name, world.edits + drops) for world in plan.worlds]
+    return plan, report
+
+
+def _plan(model, options, sws, changes_super, progress):
+    """build_plan's worlds and transforms, before --drop-expert adds its removed experts to every world."""
+    from swtool.evaluate import Plan
+
     edits = list(zero_edits(model, options.zero))
     if changes_super:
         edits += super_weight_edits(sws, 0.0 if options.ablate else options.scale_super)
@@ -263,7 +274,8 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
     everywhere = sum(len(t.edits) for t in plan.transforms)  # --zero, --ablate, --scale-super: in every world
     worlds = []
     for world, score in zip(plan.worlds, scores):
-        entry = {"name": world.name, "weights_edited": everywhere + len(world.edits), "nll": score.nll,
+        edited = sum(not isinstance(edit, DropExpert) for edit in world.edits)
+        entry = {"name": world.name, "weights_edited": everywhere + edited, "nll": score.nll,
                  "perplexity": score.perplexity, "predictions": score.count,
                  "stop_word_probability": float(score.mean_probability(stop).sum()),
                  "top_tokens": [{"id": int(t), "text": tokenizer.decode([int(t)], skip_special_tokens=False),
@@ -287,12 +299,14 @@ def describe_eval(model, text_path, n_tokens, chunks, plan, report, scores, toke
         "stop_words": {text: int(i) for text, i in stop_ids.items()},
         "worlds": worlds,
     }
+    if options.drop_experts:
+        result["experts_dropped"] = [[drop.layer, drop.expert] for drop in drop_expert_edits(model, options.drop_experts)]
     if report is not None:
         result["super_weights"] = [{key: sw.get(key) for key in ("layer", "row", "col", "expert", "tensor", "value")}
                                    for sw in report.super_weights]
         result["compare"] = {name: i for name, i in report.index.items()}
         if options.control_top is not None:
-            control = plan.worlds[report.index["control"]].edits
+            control = [e for e in plan.worlds[report.index["control"]].edits if isinstance(e, Edit)]
             result["control"] = [{"tensor": e.tensor, "row": e.row, "col": e.col} for e in control]
         if options.sweep:
             result["sweep"] = [{"scale": s, "perplexity": scores[report.index[f"scale {s:g}"]].perplexity}
@@ -314,6 +328,9 @@ def format_eval(result):
              f"{plural(result['worlds'][0]['predictions'], 'prediction')} scored ({result['scored']})"]
     if result["zeroed"]:
         lines.append("zeroed in every world: " + ", ".join(":".join(map(str, c)) for c in result["zeroed"]))
+    if result.get("experts_dropped"):
+        lines.append("experts removed in every world (the router never picks them), layer:expert: "
+                     + ", ".join(f"{layer}:{expert}" for layer, expert in result["experts_dropped"]))
     if "super_weights_scaled_by" in result:
         lines.append(f"the catalog's super weights multiplied by {result['super_weights_scaled_by']:g}")
     compare = "perplexity_ratio" in result["worlds"][0]

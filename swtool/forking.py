@@ -1,7 +1,8 @@
 """One streaming pass for worlds that fork at the layer where they start to differ.
 
-A world is the model with a few down-projection weights zeroed. Its key is the
-set of its edits, each with its layer: frozenset({(layer, Edit), ...}). Worlds
+A world is the model with a few down-projection weights zeroed (or, in a mixture,
+a few experts removed: forward.DropExpert). Its key is the set of its edits, each
+with its layer: frozenset({(layer, Edit or DropExpert), ...}). Worlds
 agree with each other up to the first layer one of them edits, so a world's
 activations at layer l depend only on its edits at layers <= l, its *prefix*
 at l. The pass computes each distinct prefix once:
@@ -44,7 +45,7 @@ import numpy as np
 
 from swtool.arch.rope import length_limit
 from swtool.errors import SwtoolError
-from swtool.forward import Pass, World, layer_progress
+from swtool.forward import DropExpert, Pass, World, layer_progress
 
 
 def prefix(key, layer):
@@ -189,7 +190,13 @@ class Lane:
 
 def world_order(key):
     """A stable order of world keys in a batch: fewer edits first, then by position."""
-    return (len(key), sorted((at, edit.tensor, edit.row, edit.col, edit.expert or -1) for at, edit in key))
+    return (len(key), sorted(_edit_order(at, edit) for at, edit in key))
+
+
+def _edit_order(at, edit):
+    if isinstance(edit, DropExpert):  # a removed expert: before the weight edits of its layer
+        return (at, "", -1, -1, edit.expert)
+    return (at, edit.tensor, edit.row, edit.col, edit.expert or -1)
 
 
 class _PerWorld:

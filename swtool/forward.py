@@ -32,7 +32,9 @@ reading only the 2-D slice e; `rows`, `Edit.row/col` then address that slice.
 Worlds are extra batch rows: the same prompt through models that differ by a few
 edited weights (the intact model, the model without candidate A, ...). An edit
 of W[j, m] changes only output channel j of that linear by (f - 1)·W[j, m]·x[m],
-so all worlds share one read of each weight.
+so all worlds share one read of each weight. A world of a mixture may also remove
+whole experts (`DropExpert`): the router masks their logits in that world's rows
+(`Pass.drop_experts`, moe.Mixture.routed).
 
 Batch rows: tokens [T] is one sequence, tokens [B, T] are B sequences of equal
 length (the chunks of a text, for perplexity). Every world runs every sequence:
@@ -82,6 +84,21 @@ class Edit:
             raise SwtoolError(f"edit of {self.tensor}[{self.row}, {self.col}]: that tensor stacks "
                               f"experts [experts, out, in], so the edit must name its expert")
         return self.expert == expert
+
+
+@dataclass(frozen=True)
+class DropExpert:
+    """Remove mixture expert `expert` of layer `layer`: the router never chooses it.
+
+    Its router logit is -inf before the softmax and the top-k, so each token goes to
+    the next most probable experts and their weights are computed as the family
+    computes them (moe.Mixture.route: divided by their sum where the family
+    normalises, the softmax over the remaining experts otherwise). A world edit like
+    `Edit`; the expert's weights are not read for that world's rows.
+    """
+
+    layer: int
+    expert: int
 
 
 @dataclass(frozen=True)
@@ -139,9 +156,13 @@ class Pass:
         self.world_of_row = np.repeat(np.arange(len(self.worlds)), n_sequences)
         # per tensor: [(world index, edit)], so a linear finds its edits at once
         self.edits = {}
+        self.dropped = {}  # layer -> [(world index, expert)]: DropExpert edits, for the router
         for w, world in enumerate(self.worlds):
             for edit in world.edits:
-                self.edits.setdefault(edit.tensor, []).append((w, edit))
+                if isinstance(edit, DropExpert):
+                    self.dropped.setdefault(edit.layer, []).append((w, edit.expert))
+                else:
+                    self.edits.setdefault(edit.tensor, []).append((w, edit))
 
     def _transformed(self, name, weight, rows=None, expert=None):
         for transform in self.transforms:
@@ -209,6 +230,12 @@ class Pass:
         if bias:
             out += self.weight(name[: -len("weight")] + "bias")
         return out
+
+    def drop_experts(self, layer, logits):
+        """Router logits [rows, T, experts] of `layer` with each world's removed experts (DropExpert) at -inf."""
+        for w, expert in self.dropped.get(layer, ()):
+            logits[self.world_of_row == w, :, expert] = -np.inf
+        return logits
 
     def _apply_edits(self, out, x, name, info, world=None, expert=None):
         """World edits of W[j, m] change output j by (f - 1) * W[j, m] * x[m], world by world."""

@@ -29,6 +29,8 @@ layer i is sparse unless i is in `mlp_only_layers` or (i + 1) is not a multiple 
 
 Routing is computed per world: removing a weight upstream changes the router's
 input, so a world may send a token to other experts than the intact model does.
+A world may also remove whole experts (forward.DropExpert: their router logits
+-inf before the softmax and top-k, the weights then computed as the family does).
 Each expert still reads its weights once per pass, for the rows of all worlds it receives.
 """
 
@@ -202,7 +204,8 @@ class Mixture:
 
     def routed(self, ctx, layer, h):
         """Route every token of every world to its top-k experts; sum their weighted outputs."""
-        top, weights = self.route(ctx.linear(h, self.router_name(layer)))
+        # a world without some experts (forward.DropExpert): their logits -inf, so the router never picks them
+        top, weights = self.route(ctx.drop_experts(layer, ctx.linear(h, self.router_name(layer))))
         out = np.zeros_like(h)
         for expert in range(self.n_experts):
             world, token, slot = np.nonzero(top == expert)  # each (world, token) picks an expert at most once
@@ -214,9 +217,15 @@ class Mixture:
         return out
 
     def route(self, logits):
-        """Router logits [W, T, experts] -> (top-k expert ids, their softmax weights), [W, T, k]."""
+        """Router logits [W, T, experts] -> (top-k expert ids, their softmax weights), [W, T, k].
+        A logit of -inf (a removed expert) is never among the top k."""
+        removed = np.isneginf(logits)
+        if removed.any() and int((~removed).sum(axis=-1).min()) < self.top_k:
+            raise SwtoolError(f"fewer than {self.top_k} experts (num_experts_per_tok) left to route a token to "
+                              f"once the removed experts are excluded")
         probs = ops.softmax(logits)
-        top = np.argsort(-probs, axis=-1, kind="stable")[..., : self.top_k]  # exact ties: the lower id
+        # exact ties: the lower id; a removed expert last, even after a probability that underflows to 0
+        top = np.argsort(np.where(removed, np.inf, -probs), axis=-1, kind="stable")[..., : self.top_k]
         weights = np.take_along_axis(probs, top, axis=-1)
         if self.normalise_top_k:
             weights = weights / weights.sum(axis=-1, keepdims=True)
