@@ -29,14 +29,15 @@ $(SMOL)/config.json: fixtures/smollm2.py
 $(CONVERTER)/convert_hf_to_gguf.py: fixtures/llama_converter.py
 	$(BIN)/python -m fixtures.llama_converter $(CONVERTER)
 
-# the 25 slowest tests printed at the end, to keep the suite's time in view
+# one pytest-xdist worker per core, each test module on one worker (its module fixtures built once);
+# the 25 slowest tests printed at the end, to keep the suite's time in view (docs/testing.md)
 test: install fixtures
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q -n auto --dist loadfile --durations=25
 
 # the fast lane, for every edit: all but the tests that need SmolLM2 or llama.cpp (markers: pyproject.toml,
 # tests/conftest.py); `make test` runs everything
 check: install
-	$(BIN)/pytest -q --durations=10 -m "not smollm2 and not llama_cpp"
+	$(BIN)/pytest -q -n auto --dist loadfile --durations=10 -m "not smollm2 and not llama_cpp"
 
 # ruff's pyflakes and pycodestyle rules, as configured in pyproject.toml
 lint: install

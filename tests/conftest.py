@@ -6,8 +6,16 @@ from pathlib import Path
 import pytest
 
 from fixtures.cli_run import swtool
+from fixtures.shared import shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: each worker's torch and BLAS on one thread, read
+    # when they load (after this), so that workers do not spin against each other for the same cores.
+    # Numba keeps its pool: the tests of `-t N` need more than one thread to choose from.
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
 
@@ -80,27 +88,26 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_catalog(smollm2, tmp_path_factory):
     """SmolLM2's catalog from one `swtool scan` (the real command), shared by every test that needs it
-    rather than a full scan per test module. Tests read it, never write it."""
-    path = tmp_path_factory.mktemp("smollm2-catalog") / "smollm2.catalog.json"
-    result = swtool("scan", smollm2, "-o", path, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return path
+    (and by every xdist worker: fixtures/shared.py) rather than a full scan per test module. Tests
+    read it, never write it."""
+    def scan(path):
+        result = swtool("scan", smollm2, "-o", path, "--no-progress")
+        assert result.returncode == 0, result.stderr
+
+    return shared_file(tmp_path_factory, "smollm2.catalog.json", scan)
 
 
 @pytest.fixture(scope="session")
 def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
     """exported(type, handling="keep") -> path of SmolLM2 exported with its catalog, each (type, handling)
-    written once per session and shared (tests read these files, never write them)."""
+    written once per run and shared (tests read these files, never write them)."""
     from swtool.gguf_export import ExportOptions, export
 
-    out = tmp_path_factory.mktemp("smollm2-exports")
-    written = {}
-
     def exported(kind, handling="keep"):
-        if (kind, handling) not in written:
-            options = ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False)
-            written[kind, handling] = export(smollm2, out / f"smollm2-{kind}-{handling}.gguf", options).path
-        return written[kind, handling]
+        def write(path):
+            export(smollm2, path, ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False))
+
+        return shared_file(tmp_path_factory, f"smollm2-{kind}-{handling}.gguf", write)
 
     return exported
 
