@@ -377,7 +377,24 @@ def journalled_edit(journal_path, change, whole_matrix=False):
             or (offset - info.offset) % info.itemsize):
         raise SwtoolError(f"{journal_path}: the change at byte {offset} of {name} is not one element of a "
                           f"tensor there; not restoring")
+    if change["dtype"] != info.dtype or not journalled_bytes_agree(change, old, whole_matrix):
+        raise SwtoolError(f"{journal_path}: the original bytes of the change at byte {offset} of {name} disagree "
+                          f"with the value recorded beside them; not restoring")
     return file, offset, old, new
+
+
+def journalled_bytes_agree(change, old, whole_matrix):
+    """Whether a journal entry's original bytes are what the entry also records of them (an element's
+    value, an expert's sha256): restoring writes those bytes, so an entry damaged since the ablation
+    must be refused, not written into the model."""
+    import hashlib
+
+    if whole_matrix:
+        return hashlib.sha256(old).hexdigest() == change["old_sha256"]
+    value, recorded = decode_bytes(old, change["dtype"]), change["old_value"]
+    if not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
+        return False
+    return value == recorded or (np.isnan(value) and np.isnan(recorded))
 
 
 def _by_file(edits):

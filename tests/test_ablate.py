@@ -192,6 +192,28 @@ def test_restore_refuses_bytes_changed_since(sharded):
     assert "changed since the ablation" in one_line_error(swtool_in_process("ablate", model, "--restore"))
 
 
+DAMAGED_JOURNAL_ENTRIES = {  # an entry changed since the ablation, field by field
+    "old_bytes": lambda change: bytes([int(change["old_bytes"][:2], 16) ^ 1]).hex() + change["old_bytes"][2:],
+    "dtype": lambda change: "BF16" if change["dtype"] == "F16" else "F16",
+    "old_value": lambda change: change["old_value"] + 1.0,
+}
+
+
+@pytest.mark.parametrize("field", DAMAGED_JOURNAL_ENTRIES)
+def test_restore_refuses_a_journal_whose_original_bytes_disagree_with_its_record(sharded, field):
+    """--restore writes the journal's original bytes: an entry changed since (its bytes, dtype or value)
+    is refused, the shard left as the ablation made it (found by tests/test_fuzz_inputs.py::test_journal)."""
+    model, catalog, _ = sharded
+    assert swtool("ablate", model, "--catalog", catalog, "--in-place", "--only", "1:20:33").returncode == 0
+    journal_path = model / "swtool-ablation-journal.json"
+    journal = json.loads(journal_path.read_text())
+    journal["changes"][0][field] = DAMAGED_JOURNAL_ENTRIES[field](journal["changes"][0])
+    journal_path.write_text(json.dumps(journal))
+    before = sha256s(model)
+    assert "disagree with the value recorded" in one_line_error(swtool_in_process("ablate", model, "--restore"))
+    assert sha256s(model) == before
+
+
 def test_bad_input_is_one_line_and_touches_nothing(tiny_factory, tmp_path):
     source, _ = tiny_factory("llama", "bfloat16", plants=PLANTS[:1], num_hidden_layers=6)
     model = tmp_path / "model"
