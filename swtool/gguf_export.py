@@ -379,12 +379,14 @@ def export(model_path, out_path, options):
 
         raise SwtoolError(f"export supports model_type {', '.join(gguf_export_model_types())}; "
                           f"{model_path} is {model.arch.model_type!r}")
+    arch_name = model.arch.gguf_arch_name()
+    if model.arch.moe is not None:
+        model.arch.moe.check_gguf_export(arch_name)
     from swtool.export_vocab import read_tokenizer_json
 
     directory = model.checkpoint.directory  # a vocabulary that cannot be written fails before a scan
     if (directory / "tokenizer.json").is_file() or not (directory / "tokenizer.model").is_file():
         read_tokenizer_json(directory)  # (a family may build its vocabulary from tokenizer.model alone)
-    arch_name = model.arch.gguf_arch_name()
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
     super_weights, prompt, orders, notes, found_by = [], None, {}, [], "none"
