@@ -659,12 +659,13 @@ def print_export(report, source, opts, err=False):
 
     text = (strict_json(describe_export(report, source, export_options(opts))) if opts["as_json"]
             else format_export(report))
-    click.echo(text.replace(str(report.path), "-") if err else text, err=err)
+    click.echo(text, err=err)
 
 
 def write_gguf_output(opts, source, write):
     """`write(path)` the GGUF file -o names and print its report; for `-o -` the file is written in a
     temporary directory, copied to stdout and removed, and the report goes to stderr."""
+    import dataclasses
     import shutil
     import tempfile
 
@@ -676,7 +677,7 @@ def write_gguf_output(opts, source, write):
         if not opts["dry_run"]:
             with open(report.path, "rb") as written:
                 shutil.copyfileobj(written, click.get_binary_stream("stdout"), 1 << 20)
-        print_export(report, source, opts, err=True)  # (it reads the file's size)
+        print_export(dataclasses.replace(report, shown_as=STDOUT), source, opts, err=True)  # (it reads the file's size)
 
 
 @main.command("export")

@@ -269,6 +269,11 @@ class ExportReport:
     notes: list = field(default_factory=list)
     dry_run: bool = False
     super_weights_from: str = "none"  # "catalog", "gguf metadata" (the input's swtool.* record), "scan" or "none"
+    shown_as: str | None = None  # how messages name the output, when not by `path` ("-": copied to stdout)
+
+    @property
+    def output_name(self):
+        return str(self.path) if self.shown_as is None else self.shown_as
 
     @property
     def file_size(self):
@@ -649,7 +654,7 @@ def format_export(report):
         counts[tensor.qtype.name] += 1
         sizes[tensor.qtype.name] += tensor.nbytes
     verb = "would write (dry run, nothing written)" if report.dry_run else "wrote"
-    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {plural(len(report.tensors), 'tensor')}, "
+    lines = [f"{verb} {report.output_name}: {report.arch}, --type {report.target}, {plural(len(report.tensors), 'tensor')}, "
              f"{report.file_size / 1e6:.1f} MB{' of tensors' if report.dry_run else ''}; "
              f"super weights: {report.handling}"]
     if report.dry_run:
@@ -691,7 +696,7 @@ def describe_export(report, source, options):
     return {
         "schema": SCHEMA_ID,
         "input": str(source),
-        "output": str(report.path),
+        "output": report.output_name,
         "dry_run": report.dry_run,
         "architecture": report.arch,
         "type": report.target,
