@@ -239,13 +239,15 @@ def scan(model, prompts, prompts_file, wide, max_iter, spike_ratio, output, as_j
     prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     resolve_model(model, download)
     loaded = load_model(model)
+    tokens = None  # the prompts given are tokenized by scan_catalog
     if not prompts:
-        prompts, note = default_prompts(loaded)
+        prompts, tokens, note = default_prompts(loaded)
         if note:
             click.echo(f"note: {note}", err=True)
     settings = Settings(prompt=prompts[0], max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
-        catalog, report = scan_catalog(loaded, prompts, settings, progress=not no_progress, with_hashes=with_hashes)
+        catalog, report = scan_catalog(loaded, prompts, settings, progress=not no_progress, with_hashes=with_hashes,
+                                       tokens=tokens)
     if check_finite or not all(map(report_is_finite, report["prompts"])):  # NaN/Inf weights: flagged, the scan still completes
         catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
         if catalog["nonfinite_weights"]:
