@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.timing import timed
+
 ROOT = Path(__file__).resolve().parents[1]
 THIS = [sys.executable, "-m", "bench.gguf_scan"]  # this script again, in a child (run from the repository root)
 SWTOOL = Path(sys.executable).parent / "swtool"
@@ -136,12 +138,8 @@ def scan_process(path, gguf, runs):
 
 def peak_rss(path, gguf):
     """Peak RSS of one scan, as /usr/bin/time -v reports it (mapped file pages included)."""
-    import re
-
-    result = subprocess.run(["/usr/bin/time", "-v", *THIS, "--child", path, "--",
-                             "scan", str(gguf), "--json", "--no-progress"], capture_output=True, text=True,
-                            env=environment(), check=True)
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) * 1024
+    run = timed([*THIS, "--child", path, "--", "scan", gguf, "--json", "--no-progress"], environment())
+    return run.peak_rss_bytes
 
 
 def scan_in_process(gguf, path, runs):

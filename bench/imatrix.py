@@ -19,12 +19,12 @@ and its load average.
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 SWTOOL = Path(sys.executable).parent / "swtool"
@@ -33,15 +33,9 @@ MODEL = ROOT / "fixtures" / "build" / "smollm2"
 
 def swtool_cli(text, ctx, chunks, out):
     """(wall seconds, peak RSS bytes, summary JSON, CPU seconds) of one `swtool imatrix --json` run."""
-    result = subprocess.run(["/usr/bin/time", "-v", str(SWTOOL), "imatrix", str(MODEL), "--text", str(text),
-                             "--ctx", str(ctx), "--chunks", str(chunks), "-o", str(out), "--force", "--json",
-                             "--no-progress"], capture_output=True, text=True, check=True)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
-    seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", result.stderr).group(1))
-              for kind in ("User", "System"))
-    return seconds, rss_kb * 1024, json.loads(result.stdout), cpu
+    run = timed([SWTOOL, "imatrix", MODEL, "--text", text, "--ctx", ctx, "--chunks", chunks, "-o", out, "--force",
+                 "--json", "--no-progress"])
+    return run.wall_s, run.peak_rss_bytes, json.loads(run.stdout), run.cpu_s
 
 
 def swtool_pass(sequences, ctx):

@@ -31,13 +31,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,19 +117,6 @@ def read_once_seconds(files, repeats=3):
     evict(files)
     cold = read_all(files)
     return cold, min(read_all(files) for _ in range(repeats))  # (wall, CPU), the best wall
-
-
-def timed(command, env):
-    """(wall seconds, peak RSS bytes, stdout, CPU seconds) of one command under /usr/bin/time -v."""
-    result = subprocess.run(["/usr/bin/time", "-v", *map(str, command)], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(map(str, command))} failed:\n{result.stderr[-2000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
-    seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", result.stderr).group(1))
-              for kind in ("User", "System"))
-    return seconds, rss_kb * 1024, result.stdout, cpu
 
 
 def checkpoint_for(shape):

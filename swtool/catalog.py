@@ -97,19 +97,21 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
     return catalog
 
 
-def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False):
+def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False, tokens=None):
     """(catalog, the scan's report) of `model`: the one way a command turns a model into its super weights.
 
     `prompt`: one prompt, or a list of prompts scanned in the same read of the weights
-    (detect.scan_prompts); the paper's (tokenizer.DEFAULT_PROMPT) when None. `settings`
-    default to scan's. The report is the first prompt's, with every prompt's under "prompts"."""
+    (detect.scan_prompts); the paper's (tokenizer.DEFAULT_PROMPT) when None. `tokens`: the
+    prompts' ids, when the caller has them already (default_prompts). `settings` default to
+    scan's. The report is the first prompt's, with every prompt's under "prompts"."""
     from swtool.detect import Settings, merge_prompts, scan_prompts
     from swtool.tokenizer import DEFAULT_PROMPT, encode, load_tokenizer
 
     prompts = [DEFAULT_PROMPT] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
     settings = settings or Settings(prompt=prompts[0])
-    tokenizer = load_tokenizer(model.directory) if len(prompts) > 1 else None
-    tokens = [encode(model.directory, text, tokenizer) for text in prompts]
+    if tokens is None:
+        tokenizer = load_tokenizer(model.directory) if len(prompts) > 1 else None
+        tokens = [encode(model.directory, text, tokenizer) for text in prompts]
     results = scan_prompts(model, tokens, settings, progress=progress)
     reports = [report for _, report in results]
     catalog = build_catalog(model, prompts, tokens, settings, merge_prompts(results), reports, with_hashes)
@@ -117,24 +119,24 @@ def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=
 
 
 def default_prompts(model):
-    """(prompts, note): scan's default prompts for `model` (tokenizer.DEFAULT_PROMPTS), or, where its RoPE
-    frequencies change with the length past a limit some of them cross (dynamic NTK, longrope), those that
-    stay within it, with a note saying what was left out: prompts of other lengths past the limit cannot
-    share one padded pass (forking.ForkingPass). When none fits, the paper's prompt alone, which a pass of
-    one prompt scans at any length."""
+    """(prompts, their token ids, note): scan's default prompts for `model` (tokenizer.DEFAULT_PROMPTS), or,
+    where its RoPE frequencies change with the length past a limit some of them cross (dynamic NTK, longrope),
+    those that stay within it, with a note saying what was left out: prompts of other lengths past the limit
+    cannot share one padded pass (forking.ForkingPass). When none fits, the paper's prompt alone, which a pass
+    of one prompt scans at any length. The ids go to scan_catalog, which then need not tokenize again."""
     from swtool.arch.rope import length_limit
     from swtool.tokenizer import DEFAULT_PROMPTS, encode, load_tokenizer
 
-    limit = length_limit(model.checkpoint.config)
-    if limit is None:
-        return list(DEFAULT_PROMPTS), None
     tokenizer = load_tokenizer(model.directory)
-    fitting = [text for text in DEFAULT_PROMPTS if len(encode(model.directory, text, tokenizer)) <= limit]
+    tokens = {text: encode(model.directory, text, tokenizer) for text in DEFAULT_PROMPTS}
+    limit = length_limit(model.checkpoint.config)
+    fitting = [text for text in DEFAULT_PROMPTS if limit is None or len(tokens[text]) <= limit]
     if len(fitting) == len(DEFAULT_PROMPTS):
-        return fitting, None
+        return fitting, [tokens[text] for text in fitting], None
     kept = fitting or [DEFAULT_PROMPTS[0]]
-    return kept, (f"{plural(len(DEFAULT_PROMPTS) - len(kept), 'default prompt')} left out: longer than the "
-                  f"{int(limit)} tokens past which this model's RoPE frequencies depend on the length")
+    return kept, [tokens[text] for text in kept], (
+        f"{plural(len(DEFAULT_PROMPTS) - len(kept), 'default prompt')} left out: longer than the "
+        f"{int(limit)} tokens past which this model's RoPE frequencies depend on the length")
 
 
 def super_weights_for(model, catalog=None, prompt=None, progress=False):

@@ -239,13 +239,15 @@ def scan(model, prompts, prompts_file, wide, max_iter, spike_ratio, output, as_j
     prompts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     resolve_model(model, download)
     loaded = load_model(model)
+    tokens = None  # the prompts given are tokenized by scan_catalog
     if not prompts:
-        prompts, note = default_prompts(loaded)
+        prompts, tokens, note = default_prompts(loaded)
         if note:
             click.echo(f"note: {note}", err=True)
     settings = Settings(prompt=prompts[0], max_iter=max_iter, spike_ratio=spike_ratio)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite weights are reported below
-        catalog, report = scan_catalog(loaded, prompts, settings, progress=not no_progress, with_hashes=with_hashes)
+        catalog, report = scan_catalog(loaded, prompts, settings, progress=not no_progress, with_hashes=with_hashes,
+                                       tokens=tokens)
     if check_finite or not all(map(report_is_finite, report["prompts"])):  # NaN/Inf weights: flagged, the scan still completes
         catalog["nonfinite_weights"] = nonfinite_weights(loaded.checkpoint)
         if catalog["nonfinite_weights"]:
@@ -688,12 +690,13 @@ def print_export(report, source, opts, err=False):
 
     text = (strict_json(describe_export(report, source, export_options(opts))) if opts["as_json"]
             else format_export(report))
-    click.echo(text.replace(str(report.path), "-") if err else text, err=err)
+    click.echo(text, err=err)
 
 
 def write_gguf_output(opts, source, write):
     """`write(path)` the GGUF file -o names and print its report; for `-o -` the file is written in a
     temporary directory, copied to stdout and removed, and the report goes to stderr."""
+    import dataclasses
     import shutil
     import tempfile
 
@@ -705,7 +708,7 @@ def write_gguf_output(opts, source, write):
         if not opts["dry_run"]:
             with open(report.path, "rb") as written:
                 shutil.copyfileobj(written, click.get_binary_stream("stdout"), 1 << 20)
-        print_export(report, source, opts, err=True)  # (it reads the file's size)
+        print_export(dataclasses.replace(report, shown_as=STDOUT), source, opts, err=True)  # (it reads the file's size)
 
 
 @main.command("export")

@@ -269,6 +269,11 @@ class ExportReport:
     notes: list = field(default_factory=list)
     dry_run: bool = False
     super_weights_from: str = "none"  # "catalog", "gguf metadata" (the input's swtool.* record), "scan" or "none"
+    shown_as: str | None = None  # how messages name the output, when not by `path` ("-": copied to stdout)
+
+    @property
+    def output_name(self):
+        return str(self.path) if self.shown_as is None else self.shown_as
 
     @property
     def file_size(self):
@@ -379,12 +384,14 @@ def export(model_path, out_path, options):
 
         raise SwtoolError(f"export supports model_type {', '.join(gguf_export_model_types())}; "
                           f"{model_path} is {model.arch.model_type!r}")
+    arch_name = model.arch.gguf_arch_name()
+    if model.arch.moe is not None:
+        model.arch.moe.check_gguf_export(arch_name)
     from swtool.export_vocab import read_tokenizer_json
 
     directory = model.checkpoint.directory  # a vocabulary that cannot be written fails before a scan
     if (directory / "tokenizer.json").is_file() or not (directory / "tokenizer.model").is_file():
         read_tokenizer_json(directory)  # (a family may build its vocabulary from tokenizer.model alone)
-    arch_name = model.arch.gguf_arch_name()
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
     super_weights, prompt, orders, notes, found_by = [], None, {}, [], "none"
@@ -647,7 +654,7 @@ def format_export(report):
         counts[tensor.qtype.name] += 1
         sizes[tensor.qtype.name] += tensor.nbytes
     verb = "would write (dry run, nothing written)" if report.dry_run else "wrote"
-    lines = [f"{verb} {report.path}: {report.arch}, --type {report.target}, {plural(len(report.tensors), 'tensor')}, "
+    lines = [f"{verb} {report.output_name}: {report.arch}, --type {report.target}, {plural(len(report.tensors), 'tensor')}, "
              f"{report.file_size / 1e6:.1f} MB{' of tensors' if report.dry_run else ''}; "
              f"super weights: {report.handling}"]
     if report.dry_run:
@@ -689,7 +696,7 @@ def describe_export(report, source, options):
     return {
         "schema": SCHEMA_ID,
         "input": str(source),
-        "output": str(report.path),
+        "output": report.output_name,
         "dry_run": report.dry_run,
         "architecture": report.arch,
         "type": report.target,

@@ -86,6 +86,18 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tensors(smollm2):
+    """Real weights for the quantizers' tests (test_quant.py, test_quant_importance.py): ffn_down of the
+    layers holding SmolLM2's super weights (rows of 1536, layer 2's at [507, 430]) and a q_proj (rows of 576)."""
+    from swtool.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(smollm2)
+    names = ["model.layers.2.mlp.down_proj.weight", "model.layers.11.mlp.down_proj.weight",
+             "model.layers.0.self_attn.q_proj.weight"]
+    return {name: checkpoint.tensor(name).read() for name in names}
+
+
+@pytest.fixture(scope="session")
 def smollm2_catalog(smollm2, tmp_path_factory):
     """SmolLM2's catalog from one `swtool scan` (the real command), shared by every test that needs it
     (and by every xdist worker: fixtures/shared.py) rather than a full scan per test module. Tests

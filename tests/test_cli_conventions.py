@@ -194,6 +194,15 @@ def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
                   "--no-progress"))
         assert piped.stdout == (tmp_path / f"{command}.gguf").read_bytes() and piped.stdout[:4] == b"GGUF"
         assert piped.stderr.decode().startswith("wrote -: llama, --type q8_0")
+        # the report names the output `-`, not the temporary file stdout was copied from
+        piped = binary_run(command, source, "--type", "q8_0", "--catalog", catalog, "-o", "-", "--json")
+        assert piped.returncode == 0 and piped.stdout[:4] == b"GGUF", piped.stderr
+        report = json.loads(piped.stderr)
+        assert report["output"] == "-" and report["file_bytes"] == len(piped.stdout)
+        assert "stdout.gguf" not in piped.stderr.decode()
+        piped = binary_run(command, source, "--type", "q8_0", "--no-scan", "--dry-run", "-o", "-")
+        assert piped.returncode == 0 and piped.stdout == b"", piped.stderr
+        assert piped.stderr.decode().startswith("would write (dry run, nothing written) -: llama")
     assert not (tmp_path / "-").exists()
     for name in ("imatrix.gguf", "imatrix.dat"):  # the format from --format, as -o - has no suffix
         fmt = name.split(".")[1]

@@ -16,6 +16,7 @@ from swtool.model import load_model
 from swtool.tokenizer import encode, load_tokenizer
 from fixtures.tiny import Plant, random_tokens
 from fixtures.cli_run import one_line_error, swtool, swtool_without, swtool_in_process
+from fixtures.plots import capture_plots
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -487,21 +488,9 @@ def test_plots_are_written(tiny_planted, tmp_path):
     assert (tmp_path / "quantsim.pdf").read_bytes()[:5] == b"%PDF-"
 
 
-def plotted(monkeypatch):
-    """{file name: [(label, y data) of every line and bar of every panel]} of the figures swtool.plot saves."""
-    import swtool.plot
-
-    figures, save = {}, swtool.plot._save
-
-    def keep(plt, figure, path):
-        figures[Path(path).name] = [(line.get_label(), [float(y) for y in line.get_ydata()])
-                                    for axes in figure.axes for line in axes.lines] + \
-                                   [("bars", [float(bar.get_height()) for bar in container])
-                                    for axes in figure.axes for container in axes.containers]
-        save(plt, figure, path)
-
-    monkeypatch.setattr(swtool.plot, "_save", keep)
-    return figures
+def labelled(figure):
+    """[(label, y data)] of a figure capture_plots captured: what each line and bar shows."""
+    return [(label, y) for label, y, _ in figure]
 
 
 def run_json(*args):
@@ -532,28 +521,29 @@ def test_plots_show_the_runs_numbers(tiny_planted, tmp_path, monkeypatch):
     """What the figures draw: scan's lines are transformers' max |down_proj output| per layer, intact and
     with the found weights zeroed; eval's are its worlds' peaks; quantsim's its perplexities."""
     directory, catalog, text = tiny_planted
-    figures = plotted(monkeypatch)
+    figures = capture_plots(monkeypatch)
     scanned = run_json("scan", directory, "--json", "--no-progress", "--plot", tmp_path / "scan.svg")
     found = [(sw["layer"], sw["row"], sw["col"]) for sw in scanned["super_weights"]]
     assert found == [(1, 41, 101)]
     reference, ids = torch_model(directory), scanned["detection"]["tokens"]
-    lines = dict(figures["scan.svg"])
+    lines = dict(labelled(figures["scan.svg"]))
     assert list(lines) == ["original", "super weights removed"]
     np.testing.assert_allclose(lines["original"], torch_down_proj_peaks(reference, ids), rtol=1e-5)
     np.testing.assert_allclose(lines["super weights removed"], torch_down_proj_peaks(reference, ids, found), rtol=1e-5)
     assert lines["original"][1] > 10 * lines["super weights removed"][1]  # the planted spike, gone
     evaluated = run_json("eval", directory, "--text", text, "--catalog", catalog, "--ablate", "--json", "--no-progress",
                          "--plot", tmp_path / "eval.png")
-    assert figures["eval.png"] == [(w["name"], w["peak_down_proj_output"]) for w in evaluated["worlds"]]
+    assert labelled(figures["eval.png"]) == [(w["name"], w["peak_down_proj_output"]) for w in evaluated["worlds"]]
+    assert all(x == list(range(len(y))) for _, y, x in figures["eval.png"])  # one point per layer, in order
     swept = run_json("eval", directory, "--text", text, "--catalog", catalog, "--sweep", "0,0.5,1.5,2,3,4,5,6,7,8,9",
                      "--json", "--no-progress", "--plot", tmp_path / "sweep.png")
     names = [w["name"] for w in swept["worlds"]]
     assert {"scale 0.5", "scale 2", "scale 9"} <= set(names) and len(names) > 10  # more lines than markers
-    assert figures["sweep.png"] == [(w["name"], w["peak_down_proj_output"]) for w in swept["worlds"]]
+    assert labelled(figures["sweep.png"]) == [(w["name"], w["peak_down_proj_output"]) for w in swept["worlds"]]
     simulated = run_json("quantsim", directory, "--text", text, "--catalog", catalog, "--block-sizes", "32,tensor",
                          "--json", "--no-progress", "--plot", tmp_path / "quantsim.pdf")
     settings = simulated["weights"]["settings"]
-    lines = figures["quantsim.pdf"]
+    lines = labelled(figures["quantsim.pdf"])
     assert [label for label, _ in lines][:2] == ["RTN", f"clip {simulated['weights']['clip']} + restore SW"]
     assert lines[0][1] == [s["perplexity"] for s in settings if s["method"] == "rtn"]
     assert lines[1][1] == [s["perplexity"] for s in settings if s["method"] == "aware"]

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fixtures.cli_run import swtool
+from fixtures.cli_run import one_line_error, swtool
 from fixtures.converted import BPE_FILES, SMOLLM2_DIR, bpe_config
 from fixtures.tiny import Plant, build_tiny, stacked_copy
 
@@ -122,3 +122,24 @@ def test_stacked_checkpoint_exports_as_its_per_expert_original(olmoe, tmp_path):
     assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", HOLDER} <= set(ours)
     for name, tensor in theirs.items():
         assert np.array_equal(ours[name].data, tensor.data), name
+
+
+@pytest.mark.parametrize("family, dense, message", [
+    ("qwen3-moe", dict(mlp_only_layers=[3]), "dense layers [3] (mlp_only_layers / decoder_sparse_step) cannot be "
+                                             "exported: llama.cpp's qwen3moe loads a router and experts in every layer"),
+    ("qwen2-moe", dict(decoder_sparse_step=2), "dense layers [0, 2] (mlp_only_layers / decoder_sparse_step) cannot "
+                                               "be exported: llama.cpp's qwen2moe loads a router and experts"),
+])
+def test_export_refuses_dense_layers_llama_cpp_cannot_load(tmp_path, family, dense, message):
+    """llama.cpp's qwen2moe/qwen3moe require blk.N.ffn_gate_inp in every layer (a file with a dense
+    layer fails to load: "tensor 'blk.3.ffn_gate_inp.weight' not found"), and its converter cannot map
+    a dense layer's mlp.down_proj; with a vocabulary the rest of the export could write."""
+    model_dir = tmp_path / "model"
+    build_tiny(model_dir, family, **dense, **bpe_config())
+    for name in BPE_FILES:
+        shutil.copy(SMOLLM2_DIR / name, model_dir / name)
+    out = tmp_path / "out.gguf"
+    for extra in ((), ("--dry-run",)):
+        error = one_line_error(swtool("export", model_dir, "-o", out, "--type", "f32", "--no-progress", *extra))
+        assert message in error
+        assert not out.exists()

@@ -10,7 +10,6 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from fixtures.ggml_oracle import Ggml, GgmlUnavailable
-from swtool.checkpoint import open_checkpoint
 from swtool.errors import SwtoolError
 from swtool.quant import TYPES, block_size, dequantize, quantize, row_bytes
 
@@ -153,15 +152,6 @@ def test_planted_outliers_match_ggml(ggml, qtype, kind):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_zero_constant_and_tiny_blocks_match_ggml(ggml, qtype):
     check_against_ggml(ggml, special_blocks(), qtype)
-
-
-@pytest.fixture(scope="module")
-def smollm2_tensors(smollm2):
-    """Real weights: ffn_down of the layers with SmolLM2's super weights (rows of 1536), and a q_proj (576)."""
-    checkpoint = open_checkpoint(smollm2)
-    names = ["model.layers.2.mlp.down_proj.weight", "model.layers.11.mlp.down_proj.weight",
-             "model.layers.0.self_attn.q_proj.weight"]
-    return {name: checkpoint.tensor(name).read() for name in names}
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

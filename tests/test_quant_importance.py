@@ -16,7 +16,6 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from fixtures.ggml_oracle import Ggml, GgmlUnavailable
-from swtool.checkpoint import open_checkpoint
 from swtool.errors import SwtoolError
 from swtool.quant import block_size, dequantize, quantize
 
@@ -138,16 +137,7 @@ def test_bad_importance_is_refused():
 
 
 # ---------------------------------------------------------------------------
-# real tensors
-
-@pytest.fixture(scope="module")
-def smollm2_tensors(smollm2):
-    """ffn_down of the layers holding SmolLM2's super weights (rows of 1536) and a q_proj (576)."""
-    checkpoint = open_checkpoint(smollm2)
-    names = ["model.layers.2.mlp.down_proj.weight", "model.layers.11.mlp.down_proj.weight",
-             "model.layers.0.self_attn.q_proj.weight"]
-    return {name: checkpoint.tensor(name).read() for name in names}
-
+# real tensors (the smollm2_tensors fixture: tests/conftest.py)
 
 @pytest.mark.parametrize("qtype", WEIGHTED, ids=lambda t: t.name)
 @pytest.mark.parametrize("importance", IMPORTANCE)

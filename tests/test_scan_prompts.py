@@ -249,3 +249,26 @@ def test_default_prompts_past_a_length_dependent_rope_are_left_out_with_a_note(t
     short_prompt = min(DEFAULT_PROMPTS, key=lengths.get)
     refused = swtool_in_process("scan", directory, "--prompt", long_prompt, "--prompt", short_prompt)
     assert refused.returncode == 2 and "scan it alone" in refused.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-dynamic"])
+def test_default_prompts_are_tokenized_once(tiny_factory, family, tmp_path, monkeypatch):
+    """The length check of default_prompts (llama-dynamic: a limit some prompts pass) hands its ids
+    to the scan, which does not tokenize them again; the catalog's ids are the tokenizer's."""
+    import swtool.tokenizer
+
+    directory, _ = tiny_factory(family, "float32")
+    encoded = []
+
+    def counting_encode(directory, text, tokenizer=None):
+        encoded.append(text)
+        return real_encode(directory, text, tokenizer)
+
+    real_encode = swtool.tokenizer.encode
+    monkeypatch.setattr(swtool.tokenizer, "encode", counting_encode)
+    result = swtool_in_process("scan", directory, "-o", tmp_path / "c.json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert sorted(encoded) == sorted(DEFAULT_PROMPTS)
+    monkeypatch.undo()
+    scanned = json.loads((tmp_path / "c.json").read_text())["detection"]["prompts"]
+    assert [p["tokens"] for p in scanned] == [encode(directory, p["prompt"]) for p in scanned]

@@ -111,6 +111,14 @@ class Mixture:
     def is_sparse(self, layer):
         return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
 
+    def check_gguf_export(self, gguf_arch_name):
+        """Refuse dense layers: llama.cpp's mixture architectures load a router and experts in every
+        layer (blk.N.ffn_gate_inp is required), and its converter cannot name a dense layer's MLP."""
+        dense = [layer for layer in range(self.n_layers) if not self.is_sparse(layer)]
+        if dense:
+            raise SwtoolError(f"dense layers {dense} (mlp_only_layers / decoder_sparse_step) cannot be exported: "
+                              f"llama.cpp's {gguf_arch_name} loads a router and experts in every layer")
+
     # --- names ---------------------------------------------------------------------
     def router_name(self, layer):
         return f"model.layers.{layer}.{'mlp' if self.stacked else self.module}.gate.weight"
@@ -142,7 +150,8 @@ class Mixture:
         elif STACKED.fullmatch(hf_name):
             hf_name += ".weight"  # transformers 5 names the stacked parameter without the suffix
         elif dense and not self.is_sparse(int(dense[1])):
-            # gguf-py's MoE maps leave out dense MLPs; llama.cpp's generic names for them
+            # gguf-py's MoE maps leave out dense MLPs; llama.cpp's generic names, for a scan's catalog
+            # (no file holds them: check_gguf_export refuses to write one)
             return f"blk.{dense[1]}.ffn_{dense[2]}.weight"
         return name_map(hf_name)
 

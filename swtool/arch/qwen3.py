@@ -21,8 +21,9 @@ Qwen3's plain MLP (intermediate_size). Routing, layouts and dense layers: moe.py
 
 GGUF: llama.cpp's "qwen3" and "qwen3moe" (Qwen3Model, Qwen3MoeModel: TextModel's keys, plus
 expert_feed_forward_length for the experts' moe_intermediate_size), rows unpermuted, the
-q/k norms as attn_q_norm / attn_k_norm. llama.cpp's qwen3moe has no dense MLP layers and
-always divides the top-k weights by their sum, which is what a file reads back as.
+q/k norms as attn_q_norm / attn_k_norm. llama.cpp's qwen3moe has no dense MLP layers (export
+refuses them: Mixture.check_gguf_export) and always divides the top-k weights by their sum,
+which is what a file reads back as.
 """
 
 from dataclasses import dataclass
