@@ -609,6 +609,13 @@ def gguf_options(command):
         click.option("--output-tensor-type", metavar="TYPE",
                      help="Type of output.weight only (as llama-quantize; a --tensor-type 'output\\.weight' also "
                           "matches every attn_output.weight)."),
+        click.option("--imatrix", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Quantize with this llama.cpp importance matrix (GGUF or .dat), as llama-quantize --imatrix."),
+        click.option("--importance", metavar="SOURCE",
+                     help="Where the quantizers' per-column importance comes from: scan (default: the scan's prompt, "
+                          "collected in its pass; with --catalog or a file's own record, their prompts in one more "
+                          "pass; with --no-scan, none), text:FILE, random[:N] (N random tokens, default 2048), "
+                          "or none (llama-quantize without --imatrix)."),
         click.option("--no-scan", is_flag=True,
                      help="Without --catalog (and, for a GGUF, without its own swtool.* record), do not scan the "
                           "model for its super weights: nothing is recorded or protected."),
@@ -648,6 +655,7 @@ def export_options(opts):
         opts["qtype"], keep_type=opts["keep_type"].lower(), tensor_types=tuple(opts["tensor_types"]),
         handling=opts["sw_handling"], catalog=opts["catalog"], progress=not opts["no_progress"],
         allow_requantize=opts["allow_requantize"], scan=not opts["no_scan"],
+        importance=opts["importance"], imatrix=opts["imatrix"],
         output_tensor_type=opts["output_tensor_type"], token_embedding_type=opts["token_embedding_type"],
         pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
 
@@ -688,7 +696,7 @@ def export_command(model, download, **opts):
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
-    prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
+    prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"], opts["imatrix"]))  # before anything is read
     from swtool.gguf_export import export
 
     resolve_model(model, download)
@@ -720,7 +728,7 @@ def quantize_command(gguf_file, **opts):
     if source is None and local.is_dir():
         raise SwtoolError(f"{gguf_file}: holds no .gguf file; swtool export writes one from a Hugging Face checkpoint")
     source = source or local  # any other file: read_gguf says what it is instead
-    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"]))  # before anything is read
+    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"], opts["imatrix"]))  # before anything is read
     from swtool.gguf_export import quantize_gguf
 
     write_gguf_output(opts, gguf_file, lambda out: quantize_gguf(source, out, export_options(opts)))

@@ -90,7 +90,9 @@ def smollm2_catalog(smollm2, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
     """exported(type, handling="keep") -> path of SmolLM2 exported with its catalog, each (type, handling)
-    written once per session and shared (tests read these files, never write them)."""
+    written once per session and shared (tests read these files, never write them). Without importance
+    (--importance none): the files llama-quantize writes plus the handling, which the tests compare with
+    llama.cpp's own quantizer (tests/test_export_importance.py has the default's)."""
     from swtool.gguf_export import ExportOptions, export
 
     out = tmp_path_factory.mktemp("smollm2-exports")
@@ -98,7 +100,8 @@ def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
 
     def exported(kind, handling="keep"):
         if (kind, handling) not in written:
-            options = ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False)
+            options = ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False,
+                                    importance="none")
             written[kind, handling] = export(smollm2, out / f"smollm2-{kind}-{handling}.gguf", options).path
         return written[kind, handling]
 
