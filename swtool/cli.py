@@ -834,7 +834,12 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
               help="Export types (as swtool export --type), comma-separated.")
 @click.option("--handlings", default="none,keep:q8_0,control:q8_0", show_default=True, metavar="H,H,..",
               help="none, keep[:TYPE] (--sw-handling keep --keep-type TYPE), isolate, control[:TYPE] (the same "
-                   "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32.")
+                   "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32. Each "
+                   "may add +importance:SOURCE, or importance:SOURCE alone: quantized with the importance of the "
+                   "scan's prompt (scan), --importance-text (text) or 2048 random tokens (random); without it, "
+                   "none (llama-quantize without --imatrix).")
+@click.option("--importance-text", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The text of importance:text (not --text, which the files are scored on).")
 @click.option("--catalog", type=click.Path(dir_okay=False),
               help="A scan catalog (swtool scan -o); without it, MODEL is scanned first with scan's defaults.")
 @click.option("--ctx", default=512, show_default=True, type=int,
@@ -853,8 +858,8 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
 @output_options(json_help="Print the result as JSON on stdout instead of a table.",
                 progress_help="No progress lines or bars on stderr.",
                 force_help="Replace -o, --plot and files of the same names in --out-dir.")
-def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, plot,
-                  as_json, no_progress, force, download):
+def sweep_command(model, text_path, types, handlings, importance_text, catalog, ctx, n_windows, out_dir, threads,
+                  output, plot, as_json, no_progress, force, download):
     """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
@@ -868,7 +873,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
 
     no_stdout_directory("--out-dir", out_dir)
     type_names, handling_list = parse_types(types), parse_handlings(handlings)
-    prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog))  # before the exports
+    prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog, importance_text))  # before the exports
     from swtool.evaluate import read_text
 
     text = read_text(text_path)
@@ -879,7 +884,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
             click.echo(line, err=True)
 
     result = run_sweep(model, text_path, text, type_names, handling_list, catalog, ctx, n_windows, out_dir,
-                       threads or 1, force, not no_progress, log)
+                       threads or 1, force, not no_progress, log, importance_text)
     if output and output != STDOUT:
         from swtool.atomic import write_text_atomic
 
