@@ -9,7 +9,7 @@ swtool's export with --importance none. Each file is scored in llama.cpp (llama-
 on the same windows of ctx tokens of the text, every prediction of a window, against the F16 file's own
 distributions in llama.cpp (KL divergence as swtool/kld.py computes it: mean, 99th percentile, same top).
 The text must not be what an importance was computed from (the default's is the scan's prompt alone).
-Results go to bench/results/importance.json.
+Results go to bench/results/importance.json, one run per type and text.
 """
 
 import argparse
@@ -108,8 +108,10 @@ def main():
               f"llama-quantize)  perplexity {row['perplexity']:.3f}"
               + (f"  KLD mean {kld['mean']:.4f} p99 {kld['p99']:.4f} same top {100 * kld['same_top']:.2f} %" if kld else ""))
     record = {"type": args.type, "text": args.text, "ctx": args.ctx, "windows": len(windows), "results": results}
-    path = ROOT / "bench" / "results" / "importance.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    path = ROOT / "bench" / "results" / "importance.json"  # one run per (type, text), the latest kept
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = [run for run in runs if (run["type"], run["text"]) != (args.type, args.text)] + [record]
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     print(f"written to {path}")
 
 

@@ -255,10 +255,12 @@ def test_isolate_reorders_channels_without_changing_the_model(smollm2, catalog, 
     """isolate: each super weight gets a Q4_0 block of its own, with neighbours that fit its grid; gate/up
     rows and down columns move together, so llama.cpp's perplexity barely moves, and the super weights
     stay exact while their rows lose less than in the plain file."""
+    # without importance: with one, llama-quantize's rule makes layer 2's ffn_down Q4_1 (tests/test_export_importance.py)
     plain = export(smollm2, tmp_path / "none.gguf", ExportOptions("q4_0", catalog=str(catalog), handling="none",
-                                                            progress=False)).path
+                                                            progress=False, importance="none")).path
     isolated = export(smollm2, tmp_path / "isolate.gguf", ExportOptions("q4_0", catalog=str(catalog),
-                                                                  handling="isolate", progress=False)).path
+                                                                  handling="isolate", progress=False,
+                                                                  importance="none")).path
     meta = fields(isolated)
     assert meta["swtool.export.handling"][0] == "isolate"
     plain_tensors, isolated_tensors = tensors(plain), tensors(isolated)
