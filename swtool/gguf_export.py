@@ -261,16 +261,29 @@ def importance_before_scan(options, model):
     from swtool import export_importance
 
     spec = export_importance.parse_importance(options.importance, options.imatrix)
+    given = export_importance.from_file(spec.path) if spec.kind == "file" else None  # a bad file fails anyway
+    if not importance_matters(options):  # nothing to compute, nothing to record
+        return None, export_importance.ImportanceSpec("none")
     if options.importance_given is not None:
         return options.importance_given, spec
-    if spec.kind == "file":
-        return export_importance.from_file(spec.path), spec
+    if given is not None:
+        return given, spec
     if spec.kind in ("text", "random"):
         return export_importance.computed(spec, model()), spec
     return None, spec
 
 
 WHOSE = {"catalog": "the catalog's", "gguf metadata": "the input's recorded"}  # where prompts come from, in notes
+
+
+def importance_matters(options):
+    """False when every tensor will be a float type or Q8_0, whose quantizers do not read an importance
+    (and no llama-quantize rule does): a float or Q8_0 --type with no per-tensor type option."""
+    from swtool.quant.policy import parse_target
+
+    plain = parse_target(options.type).qtype.name in ("F32", "F16", "BF16", "Q8_0")
+    return not (plain and not options.tensor_types and not options.output_tensor_type
+                and not options.token_embedding_type)
 
 
 def importance_of_prompts(model, source, prompts, notes):
@@ -302,13 +315,15 @@ def catalog_prompts(catalog_path):
 
 def attach_importance(tensors, used):
     """Each block-quantized tensor's importance as stored (columns in its col_order), where `used` has
-    an entry for it; tensors whose bytes are copied or that stay float get none."""
+    an entry for it; tensors whose bytes are copied or that stay float get none. Returns `used`, or None
+    when no tensor got one (nothing was quantized with it: nothing to record)."""
     from gguf import GGML_QUANT_SIZES
 
     for tensor in tensors.values():
         copied = tensor.raw is not None and tensor.raw.dtype == tensor.qtype.name and tensor.col_order is None
         if used is not None and GGML_QUANT_SIZES[tensor.qtype][0] > 1 and not copied:
             tensor.importance = used.for_tensor(tensor)
+    return used if any(t.importance is not None for t in tensors.values()) else None  # else none was used
 
 
 # --- planning ------------------------------------------------------------------------
@@ -493,7 +508,7 @@ def export(model_path, out_path, options):
     notes += rules_matched
     handle_super_weights(tensors, options, super_weights, orders, model_path)
     handling = handling_label(options, super_weights, orders, tensors)
-    attach_importance(tensors, used)
+    used = attach_importance(tensors, used)
 
     def add_metadata(writer):
         import gguf
@@ -672,7 +687,7 @@ def quantize_gguf(in_path, out_path, options):
     requantized = requantizing(tensors, options, in_path)
     handle_super_weights(tensors, options, super_weights, orders, in_path)
     handling = handling_label(options, super_weights, orders, tensors)
-    attach_importance(tensors, used)
+    used = attach_importance(tensors, used)
 
     import gguf
 

@@ -169,6 +169,19 @@ def test_default_and_none_and_the_dat_form(f16_and_imatrix, tmp_path):
         assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
 
 
+def test_q8_0_and_float_types_use_and_record_no_importance(f16_and_imatrix, tmp_path):
+    """Their quantizers do not read one: nothing is computed, recorded or reported, even with --imatrix."""
+    import gguf
+
+    _, f16, imatrix = f16_and_imatrix
+    for kind, extra in (("q8_0", ()), ("f32", ("--imatrix", imatrix))):
+        out = tmp_path / f"{kind}.gguf"
+        result = swtool_in_process("quantize", f16, "-o", out, "--type", kind, *extra, "--no-progress", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["importance"] is None
+        assert not any(name.startswith(("swtool.importance", "quantize.imatrix")) for name in gguf.GGUFReader(str(out)).fields)
+
+
 def test_bad_importance_is_one_line(f16_and_imatrix, tmp_path):
     directory, f16, imatrix = f16_and_imatrix
     out = tmp_path / "x.gguf"
