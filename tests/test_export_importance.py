@@ -54,6 +54,37 @@ def test_scan_collects_the_intact_models_importance_of_its_prompts(tiny_factory,
         assert np.abs(got.entries[name].sums - sums).max() <= 1e-5 * sums.max(), name
 
 
+def test_stacked_experts_are_quantized_with_each_experts_importance(tmp_path):
+    """A mixture's ffn_*_exps: expert e's rows with importance row e (the scan's counts per expert), as
+    llama-quantize hands ggml_quantize_chunk one expert's slice of the imatrix (libggml as the oracle)."""
+    import gguf
+
+    from fixtures.ggml_oracle import Ggml
+    from fixtures.tiny import build_tiny
+    from swtool.gguf_export import ExportOptions, export
+    from tests.test_export_types import add_a_merge
+
+    build_tiny(tmp_path, "mixtral", "float32", plants=(Plant(1, 41, 101, expert=2),))
+    add_a_merge(tmp_path)
+    report = export(tmp_path, tmp_path / "q4_0.gguf", ExportOptions("q4_0", progress=False, handling="none"))
+    assert report.importance.source == "scan"
+    name = "blk.0.ffn_down_exps.weight"
+    weights = report.importance.importance.importance_for(name, 160)
+    counts = report.importance.importance.entries[name].counts
+    assert weights.shape == (4, 160) and counts.sum() > 0
+    for row, count in zip(weights, counts):  # an expert no token reached: ones, as llama-quantize makes them
+        assert (row == 1).all() == (count == 0)
+    source = load_model(tmp_path).checkpoint.tensor("model.layers.0.block_sparse_moe.experts.0.w2.weight")
+    stored = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q4_0.gguf")).tensors}[name]
+    data = np.asarray(stored.data).view(np.uint8).reshape(4, -1)
+    ggml = Ggml()
+    for expert in range(4):
+        values = source.read() if expert == 0 else load_model(tmp_path).checkpoint.tensor(
+            f"model.layers.0.block_sparse_moe.experts.{expert}.w2.weight").read()
+        expected = ggml.quantize(values, gguf.GGMLQuantizationType.Q4_0, weights[expert])
+        assert np.array_equal(data[expert], expected.reshape(-1)), expert
+
+
 def test_importance_option_syntax():
     assert parse_importance(None).kind == "scan"
     assert parse_importance("none").kind == "none"
