@@ -200,6 +200,44 @@ def test_default_and_none_and_the_dat_form(f16_and_imatrix, tmp_path):
         assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
 
 
+def test_the_default_takes_no_pass_of_its_own_when_a_scan_runs(f16_and_imatrix, tmp_path, monkeypatch):
+    """A scan: the importance comes from its pass (imatrix.collect is never called); --catalog: the catalog's
+    prompts in one collect pass, with a note; --no-scan: none, with a note."""
+    from swtool.gguf_export import ExportOptions, export
+
+    directory = f16_and_imatrix[0]
+    catalog = tmp_path / "catalog.json"
+    assert swtool_in_process("scan", directory, "-o", catalog, "--prompt", "Apple", "--prompt", "a longer prompt here",
+                             "--no-progress").returncode == 0
+    calls = []
+    real = im.collect
+    monkeypatch.setattr(im, "collect", lambda *args, **kwargs: calls.append(args[1]) or real(*args, **kwargs))
+    scanned = export(directory, tmp_path / "a.gguf", ExportOptions("q4_0", progress=False))
+    assert scanned.importance.source == "scan" and calls == []
+    listed = export(directory, tmp_path / "b.gguf", ExportOptions("q4_0", progress=False, catalog=str(catalog)))
+    recorded = [p["tokens"] for p in json.loads(catalog.read_text())["detection"]["prompts"]]
+    assert listed.importance.source == "catalog" and calls == [recorded]
+    assert any("one more pass over the weights" in note for note in listed.notes)
+    plain = export(directory, tmp_path / "c.gguf", ExportOptions("q4_0", progress=False, scan=False))
+    assert plain.importance is None and any("quantized without importance" in note for note in plain.notes)
+
+
+def test_text_importance_is_llama_imatrixs_chunks_of_the_text(f16_and_imatrix, tmp_path):
+    """--importance text:FILE: whole chunks of 512 tokens (the tiny byte tokenizer: 1,300 characters give 2),
+    the same matrix as `swtool imatrix --text FILE --ctx 512` (its digest)."""
+    directory = f16_and_imatrix[0]
+    text = tmp_path / "text.txt"
+    text.write_text(open(im.__file__.replace("swtool/imatrix.py", "fixtures/prose.txt")).read()[:1300])
+    result = swtool_in_process("export", directory, "-o", tmp_path / "t.gguf", "--type", "q4_0", "--importance",
+                               f"text:{text}", "--no-scan", "--no-progress", "--json")
+    assert result.returncode == 0, result.stderr
+    used = json.loads(result.stdout)["importance"]
+    assert (used["source"], used["tokens"]) == ("text", 2 * 512)
+    assert swtool_in_process("imatrix", directory, "--text", text, "-o", tmp_path / "i.gguf",
+                             "--no-progress").returncode == 0
+    assert used["sha256"] == digest(im.read_imatrix(tmp_path / "i.gguf"))
+
+
 def test_q8_0_and_float_types_use_and_record_no_importance(f16_and_imatrix, tmp_path):
     """Their quantizers do not read one: nothing is computed, recorded or reported, even with --imatrix."""
     import gguf
