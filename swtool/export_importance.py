@@ -26,6 +26,7 @@ import numpy as np
 from swtool.errors import SwtoolError
 
 KINDS = ("scan", "none", "text", "random")
+UNWEIGHTED_TYPES = ("F32", "F16", "BF16", "Q8_0")  # ggml types whose quantizers do not read an importance
 IMPORTANCE_CTX = 512  # llama-imatrix's default chunk: the sequences text and random importance use
 DEFAULT_RANDOM_TOKENS = 2048
 RANDOM_SEED = 0

@@ -279,9 +279,10 @@ WHOSE = {"catalog": "the catalog's", "gguf metadata": "the input's recorded"}  #
 def importance_matters(options):
     """False when every tensor will be a float type or Q8_0, whose quantizers do not read an importance
     (and no llama-quantize rule does): a float or Q8_0 --type with no per-tensor type option."""
+    from swtool.export_importance import UNWEIGHTED_TYPES
     from swtool.quant.policy import parse_target
 
-    plain = parse_target(options.type).qtype.name in ("F32", "F16", "BF16", "Q8_0")
+    plain = parse_target(options.type).qtype.name in UNWEIGHTED_TYPES
     return not (plain and not options.tensor_types and not options.output_tensor_type
                 and not options.token_embedding_type)
 

@@ -127,8 +127,10 @@ def same_as_none(qtype, handling):
 
     target_bits = bits_per_weight(parse_target(qtype).qtype)
     if handling.importance is not None:  # the float types and Q8_0 have no use for an importance
-        importance_used = target_bits < 8.5
-        return not importance_used and (handling.name == "none" or same_as_none(qtype, replace(handling, importance=None)))
+        from swtool.export_importance import UNWEIGHTED_TYPES
+
+        unweighted = parse_target(qtype).qtype.name in UNWEIGHTED_TYPES
+        return unweighted and (handling.name == "none" or same_as_none(qtype, replace(handling, importance=None)))
     if handling.name in ("keep", "control"):  # a keep type no more precise than the file's changes nothing
         return bits_per_weight(quant_type(handling.keep_type)) <= target_bits
     if handling.name == "isolate":  # float types have no blocks to isolate in
