@@ -261,13 +261,12 @@ def importance_before_scan(options, model):
     from swtool import export_importance
 
     spec = export_importance.parse_importance(options.importance, options.imatrix)
-    given = export_importance.from_file(spec.path) if spec.kind == "file" else None  # a bad file fails anyway
+    if spec.kind == "file":  # used and recorded whatever the types, as llama-quantize does with --imatrix
+        return export_importance.from_file(spec.path), spec
     if not importance_matters(options):  # nothing to compute, nothing to record
         return None, export_importance.ImportanceSpec("none")
     if options.importance_given is not None:
         return options.importance_given, spec
-    if given is not None:
-        return given, spec
     if spec.kind in ("text", "random"):
         return export_importance.computed(spec, model()), spec
     return None, spec
@@ -317,13 +316,15 @@ def catalog_prompts(catalog_path):
 def attach_importance(tensors, used):
     """Each block-quantized tensor's importance as stored (columns in its col_order), where `used` has
     an entry for it; tensors whose bytes are copied or that stay float get none. Returns `used`, or None
-    when no tensor got one (nothing was quantized with it: nothing to record)."""
+    when no tensor got one (nothing was quantized with it: nothing to record) unless it is an --imatrix file."""
     from gguf import GGML_QUANT_SIZES
 
     for tensor in tensors.values():
         copied = tensor.raw is not None and tensor.raw.dtype == tensor.qtype.name and tensor.col_order is None
         if used is not None and GGML_QUANT_SIZES[tensor.qtype][0] > 1 and not copied:
             tensor.importance = used.for_tensor(tensor)
+    if used is None or used.file is not None:  # --imatrix: recorded as llama-quantize records it, matched or not
+        return used
     return used if any(t.importance is not None for t in tensors.values()) else None  # else none was used
 
 

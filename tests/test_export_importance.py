@@ -239,16 +239,21 @@ def test_text_importance_is_llama_imatrixs_chunks_of_the_text(f16_and_imatrix, t
 
 
 def test_q8_0_and_float_types_use_and_record_no_importance(f16_and_imatrix, tmp_path):
-    """Their quantizers do not read one: nothing is computed, recorded or reported, even with --imatrix."""
+    """Their quantizers do not read one: nothing is computed, recorded or reported; an --imatrix file is
+    recorded all the same, as llama-quantize records it whatever the type."""
     import gguf
 
     _, f16, imatrix = f16_and_imatrix
-    for kind, extra in (("q8_0", ()), ("f32", ("--imatrix", imatrix))):
-        out = tmp_path / f"{kind}.gguf"
+    for kind, extra in (("q8_0", ()), ("f32", ()), ("q8_0", ("--imatrix", imatrix))):
+        out = tmp_path / f"{kind}-{len(extra)}.gguf"
         result = swtool_in_process("quantize", f16, "-o", out, "--type", kind, *extra, "--no-progress", "--json")
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["importance"] is None
-        assert not any(name.startswith(("swtool.importance", "quantize.imatrix")) for name in gguf.GGUFReader(str(out)).fields)
+        recorded = [name for name in gguf.GGUFReader(str(out)).fields
+                    if name.startswith(("swtool.importance", "quantize.imatrix"))]
+        if extra:
+            assert json.loads(result.stdout)["importance"]["source"] == "imatrix" and len(recorded) == 6
+        else:
+            assert json.loads(result.stdout)["importance"] is None and recorded == []
 
 
 def test_bad_importance_is_one_line(f16_and_imatrix, tmp_path):
