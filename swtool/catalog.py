@@ -97,13 +97,15 @@ def build_catalog(model, prompts, tokens, settings, super_weights, reports, with
     return catalog
 
 
-def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False, tokens=None):
+def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=False, tokens=None,
+                 linear_observer=None):
     """(catalog, the scan's report) of `model`: the one way a command turns a model into its super weights.
 
     `prompt`: one prompt, or a list of prompts scanned in the same read of the weights
     (detect.scan_prompts); the paper's (tokenizer.DEFAULT_PROMPT) when None. `tokens`: the
     prompts' ids, when the caller has them already (default_prompts). `settings` default to
-    scan's. The report is the first prompt's, with every prompt's under "prompts"."""
+    scan's. The report is the first prompt's, with every prompt's under "prompts".
+    `linear_observer`: sees every linear's input of the intact model (detect.scan_prompts)."""
     from swtool.detect import Settings, merge_prompts, scan_prompts
     from swtool.tokenizer import DEFAULT_PROMPT, encode, load_tokenizer
 
@@ -112,7 +114,7 @@ def scan_catalog(model, prompt=None, settings=None, progress=False, with_hashes=
     if tokens is None:
         tokenizer = load_tokenizer(model.directory) if len(prompts) > 1 else None
         tokens = [encode(model.directory, text, tokenizer) for text in prompts]
-    results = scan_prompts(model, tokens, settings, progress=progress)
+    results = scan_prompts(model, tokens, settings, progress=progress, linear_observer=linear_observer)
     reports = [report for _, report in results]
     catalog = build_catalog(model, prompts, tokens, settings, merge_prompts(results), reports, with_hashes)
     return catalog, {**reports[0], "prompts": reports}

@@ -640,6 +640,13 @@ def gguf_options(command):
         click.option("--output-tensor-type", metavar="TYPE",
                      help="Type of output.weight only (as llama-quantize; a --tensor-type 'output\\.weight' also "
                           "matches every attn_output.weight)."),
+        click.option("--imatrix", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Quantize with this llama.cpp importance matrix (GGUF or .dat), as llama-quantize --imatrix."),
+        click.option("--importance", metavar="SOURCE",
+                     help="Where the quantizers' per-column importance comes from: scan (default: the scan's prompt, "
+                          "collected in its pass; with --catalog or a file's own record, their prompts in one more "
+                          "pass; with --no-scan, none), text:FILE, random[:N] (N random tokens, default 2048), "
+                          "or none (llama-quantize without --imatrix)."),
         click.option("--no-scan", is_flag=True,
                      help="Without --catalog (and, for a GGUF, without its own swtool.* record), do not scan the "
                           "model for its super weights: nothing is recorded or protected."),
@@ -679,6 +686,7 @@ def export_options(opts):
         opts["qtype"], keep_type=opts["keep_type"].lower(), tensor_types=tuple(opts["tensor_types"]),
         handling=opts["sw_handling"], catalog=opts["catalog"], progress=not opts["no_progress"],
         allow_requantize=opts["allow_requantize"], scan=not opts["no_scan"],
+        importance=opts["importance"], imatrix=opts["imatrix"],
         output_tensor_type=opts["output_tensor_type"], token_embedding_type=opts["token_embedding_type"],
         pure=opts["pure"], leave_output_tensor=opts["leave_output_tensor"], dry_run=opts["dry_run"])
 
@@ -720,7 +728,7 @@ def export_command(model, download, **opts):
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
-    prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"]))  # before anything is read
+    prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"], opts["imatrix"]))  # before anything is read
     from swtool.gguf_export import export
 
     resolve_model(model, download)
@@ -752,7 +760,7 @@ def quantize_command(gguf_file, **opts):
     if source is None and local.is_dir():
         raise SwtoolError(f"{gguf_file}: holds no .gguf file; swtool export writes one from a Hugging Face checkpoint")
     source = source or local  # any other file: read_gguf says what it is instead
-    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"]))  # before anything is read
+    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"], opts["imatrix"]))  # before anything is read
     from swtool.gguf_export import quantize_gguf
 
     write_gguf_output(opts, gguf_file, lambda out: quantize_gguf(source, out, export_options(opts)))
@@ -858,7 +866,12 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
               help="Export types (as swtool export --type), comma-separated.")
 @click.option("--handlings", default="none,keep:q8_0,control:q8_0", show_default=True, metavar="H,H,..",
               help="none, keep[:TYPE] (--sw-handling keep --keep-type TYPE), isolate, control[:TYPE] (the same "
-                   "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32.")
+                   "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32. Each "
+                   "may add +importance:SOURCE, or importance:SOURCE alone: quantized with the importance of the "
+                   "scan's prompt (scan), --importance-text (text) or 2048 random tokens (random); without it, "
+                   "none (llama-quantize without --imatrix).")
+@click.option("--importance-text", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The text of importance:text (not --text, which the files are scored on).")
 @click.option("--catalog", type=click.Path(dir_okay=False),
               help="A scan catalog (swtool scan -o); without it, MODEL is scanned first with scan's defaults.")
 @click.option("--ctx", default=512, show_default=True, type=int,
@@ -877,8 +890,8 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
 @output_options(json_help="Print the result as JSON on stdout instead of a table.",
                 progress_help="No progress lines or bars on stderr.",
                 force_help="Replace -o, --plot and files of the same names in --out-dir.")
-def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, out_dir, threads, output, plot,
-                  as_json, no_progress, force, download):
+def sweep_command(model, text_path, types, handlings, importance_text, catalog, ctx, n_windows, out_dir, threads,
+                  output, plot, as_json, no_progress, force, download):
     """Export MODEL at several GGUF types, with and without super-weight handling; perplexity of each in llama.cpp.
 
     Needs llama-cpp-python: pip install 'swtool[llama]'.
@@ -892,7 +905,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
 
     no_stdout_directory("--out-dir", out_dir)
     type_names, handling_list = parse_types(types), parse_handlings(handlings)
-    prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog))  # before the exports
+    prepare_outputs(force, output, plot=plot, inputs=(model, text_path, catalog, importance_text))  # before the exports
     from swtool.evaluate import read_text
 
     text = read_text(text_path)
@@ -903,7 +916,7 @@ def sweep_command(model, text_path, types, handlings, catalog, ctx, n_windows, o
             click.echo(line, err=True)
 
     result = run_sweep(model, text_path, text, type_names, handling_list, catalog, ctx, n_windows, out_dir,
-                       threads or 1, force, not no_progress, log)
+                       threads or 1, force, not no_progress, log, importance_text)
     if output and output != STDOUT:
         from swtool.atomic import write_text_atomic
 

@@ -346,8 +346,11 @@ def scan(model, tokens, settings, progress=False, fork_online=True):
     return result
 
 
-def scan_prompts(model, prompts, settings, progress=False, fork_online=True):
+def scan_prompts(model, prompts, settings, progress=False, fork_online=True, linear_observer=None):
     """`scan` of every prompt (token id lists) in one read of the weights: [(found, report)], one per prompt.
+
+    `linear_observer`: sees every linear's input in the intact model over the prompts' tokens
+    (forking.ForkingPass), e.g. an imatrix.Collector: the importance matrix of the scan's prompts.
 
     Each prompt's result is what `scan` of it alone gives (its own spikes, worlds,
     decisions and verification), up to float32 rounding in batched products of
@@ -359,7 +362,7 @@ def scan_prompts(model, prompts, settings, progress=False, fork_online=True):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
             raise SwtoolError(f"{which} must have at least 2 tokens to score its likelihood")
     recorders = [Recorder() for _ in prompts]
-    stream = ForkingPass(model, list(prompts), recorders)
+    stream = ForkingPass(model, list(prompts), recorders, linear_observer)
     lanes = [stream.lane(p) for p in range(len(prompts))]
     weights = WeightStats(model)
     online = [OnlineSearch(model, lane, recorder, weights, settings) for lane, recorder in zip(lanes, recorders)]

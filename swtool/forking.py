@@ -64,15 +64,21 @@ class ForkingPass:
 
     With one prompt, keys are world keys. With several, the pass's own keys are
     (prompt index, world key); `lane(p)` gives prompt p a view that takes plain world keys.
+
+    `linear_observer`: an observer with `observe_linear(name, expert, x)` (forward.py's LINEAR_IN)
+    that sees the input of every linear in the intact model only, every prompt's real tokens as rows
+    of one x (no world with a weight zeroed, no padding): what a pass of the prompts alone would
+    show it, so an importance matrix (imatrix.Collector) comes with the scan's one read of the weights.
     """
 
-    def __init__(self, model, prompts, observer):
+    def __init__(self, model, prompts, observer, linear_observer=None):
         self.model = model
         self.arch = model.arch
         single = np.ndim(prompts[0]) == 0  # one prompt: [T] token ids
         self.single = single
         self.prompts = [np.asarray(p, dtype=np.int64) for p in ([prompts] if single else prompts)]
         self.observers = [observer] if single else list(observer)
+        self.linear_observer = linear_observer
         self.lengths = [len(p) for p in self.prompts]
         self.n_tokens = max(self.lengths)
         limit = length_limit(model.checkpoint.config)
@@ -131,7 +137,7 @@ class ForkingPass:
                            for p, key in todo])
         # each world's edits of this layer apply inside its down projection (forward.Pass._apply_edits)
         worlds = [World(f"world {i}", tuple(edit for at, edit in key if at == layer)) for i, (_, key) in enumerate(todo)]
-        ctx = self._context(worlds, [_PerWorld(self.observers, todo, self.lengths)])
+        ctx = self._context(worlds, [_PerWorld(self.observers, todo, self.lengths, self.linear_observer)])
         x = self.arch.block(ctx, layer, inputs)
         for pair, rows in zip(todo, x):
             self.outputs[layer][pair] = rows
@@ -203,14 +209,29 @@ class _PerWorld:
     """Observer adapter: splits a batch's activations into its worlds (batch row i is (prompt, key) todo[i]),
     cutting off each prompt's padding, and hands each to its prompt's observer."""
 
-    def __init__(self, observers, todo, lengths):
+    def __init__(self, observers, todo, lengths, linear_observer=None):
         self.observers = observers
         self.todo = todo
         self.lengths = lengths
+        self.linear_observer = linear_observer
+        self.intact = np.array([not key for _, key in todo])  # the intact world's prefix is the empty set
+        self.row_lengths = np.array([lengths[p] for p, _ in todo])
 
     def observe(self, point, layer, x):
         for (p, key), rows in zip(self.todo, x):
             self.observers[p].observe(point, layer, key, rows[:self.lengths[p]])
+
+    def observe_linear(self, name, expert, x, world=None, positions=None):
+        """The intact world's real tokens of every prompt, as the rows of one array, to the linear observer."""
+        if self.linear_observer is None or not self.intact.any():
+            return
+        if world is None:  # x [rows, T, in]: batch row i is todo[i]
+            rows = np.concatenate([x[i, :self.row_lengths[i]] for i in np.flatnonzero(self.intact)])
+        else:  # x [1, N, in]: row n is token positions[n] of batch row world[n]
+            world = np.asarray(world)
+            rows = x[0, self.intact[world] & (np.asarray(positions) < self.row_lengths[world])]
+        if len(rows):
+            self.linear_observer.observe_linear(name, expert, rows)
 
     def observe_expert(self, point, layer, expert, routed, x):
         for i, (p, key) in enumerate(self.todo):

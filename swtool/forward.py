@@ -188,7 +188,7 @@ class Pass:
         rows = self._transformed(name, info.read(rows=flat), rows=flat).reshape(sequences.shape + (-1,))
         return np.tile(rows, (len(self.worlds), 1, 1))
 
-    def linear(self, x, name, bias=False, world=None, expert=None, transposed=False):
+    def linear(self, x, name, bias=False, world=None, expert=None, transposed=False, positions=None):
         """x @ W.T (+ b) for [W, T, in] -> [W, T, out], with each world's edits of W applied.
 
         With `world=w`, x is [1, T', in]: rows of world w only (e.g. the tokens one
@@ -198,6 +198,7 @@ class Pass:
         With `expert=e`, W is slice e of the stacked tensor `name` [experts, out, in].
         With `transposed=True`, `name` is stored [in, out] (GPT-2's Conv1D) and W is its
         transpose: edits and transforms still address W[row = output, col = input].
+        `positions` (with `world`): the token position of each of x's rows, for the observers.
         """
         info = self.checkpoint.tensor(name)
         if expert is not None:
@@ -209,7 +210,7 @@ class Pass:
                               f"expected [*, {x.shape[-1]}]")
         n_out, n_in = info.shape
         x = self._linear_input(name, x)
-        self.observe_linear(name, expert, x)
+        self.observe_linear(name, expert, x, world, positions)
         x2 = np.ascontiguousarray(x.reshape(-1, n_in), dtype=np.float32)
         out = np.empty((x2.shape[0], n_out), dtype=np.float32)
         # few rows and an untouched weight: multiply straight from the stored bits (kernels.py)
@@ -273,12 +274,13 @@ class Pass:
             observer.observe(point, layer, x)
         return x
 
-    def observe_linear(self, name, expert, x):
+    def observe_linear(self, name, expert, x, world=None, positions=None):
         """LINEAR_IN (arch/base.py): the input x of linear `name` (slice `expert` of a stacked tensor, or
-        None) as it is multiplied, for the observers that look at every linear's input (swtool/imatrix.py)."""
+        None) as it is multiplied, for the observers that look at every linear's input (swtool/imatrix.py).
+        `world`, `positions`: as Pass.linear has them (x [1, N, in] holds rows of several batch rows)."""
         for observer in self.observers:
             if hasattr(observer, "observe_linear"):
-                observer.observe_linear(name, expert, x)
+                observer.observe_linear(name, expert, x, world=world, positions=positions)
 
     def observe_expert(self, point, layer, expert, routed, x):
         """Expert `expert` of layer `layer` at `point` (DOWN_IN, DOWN_OUT): x [N, channels]

@@ -66,6 +66,7 @@ class OutTensor:
     qtype: object = None  # chosen ggml type
     reason: str = ""
     source_type: str = None  # the type it is stored in at the source ("BF16", "Q4_1" ...), for --leave-output-tensor
+    importance: object = None  # float32 [n_mat, cols]: per stored column (and expert), the quantizers' weights
 
     @property
     def nbytes(self):
@@ -94,8 +95,14 @@ def tensor_chunks(tensor):
         if copy:  # the type stays: the input's bytes, unchanged
             yield tensor.raw.with_stored(lambda stored: np.ascontiguousarray(stored).view(np.uint8).copy(),
                                          slice(start, stop))
-        else:
+        elif tensor.importance is None:
             yield quantize(tensor.stored_rows(start, stop), tensor.qtype)
+        elif len(tensor.shape) == 3:  # stacked experts, a chunk of whole experts: each with its own importance
+            values = tensor.stored_rows(start, stop)
+            yield np.stack([quantize(expert, tensor.qtype, tensor.importance[start + i])
+                            for i, expert in enumerate(values)])
+        else:
+            yield quantize(tensor.stored_rows(start, stop), tensor.qtype, tensor.importance[0])
 
 
 class _Payload:
@@ -136,21 +143,29 @@ def super_weights_from_catalog(catalog_path, n_layers, orders):
     return protected_weights(read_catalog(catalog_path), catalog_path, n_layers, orders)
 
 
-def scanned_super_weights(model, options, orders):
-    """(super weights, prompt, note) of a scan of `model`: what export and quantize protect when
-    given neither a catalog nor a file that records its own (--no-scan turns this off)."""
+def scanned_super_weights(model, options, orders, collect_importance=False):
+    """(super weights, prompt, note, importance) of a scan of `model`: what export and quantize protect
+    when given neither a catalog nor a file that records its own (--no-scan turns this off).
+    With `collect_importance`, the importance of the scan's prompt comes with its pass over the
+    weights (export_importance.UsedImportance), else None."""
+    from swtool import export_importance
     from swtool.catalog import scan_catalog
 
     if not model.arch.runs:
         return [], None, (f"no --catalog, and swtool cannot scan a {model.arch.model_type} model: the super "
-                          f"weights are neither recorded nor protected")
+                          f"weights are neither recorded nor protected"), None
     if not (Path(model.directory) / "tokenizer.json").is_file():
         return [], None, ("no --catalog, and no tokenizer.json to tokenize the scan's prompt (a scan of a copy "
-                          "with one makes the catalog): the super weights are neither recorded nor protected")
-    catalog, _ = scan_catalog(model, None, progress=options.progress)
+                          "with one makes the catalog): the super weights are neither recorded nor protected"), None
+    collector = export_importance.scan_collector(model) if collect_importance else None
+    catalog, _ = scan_catalog(model, None, progress=options.progress, linear_observer=collector)
     found, prompt = protected_weights(catalog, model.path, model.arch.n_layers, orders)
+    importance = None
+    if collector is not None:
+        tokens = [p["tokens"] for p in catalog["detection"]["prompts"]]
+        importance = export_importance.from_scan(collector, tokens, prompt)
     return found, prompt, (f"no --catalog: scanned the model with the default prompt, "
-                           f"{plural(len(found), 'super weight')} found (--no-scan to skip)")
+                           f"{plural(len(found), 'super weight')} found (--no-scan to skip)"), importance
 
 
 def protected_weights(catalog, source, n_layers, orders):
@@ -237,6 +252,82 @@ def super_weight_fields(super_weights, prompt, handling, orders):
     return fields
 
 
+# --- importance (export_importance.py) ---------------------------------------------------
+
+def importance_before_scan(options, model):
+    """(UsedImportance or None, ImportanceSpec): the importance that needs no scan (--imatrix, text,
+    random, or one given), made before any scan so a bad file fails first. `model()` gives the model
+    to run, loaded only when needed."""
+    from swtool import export_importance
+
+    spec = export_importance.parse_importance(options.importance, options.imatrix)
+    if spec.kind == "file":  # used and recorded whatever the types, as llama-quantize does with --imatrix
+        return export_importance.from_file(spec.path), spec
+    if not importance_matters(options):  # nothing to compute, nothing to record
+        return None, export_importance.ImportanceSpec("none")
+    if options.importance_given is not None:
+        return options.importance_given, spec
+    if spec.kind in ("text", "random"):
+        return export_importance.computed(spec, model()), spec
+    return None, spec
+
+
+WHOSE = {"catalog": "the catalog's", "gguf metadata": "the input's recorded"}  # where prompts come from, in notes
+
+
+def importance_matters(options):
+    """False when every tensor will be a float type or Q8_0, whose quantizers do not read an importance
+    (and no llama-quantize rule does): a float or Q8_0 --type with no per-tensor type option."""
+    from swtool.export_importance import UNWEIGHTED_TYPES
+    from swtool.quant.policy import parse_target
+
+    plain = parse_target(options.type).qtype.name in UNWEIGHTED_TYPES
+    return not (plain and not options.tensor_types and not options.output_tensor_type
+                and not options.token_embedding_type)
+
+
+def importance_of_prompts(model, source, prompts, notes):
+    """--importance scan when no scan ran: `prompts` ([(text, token ids)], of the catalog or of the file's
+    record: `source`) once more through the layers; None, with a note, when the model cannot run."""
+    from swtool import export_importance
+
+    if not model.arch.runs or not prompts:
+        notes.append(f"quantized without importance: swtool cannot run a {model.arch.model_type} model"
+                     if prompts else "quantized without importance: no prompt recorded to compute it from")
+        return None
+    tokens = [ids for _, ids in prompts]
+    what = f"prompt {prompts[0][0]!r}" if len(prompts) == 1 else f"{len(prompts)} prompts"
+    used = export_importance.collected(model, tokens, source, f"{WHOSE[source]} {what} "
+                                       f"({sum(map(len, tokens))} tokens)")
+    notes.append(f"importance from {WHOSE[source]} {what}: one more pass over the weights, as no scan ran "
+                 f"(--importance none skips it)")
+    return used
+
+
+def catalog_prompts(catalog_path):
+    """[(prompt, token ids)] a catalog's scan used (version 2 lists them all; version 1 has one)."""
+    from swtool.catalog import read_catalog
+
+    detection = read_catalog(catalog_path)["detection"]
+    listed = detection.get("prompts") or [{"prompt": detection["prompt"], "tokens": detection["tokens"]}]
+    return [(p["prompt"], [int(t) for t in p["tokens"]]) for p in listed]
+
+
+def attach_importance(tensors, used):
+    """Each block-quantized tensor's importance as stored (columns in its col_order), where `used` has
+    an entry for it; tensors whose bytes are copied or that stay float get none. Returns `used`, or None
+    when no tensor got one (nothing was quantized with it: nothing to record) unless it is an --imatrix file."""
+    from gguf import GGML_QUANT_SIZES
+
+    for tensor in tensors.values():
+        copied = tensor.raw is not None and tensor.raw.dtype == tensor.qtype.name and tensor.col_order is None
+        if used is not None and GGML_QUANT_SIZES[tensor.qtype][0] > 1 and not copied:
+            tensor.importance = used.for_tensor(tensor)
+    if used is None or used.file is not None:  # --imatrix: recorded as llama-quantize records it, matched or not
+        return used
+    return used if any(t.importance is not None for t in tensors.values()) else None  # else none was used
+
+
 # --- planning ------------------------------------------------------------------------
 
 @dataclass
@@ -249,6 +340,9 @@ class ExportOptions:
     progress: bool = True
     allow_requantize: bool = False  # GGUF input: re-quantize tensors already block-quantized (llama-quantize's flag)
     scan: bool = True  # without a catalog or a swtool.* record, scan the model for the super weights
+    importance: str = None  # --importance scan|none|text:FILE|random[:N] (None: scan), export_importance.py
+    imatrix: str = None  # --imatrix FILE: a llama.cpp importance matrix
+    importance_given: object = None  # an export_importance.UsedImportance made beforehand (sweep), used as it is
     output_tensor_type: str = None  # llama-quantize's names for the two tensors it lets one set apart
     token_embedding_type: str = None
     pure: bool = False  # llama-quantize --pure: no mix or output rule, every weight in --type
@@ -269,6 +363,7 @@ class ExportReport:
     notes: list = field(default_factory=list)
     dry_run: bool = False
     super_weights_from: str = "none"  # "catalog", "gguf metadata" (the input's swtool.* record), "scan" or "none"
+    importance: object = None  # export_importance.UsedImportance, or None: quantized without importance
     shown_as: str | None = None  # how messages name the output, when not by `path` ("-": copied to stdout)
 
     @property
@@ -281,8 +376,9 @@ class ExportReport:
         return sum(t.nbytes for t in self.tensors) if self.dry_run else self.path.stat().st_size
 
 
-def plan(tensors, options, super_weights, tied_output, model):
-    """Choose every tensor's type (model: the policy.ModelFacts its rules read)."""
+def plan(tensors, options, super_weights, tied_output, model, has_imatrix=False):
+    """Choose every tensor's type (model: the policy.ModelFacts its rules read; has_imatrix: quantized
+    with an importance, which some of llama-quantize's rules read)."""
     from swtool.quant import quant_type
     from swtool.quant.policy import choose_type, named_tensor_rules, parse_target, parse_tensor_types
 
@@ -293,7 +389,7 @@ def plan(tensors, options, super_weights, tied_output, model):
     holders = {sw.tensor for sw in super_weights}
     for tensor in tensors.values():
         choice = choose_type(tensor.name, tensor.shape, target, model, tied_output=tied_output,
-                             has_imatrix=False,  # no importance matrices yet (issue 18)
+                             has_imatrix=has_imatrix,
                              rules=rules, super_tensors=holders, keep_type=keep, pure=options.pure)
         tensor.qtype, tensor.reason = choice.qtype, choice.reason
         if options.leave_output_tensor and tensor.name == "output.weight" and tensor.source_type:
@@ -317,6 +413,7 @@ def rule_notes(rules, tensors):
 
 def check_options(options):
     """Every option's value, before anything is read (a scan is not run for a command that will fail)."""
+    from swtool.export_importance import parse_importance
     from swtool.quant.policy import named_tensor_rules, parse_target, parse_tensor_types
 
     if options.handling not in HANDLINGS:
@@ -324,6 +421,7 @@ def check_options(options):
     if options.keep_type.lower() not in KEEP_TYPES:
         raise SwtoolError(f"--keep-type {options.keep_type!r}: expected one of {', '.join(KEEP_TYPES)}")
     parse_target(options.type)
+    parse_importance(options.importance, options.imatrix)
     parse_tensor_types(options.tensor_types)
     named_tensor_rules(options.output_tensor_type, options.token_embedding_type)
 
@@ -395,21 +493,31 @@ def export(model_path, out_path, options):
     tensors = hf_tensors(model)
     n_layers = model.arch.n_layers
     super_weights, prompt, orders, notes, found_by = [], None, {}, [], "none"
+    used, spec = importance_before_scan(options, lambda: model)
+    from_scan = spec.kind == "scan" and used is None
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, {})
         found_by = "catalog"
+        if from_scan:
+            used = importance_of_prompts(model, "catalog", catalog_prompts(options.catalog), notes)
     elif options.scan:
-        super_weights, prompt, note = scanned_super_weights(model, options, {})
+        super_weights, prompt, note, scanned = scanned_super_weights(model, options, {}, from_scan)
         notes.append(note)
         found_by = "scan" if prompt is not None else "none"  # None: it could not be scanned (the note says why)
+        used = used or scanned
     else:
         notes.append("--no-scan and no --catalog: the super weights are neither recorded nor protected")
+    if from_scan and used is None and not options.catalog:
+        notes.append("quantized without importance: it comes from the scan's prompt, and no scan ran "
+                     "(--importance text:FILE or random, or --imatrix FILE, give one without a scan)")
     facts = ModelFacts.of(arch_name, n_layers, model.arch.heads.n, model.arch.heads.n_kv,
                           model.arch.moe.n_experts if model.arch.moe is not None else 0)
-    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, facts)
+    target, rules_matched = plan(tensors, options, super_weights, "output.weight" not in tensors, facts,
+                                 has_imatrix=used is not None)
     notes += rules_matched
     handle_super_weights(tensors, options, super_weights, orders, model_path)
     handling = handling_label(options, super_weights, orders, tensors)
+    used = attach_importance(tensors, used)
 
     def add_metadata(writer):
         import gguf
@@ -420,7 +528,7 @@ def export(model_path, out_path, options):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         kind = model.arch.gguf_tokenizer(writer, model.checkpoint.directory)
         model.arch.gguf_vocabulary(writer, model.checkpoint.directory, kind)
-        for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
+        for key, value, kind, sub_type in output_fields(super_weights, prompt, handling, orders, used):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
 
     ordered = sorted(tensors.values(), key=tensor_order)
@@ -431,7 +539,14 @@ def export(model_path, out_path, options):
         notes.append(f"sliding_window {window}: llama.cpp's {arch_name} architecture attends to the whole "
                      f"context, so beyond {window} tokens it computes differently (as convert_hf_to_gguf's files)")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
-                        options.dry_run, found_by)
+                        options.dry_run, found_by, used)
+
+
+def output_fields(super_weights, prompt, handling, orders, used):
+    """The swtool.* (and, for --imatrix, quantize.imatrix.*) metadata an export writes."""
+    from swtool.export_importance import metadata_fields
+
+    return super_weight_fields(super_weights, prompt, handling, orders) + metadata_fields(used)
 
 
 def handling_label(options, super_weights, orders, tensors):
@@ -543,35 +658,53 @@ def quantize_gguf(in_path, out_path, options):
     requantizing(tensors, options, in_path)  # refused before a scan, not after it
     super_weights, prompt, notes, found_by = [], meta.get(gguf_keys.PROMPT), [], "none"
     recorded = gguf_keys.read_super_weights(meta, in_path) or []
+    loaded = []
+
+    def model():
+        from swtool.model import load_model
+
+        if not loaded:
+            loaded.append(load_model(in_path, header_only=True))
+        return loaded[0]
+
+    used, spec = importance_before_scan(options, model)
+    from_scan = spec.kind == "scan" and used is None
     if options.catalog:
         super_weights, prompt = super_weights_from_catalog(options.catalog, n_layers, orders)
         found_by = "catalog"
+        if from_scan:
+            used = importance_of_prompts(model(), "catalog", catalog_prompts(options.catalog), notes)
     elif recorded:  # a file swtool exported before: its own record
         super_weights = [ProtectedWeight(Coordinate.of(sw), float(sw["value"]), sw["gguf_tensor"])
                          for sw in recorded]
         found_by = "gguf metadata"
+        if from_scan:
+            used = importance_of_prompts(model(), "gguf metadata", recorded_prompts(model(), prompt), notes)
     elif options.scan:
-        from swtool.model import load_model
-
-        super_weights, prompt, note = scanned_super_weights(load_model(in_path, header_only=True), options, orders)
+        super_weights, prompt, note, scanned = scanned_super_weights(model(), options, orders, from_scan)
         notes.append(note)
         found_by = "scan" if prompt is not None else "none"  # None: it could not be scanned (the note says why)
+        used = used or scanned
     else:
         notes.append("--no-scan, no --catalog and no swtool.* record in the input: the super weights are "
                      "neither recorded nor protected")
-    target, rules_matched = plan(tensors, options, super_weights, tied, facts)
+    if from_scan and used is None and not (options.catalog or recorded):
+        notes.append("quantized without importance: it comes from the scan's prompt, and no scan ran "
+                     "(--importance text:FILE or random, or --imatrix FILE, give one without a scan)")
+    target, rules_matched = plan(tensors, options, super_weights, tied, facts, has_imatrix=used is not None)
     notes += rules_matched
     requantized = requantizing(tensors, options, in_path)
     handle_super_weights(tensors, options, super_weights, orders, in_path)
     handling = handling_label(options, super_weights, orders, tensors)
+    used = attach_importance(tensors, used)
 
     import gguf
 
     def add_metadata(writer):
-        copy_metadata(writer, source)
+        copy_metadata(writer, source, replaced_imatrix=used is not None and used.file is not None)
         writer.add_file_type(target.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value, kind, sub_type in super_weight_fields(super_weights, prompt, handling, orders):
+        for key, value, kind, sub_type in output_fields(super_weights, prompt, handling, orders, used):
             writer.add_key_value(key, value, kind, sub_type=sub_type)
 
     ordered = list(tensors.values())  # the input's order
@@ -582,7 +715,14 @@ def quantize_gguf(in_path, out_path, options):
         notes.append(f"re-quantized {sources}: the quality is bounded by the source's quantization, "
                      f"not only by {target.name}'s")
     return ExportReport(Path(out_path), arch_name, target.name, handling, ordered, super_weights, notes,
-                        options.dry_run, found_by)
+                        options.dry_run, found_by, used)
+
+
+def recorded_prompts(model, prompt):
+    """[(prompt, token ids)] of the prompt a GGUF file records (swtool.detection.prompt), or [] without one."""
+    from swtool.tokenizer import encode
+
+    return [(prompt, encode(model.directory, prompt))] if prompt and model.arch.runs else []
 
 
 def requantizing(tensors, options, in_path):
@@ -623,8 +763,9 @@ def check_copyable(source):
                               f"quantize copies arrays of at most {MAX_COPIED_ARRAY} outside the vocabulary")
 
 
-def copy_metadata(writer, source):
-    """Every metadata key of the input, with its type, except those the output sets itself."""
+def copy_metadata(writer, source, replaced_imatrix=False):
+    """Every metadata key of the input, with its type, except those the output sets itself
+    (`replaced_imatrix`: the quantize.imatrix.* keys too, as --imatrix writes its own)."""
     import gguf
 
     T = gguf.GGUFValueType
@@ -633,6 +774,8 @@ def copy_metadata(writer, source):
         writer.add_custom_alignment(alignment)  # the tensor data must follow the same alignment
     for key, value in source.metadata.items():
         if key in REPLACED_KEYS or key.startswith(gguf_keys.PREFIX):
+            continue
+        if replaced_imatrix and key.startswith(gguf_keys.LLAMA_IMATRIX_PREFIX):
             continue
         kind = source.value_types[key]
         if isinstance(kind, tuple):  # (ARRAY, element type)
@@ -672,10 +815,20 @@ def format_export(report):
             held_by = sw.tensor + ("" if sw.at.expert is None else f" (expert {sw.at.expert})")
             rows.append([held_by, sw.at.row, sw.at.col, f"{sw.value:.6g}", tensor.qtype.name, why])
         lines.append(format_table(["super weight in", "row", "col", "value", "stored as", "why"], rows))
+    lines.append("importance: " + (f"{report.importance.source}: {report.importance.description}, sha256 "
+                                   f"{report.importance.sha256[:16]}" if report.importance else "none"))
     fallbacks = sorted({t.reason.split("; ", 1)[1] for t in report.tensors if "; rows of" in t.reason})
     lines += [f"fallback: {text}" for text in fallbacks]
     lines += [f"note: {text}" for text in report.notes]
     return "\n".join(lines)
+
+
+def describe_importance(used):
+    """The --json "importance": where the quantizers' column weights came from, or null for none."""
+    if used is None:
+        return None
+    return {"source": used.source, "description": used.description, "tokens": int(used.tokens),
+            "file": used.file, "entries": len(used.importance.entries), "sha256": used.sha256}
 
 
 def describe_export(report, source, options):
@@ -706,6 +859,7 @@ def describe_export(report, source, options):
         "super_weights_from": report.super_weights_from,
         "catalog": str(options.catalog) if options.catalog else None,
         "super_weights": super_weights,
+        "importance": describe_importance(report.importance),
         "types": dict(sorted(types.items(), key=lambda item: -item[1]["bytes"])),
         "tensors": [{"name": t.name, "shape": [int(n) for n in t.shape], "type": t.qtype.name, "bytes": int(t.nbytes),
                      "reason": t.reason} for t in report.tensors],

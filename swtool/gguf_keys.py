@@ -17,6 +17,13 @@ one entry per super weight, in the catalog's order:
   swtool.export.handling         STRING          what `swtool export`/`quantize` did with them: "keep:F16", "isolate", "none"
   swtool.ffn_order.{L}           ARRAY[UINT32]   after "isolate" (quant/isolate.py): the source intermediate channel of
                                                  each stored one of layer L (rows of ffn_gate/ffn_up, columns of ffn_down)
+  swtool.importance.source       STRING          the importance the weights were quantized with (export_importance.py):
+                                                 "none", or "KIND: description", KIND one of scan, catalog,
+                                                 gguf metadata, imatrix, text, random
+  swtool.importance.sha256       STRING          sha256 of that importance (export_importance.digest)
+
+With --imatrix FILE, the keys llama-quantize writes for the file are written too:
+quantize.imatrix.file, .dataset (STRING), .entries_count and .chunks_count (UINT32).
 
 Coordinates are those of the tensor in the file that holds the keys: after
 "isolate", `col` is the stored column, and swtool.ffn_order.{L}[col] the source one.
@@ -42,6 +49,13 @@ EXPERT = "swtool.super_weights.expert"
 NO_EXPERT = -1  # EXPERT's entry for a dense MLP's or a shared expert's super weight
 HANDLING = "swtool.export.handling"
 FFN_ORDER_PREFIX = "swtool.ffn_order."
+IMPORTANCE_SOURCE = "swtool.importance.source"
+IMPORTANCE_SHA256 = "swtool.importance.sha256"
+LLAMA_IMATRIX_PREFIX = "quantize.imatrix."  # llama-quantize's (tools/quantize/quantize.cpp)
+LLAMA_IMATRIX_FILE = "quantize.imatrix.file"
+LLAMA_IMATRIX_DATASET = "quantize.imatrix.dataset"
+LLAMA_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+LLAMA_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 
 
 def ffn_order_key(layer):

@@ -172,7 +172,8 @@ class Collector:
     def observe(self, point, layer, x):
         """The block points (DOWN_IN ...): nothing to do, every linear's input comes through observe_linear."""
 
-    def observe_linear(self, name, expert, x):
+    def observe_linear(self, name, expert, x, world=None, positions=None):
+        """x: every row counts (a pass of real tokens only; `world`, `positions` are not needed)."""
         key = (name, expert)
         if key not in self._targets:
             self._targets[key] = gguf_targets(self.arch, name, expert)

@@ -18,13 +18,22 @@ Handlings (--handlings, comma-separated):
   control:TYPE  the paper's control for keep:TYPE: as many tensors that hold no super
                 weight (the ffn_down of the next layer without one) stored in TYPE, so the
                 same bytes are spent elsewhere (`--tensor-type`); `control` is control:q8_0.
+  importance:SOURCE  the weights quantized with an importance (export_importance.py), alone
+                (with none) or after one of the above and a `+`: keep+importance:scan. SOURCE:
+                scan     the scan's prompt, collected in the sweep's own scan (with --catalog,
+                         the catalog's prompts in one pass over the weights);
+                text     --importance-text FILE, in chunks of 512 tokens as llama-imatrix;
+                random   2048 random tokens (seed 0).
+                Each importance is computed once and every file that names it uses it.
+Handlings without importance write llama-quantize's files without --imatrix (`--importance none`),
+so `none` is the stock file each importance and handling is measured against.
 A keep or control whose TYPE is not more precise than the file's type would write the
 same file as `none`; it is skipped and listed as such, as is isolate in a float type.
 """
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 
@@ -35,6 +44,7 @@ DEFAULT_TYPES = "q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0"
 DEFAULT_HANDLINGS = "none,keep:q8_0,control:q8_0"
 SCHEMA_ID = "swtool.sweep/1"  # what `swtool sweep --json` prints and -o writes: swtool/schema/sweep.schema.json
 HANDLING_NAMES = ("none", "keep", "isolate", "control")
+IMPORTANCE_SOURCES = ("scan", "text", "random")
 
 
 # --- what to write ---------------------------------------------------------------------
@@ -45,10 +55,14 @@ class Handling:
 
     name: str
     keep_type: str = None
+    importance: str = None  # IMPORTANCE_SOURCES, or None: quantized without importance
 
     @property
     def label(self):
-        return f"{self.name}:{self.keep_type}" if self.keep_type else self.name
+        handling = f"{self.name}:{self.keep_type}" if self.keep_type else self.name
+        if self.importance is None:
+            return handling
+        return f"importance:{self.importance}" if self.name == "none" else f"{handling}+importance:{self.importance}"
 
 
 def parse_types(text):
@@ -73,6 +87,7 @@ def parse_handlings(text):
     for part in (p.strip().lower() for p in text.split(",")):
         if not part:
             continue
+        part, importance = split_importance(part)
         name, _, keep_type = part.partition(":")
         if name not in HANDLING_NAMES:
             raise SwtoolError(f"--handlings {part!r}: expected none, keep[:TYPE], isolate or control[:TYPE]")
@@ -82,12 +97,27 @@ def parse_handlings(text):
                 raise SwtoolError(f"--handlings {part!r}: the type after {name}: is one of {', '.join(KEEP_TYPES)}")
         elif keep_type:
             raise SwtoolError(f"--handlings {part!r}: {name} takes no type")
-        handlings.append(Handling(name, keep_type or None))
+        handlings.append(Handling(name, keep_type or None, importance))
     if not handlings:
         raise SwtoolError(f"--handlings {text!r}: give at least one, e.g. none,keep:q8_0")
     if len(set(handlings)) != len(handlings):
         raise SwtoolError(f"--handlings {text!r}: a handling is listed twice")
     return handlings
+
+
+def split_importance(part):
+    """'keep:q8_0+importance:scan' -> ('keep:q8_0', 'scan'); 'importance:text' -> ('none', 'text')."""
+    pieces = part.split("+")
+    wanted = [p for p in pieces if p.startswith("importance")]
+    rest = [p for p in pieces if not p.startswith("importance")]
+    if len(wanted) > 1 or len(rest) > 1 or not all(pieces):
+        raise SwtoolError(f"--handlings {part!r}: one handling, optionally + one importance:SOURCE")
+    if not wanted:
+        return part, None
+    source = wanted[0].partition(":")[2]
+    if source not in IMPORTANCE_SOURCES:
+        raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text or importance:random")
+    return (rest[0] if rest else "none"), source
 
 
 def same_as_none(qtype, handling):
@@ -96,6 +126,11 @@ def same_as_none(qtype, handling):
     from swtool.quant.policy import bits_per_weight, parse_target
 
     target_bits = bits_per_weight(parse_target(qtype).qtype)
+    if handling.importance is not None:  # the float types and Q8_0 have no use for an importance
+        from swtool.export_importance import UNWEIGHTED_TYPES
+
+        unweighted = parse_target(qtype).qtype.name in UNWEIGHTED_TYPES
+        return unweighted and (handling.name == "none" or same_as_none(qtype, replace(handling, importance=None)))
     if handling.name in ("keep", "control"):  # a keep type no more precise than the file's changes nothing
         return bits_per_weight(quant_type(handling.keep_type)) <= target_bits
     if handling.name == "isolate":  # float types have no blocks to isolate in
@@ -120,11 +155,16 @@ def control_layers(super_weights, n_layers):
     return chosen
 
 
-def export_options(qtype, handling, catalog, controls, progress):
-    """The `swtool export` options that write this type with this handling."""
+def export_options(qtype, handling, catalog, controls, progress, importances=None):
+    """The `swtool export` options that write this type with this handling (`importances`: {source:
+    export_importance.UsedImportance} made beforehand, for the handlings with importance)."""
     from swtool.gguf_export import ExportOptions
 
     base = dict(type=qtype, catalog=catalog, progress=progress)
+    if handling.importance is None:
+        base["importance"] = "none"
+    else:
+        base["importance_given"] = importances[handling.importance]
     if handling.name == "keep":
         return ExportOptions(handling="keep", keep_type=handling.keep_type, **base)
     if handling.name == "isolate":
@@ -182,6 +222,7 @@ class Sweep:
     rows: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # (type, handling label): would be the `none` file
     out_dir: str = None
+    importances: dict = field(default_factory=dict)  # source -> export_importance.UsedImportance
 
     def to_json(self):
         import llama_cpp
@@ -192,14 +233,17 @@ class Sweep:
                            "predictions": self.source_predictions},
                 "rows": [row.to_json() for row in self.rows],
                 "skipped_same_as_none": [{"type": t, "handling": h} for t, h in self.skipped],
+                "importances": {source: {"description": used.description, "tokens": int(used.tokens),
+                                         "sha256": used.sha256} for source, used in self.importances.items()},
                 "out_dir": self.out_dir}
 
 
 # --- the sweep -------------------------------------------------------------------------
 
 def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=512, n_windows=None, out_dir=None,
-              threads=1, force=False, progress=True, log=None):
-    """Export and score every type x handling; returns a Sweep. `log(line)` reports each file as it is done."""
+              threads=1, force=False, progress=True, log=None, importance_text=None):
+    """Export and score every type x handling; returns a Sweep. `log(line)` reports each file as it is done.
+    `importance_text`: the text of importance:text (--importance-text)."""
     from swtool import llama_score
     from swtool.checkpoint.source import gguf_file_of, resolve_source
     from swtool.evaluate import make_chunks, perplexity
@@ -214,6 +258,9 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
                           f"(as swtool export)")
     if ctx < 2:
         raise SwtoolError(f"--ctx must be at least 2 tokens, got {ctx}")
+    if any(h.importance == "text" for h in handlings) and importance_text is None:
+        raise SwtoolError("--handlings importance:text needs --importance-text FILE (a text other than --text, "
+                          "or the scores measure the text the importance was taken from)")
     model = load_model(model_path)
     # 1. the token windows every file is scored on: all full windows of ctx, or the first n
     ids = encode(model.directory, text)
@@ -239,14 +286,18 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
                 check_destination(path, force)
         # 3. the super weights: the given catalog, or a scan of the model when a handling needs them
         needs_catalog = any(h.name != "none" for h in handlings)
-        scanned = catalog is None and needs_catalog
+        scan_importance = any(h.importance == "scan" for h in handlings)
+        scanned = catalog is None and (needs_catalog or scan_importance)
+        from_scan = None
         if scanned:
             log(f"no --catalog: scanning {model_path} for super weights")
-            catalog = str(write_scan_catalog(model, work / f"{stem}.catalog.json", progress))
+            path, from_scan = write_scan_catalog(model, work / f"{stem}.catalog.json", progress, scan_importance)
+            catalog = str(path)
         super_weights = catalog_super_weights(catalog, model.arch.n_layers) if catalog else []
         if needs_catalog and not super_weights:
             raise SwtoolError(f"{catalog}: lists no super weights, so only --handlings none has anything to compare")
         controls = control_layers(super_weights, model.arch.n_layers) if super_weights else []
+        importances = sweep_importances(model, handlings, catalog, from_scan, importance_text, log)
         # 4. the source scored by swtool's own eval on the same windows, its logits kept for the KL divergence
         source_logits = ReferenceLogits(make_chunks(flat, ctx), model.arch.vocab_size, logits_dir)
         source_ppl, source_count = perplexity(model, flat, ctx=ctx, progress=progress,
@@ -256,7 +307,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
             "scanned, not kept" if scanned else catalog)
         result = Sweep(str(model_path), str(text_path), ctx, len(windows), threads, catalog_label,
                        source_ppl, source_count,
-                       out_dir=str(out_dir) if out_dir is not None else None)
+                       out_dir=str(out_dir) if out_dir is not None else None, importances=importances)
         # 5. each type and handling: export, load in llama.cpp, score, and remove unless kept
         todo = [(q, h) for q, h in plan if not (h.name != "none" and same_as_none(q, h))]
         result.skipped = [(q, h.label) for q, h in plan if (q, h) not in todo]
@@ -265,7 +316,7 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         for number, (qtype, handling) in enumerate(todo, 1):
             start = time.time()
             path = paths[(qtype, handling.label)]
-            options = export_options(qtype, handling, catalog, controls, progress)
+            options = export_options(qtype, handling, catalog, controls, progress, importances)
             row = score_file(model_path, path, options, windows, ctx, threads, holders,
                              control_names if handling.name == "control" else set(),
                              lambda i: source_logits.rows(i, range(ctx - 1)))
@@ -326,13 +377,39 @@ class work_directory:
         return False
 
 
-def write_scan_catalog(model, path, progress):
-    """`swtool scan MODEL` with its defaults, written to `path` (the catalog the exports read)."""
-    from swtool.catalog import super_weights_for, write_catalog
+def write_scan_catalog(model, path, progress, collect_importance=False):
+    """`swtool scan MODEL` with its defaults, written to `path` (the catalog the exports read): (path, the
+    importance of the scan's prompt collected in its pass (export_importance.UsedImportance) or None)."""
+    from swtool import export_importance
+    from swtool.catalog import scan_catalog, write_catalog
 
-    catalog, _ = super_weights_for(model, progress=progress)
+    collector = export_importance.scan_collector(model) if collect_importance else None
+    catalog, _ = scan_catalog(model, progress=progress, linear_observer=collector)
     write_catalog(catalog, path)
-    return path
+    if collector is None:
+        return path, None
+    tokens = [p["tokens"] for p in catalog["detection"]["prompts"]]
+    return path, export_importance.from_scan(collector, tokens, catalog["detection"]["prompt"])
+
+
+def sweep_importances(model, handlings, catalog, from_scan, text_path, log):
+    """{source: export_importance.UsedImportance} of every importance the handlings name, each made once:
+    scan, the sweep's scan's (`from_scan`) or the catalog's prompts; text, `text_path`; random tokens."""
+    from swtool import export_importance as ei
+    from swtool.gguf_export import catalog_prompts, importance_of_prompts
+
+    made = {}
+    for source in IMPORTANCE_SOURCES:
+        if not any(h.importance == source for h in handlings):
+            continue
+        if source == "scan":
+            made[source] = from_scan or importance_of_prompts(model, "catalog", catalog_prompts(catalog), [])
+        elif source == "text":
+            made[source] = ei.computed(ei.ImportanceSpec("text", str(text_path)), model)
+        else:
+            made[source] = ei.computed(ei.ImportanceSpec("random", tokens=ei.DEFAULT_RANDOM_TOKENS), model)
+        log(f"importance:{source}: {made[source].description}")
+    return made
 
 
 def catalog_super_weights(catalog, n_layers):

@@ -112,12 +112,15 @@ def smollm2_catalog(smollm2, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
     """exported(type, handling="keep") -> path of SmolLM2 exported with its catalog, each (type, handling)
-    written once per run and shared (tests read these files, never write them)."""
+    written once per run and shared (tests read these files, never write them). Without importance
+    (--importance none): the files llama-quantize writes plus the handling, which the tests compare with
+    llama.cpp's own quantizer (tests/test_export_importance.py has the default's)."""
     from swtool.gguf_export import ExportOptions, export
 
     def exported(kind, handling="keep"):
         def write(path):
-            export(smollm2, path, ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False))
+            export(smollm2, path, ExportOptions(kind, handling=handling, catalog=str(smollm2_catalog), progress=False,
+                                                importance="none"))
 
         return shared_file(tmp_path_factory, f"smollm2-{kind}-{handling}.gguf", write)
 

@@ -185,7 +185,7 @@ def test_quantize_writes_what_llama_quantize_writes(exports, tmp_path, kind, fty
 
     theirs = llama_quantize(exports["f16"], tmp_path / "llama.gguf", getattr(L, ftype_name))
     result = swtool("quantize", exports["f16"], "-o", tmp_path / "swtool.gguf", "--type", kind,
-                    "--sw-handling", "none", "--no-progress")
+                    "--sw-handling", "none", "--importance", "none", "--no-progress")
     assert result.returncode == 0, result.stderr
     ours = tmp_path / "swtool.gguf"
     ours_tensors, their_tensors = tensors(ours), tensors(theirs)
@@ -255,10 +255,12 @@ def test_isolate_reorders_channels_without_changing_the_model(smollm2, catalog, 
     """isolate: each super weight gets a Q4_0 block of its own, with neighbours that fit its grid; gate/up
     rows and down columns move together, so llama.cpp's perplexity barely moves, and the super weights
     stay exact while their rows lose less than in the plain file."""
+    # without importance: with one, llama-quantize's rule makes layer 2's ffn_down Q4_1 (tests/test_export_importance.py)
     plain = export(smollm2, tmp_path / "none.gguf", ExportOptions("q4_0", catalog=str(catalog), handling="none",
-                                                            progress=False)).path
+                                                            progress=False, importance="none")).path
     isolated = export(smollm2, tmp_path / "isolate.gguf", ExportOptions("q4_0", catalog=str(catalog),
-                                                                  handling="isolate", progress=False)).path
+                                                                  handling="isolate", progress=False,
+                                                                  importance="none")).path
     meta = fields(isolated)
     assert meta["swtool.export.handling"][0] == "isolate"
     plain_tensors, isolated_tensors = tensors(plain), tensors(isolated)
@@ -339,13 +341,16 @@ def test_isolation_gives_a_planted_super_weight_a_clean_block(qtype):
 
 def test_quantize_copies_metadata_and_carries_the_record(exports, tmp_path):
     """quantize of swtool's own F16 export, no --catalog: every key copied, the super weights taken
-    from its swtool.* record and kept (here in F16: the input's bytes, copied)."""
+    from its swtool.* record and kept (here in F16: the input's bytes, copied), the importance from
+    the prompt it records (swtool.detection.prompt)."""
     out = tmp_path / "q4.gguf"
     result = swtool("quantize", exports["f16"], "-o", out, "--type", "q4_0", "--keep-type", "f16", "--no-progress")
     assert result.returncode == 0, result.stderr
     before, after = fields(exports["f16"]), fields(out)
     assert after.pop("general.file_type")[0] == 2 and before.pop("general.file_type")[0] == 1
     assert after.pop("swtool.export.handling")[0] == "keep:F16" and before.pop("swtool.export.handling")[0] == "none"
+    assert after.pop("swtool.importance.source")[0].startswith("gguf metadata: the input's recorded prompt 'Apple Inc.")
+    assert len(after.pop("swtool.importance.sha256")[0]) == 64
     assert after == before
     ours, theirs = tensors(out), tensors(exports["f16"])
     for name in ("blk.2.ffn_down.weight", "blk.11.ffn_down.weight"):

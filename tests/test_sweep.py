@@ -155,7 +155,7 @@ def test_files_are_what_swtool_export_writes(swept, smollm2, tmp_path):
     _, files, _, _ = swept
     out = tmp_path / "keep.gguf"
     result = swtool("export", smollm2, "-o", out, "--type", "q2_k", "--catalog", files / "smollm2.catalog.json",
-                    "--keep-type", "q8_0", "--no-progress")
+                    "--keep-type", "q8_0", "--importance", "none", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (files / "smollm2-q2_k-keep-q8_0.gguf").read_bytes()
 
@@ -267,3 +267,41 @@ def test_control_layers_are_the_next_free_ffn_down():
     assert control_layers(at(2, 2, 11, 11), 30) == [3, 12]  # SmolLM2
     assert control_layers(at(2, 3), 30) == [4, 5]  # never a tensor that holds a super weight, never twice
     assert control_layers(at(29), 30) == [28]  # the last layer: the one before
+
+
+def test_importance_handlings_parse_alone_and_with_keep():
+    from swtool.errors import SwtoolError
+    from swtool.sweep import Handling, parse_handlings, same_as_none
+
+    parsed = parse_handlings("none,importance:scan,keep+importance:random,isolate+importance:text")
+    assert parsed == [Handling("none"), Handling("none", None, "scan"), Handling("keep", "q8_0", "random"),
+                      Handling("isolate", None, "text")]
+    assert [h.label for h in parsed] == ["none", "importance:scan", "keep:q8_0+importance:random",
+                                         "isolate+importance:text"]
+    # an importance changes nothing in Q8_0 and the float types (their quantizers do not read it)
+    assert same_as_none("q8_0", parsed[1]) and same_as_none("f16", parsed[1]) and not same_as_none("q4_0", parsed[1])
+    for bad, message in [("importance:all", "expected importance:scan"), ("keep+isolate", "one handling"),
+                         ("importance:scan+importance:text", "one handling"), ("keep+", "one handling")]:
+        with pytest.raises(SwtoolError, match=message):
+            parse_handlings(bad)
+
+
+def test_importance_handlings_in_llama_cpp(smollm2, prose, tmp_path):
+    """importance:scan (collected in the sweep's own scan) lowers q4_0's KL divergence from the source
+    against none on the same window; keep+importance:random is the file `swtool export --importance random`
+    writes; each importance is listed once with its digest."""
+    out = tmp_path / "files"
+    result = swtool_in_process("sweep", smollm2, "--text", prose, "--types", "q4_0", "--handlings",
+                               "none,importance:scan,keep+importance:random", "--windows", 1, "--out-dir", out,
+                               "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    swept = json.loads(result.stdout)
+    rows = rows_by_key(swept)
+    assert list(rows) == [("q4_0", "none"), ("q4_0", "importance:scan"), ("q4_0", "keep:q8_0+importance:random")]
+    assert rows["q4_0", "importance:scan"]["kld"]["mean"] < 0.8 * rows["q4_0", "none"]["kld"]["mean"]
+    assert set(swept["importances"]) == {"scan", "random"}
+    assert swept["importances"]["scan"]["description"].startswith("the scan's prompt")
+    exported = tmp_path / "random.gguf"
+    assert swtool("export", smollm2, "-o", exported, "--type", "q4_0", "--catalog", out / "smollm2.catalog.json",
+                  "--importance", "random", "--no-progress").returncode == 0
+    assert exported.read_bytes() == file_of(out, rows["q4_0", "keep:q8_0+importance:random"]).read_bytes()

@@ -23,9 +23,11 @@ DOWN_OUT = "down_out"  # its raw output, before any post-norm or multiplier
 RESID_MID = "resid_mid"  # the residual stream after attention, before the MLP adds to it
 RESID = "resid"  # the residual stream after the block
 POINTS = (DOWN_IN, DOWN_OUT, RESID_MID, RESID)
-# Not a point of a block but of every matrix product: observers with an `observe_linear(name, expert, x)`
-# method see the input x [rows, tokens, in] of each ctx.linear (named by its weight, and for a stacked
-# mixture tensor its expert), after any activation transform: what the product multiplies (forward.py).
+# Not a point of a block but of every matrix product: observers with an `observe_linear(name, expert, x,
+# world=None, positions=None)` method see the input x [rows, tokens, in] of each ctx.linear (named by its
+# weight, and for a stacked mixture tensor its expert), after any activation transform: what the product
+# multiplies (forward.py); for an expert's rows gathered from several batch rows, x is [1, N, in] and
+# `world`/`positions` name each row's batch row and token position.
 LINEAR_IN = "linear_in"
 
 

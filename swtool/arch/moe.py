@@ -245,19 +245,19 @@ class Mixture:
         if self.stacked:
             base = f"model.layers.{layer}.mlp.experts."
             if self.fused:
-                gate_up = ctx.linear(x, base + "gate_up_proj", world=routed.world, expert=expert)
+                gate_up = ctx.linear(x, base + "gate_up_proj", world=routed.world, positions=routed.token, expert=expert)
                 gate, up = np.split(gate_up, 2, axis=-1)  # gate rows first, then up rows
             else:
-                gate = ctx.linear(x, base + "gate_proj", world=routed.world, expert=expert)
-                up = ctx.linear(x, base + "up_proj", world=routed.world, expert=expert)
+                gate = ctx.linear(x, base + "gate_proj", world=routed.world, positions=routed.token, expert=expert)
+                up = ctx.linear(x, base + "up_proj", world=routed.world, positions=routed.token, expert=expert)
             down, down_expert = base + "down_proj", expert
         else:
-            gate = ctx.linear(x, self.expert_name(layer, expert, 0), world=routed.world)
-            up = ctx.linear(x, self.expert_name(layer, expert, 1), world=routed.world)
+            gate = ctx.linear(x, self.expert_name(layer, expert, 0), world=routed.world, positions=routed.token)
+            up = ctx.linear(x, self.expert_name(layer, expert, 1), world=routed.world, positions=routed.token)
             down, down_expert = self.expert_name(layer, expert, 2), None  # the name already is the expert's
         act = self.activation(gate) * up
         ctx.observe_expert(DOWN_IN, layer, expert, routed, act[0])
-        y = ctx.linear(act, down, world=routed.world, expert=down_expert)
+        y = ctx.linear(act, down, world=routed.world, positions=routed.token, expert=down_expert)
         ctx.observe_expert(DOWN_OUT, layer, expert, routed, y[0])
         return y
 
