@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.run import machine
 from bench.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +75,6 @@ def transformers_pass(ids, ctx):
             count += batch[:, 1:].numel()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return seconds, float(torch.exp(torch.tensor(nll / count))), load, cpu
-
-
-def machine():
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_average": os.getloadavg()}
 
 
 def main():

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.run import machine
 from bench.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +74,6 @@ def transformers_pass(sequences, batch, hooks):
         for first in range(0, len(tokens), batch):
             model(tokens[first:first + batch]).logits
     return time.perf_counter() - start, time.process_time() - cpu
-
-
-def machine():
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_average": os.getloadavg()}
 
 
 def main():
