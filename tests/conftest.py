@@ -146,6 +146,23 @@ def tiny_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """converted(family, plants=()) -> (HF model directory, llama.cpp's converter's f32 GGUF of it), each
+    tiny model built and converted once per session (fixtures/converted.py). Tests read them, never write."""
+    from fixtures.converted import build_converted
+
+    built = {}
+
+    def get(family, plants=()):
+        key = (family, tuple(plants))
+        if key not in built:
+            built[key] = build_converted(tmp_path_factory.mktemp(f"converted-{family}"), family, plants=plants)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def good(tmp_path_factory):
     """A tiny Llama as safetensors, in shards, as GGUF, and its scan catalog (fixtures/bad_files.py)."""
     from fixtures import bad_files

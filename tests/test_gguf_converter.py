@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from fixtures.cli_run import swtool
-from fixtures.converted import build_converted
 from fixtures.gguf_compare import key_differences, read_contents, tensor_differences
 from swtool.forward import forward
 from swtool.model import load_model
@@ -42,16 +41,10 @@ Q8_0_GAP = 2e-1
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """family -> (HF model directory, the converter's f32 GGUF of it), built once per module."""
-    built = {}
-
-    def get(family):
-        if family not in built:
-            built[family] = build_converted(tmp_path_factory.mktemp(f"converted-{family}"), family, plants=[PLANT])
-        return built[family]
-
-    return get
+def converted(converted):
+    """family -> (HF model directory, the converter's f32 GGUF of it), with PLANT planted (the session's
+    converted models, tests/conftest.py)."""
+    return lambda family: converted(family, plants=[PLANT])
 
 
 def transformers_logits(model_dir, tokens):

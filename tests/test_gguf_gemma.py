@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fixtures.cli_run import one_line_error, swtool
-from fixtures.converted import CONVERTER_OVERRIDES, PROSE, build_converted, write_sentencepiece_tokenizer
+from fixtures.converted import CONVERTER_OVERRIDES, PROSE, write_sentencepiece_tokenizer
 from fixtures.gguf_compare import key_differences, read_contents, tensor_differences
 from swtool.errors import CheckpointError
 from swtool.forward import forward
@@ -74,18 +74,6 @@ def test_a_broken_tokenizer_model_is_a_one_line_error(spm_model, tmp_path):
 
 
 # --- the converter's GGUF tokenizes as llama.cpp --------------------------------------
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    built = {}
-
-    def get(family):
-        if family not in built:
-            built[family] = build_converted(tmp_path_factory.mktemp(f"spm-{family}"), family)
-        return built[family]
-
-    return get
-
 
 def llama_cpp_tokens(path, text):
     import llama_cpp

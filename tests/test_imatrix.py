@@ -128,20 +128,6 @@ def test_stacked_mixture_layout_gives_the_same_matrix(tiny_factory, tmp_path):
 
 # --- the file as llama.cpp writes it ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    from fixtures.converted import build_converted
-
-    built = {}
-
-    def get(family):
-        if family not in built:
-            built[family] = build_converted(tmp_path_factory.mktemp(f"imatrix-{family}"), family)
-        return built[family]
-
-    return get
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_has_llama_imatrix_keys_names_shapes_and_types(converted, family, tmp_path):
     import gguf
