@@ -1,7 +1,7 @@
 """Importance in export and quantize (swtool/export_importance.py, docs/gguf.md "Importance").
 
 Oracles, and what each checks:
-  - transformers (tests/test_imatrix.py's torch_importance, a hook on torch's linear): the importance a
+  - transformers (fixtures/torch_importance.py, a hook on torch's linear): the importance a
     scan collects in its own pass is the x² sums over its prompts' real tokens in the intact model only
     (no world with a weight zeroed, no padding, an expert's routed rows);
   - libggml (fixtures/ggml_oracle.py, ggml_quantize_chunk with an imatrix): every quantized tensor's bytes
@@ -24,7 +24,7 @@ from swtool.detect import Settings, scan_prompts
 from swtool.export_importance import digest, parse_importance, scan_collector
 from swtool.errors import SwtoolError
 from swtool.model import load_model
-from tests.test_imatrix import torch_importance
+from fixtures.torch_importance import torch_importance
 
 
 @pytest.mark.parametrize("family, plants", [
@@ -62,7 +62,7 @@ def test_stacked_experts_are_quantized_with_each_experts_importance(tmp_path):
     from fixtures.ggml_oracle import Ggml
     from fixtures.tiny import build_tiny
     from swtool.gguf_export import ExportOptions, export
-    from tests.test_export_types import add_a_merge
+    from fixtures.tiny import add_a_merge
 
     build_tiny(tmp_path, "mixtral", "float32", plants=(Plant(1, 41, 101, expert=2),))
     add_a_merge(tmp_path)
@@ -105,7 +105,7 @@ def f16_and_imatrix(tmp_path_factory):
     """A tiny Llama of 8 layers (n/8 = 1: ffn_down of layer 0 is the rule's) exported F16, and an imatrix of
     it from random tokens written by `swtool imatrix`."""
     from fixtures.tiny import build_tiny
-    from tests.test_export_types import add_a_merge
+    from fixtures.tiny import add_a_merge
 
     directory = tmp_path_factory.mktemp("importance-model")
     build_tiny(directory, "llama", "float32", plants=(Plant(1, 41, 101),), num_hidden_layers=8)

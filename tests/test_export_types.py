@@ -10,7 +10,6 @@ Oracles:
 """
 
 import ctypes
-import json
 
 import gguf
 import numpy as np
@@ -21,7 +20,7 @@ from swtool.forward import forward
 from swtool.gguf_export import ExportOptions, export, quantize_gguf
 from swtool.model import load_model
 from swtool.quant.policy import ModelFacts, choose_type, parse_target
-from fixtures.tiny import random_tokens
+from fixtures.tiny import add_a_merge, random_tokens
 
 T = gguf.GGMLQuantizationType
 
@@ -65,15 +64,6 @@ ROUNDED_ACTIVATIONS = {"bf16": 6e-3, "q3_k": 3e-2, "q5_k": 3e-2, "q6_k": 3e-2, "
 # the same against llama.cpp's own F32 decoding of the file: only its f16 KV cache differs.
 # Measured: 3.4e-4 to 4.7e-4, as for swtool's F32 export (3e-4).
 DECODED = 1e-3
-
-
-def add_a_merge(directory):
-    """llama.cpp refuses a byte-level BPE without merges, as the tiny models' tokenizer is: give it one."""
-    path = directory / "tokenizer.json"
-    data = json.loads(path.read_text())
-    data["model"]["vocab"]["Ġt"] = 258  # after <s> 256 and </s> 257
-    data["model"]["merges"] = [["Ġ", "t"]]
-    path.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ Oracles:
 
 import ctypes
 import struct
-from unittest import mock
 
 import numpy as np
 import pytest
 
 from fixtures.cli_run import one_line_error, swtool_in_process
 from fixtures.tiny import random_tokens, stacked_copy
+from fixtures.torch_importance import torch_importance
 from swtool import imatrix as im
 from swtool.errors import SwtoolError
 from swtool.model import load_model
@@ -31,55 +31,6 @@ FAMILIES = ("llama", "qwen2", "phi3", "mixtral")  # GQA (llama's tiny config has
 
 def sequences(n=3, length=40, seed=5, vocab=300):
     return [list(map(int, random_tokens(length, seed=seed + i, vocab=vocab))) for i in range(n)]
-
-
-def torch_importance(directory, family, seqs):
-    """{llama.cpp name: (sums [n_mat, cols] float64, counts [n_mat])} from transformers' forward pass."""
-    import gguf
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                              experts_implementation="eager").eval()
-    weights = {}  # (data_ptr, shape) -> (parameter name, expert or None)
-    for name, param in model.named_parameters():
-        if param.dim() == 2:
-            weights[param.data_ptr(), tuple(param.shape)] = (name, None)
-        elif param.dim() == 3:
-            for e in range(param.shape[0]):
-                weights[param[e].data_ptr(), tuple(param.shape[1:])] = (name, e)
-    seen = {}
-    real = torch.nn.functional.linear
-
-    def linear(x, weight, bias=None):
-        key = weights.get((weight.data_ptr(), tuple(weight.shape)))
-        if key is not None:
-            flat = x.detach().reshape(-1, x.shape[-1]).double()
-            sums, count = seen.get(key, (0, 0))
-            seen[key] = (sums + (flat ** 2).sum(0).numpy(), count + flat.shape[0])
-        return real(x, weight, bias)
-
-    with mock.patch.object(torch.nn.functional, "linear", linear), torch.no_grad():
-        model(torch.tensor(seqs))
-    arch = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "mixtral": "LLAMA"}[family]
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), model.config.num_hidden_layers)
-    n_experts = getattr(model.config, "num_local_experts", 1)
-    expected = {}
-    for (param, expert), (sums, count) in seen.items():
-        stem = param.removesuffix(".weight")
-        # transformers 5's stacked gate_up_proj: llama.cpp's converter writes it as ffn_gate_exps and ffn_up_exps
-        stems = [stem[: -len("gate_up_proj")] + p for p in ("gate_proj", "up_proj")] if stem.endswith(
-            "experts.gate_up_proj") else [stem]
-        for s in stems:
-            name = names.get_name(s + ".weight", try_suffixes=(".weight",))
-            assert name is not None, s
-            if not name.startswith("blk."):
-                continue  # output.weight: llama-imatrix skips it
-            n_mat = n_experts if expert is not None else 1
-            entry = expected.setdefault(name, (np.zeros((n_mat, len(sums))), np.zeros(n_mat, dtype=int)))
-            entry[0][expert or 0] += sums
-            entry[1][expert or 0] += count
-    return expected
 
 
 @pytest.fixture(params=FAMILIES)
