@@ -646,7 +646,8 @@ def gguf_options(command):
                      help="Where the quantizers' per-column importance comes from: scan (default: the scan's prompt, "
                           "collected in its pass; with --catalog or a file's own record, their prompts in one more "
                           "pass; with --no-scan, none), text:FILE, random[:N] (N random tokens, default 2048), "
-                          "or none (llama-quantize without --imatrix)."),
+                          "self[:N] (N tokens the model samples itself, default 512), or none (llama-quantize without "
+                          "--imatrix)."),
         click.option("--no-scan", is_flag=True,
                      help="Without --catalog (and, for a GGUF, without its own swtool.* record), do not scan the "
                           "model for its super weights: nothing is recorded or protected."),
@@ -868,7 +869,8 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
               help="none, keep[:TYPE] (--sw-handling keep --keep-type TYPE), isolate, control[:TYPE] (the same "
                    "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32. Each "
                    "may add +importance:SOURCE, or importance:SOURCE alone: quantized with the importance of the "
-                   "scan's prompt (scan), --importance-text (text) or 2048 random tokens (random); without it, "
+                   "scan's prompt (scan), --importance-text (text), 2048 random tokens (random) or 512 tokens "
+                   "the model samples itself (self); without it, "
                    "none (llama-quantize without --imatrix).")
 @click.option("--importance-text", type=click.Path(dir_okay=False), metavar="FILE",
               help="The text of importance:text (not --text, which the files are scored on).")

@@ -10,6 +10,8 @@ the column's input); llama-quantize takes one from an imatrix file. swtool's sou
             over the layers (a note says so); with --no-scan, none (the stock llama-quantize file);
   text:FILE the text, cut into chunks of 512 tokens as llama-imatrix cuts it (imatrix.text_sequences);
   random:N  N token ids drawn uniformly over the vocabulary (seed 0), in sequences of 512;
+  self:N    N tokens the model samples itself from BOS (temperature 1, seed 0), in sequences of 128
+            (imatrix.self_generated_sequences: no KV cache, so a sequence of C tokens costs C passes);
   none      no importance: what llama-quantize writes without --imatrix;
   --imatrix FILE  a llama.cpp imatrix file (GGUF or .dat), used as llama-quantize uses it.
 
@@ -25,11 +27,13 @@ import numpy as np
 
 from swtool.errors import SwtoolError
 
-KINDS = ("scan", "none", "text", "random")
+KINDS = ("scan", "none", "text", "random", "self")
 UNWEIGHTED_TYPES = ("F32", "F16", "BF16", "Q8_0")  # ggml types whose quantizers do not read an importance
 IMPORTANCE_CTX = 512  # llama-imatrix's default chunk: the sequences text and random importance use
 DEFAULT_RANDOM_TOKENS = 2048
 RANDOM_SEED = 0
+DEFAULT_SELF_TOKENS = 512
+SELF_CTX = 128  # a self-generated sequence's length: each of its tokens is one more pass over the weights
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class ImportanceSpec:
 
 
 def parse_importance(text, imatrix=None):
-    """--importance scan|none|text:FILE|random[:N] and --imatrix FILE -> ImportanceSpec (None: scan)."""
+    """--importance scan|none|text:FILE|random[:N]|self[:N] and --imatrix FILE -> ImportanceSpec (None: scan)."""
     if imatrix is not None:
         if text is not None:
             raise SwtoolError(f"give --imatrix or --importance, not both (--importance {text})")
@@ -55,13 +59,14 @@ def parse_importance(text, imatrix=None):
         return ImportanceSpec(kind)
     if kind == "text" and argument:
         return ImportanceSpec("text", argument)
-    if kind == "random":
+    defaults = {"random": DEFAULT_RANDOM_TOKENS, "self": DEFAULT_SELF_TOKENS}
+    if kind in defaults:
         if not sep:
-            return ImportanceSpec("random", tokens=DEFAULT_RANDOM_TOKENS)
+            return ImportanceSpec(kind, tokens=defaults[kind])
         if argument.isdigit() and int(argument) >= 1:
-            return ImportanceSpec("random", tokens=int(argument))
-    raise SwtoolError(f"--importance {text!r}: expected scan, none, text:FILE or random[:N] (N tokens, "
-                      f"default {DEFAULT_RANDOM_TOKENS})")
+            return ImportanceSpec(kind, tokens=int(argument))
+    raise SwtoolError(f"--importance {text!r}: expected scan, none, text:FILE, random[:N] or self[:N] (N tokens, "
+                      f"default {DEFAULT_RANDOM_TOKENS} random or {DEFAULT_SELF_TOKENS} self-generated)")
 
 
 def digest(importance):
@@ -79,7 +84,7 @@ class UsedImportance:
     """The importance an export quantizes with and what to record of it."""
 
     importance: object  # imatrix.Importance
-    source: str  # "scan", "catalog", "gguf metadata", "imatrix", "text", "random"
+    source: str  # "scan", "catalog", "gguf metadata", "imatrix", "text", "random", "self"
     description: str  # for the notes and swtool.importance.source
     tokens: int = 0  # tokens it was computed over (0 for a file)
     file: str = None  # --imatrix FILE as given
@@ -116,8 +121,8 @@ def collected(model, sequences, source, description):
     return UsedImportance(importance, source, description, sum(len(s) for s in sequences))
 
 
-def computed(spec, model):
-    """UsedImportance for --importance text:FILE or random:N, through `model`."""
+def computed(spec, model, progress=False):
+    """UsedImportance for --importance text:FILE, random:N or self:N, through `model`."""
     from swtool import imatrix
     from swtool.tokenizer import load_tokenizer
 
@@ -128,6 +133,10 @@ def computed(spec, model):
         ids = text_token_ids(model.directory, spec.path)
         sequences = imatrix.text_sequences(ids, IMPORTANCE_CTX, bos)
         return collected(model, sequences, "text", f"text {spec.path} ({len(sequences)} x {IMPORTANCE_CTX} tokens)")
+    if spec.kind == "self":
+        sequences = imatrix.self_generated_sequences(model, spec.tokens, SELF_CTX, bos, RANDOM_SEED, progress)
+        return collected(model, sequences, "self", f"{spec.tokens} self-generated tokens (seed {RANDOM_SEED}, "
+                                                   f"{len(sequences)} x {SELF_CTX} tokens)")
     sequences = imatrix.random_sequences(spec.tokens, IMPORTANCE_CTX, model.arch.vocab_size, bos, RANDOM_SEED)
     return collected(model, sequences, "random", f"{spec.tokens} random tokens (seed {RANDOM_SEED})")
 

@@ -256,7 +256,7 @@ def super_weight_fields(super_weights, prompt, handling, orders):
 
 def importance_before_scan(options, model):
     """(UsedImportance or None, ImportanceSpec): the importance that needs no scan (--imatrix, text,
-    random, or one given), made before any scan so a bad file fails first. `model()` gives the model
+    random, self, or one given), made before any scan so a bad file fails first. `model()` gives the model
     to run, loaded only when needed."""
     from swtool import export_importance
 
@@ -267,8 +267,8 @@ def importance_before_scan(options, model):
         return None, export_importance.ImportanceSpec("none")
     if options.importance_given is not None:
         return options.importance_given, spec
-    if spec.kind in ("text", "random"):
-        return export_importance.computed(spec, model()), spec
+    if spec.kind in ("text", "random", "self"):
+        return export_importance.computed(spec, model(), options.progress), spec
     return None, spec
 
 

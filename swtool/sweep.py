@@ -23,7 +23,8 @@ Handlings (--handlings, comma-separated):
                 scan     the scan's prompt, collected in the sweep's own scan (with --catalog,
                          the catalog's prompts in one pass over the weights);
                 text     --importance-text FILE, in chunks of 512 tokens as llama-imatrix;
-                random   2048 random tokens (seed 0).
+                random   2048 random tokens (seed 0);
+                self     512 tokens the model samples itself (export --importance self).
                 Each importance is computed once and every file that names it uses it.
 Handlings without importance write llama-quantize's files without --imatrix (`--importance none`),
 so `none` is the stock file each importance and handling is measured against.
@@ -44,7 +45,7 @@ DEFAULT_TYPES = "q2_k,q3_k,q4_0,q4_k,q5_k,q6_k,q8_0"
 DEFAULT_HANDLINGS = "none,keep:q8_0,control:q8_0"
 SCHEMA_ID = "swtool.sweep/1"  # what `swtool sweep --json` prints and -o writes: swtool/schema/sweep.schema.json
 HANDLING_NAMES = ("none", "keep", "isolate", "control")
-IMPORTANCE_SOURCES = ("scan", "text", "random")
+IMPORTANCE_SOURCES = ("scan", "text", "random", "self")
 
 
 # --- what to write ---------------------------------------------------------------------
@@ -116,7 +117,8 @@ def split_importance(part):
         return part, None
     source = wanted[0].partition(":")[2]
     if source not in IMPORTANCE_SOURCES:
-        raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text or importance:random")
+        raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text, importance:random "
+                          f"or importance:self")
     return (rest[0] if rest else "none"), source
 
 
@@ -394,7 +396,8 @@ def write_scan_catalog(model, path, progress, collect_importance=False):
 
 def sweep_importances(model, handlings, catalog, from_scan, text_path, log):
     """{source: export_importance.UsedImportance} of every importance the handlings name, each made once:
-    scan, the sweep's scan's (`from_scan`) or the catalog's prompts; text, `text_path`; random tokens."""
+    scan, the sweep's scan's (`from_scan`) or the catalog's prompts; text, `text_path`; random tokens;
+    self-generated tokens."""
     from swtool import export_importance as ei
     from swtool.gguf_export import catalog_prompts, importance_of_prompts
 
@@ -406,8 +409,10 @@ def sweep_importances(model, handlings, catalog, from_scan, text_path, log):
             made[source] = from_scan or importance_of_prompts(model, "catalog", catalog_prompts(catalog), [])
         elif source == "text":
             made[source] = ei.computed(ei.ImportanceSpec("text", str(text_path)), model)
-        else:
+        elif source == "random":
             made[source] = ei.computed(ei.ImportanceSpec("random", tokens=ei.DEFAULT_RANDOM_TOKENS), model)
+        else:
+            made[source] = ei.computed(ei.ImportanceSpec("self", tokens=ei.DEFAULT_SELF_TOKENS), model)
         log(f"importance:{source}: {made[source].description}")
     return made
 
