@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fixtures import llama_oracle
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process  # test_cli.py runs each command as a process
+from fixtures.gguf_cache import gguf_reader
 from fixtures.ggml_oracle import Ggml
 from swtool.tokenizer import encode
 
@@ -32,7 +33,7 @@ def original(smollm2):
 @pytest.fixture(scope="module")
 def catalog(original, tmp_path_factory):
     path = tmp_path_factory.mktemp("requantize") / "q4_1.catalog.json"
-    result = swtool("scan", original, "-o", path, "--no-progress")
+    result = swtool_in_process("scan", original, "-o", path, "--no-progress")
     assert result.returncode == 0, result.stderr
     return path
 
@@ -40,20 +41,22 @@ def catalog(original, tmp_path_factory):
 @pytest.fixture(scope="module")
 def requantized(original, catalog, tmp_path_factory):
     out = tmp_path_factory.mktemp("requantize") / "q4_0.gguf"
-    result = swtool("quantize", original, "-o", out, "--type", "q4_0", "--catalog", catalog, "--allow-requantize",
-                    "--importance", "none", "--no-progress")  # ggml's plain quantization (no importance) is the oracle
+    # ggml's plain quantization (no importance) is the oracle
+    result = swtool_in_process("quantize", original, "-o", out, "--type", "q4_0", "--catalog", catalog,
+                               "--allow-requantize", "--importance", "none", "--no-progress")
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 
 
 def tensors(path):
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    """{name: gguf-py's ReaderTensor}, the file parsed once for the module (fixtures/gguf_cache.py)."""
+    return {t.name: t for t in gguf_reader(path).tensors}
 
 
 @pytest.mark.parametrize("command", ["quantize", "export"])
 def test_a_quantized_input_needs_allow_requantize(original, tmp_path, command):
     out = tmp_path / "out.gguf"
-    line = one_line_error(swtool(command, original, "-o", out, "--type", "q4_0"))
+    line = one_line_error(swtool_in_process(command, original, "-o", out, "--type", "q4_0"))
     assert "already quantized (Q4_1)" in line and "--allow-requantize" in line
     assert not out.exists()
 
@@ -81,7 +84,7 @@ def test_requantize_keeps_the_super_weights_and_says_what_it_did(catalog, requan
     for sw in found:
         assert written[sw["gguf_tensor"]].tensor_type == gguf.GGMLQuantizationType.Q8_0, sw["gguf_tensor"]
     assert "re-quantized" in stdout and "from Q4_1" in stdout
-    audit = swtool("audit", path, "--json")
+    audit = swtool_in_process("audit", path, "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     report = json.loads(audit.stdout)
     assert {f["status"] for f in report["findings"]} == {"intact"} and len(report["findings"]) == len(found)
