@@ -14,7 +14,7 @@ import pytest
 
 from fixtures import llama_oracle
 from fixtures.cli_run import one_line_error, swtool_in_process  # test_cli.py runs each command as a process
-from fixtures.gguf_cache import gguf_reader
+from fixtures.gguf_compare import raw_bytes, read_contents
 from fixtures.ggml_oracle import Ggml
 from swtool.tokenizer import encode
 
@@ -49,8 +49,9 @@ def requantized(original, catalog, tmp_path_factory):
 
 
 def tensors(path):
-    """{name: gguf-py's ReaderTensor}, the file parsed once for the module (fixtures/gguf_cache.py)."""
-    return {t.name: t for t in gguf_reader(path).tensors}
+    """{name: (ggml type, shape in ggml order)} of the GGUF at `path` (fixtures/gguf_compare.py, held to gguf-py's
+    GGUFReader without its seconds of decoding SmolLM2's vocabulary element by element); raw_bytes reads one's bytes."""
+    return {name: (gguf.GGMLQuantizationType[kind], dims) for name, (dims, kind, _) in read_contents(path).tensors.items()}
 
 
 @pytest.mark.parametrize("command", ["quantize", "export"])
@@ -65,14 +66,13 @@ def test_requantized_tensors_are_ggmls_quantization_of_the_decoded_source(origin
     ggml = Ggml()
     source, written = tensors(original), tensors(requantized[0])
     compared = 0
-    for name, tensor in written.items():
-        before = source[name]
-        if tensor.tensor_type != Q4_0 or before.tensor_type != Q4_1:
+    for name, (kind, shape) in written.items():
+        if kind != Q4_0 or source[name][0] != Q4_1:
             continue
-        rows, cols = int(np.prod(tensor.shape[1:])), int(tensor.shape[0])
-        decoded = ggml.dequantize(before.data.reshape(-1), Q4_1, (rows, cols))
+        rows, cols = int(np.prod(shape[1:])), int(shape[0])
+        decoded = ggml.dequantize(raw_bytes(original, name), Q4_1, (rows, cols))
         expected = ggml.quantize(decoded, Q4_0)
-        assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape), expected), name
+        assert np.array_equal(raw_bytes(requantized[0], name).reshape(expected.shape), expected), name
         compared += 1
     assert compared >= 4 * 30  # at least the attention projections and MLP matrices of the 30 layers
 
@@ -82,7 +82,7 @@ def test_requantize_keeps_the_super_weights_and_says_what_it_did(catalog, requan
     found = json.loads(catalog.read_text())["super_weights"]
     written = tensors(path)
     for sw in found:
-        assert written[sw["gguf_tensor"]].tensor_type == gguf.GGMLQuantizationType.Q8_0, sw["gguf_tensor"]
+        assert written[sw["gguf_tensor"]][0] == gguf.GGMLQuantizationType.Q8_0, sw["gguf_tensor"]
     assert "re-quantized" in stdout and "from Q4_1" in stdout
     audit = swtool_in_process("audit", path, "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
