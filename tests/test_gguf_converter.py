@@ -139,23 +139,28 @@ def test_export_holds_what_the_converter_writes(converted, exported, family):
 
 @pytest.mark.parametrize("family", EXPORT)
 def test_llama_cpp_computes_transformers_logits_from_the_export(converted, exported, family):
-    from fixtures import llama_oracle
-
     model_dir, _ = converted(family)
     tokens = prompt(model_dir)
     expected = transformers_logits(model_dir, tokens)
-    llm = llama_oracle.load(exported(family), n_ctx=64)
-    llm.eval(list(tokens))
-    got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    got = llama_cpp_logits(exported(family), tokens)
     assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
 
 
 def llama_cpp_logits(path, tokens):
+    """llama.cpp's logits of `tokens` from the GGUF at `path`, computed once per file and prompt: the f32
+    export's serve this test and the quantized export's below (read only)."""
+    return _llama_cpp_logits(str(path), tuple(int(t) for t in tokens))
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_cpp_logits(path, tokens):
     from fixtures import llama_oracle
 
     llm = llama_oracle.load(path, n_ctx=64)
     llm.eval(list(tokens))
-    return np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    logits = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    logits.flags.writeable = False
+    return logits
 
 
 @pytest.mark.parametrize("family", EXPORT)
