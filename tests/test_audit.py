@@ -20,8 +20,14 @@ from fixtures.hf_to_gguf import vocabulary_fields, write_gguf
 from swtool import gguf_keys, known
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.errors import SwtoolError
+# swtool_in_process: audit, inspect, scan, ablate, export and catalog run in this process (click's runner,
+# the same command group and output), not as a `python -m swtool` process each; test_cli.py runs every
+# command as a real process
 from fixtures.cli_run import one_line_error, swtool, swtool_in_process
 from fixtures.gguf_cache import gguf_reader
+# keys, tensor types and single tensors of SmolLM2's GGUFs without gguf-py's seconds of decoding the vocabulary
+# element by element (fixtures/gguf_compare.py, held to gguf-py's GGUFReader in test_gguf_converter.py)
+from fixtures.gguf_compare import dequantized, read_contents
 
 pytestmark = pytest.mark.real
 
@@ -29,7 +35,7 @@ SW = [(2, 507, 90), (2, 507, 430), (11, 507, 1229), (11, 507, 1487)]  # SmolLM2'
 
 
 def audit_json(*args, code):
-    result = swtool("audit", *args, "--json", "--no-progress")
+    result = swtool_in_process("audit", *args, "--json", "--no-progress")
     assert result.returncode == code, result.stdout + result.stderr
     return json.loads(result.stdout)
 
@@ -105,7 +111,7 @@ def test_ablated_copy_is_caught(smollm2, catalog, damaged):
     assert quartered["status"] == "changed"
     assert quartered["relative_change"] == pytest.approx(0.75, abs=0.01)
     assert found[(2, 507, 430)]["status"] == found[(11, 507, 1487)]["status"] == "intact"
-    table = swtool("audit", damaged, "--catalog", catalog)
+    table = swtool_in_process("audit", damaged, "--catalog", catalog)
     assert table.returncode == 1
     assert "1 changed, 2 intact, 1 zeroed: 2 missing or damaged" in table.stdout
     assert "read 8 bytes of weights in" in table.stdout
@@ -131,7 +137,7 @@ def test_a_nan_super_weight_gives_strict_json(smollm2, catalog, tmp_path):
     """A NaN or Inf weight is reported as "not finite" in JSON that strict parsers accept
     (Python's json would write bare NaN, which jq and JavaScript reject)."""
     poisoned = patched_copy(smollm2, tmp_path / "poisoned", {(2, 507, 90): float("nan"), (11, 507, 1229): float("-inf")})
-    result = swtool("audit", poisoned, "--catalog", catalog, "--json", "--no-progress")
+    result = swtool_in_process("audit", poisoned, "--catalog", catalog, "--json", "--no-progress")
     assert result.returncode == 1, result.stderr
 
     def refuse(word):
@@ -189,11 +195,8 @@ def test_known_coordinates_match_by_fingerprint(smollm2, damaged):
 def test_gguf_weight_is_decoded_from_its_block_alone(original_gguf, catalog):
     report = audit_json(original_gguf, "--catalog", catalog, code=0)
     assert report["bytes_read"] == 20 * len(SW)  # one Q4_1 block (32 weights) each
-    reader = gguf_reader(original_gguf)
-    tensors = {t.name: t for t in reader.tensors}
     for (layer, row, col), finding in by_coordinate(report).items():
-        tensor = tensors[f"blk.{layer}.ffn_down.weight"]
-        whole = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        whole = dequantized(original_gguf, f"blk.{layer}.ffn_down.weight")  # as gguf-py dequantizes it
         assert finding["value"] == whole[row, col]
         assert finding["dtype"] == "Q4_1" and finding["block"] == {"index": col // 32, "size": 32}
         assert finding["gguf_tensor"] == f"blk.{layer}.ffn_down.weight"
@@ -255,7 +258,7 @@ def test_inconsistent_swtool_metadata_is_bad_input(smollm2, tmp_path):
 
 def test_inspect_safetensors(smollm2, damaged, catalog):
     shutil.copy(catalog, damaged / "catalog.json")
-    info = json.loads(swtool("inspect", damaged, "--json").stdout)
+    info = json.loads(swtool_in_process("inspect", damaged, "--json").stdout)
     with safe_open(str(smollm2 / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())
     assert info["tensors"] == len(names) == 272
@@ -265,22 +268,22 @@ def test_inspect_safetensors(smollm2, damaged, catalog):
     assert info["catalogs"] == [{"file": "catalog.json", "super_weights": 4}]
     assert info["known"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info["known"]["super_weights"] == [list(c) for c in SW]
-    text = swtool("inspect", damaged).stdout
+    text = swtool_in_process("inspect", damaged).stdout
     assert "catalog     catalog.json (4 super weights)" in text
 
 
 def test_inspect_gguf(original_gguf, recorded_ggufs):
-    info = json.loads(swtool("inspect", original_gguf, "--json").stdout)
-    reader = gguf_reader(original_gguf)
+    info = json.loads(swtool_in_process("inspect", original_gguf, "--json").stdout)
+    contents = read_contents(original_gguf)
     kinds = {}
-    for t in reader.tensors:
-        kinds.setdefault(t.tensor_type.name, [0, 0])
-        kinds[t.tensor_type.name][0] += 1
-        kinds[t.tensor_type.name][1] += int(t.n_bytes)
+    for name, (_, type_name, _) in contents.tensors.items():
+        kinds.setdefault(type_name, [0, 0])
+        kinds[type_name][0] += 1
+        kinds[type_name][1] += contents.where[name][1]
     assert {k: [v["tensors"], v["bytes"]] for k, v in info["dtypes"].items()} == kinds
     assert info["gguf"]["pre_tokenizer"] == "smollm" and info["swtool_metadata"] == {}
     kept, _, entries = recorded_ggufs
-    info = json.loads(swtool("inspect", kept, "--json").stdout)
+    info = json.loads(swtool_in_process("inspect", kept, "--json").stdout)
     assert info["swtool_metadata"][gguf_keys.PROMPT] == "Apple Inc. is a worldwide tech company."
     assert [(sw["layer"], sw["row"], sw["col"]) for sw in info["recorded_super_weights"]] == SW
 
@@ -326,11 +329,11 @@ def test_the_table_holds_the_published_coordinates():
     for model in models:
         for sw in model.super_weights:
             assert sw["sources"] and all(source in data["sources"] for source in sw["sources"])
-    listed = swtool("catalog", "known")
+    listed = swtool_in_process("catalog", "known")
     assert listed.returncode == 0
     assert ["Llama-7B", "huggyllama/llama-7b", "2", "3968", "7003", "-", "repo+T2"] in \
         [line.split() for line in listed.stdout.splitlines()]
-    assert json.loads(swtool("catalog", "known", "--json").stdout) == data
+    assert json.loads(swtool_in_process("catalog", "known", "--json").stdout) == data
 
 
 def test_models_are_matched_by_id_and_fingerprint():
@@ -377,13 +380,9 @@ def test_audit_of_swtool_export(smollm2, catalog, smollm2_export, qtype):
     out = smollm2_export(qtype)  # with the catalog, the default handling
     report = audit_json(out, "--catalog", catalog, code=0)
     assert report["format"] == "gguf"
-    reader = gguf_reader(out)
-    tensors = {t.name: t for t in reader.tensors}
     for (layer, row, col), finding in by_coordinate(report).items():
         assert finding["status"] == "intact"
-        tensor = tensors[f"blk.{layer}.ffn_down.weight"]
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
-            [int(n) for n in reversed(tensor.shape)])
+        values = dequantized(out, f"blk.{layer}.ffn_down.weight")  # [out, in], as gguf-py dequantizes it
         assert finding["value"] == pytest.approx(float(values[row, col]), abs=1e-6)
         assert finding["value"] == pytest.approx(torch_value(smollm2, layer, row, col), rel=0.01)
         assert finding["recorded"] == torch_value(smollm2, layer, row, col)  # exact float32 in swtool.* keys
@@ -391,7 +390,7 @@ def test_audit_of_swtool_export(smollm2, catalog, smollm2_export, qtype):
 
 def test_audit_catches_a_super_weight_zeroed_in_an_export(smollm2, catalog, damaged, tmp_path):
     out = tmp_path / "damaged-q8_0.gguf"
-    exported = swtool("export", damaged, "-o", out, "--type", "q8_0", "--no-progress")
+    exported = swtool_in_process("export", damaged, "-o", out, "--type", "q8_0", "--no-progress")
     assert exported.returncode == 0, exported.stderr
     found = by_coordinate(audit_json(out, "--catalog", catalog, code=1))
     assert found[(2, 507, 90)]["status"] == "zeroed"
@@ -410,7 +409,7 @@ def linked_copy(source, destination):
 def ablated(smollm2, catalog, tmp_path_factory):
     """`swtool ablate` with the scan's catalog: all four super weights zeroed, swtool-ablation.json beside."""
     out = tmp_path_factory.mktemp("ablated") / "smollm2"
-    result = swtool("ablate", smollm2, "--catalog", catalog, "-o", out)
+    result = swtool_in_process("ablate", smollm2, "--catalog", catalog, "-o", out)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -421,7 +420,7 @@ def test_a_fully_ablated_model_is_never_intact(ablated):
     for finding in report["findings"]:  # the known table's coordinates, and the record ablate wrote
         assert finding["value"] == 0.0 and finding["status"] == "ablated"
         assert "swtool-ablation.json" in finding["note"]
-    table = swtool("audit", ablated, "--no-progress")
+    table = swtool_in_process("audit", ablated, "--no-progress")
     assert table.returncode == 1 and "4 ablated: removed on purpose by swtool ablate, as recorded" in table.stdout
     bare = linked_copy(ablated, ablated.parent / "bare")
     (bare / "swtool-ablation.json").unlink()
@@ -455,7 +454,7 @@ def test_a_self_scan_gives_no_verdict(tiny_factory):
     assert report["expectations"] == "a scan of the model (no reference)"
     assert [(f["layer"], f["row"], f["col"]) for f in report["findings"]] == [(1, 41, 101)]
     assert [f["status"] for f in report["findings"]] == ["unverified"]
-    table = swtool("audit", model, "--no-progress")
+    table = swtool_in_process("audit", model, "--no-progress")
     assert table.returncode == 3
     assert "unverified (no reference)" in table.stdout and "all intact" not in table.stdout
 
@@ -465,7 +464,7 @@ def test_a_catalog_of_this_model_beside_it_is_the_reference(tiny_factory, tmp_pa
 
     model, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     copy = linked_copy(model, tmp_path / "model")
-    assert swtool("scan", copy, "-o", copy / "mine.json", "--no-progress").returncode == 0
+    assert swtool_in_process("scan", copy, "-o", copy / "mine.json", "--no-progress").returncode == 0
     report = audit_json(copy, code=0)
     assert report["expectations"] == "the catalog beside it, mine.json" and report["verdict"] == "intact"
     # a catalog of another model in the same folder is not taken for this one's
@@ -481,13 +480,13 @@ def test_a_catalog_of_another_model_is_bad_input(smollm2, tiny_factory, tmp_path
 
     tiny, _ = tiny_factory("llama", "bfloat16", plants=(Plant(1, 41, 101),))
     foreign = tmp_path / "tiny.json"
-    assert swtool("scan", tiny, "-o", foreign, "--no-progress").returncode == 0
+    assert swtool_in_process("scan", tiny, "-o", foreign, "--no-progress").returncode == 0
     message = one_line_error(swtool_in_process("audit", smollm2, "--catalog", foreign))
     assert "the catalog is for a model with 4 layers; this one has 30" in message and str(foreign) in message
     # inspect lists only the catalogs of the model, and says why the others are not
     beside = linked_copy(smollm2, tmp_path / "smollm2")
     shutil.copy(foreign, beside / "tiny.json")
-    info = json.loads(swtool("inspect", beside, "--json").stdout)
+    info = json.loads(swtool_in_process("inspect", beside, "--json").stdout)
     assert info["catalogs"] == []
     assert info["other_catalogs"] == [{"file": "tiny.json", "super_weights": 1,
                                        "mismatch": "the catalog is for a model with 4 layers; this one has 30"}]
@@ -496,18 +495,18 @@ def test_a_catalog_of_another_model_is_bad_input(smollm2, tiny_factory, tmp_path
 def test_a_fifo_beside_the_model_does_not_block(smollm2, tmp_path):
     beside = linked_copy(smollm2, tmp_path / "smollm2")
     os.mkfifo(beside / "waiting.json")
-    result = swtool("inspect", beside, "--json", timeout=60)
+    result = swtool("inspect", beside, "--json", timeout=60)  # a real process: killed if it blocks
     assert result.returncode == 0 and json.loads(result.stdout)["catalogs"] == []
 
 
 @pytest.mark.parametrize("handling, statuses, code", [("none", ["unprotected"] * 4, 1), ("keep", ["intact"] * 4, 0)])
 def test_a_super_weight_left_at_two_bits_is_unprotected(smollm2_export, handling, statuses, code):
     out = smollm2_export("q2_k", handling)  # with the catalog
-    reader = gguf_reader(out)
-    stored = {t.name: t.tensor_type for t in reader.tensors}
+    contents = read_contents(out)
+    stored = {name: gguf.GGMLQuantizationType[type_name] for name, (_, type_name, _) in contents.tensors.items()}
     report = audit_json(out, code=code)
     assert report["expectations"] == "the GGUF's swtool.* metadata"
-    assert report["handling"] == reader.fields[gguf_keys.HANDLING].contents()
+    assert report["handling"] == contents.keys[gguf_keys.HANDLING][1]
     for (layer, row, col), finding in by_coordinate(report).items():
         qtype = stored[f"blk.{layer}.ffn_down.weight"]
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
@@ -515,7 +514,7 @@ def test_a_super_weight_left_at_two_bits_is_unprotected(smollm2_export, handling
         assert (finding["bits"] < 4) == (handling == "none")
     assert [by_coordinate(report)[c]["status"] for c in SW] == statuses
     if handling == "none":
-        table = swtool("audit", out).stdout
+        table = swtool_in_process("audit", out).stdout
         assert "4 unprotected: not protected: stored at fewer than 4 bits per weight" in table
         assert "stored as Q2_K (2.62 bits per weight) with handling none" in table
 
@@ -525,10 +524,10 @@ def test_the_checkpoints_catalog_beside_its_gguf_is_the_gguf_s_own(original_gguf
     catalog's fingerprint (the shape keys) tells it is the same model."""
     (tmp_path / "smollm2.gguf").symlink_to(original_gguf)
     shutil.copy(catalog, tmp_path / "smollm2.json")
-    info = json.loads(swtool("inspect", tmp_path / "smollm2.gguf", "--json").stdout)
+    info = json.loads(swtool_in_process("inspect", tmp_path / "smollm2.gguf", "--json").stdout)
     assert info["catalogs"] == [{"file": "smollm2.json", "super_weights": 4}] and info["other_catalogs"] == []
     shrunk = json.loads(catalog.read_text())
     shrunk["model"]["fingerprint"]["hidden_size"] = 512
     (tmp_path / "smollm2.json").write_text(json.dumps(shrunk))
-    info = json.loads(swtool("inspect", tmp_path / "smollm2.gguf", "--json").stdout)
+    info = json.loads(swtool_in_process("inspect", tmp_path / "smollm2.gguf", "--json").stdout)
     assert info["catalogs"] == [] and info["other_catalogs"][0]["mismatch"] == "the catalog was made from another config.json"

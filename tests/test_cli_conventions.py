@@ -20,7 +20,7 @@ def tiny(tiny_factory, tmp_path_factory):
     directory, _ = tiny_factory("llama", "bfloat16", plants=PLANT)
     work = tmp_path_factory.mktemp("conventions")
     catalog = work / "catalog.json"
-    assert swtool("scan", directory, "-o", catalog, "--no-progress").returncode == 0
+    assert swtool_in_process("scan", directory, "-o", catalog, "--no-progress").returncode == 0
     text = work / "text.txt"
     text.write_text(TEXT)
     return directory, catalog, text
@@ -50,14 +50,15 @@ def test_a_count_of_one_takes_the_singular(tiny, tmp_path):
     """Runs whose outputs count one chunk, one pass, one super weight, one patched file ...: no '1 chunks'."""
     directory, catalog, text = tiny
     copy = tmp_path / "ablated"
+    # in this process (click's runner): the same output text; test_cli.py runs each command as a process
     outputs = {
-        "scan": ok(swtool("scan", directory, "--no-progress")),
-        "eval": ok(swtool("eval", directory, "--text", text, "--catalog", catalog, "--no-progress")),
-        "quantsim": ok(swtool("quantsim", directory, "--text", text, "--catalog", catalog, "--block-sizes", "32",
-                              "--no-progress")),
-        "ablate": ok(swtool("ablate", directory, "--catalog", catalog, "-o", copy)),
-        "inspect": ok(swtool("inspect", copy)),  # its ablation record lists 1 super weight
-        "audit": ok(swtool("audit", directory, "--catalog", catalog)),
+        "scan": ok(swtool_in_process("scan", directory, "--no-progress")),
+        "eval": ok(swtool_in_process("eval", directory, "--text", text, "--catalog", catalog, "--no-progress")),
+        "quantsim": ok(swtool_in_process("quantsim", directory, "--text", text, "--catalog", catalog, "--block-sizes",
+                                         "32", "--no-progress")),
+        "ablate": ok(swtool_in_process("ablate", directory, "--catalog", catalog, "-o", copy)),
+        "inspect": ok(swtool_in_process("inspect", copy)),  # its ablation record lists 1 super weight
+        "audit": ok(swtool_in_process("audit", directory, "--catalog", catalog)),
     }
     seen = {name: result.stdout + result.stderr for name, result in outputs.items()}
     assert "1 pass over the weights" in seen["scan"] and "with the super weight removed" in seen["scan"]
@@ -75,7 +76,7 @@ def test_tolerance_is_a_fraction_or_a_percent(tiny, tmp_path):
     """0.05 and 5% are the same tolerance; a bare 5 (once silently 500 %) is one line naming 5%."""
     directory, catalog, _ = tiny
     scaled = tmp_path / "scaled"  # the super weight times 0.9: a 10 % change
-    ok(swtool("ablate", directory, "--catalog", catalog, "--scale", "0.9", "-o", scaled))
+    ok(swtool_in_process("ablate", directory, "--catalog", catalog, "--scale", "0.9", "-o", scaled))
     (scaled / "swtool-ablation.json").unlink()  # judged against the catalog alone, not as a recorded ablation
 
     def status(tolerance, code):
@@ -183,15 +184,16 @@ def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     piped = binary_run("scan", directory, "-o", "-")
     assert piped.returncode == 0, piped.stderr
-    ok(swtool("scan", directory, "-o", tmp_path / "catalog.json", "--no-progress"))
+    # the -o FILE references run in this process; the -o - runs are real processes (their stdout is the point)
+    ok(swtool_in_process("scan", directory, "-o", tmp_path / "catalog.json", "--no-progress"))
     assert piped.stdout == (tmp_path / "catalog.json").read_bytes()
     assert b"layer  row  col" in piped.stderr  # the table, on stderr
     source = write_gguf(directory, tmp_path / "tiny.gguf", "f32", vocabulary=byte_vocabulary(directory, TINY["vocab_size"]))
     for command in ("export", "quantize"):
         piped = binary_run(command, source, "--type", "q8_0", "--catalog", catalog, "-o", "-")
         assert piped.returncode == 0, piped.stderr
-        ok(swtool(command, source, "--type", "q8_0", "--catalog", catalog, "-o", tmp_path / f"{command}.gguf",
-                  "--no-progress"))
+        ok(swtool_in_process(command, source, "--type", "q8_0", "--catalog", catalog, "-o", tmp_path / f"{command}.gguf",
+                             "--no-progress"))
         assert piped.stdout == (tmp_path / f"{command}.gguf").read_bytes() and piped.stdout[:4] == b"GGUF"
         assert piped.stderr.decode().startswith("wrote -: llama, --type q8_0")
         # the report names the output `-`, not the temporary file stdout was copied from
@@ -208,10 +210,11 @@ def test_dash_output_is_stdout(tiny, tmp_path, monkeypatch):
         fmt = name.split(".")[1]
         piped = binary_run("imatrix", directory, "--random-tokens", 40, "--ctx", 20, "--format", fmt, "-o", "-")
         assert piped.returncode == 0, piped.stderr
-        ok(swtool("imatrix", directory, "--random-tokens", 40, "--ctx", 20, "-o", tmp_path / name, "--no-progress"))
+        ok(swtool_in_process("imatrix", directory, "--random-tokens", 40, "--ctx", 20, "-o", tmp_path / name,
+                             "--no-progress"))
         assert piped.stdout == (tmp_path / name).read_bytes() and piped.stderr.decode().startswith(f"wrote - ({fmt})")
     assert not (tmp_path / "-").exists()
-    line = one_line_error(swtool("ablate", directory, "--catalog", catalog, "-o", "-"))
+    line = one_line_error(swtool_in_process("ablate", directory, "--catalog", catalog, "-o", "-"))
     assert "-o -: a directory is written there" in line
     assert not (tmp_path / "-").exists()
 

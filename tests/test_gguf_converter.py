@@ -11,11 +11,13 @@ the converter knows (fixtures/converted.py):
 A family joins by adding its fixtures/tiny.py name to READ (and EXPORT once export writes it).
 """
 
+import functools
+
 import numpy as np
 import pytest
 
-from fixtures.cli_run import swtool
-from fixtures.gguf_compare import key_differences, read_contents, tensor_differences
+from fixtures.cli_run import swtool_in_process
+from fixtures.gguf_compare import dequantized, gguf_py_contents, key_differences, read_contents, tensor_differences
 from swtool.forward import forward
 from swtool.model import load_model
 from fixtures.tiny import Plant, random_tokens
@@ -48,12 +50,21 @@ def converted(converted):
 
 
 def transformers_logits(model_dir, tokens):
+    """transformers' logits of `tokens`, computed once per model and prompt for this module's two tests
+    that compare with them (read only)."""
+    return _transformers_logits(model_dir, tuple(int(t) for t in tokens))
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_logits(model_dir, tokens):
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(torch.tensor([list(tokens)])).logits[0].numpy()
+        logits = model(torch.tensor([list(tokens)])).logits[0].numpy()
+    logits.flags.writeable = False
+    return logits
 
 
 def prompt(model_dir):
@@ -76,7 +87,7 @@ def test_scan_of_converters_gguf_finds_the_planted_weight(converted, family, tmp
     import json
 
     _, gguf_path = converted(family)
-    result = swtool("scan", gguf_path, "-o", tmp_path / "catalog.json", "--no-progress")
+    result = swtool_in_process("scan", gguf_path, "-o", tmp_path / "catalog.json", "--no-progress")
     assert result.returncode == 0, result.stderr
     found = {(w["layer"], w["row"], w["col"]) for w in json.loads((tmp_path / "catalog.json").read_text())["super_weights"]}
     assert (PLANT.layer, PLANT.row, PLANT.col) in found
@@ -91,7 +102,24 @@ def exported(converted, tmp_path_factory):
         if family not in built:
             model_dir, _ = converted(family)
             out = tmp_path_factory.mktemp(f"export-{family}") / "model-f32.gguf"
-            result = swtool("export", model_dir, "-o", out, "--type", "f32", "--no-progress")
+            result = swtool_in_process("export", model_dir, "-o", out, "--type", "f32", "--no-progress")
+            assert result.returncode == 0, result.stderr
+            built[family] = out
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def exported_q8_0(converted, tmp_path_factory):
+    """family -> swtool's `export --type q8_0` of the converter's input model (which scans by default)."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            model_dir, _ = converted(family)
+            out = tmp_path_factory.mktemp(f"export-q8_0-{family}") / "model-q8_0.gguf"
+            result = swtool_in_process("export", model_dir, "-o", out, "--type", "q8_0", "--no-progress")
             assert result.returncode == 0, result.stderr
             built[family] = out
         return built[family]
@@ -111,27 +139,33 @@ def test_export_holds_what_the_converter_writes(converted, exported, family):
 
 @pytest.mark.parametrize("family", EXPORT)
 def test_llama_cpp_computes_transformers_logits_from_the_export(converted, exported, family):
-    from fixtures import llama_oracle
-
     model_dir, _ = converted(family)
     tokens = prompt(model_dir)
     expected = transformers_logits(model_dir, tokens)
-    llm = llama_oracle.load(exported(family), n_ctx=64)
-    llm.eval(list(tokens))
-    got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    got = llama_cpp_logits(exported(family), tokens)
     assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
 
 
 def llama_cpp_logits(path, tokens):
+    """llama.cpp's logits of `tokens` from the GGUF at `path`, computed once per file and prompt: the f32
+    export's serve this test and the quantized export's below (read only)."""
+    return _llama_cpp_logits(str(path), tuple(int(t) for t in tokens))
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_cpp_logits(path, tokens):
     from fixtures import llama_oracle
 
     llm = llama_oracle.load(path, n_ctx=64)
     llm.eval(list(tokens))
-    return np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    logits = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    logits.flags.writeable = False
+    return logits
 
 
 @pytest.mark.parametrize("family", EXPORT)
-def test_a_quantized_export_is_protected_inspected_audited_requantized_and_loads(converted, exported, family, tmp_path):
+def test_a_quantized_export_is_protected_inspected_audited_requantized_and_loads(converted, exported, exported_q8_0, family,
+                                                                                 tmp_path):
     """export --type q8_0 scans by default: the planted weight is recorded, inspect lists it, audit finds it
     intact, quantize of the (also scanned) f32 export keeps the record, and llama.cpp's logits from the
     q8_0 file stay within Q8_0's rounding of those from the f32 one."""
@@ -139,21 +173,73 @@ def test_a_quantized_export_is_protected_inspected_audited_requantized_and_loads
 
     model_dir, _ = converted(family)
     planted = [PLANT.layer, PLANT.row, PLANT.col]
-    q8_0 = tmp_path / "q8_0.gguf"
-    result = swtool("export", model_dir, "-o", q8_0, "--type", "q8_0", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(swtool("inspect", q8_0, "--json").stdout)
+    q8_0 = exported_q8_0(family)
+    info = json.loads(swtool_in_process("inspect", q8_0, "--json").stdout)
     assert planted in [[sw["layer"], sw["row"], sw["col"]] for sw in info["recorded_super_weights"]]
-    audit = swtool("audit", q8_0, "--json")
+    audit = swtool_in_process("audit", q8_0, "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     findings = json.loads(audit.stdout)["findings"]
     assert planted in [[f["layer"], f["row"], f["col"]] for f in findings if f["status"] == "intact"]
     q4_0 = tmp_path / "q4_0.gguf"
-    result = swtool("quantize", exported(family), "-o", q4_0, "--type", "q4_0", "--no-progress")
+    result = swtool_in_process("quantize", exported(family), "-o", q4_0, "--type", "q4_0", "--no-progress")
     assert result.returncode == 0, result.stderr
-    recorded = json.loads(swtool("inspect", q4_0, "--json").stdout)["recorded_super_weights"]
+    recorded = json.loads(swtool_in_process("inspect", q4_0, "--json").stdout)["recorded_super_weights"]
     assert planted in [[sw["layer"], sw["row"], sw["col"]] for sw in recorded]
     tokens = prompt(model_dir)
     f32_logits = llama_cpp_logits(exported(family), tokens)
     gap = np.abs(llama_cpp_logits(q8_0, tokens) - f32_logits).max() / np.abs(f32_logits).max()
     assert gap <= Q8_0_GAP
+
+
+def every_value_type_gguf(path):
+    """A GGUF written by gguf-py with every value type as a scalar and as an array (gguf-py writes no empty array),
+    and tensors of float, integer and block-quantized types (their bytes random)."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    scalars = {T.UINT8: 200, T.INT8: -100, T.UINT16: 60000, T.INT16: -30000, T.UINT32: 4_000_000_000,
+               T.INT32: -2_000_000_000, T.FLOAT32: 0.1, T.BOOL: True, T.UINT64: 2**63 + 5, T.INT64: -2**62,
+               T.FLOAT64: 0.1, T.STRING: "ünïcode"}
+    for kind, value in scalars.items():
+        writer.add_key_value(f"test.{kind.name.lower()}", value, kind)
+        array = ["", "a b", "ünï"] if kind == T.STRING else [value, value, value]
+        writer.add_key_value(f"test.{kind.name.lower()}_array", array, T.ARRAY, sub_type=kind)
+    Q = gguf.GGMLQuantizationType
+    for kind, dtype in ((Q.F32, np.float32), (Q.F16, np.float16), (Q.I8, np.int8), (Q.I32, np.int32)):
+        writer.add_tensor(f"t.{kind.name.lower()}", rng.normal(size=(3, 512)).astype(dtype), raw_dtype=kind)
+    for kind in (Q.BF16, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.IQ4_XS):  # rows of bytes: 512 values each
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        data = rng.integers(0, 256, (3, 512 // block * size), dtype=np.uint8)
+        writer.add_tensor(f"t.{kind.name.lower()}", data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("which", ["every value type", "converter llama", "converter gemma", "export llama q8_0"])
+def test_the_fast_reader_reads_what_gguf_py_reads(converted, exported_q8_0, which, tmp_path):
+    """read_contents (fixtures/gguf_compare.py, which the converter-equality tests use) gives every key's
+    value and value types and every tensor's shape, type and bytes as gguf-py's GGUFReader does, and
+    dequantized (test_gguf_dense.py) each tensor's values as gguf-py dequantizes its reading."""
+    if which == "every value type":
+        path = every_value_type_gguf(tmp_path / "types.gguf")
+    elif which.startswith("converter"):
+        _, path = converted(which.split()[1])
+    else:
+        path = exported_q8_0("llama")
+    ours, oracle = read_contents(path), gguf_py_contents(path)
+    assert ours.keys == oracle.keys
+    assert ours.tensors == oracle.tensors and ours.order == oracle.order
+    if which == "export llama q8_0":
+        assert any(k.startswith("swtool.") for k in ours.keys)  # swtool's own keys are read too
+    if which != "every value type":  # (its tensors' bytes are random: no values to dequantize)
+        import gguf
+
+        from fixtures.gguf_cache import gguf_reader
+
+        for tensor in gguf_reader(path).tensors:
+            assert np.array_equal(dequantized(path, tensor.name), gguf.quants.dequantize(tensor.data, tensor.tensor_type))

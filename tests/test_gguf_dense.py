@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
+from fixtures.gguf_compare import dequantized, read_contents
 from swtool.errors import SwtoolError
 from swtool.gguf_export import ExportOptions, export
 from fixtures.tiny import Plant, build_tiny, random_tokens, torch_logits
@@ -43,14 +44,14 @@ def scan(directory, out):
     return catalog
 
 
-def gguf_contents(path):
-    """({key: value}, {name: (type name, float32 array [out, in] as gguf-py dequantizes it)})."""
-    import gguf
+def gguf_keys(path):
+    """{key: value} of the GGUF at `path` (fixtures/gguf_compare.py: held to gguf-py's reading, without
+    gguf-py's seconds of decoding the vocabulary element by element)."""
+    return {name: value for name, (_, value) in read_contents(path).keys.items()}
 
-    reader = gguf.GGUFReader(str(path))
-    keys = {name: field.contents() for name, field in reader.fields.items()}
-    tensors = {t.name: (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
-    return keys, tensors
+
+def tensor_type(path, name):
+    return read_contents(path).tensors[name][1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -64,12 +65,13 @@ def test_super_weight_is_recorded_and_kept_in_every_family(smollm2, tmp_path, fa
     assert (PLANT.layer, PLANT.row, PLANT.col) in found
     export(tmp_path / "hf", tmp_path / "q4_0.gguf", ExportOptions("q4_0", catalog=str(tmp_path / "catalog.json"),
                                                                   progress=False))
-    keys, tensors = gguf_contents(tmp_path / "q4_0.gguf")
+    keys = gguf_keys(tmp_path / "q4_0.gguf")
     records = list(zip(keys["swtool.super_weights.layer"], keys["swtool.super_weights.row"],
                        keys["swtool.super_weights.col"], keys["swtool.super_weights.tensor"]))
     assert (PLANT.layer, PLANT.row, PLANT.col, "blk.1.ffn_down.weight") in records
-    kind, down = tensors["blk.1.ffn_down.weight"]
-    assert kind == "Q8_0" and tensors["blk.0.ffn_down.weight"][0] == "Q4_0"
+    assert tensor_type(tmp_path / "q4_0.gguf", "blk.1.ffn_down.weight") == "Q8_0"
+    assert tensor_type(tmp_path / "q4_0.gguf", "blk.0.ffn_down.weight") == "Q4_0"
+    down = dequantized(tmp_path / "q4_0.gguf", "blk.1.ffn_down.weight")  # [out, in], as gguf-py dequantizes it
     planted = down_projection(model, family)[PLANT.row, PLANT.col]
     assert planted == PLANT.value
     assert abs(down[PLANT.row, PLANT.col] - planted) <= np.abs(down[PLANT.row]).max() / 127  # one Q8_0 step
@@ -97,8 +99,7 @@ def test_gpt_neox_export_keeps_a_rope_base_the_converter_drops(smollm2, tmp_path
 
     model = smollm2_model(tmp_path / "hf", smollm2, "gpt-neox", initializer_range=0.1)
     export(tmp_path / "hf", tmp_path / "f32.gguf", ExportOptions("f32", progress=False))
-    keys, _ = gguf_contents(tmp_path / "f32.gguf")
-    assert keys["gptneox.rope.freq_base"] == 1000.0
+    assert gguf_keys(tmp_path / "f32.gguf")["gptneox.rope.freq_base"] == 1000.0
     tokens = [int(t) for t in random_tokens(40, seed=3, vocab=model.config.vocab_size)]
     expected = torch_logits(model, tokens)
     tolerance = 2e-3 * np.abs(expected).max()  # llama.cpp keeps its KV cache in f16

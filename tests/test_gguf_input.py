@@ -139,7 +139,7 @@ def test_hf_names_config_and_tokenizer_files(original):
         f"model.layers.{i}.{module}.weight" for i in range(30) for module in LLAMA_LAYER_TENSORS]
     assert sorted(checkpoint.names()) == sorted(hf_names)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
-    reader = gguf.GGUFReader(original)
+    reader = gguf_reader(original)  # parsed once for the module (fixtures/gguf_cache.py)
     assert {checkpoint.tensor(name).gguf_name for name in hf_names} == {t.name for t in reader.tensors}
     for name in hf_names:
         assert checkpoint.tensor(name).gguf_name == name_map.get_name(name, try_suffixes=(".weight",)), name
@@ -156,12 +156,18 @@ def test_hf_names_config_and_tokenizer_files(original):
 
 def transformers_from_gguf(path):
     """transformers' own GGUF loader (config, names, Q/K un-permutation, dequantization) into a float32 model."""
+    from unittest import mock
+
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    # transformers parses the file with gguf-py's GGUFReader on each of its two calls; it is handed the
+    # reader this module already parsed (fixtures/gguf_cache.py: the same GGUFReader of the same file,
+    # read only) instead of decoding SmolLM2's vocabulary twice more
+    with mock.patch.object(gguf, "GGUFReader", gguf_reader):
+        config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     result = model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=False)
     assert result.unexpected_keys == [] and set(result.missing_keys) <= {"lm_head.weight"}  # tied
     model.tie_weights()

@@ -12,7 +12,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process  # test_cli.py runs each command as a process
+from fixtures.gguf_compare import dequantized, read_contents
 from fixtures.converted import BPE_FILES, SMOLLM2_DIR, bpe_config
 from fixtures.tiny import Plant, build_tiny, stacked_copy
 
@@ -35,21 +36,20 @@ def olmoe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def catalog(olmoe, tmp_path_factory):
     path = tmp_path_factory.mktemp("moe-catalog") / "catalog.json"
-    result = swtool("scan", olmoe, "-o", path, "--no-progress")
+    result = swtool_in_process("scan", olmoe, "-o", path, "--no-progress")
     assert result.returncode == 0, result.stderr
     return path
 
 
 def gguf_tensors(path):
-    import gguf
-
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    """{name: (shape, type name, sha256 of its bytes)} (fixtures/gguf_compare.py, held to gguf-py's reading
+    without its seconds of decoding SmolLM2's vocabulary element by element)."""
+    return read_contents(path).tensors
 
 
 def gguf_fields(path):
-    import gguf
-
-    return {name: (field.contents(), field.types) for name, field in gguf.GGUFReader(str(path)).fields.items()}
+    """{key: (value, its GGUF value type names)}, as gguf_tensors reads them."""
+    return {name: (value, types) for name, (types, value) in read_contents(path).keys.items()}
 
 
 def planted_entry(catalog):
@@ -69,13 +69,13 @@ def test_export_records_and_keeps_an_experts_super_weight(olmoe, catalog, tmp_pa
     from safetensors.numpy import load_file
 
     out = tmp_path / "olmoe-q4_0.gguf"
-    result = swtool("export", olmoe, "-o", out, "--type", "q4_0", "--catalog", catalog, "--no-progress")
+    result = swtool_in_process("export", olmoe, "-o", out, "--type", "q4_0", "--catalog", catalog, "--no-progress")
     assert result.returncode == 0, result.stderr
     entries = json.loads(catalog.read_text())["super_weights"]
     T = gguf.GGUFValueType
     meta = gguf_fields(out)
     assert meta["swtool.super_weights.expert"] == ([-1 if sw["expert"] is None else sw["expert"] for sw in entries],
-                                                   [T.ARRAY, T.INT32])
+                                                   (T.ARRAY.name, T.INT32.name))
     assert meta["swtool.super_weights.tensor"][0] == [sw["gguf_tensor"] for sw in entries]
     assert meta["swtool.super_weights.layer"][0] == [sw["layer"] for sw in entries]
     assert meta["swtool.super_weights.row"][0] == [sw["row"] for sw in entries]
@@ -86,21 +86,22 @@ def test_export_records_and_keeps_an_experts_super_weight(olmoe, catalog, tmp_pa
     holders = {sw["gguf_tensor"] for sw in entries}
     for layer in range(4):
         name = f"blk.{layer}.ffn_down_exps.weight"
-        assert tensors[name].tensor_type.name == ("Q8_0" if name in holders else "Q4_0"), name
+        assert tensors[name][1] == ("Q8_0" if name in holders else "Q4_0"), name
     # the element itself: its q8_0 block as gguf-py quantizes the source row of that expert
     source = load_file(olmoe / "model.safetensors")[planted_entry(catalog)["tensor"]][PLANT.row]
     expected = gguf.quants.dequantize(gguf.quants.quantize(source[None], gguf.GGMLQuantizationType.Q8_0),
                                       gguf.GGMLQuantizationType.Q8_0)[0]
-    stored = gguf.quants.dequantize(tensors[HOLDER].data, gguf.GGMLQuantizationType.Q8_0)  # [experts, hidden, ff]
+    assert tensors[HOLDER][1] == "Q8_0"
+    stored = dequantized(out, HOLDER)  # [experts, hidden, ff], as gguf-py dequantizes it
     assert np.array_equal(stored[PLANT.expert, PLANT.row], expected)
     assert stored[PLANT.expert, PLANT.row, PLANT.col] == pytest.approx(planted_entry(catalog)["value"], rel=1e-2)
 
 
 def test_audit_of_the_export_reads_the_experts_element(olmoe, catalog, tmp_path):
     out = tmp_path / "olmoe-f16.gguf"
-    result = swtool("export", olmoe, "-o", out, "--type", "f16", "--catalog", catalog, "--no-progress")
+    result = swtool_in_process("export", olmoe, "-o", out, "--type", "f16", "--catalog", catalog, "--no-progress")
     assert result.returncode == 0, result.stderr
-    result = swtool("audit", out, "--json", "--no-progress")
+    result = swtool_in_process("audit", out, "--json", "--no-progress")
     assert result.returncode == 0, result.stdout + result.stderr
     findings = json.loads(result.stdout)["findings"]
     planted = next(f for f in findings if (f["layer"], f["row"], f["col"]) == (PLANT.layer, PLANT.row, PLANT.col))
@@ -115,13 +116,13 @@ def test_stacked_checkpoint_exports_as_its_per_expert_original(olmoe, tmp_path):
     files = {}
     for name, directory in (("per_expert", olmoe), ("stacked", stacked)):
         files[name] = tmp_path / f"{name}.gguf"
-        result = swtool("export", directory, "-o", files[name], "--type", "f32", "--no-progress")
+        result = swtool_in_process("export", directory, "-o", files[name], "--type", "f32", "--no-progress")
         assert result.returncode == 0, result.stderr
     ours, theirs = gguf_tensors(files["stacked"]), gguf_tensors(files["per_expert"])
     assert sorted(ours) == sorted(theirs)
     assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", HOLDER} <= set(ours)
     for name, tensor in theirs.items():
-        assert np.array_equal(ours[name].data, tensor.data), name
+        assert ours[name] == tensor, name  # shape, type and the bytes' sha256
 
 
 @pytest.mark.parametrize("family, dense, message", [
@@ -140,6 +141,6 @@ def test_export_refuses_dense_layers_llama_cpp_cannot_load(tmp_path, family, den
         shutil.copy(SMOLLM2_DIR / name, model_dir / name)
     out = tmp_path / "out.gguf"
     for extra in ((), ("--dry-run",)):
-        error = one_line_error(swtool("export", model_dir, "-o", out, "--type", "f32", "--no-progress", *extra))
+        error = one_line_error(swtool_in_process("export", model_dir, "-o", out, "--type", "f32", "--no-progress", *extra))
         assert message in error
         assert not out.exists()

@@ -48,6 +48,28 @@ def swtool(*args, cache):
     return subprocess.run([sys.executable, "-m", "swtool", *map(str, args)], capture_output=True, text=True, env=env)
 
 
+@pytest.fixture
+def swtool_here(monkeypatch):
+    """swtool_here(*args, cache): `swtool ARGS` in this process (fixtures/cli_run.py), with the environment
+    `swtool` gives the child and huggingface_hub's constants, which it read from the environment at import,
+    as that child would read them. For the tests that run many commands; the others here (the scan of an
+    id, the refused download, a GGUF repository) run real processes, so the environment variables
+    themselves stay tested."""
+    from huggingface_hub import constants
+
+    from fixtures.cli_run import swtool_in_process
+
+    def run(*args, cache):
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.delenv("HF_HOME", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        return swtool_in_process(*args)
+
+    return run
+
+
 def one_line_error(result):
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -83,11 +105,11 @@ def test_scan_of_an_id_reads_the_cached_snapshot(cache, planted):
         assert json.loads(result.stdout)["model"]["path"] == spec
 
 
-def test_revisions_pick_their_snapshot(cache, planted, tiny_factory):
+def test_revisions_pick_their_snapshot(swtool_here, cache, planted, tiny_factory):
     other, _ = tiny_factory("llama", "bfloat16", plants=(Plant(2, 13, 77),))
     add_snapshot(cache, "acme/tiny", OTHER_COMMIT, {p.name: p for p in other.iterdir() if p.is_file()}, refs=("v2",))
-    assert found(swtool("scan", "acme/tiny@v2", "--json", "--no-progress", cache=cache)) == [(2, 13, 77)]
-    assert found(swtool("scan", "acme/tiny", "--json", "--no-progress", cache=cache)) == [(1, 41, 101)]
+    assert found(swtool_here("scan", "acme/tiny@v2", "--json", "--no-progress", cache=cache)) == [(2, 13, 77)]
+    assert found(swtool_here("scan", "acme/tiny", "--json", "--no-progress", cache=cache)) == [(1, 41, 101)]
 
 
 def test_nothing_cached_names_the_path_searched(cache):
@@ -102,16 +124,16 @@ def test_download_is_refused_offline(cache):
     assert "HF_HUB_OFFLINE" in line
 
 
-def test_a_partial_snapshot_is_reported(planted, tmp_path, tiny_factory):
+def test_a_partial_snapshot_is_reported(swtool_here, planted, tmp_path, tiny_factory):
     sharded, _ = tiny_factory("llama", "bfloat16", plants=PLANT, max_shard_size="40KB")
     files = {p.name: p for p in sharded.iterdir() if p.is_file()}
     shards = sorted(name for name in files if name.startswith("model-"))
     assert len(shards) > 2
     cache = tmp_path / "hub"
     add_snapshot(cache, "acme/sharded", COMMIT, files)
-    assert found(swtool("scan", "acme/sharded", "--json", "--no-progress", cache=cache)) == [(1, 41, 101)]
+    assert found(swtool_here("scan", "acme/sharded", "--json", "--no-progress", cache=cache)) == [(1, 41, 101)]
     (cache / "models--acme--sharded" / "snapshots" / COMMIT / shards[1]).unlink()  # an interrupted download
-    assert f"missing shard {shards[1]}" in one_line_error(swtool("scan", "acme/sharded", "--no-progress", cache=cache))
+    assert f"missing shard {shards[1]}" in one_line_error(swtool_here("scan", "acme/sharded", "--no-progress", cache=cache))
 
 
 def test_a_local_path_wins_over_an_id(cache, planted, tmp_path, monkeypatch):
@@ -225,16 +247,16 @@ def every_command(model, tmp_path, catalog):
     }
 
 
-def test_every_command_reads_a_cached_id(cache, planted, tmp_path):
+def test_every_command_reads_a_cached_id(swtool_here, cache, planted, tmp_path):
     """scan, eval, quantsim, ablate, audit and inspect give for acme/tiny what they give for its directory;
     export and sweep reach the cached snapshot's files (the tiny tokenizer has no merges, which export refuses)."""
     catalog = tmp_path / "catalog.json"
-    assert swtool("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
+    assert swtool_here("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
     by_id = every_command("acme/tiny", tmp_path / "id", catalog)
     by_path = every_command(planted, tmp_path / "path", catalog)
     snapshot = cache / "models--acme--tiny" / "snapshots" / COMMIT
     for command in ("scan", "eval", "quantsim", "ablate", "audit", "inspect"):
-        got, expected = swtool(*by_id[command], cache=cache), swtool(*by_path[command], cache=cache)
+        got, expected = swtool_here(*by_id[command], cache=cache), swtool_here(*by_path[command], cache=cache)
         assert got.returncode == expected.returncode == 0, (command, got.stderr)
         got, expected = json.loads(got.stdout), json.loads(expected.stdout)
         if command == "scan":
@@ -252,7 +274,7 @@ def test_every_command_reads_a_cached_id(cache, planted, tmp_path):
         else:
             assert got["tensors"] == expected["tensors"]
     for command in ("export", "sweep"):
-        result = swtool(*by_id[command], cache=cache)
+        result = swtool_here(*by_id[command], cache=cache)
         if command == "sweep" and "pip install 'swtool[llama]'" in result.stderr:
             continue  # llama-cpp-python is an optional extra
         assert f"{snapshot / 'tokenizer.json'}: a BPE vocabulary without merges" in one_line_error(result), command
@@ -268,33 +290,33 @@ def test_export_and_quantize_read_a_cached_gguf_repository(gguf_cache, tmp_path)
     assert (tmp_path / "export.gguf").read_bytes() == (tmp_path / "quantize.gguf").read_bytes()
 
 
-def test_an_id_not_cached_is_one_line_naming_download(cache, planted, tmp_path):
+def test_an_id_not_cached_is_one_line_naming_download(swtool_here, cache, planted, tmp_path):
     """Without --download: exit 2, one line naming the cache searched and --download; with it, offline,
     huggingface_hub is asked and refuses (HF_HUB_OFFLINE); quantize, which downloads nothing, says so."""
     catalog = tmp_path / "catalog.json"
-    assert swtool("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
+    assert swtool_here("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
     for command, argv in every_command("acme/absent", tmp_path, catalog).items():
-        line = one_line_error(swtool(*argv, cache=cache))
+        line = one_line_error(swtool_here(*argv, cache=cache))
         if command == "sweep" and "pip install 'swtool[llama]'" in line:
             continue
         assert "acme/absent: not a local path, and not in the Hugging Face cache" in line, (command, line)
         assert "--download" in line, (command, line)
-        line = one_line_error(swtool(*argv, "--download", cache=cache))
+        line = one_line_error(swtool_here(*argv, "--download", cache=cache))
         assert "acme/absent: --download asked for, but HF_HUB_OFFLINE is set" in line, (command, line)
-    line = one_line_error(swtool("quantize", "acme/absent", "--type", "q8_0", "-o", tmp_path / "q.gguf", cache=cache))
+    line = one_line_error(swtool_here("quantize", "acme/absent", "--type", "q8_0", "-o", tmp_path / "q.gguf", cache=cache))
     assert "quantize does not download" in line and "hf download acme/absent" in line
     assert not list(tmp_path.glob("*.gguf")) and not (tmp_path / "ablated").exists()
 
 
-def test_in_place_ablation_of_a_cache_entry_is_refused(cache, planted, tmp_path):
+def test_in_place_ablation_of_a_cache_entry_is_refused(swtool_here, cache, planted, tmp_path):
     catalog = tmp_path / "catalog.json"
-    assert swtool("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
+    assert swtool_here("scan", planted, "-o", catalog, "--no-progress", cache=cache).returncode == 0
     snapshot = cache / "models--acme--tiny" / "snapshots" / COMMIT
     before = {p: p.read_bytes() for p in (cache / "models--acme--tiny" / "blobs").iterdir()}
     for model in ("acme/tiny", snapshot):
-        line = one_line_error(swtool("ablate", model, "--catalog", catalog, "--in-place", cache=cache))
+        line = one_line_error(swtool_here("ablate", model, "--catalog", catalog, "--in-place", cache=cache))
         assert "is in the Hugging Face cache" in line and "--in-place" in line and "-o OUTDIR" in line, line
-        line = one_line_error(swtool("ablate", model, "--restore", cache=cache))
+        line = one_line_error(swtool_here("ablate", model, "--restore", cache=cache))
         assert "is in the Hugging Face cache" in line and "--restore" in line, line
     assert {p: p.read_bytes() for p in (cache / "models--acme--tiny" / "blobs").iterdir()} == before
     assert all(p.is_symlink() for p in snapshot.iterdir())

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fixtures import llama_oracle
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process  # test_cli.py runs each command as a process
+from fixtures.gguf_compare import raw_bytes, read_contents
 from fixtures.ggml_oracle import Ggml
 from swtool.tokenizer import encode
 
@@ -32,7 +33,7 @@ def original(smollm2):
 @pytest.fixture(scope="module")
 def catalog(original, tmp_path_factory):
     path = tmp_path_factory.mktemp("requantize") / "q4_1.catalog.json"
-    result = swtool("scan", original, "-o", path, "--no-progress")
+    result = swtool_in_process("scan", original, "-o", path, "--no-progress")
     assert result.returncode == 0, result.stderr
     return path
 
@@ -40,20 +41,23 @@ def catalog(original, tmp_path_factory):
 @pytest.fixture(scope="module")
 def requantized(original, catalog, tmp_path_factory):
     out = tmp_path_factory.mktemp("requantize") / "q4_0.gguf"
-    result = swtool("quantize", original, "-o", out, "--type", "q4_0", "--catalog", catalog, "--allow-requantize",
-                    "--importance", "none", "--no-progress")  # ggml's plain quantization (no importance) is the oracle
+    # ggml's plain quantization (no importance) is the oracle
+    result = swtool_in_process("quantize", original, "-o", out, "--type", "q4_0", "--catalog", catalog,
+                               "--allow-requantize", "--importance", "none", "--no-progress")
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 
 
 def tensors(path):
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    """{name: (ggml type, shape in ggml order)} of the GGUF at `path` (fixtures/gguf_compare.py, held to gguf-py's
+    GGUFReader without its seconds of decoding SmolLM2's vocabulary element by element); raw_bytes reads one's bytes."""
+    return {name: (gguf.GGMLQuantizationType[kind], dims) for name, (dims, kind, _) in read_contents(path).tensors.items()}
 
 
 @pytest.mark.parametrize("command", ["quantize", "export"])
 def test_a_quantized_input_needs_allow_requantize(original, tmp_path, command):
     out = tmp_path / "out.gguf"
-    line = one_line_error(swtool(command, original, "-o", out, "--type", "q4_0"))
+    line = one_line_error(swtool_in_process(command, original, "-o", out, "--type", "q4_0"))
     assert "already quantized (Q4_1)" in line and "--allow-requantize" in line
     assert not out.exists()
 
@@ -62,14 +66,13 @@ def test_requantized_tensors_are_ggmls_quantization_of_the_decoded_source(origin
     ggml = Ggml()
     source, written = tensors(original), tensors(requantized[0])
     compared = 0
-    for name, tensor in written.items():
-        before = source[name]
-        if tensor.tensor_type != Q4_0 or before.tensor_type != Q4_1:
+    for name, (kind, shape) in written.items():
+        if kind != Q4_0 or source[name][0] != Q4_1:
             continue
-        rows, cols = int(np.prod(tensor.shape[1:])), int(tensor.shape[0])
-        decoded = ggml.dequantize(before.data.reshape(-1), Q4_1, (rows, cols))
+        rows, cols = int(np.prod(shape[1:])), int(shape[0])
+        decoded = ggml.dequantize(raw_bytes(original, name), Q4_1, (rows, cols))
         expected = ggml.quantize(decoded, Q4_0)
-        assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape), expected), name
+        assert np.array_equal(raw_bytes(requantized[0], name).reshape(expected.shape), expected), name
         compared += 1
     assert compared >= 4 * 30  # at least the attention projections and MLP matrices of the 30 layers
 
@@ -79,9 +82,9 @@ def test_requantize_keeps_the_super_weights_and_says_what_it_did(catalog, requan
     found = json.loads(catalog.read_text())["super_weights"]
     written = tensors(path)
     for sw in found:
-        assert written[sw["gguf_tensor"]].tensor_type == gguf.GGMLQuantizationType.Q8_0, sw["gguf_tensor"]
+        assert written[sw["gguf_tensor"]][0] == gguf.GGMLQuantizationType.Q8_0, sw["gguf_tensor"]
     assert "re-quantized" in stdout and "from Q4_1" in stdout
-    audit = swtool("audit", path, "--json")
+    audit = swtool_in_process("audit", path, "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     report = json.loads(audit.stdout)
     assert {f["status"] for f in report["findings"]} == {"intact"} and len(report["findings"]) == len(found)
