@@ -142,6 +142,27 @@ def smollm2_llama_quantized(smollm2_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_prose_logits(smollm2, tmp_path_factory):
+    """(window, logits): the first 512 tokens of fixtures/prose.txt as transformers' tokenizer makes them, and
+    transformers' float32 logits of SmolLM2 on them [512, vocab], computed once per run and shared (.npy)
+    by test_kld.py and test_sweep.py."""
+    import numpy as np
+    import transformers
+
+    window = transformers.AutoTokenizer.from_pretrained(smollm2)(
+        (smollm2.parents[1] / "prose.txt").read_text(encoding="utf-8"))["input_ids"][:512]
+
+    def forward(path):
+        import torch
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        with torch.no_grad():
+            np.save(path, model(torch.tensor([window])).logits[0].numpy())
+
+    return window, np.load(shared_file(tmp_path_factory, "smollm2-prose-512.logits.npy", forward))
+
+
+@pytest.fixture(scope="session")
 def smollm2_sweep(smollm2, tmp_path_factory):
     """(JSON, files, stdout, plot lines) of one small `swtool sweep` of SmolLM2 with its files kept
     (fixtures/sweeps.py), run once per run and shared: test_sweep.py reads all of it, test_kld.py its rows

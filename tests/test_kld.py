@@ -135,15 +135,10 @@ def kld_sweep(smollm2_sweep):
 
 
 @pytest.fixture(scope="module")
-def source_logits(smollm2, prose):
-    """transformers' float32 logits of SmolLM2 on the first 512 tokens of the text (its tokenizer's)."""
-    import torch
-    import transformers
-
-    window = transformers.AutoTokenizer.from_pretrained(smollm2)(prose.read_text(encoding="utf-8"))["input_ids"][:512]
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with torch.no_grad():
-        return window, model(torch.tensor([window])).logits[0].numpy()
+def source_logits(smollm2_prose_logits):
+    """transformers' float32 logits of SmolLM2 on the first 512 tokens of the text (its tokenizer's):
+    conftest's smollm2_prose_logits, computed once per run."""
+    return smollm2_prose_logits
 
 
 def test_sweep_kld_is_torchs_on_llama_cpps_and_transformers_distributions(kld_sweep, source_logits):

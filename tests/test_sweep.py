@@ -42,12 +42,9 @@ def swept(smollm2_sweep):
 
 
 @pytest.fixture(scope="module")
-def first_window(smollm2, prose):
+def first_window(smollm2_prose_logits):
     """The first 512 tokens of the text as transformers' tokenizer makes them."""
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
-    return tokenizer(prose.read_text(encoding="utf-8"))["input_ids"][:512]
+    return smollm2_prose_logits[0]
 
 
 def rows_by_key(result):
@@ -149,14 +146,12 @@ def test_files_are_what_swtool_export_writes(swept, smollm2, tmp_path):
     assert out.read_bytes() == (files / "smollm2-q2_k-keep-q8_0.gguf").read_bytes()
 
 
-def test_source_perplexity_is_transformers_and_f16_scores_as_the_source(swept, smollm2, first_window):
+def test_source_perplexity_is_transformers_and_f16_scores_as_the_source(swept, smollm2_prose_logits):
     import torch
-    import transformers
 
     result, _, _, _ = swept
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([first_window])).logits[0].double()
+    first_window, float32_logits = smollm2_prose_logits  # transformers' float32 forward of the first window
+    logits = torch.from_numpy(float32_logits).double()
     nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(first_window[1:])).item()
     assert result["source"]["perplexity"] == pytest.approx(np.exp(nll), rel=1e-6)  # measured gap 8.8e-8
     assert result["source"]["predictions"] == 511
