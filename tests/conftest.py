@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.cli_run import swtool
-from fixtures.shared import shared_file
+from fixtures.shared import shared_directory, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,6 +125,52 @@ def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
         return shared_file(tmp_path_factory, f"smollm2-{kind}-{handling}.gguf", write)
 
     return exported
+
+
+@pytest.fixture(scope="session")
+def smollm2_llama_quantized(smollm2_export, tmp_path_factory):
+    """quantized(type) -> path of smollm2_export("f16") quantized by llama.cpp's own llama_model_quantize
+    (bench/importance.py's llama_quantize: llama-quantize's defaults, no imatrix), each type made once per
+    run and shared (tests read these files, never write them)."""
+    def quantized(qtype):
+        from bench.importance import llama_quantize
+
+        return shared_file(tmp_path_factory, f"smollm2-{qtype}-llama-quantize.gguf",
+                           lambda path: llama_quantize(smollm2_export("f16"), path, qtype))
+
+    return quantized
+
+
+@pytest.fixture(scope="session")
+def smollm2_prose_logits(smollm2, tmp_path_factory):
+    """(window, logits): the first 512 tokens of fixtures/prose.txt as transformers' tokenizer makes them, and
+    transformers' float32 logits of SmolLM2 on them [512, vocab], computed once per run and shared (.npy)
+    by test_kld.py and test_sweep.py."""
+    import numpy as np
+    import transformers
+
+    window = transformers.AutoTokenizer.from_pretrained(smollm2)(
+        (smollm2.parents[1] / "prose.txt").read_text(encoding="utf-8"))["input_ids"][:512]
+
+    def forward(path):
+        import torch
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        with torch.no_grad():
+            np.save(path, model(torch.tensor([window])).logits[0].numpy())
+
+    return window, np.load(shared_file(tmp_path_factory, "smollm2-prose-512.logits.npy", forward))
+
+
+@pytest.fixture(scope="session")
+def smollm2_sweep(smollm2, tmp_path_factory):
+    """(JSON, files, stdout, plot lines) of one small `swtool sweep` of SmolLM2 with its files kept
+    (fixtures/sweeps.py), run once per run and shared: test_sweep.py reads all of it, test_kld.py its rows
+    of handling none."""
+    from fixtures import sweeps
+
+    return sweeps.read_smollm2_sweep(
+        shared_directory(tmp_path_factory, "smollm2-sweep", lambda out: sweeps.run_smollm2_sweep(smollm2, out)))
 
 
 @pytest.fixture(scope="session")

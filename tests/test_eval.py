@@ -69,6 +69,19 @@ def reference_scores(model, ids, ctx, first_scored=0, stop=(), restore=None):
     return nll, count, stop_sum, peaks
 
 
+def reference_token_nll(model, ids, ctx):
+    """transformers on each chunk of `ids` alone (the last one unpadded): per chunk, the float64 -log p of
+    each of its predictions, in order (what reference_scores sums from first_scored on)."""
+    per_chunk = []
+    with torch.no_grad():
+        for start in range(0, len(ids), ctx):
+            chunk = torch.tensor([ids[start:start + ctx]])
+            logp = torch.log_softmax(model(chunk).logits[0, :-1].double(), dim=-1)
+            targets = chunk[0, 1:]
+            per_chunk.append(-logp[torch.arange(len(targets)), targets].numpy())
+    return per_chunk
+
+
 def intact_down_out(model, layers, ids, ctx):
     """Per chunk, {layer: down_proj output [T, hidden]} of the model as it is now."""
     outputs = []
@@ -215,8 +228,11 @@ def prose_ids(smol):
 def test_perplexity_agrees_with_transformers(smol, smol_torch, prose_ids):
     """Every prediction of every 512-token chunk, and llama-perplexity's second half."""
     assert len(prose_ids) > 1024  # three chunks, the last one partial
+    # -log p of every prediction of each chunk, one transformers pass for both ways of scoring (the second
+    # half's sum is the same positions' values reference_scores(..., first_scored=256) adds up)
+    token_nll = reference_token_nll(smol_torch, prose_ids, 512)
     for first, second_half in ((0, False), (256, True)):
-        nll, count, _, _ = reference_scores(smol_torch, prose_ids, 512, first)
+        nll, count = sum(chunk[first:].sum() for chunk in token_nll), sum(len(chunk[first:]) for chunk in token_nll)
         got, scored = perplexity(smol, prose_ids, ctx=512, score_second_half=second_half)
         assert scored == count
         assert got == pytest.approx(np.exp(nll / count), rel=1e-6)  # measured gap: 1.0e-7 relative

@@ -10,7 +10,6 @@ Oracles:
   - gguf-py's GGUFReader for reading the files back, independently of swtool's reader.
 """
 
-import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from fixtures import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
-from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_in_process
 from fixtures.gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
@@ -52,17 +51,6 @@ def tensors(path):
 def dequantized(path, name):
     qtype, data, shape = tensors(path)[name]
     return gguf.quants.dequantize(data.reshape(shape[0], -1), qtype).reshape(shape)
-
-
-def llama_quantize(source, out, ftype):
-    """llama.cpp's own quantizer (llama-quantize) on one thread."""
-    from llama_cpp import llama_cpp as L
-
-    params = L.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 1
-    assert L.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
 
 
 def source_tensor(smollm2, hf_name):
@@ -178,14 +166,15 @@ def test_types_follow_llama_quantizes_rules(exports):
 
 @pytest.mark.parametrize("kind, ftype_name", [("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"),
                                               ("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M")])
-def test_quantize_writes_what_llama_quantize_writes(exports, tmp_path, kind, ftype_name):
+def test_quantize_writes_what_llama_quantize_writes(exports, smollm2_llama_quantized, tmp_path, kind, ftype_name):
     """Without super-weight handling, `swtool quantize` of an F16 GGUF = llama-quantize's file: every
     tensor's type and bytes, every metadata key and value (the swtool.* ones included)."""
     from llama_cpp import llama_cpp as L
 
-    theirs = llama_quantize(exports["f16"], tmp_path / "llama.gguf", getattr(L, ftype_name))
-    result = swtool("quantize", exports["f16"], "-o", tmp_path / "swtool.gguf", "--type", kind,
-                    "--sw-handling", "none", "--importance", "none", "--no-progress")
+    theirs = smollm2_llama_quantized(kind)  # llama_model_quantize of exports["f16"] to LLAMA_FTYPE_MOSTLY_<kind>
+    assert getattr(L, ftype_name) == getattr(L, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    result = swtool_in_process("quantize", exports["f16"], "-o", tmp_path / "swtool.gguf", "--type", kind,
+                               "--sw-handling", "none", "--importance", "none", "--no-progress")
     assert result.returncode == 0, result.stderr
     ours = tmp_path / "swtool.gguf"
     ours_tensors, their_tensors = tensors(ours), tensors(theirs)
@@ -198,9 +187,7 @@ def test_quantize_writes_what_llama_quantize_writes(exports, tmp_path, kind, fty
 
 # --- super weights in the file ---------------------------------------------------------------
 
-def test_swtool_metadata_round_trips_and_survives_llama_quantize(exports, catalog, tmp_path):
-    from llama_cpp import llama_cpp as L
-
+def test_swtool_metadata_round_trips_and_survives_llama_quantize(exports, catalog, smollm2_llama_quantized):
     recorded = json.loads(open(catalog).read())
     sws = recorded["super_weights"]
     meta = fields(exports["q4_0"])
@@ -217,7 +204,7 @@ def test_swtool_metadata_round_trips_and_survives_llama_quantize(exports, catalo
     listed = llama_oracle.load(exports["q4_0"], n_ctx=64).metadata
     assert listed["swtool.format_version"] == "1" and listed["swtool.export.handling"] == "keep:Q8_0"
     # llama.cpp's quantizer copies them unchanged
-    requantized = llama_quantize(exports["f16"], tmp_path / "q4_k_m.gguf", L.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    requantized = smollm2_llama_quantized("q4_k_m")  # llama_model_quantize of exports["f16"]
     swtool_keys = {key: value for key, value in fields(exports["f16"]).items() if key.startswith("swtool.")}
     assert len(swtool_keys) == 8
     assert {key: value for key, value in fields(requantized).items() if key.startswith("swtool.")} == swtool_keys
@@ -237,8 +224,9 @@ def test_super_weight_tensors_are_kept_in_q8_0_by_default(exports, smollm2):
 
 def test_keep_type_and_tensor_type_from_the_command_line(smollm2, catalog, tmp_path):
     out = tmp_path / "mixed.gguf"
-    result = swtool("export", smollm2, "-o", out, "--type", "q4_0", "--catalog", catalog, "--keep-type", "f16",
-                    "--tensor-type", r"blk\.11\.ffn_down=q5_1", "--tensor-type", r"attn_v=q8_0", "--no-progress")
+    result = swtool_in_process("export", smollm2, "-o", out, "--type", "q4_0", "--catalog", catalog,
+                               "--keep-type", "f16", "--tensor-type", r"blk\.11\.ffn_down=q5_1",
+                               "--tensor-type", r"attn_v=q8_0", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "super weight in" in result.stdout and "--keep-type f16" in result.stdout
     types = {name: qtype for name, (qtype, _, _) in tensors(out).items()}
@@ -344,7 +332,8 @@ def test_quantize_copies_metadata_and_carries_the_record(exports, tmp_path):
     from its swtool.* record and kept (here in F16: the input's bytes, copied), the importance from
     the prompt it records (swtool.detection.prompt)."""
     out = tmp_path / "q4.gguf"
-    result = swtool("quantize", exports["f16"], "-o", out, "--type", "q4_0", "--keep-type", "f16", "--no-progress")
+    result = swtool_in_process("quantize", exports["f16"], "-o", out, "--type", "q4_0", "--keep-type", "f16",
+                               "--no-progress")
     assert result.returncode == 0, result.stderr
     before, after = fields(exports["f16"]), fields(out)
     assert after.pop("general.file_type")[0] == 2 and before.pop("general.file_type")[0] == 1

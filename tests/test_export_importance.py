@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_in_process
 from fixtures.tiny import Plant, random_tokens
 from swtool import imatrix as im
 from swtool.detect import Settings, scan_prompts
@@ -280,20 +280,22 @@ def test_bad_importance_is_one_line(f16_and_imatrix, tmp_path):
 KLD_LIMIT, PPL_LIMIT = 0.169, 17.87
 
 
-def test_smollm2_default_q4_0_beats_llama_quantize_in_llama_cpp(smollm2, smollm2_export, tmp_path):
+def test_smollm2_default_q4_0_beats_llama_quantize_in_llama_cpp(smollm2, smollm2_export, smollm2_llama_quantized,
+                                                                 tmp_path):
     """`swtool export --type q4_0` with its defaults against llama-quantize's Q4_0 (llama_model_quantize of the
     F16 file, no imatrix), both scored in llama.cpp on fixtures/prose.txt (its 2 full windows of 512) against
     the F16 file's distributions: within the issue's thresholds (scaled above), at most 2 % more bytes."""
     import llama_cpp  # noqa: F401  (the llama_cpp lane)
-    from bench.importance import llama_quantize, score
+    from bench.importance import score
     from swtool import llama_score
     from swtool.evaluate import read_text
     from swtool.tokenizer import encode
 
-    files = {"f16": smollm2_export("f16"), "llama-quantize": tmp_path / "stock.gguf",
+    files = {"f16": smollm2_export("f16"), "llama-quantize": smollm2_llama_quantized("q4_0"),  # of that f16 file
              "swtool default": tmp_path / "default.gguf"}
-    llama_quantize(files["f16"], files["llama-quantize"], "q4_0")
-    assert swtool("export", smollm2, "-o", files["swtool default"], "--type", "q4_0", "--no-progress").returncode == 0
+    # in process: the same command (test_cli.py runs `swtool export` as a real process)
+    result = swtool_in_process("export", smollm2, "-o", files["swtool default"], "--type", "q4_0", "--no-progress")
+    assert result.returncode == 0, result.stderr
     ids = encode(smollm2, read_text(smollm2.parents[1] / "prose.txt"))
     results = score(files, llama_score.windows(ids, 512, 2), 512)
     stock, ours = results["llama-quantize"], results["swtool default"]

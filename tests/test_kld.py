@@ -127,25 +127,18 @@ def prose(smollm2):
 
 
 @pytest.fixture(scope="module")
-def kld_sweep(smollm2, prose, tmp_path_factory):
-    """A small sweep (f16 and q2_k, none, one window of 512) with its files kept: (JSON, files, table)."""
-    out = tmp_path_factory.mktemp("kld-sweep")
-    result = swtool_in_process("sweep", smollm2, "--text", prose, "--types", "f16,q2_k", "--handlings", "none",
-                               "--windows", 1, "--out-dir", out / "files", "-o", out / "sweep.json", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return json.loads((out / "sweep.json").read_text()), out / "files", result.stdout
+def kld_sweep(smollm2_sweep):
+    """(JSON with the rows of handling none, files, table) of conftest's smollm2_sweep, shared with
+    test_sweep.py: f16 and q2_k, one window of 512, files kept."""
+    result, files, stdout, _ = smollm2_sweep
+    return dict(result, rows=[row for row in result["rows"] if row["handling"] == "none"]), files, stdout
 
 
 @pytest.fixture(scope="module")
-def source_logits(smollm2, prose):
-    """transformers' float32 logits of SmolLM2 on the first 512 tokens of the text (its tokenizer's)."""
-    import torch
-    import transformers
-
-    window = transformers.AutoTokenizer.from_pretrained(smollm2)(prose.read_text(encoding="utf-8"))["input_ids"][:512]
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with torch.no_grad():
-        return window, model(torch.tensor([window])).logits[0].numpy()
+def source_logits(smollm2_prose_logits):
+    """transformers' float32 logits of SmolLM2 on the first 512 tokens of the text (its tokenizer's):
+    conftest's smollm2_prose_logits, computed once per run."""
+    return smollm2_prose_logits
 
 
 def test_sweep_kld_is_torchs_on_llama_cpps_and_transformers_distributions(kld_sweep, source_logits):

@@ -333,8 +333,16 @@ def smol_ids(smollm2):
     return encode(load_model(smollm2).directory, PROSE.read_text())[:512]
 
 
+@pytest.fixture(scope="module")
+def smol_torch(smollm2, smol_ids):
+    """transformers' float32 SmolLM2 and its unquantized perplexity on smol_ids in chunks of 256, loaded and
+    run once for both tests below (the activation test puts hooks on the model and takes them off)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    return model, torch_perplexity(model, smol_ids, 256)
+
+
 @pytest.mark.real
-def test_smollm2_weight_quantsim_matches_transformers_and_the_paper(smollm2, smol_ids):
+def test_smollm2_weight_quantsim_matches_transformers_and_the_paper(smollm2, smol_ids, smol_torch):
     """Block 1024, RTN and clip zscore:9 + restore, on 512 tokens of prose: transformers running the
     reference-quantized weights gives the same perplexity, to float32 rounding.
     Where SmolLM2 shows the paper's finding: with one block per tensor, RTN breaks the model and
@@ -347,8 +355,7 @@ def test_smollm2_weight_quantsim_matches_transformers_and_the_paper(smollm2, smo
     for got, clip, sws in ((rtn_1024, ("none", 0.0), []), (aware_1024, ("zscore", 9.0), SMOL_SUPER_WEIGHTS)):
         expected = torch_perplexity(quantized_torch_model(smollm2, 4, 1024, clip, sws), smol_ids, 256)
         assert got == pytest.approx(expected, rel=1e-6)  # measured gap: 1.6e-7 relative
-    unquantized = torch_perplexity(transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2, dtype=torch.float32).eval(), smol_ids, 256)
+    unquantized = smol_torch[1]
     assert unquantized < rtn_1024 < rtn_tensor
     assert rtn_tensor > 1000 * unquantized  # one min-max range per matrix: the model is gone
     assert aware_tensor < rtn_tensor / 10
@@ -364,7 +371,7 @@ def noisy_inputs(model, seed, relative=1e-6):
 
 
 @pytest.mark.real
-def test_smollm2_activation_quantsim_matches_transformers_and_the_paper(smollm2, smol_ids):
+def test_smollm2_activation_quantsim_matches_transformers_and_the_paper(smollm2, smol_ids, smol_torch):
     """int8 linear inputs with and without the super activation kept, against transformers' pre-hooks.
 
     Per-tensor int8 makes SmolLM2 a discontinuous function of its activations: float32-level
@@ -377,11 +384,11 @@ def test_smollm2_activation_quantsim_matches_transformers_and_the_paper(smollm2,
     model = load_model(smollm2)
     rows, _ = run_activations(model, make_chunks(smol_ids, 256), SMOL_SUPER_WEIGHTS, progress=False)
     base, plain, kept = (r["perplexity"] for r in rows)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    reference, unquantized = smol_torch
     channels = {}
     for sw in SMOL_SUPER_WEIGHTS:
         channels.setdefault(sw["tensor"], []).append(sw["col"])
-    assert base == pytest.approx(torch_perplexity(reference, smol_ids, 256), rel=1e-6)  # measured gap: 1.4e-7
+    assert base == pytest.approx(unquantized, rel=1e-6)  # measured gap: 1.4e-7
     variants = {"plain": [], "keep": []}
     for attention, seed in (("sdpa", None), ("eager", None), ("sdpa", 0), ("sdpa", 1)):
         reference.config._attn_implementation = attention

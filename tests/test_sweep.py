@@ -19,16 +19,13 @@ import numpy as np
 import pytest
 
 from fixtures import llama_oracle
-from fixtures.plots import capture_plots
 from swtool.coordinate import Coordinate
 from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
 from fixtures.cli_run import one_line_error, swtool, swtool_without, swtool_in_process
+from fixtures.sweeps import HANDLINGS
 
 pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]  # swtool sweep scores each file in llama.cpp
-
-TYPES = "f16,q2_k"
-HANDLINGS = "none,keep:q8_0,control:q8_0"
 
 
 @pytest.fixture(scope="module")
@@ -37,29 +34,17 @@ def prose(smollm2):
 
 
 @pytest.fixture(scope="module")
-def swept(smollm2, prose, tmp_path_factory):
-    """The sweep's JSON result, the directory holding its files, its stdout and what its plot draws.
-
-    In process (click's runner), so the plot's data can be captured as it is saved; test_cli.py runs
-    every command, sweep included, as a real process."""
-    out = tmp_path_factory.mktemp("sweep")
-    plot = ("--plot", out / "sweep.png")  # matplotlib: the optional extra `plot`, and in the test extra
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        figures = capture_plots(monkeypatch)
-        result = swtool_in_process("sweep", smollm2, "--text", prose, "--types", TYPES, "--handlings", HANDLINGS,
-                                   "--windows", 1, "--out-dir", out / "files", "-o", out / "sweep.json", *plot,
-                                   "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return json.loads((out / "sweep.json").read_text()), out / "files", result.stdout, figures["sweep.png"]
+def swept(smollm2_sweep):
+    """The sweep's JSON result, the directory holding its files, its stdout and what its plot draws
+    (conftest's smollm2_sweep, fixtures/sweeps.py: f16 and q2_k x HANDLINGS on one window of prose.txt,
+    shared with test_kld.py)."""
+    return smollm2_sweep
 
 
 @pytest.fixture(scope="module")
-def first_window(smollm2, prose):
+def first_window(smollm2_prose_logits):
     """The first 512 tokens of the text as transformers' tokenizer makes them."""
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
-    return tokenizer(prose.read_text(encoding="utf-8"))["input_ids"][:512]
+    return smollm2_prose_logits[0]
 
 
 def rows_by_key(result):
@@ -154,20 +139,19 @@ def test_files_are_what_swtool_export_writes(swept, smollm2, tmp_path):
     """The sweep writes with `swtool export`: the same options give the same bytes."""
     _, files, _, _ = swept
     out = tmp_path / "keep.gguf"
-    result = swtool("export", smollm2, "-o", out, "--type", "q2_k", "--catalog", files / "smollm2.catalog.json",
-                    "--keep-type", "q8_0", "--importance", "none", "--no-progress")
+    result = swtool_in_process("export", smollm2, "-o", out, "--type", "q2_k", "--catalog",
+                               files / "smollm2.catalog.json", "--keep-type", "q8_0", "--importance", "none",
+                               "--no-progress")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (files / "smollm2-q2_k-keep-q8_0.gguf").read_bytes()
 
 
-def test_source_perplexity_is_transformers_and_f16_scores_as_the_source(swept, smollm2, first_window):
+def test_source_perplexity_is_transformers_and_f16_scores_as_the_source(swept, smollm2_prose_logits):
     import torch
-    import transformers
 
     result, _, _, _ = swept
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([first_window])).logits[0].double()
+    first_window, float32_logits = smollm2_prose_logits  # transformers' float32 forward of the first window
+    logits = torch.from_numpy(float32_logits).double()
     nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(first_window[1:])).item()
     assert result["source"]["perplexity"] == pytest.approx(np.exp(nll), rel=1e-6)  # measured gap 8.8e-8
     assert result["source"]["predictions"] == 511
@@ -302,6 +286,8 @@ def test_importance_handlings_in_llama_cpp(smollm2, prose, tmp_path):
     assert set(swept["importances"]) == {"scan", "random"}
     assert swept["importances"]["scan"]["description"].startswith("the scan's prompt")
     exported = tmp_path / "random.gguf"
-    assert swtool("export", smollm2, "-o", exported, "--type", "q4_0", "--catalog", out / "smollm2.catalog.json",
-                  "--importance", "random", "--no-progress").returncode == 0
+    # in process: the same command (test_cli.py runs `swtool export` as a real process)
+    result = swtool_in_process("export", smollm2, "-o", exported, "--type", "q4_0", "--catalog",
+                               out / "smollm2.catalog.json", "--importance", "random", "--no-progress")
+    assert result.returncode == 0, result.stderr
     assert exported.read_bytes() == file_of(out, rows["q4_0", "keep:q8_0+importance:random"]).read_bytes()
