@@ -183,6 +183,12 @@ def test_temporary_files_are_removed(smollm2, prose, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def default_sigint():
+    """In the child: SIGINT acted on as in a terminal, even when the tests run in a background job (which
+    starts its processes with SIGINT ignored, so Python would never see the Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, name", [(signal.SIGINT, "interrupted (SIGINT)"),
                                           (signal.SIGTERM, "terminated (SIGTERM)")])
 def test_a_signal_removes_the_temporary_files(smollm2, prose, tmp_path, signum, name):
@@ -191,7 +197,8 @@ def test_a_signal_removes_the_temporary_files(smollm2, prose, tmp_path, signum, 
     env = dict(os.environ, TMPDIR=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-m", "swtool", "sweep", str(smollm2), "--text", str(prose),
                                 "--types", "q8_0,q4_0", "--handlings", "none", "--windows", "1", "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=default_sigint)
     try:
         deadline = time.time() + 300
         while not any(p.suffix == ".gguf" or ".gguf" in p.name for p in tmp_path.glob("swtool-sweep-*/*")):
