@@ -86,3 +86,16 @@ def test_self_option_and_sweep_handling_syntax():
                                                                        Handling("keep", "q8_0", "self")]
     with pytest.raises(SwtoolError, match="importance:self"):
         parse_handlings("importance:sample")
+
+
+def test_sweep_computes_importance_self_as_export_does(tiny):
+    """sweep's importance:self is export's --importance self (512 tokens): the same digest, computed once."""
+    from swtool.sweep import sweep_importances
+
+    model = load_model(tiny)
+    logged = []
+    made = sweep_importances(model, parse_handlings("importance:self,keep+importance:self"), None, None, None,
+                             logged.append)
+    assert list(made) == ["self"] and made["self"].tokens == 512
+    assert made["self"].sha256 == computed(parse_importance("self"), model).sha256
+    assert logged == [f"importance:self: {made['self'].description}"]
