@@ -93,38 +93,32 @@ def test_scan_of_converters_gguf_finds_the_planted_weight(converted, family, tmp
     assert (PLANT.layer, PLANT.row, PLANT.col) in found
 
 
-@pytest.fixture(scope="module")
-def exported(converted, tmp_path_factory):
-    """family -> swtool's f32 export of the converter's input model."""
+def exports_of(converted, tmp_path_factory, qtype):
+    """family -> swtool's `export --type qtype` of the converter's input model, each written once."""
     built = {}
 
     def get(family):
         if family not in built:
             model_dir, _ = converted(family)
-            out = tmp_path_factory.mktemp(f"export-{family}") / "model-f32.gguf"
-            result = swtool_in_process("export", model_dir, "-o", out, "--type", "f32", "--no-progress")
+            out = tmp_path_factory.mktemp(f"export-{qtype}-{family}") / f"model-{qtype}.gguf"
+            result = swtool_in_process("export", model_dir, "-o", out, "--type", qtype, "--no-progress")
             assert result.returncode == 0, result.stderr
             built[family] = out
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def exported(converted, tmp_path_factory):
+    """family -> swtool's f32 export of the converter's input model."""
+    return exports_of(converted, tmp_path_factory, "f32")
 
 
 @pytest.fixture(scope="module")
 def exported_q8_0(converted, tmp_path_factory):
     """family -> swtool's `export --type q8_0` of the converter's input model (which scans by default)."""
-    built = {}
-
-    def get(family):
-        if family not in built:
-            model_dir, _ = converted(family)
-            out = tmp_path_factory.mktemp(f"export-q8_0-{family}") / "model-q8_0.gguf"
-            result = swtool_in_process("export", model_dir, "-o", out, "--type", "q8_0", "--no-progress")
-            assert result.returncode == 0, result.stderr
-            built[family] = out
-        return built[family]
-
-    return get
+    return exports_of(converted, tmp_path_factory, "q8_0")
 
 
 @pytest.mark.parametrize("family", EXPORT)
