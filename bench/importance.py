@@ -13,7 +13,6 @@ Results go to bench/results/importance.json, one run per type and text.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from fixtures.llama_oracle import quantize as llama_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 SWTOOL = [sys.executable, "-m", "swtool"]
@@ -30,17 +31,6 @@ MODEL = ROOT / "fixtures" / "build" / "smollm2"
 def run_swtool(*args):
     subprocess.run([*SWTOOL, *map(str, args), "--no-progress", "--force"], check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def llama_quantize(source, out, qtype):
-    """llama.cpp's llama_model_quantize (what llama-quantize runs), no importance matrix."""
-    from llama_cpp import llama_cpp as L
-
-    params = L.llama_model_quantize_default_params()
-    params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-    params.nthread = 1
-    assert L.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
 
 
 def make_files(out, qtype):

@@ -130,13 +130,13 @@ def smollm2_export(smollm2, smollm2_catalog, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_llama_quantized(smollm2_export, tmp_path_factory):
     """quantized(type) -> path of smollm2_export("f16") quantized by llama.cpp's own llama_model_quantize
-    (bench/importance.py's llama_quantize: llama-quantize's defaults, no imatrix), each type made once per
+    (fixtures/llama_oracle.quantize: llama-quantize's defaults, no imatrix), each type made once per
     run and shared (tests read these files, never write them)."""
     def quantized(qtype):
-        from bench.importance import llama_quantize
+        from fixtures.llama_oracle import quantize
 
         return shared_file(tmp_path_factory, f"smollm2-{qtype}-llama-quantize.gguf",
-                           lambda path: llama_quantize(smollm2_export("f16"), path, qtype))
+                           lambda path: quantize(smollm2_export("f16"), path, qtype))
 
     return quantized
 

@@ -8,13 +8,13 @@
     each pattern matched, and when it matched nothing; type names in any case.
 """
 
-import ctypes
 import json
 
 import gguf
 import pytest
 
 from fixtures.cli_run import swtool
+from fixtures.llama_oracle import quantize as llama_quantize
 from fixtures.tiny import Plant
 
 pytestmark = pytest.mark.llama_cpp
@@ -78,18 +78,6 @@ def test_quantize_of_a_file_without_a_record_scans_it(model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert types(tmp_path / "q4_0.gguf")[HELD] == T.Q8_0
     assert metadata(tmp_path / "q4_0.gguf")["swtool.super_weights.row"] == [PLANT.row]
-
-
-def llama_quantize(source, out, ftype, **params):
-    """llama.cpp's llama_model_quantize with llama-quantize's parameters (pure, output_tensor_type ...)."""
-    from llama_cpp import llama_cpp as L
-
-    settings = L.llama_model_quantize_default_params()
-    settings.ftype, settings.nthread = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}"), 1
-    for name, value in params.items():
-        setattr(settings, name, value)
-    assert L.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(settings)) == 0
-    return out
 
 
 # (swtool options, llama_model_quantize parameters) that mean the same

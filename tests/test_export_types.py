@@ -9,13 +9,13 @@ Oracles:
   - gguf-py's GGUFReader for reading the files back.
 """
 
-import ctypes
 
 import gguf
 import numpy as np
 import pytest
 
 from fixtures import llama_oracle
+from fixtures.llama_oracle import quantize as llama_quantize
 from swtool.forward import forward
 from swtool.gguf_export import ExportOptions, export, quantize_gguf
 from swtool.model import load_model
@@ -86,18 +86,6 @@ def exported(tmp_path_factory):
         return files[shape, kind]
 
     return make
-
-
-def llama_quantize(source, out, ftype, requantize=False):
-    """llama.cpp's own quantizer (llama-quantize) on one thread; `requantize`: it may read quantized tensors."""
-    from llama_cpp import llama_cpp as L
-
-    params = L.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 1
-    params.allow_requantize = requantize
-    assert L.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
 
 
 def llama_ftype(kind):
@@ -174,7 +162,7 @@ def test_llama_cpp_computes_what_swtool_reads_from_the_file(exported, tmp_path, 
     assert gap < ROUNDED_ACTIVATIONS[kind], gap
     from llama_cpp import llama_cpp as L
 
-    decoded = llama_quantize(path, tmp_path / "decoded.gguf", L.LLAMA_FTYPE_ALL_F32, requantize=True)
+    decoded = llama_quantize(path, tmp_path / "decoded.gguf", L.LLAMA_FTYPE_ALL_F32, allow_requantize=True)
     assert {qtype for qtype, _ in read_back(decoded)[1].values()} == {T.F32}
     gap = np.abs(llama_logits(decoded, ids) - ours).max() / scale
     assert gap < DECODED, gap
