@@ -64,12 +64,17 @@ def _window(llm, window):
     llm.reset()
     llm.eval(window)
     raw = np.array(llm.scores[:len(window) - 1], dtype=np.float32)  # a copy: the next eval overwrites scores
-    logits = raw.astype(np.float64)  # [positions, vocab]
-    # log-sum-exp with the row maximum taken out, so large logits do not overflow
-    peak = logits.max(axis=1)
-    log_total = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+    # log-sum-exp with the row maximum taken out, so large logits do not overflow; the exponentials in
+    # float32 and their sum in float64, as swtool.evaluate scores its own logits (a float64 copy of every
+    # logit would cost more than the rest of the window's scoring)
+    peak = raw.max(axis=1)
+    shifted = raw - peak[:, None]
+    np.exp(shifted, out=shifted)
+    log_total = peak.astype(np.float64) + np.log(shifted.sum(axis=1, dtype=np.float64))
+    del shifted
     targets = np.asarray(window[1:])
-    return float(np.sum(log_total - logits[np.arange(len(targets)), targets])), len(targets), raw
+    picked = raw[np.arange(len(targets)), targets].astype(np.float64)
+    return float(np.sum(log_total - picked)), len(targets), raw
 
 
 def perplexity(llm, token_windows):
