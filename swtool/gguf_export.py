@@ -426,6 +426,70 @@ def check_options(options):
     named_tensor_rules(options.output_tensor_type, options.token_embedding_type)
 
 
+def whole_array_packing(gguf):
+    """gguf.GGUFWriter whose metadata arrays of strings or numbers are packed at once, into the same bytes.
+
+    gguf-py packs an array element by element (a struct format built per element): a vocabulary's
+    tokens, scores, types and merges are 10^5 to 10^6 elements, and packing them took longer than
+    writing a small model's tensors. Anything else (big-endian files, nested or mixed arrays, a value
+    the fast path would store differently) goes to gguf-py's own packing, which also raises its errors.
+    """
+    from struct import Struct
+
+    T = gguf.GGUFValueType
+    formats = {T.UINT8: "<u1", T.INT8: "<i1", T.UINT16: "<u2", T.INT16: "<i2", T.UINT32: "<u4", T.INT32: "<i4",
+               T.UINT64: "<u8", T.INT64: "<i8", T.FLOAT32: "<f4", T.FLOAT64: "<f8", T.BOOL: "<u1"}
+    u32, u64 = Struct("<I"), Struct("<Q")
+
+    def element_type(values):
+        """What gguf-py's GGUFValueType.get_type gives every element, or None where they differ."""
+        kinds = {type(v) for v in values}
+        if all(issubclass(k, (str, bytes, bytearray)) for k in kinds):
+            return T.STRING
+        if kinds == {float}:
+            return T.FLOAT32
+        if kinds == {bool}:
+            return T.BOOL
+        if all(issubclass(k, int) and not issubclass(k, bool) for k in kinds):
+            return T.INT32
+        return None
+
+    def packed_numbers(values, kind):
+        """The little-endian bytes of `values` as `kind`, or None if struct would store or refuse them otherwise."""
+        allowed = (int, np.integer) if kind not in (T.FLOAT32, T.FLOAT64, T.BOOL) else (int, float, np.integer, np.floating)
+        if kind != T.BOOL and not all(isinstance(v, allowed) for v in values):
+            return None  # struct refuses a float as an integer and a string as a number; numpy would convert
+        try:
+            if kind == T.BOOL:
+                return np.array([bool(v) for v in values], dtype=np.uint8).tobytes()
+            exact = np.array(values, dtype=np.float64 if kind in (T.FLOAT32, T.FLOAT64) else np.int64)
+        except (OverflowError, TypeError, ValueError):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):  # out of range: caught below, left to struct
+            stored = exact.astype(formats[kind])
+        if kind in (T.FLOAT32, T.FLOAT64):  # NaN payloads and float32 overflow: struct's own rules
+            return stored.tobytes() if np.isfinite(stored).all() else None
+        return stored.tobytes() if np.array_equal(stored.astype(np.int64), exact) else None
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            fast = None
+            if vtype == T.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE and isinstance(val, (list, tuple)) and val:
+                kind = sub_type if sub_type is not None else element_type(val)
+                if kind == T.STRING and all(isinstance(v, (str, bytes, bytearray)) for v in val):
+                    encoded = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
+                    fast = b"".join(part for v in encoded for part in (u64.pack(len(v)), v))
+                elif kind in formats:
+                    fast = packed_numbers(val, kind)
+                if fast is not None:
+                    fast = u32.pack(kind) + u64.pack(len(val)) + fast
+            if fast is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            return (u32.pack(vtype) if add_vtype else b"") + fast
+
+    return Writer
+
+
 def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
     """Write the file: metadata and tensor table, then each tensor's bytes; atomically."""
     import gguf
@@ -434,7 +498,7 @@ def write_gguf(out_path, arch_name, add_metadata, tensors, progress):
 
     total = sum(tensor.nbytes for tensor in tensors)
     with atomic_path(out_path, nbytes=total) as tmp:  # refuses at once if the disk cannot hold the tensors
-        writer = gguf.GGUFWriter(tmp, arch_name)
+        writer = whole_array_packing(gguf)(tmp, arch_name)
         try:
             add_metadata(writer)
             for tensor in tensors:  # the logical shape: raw_dtype with a float dtype keeps it as given
