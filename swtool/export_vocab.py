@@ -20,9 +20,9 @@ ids, add_bos/add_eos, merges and the chat template come from gguf-py's SpecialVo
 as in convert_hf_to_gguf.
 """
 
-import json
 import re
 from hashlib import sha256
+from pathlib import Path
 
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 from swtool.errors import SwtoolError
@@ -136,7 +136,7 @@ def pre_tokenizer_name(directory, data):
     """tokenizer.ggml.pre: by the check-text hash (as convert_hf_to_gguf), else by tokenizer.json's structure."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(json.dumps(data))
+    tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))  # the file `data` was parsed from
     ids = tokenizer.encode(CHECK_TEXT).ids  # with the post-processor's special tokens, as transformers' encode
     name = KNOWN_HASHES.get(sha256(str(ids).encode()).hexdigest()) or structural_pre_name(data.get("pre_tokenizer"))
     if name is None:
