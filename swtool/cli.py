@@ -720,6 +720,12 @@ def write_gguf_output(opts, source, write):
         print_export(dataclasses.replace(report, shown_as=STDOUT), source, opts, err=True)  # (it reads the file's size)
 
 
+def gguf_inputs(model, opts):
+    """What export or quantize reads besides the model: the catalog, the imatrix, the text of --importance text:FILE."""
+    kind, _, text = (opts["importance"] or "").partition(":")
+    return model, opts["catalog"], opts["imatrix"], text if kind.strip().lower() == "text" else None
+
+
 @main.command("export")
 @model_argument
 @gguf_options
@@ -729,7 +735,7 @@ def export_command(model, download, **opts):
     Without --catalog, MODEL is scanned first and the super weights it finds are recorded and protected.
     MODEL: a checkpoint directory, a .safetensors or .gguf file, or a Hugging Face id org/name[@revision].
     """
-    prepare_outputs(opts["force"], opts["output"], inputs=(model, opts["catalog"], opts["imatrix"]))  # before anything is read
+    prepare_outputs(opts["force"], opts["output"], inputs=gguf_inputs(model, opts))  # before anything is read
     from swtool.gguf_export import export
 
     resolve_model(model, download)
@@ -761,7 +767,7 @@ def quantize_command(gguf_file, **opts):
     if source is None and local.is_dir():
         raise SwtoolError(f"{gguf_file}: holds no .gguf file; swtool export writes one from a Hugging Face checkpoint")
     source = source or local  # any other file: read_gguf says what it is instead
-    prepare_outputs(opts["force"], opts["output"], inputs=(source, opts["catalog"], opts["imatrix"]))  # before anything is read
+    prepare_outputs(opts["force"], opts["output"], inputs=gguf_inputs(source, opts))  # before anything is read
     from swtool.gguf_export import quantize_gguf
 
     write_gguf_output(opts, gguf_file, lambda out: quantize_gguf(source, out, export_options(opts)))

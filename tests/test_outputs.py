@@ -41,6 +41,8 @@ def test_no_output_replaces_an_input(inputs):
         ["export", model, "-o", model / "model.safetensors", "--type", "f32"],
         ["export", model, "-o", root / "link" / "config.json", "--type", "f32"],
         ["quantize", gguf_file, "-o", gguf_file, "--type", "q8_0"],
+        ["export", model, "-o", text, "--type", "q4_0", "--importance", f"text:{text}"],
+        ["quantize", gguf_file, "-o", text, "--type", "q4_0", "--importance", f"text:{text}"],
         ["eval", model, "--text", text, "--plot", text],
         ["quantsim", model, "--text", text, "--plot", model / "model.safetensors"],
     ]
