@@ -88,8 +88,17 @@ def f16_llama(exports):
 
 
 @pytest.fixture(scope="module")
-def f16_first_window(f16_llama, prose_ids):
-    return llama_oracle.perplexity(f16_llama, prose_ids, 512, 1)[0]
+def f16_prose(exports, prose_ids, llama_logits):
+    """(windows, logits): the first 2 windows of 512 of prose.txt and llama.cpp's logits of the F16 export on
+    them (conftest's llama_logits: decoded once per run, shared with test_export_importance.py's reference)."""
+    windows = llama_oracle.windows(prose_ids, 512, 2)
+    return windows, llama_logits(exports["f16"], windows)
+
+
+@pytest.fixture(scope="module")
+def f16_first_window(f16_prose):
+    windows, logits = f16_prose
+    return llama_oracle.perplexity_of_logits(windows[:1], logits[:1])[0]
 
 
 # --- what the file says ---------------------------------------------------------------
@@ -117,11 +126,11 @@ def test_llama_cpp_tokenizes_the_export_like_transformers(exports, smollm2):
 
 # --- llama.cpp runs the exports ----------------------------------------------------------
 
-def test_f16_export_perplexity_is_swtool_evals(f16_llama, smollm2, prose_ids):
+def test_f16_export_perplexity_is_swtool_evals(f16_prose, smollm2, prose_ids):
     from swtool.evaluate import perplexity
     from swtool.model import load_model
 
-    ours, count = llama_oracle.perplexity(f16_llama, prose_ids, 512, 2)
+    ours, count = llama_oracle.perplexity_of_logits(*f16_prose)  # llama.cpp's logits of the first 2 windows
     reference, reference_count = perplexity(load_model(smollm2), prose_ids[:1024], ctx=512)
     assert count == reference_count == 1022
     assert ours == pytest.approx(reference, rel=1e-4)  # measured gap: 9.2e-6 relative (llama.cpp's f16 KV cache)
