@@ -87,13 +87,14 @@ def test_plot_draws_each_handlings_rows_and_the_source(swept):
     assert set(lines[-1][1]) == {result["source"]["perplexity"]}
 
 
-def test_perplexities_are_llama_cpps_on_the_same_windows(swept, first_window):
+def test_perplexities_are_llama_cpps_on_the_same_windows(swept, first_window, llama_logits):
     """Each file, loaded again and scored directly in llama-cpp-python, gives the sweep's number."""
     result, files, _, _ = swept
     for row in result["rows"]:
-        llm = llama_oracle.load(file_of(files, row))
-        ppl, count = llama_oracle.perplexity(llm, first_window, 512, 1)
-        del llm
+        # llama_oracle.window_logits of the file on the window, decoded once per run (conftest's llama_logits):
+        # test_kld.py holds the same files' logits on the same window to the source's
+        logits = llama_logits(file_of(files, row), [first_window])
+        ppl, count = llama_oracle.perplexity_of_logits([first_window], logits)
         assert count == row["predictions"] == 511
         assert row["perplexity"] == pytest.approx(ppl, rel=1e-6), row
 
