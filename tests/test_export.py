@@ -7,7 +7,8 @@ Oracles:
   - the original SmolLM2 GGUF, written by llama.cpp's converter: the vocabulary and
     hyper-parameters swtool writes must be its own;
   - transformers: greedy tokens, tokenization, and the logits of tiny models;
-  - gguf-py's GGUFReader for reading the files back, independently of swtool's reader.
+  - gguf-py's GGUFReader for reading the files back, independently of swtool's reader (through
+    fixtures/gguf_compare.py's parser, held to GGUFReader by tests/test_gguf_converter.py).
 """
 
 import json
@@ -22,7 +23,7 @@ from fixtures import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
 from fixtures.cli_run import one_line_error, swtool_in_process
-from fixtures.gguf_cache import gguf_reader
+from fixtures.gguf_compare import read_contents
 
 pytestmark = pytest.mark.real
 
@@ -35,17 +36,20 @@ PROMPT = "The capital of France is"
 
 
 def fields(path):
-    """{key: (value, types)} of a GGUF file, read by gguf-py."""
-    reader = gguf_reader(path)
-    return {key: (field.contents(), [int(t) for t in field.types]) for key, field in reader.fields.items()
-            if not key.startswith("GGUF.")}
+    """{key: (value, types)} of a GGUF file as gguf-py's reader gives them (fixtures/gguf_compare.py: its
+    header parser, held to gguf-py's GGUFReader by tests/test_gguf_converter.py, without GGUFReader's
+    seconds of decoding SmolLM2's vocabulary element by element, in every file this module reads)."""
+    return {key: (value, [int(gguf.GGUFValueType[name]) for name in types])
+            for key, (types, value) in read_contents(path).keys.items()}
 
 
 def tensors(path):
-    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, read by gguf-py (read-only views)."""
-    reader = gguf_reader(path)
-    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1),
-                     tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, located by gguf_compare.read_contents (as
+    gguf-py locates them) and read from the file (read-only memory-mapped views)."""
+    contents = read_contents(path)
+    raw = np.memmap(path, np.uint8, mode="r")
+    return {name: (T[kind], raw[contents.where[name][0]:sum(contents.where[name])], tuple(reversed(dims)))
+            for name, (dims, kind, _) in contents.tensors.items()}
 
 
 def dequantized(path, name):
