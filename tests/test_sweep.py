@@ -117,15 +117,17 @@ def test_sizes_are_the_files_and_llama_cpps_bits_per_weight(swept):
 
 def test_stored_types_are_what_each_handling_asks_for(swept):
     """gguf-py reads the types: keep puts the super-weight tensors (layers 2 and 11) in Q8_0; the control
-    puts the same bytes on layers 3 and 12 and leaves 2 and 11 in Q2_K; none has every ffn_down in Q2_K."""
-    from gguf import GGUFReader
+    puts the same bytes on layers 3 and 12 and leaves 2 and 11 in Q2_K; none has every ffn_down in Q2_K.
+    (Through fixtures/gguf_compare.read_contents, held to gguf-py's GGUFReader by test_gguf_converter.py,
+    without GGUFReader's seconds of decoding SmolLM2's vocabulary in each file.)"""
+    from fixtures.gguf_compare import read_contents
 
     result, files, _, _ = swept
     by_key = rows_by_key(result)
 
     def down_types(handling):
-        reader = GGUFReader(file_of(files, by_key[("q2_k", handling)]))
-        return {t.name: t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")}
+        contents = read_contents(file_of(files, by_key[("q2_k", handling)]))
+        return {name: kind for name, (_, kind, _) in contents.tensors.items() if name.endswith("ffn_down.weight")}
 
     none, keep, control = down_types("none"), down_types("keep:q8_0"), down_types("control:q8_0")
     assert set(none.values()) == {"Q2_K"}
