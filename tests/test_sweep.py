@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from fixtures import llama_oracle
 from swtool.coordinate import Coordinate
 from swtool.gguf_export import ProtectedWeight
 from swtool.sweep import control_layers
-from fixtures.cli_run import one_line_error, swtool, swtool_without, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_without, swtool_in_process
 from fixtures.sweeps import HANDLINGS
 
 pytestmark = [pytest.mark.real, pytest.mark.llama_cpp]  # swtool sweep scores each file in llama.cpp
@@ -175,14 +176,17 @@ def test_keeping_the_super_weights_helps_at_2_bits_and_the_control_does_not(swep
     assert control > 0.9 * none, (control, none)
 
 
-def test_temporary_files_are_removed(smollm2, prose, tmp_path):
+def test_temporary_files_are_removed(smollm2, prose, tmp_path, monkeypatch):
     """Without --out-dir the files go to a temporary directory that is gone at the end."""
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    result = swtool("sweep", smollm2, "--text", prose, "--types", "q8_0", "--handlings", "none", "--windows", 1,
-                    "--no-progress", "--json", env=env)
+    # in process, tmp_path the directory Python's tempfile hands out (what TMPDIR sets in a real process; the
+    # signal tests below run sweep as one); one window of 64 tokens: the same files are written
+    # and removed, only fewer predictions scored (63 = the window's tokens but the last)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = swtool_in_process("sweep", smollm2, "--text", prose, "--types", "q8_0", "--handlings", "none",
+                               "--ctx", 64, "--windows", 1, "--no-progress", "--json")
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)["rows"]
-    assert row["type"] == "q8_0" and row["predictions"] == 511
+    assert row["type"] == "q8_0" and row["predictions"] == 63
     assert list(tmp_path.iterdir()) == []
 
 
