@@ -202,8 +202,10 @@ def test_a_signal_removes_the_temporary_files(smollm2, prose, tmp_path, signum, 
     """Ctrl-C or SIGTERM once a GGUF is on disk: exit 128 + signal, one line, and nothing left in the
     temporary directory."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
+    # a window of 64 tokens: the source's pass before the first export is short, and the signal still comes
+    # once a GGUF is on disk
     process = subprocess.Popen([sys.executable, "-m", "swtool", "sweep", str(smollm2), "--text", str(prose),
-                                "--types", "q8_0,q4_0", "--handlings", "none", "--windows", "1", "--no-progress"],
+                                "--types", "q8_0,q4_0", "--handlings", "none", "--ctx", "64", "--windows", "1", "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                preexec_fn=default_sigint)
     try:
