@@ -49,20 +49,13 @@ def make_files(out, qtype):
     return files
 
 
-def score(files, windows, ctx):
-    """{label: {perplexity, kld stats, bytes}}: every file on the windows, KLD against the f16 file's logits."""
+def score(files, windows, ctx, reference=None):
+    """{label: {perplexity, kld stats, bytes}}: every file on the windows, KLD against the f16 file's logits.
+    `reference`: (the f16 file's logits per window, its perplexity, predictions) when they were decoded
+    already (tests/test_export_importance.py shares them with other tests), else f16_reference's."""
     from swtool import llama_score
 
-    reference = llama_score.load(files["f16"], ctx, 1)
-    reference_logits, total, count = [], 0.0, 0
-    try:
-        for window in windows:  # one pass gives the f16 file's perplexity and the logits the others are held to
-            nll, predictions, logits = llama_score._window(reference, window)
-            total, count = total + nll, count + predictions
-            reference_logits.append(logits)
-    finally:
-        llama_score.close(reference)
-    f16_ppl = float(np.exp(total / count))  # as llama_score.score reduces it
+    reference_logits, f16_ppl, count = reference if reference is not None else f16_reference(files["f16"], windows, ctx)
     results = {"f16": {"bytes": files["f16"].stat().st_size, "perplexity": f16_ppl, "predictions": count, "kld": None}}
     for label, path in files.items():
         if label == "f16":
@@ -75,6 +68,23 @@ def score(files, windows, ctx):
         results[label] = {"bytes": path.stat().st_size, "perplexity": ppl, "predictions": count,
                           "kld": kld.to_json()}
     return results
+
+
+def f16_reference(path, windows, ctx):
+    """(the f16 file's logits per window, its perplexity, predictions): one pass gives the f16 file's
+    perplexity and the logits the others are held to."""
+    from swtool import llama_score
+
+    reference = llama_score.load(path, ctx, 1)
+    reference_logits, total, count = [], 0.0, 0
+    try:
+        for window in windows:
+            nll, predictions, logits = llama_score._window(reference, window)
+            total, count = total + nll, count + predictions
+            reference_logits.append(logits)
+    finally:
+        llama_score.close(reference)
+    return reference_logits, float(np.exp(total / count)), count  # as llama_score.score reduces it
 
 
 def main():

@@ -142,6 +142,31 @@ def smollm2_llama_quantized(smollm2_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_logits(tmp_path_factory):
+    """logits(path, windows) -> llama.cpp's logits [windows, ctx - 1, vocab] float32 of the GGUF at `path` on
+    those token windows, each an independent sequence (fixtures/llama_oracle.py: window_logits), computed once
+    per run for each file and windows and shared (.npy, read memory-mapped), so that tests judging the same
+    shared file on the same windows (the F16 export, the sweep's files) do not decode them again.
+    Only for files that do not change during the run (shared ones): the file's path names the result."""
+    import hashlib
+
+    import numpy as np
+
+    def logits(path, token_windows):
+        from fixtures import llama_oracle
+
+        def decode(out):
+            llm = llama_oracle.load(path, n_ctx=len(token_windows[0]))
+            np.save(out, np.stack([llama_oracle.window_logits(llm, window) for window in token_windows]))
+
+        key = hashlib.sha256(repr((str(path), [list(map(int, w)) for w in token_windows])).encode()).hexdigest()[:16]
+        return np.load(shared_file(tmp_path_factory, f"{Path(path).name}-{key}.llama-logits.npy", decode),
+                       mmap_mode="r")
+
+    return logits
+
+
+@pytest.fixture(scope="session")
 def smollm2_prose_logits(smollm2, tmp_path_factory):
     """(window, logits): the first 512 tokens of fixtures/prose.txt as transformers' tokenizer makes them, and
     transformers' float32 logits of SmolLM2 on them [512, vocab], computed once per run and shared (.npy)

@@ -7,7 +7,8 @@ Oracles:
   - the original SmolLM2 GGUF, written by llama.cpp's converter: the vocabulary and
     hyper-parameters swtool writes must be its own;
   - transformers: greedy tokens, tokenization, and the logits of tiny models;
-  - gguf-py's GGUFReader for reading the files back, independently of swtool's reader.
+  - gguf-py's GGUFReader for reading the files back, independently of swtool's reader (through
+    fixtures/gguf_compare.py's parser, held to GGUFReader by tests/test_gguf_converter.py).
 """
 
 import json
@@ -22,7 +23,7 @@ from fixtures import llama_oracle
 from swtool.gguf_export import ExportOptions, export
 from swtool.tokenizer import encode
 from fixtures.cli_run import one_line_error, swtool_in_process
-from fixtures.gguf_cache import gguf_reader
+from fixtures.gguf_compare import read_contents
 
 pytestmark = pytest.mark.real
 
@@ -35,17 +36,20 @@ PROMPT = "The capital of France is"
 
 
 def fields(path):
-    """{key: (value, types)} of a GGUF file, read by gguf-py."""
-    reader = gguf_reader(path)
-    return {key: (field.contents(), [int(t) for t in field.types]) for key, field in reader.fields.items()
-            if not key.startswith("GGUF.")}
+    """{key: (value, types)} of a GGUF file as gguf-py's reader gives them (fixtures/gguf_compare.py: its
+    header parser, held to gguf-py's GGUFReader by tests/test_gguf_converter.py, without GGUFReader's
+    seconds of decoding SmolLM2's vocabulary element by element, in every file this module reads)."""
+    return {key: (value, [int(gguf.GGUFValueType[name]) for name in types])
+            for key, (types, value) in read_contents(path).keys.items()}
 
 
 def tensors(path):
-    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, read by gguf-py (read-only views)."""
-    reader = gguf_reader(path)
-    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8).reshape(-1),
-                     tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    """{name: (ggml type, raw bytes, logical shape)} of a GGUF file, located by gguf_compare.read_contents (as
+    gguf-py locates them) and read from the file (read-only memory-mapped views)."""
+    contents = read_contents(path)
+    raw = np.memmap(path, np.uint8, mode="r")
+    return {name: (T[kind], raw[contents.where[name][0]:sum(contents.where[name])], tuple(reversed(dims)))
+            for name, (dims, kind, _) in contents.tensors.items()}
 
 
 def dequantized(path, name):
@@ -88,8 +92,17 @@ def f16_llama(exports):
 
 
 @pytest.fixture(scope="module")
-def f16_first_window(f16_llama, prose_ids):
-    return llama_oracle.perplexity(f16_llama, prose_ids, 512, 1)[0]
+def f16_prose(exports, prose_ids, llama_logits):
+    """(windows, logits): the first 2 windows of 512 of prose.txt and llama.cpp's logits of the F16 export on
+    them (conftest's llama_logits: decoded once per run, shared with test_export_importance.py's reference)."""
+    windows = llama_oracle.windows(prose_ids, 512, 2)
+    return windows, llama_logits(exports["f16"], windows)
+
+
+@pytest.fixture(scope="module")
+def f16_first_window(f16_prose):
+    windows, logits = f16_prose
+    return llama_oracle.perplexity_of_logits(windows[:1], logits[:1])[0]
 
 
 # --- what the file says ---------------------------------------------------------------
@@ -117,11 +130,11 @@ def test_llama_cpp_tokenizes_the_export_like_transformers(exports, smollm2):
 
 # --- llama.cpp runs the exports ----------------------------------------------------------
 
-def test_f16_export_perplexity_is_swtool_evals(f16_llama, smollm2, prose_ids):
+def test_f16_export_perplexity_is_swtool_evals(f16_prose, smollm2, prose_ids):
     from swtool.evaluate import perplexity
     from swtool.model import load_model
 
-    ours, count = llama_oracle.perplexity(f16_llama, prose_ids, 512, 2)
+    ours, count = llama_oracle.perplexity_of_logits(*f16_prose)  # llama.cpp's logits of the first 2 windows
     reference, reference_count = perplexity(load_model(smollm2), prose_ids[:1024], ctx=512)
     assert count == reference_count == 1022
     assert ours == pytest.approx(reference, rel=1e-4)  # measured gap: 9.2e-6 relative (llama.cpp's f16 KV cache)

@@ -281,12 +281,13 @@ KLD_LIMIT, PPL_LIMIT = 0.169, 17.87
 
 
 def test_smollm2_default_q4_0_beats_llama_quantize_in_llama_cpp(smollm2, smollm2_export, smollm2_llama_quantized,
-                                                                 tmp_path):
+                                                                 llama_logits, tmp_path):
     """`swtool export --type q4_0` with its defaults against llama-quantize's Q4_0 (llama_model_quantize of the
     F16 file, no imatrix), both scored in llama.cpp on fixtures/prose.txt (its 2 full windows of 512) against
     the F16 file's distributions: within the issue's thresholds (scaled above), at most 2 % more bytes."""
     import llama_cpp  # noqa: F401  (the llama_cpp lane)
     from bench.importance import score
+    from fixtures.llama_oracle import perplexity_of_logits
     from swtool import llama_score
     from swtool.evaluate import read_text
     from swtool.tokenizer import encode
@@ -297,7 +298,12 @@ def test_smollm2_default_q4_0_beats_llama_quantize_in_llama_cpp(smollm2, smollm2
     result = swtool_in_process("export", smollm2, "-o", files["swtool default"], "--type", "q4_0", "--no-progress")
     assert result.returncode == 0, result.stderr
     ids = encode(smollm2, read_text(smollm2.parents[1] / "prose.txt"))
-    results = score(files, llama_score.windows(ids, 512, 2), 512)
+    windows = llama_score.windows(ids, 512, 2)
+    # the F16 file's distributions: llama.cpp's logits of it on these windows, decoded once per run (conftest's
+    # llama_logits, llama-cpp-python with the same context and batch of 512 and one thread as llama_score.load)
+    # and shared with test_export.py, which judges the same file on the same windows
+    reference = llama_logits(files["f16"], windows)
+    results = score(files, windows, 512, (reference, *perplexity_of_logits(windows, reference)))
     stock, ours = results["llama-quantize"], results["swtool default"]
     assert ours["bytes"] <= 1.02 * stock["bytes"]
     assert ours["kld"]["mean"] <= KLD_LIMIT and ours["perplexity"] <= PPL_LIMIT, (ours, stock)

@@ -18,7 +18,6 @@ import shutil
 import numpy as np
 import pytest
 
-from fixtures import llama_oracle
 from fixtures.cli_run import one_line_error, swtool_in_process
 from swtool import kld as kld_module
 from swtool.errors import SwtoolError
@@ -141,18 +140,16 @@ def source_logits(smollm2_prose_logits):
     return smollm2_prose_logits
 
 
-def test_sweep_kld_is_torchs_on_llama_cpps_and_transformers_distributions(kld_sweep, source_logits):
+def test_sweep_kld_is_torchs_on_llama_cpps_and_transformers_distributions(kld_sweep, source_logits, llama_logits):
     """Each file loaded again in llama-cpp-python, its logits on the window against transformers' logits
     of the source: torch's KLD gives the sweep's statistics."""
     result, files, _ = kld_sweep
     window, reference = source_logits
     by_type = {row["type"]: row for row in result["rows"]}
     for qtype, tolerance in (("f16", 5e-3), ("q2_k", 5e-6)):
-        llm = llama_oracle.load(files / f"smollm2-{qtype}-none.gguf")
-        llm.reset()
-        llm.eval(window)
-        logits = np.array(llm.scores[:511], dtype=np.float32)
-        del llm
+        # llama_oracle.window_logits of the file on the window, decoded once per run (conftest's llama_logits):
+        # test_sweep.py scores the same files on the same window
+        logits = np.array(llama_logits(files / f"smollm2-{qtype}-none.gguf", [window])[0])  # writable, for torch
         values = torch_kld(reference[:511], logits)
         same = reference[:511].argmax(1) == logits.argmax(1)
         want, got = llama_cpp_summary(values, same), by_type[qtype]["kld"]
