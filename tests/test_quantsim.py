@@ -221,8 +221,11 @@ def reference_activation_hooks(model, mode, channels, bits=8):
             x = inputs[0].clone()
             saved = []
             if mode == "keep":
-                flat = x.flatten().sort().values  # the median of the whole input (mean of the two middle values)
-                median = (flat[(flat.numel() - 1) // 2] + flat[flat.numel() // 2]) / 2
+                # the median of the whole input (mean of the two middle values), found by a partial sort
+                # (numpy's partition puts both in place: the same values as a full sort, in a fraction of the time)
+                lower, upper = (x.numel() - 1) // 2, x.numel() // 2
+                middle = torch.from_numpy(np.partition(x.flatten().numpy(), (lower, upper))[[lower, upper]])
+                median = (middle[0] + middle[1]) / 2
                 for col in channels.get(name + ".weight", ()):
                     token = int(x[0, :, col].abs().argmax())
                     saved.append((token, col, x[0, token, col].item()))
