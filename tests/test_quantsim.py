@@ -54,14 +54,13 @@ def reference_quantize(weight, bits, block_size, clip="none", value=0.0):
             blocks = torch.clamp(blocks, -tensor_threshold, tensor_threshold)
         minima = blocks.min(dim=1, keepdim=True).values
         maxima = blocks.max(dim=1, keepdim=True).values
-        for i in range(blocks.shape[0]):
-            if maxima[i] == minima[i]:
-                continue
-            scale = (2 ** bits - 1) / (maxima[i] - minima[i])
-            row = blocks[i]
-            row.sub_(minima[i]).mul_(scale)
-            row.round_()
-            row.div_(scale).add_(minima[i])
+        # every block at once, each with its own scale broadcast along it: the same float32 operations
+        # in the same order as a loop over the blocks (a loop was 12 s of Python on SmolLM2's matrices)
+        scale = (2 ** bits - 1) / (maxima - minima)
+        quantized = blocks.clone().sub_(minima).mul_(scale)
+        quantized.round_()
+        quantized.div_(scale).add_(minima)
+        blocks = torch.where(maxima == minima, blocks, quantized)  # a constant block is left as it is
         out.append(blocks.reshape(-1))
     return torch.cat(out).reshape(np.shape(weight)).numpy()
 
