@@ -20,6 +20,7 @@ from swtool.checkpoint.gguf_model import open_gguf
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
+from fixtures.arrays import assert_arrays_equal
 from fixtures.tiny import random_tokens, torch_logits
 from fixtures.cli_run import one_line_error, swtool, swtool_in_process
 from fixtures.gguf_cache import gguf_reader
@@ -99,7 +100,7 @@ def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
             ours = permute(ours, config["num_attention_heads"], config["num_attention_heads"])
         if tensor.name.endswith("attn_k.weight"):
             ours = permute(ours, config["num_attention_heads"], config["num_key_value_heads"])
-        np.testing.assert_array_equal(ours, expected, err_msg=tensor.name)
+        assert_arrays_equal(ours, expected, err_msg=tensor.name)
     # rows and single blocks agree with the whole tensor, for a permuted and a plain one
     for name in ("model.layers.3.self_attn.k_proj.weight", "model.layers.2.mlp.down_proj.weight"):
         info, whole = checkpoint.tensor(name), checkpoint.tensor(name).read()
@@ -196,7 +197,7 @@ def test_written_ggufs_hold_the_safetensors_values(written, hf_values):
             else:
                 expected = gguf.quants.dequantize(gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0),
                                                   gguf.GGMLQuantizationType.Q8_0)
-            np.testing.assert_array_equal(info.read(), expected, err_msg=f"{kind} {name}")
+            assert_arrays_equal(info.read(), expected, err_msg=f"{kind} {name}")
 
 
 def test_f32_gguf_gives_the_safetensors_logits(written, smollm2):
