@@ -112,7 +112,10 @@ def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transfor
 
 
 def eval_json(model, *args):
-    result = swtool("eval", model, "--text", PROSE, "--ctx", 256, "--max-tokens", 768, "--json", "--no-progress", *args)
+    """`swtool eval --json` of MODEL on 768 tokens in chunks of 256, run in this process (fixtures/cli_run.py:
+    the same command, without starting Python and numba again; the entry point is test_cli.py's)."""
+    result = swtool_in_process("eval", model, "--text", PROSE, "--ctx", 256, "--max-tokens", 768, "--json",
+                               "--no-progress", *args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
