@@ -220,7 +220,9 @@ def test_tiny_families_as_gguf_match_transformers(family, tiny_factory, tmp_path
 # --- the scan ------------------------------------------------------------------------
 
 def scan_json(path):
-    result = swtool("scan", path, "--json", "--no-progress")
+    """`swtool scan --json` run in this process (fixtures/cli_run.py: the same command without starting
+    Python and numba again; the entry point is test_cli.py's)."""
+    result = swtool_in_process("scan", path, "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
