@@ -164,7 +164,9 @@ def transformers_from_gguf(path):
 
     # transformers parses the file with gguf-py's GGUFReader on each of its two calls; it is handed the
     # reader this module already parsed (fixtures/gguf_cache.py: the same GGUFReader of the same file,
-    # read only) instead of decoding SmolLM2's vocabulary twice more
+    # read only) instead of decoding SmolLM2's vocabulary twice more; parsed before the patch, which the
+    # cache's own gguf.GGUFReader call would otherwise meet (endless recursion when this test runs alone)
+    gguf_reader(path)
     with mock.patch.object(gguf, "GGUFReader", gguf_reader):
         config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
