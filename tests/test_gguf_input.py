@@ -157,6 +157,7 @@ def test_hf_names_config_and_tokenizer_files(original):
 
 def transformers_from_gguf(path):
     """transformers' own GGUF loader (config, names, Q/K un-permutation, dequantization) into a float32 model."""
+    import functools
     from unittest import mock
 
     import transformers
@@ -165,9 +166,12 @@ def transformers_from_gguf(path):
     # transformers parses the file with gguf-py's GGUFReader on each of its two calls; it is handed the
     # reader this module already parsed (fixtures/gguf_cache.py: the same GGUFReader of the same file,
     # read only) instead of decoding SmolLM2's vocabulary twice more; parsed before the patch, which the
-    # cache's own gguf.GGUFReader call would otherwise meet (endless recursion when this test runs alone)
+    # cache's own gguf.GGUFReader call would otherwise meet (endless recursion when this test runs alone).
+    # Its name map asks gguf-py for the same TensorNameMap(arch, layers) once per module of the model
+    # (~400 times, 7 s): built once here, the same map (transformers only looks names up in it)
     gguf_reader(path)
-    with mock.patch.object(gguf, "GGUFReader", gguf_reader):
+    name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    with mock.patch.object(gguf, "GGUFReader", gguf_reader), mock.patch.object(gguf, "get_tensor_name_map", name_map):
         config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
