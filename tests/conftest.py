@@ -14,8 +14,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest-xdist worker per core: each worker's torch and BLAS on one thread, read
     # when they load (after this), so that workers do not spin against each other for the same cores.
     # Numba keeps its pool: the tests of `-t N` need more than one thread to choose from.
+    # Its OpenMP layer sets the OpenMP thread count that torch reads too (torch.get_num_threads() goes
+    # from 1 to numba's count once swtool has run in the process), so waiting threads must sleep, not
+    # spin: swtool/kernels/jit.py sets OMP_WAIT_POLICY=PASSIVE, but too late for a test module that has
+    # imported torch, whose OpenMP runtime has read the policy by then. Spinning, a transformers pass after
+    # a swtool one in the same worker ran ~10x slower (SmolLM2 on 20 tokens: 0.15 -> 1.8 s CPU, measured).
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
 

@@ -27,11 +27,18 @@ def sha256s(directory):
 
 def header_offset(shard, tensor, index):
     """Byte offset of tensor[index] in a safetensors file, read from its header here, not by swtool."""
-    raw = Path(shard).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    entry = json.loads(raw[8:8 + n])[tensor]
+    with open(shard, "rb") as f:  # the header only, not the whole shard
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n))[tensor]
     flat = int(np.ravel_multi_index(index, entry["shape"]))
     return 8 + n + entry["data_offsets"][0] + flat * DTYPE_BYTES[entry["dtype"]], DTYPE_BYTES[entry["dtype"]]
+
+
+def bytes_at(path, offset, size):
+    """The `size` bytes of a file at `offset` (without reading the whole file)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def cmp_bytes(a, b, chunk=1 << 26):
@@ -76,7 +83,7 @@ def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transfor
     for sw in sws:
         offset, size = header_offset(smollm2 / "model.safetensors", sw["tensor"], (sw["row"], sw["col"]))
         expected |= set(range(offset, offset + size))
-        assert (out / "model.safetensors").read_bytes()[offset:offset + size] == b"\0\0"  # bf16 +0.0
+        assert bytes_at(out / "model.safetensors", offset, size) == b"\0\0"  # bf16 +0.0
     differing = cmp_bytes(smollm2 / "model.safetensors", out / "model.safetensors")
     assert differing and differing <= expected
     record = json.loads((out / "swtool-ablation.json").read_text())
@@ -105,7 +112,10 @@ def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transfor
 
 
 def eval_json(model, *args):
-    result = swtool("eval", model, "--text", PROSE, "--ctx", 256, "--max-tokens", 768, "--json", "--no-progress", *args)
+    """`swtool eval --json` of MODEL on 768 tokens in chunks of 256, run in this process (fixtures/cli_run.py:
+    the same command, without starting Python and numba again; the entry point is test_cli.py's)."""
+    result = swtool_in_process("eval", model, "--text", PROSE, "--ctx", 256, "--max-tokens", 768, "--json",
+                               "--no-progress", *args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

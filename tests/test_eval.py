@@ -26,13 +26,16 @@ def torch_model(directory):
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def reference_scores(model, ids, ctx, first_scored=0, stop=(), restore=None):
+def reference_scores(model, ids, ctx, first_scored=0, stop=(), restore=None, record=None):
     """transformers on each chunk of `ids` alone (the last one unpadded): the sum of -log p, the count,
     the summed stop-word probability, and the max |down_proj output| per layer.
 
-    restore: (rows {layer: [row]}, intact outputs per chunk from intact_down_out): the paper's
+    restore: (rows {layer: [row]}, intact outputs per chunk, as `record` keeps them): the paper's
     removeSW_restoreSA, the down_proj output of those layers set back to the intact value in each
     row at the token where the intact |value| is largest.
+    record: (layers, a list): appends, per chunk, {layer: down_proj output [T, hidden]} of those layers
+    as this pass computes them (the intact outputs `restore` needs, kept from the pass that scores the
+    intact model instead of one more pass over it).
     """
     nll, count, stop_sum = 0.0, 0, 0.0
     peaks = np.zeros(len(model.model.layers))
@@ -45,6 +48,8 @@ def reference_scores(model, ids, ctx, first_scored=0, stop=(), restore=None):
             for row in restore[0][layer]:
                 token = int(intact[:, row].abs().argmax())
                 output[0, token, row] = intact[token, row]
+        if record is not None and layer in record[0]:
+            record[1][chunk_index[0]][layer] = output[0].detach().clone()
         seen[layer] = output.detach().abs().max().item()
         return output
 
@@ -54,6 +59,8 @@ def reference_scores(model, ids, ctx, first_scored=0, stop=(), restore=None):
         with torch.no_grad():
             for chunk_index[0], start in enumerate(range(0, len(ids), ctx)):
                 chunk = torch.tensor([ids[start:start + ctx]])
+                if record is not None:
+                    record[1].append({})
                 logits = model(chunk).logits[0, :-1].double()
                 logp = torch.log_softmax(logits, dim=-1)[first_scored:]
                 targets = chunk[0, 1 + first_scored:]
@@ -80,21 +87,6 @@ def reference_token_nll(model, ids, ctx):
             targets = chunk[0, 1:]
             per_chunk.append(-logp[torch.arange(len(targets)), targets].numpy())
     return per_chunk
-
-
-def intact_down_out(model, layers, ids, ctx):
-    """Per chunk, {layer: down_proj output [T, hidden]} of the model as it is now."""
-    outputs = []
-    for start in range(0, len(ids), ctx):
-        seen = {}
-        handles = [model.model.layers[layer].mlp.down_proj.register_forward_hook(
-            lambda mod, inp, out, layer=layer: seen.__setitem__(layer, out[0].detach().clone())) for layer in layers]
-        with torch.no_grad():
-            model(torch.tensor([ids[start:start + ctx]]))
-        for handle in handles:
-            handle.remove()
-        outputs.append(seen)
-    return outputs
 
 
 # --- the forward pass generalised: [B, T] token batches, worlds x sequences, activation transforms ----
@@ -319,12 +311,12 @@ def test_paper_findings_on_smollm2(smollm2, smol_torch, smol_catalog, prose_ids,
         assert world["stop_word_probability"] == pytest.approx(stop_sum / count, rel=1e-5), name
         return peaks
 
-    peaks = check("original")
-    np.testing.assert_allclose(worlds["original"]["peak_down_proj_output"], peaks, rtol=1e-5)  # measured: 1.7e-6
     rows = {}
     for sw in sws:
         rows.setdefault(sw["layer"], []).append(sw["row"])
-    intact = intact_down_out(model, rows, ids, ctx)
+    intact = []  # the intact model's down_proj outputs of the super weights' layers, per chunk, for "restored"
+    peaks = check("original", record=(rows, intact))
+    np.testing.assert_allclose(worlds["original"]["peak_down_proj_output"], peaks, rtol=1e-5)  # measured: 1.7e-6
     with zeroed_in_torch(model, super_elements):
         peaks_removed = check("removed")
         check("restored", restore=(rows, intact))

@@ -20,6 +20,7 @@ from swtool.checkpoint.gguf_model import open_gguf
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, build_tokenizer
 from swtool.forward import forward
 from swtool.model import load_model
+from fixtures.arrays import assert_arrays_equal
 from fixtures.tiny import random_tokens, torch_logits
 from fixtures.cli_run import one_line_error, swtool, swtool_in_process
 from fixtures.gguf_cache import gguf_reader
@@ -99,7 +100,7 @@ def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
             ours = permute(ours, config["num_attention_heads"], config["num_attention_heads"])
         if tensor.name.endswith("attn_k.weight"):
             ours = permute(ours, config["num_attention_heads"], config["num_key_value_heads"])
-        np.testing.assert_array_equal(ours, expected, err_msg=tensor.name)
+        assert_arrays_equal(ours, expected, err_msg=tensor.name)
     # rows and single blocks agree with the whole tensor, for a permuted and a plain one
     for name in ("model.layers.3.self_attn.k_proj.weight", "model.layers.2.mlp.down_proj.weight"):
         info, whole = checkpoint.tensor(name), checkpoint.tensor(name).read()
@@ -156,6 +157,7 @@ def test_hf_names_config_and_tokenizer_files(original):
 
 def transformers_from_gguf(path):
     """transformers' own GGUF loader (config, names, Q/K un-permutation, dequantization) into a float32 model."""
+    import functools
     from unittest import mock
 
     import transformers
@@ -163,8 +165,13 @@ def transformers_from_gguf(path):
 
     # transformers parses the file with gguf-py's GGUFReader on each of its two calls; it is handed the
     # reader this module already parsed (fixtures/gguf_cache.py: the same GGUFReader of the same file,
-    # read only) instead of decoding SmolLM2's vocabulary twice more
-    with mock.patch.object(gguf, "GGUFReader", gguf_reader):
+    # read only) instead of decoding SmolLM2's vocabulary twice more; parsed before the patch, which the
+    # cache's own gguf.GGUFReader call would otherwise meet (endless recursion when this test runs alone).
+    # Its name map asks gguf-py for the same TensorNameMap(arch, layers) once per module of the model
+    # (~400 times, 7 s): built once here, the same map (transformers only looks names up in it)
+    gguf_reader(path)
+    name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    with mock.patch.object(gguf, "GGUFReader", gguf_reader), mock.patch.object(gguf, "get_tensor_name_map", name_map):
         config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
@@ -196,7 +203,7 @@ def test_written_ggufs_hold_the_safetensors_values(written, hf_values):
             else:
                 expected = gguf.quants.dequantize(gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0),
                                                   gguf.GGMLQuantizationType.Q8_0)
-            np.testing.assert_array_equal(info.read(), expected, err_msg=f"{kind} {name}")
+            assert_arrays_equal(info.read(), expected, err_msg=f"{kind} {name}")
 
 
 def test_f32_gguf_gives_the_safetensors_logits(written, smollm2):
@@ -219,7 +226,9 @@ def test_tiny_families_as_gguf_match_transformers(family, tiny_factory, tmp_path
 # --- the scan ------------------------------------------------------------------------
 
 def scan_json(path):
-    result = swtool("scan", path, "--json", "--no-progress")
+    """`swtool scan --json` run in this process (fixtures/cli_run.py: the same command without starting
+    Python and numba again; the entry point is test_cli.py's)."""
+    result = swtool_in_process("scan", path, "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

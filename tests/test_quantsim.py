@@ -54,14 +54,13 @@ def reference_quantize(weight, bits, block_size, clip="none", value=0.0):
             blocks = torch.clamp(blocks, -tensor_threshold, tensor_threshold)
         minima = blocks.min(dim=1, keepdim=True).values
         maxima = blocks.max(dim=1, keepdim=True).values
-        for i in range(blocks.shape[0]):
-            if maxima[i] == minima[i]:
-                continue
-            scale = (2 ** bits - 1) / (maxima[i] - minima[i])
-            row = blocks[i]
-            row.sub_(minima[i]).mul_(scale)
-            row.round_()
-            row.div_(scale).add_(minima[i])
+        # every block at once, each with its own scale broadcast along it: the same float32 operations
+        # in the same order as a loop over the blocks (a loop was 12 s of Python on SmolLM2's matrices)
+        scale = (2 ** bits - 1) / (maxima - minima)
+        quantized = blocks.clone().sub_(minima).mul_(scale)
+        quantized.round_()
+        quantized.div_(scale).add_(minima)
+        blocks = torch.where(maxima == minima, blocks, quantized)  # a constant block is left as it is
         out.append(blocks.reshape(-1))
     return torch.cat(out).reshape(np.shape(weight)).numpy()
 
@@ -221,8 +220,11 @@ def reference_activation_hooks(model, mode, channels, bits=8):
             x = inputs[0].clone()
             saved = []
             if mode == "keep":
-                flat = x.flatten().sort().values  # the median of the whole input (mean of the two middle values)
-                median = (flat[(flat.numel() - 1) // 2] + flat[flat.numel() // 2]) / 2
+                # the median of the whole input (mean of the two middle values), found by a partial sort
+                # (numpy's partition puts both in place: the same values as a full sort, in a fraction of the time)
+                lower, upper = (x.numel() - 1) // 2, x.numel() // 2
+                middle = torch.from_numpy(np.partition(x.flatten().numpy(), (lower, upper))[[lower, upper]])
+                median = (middle[0] + middle[1]) / 2
                 for col in channels.get(name + ".weight", ()):
                     token = int(x[0, :, col].abs().argmax())
                     saved.append((token, col, x[0, token, col].item()))
