@@ -50,14 +50,25 @@ KNOWN_HASHES = {
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
+_last_parsed = {}  # {(file identity): data}: the last tokenizer.json read, which callers only read
+
+
 def read_tokenizer_json(directory):
+    """tokenizer.json's object, parsed once while the file stays the same: an export checks it before
+    the scan and writes it after, and parsing a 10^5-token vocabulary costs as much as a tiny model's export."""
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise SwtoolError(f"{directory}: no tokenizer.json; a GGUF needs the vocabulary "
                           f"(swtool reads tokenizer.json, not tokenizer.model)")
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity in _last_parsed:
+        return _last_parsed[identity]
     data = read_json(path)  # nesting depth, duplicate keys, size: one-line errors
     if not isinstance(data, dict):
         raise SwtoolError(f"{path}: not a JSON object")
+    _last_parsed.clear()
+    _last_parsed[identity] = data
     return data
 
 

@@ -434,6 +434,7 @@ def whole_array_packing(gguf):
     writing a small model's tensors. Anything else (big-endian files, nested or mixed arrays, a value
     the fast path would store differently) goes to gguf-py's own packing, which also raises its errors.
     """
+    from collections.abc import Sequence
     from struct import Struct
 
     T = gguf.GGUFValueType
@@ -474,6 +475,9 @@ def whole_array_packing(gguf):
     class Writer(gguf.GGUFWriter):
         def _pack_val(self, val, vtype, add_vtype, sub_type=None):
             fast = None
+            if vtype == T.ARRAY and isinstance(val, Sequence) and not isinstance(val, (str, bytes, bytearray, list, tuple)):
+                val = list(val)  # quantize copies the reader's arrays (NumberArray, LazyStrings): gguf-py packs any
+                # Sequence element by element, the same elements as this list's
             if vtype == T.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE and isinstance(val, (list, tuple)) and val:
                 kind = sub_type if sub_type is not None else element_type(val)
                 if kind == T.STRING and all(isinstance(v, (str, bytes, bytearray)) for v in val):

@@ -237,3 +237,45 @@ def test_the_fast_reader_reads_what_gguf_py_reads(converted, exported_q8_0, whic
 
         for tensor in gguf_reader(path).tensors:
             assert np.array_equal(dequantized(path, tensor.name), gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+
+
+def test_an_export_parses_tokenizer_json_once_and_writes_the_same_file(converted, tmp_path, monkeypatch):
+    """export parses tokenizer.json once while the file stays the same (export_vocab.read_tokenizer_json),
+    and the file written from a kept parse is the one a fresh parse gives."""
+    from swtool import export_vocab
+
+    model_dir, _ = converted("llama")
+    parses = []
+    real_read_json = export_vocab.read_json
+
+    def counted_read_json(path, *args, **kwargs):
+        parses.append(path.name)
+        return real_read_json(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_vocab, "read_json", counted_read_json)
+    export_vocab._last_parsed.clear()
+    outputs = []
+    for run in ("fresh", "kept"):
+        out = tmp_path / f"{run}.gguf"
+        result = swtool_in_process("export", model_dir, "-o", out, "--type", "f32", "--no-scan", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert parses.count("tokenizer.json") == 1  # not before the scan and again when writing, nor per export
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_a_changed_tokenizer_json_is_read_again(tmp_path):
+    import json
+
+    from swtool import export_vocab
+
+    path = tmp_path / "tokenizer.json"  # (read_tokenizer_json asks only for a JSON object: a small one will do)
+    original = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}
+    path.write_text(json.dumps(original))
+    first = export_vocab.read_tokenizer_json(tmp_path)
+    changed = {"model": {**original["model"], "vocab": {"a": 0, "b": 1, "ab": 2}}}
+    path.write_text(json.dumps(changed))
+    assert first == original and export_vocab.read_tokenizer_json(tmp_path) == changed
+    path.unlink()
+    path.write_text(json.dumps(original))  # a new file: the first's text, perhaps its inode number
+    assert export_vocab.read_tokenizer_json(tmp_path) == original

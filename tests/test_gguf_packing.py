@@ -48,3 +48,29 @@ def test_a_vocabulary_packs_as_gguf_py_packs_it():
     plain, fast = gguf.GGUFWriter(None, "llama"), whole_array_packing(gguf)(None, "llama")
     for values in (tokens, scores, kinds):
         assert fast._pack_val(values, T.ARRAY, True) == plain._pack_val(values, T.ARRAY, True)
+
+
+def test_the_readers_arrays_pack_as_gguf_py_packs_them(tmp_path):
+    """quantize copies a GGUF's metadata as swtool's reader holds it (NumberArray, LazyStrings, not lists):
+    those pack into gguf-py's bytes too, read back from a file gguf-py wrote."""
+    from swtool.checkpoint.gguf_file import read_gguf
+
+    rng = np.random.default_rng(1)
+    arrays = {"t.tokens": (["".join(map(chr, rng.integers(32, 0x3000, rng.integers(1, 9)))) for _ in range(3000)], None),
+              "t.types": ([int(k) for k in rng.integers(1, 7, 3000)], T.INT32),
+              "t.scores": ([float(x) for x in rng.standard_normal(3000).astype(np.float32)], T.FLOAT32),
+              "t.ids": ([int(k) for k in rng.integers(0, 2**32, 50)], T.UINT32)}
+    writer = gguf.GGUFWriter(str(tmp_path / "arrays.gguf"), "llama")
+    for key, (values, sub_type) in arrays.items():
+        writer.add_array(key, values) if sub_type is None else writer.add_key_value(key, values, T.ARRAY, sub_type=sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    meta = read_gguf(tmp_path / "arrays.gguf").metadata
+    plain, fast = gguf.GGUFWriter(None, "llama"), whole_array_packing(gguf)(None, "llama")
+    for key, (values, sub_type) in arrays.items():
+        read = meta[key]
+        assert not isinstance(read, (list, tuple)) and list(read) == values
+        expected = plain._pack_val(values, T.ARRAY, True, sub_type=sub_type)
+        assert plain._pack_val(read, T.ARRAY, True, sub_type=sub_type) == expected
+        assert fast._pack_val(read, T.ARRAY, True, sub_type=sub_type) == expected
