@@ -313,6 +313,23 @@ def catalog_prompts(catalog_path):
     return [(p["prompt"], [int(t) for t in p["tokens"]]) for p in listed]
 
 
+def copy_identical_tensors(tensors, path):
+    """Tensors that `path` (a GGUF of the same checkpoint, written without importance or reordering: `swtool
+    sweep`'s `none` file of the type) stores in the same type: its bytes copied, not quantized again.
+
+    A tensor's quantization reads only that tensor's values, so a tensor quantized here without importance
+    and in the source's order gets those bytes; keep and control change the types of a few tensors only."""
+    from swtool.checkpoint.gguf_file import read_gguf
+
+    written = read_gguf(path).tensors
+    for tensor in tensors.values():
+        same = written.get(tensor.name)
+        if (same is not None and same.row_order is None and tensor.raw is None and tensor.importance is None
+                and tensor.row_order is None and tensor.col_order is None
+                and same.dtype == tensor.qtype.name and tuple(same.shape) == tuple(tensor.shape)):
+            tensor.raw = same
+
+
 def attach_importance(tensors, used):
     """Each block-quantized tensor's importance as stored (columns in its col_order), where `used` has
     an entry for it; tensors whose bytes are copied or that stay float get none. Returns `used`, or None
@@ -348,6 +365,7 @@ class ExportOptions:
     pure: bool = False  # llama-quantize --pure: no mix or output rule, every weight in --type
     leave_output_tensor: bool = False  # llama-quantize --leave-output-tensor: output.weight as stored
     dry_run: bool = False  # plan every tensor's type and size; write nothing
+    same_bytes_as: str = None  # a GGUF of the same checkpoint written without importance (sweep's `none` file): copied
 
 
 @dataclass
@@ -586,6 +604,8 @@ def export(model_path, out_path, options):
     handle_super_weights(tensors, options, super_weights, orders, model_path)
     handling = handling_label(options, super_weights, orders, tensors)
     used = attach_importance(tensors, used)
+    if options.same_bytes_as:
+        copy_identical_tensors(tensors, options.same_bytes_as)
 
     def add_metadata(writer):
         import gguf

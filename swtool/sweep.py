@@ -30,6 +30,8 @@ Handlings without importance write llama-quantize's files without --imatrix (`--
 so `none` is the stock file each importance and handling is measured against.
 A keep or control whose TYPE is not more precise than the file's type would write the
 same file as `none`; it is skipped and listed as such, as is isolate in a float type.
+A type's files without importance after its `none` file copy from it the tensors they store
+as it does (gguf_export.copy_identical_tensors) rather than quantize them again.
 """
 
 import tempfile
@@ -315,16 +317,21 @@ def run_sweep(model_path, text_path, text, types, handlings, catalog=None, ctx=5
         result.skipped = [(q, h.label) for q, h in plan if (q, h) not in todo]
         holders = {sw.tensor for sw in super_weights}
         control_names = {f"blk.{layer}.ffn_down.weight" for layer in controls}
+        plain = {}  # type -> its `none` file, whose tensors the type's keep, control and isolate files copy
         for number, (qtype, handling) in enumerate(todo, 1):
             start = time.time()
             path = paths[(qtype, handling.label)]
             options = export_options(qtype, handling, catalog, controls, progress, importances)
+            if handling.importance is None and qtype in plain:
+                options = replace(options, same_bytes_as=str(plain[qtype]))
             row = score_file(model_path, path, options, windows, ctx, threads, holders,
                              control_names if handling.name == "control" else set(),
                              lambda i: source_logits.rows(i, range(ctx - 1)))
             row.handling, row.seconds = handling.label, round(time.time() - start, 1)
-            if out_dir is None:
-                path.unlink()  # one temporary file at a time on disk
+            if handling == Handling("none"):
+                plain[qtype] = path
+            if out_dir is None:  # at most two temporary files on disk: this type's `none` and the last one
+                remove_unneeded(path, plain, qtype, todo[number:])
             result.rows.append(row)
             log(f"[{number}/{len(todo)}] {qtype} {handling.label}: {row.file_bytes / 1e6:.2f} MB, "
                 f"{row.bits_per_weight:.3f} bits/weight, perplexity {row.perplexity:.4f}, "
@@ -351,6 +358,14 @@ def score_file(model_path, path, options, windows, ctx, threads, holders, contro
                perplexity=ppl, predictions=count,
                super_weight_tensors={name: stored[name] for name in sorted(holders)},
                control_tensors={name: stored[name] for name in sorted(control_names)}, seconds=None, kld=kld)
+
+
+def remove_unneeded(path, plain, qtype, rest):
+    """Remove the file just scored, and this type's `none` file once no file of the type is left to write."""
+    if path != plain.get(qtype):
+        path.unlink()
+    if qtype in plain and not any(q == qtype for q, _ in rest):
+        plain.pop(qtype).unlink()
 
 
 class work_directory:

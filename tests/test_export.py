@@ -395,6 +395,33 @@ def test_tiny_families_give_transformers_logits_in_llama_cpp(tiny_factory, smoll
         assert np.abs(torch_logits(plain, ids) - expected).max() > 3 * tolerance
 
 
+def test_same_bytes_as_copies_the_tensors_it_stores_in_the_same_type(smollm2, tmp_path, monkeypatch):
+    """`swtool sweep` writes a type's keep and control files with same_bytes_as its `none` file: the tensors
+    stored in the same type are copied from it, not quantized again, and the file is byte for byte the one
+    written without it; the tensors whose type differs are quantized."""
+    from fixtures.tiny import build_tiny
+    import swtool.quant
+
+    directory = tmp_path / "model"
+    build_tiny(directory, "llama", "float32", vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, directory / name)
+    plain = export(directory, tmp_path / "none.gguf", ExportOptions("q4_0", progress=False, scan=False,
+                                                                     importance="none")).path
+    control = ExportOptions("q4_0", progress=False, scan=False, importance="none",
+                            tensor_types=(r"^blk\.1\.ffn_down\.weight$=q8_0",))
+    fresh = export(directory, tmp_path / "fresh.gguf", control).path
+    quantize, quantized = swtool.quant.quantize, []
+    monkeypatch.setattr(swtool.quant, "quantize", lambda values, qtype, *rest: quantized.append(qtype.name)
+                        or quantize(values, qtype, *rest))
+    copied = export(directory, tmp_path / "copied.gguf",
+                    ExportOptions(**{**control.__dict__, "same_bytes_as": str(plain)})).path
+    assert copied.read_bytes() == fresh.read_bytes() != plain.read_bytes()
+    # blk.1.ffn_down, and the attention's q and k of the 4 layers, whose rows the conversion permutes (copied
+    # only in the source's order, so that a handling's reordering can never pick up another file's bytes)
+    assert sorted(quantized) == ["Q4_0"] * 8 + ["Q8_0"]
+
+
 def test_sentencepiece_vocabulary_splits_text_as_its_tokenizer_json(tmp_path):
     """A SentencePiece-style tokenizer.json (byte fallback, "▁" for spaces, merges ranked by score):
     the exported "llama" vocabulary makes llama.cpp give the tokenizer's own ids."""
