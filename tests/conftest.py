@@ -151,9 +151,10 @@ def smollm2_llama_quantized(smollm2_export, tmp_path_factory):
 def llama_logits(tmp_path_factory):
     """logits(path, windows) -> llama.cpp's logits [windows, ctx - 1, vocab] float32 of the GGUF at `path` on
     those token windows, each an independent sequence (fixtures/llama_oracle.py: window_logits), computed once
-    per run for each file and windows and shared (.npy, read memory-mapped), so that tests judging the same
-    shared file on the same windows (the F16 export, the sweep's files) do not decode them again.
-    Only for files that do not change during the run (shared ones): the file's path names the result."""
+    per run for each file content and window and shared (.npy, read memory-mapped), so that tests judging the
+    same file on the same windows (the F16 export, the sweep's files) do not decode them again. Keyed by the
+    file's bytes (sha256), not its name: the sweep's F16 file is byte for byte conftest's F16 export, and
+    llama.cpp decodes the same bytes on the same tokens once. Only for files that do not change during the run."""
     import hashlib
 
     import numpy as np
@@ -161,15 +162,36 @@ def llama_logits(tmp_path_factory):
     def logits(path, token_windows):
         from fixtures import llama_oracle
 
-        def decode(out):
-            llm = llama_oracle.load(path, n_ctx=len(token_windows[0]))
-            np.save(out, np.stack([llama_oracle.window_logits(llm, window) for window in token_windows]))
+        digest, loaded = content_digest(path), []
 
-        key = hashlib.sha256(repr((str(path), [list(map(int, w)) for w in token_windows])).encode()).hexdigest()[:16]
-        return np.load(shared_file(tmp_path_factory, f"{Path(path).name}-{key}.llama-logits.npy", decode),
-                       mmap_mode="r")
+        def decode(out, window):
+            if not loaded:  # one load for the windows not decoded yet
+                loaded.append(llama_oracle.load(path, n_ctx=len(window)))
+            np.save(out, llama_oracle.window_logits(loaded[0], window))
+
+        def window_logits(window):
+            key = hashlib.sha256(repr((digest, list(map(int, window)))).encode()).hexdigest()[:24]
+            return np.load(shared_file(tmp_path_factory, f"llama-logits-{key}.npy", lambda out: decode(out, window)),
+                           mmap_mode="r")
+
+        each = [window_logits(window) for window in token_windows]
+        return each[0][None] if len(each) == 1 else np.stack(each)
 
     return logits
+
+
+DIGESTS = {}  # (path, size, modification time) -> sha256 of the file's bytes, once per process
+
+
+def content_digest(path):
+    import hashlib
+
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in DIGESTS:
+        with open(path, "rb") as f:
+            DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return DIGESTS[key]
 
 
 @pytest.fixture(scope="session")
