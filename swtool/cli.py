@@ -721,9 +721,10 @@ def write_gguf_output(opts, source, write):
 
 
 def gguf_inputs(model, opts):
-    """What export or quantize reads besides the model: the catalog, the imatrix, the text of --importance text:FILE."""
-    kind, _, text = (opts["importance"] or "").partition(":")
-    return model, opts["catalog"], opts["imatrix"], text if kind.strip().lower() == "text" else None
+    """What export or quantize reads: the model, the catalog, and the file of --imatrix or --importance text:FILE."""
+    from swtool.export_importance import parse_importance
+
+    return model, opts["catalog"], parse_importance(opts["importance"], opts["imatrix"]).path
 
 
 @main.command("export")

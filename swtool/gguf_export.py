@@ -27,6 +27,7 @@ Super-weight handling (`--sw-handling`):
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import cache
 from math import prod
 from pathlib import Path
 
@@ -444,6 +445,7 @@ def check_options(options):
     named_tensor_rules(options.output_tensor_type, options.token_embedding_type)
 
 
+@cache
 def whole_array_packing(gguf):
     """gguf.GGUFWriter whose metadata arrays of strings or numbers are packed at once, into the same bytes.
 
@@ -494,8 +496,9 @@ def whole_array_packing(gguf):
         def _pack_val(self, val, vtype, add_vtype, sub_type=None):
             fast = None
             if vtype == T.ARRAY and isinstance(val, Sequence) and not isinstance(val, (str, bytes, bytearray, list, tuple)):
-                val = list(val)  # quantize copies the reader's arrays (NumberArray, LazyStrings): gguf-py packs any
-                # Sequence element by element, the same elements as this list's
+                # quantize copies the reader's arrays (NumberArray, LazyStrings): gguf-py packs any Sequence
+                # element by element, the same elements as this list's
+                val = list(val)
             if vtype == T.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE and isinstance(val, (list, tuple)) and val:
                 kind = sub_type if sub_type is not None else element_type(val)
                 if kind == T.STRING and all(isinstance(v, (str, bytes, bytearray)) for v in val):

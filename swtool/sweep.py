@@ -424,10 +424,8 @@ def sweep_importances(model, handlings, catalog, from_scan, text_path, log):
             made[source] = from_scan or importance_of_prompts(model, "catalog", catalog_prompts(catalog), [])
         elif source == "text":
             made[source] = ei.computed(ei.ImportanceSpec("text", str(text_path)), model)
-        elif source == "random":
-            made[source] = ei.computed(ei.ImportanceSpec("random", tokens=ei.DEFAULT_RANDOM_TOKENS), model)
-        else:
-            made[source] = ei.computed(ei.ImportanceSpec("self", tokens=ei.DEFAULT_SELF_TOKENS), model)
+        else:  # random or self, with export's default token counts
+            made[source] = ei.computed(ei.parse_importance(source), model)
         log(f"importance:{source}: {made[source].description}")
     return made
 
