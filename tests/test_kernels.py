@@ -188,3 +188,62 @@ def test_pairs_kernel_is_off_when_numba_targets_a_generic_cpu(tmp_path):
     assert available == "False"
     w = (np.arange(8 * 64, dtype=np.uint32) % 7 + 0x3F80).astype(np.uint16).reshape(8, 64)
     assert float(total) == pytest.approx(3 * float((w.astype(np.uint32) << 16).view(np.float32).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("path", ["rows BF16", "rows F16", "rows F32", "columns F32", "pairs BF16", "statistics F32",
+                                  "blocks Q4_0", "dequantize Q8_0", "dequantize F16"])
+def test_writable_and_read_only_weights_reach_the_kernels_read_only(monkeypatch, path):
+    """A weight mapped from a file is read-only, one built in memory writable; Numba compiles a kernel once per
+    argument type, so both reach the kernels read-only: one compiled specialization (and cache entry), not two."""
+    import numba
+
+    from swtool import quant
+    from swtool.kernels import bf16_pairs, gguf_blocks
+    from swtool.quant import blocks, floats
+
+    kind, dtype = path.split()
+    seen = []
+
+    def spy(module, name, weight_at):
+        real = getattr(module, name)
+
+        def call(*args):
+            seen.append(numba.typeof(args[weight_at]))
+            return real(*args)
+        monkeypatch.setattr(module, name, call)
+
+    weight = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    x = np.ones((3, 256), np.float32)
+    if kind in ("rows", "columns", "pairs", "statistics"):
+        stored = encode_float32(weight if kind != "columns" else weight.T.copy(), dtype)
+        stored = stored.reshape(weight.shape if kind != "columns" else weight.T.shape)
+        if kind == "pairs":
+            require_pairs_kernel()
+        else:
+            monkeypatch.setattr(kernels, "pairs_available", lambda: False)  # bf16 through dense.py's loop
+        names = {"rows": [(dense, "matmul_rows", 1)], "columns": [(dense, "matmul_columns", 1)],
+                 "pairs": [(bf16_pairs, "matmul", 1)],
+                 "statistics": [(dense, "sum_of_squares", 0), (dense, "count_larger", 0)]}[kind]
+        for module, name, at in names:
+            spy(module, name, at)
+
+        def run(array):
+            if kind == "statistics":
+                kernels.sum_of_squares(array, dtype), kernels.count_larger(array, dtype, 0.5)
+            else:
+                kernels.matmul_stored(x, array.T if kind == "columns" else array, dtype)
+    else:
+        stored = quant.quantize(weight, dtype)
+        if kind == "blocks":
+            spy(gguf_blocks, "matmul_blocks_rows", 1)
+            run = lambda array: kernels.matmul_stored(x, array, dtype)  # noqa: E731
+        else:
+            spy(blocks, "dequantize_rows", 0)
+            spy(floats, "dequantize_f16", 0)
+            run = lambda array: quant.dequantize(array, dtype, weight.shape)  # noqa: E731
+    read_only = stored.copy()
+    read_only.flags.writeable = False
+    assert stored.flags.writeable
+    run(stored)
+    run(read_only)
+    assert seen and all(not t.mutable for t in seen), seen

@@ -23,6 +23,7 @@ import numpy as np
 from swtool.block_types import BLOCK_TYPES
 from swtool.kernels import bf16_pairs, dense
 from swtool.kernels.common import padded_rows
+from swtool.kernels.jit import read_only
 
 # Above this many input rows decode + BLAS wins over the fused bf16 kernels (they cost the same
 # at about 80 rows on a 2048 x 8192 matrix, one core; docs/performance.md).
@@ -73,8 +74,9 @@ def pairs_available():
 
 
 def stored_bits(stored, dtype):
-    """The stored array viewed as the dtype `decode_weight` decodes by: uint16 for bf16, int16 for half, float32."""
-    return stored.view({"BF16": np.uint16, "F16": np.int16, "F32": np.float32}[dtype])
+    """The stored array viewed, read-only, as the dtype `decode_weight` decodes by: uint16 for bf16, int16 for
+    half, float32."""
+    return read_only(stored.view({"BF16": np.uint16, "F16": np.int16, "F32": np.float32}[dtype]))
 
 
 def sum_of_squares(stored, dtype):

@@ -33,6 +33,7 @@ import numpy as np
 
 from swtool.block_types import KIND, block_shape
 from swtool.kernels.common import BLOCK, FAST, padded_rows, tile_block_4x4
+from swtool.kernels.jit import read_only
 from swtool.quant.blocks import decode_segment
 
 SEGMENT = 256  # columns decoded at a time per weight row: a multiple of every block size
@@ -71,5 +72,5 @@ def matmul_blocks(x, stored, dtype):
         raise ValueError(f"{dtype} rows of {stored.shape[-1]} bytes do not hold {n_cols} columns")
     padded = padded_rows(x)
     out = np.empty((padded.shape[0], stored.shape[0]), dtype=np.float32)
-    matmul_blocks_rows(padded, np.ascontiguousarray(stored), KIND[dtype], values, n_cols, out)
+    matmul_blocks_rows(padded, read_only(np.ascontiguousarray(stored)), KIND[dtype], values, n_cols, out)
     return out[:x.shape[0]]

@@ -19,10 +19,16 @@ parallel region, on the cores that NumPy's BLAS threads (attention, the long-inp
 products), the next kernel or another program need. swtool sets OMP_WAIT_POLICY=PASSIVE
 (unless the environment sets it) so they sleep instead: a little slower on a quiet
 machine, much faster when other work shares the cores (docs/performance.md, "Threads").
+
+Signatures: Numba compiles a function once per argument type, and a read-only array is another
+type than a writable one. Weights come read-only from a mapped file and writable from memory, so
+the kernels take them through `read_only`: one compiled specialization (and one disk-cache entry)
+per kernel, not two.
 """
 
 import os
 
+import numpy as np
 from numba.core import config
 from numba.core.registry import cpu_target
 
@@ -46,3 +52,10 @@ def _sleeping_workers():
 
 _prefer_wide_vectors()
 _sleeping_workers()
+
+
+def read_only(array):
+    """`array` viewed read-only (no copy): the type a kernel is compiled for, whoever owns the memory."""
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view

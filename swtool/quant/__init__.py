@@ -159,5 +159,7 @@ def dequantize(data, qtype, shape):
         raise SwtoolError(f"{qtype.name} data of shape {shape} should be {expected} bytes; got {data.size}")
     out = np.empty((n_rows, cols), dtype=np.float32)
     if out.size:
-        _kernels(qtype)[1](data.reshape(n_rows, -1), out)
+        from swtool.kernels.jit import read_only  # numba's set-up: loaded with the kernels, not with this module
+
+        _kernels(qtype)[1](read_only(data.reshape(n_rows, -1)), out)
     return out.reshape(shape)
