@@ -25,6 +25,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
 
+# Test modules that compile the same Numba functions run one after the other on one xdist worker. `--dist loadfile`
+# hands out modules in order of their test counts, which started these two together on the two workers: on a cold
+# cache each worker compiled every quantizer (~20 s of CPU, twice, measured with numba's compile events);
+# in sequence the second module loads them from the first's disk cache.
+SAME_WORKER = {"tests/test_quant.py": "quantizers", "tests/test_quant_importance.py": "quantizers"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the modules of SAME_WORKER's groups as one unit of work."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return SAME_WORKER.get(path, path)
+
+    return GroupedFiles(config, log)
+
 
 def pytest_report_header(config):
     """Which bf16 kernels this run tests: bf16_pairs needs AVX-512 (tests/test_kernels.py)."""
