@@ -60,8 +60,7 @@ def read_tokenizer_json(directory):
     if not path.is_file():
         raise SwtoolError(f"{directory}: no tokenizer.json; a GGUF needs the vocabulary "
                           f"(swtool reads tokenizer.json, not tokenizer.model)")
-    stat = path.stat()
-    identity = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    identity = file_identity(path)
     if identity in _last_parsed:
         return _last_parsed[identity]
     data = read_json(path)  # nesting depth, duplicate keys, size: one-line errors
@@ -72,9 +71,40 @@ def read_tokenizer_json(directory):
     return data
 
 
+def file_identity(path):
+    """What tells a file from any other, or from itself changed: its path, device, inode, size and mtime
+    (None for a missing file)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+# the files of a directory that gguf-py's SpecialVocab reads
+SPECIAL_VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "merges.txt", "chat_template.json",
+                       "chat_template.jinja")
+_last_special = {}  # {(the files' identities, n_vocab, load_merges): SpecialVocab}, read only by add_to_gguf
+
+
+def special_vocabulary(directory, n_vocab, load_merges=False):
+    """gguf-py's SpecialVocab of `directory`, built once while its files stay the same: it parses tokenizer.json
+    again and rebuilds every merge, as long as a tiny model's whole export, and a sweep writes one vocabulary
+    per file. (SpecialVocab.add_to_gguf only reads it.)"""
+    import gguf
+
+    directory = Path(directory)
+    if any((directory / "additional_chat_templates").glob("*.jinja")):  # more files it reads: not kept
+        return gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
+    key = (tuple(file_identity(directory / name) for name in SPECIAL_VOCAB_FILES), n_vocab, load_merges)
+    if key not in _last_special:
+        _last_special.clear()
+        _last_special[key] = gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
+    return _last_special[key]
+
+
 def add_vocabulary(writer, directory, vocab_size):
     """Write the tokenizer.* metadata of the tokenizer in `directory` to a GGUFWriter; returns the kind."""
-    import gguf
 
     data = read_tokenizer_json(directory)
     model = data.get("model") or {}
@@ -89,7 +119,7 @@ def add_vocabulary(writer, directory, vocab_size):
         writer.add_token_scores(merge_scores(tokens, model.get("merges") or []))
         writer.add_token_types(kinds)
         writer.add_add_space_prefix(adds_space_prefix(data))
-        special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(tokens))
+        special = special_vocabulary(directory, len(tokens))
         kind = "llama"
     else:  # byte-level BPE
         if not model.get("merges"):
@@ -99,7 +129,7 @@ def add_vocabulary(writer, directory, vocab_size):
         writer.add_tokenizer_pre(pre_tokenizer_name(directory, data))
         writer.add_token_list(tokens)
         writer.add_token_types(kinds)
-        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens))
+        special = special_vocabulary(directory, len(tokens), load_merges=True)
         kind = "gpt2"
     special.add_to_gguf(writer, quiet=True)
     return kind
@@ -263,11 +293,10 @@ def add_sentencepiece_vocabulary(writer, directory, vocab_size):
 
 def write_sentencepiece(writer, directory, tokens, scores, types):
     """A "llama" (SentencePiece) vocabulary's keys, then SpecialVocab's special ids, add_bos/eos and chat template."""
-    import gguf
 
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special_vocabulary(directory, len(tokens)).add_to_gguf(writer, quiet=True)

@@ -242,6 +242,8 @@ def test_the_fast_reader_reads_what_gguf_py_reads(converted, exported_q8_0, whic
 def test_an_export_parses_tokenizer_json_once_and_writes_the_same_file(converted, tmp_path, monkeypatch):
     """export parses tokenizer.json once while the file stays the same (export_vocab.read_tokenizer_json),
     and the file written from a kept parse is the one a fresh parse gives."""
+    import gguf
+
     from swtool import export_vocab
 
     model_dir, _ = converted("llama")
@@ -254,14 +256,39 @@ def test_an_export_parses_tokenizer_json_once_and_writes_the_same_file(converted
 
     monkeypatch.setattr(export_vocab, "read_json", counted_read_json)
     export_vocab._last_parsed.clear()
+    export_vocab._last_special.clear()
+    special_vocabularies = []
+    real_special_vocab = gguf.SpecialVocab
+    monkeypatch.setattr(gguf, "SpecialVocab", lambda *a, **k: special_vocabularies.append(a) or real_special_vocab(*a, **k))
     outputs = []
     for run in ("fresh", "kept"):
         out = tmp_path / f"{run}.gguf"
         result = swtool_in_process("export", model_dir, "-o", out, "--type", "f32", "--no-scan", "--no-progress")
         assert result.returncode == 0, result.stderr
         assert parses.count("tokenizer.json") == 1  # not before the scan and again when writing, nor per export
+        assert len(special_vocabularies) == 1  # gguf-py's merges and special ids: built once too
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_an_export_after_a_changed_tokenizer_config_writes_the_change(converted, tmp_path):
+    """A kept SpecialVocab (export_vocab.special_vocabulary) is built again when a file it reads changes: the
+    chat template of tokenizer_config.json, as gguf-py's SpecialVocab reads it, reaches the second export."""
+    import json
+    import shutil
+
+    model_dir, _ = converted("llama")
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    templates = []
+    for template in ("{{ 'first' }}", "{{ 'second' }}"):
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        (copy / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        out = tmp_path / f"model-{len(templates)}.gguf"
+        result = swtool_in_process("export", copy, "-o", out, "--type", "f32", "--no-scan", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        templates.append(gguf_py_contents(out).keys["tokenizer.chat_template"][1])
+    assert templates == ["{{ 'first' }}", "{{ 'second' }}"]
 
 
 def test_a_changed_tokenizer_json_is_read_again(tmp_path):
