@@ -26,7 +26,7 @@ from pathlib import Path
 
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 from swtool.errors import SwtoolError
-from swtool.jsonfile import read_json
+from swtool.jsonfile import parse_json, read_json, read_limited
 
 # convert_hf_to_gguf.py's check text and the hashes of its ids, for the pre-tokenizers swtool reads back
 CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
@@ -50,53 +50,53 @@ KNOWN_HASHES = {
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-_last_parsed = {}  # {(file identity): data}: the last tokenizer.json read, which callers only read
+_last_parsed = {}  # {sha256 of tokenizer.json's bytes: data}: the last tokenizer.json read, which callers only read
 
 
 def read_tokenizer_json(directory):
-    """tokenizer.json's object, parsed once while the file stays the same: an export checks it before
-    the scan and writes it after, and parsing a 10^5-token vocabulary costs as much as a tiny model's export."""
+    """tokenizer.json's object, parsed once while its bytes stay the same: an export checks it before
+    the scan and writes it after, a sweep exports it once per file, and parsing a 10^5-token vocabulary
+    costs as much as a tiny model's export (reading and hashing its bytes, a few milliseconds)."""
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise SwtoolError(f"{directory}: no tokenizer.json; a GGUF needs the vocabulary "
                           f"(swtool reads tokenizer.json, not tokenizer.model)")
-    identity = file_identity(path)
-    if identity in _last_parsed:
-        return _last_parsed[identity]
-    data = read_json(path)  # nesting depth, duplicate keys, size: one-line errors
+    raw = read_limited(path)
+    key = sha256(raw).digest()
+    if key in _last_parsed:
+        return _last_parsed[key]
+    data = parse_json(raw, path)  # nesting depth, duplicate keys, size: one-line errors
     if not isinstance(data, dict):
         raise SwtoolError(f"{path}: not a JSON object")
     _last_parsed.clear()
-    _last_parsed[identity] = data
+    _last_parsed[key] = data
     return data
 
 
-def file_identity(path):
-    """What tells a file from any other, or from itself changed: its path, device, inode, size and mtime
-    (None for a missing file)."""
+def file_digest(path):
+    """sha256 of the file at `path`, None if there is none."""
     try:
-        stat = path.stat()
+        return sha256(path.read_bytes()).digest()
     except FileNotFoundError:
         return None
-    return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 # the files of a directory that gguf-py's SpecialVocab reads
 SPECIAL_VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "merges.txt", "chat_template.json",
                        "chat_template.jinja")
-_last_special = {}  # {(the files' identities, n_vocab, load_merges): SpecialVocab}, read only by add_to_gguf
+_last_special = {}  # {(the files' digests, n_vocab, load_merges): SpecialVocab}, read only by add_to_gguf
 
 
 def special_vocabulary(directory, n_vocab, load_merges=False):
-    """gguf-py's SpecialVocab of `directory`, built once while its files stay the same: it parses tokenizer.json
-    again and rebuilds every merge, as long as a tiny model's whole export, and a sweep writes one vocabulary
-    per file. (SpecialVocab.add_to_gguf only reads it.)"""
+    """gguf-py's SpecialVocab of `directory`, built once while the files it reads keep their bytes: it parses
+    tokenizer.json again and rebuilds every merge, as long as a tiny model's whole export, and a sweep writes
+    one vocabulary per file. (SpecialVocab.add_to_gguf only reads it.)"""
     import gguf
 
     directory = Path(directory)
     if any((directory / "additional_chat_templates").glob("*.jinja")):  # more files it reads: not kept
         return gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
-    key = (tuple(file_identity(directory / name) for name in SPECIAL_VOCAB_FILES), n_vocab, load_merges)
+    key = (tuple(file_digest(directory / name) for name in SPECIAL_VOCAB_FILES), n_vocab, load_merges)
     if key not in _last_special:
         _last_special.clear()
         _last_special[key] = gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
@@ -175,9 +175,9 @@ def looks_special(token):
 
 def pre_tokenizer_name(directory, data):
     """tokenizer.ggml.pre: by the check-text hash (as convert_hf_to_gguf), else by tokenizer.json's structure."""
-    from tokenizers import Tokenizer
+    from swtool.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))  # the file `data` was parsed from
+    tokenizer = load_tokenizer(Path(directory))  # the file `data` was parsed from
     ids = tokenizer.encode(CHECK_TEXT).ids  # with the post-processor's special tokens, as transformers' encode
     name = KNOWN_HASHES.get(sha256(str(ids).encode()).hexdigest()) or structural_pre_name(data.get("pre_tokenizer"))
     if name is None:

@@ -5,6 +5,8 @@ trained with it (Llama 2/3); tokenizer_config.json's `add_bos_token` adds it
 where the post-processor does not (some older exports).
 """
 
+import hashlib
+
 from swtool.errors import SwtoolError
 from swtool.jsonfile import read_json, read_limited
 
@@ -21,17 +23,31 @@ DEFAULT_PROMPTS = (
 MAX_PROMPTS_BYTES = 1 << 20  # a --prompts-file larger than this is refused
 
 
+_last_loaded = {}  # {sha256 of a tokenizer.json's bytes: its Tokenizer}: the last one loaded
+
+
 def load_tokenizer(directory):
+    """The tokenizers.Tokenizer of `directory`'s tokenizer.json, shared: callers never modify it.
+
+    The last one loaded is kept, by the file's bytes: a scan tokenizes each prompt, an export checks
+    the pre-tokenizer, an eval every prefix of its text, and building a 10^5-token vocabulary
+    costs about 0.1 s each time, reading and hashing its bytes a few milliseconds."""
     from tokenizers import Tokenizer
 
     path = directory / "tokenizer.json"
     if not path.exists():
         raise SwtoolError(f"{directory}: no tokenizer.json (needed to tokenize the prompt)")
     raw = read_limited(path, "tokenizer")  # read here: any path (not only UTF-8 ones), never a FIFO
+    key = hashlib.sha256(raw).digest()
+    if key in _last_loaded:
+        return _last_loaded[key]
     try:
-        return Tokenizer.from_buffer(raw)
+        tokenizer = Tokenizer.from_buffer(raw)
     except Exception as e:  # the Rust library reports any parse failure as a plain Exception
         raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    _last_loaded.clear()
+    _last_loaded[key] = tokenizer
+    return tokenizer
 
 
 def encode(directory, text, tokenizer=None):

@@ -240,7 +240,7 @@ def test_the_fast_reader_reads_what_gguf_py_reads(converted, exported_q8_0, whic
 
 
 def test_an_export_parses_tokenizer_json_once_and_writes_the_same_file(converted, tmp_path, monkeypatch):
-    """export parses tokenizer.json once while the file stays the same (export_vocab.read_tokenizer_json),
+    """export parses tokenizer.json once while its bytes stay the same (export_vocab.read_tokenizer_json),
     and the file written from a kept parse is the one a fresh parse gives."""
     import gguf
 
@@ -248,13 +248,13 @@ def test_an_export_parses_tokenizer_json_once_and_writes_the_same_file(converted
 
     model_dir, _ = converted("llama")
     parses = []
-    real_read_json = export_vocab.read_json
+    real_parse_json = export_vocab.parse_json
 
-    def counted_read_json(path, *args, **kwargs):
+    def counted_parse_json(raw, path, *args, **kwargs):
         parses.append(path.name)
-        return real_read_json(path, *args, **kwargs)
+        return real_parse_json(raw, path, *args, **kwargs)
 
-    monkeypatch.setattr(export_vocab, "read_json", counted_read_json)
+    monkeypatch.setattr(export_vocab, "parse_json", counted_parse_json)
     export_vocab._last_parsed.clear()
     export_vocab._last_special.clear()
     special_vocabularies = []

@@ -272,3 +272,42 @@ def test_default_prompts_are_tokenized_once(tiny_factory, family, tmp_path, monk
     monkeypatch.undo()
     scanned = json.loads((tmp_path / "c.json").read_text())["detection"]["prompts"]
     assert [p["tokens"] for p in scanned] == [encode(directory, p["prompt"]) for p in scanned]
+
+
+def test_the_tokenizer_is_loaded_once_for_every_prompt_and_again_when_its_bytes_change(tiny_factory, tmp_path,
+                                                                                         monkeypatch):
+    """swtool.tokenizer keeps the last tokenizer it loaded, by the bytes of tokenizer.json: the prompts of a
+    scan share one load, a copy of the file in another directory is the same tokenizer, and a file whose bytes
+    changed is loaded again (the ids it gives change with it)."""
+    import shutil
+
+    import tokenizers
+
+    from swtool import tokenizer as swtool_tokenizer
+
+    model_dir, _ = tiny_factory("llama")
+    loads = []
+    real = tokenizers.Tokenizer
+
+    class Counted:
+        @staticmethod
+        def from_buffer(raw):
+            loads.append(len(raw))
+            return real.from_buffer(raw)
+
+    monkeypatch.setattr(tokenizers, "Tokenizer", Counted)
+    swtool_tokenizer._last_loaded.clear()
+    ids = [encode(model_dir, prompt) for prompt in DEFAULT_PROMPTS]
+    assert len(loads) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert [encode(copy, prompt) for prompt in DEFAULT_PROMPTS] == ids and len(loads) == 1
+    vocabulary = json.loads((copy / "tokenizer.json").read_text())
+    vocab = vocabulary["model"]["vocab"]
+    first = ids[0][-1]  # the prompt's last token renumbered: the same strings, other bytes, other ids
+    other = next(i for i in vocab.values() if i not in ids[0])
+    token_first, token_other = (next(t for t, i in vocab.items() if i == n) for n in (first, other))
+    vocab[token_first], vocab[token_other] = other, first
+    (copy / "tokenizer.json").write_text(json.dumps(vocabulary))
+    changed = encode(copy, DEFAULT_PROMPTS[0])
+    assert len(loads) == 2 and changed == [other if i == first else i for i in ids[0]]
