@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from fixtures.tiny import Plant
-from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -50,7 +50,7 @@ def cmp_bytes(a, b, chunk=1 << 26):
 
 
 def scan_catalog(model_dir, out):
-    result = swtool("scan", model_dir, "-o", out, "--no-progress")
+    result = swtool_in_process("scan", model_dir, "-o", out, "--no-progress")
     assert result.returncode == 0, result.stderr
     return json.loads(Path(out).read_text())
 
@@ -70,7 +70,7 @@ def test_ablated_smollm2_differs_only_in_the_super_weights_and_loads_in_transfor
     assert len(sws) == 4
     before = sha256s(smollm2)
     out = tmp_path / "ablated"
-    result = swtool("ablate", smollm2, "--catalog", smol_catalog, "-o", out)
+    result = swtool_in_process("ablate", smollm2, "--catalog", smol_catalog, "-o", out)
     assert result.returncode == 0, result.stderr
     assert sha256s(smollm2) == before  # the input is never written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
@@ -144,7 +144,7 @@ def sharded(planted, tmp_path):
 def test_scaled_copy_of_a_sharded_checkpoint(sharded, tmp_path):
     model, catalog, dtype = sharded
     out = tmp_path / "half"
-    result = swtool("ablate", model, "--catalog", catalog, "-o", out, "--scale", "0.5", "--only", "3:50:120")
+    result = swtool_in_process("ablate", model, "--catalog", catalog, "-o", out, "--scale", "0.5", "--only", "3:50:120")
     assert result.returncode == 0, result.stderr
     assert "hard-linked" in result.stdout
     original = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
@@ -166,14 +166,14 @@ def test_scaled_copy_of_a_sharded_checkpoint(sharded, tmp_path):
     assert cmp_bytes(model / index[name], out / index[name]) <= set(range(offset, offset + size))
     # --copy: no links at all
     copied = tmp_path / "copied"
-    assert swtool("ablate", model, "--catalog", catalog, "-o", copied, "--copy").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", catalog, "-o", copied, "--copy").returncode == 0
     assert all((copied / p.name).stat().st_ino != p.stat().st_ino for p in model.iterdir())
 
 
 def test_in_place_and_restore_round_trip(sharded):
     model, catalog, _ = sharded
     before = sha256s(model)
-    result = swtool("ablate", model, "--catalog", catalog, "--in-place")
+    result = swtool_in_process("ablate", model, "--catalog", catalog, "--in-place")
     assert result.returncode == 0, result.stderr
     assert (model / "swtool-ablation-journal.json").is_file()
     after = sha256s(model)
@@ -185,7 +185,7 @@ def test_in_place_and_restore_round_trip(sharded):
         assert reference.get_parameter(f"model.layers.{p.layer}.mlp.down_proj.weight")[p.row, p.col].item() == 0.0
     # ablating again is refused (the values no longer match the catalog, and a journal exists)
     assert "already" in one_line_error(swtool_in_process("ablate", model, "--catalog", catalog, "--in-place"))
-    result = swtool("ablate", model, "--restore")
+    result = swtool_in_process("ablate", model, "--restore")
     assert result.returncode == 0, result.stderr
     assert sha256s(model) == before  # identical bytes, journal gone
     assert "nothing was ablated in place" in one_line_error(swtool_in_process("ablate", model, "--restore"))
@@ -193,7 +193,7 @@ def test_in_place_and_restore_round_trip(sharded):
 
 def test_restore_refuses_bytes_changed_since(sharded):
     model, catalog, _ = sharded
-    assert swtool("ablate", model, "--catalog", catalog, "--in-place", "--only", "1:20:33").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", catalog, "--in-place", "--only", "1:20:33").returncode == 0
     change = json.loads((model / "swtool-ablation-journal.json").read_text())["changes"][0]
     shard = model / change["file"]
     data = bytearray(shard.read_bytes())
@@ -214,7 +214,7 @@ def test_restore_refuses_a_journal_whose_original_bytes_disagree_with_its_record
     """--restore writes the journal's original bytes: an entry changed since (its bytes, dtype or value)
     is refused, the shard left as the ablation made it (found by tests/test_fuzz_inputs.py::test_journal)."""
     model, catalog, _ = sharded
-    assert swtool("ablate", model, "--catalog", catalog, "--in-place", "--only", "1:20:33").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", catalog, "--in-place", "--only", "1:20:33").returncode == 0
     journal_path = model / "swtool-ablation-journal.json"
     journal = json.loads(journal_path.read_text())
     journal["changes"][0][field] = DAMAGED_JOURNAL_ENTRIES[field](journal["changes"][0])
