@@ -224,7 +224,7 @@ def test_eval_drop_expert_perplexity_is_transformers(planted):
     the super expert's removal takes the layer's peak down_proj output from hundreds to ordinary."""
     from tokenizers import Tokenizer
 
-    from fixtures.cli_run import swtool
+    from fixtures.cli_run import swtool_in_process
 
     family, directory, *_ = planted
     ctx, max_tokens = 64, 192
@@ -232,8 +232,8 @@ def test_eval_drop_expert_perplexity_is_transformers(planted):
 
     def swtool_eval(*drops):
         args = [arg for drop in drops for arg in ("--drop-expert", drop)]
-        out = swtool("eval", directory, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens, "--json",
-                     "--no-progress", *args)
+        out = swtool_in_process("eval", directory, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens,
+                                "--json", "--no-progress", *args)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -277,7 +277,7 @@ def test_audit_checks_the_super_experts_down_proj_row(planted, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from fixtures.cli_run import swtool
+    from fixtures.cli_run import swtool_in_process
 
     family, directory, model, tokens, found, report = planted
     catalog = build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found, report)
@@ -288,7 +288,7 @@ def test_audit_checks_the_super_experts_down_proj_row(planted, tmp_path):
     assert (row["row"], row["col"], row["value"]) == (PLANT.row, PLANT.col, pytest.approx(PLANT.value))
 
     def audit(target):
-        out = swtool("audit", target, "--catalog", path, "--json")
+        out = swtool_in_process("audit", target, "--catalog", path, "--json")
         data = json.loads(out.stdout)
         (finding,) = [f for f in data["findings"] if f["super_expert"]]
         return out.returncode, finding
@@ -329,7 +329,7 @@ def test_ablate_drop_expert_zeroes_its_down_projection_and_restores(planted, tmp
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from fixtures.cli_run import digests, swtool
+    from fixtures.cli_run import digests, swtool_in_process
     from swtool import schemas
 
     family, directory, model, tokens, found, report = planted
@@ -337,7 +337,7 @@ def test_ablate_drop_expert_zeroes_its_down_projection_and_restores(planted, tmp
     catalog.write_text(json.dumps(build_catalog(model, DEFAULT_PROMPT, tokens, Settings(DEFAULT_PROMPT), found,
                                                 report)))
     out = tmp_path / "ablated"
-    result = swtool("ablate", directory, "--catalog", catalog, "--drop-expert", "2:2", "-o", out, "--json")
+    result = swtool_in_process("ablate", directory, "--catalog", catalog, "--drop-expert", "2:2", "-o", out, "--json")
     assert result.returncode == 0, result.stderr
     described = json.loads(result.stdout)
     schemas.validate("ablate", described, "ablate --json")
@@ -354,7 +354,8 @@ def test_ablate_drop_expert_zeroes_its_down_projection_and_restores(planted, tmp
     ctx, max_tokens = 64, 192
     ids = Tokenizer.from_file(str(directory / "tokenizer.json")).encode(PROSE.read_text()).ids[:max_tokens]
     expected, _ = hf_perplexity(out, ids, ctx)  # transformers reading the copy
-    result = swtool("eval", out, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens, "--json", "--no-progress")
+    result = swtool_in_process("eval", out, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens, "--json",
+                               "--no-progress")
     (world,) = json.loads(result.stdout)["worlds"]
     assert world["perplexity"] == pytest.approx(expected, rel=1e-5)
     assert world["peak_down_proj_output"][2] < 10  # the super expert's output is gone ...
@@ -364,10 +365,10 @@ def test_ablate_drop_expert_zeroes_its_down_projection_and_restores(planted, tmp
     inplace = tmp_path / "inplace"
     shutil.copytree(directory, inplace)
     original = digests(inplace)
-    result = swtool("ablate", inplace, "--catalog", catalog, "--drop-expert", "2:2", "--in-place")
+    result = swtool_in_process("ablate", inplace, "--catalog", catalog, "--drop-expert", "2:2", "--in-place")
     assert result.returncode == 0, result.stderr
     assert torch.equal(load_file(inplace / "model.safetensors")[down], after[down])
-    result = swtool("ablate", inplace, "--restore")
+    result = swtool_in_process("ablate", inplace, "--restore")
     assert result.returncode == 0 and "and 1 expert" in result.stdout, result.stderr
     assert digests(inplace) == original
 
@@ -377,21 +378,21 @@ def test_stacked_layout_names_the_stacked_tensor_and_ablates_one_slice(tiny_fact
     mlp.experts.down_proj; audit reads [expert, row, col] there, ablate zeroes that slice alone."""
     from safetensors.torch import load_file
 
-    from fixtures.cli_run import swtool
+    from fixtures.cli_run import swtool_in_process
     from fixtures.tiny import stacked_copy
 
     per_expert, _ = tiny_factory_module("mixtral", "float32", plants=(PLANT,))
     directory = stacked_copy(per_expert, tmp_path / "stacked")
     catalog = tmp_path / "catalog.json"
-    result = swtool("scan", directory, "--prompt", DEFAULT_PROMPT, "--no-progress", "-o", catalog)
+    result = swtool_in_process("scan", directory, "--prompt", DEFAULT_PROMPT, "--no-progress", "-o", catalog)
     assert result.returncode == 0, result.stderr
     (se,) = json.loads(catalog.read_text())["super_experts"]["experts"]
     assert (se["layer"], se["expert"], se["tensor"]) == (2, 2, "model.layers.2.mlp.experts.down_proj")
     assert se["down_proj_row"]["tensor_index"] == [2, PLANT.row, PLANT.col]
-    result = swtool("audit", directory, "--catalog", catalog)
+    result = swtool_in_process("audit", directory, "--catalog", catalog)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "ablated"
-    assert swtool("ablate", directory, "--catalog", catalog, "--drop-expert", "2:2", "-o", out).returncode == 0
+    assert swtool_in_process("ablate", directory, "--catalog", catalog, "--drop-expert", "2:2", "-o", out).returncode == 0
     before = load_file(directory / "model.safetensors")[se["tensor"]]
     after = load_file(out / "model.safetensors")[se["tensor"]]
     assert torch.count_nonzero(after[2]) == 0
