@@ -13,7 +13,7 @@ import json
 import gguf
 import pytest
 
-from fixtures.cli_run import swtool
+from fixtures.cli_run import swtool_in_process
 from fixtures.llama_oracle import quantize as llama_quantize
 from fixtures.tiny import Plant
 
@@ -41,7 +41,7 @@ def model(tmp_path_factory):
 
 
 def export(model, out, *options):
-    result = swtool("export", model, "-o", out, "--no-progress", *options)
+    result = swtool_in_process("export", model, "-o", out, "--no-progress", *options)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -74,7 +74,8 @@ def test_no_scan_records_and_protects_nothing(model, tmp_path):
 
 def test_quantize_of_a_file_without_a_record_scans_it(model, tmp_path):
     export(model, tmp_path / "f32.gguf", "--type", "f32", "--no-scan")
-    result = swtool("quantize", tmp_path / "f32.gguf", "-o", tmp_path / "q4_0.gguf", "--type", "q4_0", "--no-progress")
+    result = swtool_in_process("quantize", tmp_path / "f32.gguf", "-o", tmp_path / "q4_0.gguf", "--type", "q4_0",
+                               "--no-progress")
     assert result.returncode == 0, result.stderr
     assert types(tmp_path / "q4_0.gguf")[HELD] == T.Q8_0
     assert metadata(tmp_path / "q4_0.gguf")["swtool.super_weights.row"] == [PLANT.row]
@@ -95,8 +96,8 @@ def test_llama_quantize_options_choose_what_llama_quantize_chooses(model, tmp_pa
     export(model, tmp_path / "f32.gguf", "--type", "f32", "--no-scan")
     theirs = llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "q4_k_m", **theirs_params)
     plain = llama_quantize(tmp_path / "f32.gguf", tmp_path / "plain.gguf", "q4_k_m")
-    result = swtool("quantize", tmp_path / "f32.gguf", "-o", tmp_path / "ours.gguf", "--type", "q4_k_m", "--no-scan",
-                    "--no-progress", *ours_options)  # the same input as llama.cpp's
+    result = swtool_in_process("quantize", tmp_path / "f32.gguf", "-o", tmp_path / "ours.gguf", "--type", "q4_k_m",
+                               "--no-scan", "--no-progress", *ours_options)  # the same input as llama.cpp's
     assert result.returncode == 0, result.stderr
     assert types(tmp_path / "ours.gguf") == types(theirs)
     assert types(theirs) != types(plain)  # the option changed something, in llama.cpp too
