@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fixtures.cli_run import digests, one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import digests, one_line_error, swtool_in_process
 
 
 def edited(good, tmp_path, edit):
@@ -58,7 +58,7 @@ def hostile(change):
 @pytest.mark.parametrize("case", list(hostile({"offset": 0, "old_bytes": "", "new_bytes": ""})))
 def test_a_hostile_journal_writes_nothing(good, tmp_path, case):
     model = shutil.copytree(good.model, tmp_path / "model")
-    assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
     journal = json.loads((model / JOURNAL).read_text())
     journal["changes"][0] = hostile(journal["changes"][0])[case]
     (model / JOURNAL).write_text(json.dumps(journal))
@@ -84,18 +84,18 @@ def test_audit_reads_the_element_ablate_patches(tiny_factory, tmp_path, family, 
         shutil.copy(model / "tokenizer.json", tmp_path / "stacked" / "tokenizer.json")
         model = tmp_path / "stacked"
     catalog = tmp_path / "catalog.json"
-    assert swtool("scan", model, "-o", catalog, "--no-progress").returncode == 0
+    assert swtool_in_process("scan", model, "-o", catalog, "--no-progress").returncode == 0
     (entry,) = [sw for sw in json.loads(catalog.read_text())["super_weights"]
                 if (sw["layer"], sw["row"], sw["col"]) == (plant["layer"], plant["row"], plant["col"])]
     assert entry["expert"] == plant.get("expert") and entry["tensor_index"] != [plant["row"], plant["col"]]
-    intact = json.loads(swtool("audit", model, "--catalog", catalog, "--json").stdout)
+    intact = json.loads(swtool_in_process("audit", model, "--catalog", catalog, "--json").stdout)
     # the super weight's finding (a mixture's super expert row, a finding of its own, holds the same element)
     (found,) = [f for f in intact["findings"] if f["row"] == plant["row"] and f["col"] == plant["col"]
                 and not f["super_expert"]]
     assert found["status"] == "intact" and found["value"] == entry["value"] and found["expert"] == entry["expert"]
     out = tmp_path / "ablated"
-    assert swtool("ablate", model, "--catalog", catalog, "-o", out).returncode == 0
-    ablated = json.loads(swtool("audit", out, "--catalog", catalog, "--json").stdout)
+    assert swtool_in_process("ablate", model, "--catalog", catalog, "-o", out).returncode == 0
+    ablated = json.loads(swtool_in_process("audit", out, "--catalog", catalog, "--json").stdout)
     (found,) = [f for f in ablated["findings"] if f["row"] == plant["row"] and f["col"] == plant["col"]
                 and not f["super_expert"]]
     assert found["status"] == "zeroed" and found["value"] == 0.0
