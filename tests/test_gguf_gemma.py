@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process
 from fixtures.converted import CONVERTER_OVERRIDES, PROSE, write_sentencepiece_tokenizer
 from fixtures.gguf_compare import key_differences, read_contents, tensor_differences
 from swtool.errors import CheckpointError
@@ -104,7 +104,7 @@ def test_eval_text_counts_the_tokens_llama_cpp_makes(converted, tmp_path):
     _, gguf_path = converted("gemma")
     text = " ".join(PROSE_WORDS[:400])
     (tmp_path / "text.txt").write_text(text)
-    result = swtool("eval", gguf_path, "--text", tmp_path / "text.txt", "--json", "--no-progress")
+    result = swtool_in_process("eval", gguf_path, "--text", tmp_path / "text.txt", "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tokens"] == len(llama_cpp_tokens(gguf_path, text))
 
@@ -126,7 +126,7 @@ def test_a_checkpoint_with_only_tokenizer_model_exports_the_converters_vocabular
     model_dir, _ = converted("gemma")
     bare = copy_without(model_dir, tmp_path / "bare", "tokenizer.json", "tokenizer_config.json")
     llama_converter.convert(bare, tmp_path / "theirs.gguf", "f32")
-    result = swtool("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
+    result = swtool_in_process("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "no tokenizer.json to tokenize the scan's prompt" in result.stdout  # unprotected, and says so
     ours, theirs = read_contents(tmp_path / "ours.gguf"), read_contents(tmp_path / "theirs.gguf")
@@ -141,7 +141,7 @@ def test_a_checkpoint_with_only_tokenizer_json_exports_a_vocabulary_that_splits_
 
     model_dir, _ = converted("gemma")
     bare = copy_without(model_dir, tmp_path / "bare", "tokenizer.model")
-    result = swtool("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
+    result = swtool_in_process("export", bare, "-o", tmp_path / "ours.gguf", "--type", "f32", "--no-progress")
     assert result.returncode == 0, result.stderr
     tokenizer = Tokenizer.from_file(str(bare / "tokenizer.json"))
     vocab = llama_cpp.Llama(str(tmp_path / "ours.gguf"), vocab_only=True, verbose=False)
@@ -160,7 +160,7 @@ def test_export_refuses_what_llama_cpp_derives_differently(tiny_factory, tmp_pat
     """The converter does not store query_pre_attn_scalar nor the sliding layers; llama.cpp derives them.
     fixtures/tiny.py's Gemma 2 scales by 24 (head_dim 16), its Gemma 3 slides layers 0 and 2 of 4."""
     model_dir, _ = tiny_factory(family, **({"query_pre_attn_scalar": 16} if family == "gemma3" else {}))
-    error = one_line_error(swtool("export", model_dir, "-o", tmp_path / "out.gguf", "--type", "f32", "--no-progress"))
+    error = one_line_error(swtool_in_process("export", model_dir, "-o", tmp_path / "out.gguf", "--type", "f32", "--no-progress"))
     assert message in error
     assert not (tmp_path / "out.gguf").exists()
 
@@ -237,17 +237,17 @@ def test_the_other_multimodal_layout_reads_the_same(multimodal, tmp_path):
 def test_multimodal_checkpoint_scans_ablates_and_audits_as_its_text_model(multimodal, tmp_path):
     model_dir, _ = multimodal
     catalog = tmp_path / "catalog.json"
-    result = swtool("scan", model_dir, "-o", catalog, "--no-progress")
+    result = swtool_in_process("scan", model_dir, "-o", catalog, "--no-progress")
     assert result.returncode == 0, result.stderr
     found = {(w["layer"], w["row"], w["col"], w["tensor"], w["gguf_tensor"])
              for w in json.loads(catalog.read_text())["super_weights"]}
     assert (1, 3, 5, "model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight") in found
-    intact = swtool("audit", model_dir, "--catalog", catalog, "--json")
+    intact = swtool_in_process("audit", model_dir, "--catalog", catalog, "--json")
     assert json.loads(intact.stdout)["verdict"] == "intact", intact.stderr
     ablated = tmp_path / "ablated"
-    result = swtool("ablate", model_dir, "--catalog", catalog, "-o", ablated)
+    result = swtool_in_process("ablate", model_dir, "--catalog", catalog, "-o", ablated)
     assert result.returncode == 0, result.stderr
-    audit = json.loads(swtool("audit", ablated, "--catalog", catalog, "--json").stdout)
+    audit = json.loads(swtool_in_process("audit", ablated, "--catalog", catalog, "--json").stdout)
     planted = next(f for f in audit["findings"] if (f["layer"], f["row"], f["col"]) == (1, 3, 5))
     assert planted["status"] == "zeroed" and audit["verdict"] == "damaged"
 
@@ -257,7 +257,7 @@ def test_multimodal_export_is_the_converters_text_model(multimodal, tmp_path):
 
     model_dir, theirs_path = multimodal
     out = tmp_path / "model-f32.gguf"
-    result = swtool("export", model_dir, "-o", out, "--type", "f32", "--no-progress")
+    result = swtool_in_process("export", model_dir, "-o", out, "--type", "f32", "--no-progress")
     assert result.returncode == 0, result.stderr
     ours, theirs = read_contents(out), read_contents(theirs_path)
     assert ours.keys["general.architecture"] == theirs.keys["general.architecture"] == (("STRING",), "gemma3")
