@@ -11,8 +11,6 @@ save_pretrained(save_original_format=False) (transformers 5's stacked
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from swtool.errors import CheckpointError, SwtoolError
 from swtool.forward import Edit, ScaleElements, World, forward
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, encode
+from fixtures.cli_run import swtool_in_process
 from fixtures.tiny import Plant, random_tokens, reference_logits, stacked_copy
 
 PLANT = Plant(2, 41, 101, expert=2)
@@ -165,8 +164,7 @@ def test_gguf_names_follow_llama_cpp_stacking(tiny_factory):
 
 def test_cli_table_names_the_expert(tiny_factory, tmp_path):
     directory, _ = tiny_factory("mixtral", "bfloat16", plants=(PLANT,))
-    result = subprocess.run([sys.executable, "-m", "swtool", "scan", directory, "--no-progress", "-o",
-                             tmp_path / "catalog.json"], capture_output=True, text=True)
+    result = swtool_in_process("scan", directory, "--no-progress", "-o", tmp_path / "catalog.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].split()[:5] == ["layer", "row", "col", "expert", "tensor"]
@@ -330,7 +328,7 @@ def test_bad_mixture_config_is_one_line(tiny_factory, tmp_path, key, value):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=key if key != "num_local_experts" else "num_experts_per_tok"):
         load_model(copy)
-    result = subprocess.run([sys.executable, "-m", "swtool", "scan", copy, "--no-progress"], capture_output=True, text=True)
+    result = swtool_in_process("scan", copy, "--no-progress")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
 
 
@@ -430,15 +428,13 @@ def test_ablate_and_eval_zero_the_shared_experts_super_weight(shared_planted, tm
     """The CLI's catalog drives `ablate` (a copy whose only change is that element) and `eval --ablate`
     (the element zeroed on the fly), both against transformers with that element zeroed."""
     catalog = tmp_path / "catalog.json"
-    result = subprocess.run([sys.executable, "-m", "swtool", "scan", shared_planted, "--no-progress", "-o", catalog],
-                            capture_output=True, text=True)
+    result = swtool_in_process("scan", shared_planted, "--no-progress", "-o", catalog)
     assert result.returncode == 0, result.stderr
     (entry,) = json.loads(catalog.read_text())["super_weights"]
     assert (entry["expert"], entry["tensor"], entry["row"], entry["col"]) == (None, SHARED_DOWN, 41, 101)
 
     out = tmp_path / "ablated"
-    result = subprocess.run([sys.executable, "-m", "swtool", "ablate", shared_planted, "--catalog", catalog,
-                             "-o", out], capture_output=True, text=True)
+    result = swtool_in_process("ablate", shared_planted, "--catalog", catalog, "-o", out)
     assert result.returncode == 0, result.stderr
     with safe_open(shared_planted / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
         assert set(a.keys()) == set(b.keys())
@@ -455,9 +451,8 @@ def test_ablate_and_eval_zero_the_shared_experts_super_weight(shared_planted, tm
     intact, count = transformers_perplexity(shared_planted, ids, ctx, zeroed=False)
     zeroed, _ = transformers_perplexity(shared_planted, ids, ctx, zeroed=True)
     assert abs(zeroed / intact - 1) > 1e-2  # the element matters at the tolerance below
-    result = subprocess.run([sys.executable, "-m", "swtool", "eval", shared_planted, "--text", PROSE, "--ctx", str(ctx),
-                             "--max-tokens", str(max_tokens), "--catalog", catalog, "--ablate", "--json",
-                             "--no-progress"], capture_output=True, text=True)
+    result = swtool_in_process("eval", shared_planted, "--text", PROSE, "--ctx", ctx, "--max-tokens", max_tokens,
+                               "--catalog", catalog, "--ablate", "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     (world,) = json.loads(result.stdout)["worlds"]
     assert world["predictions"] == count
