@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fixtures import bad_files
-from fixtures.cli_run import file_size_limit, first_line, hashes, invoke, one_error_line, swtool
+from fixtures.cli_run import file_size_limit, first_line, hashes, invoke, one_error_line, swtool, swtool_in_process
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +62,9 @@ def test_bad_input_in_a_real_process_is_one_line_no_traceback(corpus):
 
 
 def test_debug_prints_the_traceback_before_the_line(corpus):
+    """In process (test_cli.py runs --debug in a real one): the traceback, then the one line, on stderr."""
     case = next(case for case in corpus if case.name == "gguf-nested-array")
-    result = swtool("--debug", *case.argv)
+    result = swtool_in_process("--debug", *case.argv)
     assert result.returncode == 2
     assert result.stderr.startswith("Traceback (most recent call last):")
     assert "CheckpointError" in result.stderr
