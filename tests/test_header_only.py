@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 ARCH = "bloom"
 
@@ -64,7 +64,7 @@ def foreign_zeroed(good, planted, tmp_path_factory):
 
 
 def test_inspect_describes_a_foreign_architecture_from_its_header(good, foreign):
-    result = swtool("inspect", foreign, "--json")
+    result = swtool_in_process("inspect", foreign, "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     config = json.loads((good.model / "config.json").read_text())
@@ -77,18 +77,18 @@ def test_inspect_describes_a_foreign_architecture_from_its_header(good, foreign)
 
 
 def test_audit_with_a_catalog_reads_the_weight_by_its_llama_cpp_name(good, foreign, foreign_zeroed, planted):
-    intact = swtool("audit", foreign, "--catalog", good.catalog, "--json")
+    intact = swtool_in_process("audit", foreign, "--catalog", good.catalog, "--json")
     assert intact.returncode == 0, intact.stdout + intact.stderr
     (finding,) = json.loads(intact.stdout)["findings"]
     assert finding["status"] == "intact" and finding["gguf_tensor"] == f"blk.{planted['layer']}.ffn_down.weight"
     assert finding["value"] == planted["value"]  # F32 copied bit for bit
-    zeroed = swtool("audit", foreign_zeroed, "--catalog", good.catalog, "--json")
+    zeroed = swtool_in_process("audit", foreign_zeroed, "--catalog", good.catalog, "--json")
     assert zeroed.returncode == 1, zeroed.stdout + zeroed.stderr
     assert [f["status"] for f in json.loads(zeroed.stdout)["findings"]] == ["zeroed"]
 
 
 def test_audit_against_a_reference_scans_the_reference_only(good, foreign_zeroed):
-    result = swtool("audit", foreign_zeroed, "--reference", good.model, "--json")
+    result = swtool_in_process("audit", foreign_zeroed, "--reference", good.model, "--json")
     assert result.returncode == 1, result.stdout + result.stderr
     assert [f["status"] for f in json.loads(result.stdout)["findings"]] == ["zeroed"]
 
@@ -96,5 +96,5 @@ def test_audit_against_a_reference_scans_the_reference_only(good, foreign_zeroed
 @pytest.mark.parametrize("argv", [["scan"], ["audit"], ["eval", "--text", "{text}"]])
 def test_commands_that_need_the_forward_pass_refuse_it_in_one_line(good, foreign, argv):
     argv = [a.replace("{text}", str(good.text)) for a in argv]
-    line = one_line_error(swtool(argv[0], foreign, *argv[1:]))
+    line = one_line_error(swtool_in_process(argv[0], foreign, *argv[1:]))
     assert "'bloom'" in line and "llama" in line
