@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.cli_run import one_line_error
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 # peak memory is read from Linux's /proc/self/status (VmHWM) of the measured process: what these tests measure
 linux_peak_memory = pytest.mark.skipif(sys.platform != "linux", reason="reads peak memory from Linux's /proc/self/status")
@@ -72,7 +72,7 @@ def test_a_huge_text_is_read_only_as_far_as_max_tokens_needs(good, tmp_path):
     assert code == 0, result.stderr
     assert "64 tokens in 2 chunks of 32" in result.stdout
     assert peak < 800 * 1024  # KiB: the file is 1 GiB; the whole process stays under 800 MiB
-    line = one_line_error(run("eval", good.model, "--text", huge, "--no-progress"))
+    line = one_line_error(swtool_in_process("eval", good.model, "--text", huge, "--no-progress"))
     assert "longer than 256 M characters; score a part of it with --max-tokens" in line
 
 
@@ -158,5 +158,5 @@ def test_a_gpt2_vocabulary_without_merges_is_refused_as_llama_cpp_does(good, tmp
     fields = [f for f in vocabulary_fields(good.gguf) if f[0] != "tokenizer.ggml.merges"]
     path = write_gguf(good.model, tmp_path / "no-merges.gguf", "f32", vocabulary=fields)
     for argv in (["scan", path, "--no-progress"], ["inspect", path]):
-        line = one_line_error(run(*argv))
+        line = one_line_error(swtool_in_process(*argv))
         assert "tokenizer.ggml.merges: missing, and a gpt2 (byte-level BPE) vocabulary needs its merges" in line
