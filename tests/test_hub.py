@@ -52,9 +52,8 @@ def swtool(*args, cache):
 def swtool_here(monkeypatch):
     """swtool_here(*args, cache): `swtool ARGS` in this process (fixtures/cli_run.py), with the environment
     `swtool` gives the child and huggingface_hub's constants, which it read from the environment at import,
-    as that child would read them. For the tests that run many commands; the others here (the scan of an
-    id, the refused download, a GGUF repository) run real processes, so the environment variables
-    themselves stay tested."""
+    as that child would read them. One scan of an id, the refused download and the GGUF repository's
+    inspect run real processes (swtool), so the environment variables themselves stay tested."""
     from huggingface_hub import constants
 
     from fixtures.cli_run import swtool_in_process
@@ -96,11 +95,13 @@ def found(result):
     return [(sw["layer"], sw["row"], sw["col"]) for sw in json.loads(result.stdout)["super_weights"]]
 
 
-def test_scan_of_an_id_reads_the_cached_snapshot(cache, planted):
-    direct = found(swtool("scan", planted, "--json", "--no-progress", cache=cache))
+def test_scan_of_an_id_reads_the_cached_snapshot(swtool_here, cache, planted):
+    """The plain id in a real process (HF_HUB_CACHE read from its environment), the other spellings here."""
+    direct = found(swtool_here("scan", planted, "--json", "--no-progress", cache=cache))
     assert direct == [(1, 41, 101)]
-    for spec in ("acme/tiny", "acme/tiny@main", "acme/tiny@v1", f"acme/tiny@{COMMIT}"):
-        result = swtool("scan", spec, "--json", "--no-progress", cache=cache)
+    for spec, run in (("acme/tiny", swtool), ("acme/tiny@main", swtool_here), ("acme/tiny@v1", swtool_here),
+                      (f"acme/tiny@{COMMIT}", swtool_here)):
+        result = run("scan", spec, "--json", "--no-progress", cache=cache)
         assert found(result) == direct, spec
         assert json.loads(result.stdout)["model"]["path"] == spec
 
@@ -112,10 +113,10 @@ def test_revisions_pick_their_snapshot(swtool_here, cache, planted, tiny_factory
     assert found(swtool_here("scan", "acme/tiny", "--json", "--no-progress", cache=cache)) == [(1, 41, 101)]
 
 
-def test_nothing_cached_names_the_path_searched(cache):
-    line = one_line_error(swtool("scan", "acme/absent", "--no-progress", cache=cache))
+def test_nothing_cached_names_the_path_searched(swtool_here, cache):
+    line = one_line_error(swtool_here("scan", "acme/absent", "--no-progress", cache=cache))
     assert f"searched {cache / 'models--acme--absent'}" in line and "--download" in line
-    line = one_line_error(swtool("scan", "acme/tiny@nope", "--no-progress", cache=cache))
+    line = one_line_error(swtool_here("scan", "acme/tiny@nope", "--no-progress", cache=cache))
     assert "at revision 'nope'" in line and str(cache / "models--acme--tiny") in line
 
 
@@ -136,13 +137,13 @@ def test_a_partial_snapshot_is_reported(swtool_here, planted, tmp_path, tiny_fac
     assert f"missing shard {shards[1]}" in one_line_error(swtool_here("scan", "acme/sharded", "--no-progress", cache=cache))
 
 
-def test_a_local_path_wins_over_an_id(cache, planted, tmp_path, monkeypatch):
+def test_a_local_path_wins_over_an_id(swtool_here, cache, planted, tmp_path, monkeypatch):
     local = tmp_path / "acme" / "tiny"
     local.mkdir(parents=True)
     for p in planted.iterdir():
         (local / p.name).write_bytes(p.read_bytes())
     monkeypatch.chdir(tmp_path)
-    result = swtool("inspect", "acme/tiny", "--json", cache=tmp_path / "empty-cache")
+    result = swtool_here("inspect", "acme/tiny", "--json", cache=tmp_path / "empty-cache")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["directory"] == "acme/tiny"
 
@@ -280,11 +281,11 @@ def test_every_command_reads_a_cached_id(swtool_here, cache, planted, tmp_path):
         assert f"{snapshot / 'tokenizer.json'}: a BPE vocabulary without merges" in one_line_error(result), command
 
 
-def test_export_and_quantize_read_a_cached_gguf_repository(gguf_cache, tmp_path):
+def test_export_and_quantize_read_a_cached_gguf_repository(swtool_here, gguf_cache, tmp_path):
     for command in ("export", "quantize"):
         out = tmp_path / f"{command}.gguf"
-        result = swtool(command, "acme/tiny-GGUF", "--type", "q8_0", "-o", out, "--no-scan", "--no-progress",
-                        cache=gguf_cache)  # (--no-scan: this GGUF has no vocabulary to tokenize a prompt)
+        result = swtool_here(command, "acme/tiny-GGUF", "--type", "q8_0", "-o", out, "--no-scan", "--no-progress",
+                             cache=gguf_cache)  # (--no-scan: this GGUF has no vocabulary to tokenize a prompt)
         assert result.returncode == 0, result.stderr
         assert out.read_bytes()[:4] == b"GGUF"
     assert (tmp_path / "export.gguf").read_bytes() == (tmp_path / "quantize.gguf").read_bytes()
