@@ -22,7 +22,7 @@ from swtool.forward import forward
 from swtool.model import load_model
 from fixtures.arrays import assert_arrays_equal
 from fixtures.tiny import random_tokens, torch_logits
-from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_in_process
 from fixtures.gguf_cache import gguf_reader
 
 pytestmark = pytest.mark.real
@@ -412,5 +412,5 @@ def _without_rope_scaling(model):
 def test_bad_rope_freqs_are_one_line(tiny_factory, tmp_path, factors, message):
     directory, _ = tiny_factory("llama")
     path = write_gguf(directory, tmp_path / "bad.gguf", "f32", extra_tensors=[("rope_freqs.weight", factors)])
-    result = swtool("scan", path, "--no-progress")
+    result = swtool_in_process("scan", path, "--no-progress")
     assert message in one_line_error(result)
