@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 LONG_INT = "1" * 4301
 
@@ -70,7 +70,7 @@ def test_index_header_and_tokenizer_config(good, tmp_path, token):
 
 def test_ablation_journal(good, tmp_path):
     model = shutil.copytree(good.model, tmp_path / "model")
-    assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
     journal = model / "swtool-ablation-journal.json"
     with_token(journal, ["scale"], "NaN")
     line = one_line_error(swtool_in_process("ablate", model, "--restore"))
