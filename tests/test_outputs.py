@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from fixtures.cli_run import digests, one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import digests, one_line_error, swtool_in_process
 
 
 @pytest.fixture()
@@ -64,7 +64,7 @@ def test_one_path_for_two_outputs_is_refused(inputs):
 def test_a_catalog_beside_the_model_is_still_an_output(inputs):
     """Writing into the model's folder is fine as long as no file of the model is named."""
     _, model, *_ = inputs
-    result = swtool("scan", model, "-o", model / "catalog.json", "--no-progress")
+    result = swtool_in_process("scan", model, "-o", model / "catalog.json", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert (model / "catalog.json").is_file()
 
@@ -96,12 +96,12 @@ def test_a_killed_runs_temporary_is_neither_copied_nor_kept(good, tmp_path):
     model = shutil.copytree(good.model, tmp_path / "model")
     leftover = model / ".model.safetensors.k9x2ab7q.tmp"
     leftover.write_bytes(b"half a shard")
-    result = swtool("ablate", model, "--catalog", good.catalog, "-o", tmp_path / "out")
+    result = swtool_in_process("ablate", model, "--catalog", good.catalog, "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "out" / leftover.name).exists()
-    assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
     leftover.write_bytes(b"half a shard")
-    result = swtool("ablate", model, "--restore")
+    result = swtool_in_process("ablate", model, "--restore")
     assert result.returncode == 0, result.stderr
     assert not leftover.exists()
 
