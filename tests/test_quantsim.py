@@ -17,7 +17,7 @@ from swtool.quantsim import (TENSOR, Clip, QuantizeWeights, WeightSetting, parse
                              super_weight_positions, whole_reader)
 from swtool.tokenizer import encode
 from fixtures.tiny import Plant, random_tokens
-from fixtures.cli_run import one_line_error, swtool, swtool_in_process
+from fixtures.cli_run import one_line_error, swtool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = ROOT / "fixtures" / "prose.txt"
@@ -273,10 +273,10 @@ def tiny_text(tmp_path_factory):
 def test_cli_tables_and_json(tiny_sw, tiny_text, tmp_path):
     directory, _ = tiny_sw
     catalog = tmp_path / "catalog.json"
-    assert swtool("scan", directory, "-o", catalog, "--no-progress").returncode == 0
+    assert swtool_in_process("scan", directory, "-o", catalog, "--no-progress").returncode == 0
     args = ("quantsim", directory, "--text", tiny_text, "--ctx", 32, "--block-sizes", "32,tensor",
             "--clip", "zscore:3", "--catalog", catalog, "--activations", "int8", "--no-progress")
-    result = swtool(*args)
+    result = swtool_in_process(*args)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "super weights (catalog" in lines[1] and "1:41:101" in lines[1]
@@ -284,7 +284,7 @@ def test_cli_tables_and_json(tiny_sw, tiny_text, tmp_path):
     assert lines[header].split() == ["block", "RTN", "x", "base", "SW-aware", "x", "base", "clipped", "restored"]
     assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["32", "tensor"]
     assert any(line.startswith("int8, super activation kept") for line in lines)
-    data = json.loads(swtool(*args, "--json").stdout)
+    data = json.loads(swtool_in_process(*args, "--json").stdout)
     by = {(s["block_size"], s["method"]): s for s in data["weights"]["settings"]}
     assert set(by) == {(32, "rtn"), (32, "aware"), (TENSOR, "rtn"), (TENSOR, "aware")}
     assert by[(32, "aware")]["clip"] == "zscore:3" and by[(32, "aware")]["restored"] == 1
@@ -292,8 +292,8 @@ def test_cli_tables_and_json(tiny_sw, tiny_text, tmp_path):
         "unquantized", "int8", "int8, super activation kept"]
     assert data["baseline"]["perplexity"] == data["activations"]["settings"][0]["perplexity"]
     # without a catalog the model is scanned first and the same super weight is used
-    scanned = json.loads(swtool("quantsim", directory, "--text", tiny_text, "--ctx", 32, "--block-sizes", "32",
-                                "--clip", "zscore:3", "--json", "--no-progress").stdout)
+    scanned = json.loads(swtool_in_process("quantsim", directory, "--text", tiny_text, "--ctx", 32, "--block-sizes",
+                                           "32", "--clip", "zscore:3", "--json", "--no-progress").stdout)
     assert [(sw["layer"], sw["row"], sw["col"]) for sw in scanned["super_weights"]] == [(1, 41, 101)]
     assert scanned["weights"]["settings"] == [by[(32, "rtn")], by[(32, "aware")]]
 
