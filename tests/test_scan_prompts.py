@@ -9,7 +9,7 @@ from swtool.detect import Settings, SuperWeight, merge_prompts, scan, scan_promp
 from swtool.errors import SwtoolError
 from swtool.model import load_model
 from swtool.tokenizer import DEFAULT_PROMPT, DEFAULT_PROMPTS, encode
-from fixtures.cli_run import swtool, swtool_in_process
+from fixtures.cli_run import swtool_in_process
 from fixtures.tiny import Plant
 
 PLANT = Plant(1, 41, 101)
@@ -219,7 +219,7 @@ def test_smollm2_scan_command_with_the_default_prompts(smollm2_catalog):
 
 
 def test_one_read_for_every_prompt(smollm2):
-    result = swtool("scan", smollm2, "--no-progress")
+    result = swtool_in_process("scan", smollm2, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "5 prompts of 4-10 tokens, 1 pass over the weights" in result.stdout.splitlines()[0]
 
