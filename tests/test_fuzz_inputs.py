@@ -14,7 +14,7 @@ import signal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fixtures.cli_run import digests, swtool
+from fixtures.cli_run import digests, swtool_in_process
 from swtool.errors import SwtoolError
 
 SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))
@@ -150,7 +150,7 @@ def test_journal(good, model):
 
     shard = model / "model.safetensors"
     pristine = shard.read_bytes()
-    assert swtool("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
+    assert swtool_in_process("ablate", model, "--catalog", good.catalog, "--in-place").returncode == 0
     journal_path = model / JOURNAL_NAME
     original = json.loads(journal_path.read_text())
     ablated = shard.read_bytes()
