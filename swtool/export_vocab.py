@@ -26,6 +26,7 @@ from pathlib import Path
 
 from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 from swtool.errors import SwtoolError
+from swtool.inputfile import open_regular
 from swtool.jsonfile import parse_json, read_json, read_limited
 
 # convert_hf_to_gguf.py's check text and the hashes of its ids, for the pre-tokenizers swtool reads back
@@ -74,11 +75,14 @@ def read_tokenizer_json(directory):
 
 
 def file_digest(path):
-    """sha256 of the file at `path`, None if there is none."""
-    try:
-        return sha256(path.read_bytes()).digest()
-    except FileNotFoundError:
+    """sha256 of the regular file at `path`, read in pieces; None where there is none (gguf-py reads only those)."""
+    if not path.is_file():
         return None
+    digest = sha256()
+    with open_regular(path) as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.digest()
 
 
 # the files of a directory that gguf-py's SpecialVocab reads
@@ -105,7 +109,6 @@ def special_vocabulary(directory, n_vocab, load_merges=False):
 
 def add_vocabulary(writer, directory, vocab_size):
     """Write the tokenizer.* metadata of the tokenizer in `directory` to a GGUFWriter; returns the kind."""
-
     data = read_tokenizer_json(directory)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
@@ -293,7 +296,6 @@ def add_sentencepiece_vocabulary(writer, directory, vocab_size):
 
 def write_sentencepiece(writer, directory, tokens, scores, types):
     """A "llama" (SentencePiece) vocabulary's keys, then SpecialVocab's special ids, add_bos/eos and chat template."""
-
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

@@ -57,3 +57,23 @@ def test_a_device_as_text_or_catalog(good):
                         (["audit", good.model, "--catalog", "/dev/zero"], "/dev/zero")):
         line = one_line_error(swtool_in_process(*argv, "--no-progress", timeout=TIMEOUT))
         assert f"{named}: is a character device, not a regular file" in line, (argv, line)
+
+
+def test_fifos_named_as_optional_vocabulary_files_are_not_read(good, tmp_path):
+    """merges.txt and the chat template files are read only when they are regular files (as gguf-py's
+    SpecialVocab reads them): FIFOs of those names beside a model leave an export as it was, never waiting."""
+    from fixtures.tiny import add_a_merge
+
+    model = shutil.copytree(good.model, tmp_path / "model")
+    add_a_merge(model)  # a vocabulary llama.cpp, and so export, accepts
+    plain = tmp_path / "plain.gguf"
+    result = swtool_in_process("export", model, "-o", plain, "--type", "f32", "--no-scan", "--no-progress",
+                               timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    for name in ("merges.txt", "chat_template.json", "chat_template.jinja"):
+        os.mkfifo(model / name)
+    out = tmp_path / "with-fifos.gguf"
+    result = swtool_in_process("export", model, "-o", out, "--type", "f32", "--no-scan", "--no-progress",
+                               timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == plain.read_bytes()
