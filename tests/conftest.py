@@ -1,7 +1,6 @@
 import builtins
 import inspect
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -31,22 +30,14 @@ SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
 # cache each worker compiled every quantizer (~20 s of CPU, twice, measured with numba's compile events);
 # in sequence the second module loads them from the first's disk cache.
 SAME_WORKER = {"tests/test_quant.py": "quantizers", "tests/test_quant_importance.py": "quantizers"}
-# The slowest modules, slowest first (`--durations=0`, session 10): they start before the others, so that no long
-# module starts last and keeps one worker busy while the other has finished. The rest follow by test count.
-SLOWEST_FIRST = ("tests/test_quant.py", "tests/test_quant_importance.py", "tests/test_sweep.py", "tests/test_gguf_converter.py",
-                 "tests/test_export.py", "tests/test_quantsim.py", "tests/test_eval.py", "tests/test_export_types.py",
-                 "tests/test_gguf_input.py", "tests/test_export_importance.py")
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, with the modules of SAME_WORKER's groups as one unit of work, handed out in the order
-    of the collection (pytest_collection_modifyitems: SLOWEST_FIRST, then by test count)."""
+    """`--dist loadfile`, with the modules of SAME_WORKER's groups as one unit of work."""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
-
-    config.option.loadscopereorder = False  # xdist's own order, by test count alone
 
     class GroupedFiles(LoadFileScheduling):
         def _split_scope(self, nodeid):
@@ -70,15 +61,7 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(items):
     """Mark `smollm2` every test that needs the real model, itself or through a fixture (the shared
     catalog, the exports, the original GGUF), and `llama_cpp` every test that reaches llama.cpp, so
-    that `make check` can leave them out by marker, and a new test is marked without anyone thinking of it.
-    The modules run in SLOWEST_FIRST's order, then by test count (pytest_xdist_make_scheduler)."""
-    counts = Counter(item.nodeid.split("::")[0] for item in items)
-
-    def rank(item):
-        module = item.nodeid.split("::")[0]
-        return (SLOWEST_FIRST.index(module), 0) if module in SLOWEST_FIRST else (len(SLOWEST_FIRST), -counts[module])
-
-    items.sort(key=rank)  # stable: each module's tests keep their order and stay together
+    that `make check` can leave them out by marker, and a new test is marked without anyone thinking of it."""
     for item in items:
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.smollm2)
