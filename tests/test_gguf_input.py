@@ -414,3 +414,26 @@ def test_bad_rope_freqs_are_one_line(tiny_factory, tmp_path, factors, message):
     path = write_gguf(directory, tmp_path / "bad.gguf", "f32", extra_tensors=[("rope_freqs.weight", factors)])
     result = swtool_in_process("scan", path, "--no-progress")
     assert message in one_line_error(result)
+
+
+def test_a_vocabulary_is_built_once_while_its_bytes_stay_the_same(vocabulary, tmp_path, monkeypatch):
+    """gguf_vocab keeps the last tokenizer it built, by the bytes of the tokenizer.* metadata: two files with the
+    same vocabulary build it once (and give the same ids); another pre-tokenizer builds again (the parametrized
+    tests above hold each build to llama.cpp); a refused vocabulary is refused every time, never kept."""
+    from swtool.checkpoint import gguf_vocab
+    from swtool.errors import CheckpointError
+
+    builds = []
+    real_build = gguf_vocab._build
+    monkeypatch.setattr(gguf_vocab, "_build", lambda meta, model: builds.append(model) or real_build(meta, model))
+    gguf_vocab._last_built.clear()
+    first, second = (vocab_only_gguf(tmp_path / f"{name}.gguf", vocabulary) for name in ("first", "second"))
+    tokenizers = [build_tokenizer(read_gguf(path).metadata, path) for path in (first, second)]
+    assert len(builds) == 1 and tokenizers[0].encode(TEXTS[0]).ids == tokenizers[1].encode(TEXTS[0]).ids
+    other = vocab_only_gguf(tmp_path / "other.gguf", vocabulary, replace={"tokenizer.ggml.pre": "qwen2"})
+    build_tokenizer(read_gguf(other).metadata, other)
+    assert len(builds) == 2
+    refused = vocab_only_gguf(tmp_path / "refused.gguf", vocabulary, drop={"tokenizer.ggml.merges"})
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="merges"):
+            build_tokenizer(read_gguf(refused).metadata, refused)

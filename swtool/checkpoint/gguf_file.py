@@ -22,6 +22,7 @@ columns, so one weight can be recovered by decoding its block alone.
 
 import contextlib
 import functools
+import hashlib
 import mmap
 import os
 import struct
@@ -307,6 +308,12 @@ class LazyStrings(Sequence):
 
     def __init__(self, path, raw, count):
         self._path, self._raw, self._count, self._items = path, raw, count, None
+
+    def digest(self):
+        """sha256 of the array as stored (its length-prefixed strings): cheap before decoding, not after."""
+        if self._raw is not None:
+            return hashlib.sha256(self._raw).digest()
+        return hashlib.sha256(b"".join(len(b).to_bytes(8, "little") + b for b in (s.encode() for s in self._items))).digest()
 
     def _decoded(self):
         if self._items is None:
