@@ -28,6 +28,7 @@ from swtool.checkpoint.gguf_vocab import BPE_PRE_TYPES, BYTE, CONTROL, NORMAL, U
 from swtool.errors import SwtoolError
 from swtool.inputfile import open_regular
 from swtool.jsonfile import parse_json, read_json, read_limited
+from swtool.kept import KeptLast
 
 # convert_hf_to_gguf.py's check text and the hashes of its ids, for the pre-tokenizers swtool reads back
 CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
@@ -51,7 +52,7 @@ KNOWN_HASHES = {
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-_last_parsed = {}  # {sha256 of tokenizer.json's bytes: data}: the last tokenizer.json read, which callers only read
+_last_parsed = KeptLast()  # tokenizer.json's object, by the sha256 of its bytes
 
 
 def read_tokenizer_json(directory):
@@ -63,15 +64,14 @@ def read_tokenizer_json(directory):
         raise SwtoolError(f"{directory}: no tokenizer.json; a GGUF needs the vocabulary "
                           f"(swtool reads tokenizer.json, not tokenizer.model)")
     raw = read_limited(path)
-    key = sha256(raw).digest()
-    if key in _last_parsed:
-        return _last_parsed[key]
-    data = parse_json(raw, path)  # nesting depth, duplicate keys, size: one-line errors
-    if not isinstance(data, dict):
-        raise SwtoolError(f"{path}: not a JSON object")
-    _last_parsed.clear()
-    _last_parsed[key] = data
-    return data
+
+    def parse():
+        data = parse_json(raw, path)  # nesting depth, duplicate keys, size: one-line errors
+        if not isinstance(data, dict):
+            raise SwtoolError(f"{path}: not a JSON object")
+        return data
+
+    return _last_parsed.get(sha256(raw).digest(), parse)
 
 
 def file_digest(path):
@@ -88,7 +88,7 @@ def file_digest(path):
 # the files of a directory that gguf-py's SpecialVocab reads
 SPECIAL_VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "merges.txt", "chat_template.json",
                        "chat_template.jinja")
-_last_special = {}  # {(the files' digests, n_vocab, load_merges): SpecialVocab}, read only by add_to_gguf
+_last_special = KeptLast()  # by (the files' digests, n_vocab, load_merges); add_to_gguf only reads it
 
 
 def special_vocabulary(directory, n_vocab, load_merges=False):
@@ -101,10 +101,7 @@ def special_vocabulary(directory, n_vocab, load_merges=False):
     if any((directory / "additional_chat_templates").glob("*.jinja")):  # more files it reads: not kept
         return gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
     key = (tuple(file_digest(directory / name) for name in SPECIAL_VOCAB_FILES), n_vocab, load_merges)
-    if key not in _last_special:
-        _last_special.clear()
-        _last_special[key] = gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
-    return _last_special[key]
+    return _last_special.get(key, lambda: gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab))
 
 
 def add_vocabulary(writer, directory, vocab_size):

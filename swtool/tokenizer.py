@@ -9,6 +9,7 @@ import hashlib
 
 from swtool.errors import SwtoolError
 from swtool.jsonfile import read_json, read_limited
+from swtool.kept import KeptLast
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
 # `swtool scan`'s default prompts (docs/prompts.md): the paper's first, then short ones of other kinds
@@ -23,7 +24,7 @@ DEFAULT_PROMPTS = (
 MAX_PROMPTS_BYTES = 1 << 20  # a --prompts-file larger than this is refused
 
 
-_last_loaded = {}  # {sha256 of a tokenizer.json's bytes: its Tokenizer}: the last one loaded
+_last_loaded = KeptLast()  # by the sha256 of tokenizer.json's bytes
 
 
 def load_tokenizer(directory):
@@ -38,16 +39,14 @@ def load_tokenizer(directory):
     if not path.exists():
         raise SwtoolError(f"{directory}: no tokenizer.json (needed to tokenize the prompt)")
     raw = read_limited(path, "tokenizer")  # read here: any path (not only UTF-8 ones), never a FIFO
-    key = hashlib.sha256(raw).digest()
-    if key in _last_loaded:
-        return _last_loaded[key]
-    try:
-        tokenizer = Tokenizer.from_buffer(raw)
-    except Exception as e:  # the Rust library reports any parse failure as a plain Exception
-        raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
-    _last_loaded.clear()
-    _last_loaded[key] = tokenizer
-    return tokenizer
+
+    def build():
+        try:
+            return Tokenizer.from_buffer(raw)
+        except Exception as e:  # the Rust library reports any parse failure as a plain Exception
+            raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+
+    return _last_loaded.get(hashlib.sha256(raw).digest(), build)
 
 
 def encode(directory, text, tokenizer=None):

@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 
 from swtool.errors import CheckpointError
+from swtool.kept import KeptLast
 from swtool.gguf_keys import is_array
 
 # llama.cpp's token types (gguf.TokenType)
@@ -71,7 +72,7 @@ def check(meta, source):
     return model
 
 
-_last_built = {}  # {vocabulary_digest: Tokenizer}: the last vocabulary built, which callers only save
+_last_built = KeptLast()  # by vocabulary_digest; callers only save it
 
 
 def build_tokenizer(meta, source):
@@ -80,20 +81,18 @@ def build_tokenizer(meta, source):
     The last one built is kept, by the bytes of the tokenizer.* metadata (all that check and _build read):
     every command that runs a GGUF checks and builds its vocabulary, ~0.2 s for 49,152 tokens. Callers
     share it: never modify it. A refused vocabulary is never kept, so it is refused again."""
-    key = vocabulary_digest(meta)
-    if key in _last_built:
-        return _last_built[key]
+    return _last_built.get(vocabulary_digest(meta), lambda: _checked_build(meta, source))
+
+
+def _checked_build(meta, source):
     model = check(meta, source)
     try:  # the Rust library reports any inconsistency (a merge of unknown tokens ...) as a plain Exception
-        tokenizer = _build(meta, model)
+        return _build(meta, model)
     except Exception as e:
         if type(e) is not Exception:  # swtool's own errors, and bugs, as they are
             raise
         raise CheckpointError(source, f"the GGUF vocabulary does not make a tokenizer "
                                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    _last_built.clear()
-    _last_built[key] = tokenizer
-    return tokenizer
 
 
 def vocabulary_digest(meta):
