@@ -462,9 +462,8 @@ def whole_array_packing(gguf):
                T.UINT64: "<u8", T.INT64: "<i8", T.FLOAT32: "<f4", T.FLOAT64: "<f8", T.BOOL: "<u1"}
     u32, u64 = Struct("<I"), Struct("<Q")
 
-    def element_type(values):
-        """What gguf-py's GGUFValueType.get_type gives every element, or None where they differ."""
-        kinds = {type(v) for v in values}
+    def element_type(kinds):
+        """What gguf-py's GGUFValueType.get_type gives every element of these types, or None where they differ."""
         if all(issubclass(k, (str, bytes, bytearray)) for k in kinds):
             return T.STRING
         if kinds == {float}:
@@ -500,8 +499,8 @@ def whole_array_packing(gguf):
                 # element by element, the same elements as this list's
                 val = list(val)
             if vtype == T.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE and isinstance(val, (list, tuple)) and val:
-                kind = sub_type if sub_type is not None else element_type(val)
                 types = set(map(type, val))
+                kind = sub_type if sub_type is not None else element_type(types)
                 if kind == T.STRING and all(issubclass(t, (str, bytes, bytearray)) for t in types):
                     # map() over C functions: no Python frame per element of a 10^5-element vocabulary
                     encoded = (list(map(str.encode, val)) if all(issubclass(t, str) for t in types)
