@@ -416,6 +416,31 @@ def test_bad_rope_freqs_are_one_line(tiny_factory, tmp_path, factors, message):
     assert message in one_line_error(result)
 
 
+def test_a_vocabulary_is_checked_once_while_its_bytes_stay_the_same(vocabulary, tmp_path, monkeypatch):
+    """inspect checks a GGUF's vocabulary as scan does, reading every token and merge: two files with the same
+    vocabulary are checked once; another vocabulary is checked again; a refused one is refused every time."""
+    from swtool.checkpoint import gguf_vocab
+    from swtool.errors import CheckpointError
+
+    checks = []
+    real_check = gguf_vocab.check_vocabulary
+    monkeypatch.setattr(gguf_vocab, "check_vocabulary", lambda meta, source: checks.append(source) or
+                        real_check(meta, source))
+    gguf_vocab._last_checked.clear()
+    first, second = (vocab_only_gguf(tmp_path / f"{name}.gguf", vocabulary) for name in ("first", "second"))
+    for path in (first, second, first):
+        assert gguf_vocab.check(read_gguf(path).metadata, path) == "gpt2"
+    assert checks == [first]
+    other = vocab_only_gguf(tmp_path / "other.gguf", vocabulary, replace={"tokenizer.ggml.pre": "qwen2"})
+    gguf_vocab.check(read_gguf(other).metadata, other)
+    assert checks == [first, other]
+    bad_id = vocab_only_gguf(tmp_path / "bad.gguf", vocabulary, replace={"tokenizer.ggml.eos_token_id": 10 ** 6})
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="eos_token_id"):
+            gguf_vocab.check(read_gguf(bad_id).metadata, bad_id)
+    assert checks == [first, other, bad_id, bad_id]
+
+
 def test_a_vocabulary_is_built_once_while_its_bytes_stay_the_same(vocabulary, tmp_path, monkeypatch):
     """gguf_vocab keeps the last tokenizer it built, by the bytes of the tokenizer.* metadata: two files with the
     same vocabulary build it once (and give the same ids); another pre-tokenizer builds again (the parametrized

@@ -53,9 +53,18 @@ def supported():
     return "gpt2 (pre-tokenizer " + ", ".join(BPE_PRE_TYPES) + ") and llama (SentencePiece)"
 
 
+_last_checked = KeptLast()  # the model of the last vocabulary found consistent, by vocabulary_digest
+
+
 def check(meta, source):
     """The vocabulary's model ("gpt2" or "llama") once everything build_tokenizer needs is there and
-    consistent; a one-line error otherwise. inspect calls it too, so it refuses what scan refuses."""
+    consistent; a one-line error otherwise. inspect calls it too, so it refuses what scan refuses.
+    The checks read every token and merge, so the last vocabulary that passed is remembered by its bytes
+    (all they read); a refused one is checked, and refused, every time."""
+    return _last_checked.get(vocabulary_digest(meta), lambda: _check(meta, source))
+
+
+def _check(meta, source):
     model = meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in meta:
         raise CheckpointError(source, "no vocabulary in the GGUF metadata (tokenizer.ggml.tokens)")
