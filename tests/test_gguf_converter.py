@@ -93,32 +93,37 @@ def test_scan_of_converters_gguf_finds_the_planted_weight(converted, family, tmp
     assert (PLANT.layer, PLANT.row, PLANT.col) in found
 
 
-def exports_of(converted, tmp_path_factory, qtype):
-    """family -> swtool's `export --type qtype` of the converter's input model, each written once."""
+@pytest.fixture(scope="module")
+def exports(converted, tmp_path_factory):
+    """family -> {"f32": path, "q8_0": path}: swtool's `export --type f32` and `--type q8_0` (which scans by
+    default) of the converter's input model, both written on the family's first use, one after the other:
+    the second export reuses the vocabulary gguf-py built for the first (swtool.export_vocab keeps the last)."""
     built = {}
 
     def get(family):
         if family not in built:
             model_dir, _ = converted(family)
-            out = tmp_path_factory.mktemp(f"export-{qtype}-{family}") / f"model-{qtype}.gguf"
-            result = swtool_in_process("export", model_dir, "-o", out, "--type", qtype, "--no-progress")
-            assert result.returncode == 0, result.stderr
-            built[family] = out
+            built[family] = {}
+            for qtype in ("f32", "q8_0"):
+                out = tmp_path_factory.mktemp(f"export-{qtype}-{family}") / f"model-{qtype}.gguf"
+                result = swtool_in_process("export", model_dir, "-o", out, "--type", qtype, "--no-progress")
+                assert result.returncode == 0, result.stderr
+                built[family][qtype] = out
         return built[family]
 
     return get
 
 
 @pytest.fixture(scope="module")
-def exported(converted, tmp_path_factory):
+def exported(exports):
     """family -> swtool's f32 export of the converter's input model."""
-    return exports_of(converted, tmp_path_factory, "f32")
+    return lambda family: exports(family)["f32"]
 
 
 @pytest.fixture(scope="module")
-def exported_q8_0(converted, tmp_path_factory):
-    """family -> swtool's `export --type q8_0` of the converter's input model (which scans by default)."""
-    return exports_of(converted, tmp_path_factory, "q8_0")
+def exported_q8_0(exports):
+    """family -> swtool's q8_0 export of the converter's input model."""
+    return lambda family: exports(family)["q8_0"]
 
 
 @pytest.mark.parametrize("family", EXPORT)
