@@ -36,9 +36,22 @@ BLOCK_ELEMENTS = 1 << 22  # positions x vocab of float64 worked on at once (32 M
 
 def log_softmax64(logits):
     """log softmax of each row of `logits` [P, V], in float64: x - max - log(sum(exp(x - max)))."""
-    x = np.asarray(logits, dtype=np.float64)
-    shifted = x - x.max(axis=1, keepdims=True)  # the largest term is exp(0) = 1: no overflow, sum >= 1
+    shifted = _shifted64(logits)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax_and_log64(logits):
+    """(softmax, log softmax) of each row of `logits` [P, V], in float64. The softmax divides the exponentials
+    the log softmax sums: exp of the log softmax would be one more exponential per element."""
+    shifted = _shifted64(logits)
+    exps = np.exp(shifted)
+    sums = exps.sum(axis=1, keepdims=True)
+    return exps / sums, shifted - np.log(sums)
+
+
+def _shifted64(logits):
+    x = np.asarray(logits, dtype=np.float64)
+    return x - x.max(axis=1, keepdims=True)  # the largest term is exp(0) = 1: no overflow, sum >= 1
 
 
 def token_kld(reference_logits, logits):
@@ -57,8 +70,8 @@ def token_kld(reference_logits, logits):
     step = max(1, BLOCK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, step):
         block = slice(start, min(n, start + step))
-        log_p, log_q = log_softmax64(reference_logits[block]), log_softmax64(logits[block])
-        kld[block] = np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
+        (p, log_p), log_q = softmax_and_log64(reference_logits[block]), log_softmax64(logits[block])
+        kld[block] = np.sum(p * (log_p - log_q), axis=1)
     same = np.argmax(reference_logits, axis=1) == np.argmax(logits, axis=1)
     return np.maximum(kld, 0.0, where=~np.isnan(kld), out=kld), same
 
