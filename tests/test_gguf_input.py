@@ -84,6 +84,30 @@ def test_header_matches_gguf_reader(original):
         assert (info.offset, info.nbytes) == (tensor.data_offset, tensor.n_bytes)
 
 
+def test_the_tests_gguf_reader_parses_what_gguf_py_parses_from_its_memmap(original):
+    """Every GGUFReader in the tests parses a plain view of its map (fixtures/gguf_cache.py, for speed): the same
+    fields (offsets, parts, types, contents) and tensors (names, types, shapes, offsets, bytes) as gguf-py's own
+    parse of an np.memmap, here on SmolLM2's GGUF (a 49,152-token vocabulary with its merges)."""
+    from fixtures.gguf_cache import plain_arrays
+
+    plain = gguf.GGUFReader(original)
+    plain_arrays(False)
+    try:
+        mapped = gguf.GGUFReader(original)
+    finally:
+        plain_arrays()
+    assert type(mapped.data) is np.memmap and type(plain.data) is np.ndarray
+    assert list(plain.fields) == list(mapped.fields)
+    for key, field in mapped.fields.items():
+        other = plain.fields[key]
+        assert (other.offset, other.types, other.data) == (field.offset, field.types, field.data), key
+        assert len(other.parts) == len(field.parts) and all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts))
+        assert other.contents() == field.contents(), key
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset, t.n_bytes) for t in plain.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.data_offset, t.n_bytes) for t in mapped.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(plain.tensors, mapped.tensors))
+
+
 def test_tensors_are_gguf_py_dequantized_and_unpermuted(original):
     """Each tensor in HF layout; permuted back as convert_hf_to_gguf does, it equals gguf-py's dequantization."""
     checkpoint = open_gguf(original)
