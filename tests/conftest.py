@@ -25,13 +25,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 SMOLLM2_DIR = ROOT / "fixtures" / "build" / "smollm2"
 
+
 def pytest_configure(config):
     """gguf-py's GGUFReader parses a plain view of its map in every test (fixtures/gguf_cache.py): the same
     parse, without np.memmap's slicing in Python for every string of a vocabulary."""
     from fixtures.gguf_cache import plain_arrays
 
     plain_arrays()
-
 
 
 # Test modules that compile the same Numba functions run one after the other on one xdist worker. `--dist loadfile`

@@ -103,12 +103,12 @@ def exports(converted, tmp_path_factory):
     def get(family):
         if family not in built:
             model_dir, _ = converted(family)
-            built[family] = {}
+            files = {}
             for qtype in ("f32", "q8_0"):
-                out = tmp_path_factory.mktemp(f"export-{qtype}-{family}") / f"model-{qtype}.gguf"
-                result = swtool_in_process("export", model_dir, "-o", out, "--type", qtype, "--no-progress")
+                files[qtype] = tmp_path_factory.mktemp(f"export-{qtype}-{family}") / f"model-{qtype}.gguf"
+                result = swtool_in_process("export", model_dir, "-o", files[qtype], "--type", qtype, "--no-progress")
                 assert result.returncode == 0, result.stderr
-                built[family][qtype] = out
+            built[family] = files
         return built[family]
 
     return get
