@@ -93,11 +93,13 @@ def run():
 
 
 def fail(ctx, message, code):
-    """One `error: ...` line on stderr (after the traceback with --debug), then exit `code`."""
+    """One `error: ...` line on stderr (after the traceback with --debug), then exit `code`. A line break the
+    message quotes from its input (a path, a name in a file) is printed escaped, as repr() would."""
     if ctx.params.get("debug"):
         import traceback
 
         traceback.print_exc()
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 

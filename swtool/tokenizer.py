@@ -6,6 +6,7 @@ where the post-processor does not (some older exports).
 """
 
 import hashlib
+import json
 
 from swtool.errors import SwtoolError
 from swtool.jsonfile import read_json, read_limited
@@ -42,11 +43,36 @@ def load_tokenizer(directory):
 
     def build():
         try:
-            return Tokenizer.from_buffer(raw)
+            tokenizer = Tokenizer.from_buffer(raw)
         except Exception as e:  # the Rust library reports any parse failure as a plain Exception
             raise SwtoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+        check_templates(tokenizer, path)
+        return tokenizer
 
     return _last_loaded.get(hashlib.sha256(raw).digest(), build)
+
+
+def check_templates(tokenizer, path):
+    """Refuse a post-processor template that adds a special token the processor does not define.
+
+    tokenizers loads such a file, then panics on the first encode: a Rust panic prints its own
+    lines on stderr and reaches Python as a BaseException. Only the single-sequence template is
+    checked, the one swtool encodes with; a processor may sit inside a Sequence of processors."""
+    processor = tokenizer.post_processor
+    pending = [json.loads(processor.__getstate__())] if processor is not None else []
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("type") == "Sequence":
+            pending.extend(node.get("processors") or ())
+        elif node.get("type") == "TemplateProcessing":
+            defined = node.get("special_tokens") or {}
+            for piece in node.get("single") or ():
+                name = piece.get("SpecialToken", {}).get("id") if isinstance(piece, dict) else None
+                if name is not None and name not in defined:
+                    raise SwtoolError(f"{path}: the post-processor's template adds the special token {name!r}, "
+                                      f"which it does not define")
 
 
 def encode(directory, text, tokenizer=None):

@@ -107,14 +107,24 @@ def test_sharded_directory_reads_every_shard(tmp_path):
         checkpoint.tensor("z")
 
 
+def test_a_shard_name_is_quoted_so_its_error_stays_one_line(tmp_path):
+    index = make_sharded(tmp_path)
+    index["weight_map"]["y"] = "model-00002\nof-00002.safetensors"  # a name no shard on disk has
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as raised:
+        open_checkpoint(tmp_path)
+    assert "\n" not in str(raised.value)
+    assert str(raised.value).endswith("missing shard 'model-00002\\nof-00002.safetensors' (listed in the index)")
+
+
 def test_missing_shard_and_missing_indexed_tensor(tmp_path):
     index = make_sharded(tmp_path)
     index["weight_map"]["z"] = "model-00002-of-00002.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="'z' is listed in model-00002-of-00002.safetensors but that shard lacks it"):
+    with pytest.raises(CheckpointError, match="'z' is listed in 'model-00002-of-00002.safetensors' but that shard lacks it"):
         open_checkpoint(tmp_path)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing shard model-00002-of-00002.safetensors"):
+    with pytest.raises(CheckpointError, match="missing shard 'model-00002-of-00002.safetensors'"):
         open_checkpoint(tmp_path)
 
 

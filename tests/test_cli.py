@@ -124,7 +124,7 @@ def test_missing_shard(tiny_factory, tmp_path):
     assert len(shards) > 2
     shards[1].unlink()
     line = one_line_error(swtool_in_process("scan", tmp_path / "m", "--no-progress"))
-    assert f"missing shard {shards[1].name}" in line
+    assert f"missing shard {shards[1].name!r}" in line
 
 
 def test_unknown_model_type_names_the_supported_families(planted):
@@ -145,6 +145,11 @@ def test_missing_tensor_and_wrong_shape(planted):
     config["num_hidden_layers"], config["hidden_size"] = 4, 32
     (planted / "config.json").write_text(json.dumps(config))
     assert "config.json implies" in one_line_error(swtool_in_process("scan", planted, "--no-progress"))
+
+
+def test_a_line_break_in_a_path_is_printed_escaped(tmp_path):
+    line = one_line_error(swtool_in_process("scan", tmp_path / "two\nlines", "--no-progress"))
+    assert line == f"error: {tmp_path}/two\\nlines: no such file or directory"
 
 
 def test_not_a_model(tmp_path):

@@ -134,7 +134,7 @@ def test_a_partial_snapshot_is_reported(swtool_here, planted, tmp_path, tiny_fac
     add_snapshot(cache, "acme/sharded", COMMIT, files)
     assert found(swtool_here("scan", "acme/sharded", "--json", "--no-progress", cache=cache)) == [(1, 41, 101)]
     (cache / "models--acme--sharded" / "snapshots" / COMMIT / shards[1]).unlink()  # an interrupted download
-    assert f"missing shard {shards[1]}" in one_line_error(swtool_here("scan", "acme/sharded", "--no-progress", cache=cache))
+    assert f"missing shard {shards[1]!r}" in one_line_error(swtool_here("scan", "acme/sharded", "--no-progress", cache=cache))
 
 
 def test_a_local_path_wins_over_an_id(swtool_here, cache, planted, tmp_path, monkeypatch):

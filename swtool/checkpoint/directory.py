@@ -91,7 +91,7 @@ def _shards_of(directory):
         for shard_name in dict.fromkeys(weight_map.values()):
             shard = directory / shard_name
             if not shard.is_file():
-                raise CheckpointError(index, f"missing shard {shard_name} (listed in the index)")
+                raise CheckpointError(index, f"missing shard {shard_name!r} (listed in the index)")
             shards.append(shard)
         return shards
     if (directory / SINGLE_NAME).is_file():
@@ -122,7 +122,7 @@ def _check_index(index, files):
     for name, shard_name in _read_index(index).items():
         shard = by_name[shard_name]
         if name not in files[shard]:
-            raise CheckpointError(index, f"tensor {name!r} is listed in {shard_name} but that shard lacks it")
+            raise CheckpointError(index, f"tensor {name!r} is listed in {shard_name!r} but that shard lacks it")
         tensor_to_file[name] = shard
     return tensor_to_file
 
