@@ -878,8 +878,8 @@ def imatrix_command(model, output, fmt, text_path, random_tokens, self_generated
               help="none, keep[:TYPE] (--sw-handling keep --keep-type TYPE), isolate, control[:TYPE] (the same "
                    "bytes spent on ffn_down tensors without a super weight); TYPE: f16, bf16, q8_0, f32. Each "
                    "may add +importance:SOURCE, or importance:SOURCE alone: quantized with the importance of the "
-                   "scan's prompt (scan), --importance-text (text), 2048 random tokens (random) or 512 tokens "
-                   "the model samples itself (self); without it, "
+                   "scan's prompt (scan), --importance-text (text), 2048 random tokens (random, or random:N) or 512 "
+                   "tokens the model samples itself (self, or self:N); without it, "
                    "none (llama-quantize without --imatrix).")
 @click.option("--importance-text", type=click.Path(dir_okay=False), metavar="FILE",
               help="The text of importance:text (not --text, which the files are scored on).")

@@ -23,8 +23,8 @@ Handlings (--handlings, comma-separated):
                 scan     the scan's prompt, collected in the sweep's own scan (with --catalog,
                          the catalog's prompts in one pass over the weights);
                 text     --importance-text FILE, in chunks of 512 tokens as llama-imatrix;
-                random   2048 random tokens (seed 0);
-                self     512 tokens the model samples itself (export --importance self).
+                random   2048 random tokens (seed 0); random:N, N of them (export --importance random:N);
+                self     512 tokens the model samples itself; self:N, N of them (export --importance self:N).
                 Each importance is computed once and every file that names it uses it.
 Handlings without importance write llama-quantize's files without --imatrix (`--importance none`),
 so `none` is the stock file each importance and handling is measured against.
@@ -58,7 +58,7 @@ class Handling:
 
     name: str
     keep_type: str = None
-    importance: str = None  # IMPORTANCE_SOURCES, or None: quantized without importance
+    importance: str = None  # an IMPORTANCE_SOURCES kind, random and self with their :N, or None: no importance
 
     @property
     def label(self):
@@ -109,7 +109,7 @@ def parse_handlings(text):
 
 
 def split_importance(part):
-    """'keep:q8_0+importance:scan' -> ('keep:q8_0', 'scan'); 'importance:text' -> ('none', 'text')."""
+    """'keep:q8_0+importance:scan' -> ('keep:q8_0', 'scan'); 'importance:random:256' -> ('none', 'random:256')."""
     pieces = part.split("+")
     wanted = [p for p in pieces if p.startswith("importance")]
     rest = [p for p in pieces if not p.startswith("importance")]
@@ -118,9 +118,11 @@ def split_importance(part):
     if not wanted:
         return part, None
     source = wanted[0].partition(":")[2]
-    if source not in IMPORTANCE_SOURCES:
-        raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text, importance:random "
-                          f"or importance:self")
+    kind, sep, count = source.partition(":")
+    if kind not in IMPORTANCE_SOURCES or (sep and (kind not in ("random", "self") or not count.isdigit()
+                                                   or int(count) < 1)):
+        raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text, importance:random[:N] "
+                          f"or importance:self[:N] (N tokens, at least 1)")
     return (rest[0] if rest else "none"), source
 
 
@@ -417,14 +419,13 @@ def sweep_importances(model, handlings, catalog, from_scan, text_path, log):
     from swtool.gguf_export import catalog_prompts, importance_of_prompts
 
     made = {}
-    for source in IMPORTANCE_SOURCES:
-        if not any(h.importance == source for h in handlings):
-            continue
+    named = {h.importance for h in handlings if h.importance is not None}
+    for source in sorted(named, key=lambda s: (IMPORTANCE_SOURCES.index(s.partition(":")[0]), s)):
         if source == "scan":
             made[source] = from_scan or importance_of_prompts(model, "catalog", catalog_prompts(catalog), [])
         elif source == "text":
             made[source] = ei.computed(ei.ImportanceSpec("text", str(text_path)), model)
-        else:  # random or self, with export's default token counts
+        else:  # random[:N] or self[:N], as export's --importance reads them
             made[source] = ei.computed(ei.parse_importance(source), model)
         log(f"importance:{source}: {made[source].description}")
     return made

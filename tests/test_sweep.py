@@ -273,14 +273,19 @@ def test_importance_handlings_parse_alone_and_with_keep():
     from swtool.errors import SwtoolError
     from swtool.sweep import Handling, parse_handlings, same_as_none
 
-    parsed = parse_handlings("none,importance:scan,keep+importance:random,isolate+importance:text")
+    parsed = parse_handlings("none,importance:scan,keep+importance:random,isolate+importance:text,"
+                             "importance:random:256,control:f16+importance:self:64")
     assert parsed == [Handling("none"), Handling("none", None, "scan"), Handling("keep", "q8_0", "random"),
-                      Handling("isolate", None, "text")]
+                      Handling("isolate", None, "text"), Handling("none", None, "random:256"),
+                      Handling("control", "f16", "self:64")]
     assert [h.label for h in parsed] == ["none", "importance:scan", "keep:q8_0+importance:random",
-                                         "isolate+importance:text"]
+                                         "isolate+importance:text", "importance:random:256",
+                                         "control:f16+importance:self:64"]
     # an importance changes nothing in Q8_0 and the float types (their quantizers do not read it)
     assert same_as_none("q8_0", parsed[1]) and same_as_none("f16", parsed[1]) and not same_as_none("q4_0", parsed[1])
     for bad, message in [("importance:all", "expected importance:scan"), ("keep+isolate", "one handling"),
+                         ("importance:random:0", "at least 1"), ("importance:self:x", "at least 1"),
+                         ("importance:random:", "at least 1"), ("importance:scan:5", "expected importance:scan"),
                          ("importance:scan+importance:text", "one handling"), ("keep+", "one handling")]:
         with pytest.raises(SwtoolError, match=message):
             parse_handlings(bad)
@@ -288,24 +293,25 @@ def test_importance_handlings_parse_alone_and_with_keep():
 
 def test_importance_handlings_in_llama_cpp(smollm2, prose, tmp_path):
     """importance:scan (collected in the sweep's own scan) lowers q4_0's KL divergence from the source
-    against none on the same window; keep+importance:random is the file `swtool export --importance random`
-    writes; each importance is listed once with its digest."""
+    against none on the same window; keep+importance:random:256 is the file `swtool export --importance
+    random:256` writes; each importance is listed once with its digest."""
     out = tmp_path / "files"
     # one window of 256 tokens: importance:scan's mean KLD over none's measured 0.621 there, 0.622 on 512 (and 0.62
     # on prose.txt's two windows, docs/gguf.md), so the bound below does not depend on the window's length
     result = swtool_in_process("sweep", smollm2, "--text", prose, "--types", "q4_0", "--handlings",
-                               "none,importance:scan,keep+importance:random", "--ctx", 256, "--windows", 1,
+                               "none,importance:scan,keep+importance:random:256", "--ctx", 256, "--windows", 1,
                                "--out-dir", out, "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     swept = json.loads(result.stdout)
     rows = rows_by_key(swept)
-    assert list(rows) == [("q4_0", "none"), ("q4_0", "importance:scan"), ("q4_0", "keep:q8_0+importance:random")]
+    assert list(rows) == [("q4_0", "none"), ("q4_0", "importance:scan"), ("q4_0", "keep:q8_0+importance:random:256")]
     assert rows["q4_0", "importance:scan"]["kld"]["mean"] < 0.8 * rows["q4_0", "none"]["kld"]["mean"]
-    assert set(swept["importances"]) == {"scan", "random"}
+    assert set(swept["importances"]) == {"scan", "random:256"}
+    assert swept["importances"]["random:256"]["tokens"] == 256
     assert swept["importances"]["scan"]["description"].startswith("the scan's prompt")
     exported = tmp_path / "random.gguf"
     # in process: the same command (test_cli.py runs `swtool export` as a real process)
     result = swtool_in_process("export", smollm2, "-o", exported, "--type", "q4_0", "--catalog",
-                               out / "smollm2.catalog.json", "--importance", "random", "--no-progress")
+                               out / "smollm2.catalog.json", "--importance", "random:256", "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert exported.read_bytes() == file_of(out, rows["q4_0", "keep:q8_0+importance:random"]).read_bytes()
+    assert exported.read_bytes() == file_of(out, rows["q4_0", "keep:q8_0+importance:random:256"]).read_bytes()
