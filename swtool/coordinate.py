@@ -30,7 +30,7 @@ class Coordinate:
     def parse(cls, text, option="--zero"):
         """'L:ROW:COL' as typed on the command line; a one-line error naming `option` otherwise."""
         parts = text.split(":")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        if len(parts) != 3 or not all(p.strip().isdecimal() for p in parts):
             raise SwtoolError(f"{option} {text!r}: expected LAYER:ROW:COL, three non-negative integers like 2:507:90")
         return cls(*(int(p) for p in parts))
 

@@ -253,7 +253,7 @@ def _rise(value, base):
 def parse_expert(text, option="--drop-expert"):
     """'L:E' as typed on the command line -> (layer, expert); a one-line error otherwise."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
         raise SwtoolError(f"{option} {text!r}: expected LAYER:EXPERT, two non-negative integers like 2:92")
     return int(parts[0]), int(parts[1])
 

@@ -63,7 +63,7 @@ def parse_importance(text, imatrix=None):
     if kind in defaults:
         if not sep:
             return ImportanceSpec(kind, tokens=defaults[kind])
-        if argument.isdigit() and int(argument) >= 1:
+        if argument.isdecimal() and int(argument) >= 1:
             return ImportanceSpec(kind, tokens=int(argument))
     raise SwtoolError(f"--importance {text!r}: expected scan, none, text:FILE, random[:N] or self[:N] (N tokens, "
                       f"default {DEFAULT_RANDOM_TOKENS} random or {DEFAULT_SELF_TOKENS} self-generated)")

@@ -269,7 +269,7 @@ def added_tokens_decoder(directory):
     decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
     found = []
     for key, entry in (decoder or {}).items():
-        if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+        if not (key.isdecimal() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
             raise SwtoolError(f"{path}: added_tokens_decoder entry {key!r} is not an id with its content")
         found.append((int(key), entry["content"], bool(entry.get("special"))))
     return found

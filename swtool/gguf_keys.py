@@ -66,7 +66,7 @@ def read_ffn_orders(metadata, source="GGUF file"):
     """{layer: [source channel of each stored channel]} of the layers an export reordered."""
     orders = {}
     for key, value in metadata.items():
-        if key.startswith(FFN_ORDER_PREFIX) and key[len(FFN_ORDER_PREFIX):].isdigit():
+        if key.startswith(FFN_ORDER_PREFIX) and key[len(FFN_ORDER_PREFIX):].isdecimal():
             if not is_array(value) or sorted(value) != list(range(len(value))):
                 raise SwtoolError(f"{source}: metadata {key} is not a permutation of the channels")
             orders[int(key[len(FFN_ORDER_PREFIX):])] = list(value)

@@ -119,7 +119,7 @@ def split_importance(part):
         return part, None
     source = wanted[0].partition(":")[2]
     kind, sep, count = source.partition(":")
-    if kind not in IMPORTANCE_SOURCES or (sep and (kind not in ("random", "self") or not count.isdigit()
+    if kind not in IMPORTANCE_SOURCES or (sep and (kind not in ("random", "self") or not count.isdecimal()
                                                    or int(count) < 1)):
         raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text, importance:random[:N] "
                           f"or importance:self[:N] (N tokens, at least 1)")

@@ -289,7 +289,7 @@ class Architecture:
         """gguf-py's name map for this family, grown block by block as gguf_name() explains."""
         import gguf
 
-        block = next((int(part) for part in hf_name.split(".") if part.isdigit()), -1)
+        block = next((int(part) for part in hf_name.split(".") if part.isdecimal()), -1)
         if self.__dict__.get("gguf_blocks", -1) <= block:
             blocks = self.n_layers if "gguf_blocks" in self.__dict__ else min(self.n_layers, block + 1)
             self.gguf_names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, self.gguf_arch()), blocks)
