@@ -45,7 +45,7 @@ lint: install
 
 # the property tests of tests/test_fuzz*.py at 20x the examples the test suite runs
 fuzz: install fixtures
-	FUZZ_EXAMPLES=20 $(BIN)/pytest -q tests/test_fuzz.py tests/test_fuzz_inputs.py
+	FUZZ_EXAMPLES=20 $(BIN)/pytest -q tests/test_fuzz.py tests/test_fuzz_inputs.py tests/test_fuzz_options.py
 
 demo: install fixtures
 	$(BIN)/swtool scan $(SMOL)

@@ -276,7 +276,7 @@ def parse_tolerance(text):
     if percent:
         return value / 100
     if value >= 1:
-        raise SwtoolError(f"--tolerance {text}: a bare number is a fraction (0.05 = 5%); "
+        raise SwtoolError(f"--tolerance {text!r}: a bare number is a fraction (0.05 = 5%); "
                           f"for {value:g} percent write --tolerance {value:g}%")
     return value
 
