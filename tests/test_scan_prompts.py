@@ -2,6 +2,7 @@
 per-candidate counts (found and verified in k of n prompts), and the compact / --wide tables."""
 
 import json
+import shutil
 
 import pytest
 
@@ -311,3 +312,17 @@ def test_the_tokenizer_is_loaded_once_for_every_prompt_and_again_when_its_bytes_
     (copy / "tokenizer.json").write_text(json.dumps(vocabulary))
     changed = encode(copy, DEFAULT_PROMPTS[0])
     assert len(loads) == 2 and changed == [other if i == first else i for i in ids[0]]
+
+
+def test_a_template_inside_a_sequence_of_processors_must_define_its_special_tokens(good, tmp_path):
+    model = shutil.copytree(good.model, tmp_path / "model")
+    data = json.loads((model / "tokenizer.json").read_text())
+    template = data["post_processor"]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    data["post_processor"] = {"type": "Sequence", "processors": [byte_level, template]}  # as Llama 3 nests it
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    assert encode(model, "Hello") == encode(good.model, "Hello")  # the template's BOS, through the Sequence
+    template["special_tokens"] = {}
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(SwtoolError, match="adds the special token '<s>', which it does not define"):
+        encode(model, "Hello")
