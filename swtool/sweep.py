@@ -118,12 +118,24 @@ def split_importance(part):
     if not wanted:
         return part, None
     source = wanted[0].partition(":")[2]
-    kind, sep, count = source.partition(":")
-    if kind not in IMPORTANCE_SOURCES or (sep and (kind not in ("random", "self") or not count.isdecimal()
-                                                   or int(count) < 1)):
+    if not _importance_source(source):
         raise SwtoolError(f"--handlings {part!r}: expected importance:scan, importance:text, importance:random[:N] "
                           f"or importance:self[:N] (N tokens, at least 1)")
     return (rest[0] if rest else "none"), source
+
+
+def _importance_source(source):
+    """True for scan, text, and random[:N] or self[:N] as export's --importance reads them (its N rule)."""
+    from swtool.export_importance import parse_importance
+
+    kind = source.partition(":")[0]
+    if kind not in ("random", "self"):
+        return source in IMPORTANCE_SOURCES
+    try:
+        parse_importance(source)
+    except SwtoolError:
+        return False
+    return True
 
 
 def same_as_none(qtype, handling):
