@@ -16,77 +16,25 @@ The example counts are sized for CI on 2 cores (about a minute in all); FUZZ_EXA
 multiplies them for a longer local run.
 """
 
-import contextlib
 import json
 import math
-import os
-import resource
 import shutil
 import signal
 import struct
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, strategies as st
 
 from fixtures import bad_files
+from fixtures.fuzzing import bounded, fuzz_settings
 from swtool.checkpoint.gguf_file import read_gguf
 from swtool.checkpoint.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile
 from swtool.errors import SwtoolError
 from swtool.forward import forward
 from swtool.model import load_model
 
-SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))
-SECONDS_PER_EXAMPLE = 30  # an alarm, far above the few milliseconds an example takes: a hang, not a slow machine
-EXTRA_MEMORY = 2 << 30  # address space an example may add: ~1000x what the tiny model needs
 TOKENS = [256, 72, 101, 108, 108, 111]
-
-
-def fuzz_settings(examples):
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                           HealthCheck.data_too_large])
-
-
-class Hang(Exception):
-    pass
-
-
-def address_space_in_use():
-    """Bytes of address space this process has mapped, from Linux's /proc/self/statm; None elsewhere,
-    where no portable call tells it (there the alarm alone bounds an example)."""
-    if sys.platform != "linux":
-        return None
-    return int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-
-
-@contextlib.contextmanager
-def bounded(seconds=SECONDS_PER_EXAMPLE, extra_memory=EXTRA_MEMORY):
-    """Run one example under an alarm and a cap on new address space: a hang raises Hang, an
-    allocation sized by a mutated header (a table of 2^31 layers ...) raises MemoryError,
-    instead of stalling or swapping the machine."""
-    def expired(signum, frame):
-        raise Hang(f"an example ran for more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    started = time.monotonic()
-    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)  # pytest-timeout's, if armed
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    in_use = address_space_in_use()
-    if in_use is not None:
-        cap = in_use + extra_memory if hard == resource.RLIM_INFINITY else min(hard, in_use + extra_memory)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer_delay:  # the test's own timeout goes on counting from where it was
-            signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - started), 1e-3), outer_interval)
 
 
 def test_an_examples_alarm_leaves_the_tests_own_timeout_counting():
@@ -203,7 +151,8 @@ def run_and_count(examples, body):
     byte, or accepted unchanged, tests nothing."""
     counts = {"accepted": 0, "rejected": 0}
 
-    @fuzz_settings(examples)
+    @fuzz_settings(examples, suppress=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
     @given(data=st.data())
     def run(data):
         with bounded():

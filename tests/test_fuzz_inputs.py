@@ -5,41 +5,23 @@ gives a SwtoolError with one message, or a correct result; never another excepti
 
 Counts are sized for CI; FUZZ_EXAMPLES=N multiplies them (make fuzz)."""
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from fixtures.cli_run import digests, swtool_in_process
+from fixtures.fuzzing import bounded, fuzz_settings
 from swtool.errors import SwtoolError
 
-SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))
-SECONDS_PER_EXAMPLE = 30  # far above what one example takes: a hang, not a slow machine
 PROMPT = "Hello, world."
 
 scalars = (st.none() | st.booleans() | st.integers(-2 ** 64, 2 ** 64) | st.floats(allow_nan=True)
            | st.text(max_size=8) | st.sampled_from(["BF16", "F32", "model.safetensors", "../x", "llama", ""]))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
-
-
-@contextlib.contextmanager
-def alarm(seconds=SECONDS_PER_EXAMPLE):
-    def expired(signum, frame):
-        raise TimeoutError(f"an example ran for more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def paths_of(value, prefix=()):
@@ -71,14 +53,13 @@ def fuzz(examples, original, write, act, data_files):
     before = digests(*data_files)
     counts = {"accepted": 0, "rejected": 0}
 
-    @settings(max_examples=max(1, int(examples * SCALE)), deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @fuzz_settings(examples)
     @given(path=st.sampled_from(paths), value=json_values, raw=st.booleans())
     def run(path, value, raw):
         document = replaced(original, path, value)
         write(json.dumps(document, allow_nan=True) if raw else json.dumps(document, allow_nan=True, indent=1))
         try:
-            with alarm():
+            with bounded():
                 act()
             counts["accepted"] += 1
         except SwtoolError as e:

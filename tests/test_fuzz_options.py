@@ -4,14 +4,13 @@ SwtoolError line, never another exception (a ValueError from int() or float(), a
 Half the texts are the option's own forms with their numbers drawn from NUMBERS (so they reach the
 parsers' number checks), the other half its vocabulary in any order, or arbitrary Unicode."""
 
-import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
+from fixtures.fuzzing import fuzz_settings
 from swtool.errors import SwtoolError
 
-SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))
 # numbers as options spell them, and digits int() and float() refuse: '²' is str.isdigit(), 'Ⅷ' str.isnumeric();
 # the Arabic-Indic '٣' is a decimal digit that both read
 NUMBERS = ["0", "1", "2", "7", "32", "256", "\u00b2", "\u0663", "\u2167", "1e400", "nan", "-1", "0.5", "5%", "1\n", ""]
@@ -53,8 +52,7 @@ def test_an_option_is_parsed_or_refused_in_one_line(option):
     parse = parsers()[option]
     outcomes = {"parsed": 0, "refused": 0}
 
-    @settings(max_examples=max(1, int(300 * SCALE)), deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @fuzz_settings(300)
     @given(text=texts(option))
     def run(text):
         try:
